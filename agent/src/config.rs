@@ -1,0 +1,263 @@
+//! The agent's configuration: one YAML document, loaded, defaulted and validated here.
+//!
+//! Keys are camelCase like Kubernetes objects. Unknown keys are rejected so a typo never
+//! silently falls back to a default. Every error names the field at fault.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+/// Errors loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or has unknown or mistyped fields.
+    #[error("parsing config file {path}: {msg}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        msg: String,
+    },
+    /// A field has a value that is not allowed.
+    #[error("config field `{field}`: {msg}")]
+    Invalid {
+        /// The field, as a dotted path.
+        field: &'static str,
+        /// Why the value is not allowed.
+        msg: String,
+    },
+}
+
+/// Which packet path the agent programs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneKind {
+    /// TC programs and BPF maps (default).
+    #[default]
+    Ebpf,
+    /// Open vSwitch bridge and OpenFlow pipeline.
+    Ovs,
+}
+
+/// Where the desired state comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// A directory of Kubernetes-style YAML manifests, watched for changes.
+    Files {
+        /// The directory.
+        path: PathBuf,
+    },
+}
+
+/// The agent configuration file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Name of this node; the `Node` object of that name gives the pod CIDR. Default: the
+    /// `NODE_NAME` environment variable, else the host name.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// Packet path: `ebpf` or `ovs`. Default `ebpf`.
+    #[serde(default)]
+    pub dataplane: DataplaneKind,
+    /// Desired-state source. Default: `files` at `/etc/ferrea/manifests`.
+    #[serde(default = "default_source")]
+    pub source: SourceConfig,
+    /// Unix socket of the CNI gRPC server. Default `/var/run/ferrea/cni.sock`.
+    #[serde(default = "default_cni_socket")]
+    pub cni_socket: PathBuf,
+    /// Directory of the agent's persistent state (IPAM store). Default `/var/lib/ferrea`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Where BPF programs and maps are pinned; a bpffs is mounted there if none is.
+    /// Default `/sys/fs/bpf/ferrea`.
+    #[serde(default = "default_bpf_pin_path")]
+    pub bpf_pin_path: PathBuf,
+    /// CIDRs of all pods in the cluster: traffic to them is never masqueraded.
+    /// Default: the node's pod CIDR only.
+    #[serde(default)]
+    pub cluster_cidrs: Vec<Ipv4Network>,
+    /// The service CIDR: traffic to it is never masqueraded. Default `10.96.0.0/12`.
+    #[serde(default = "default_service_cidr")]
+    pub service_cidr: Ipv4Network,
+    /// MTU of pod interfaces. Default 1500.
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// Masquerade pod traffic to destinations outside the cluster. Default `true`.
+    #[serde(default = "default_true")]
+    pub masquerade: bool,
+    /// Name of the nftables table (family `ip`) ferrea owns. Default `ferrea`.
+    #[serde(default = "default_nft_table")]
+    pub nftables_table: String,
+    /// Prefix of host-side veth names; the rest is derived from the container ID (15
+    /// characters at most in all). Default `fe`.
+    #[serde(default = "default_veth_prefix")]
+    pub veth_prefix: String,
+}
+
+fn default_source() -> SourceConfig {
+    SourceConfig::Files { path: PathBuf::from("/etc/ferrea/manifests") }
+}
+fn default_cni_socket() -> PathBuf {
+    PathBuf::from("/var/run/ferrea/cni.sock")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ferrea")
+}
+fn default_bpf_pin_path() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/ferrea")
+}
+fn default_service_cidr() -> Ipv4Network {
+    Ipv4Network::new(Ipv4Addr::new(10, 96, 0, 0), 12).expect("valid")
+}
+fn default_mtu() -> u32 {
+    1500
+}
+fn default_true() -> bool {
+    true
+}
+fn default_nft_table() -> String {
+    "ferrea".into()
+}
+fn default_veth_prefix() -> String {
+    "fe".into()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").expect("defaults parse")
+    }
+}
+
+impl Config {
+    /// Loads, defaults and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates a configuration document; `path` is only used in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml_ng::from_str(text)
+                .map_err(|e| ConfigError::Parse { path: path.to_owned(), msg: e.to_string() })?
+        };
+        if cfg.node_name.is_none() {
+            cfg.node_name = std::env::var("NODE_NAME")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()));
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that the types alone do not constrain.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let inv = |field, msg: &str| Err(ConfigError::Invalid { field, msg: msg.to_owned() });
+        match &self.node_name {
+            None => return inv("nodeName", "not set and no NODE_NAME or host name available"),
+            Some(n) if n.is_empty() || n.len() > 253 => {
+                return inv("nodeName", "must be 1 to 253 characters");
+            }
+            _ => {}
+        }
+        if !(576..=65535).contains(&self.mtu) {
+            return inv("mtu", "must be between 576 and 65535");
+        }
+        if self.veth_prefix.is_empty() || self.veth_prefix.len() > 4 {
+            return inv("vethPrefix", "must be 1 to 4 characters");
+        }
+        if !self.veth_prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return inv("vethPrefix", "may contain only ASCII letters, digits and '-'");
+        }
+        if self.nftables_table.is_empty()
+            || !self.nftables_table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return inv("nftablesTable", "must be a non-empty name of letters, digits, '_' or '-'");
+        }
+        if !self.cni_socket.is_absolute() {
+            return inv("cniSocket", "must be an absolute path");
+        }
+        if !self.state_dir.is_absolute() {
+            return inv("stateDir", "must be an absolute path");
+        }
+        if !self.bpf_pin_path.is_absolute() {
+            return inv("bpfPinPath", "must be an absolute path");
+        }
+        let SourceConfig::Files { path } = &self.source;
+        if !path.is_absolute() {
+            return inv("source.files.path", "must be an absolute path");
+        }
+        Ok(())
+    }
+
+    /// The node name (set after [`Config::parse`]).
+    pub fn node_name(&self) -> &str {
+        self.node_name.as_deref().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.yaml"))
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_document() {
+        let c = parse("nodeName: n1\n").unwrap();
+        assert_eq!(c.dataplane, DataplaneKind::Ebpf);
+        assert_eq!(c.cni_socket, PathBuf::from("/var/run/ferrea/cni.sock"));
+        assert_eq!(c.mtu, 1500);
+        assert!(c.masquerade);
+        assert_eq!(c.service_cidr.to_string(), "10.96.0.0/12");
+    }
+
+    #[test]
+    fn full_document_parses() {
+        let c = parse(
+            "nodeName: n1\ndataplane: ovs\nsource:\n  files:\n    path: /tmp/m\n\
+             cniSocket: /tmp/s.sock\nclusterCIDRs: [10.244.0.0/16]\nmtu: 1450\n",
+        )
+        .unwrap();
+        assert_eq!(c.dataplane, DataplaneKind::Ovs);
+        assert_eq!(c.source, SourceConfig::Files { path: "/tmp/m".into() });
+        assert_eq!(c.cluster_cidrs.len(), 1);
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_name() {
+        let e = parse("nodeName: n1\nmtuu: 1400\n").unwrap_err().to_string();
+        assert!(e.contains("mtuu"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = parse("nodeName: n1\nmtu: 100\n").unwrap_err().to_string();
+        assert!(e.contains("`mtu`"), "{e}");
+        let e = parse("nodeName: n1\nclusterCIDRs: [10.0.0.0/33]\n").unwrap_err().to_string();
+        assert!(e.contains("clusterCIDRs") || e.contains("prefix"), "{e}");
+        let e = parse("nodeName: n1\ncniSocket: rel.sock\n").unwrap_err().to_string();
+        assert!(e.contains("cniSocket"), "{e}");
+        let e = parse("nodeName: n1\ndataplane: vpp\n").unwrap_err().to_string();
+        assert!(e.contains("vpp"), "{e}");
+    }
+}

@@ -1,0 +1,1 @@
+//! eBPF backend (being written).

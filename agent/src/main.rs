@@ -1,0 +1,2 @@
+//! ferrea-agent binary: parses flags, loads the config, runs the agent.
+fn main() {}

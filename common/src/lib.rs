@@ -1,0 +1,65 @@
+//! Map keys and values shared by the kernel-side programs (`ebpf/`) and the agent.
+//!
+//! Everything here is `#[repr(C)]`, fixed-size and free of padding surprises, because the
+//! same bytes are read by the BPF verifier-checked programs and by userspace through the
+//! map file descriptors. IPv4 addresses are stored in network byte order (as they appear
+//! in the packet), so the programs never byte-swap on the fast path.
+#![no_std]
+#![cfg_attr(feature = "user", allow(unsafe_code))]
+
+/// Maximum number of local pods the maps hold on one node.
+pub const MAX_PODS: u32 = 4096;
+
+/// Name of the map of local endpoints keyed by the host-side veth ifindex.
+pub const MAP_ENDPOINTS_BY_IFINDEX: &str = "FERREA_EP_IF";
+/// Name of the map of local endpoints keyed by the pod's IPv4 address.
+pub const MAP_ENDPOINTS_BY_IP: &str = "FERREA_EP_IP";
+/// Name of the per-CPU map of per-pod counters keyed by the host-side veth ifindex.
+pub const MAP_COUNTERS: &str = "FERREA_COUNTERS";
+
+/// Name of the program attached to TC ingress of each pod's host-side veth (traffic from the pod).
+pub const PROG_FROM_POD: &str = "ferrea_from_pod";
+/// Name of the program attached to TC egress of each pod's host-side veth (traffic to the pod
+/// that went through the node's stack).
+pub const PROG_TO_POD: &str = "ferrea_to_pod";
+
+/// A pod's network endpoint on this node, as the programs need it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Index of the pod's host-side veth in the node's network namespace.
+    pub ifindex: u32,
+    /// The pod's IPv4 address, network byte order.
+    pub ipv4: u32,
+    /// MAC address of the pod's interface (inside the pod).
+    pub pod_mac: [u8; 6],
+    /// MAC address of the host-side veth: the pod's gateway MAC.
+    pub host_mac: [u8; 6],
+}
+
+/// Per-pod packet counters, per CPU; userspace sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets sent by the pod that the dataplane accepted.
+    pub tx_packets: u64,
+    /// Bytes sent by the pod that the dataplane accepted.
+    pub tx_bytes: u64,
+    /// Packets delivered to the pod.
+    pub rx_packets: u64,
+    /// Bytes delivered to the pod.
+    pub rx_bytes: u64,
+    /// Packets from the pod dropped because their source IP or MAC was not the pod's.
+    pub drop_spoofed: u64,
+    /// ARP requests from the pod answered by the dataplane.
+    pub arp_replies: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: Endpoint is repr(C), Copy, has no padding that would leak uninitialised bytes
+    // into the kernel (4 + 4 + 6 + 6 = 20 bytes, alignment 4), and any bit pattern is valid.
+    unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: Counters is repr(C) of u64 fields only; any bit pattern is valid.
+    unsafe impl aya::Pod for super::Counters {}
+}

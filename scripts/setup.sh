@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what ferrea's build, demo and tests need on a Debian machine, idempotently:
+# Debian packages (iproute2, nftables, OVS, iperf3, tcpdump, reference CNI plugins, podman deps)
+# and bpf-linker built against the stable toolchain's own libLLVM (see shared/DESIGN.md).
+set -euo pipefail
+
+PKGS=(iproute2 nftables iptables iperf3 tcpdump ethtool openvswitch-switch
+      containernetworking-plugins procps psmisc jq clang llvm libelf-dev)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # Do not let the package's init scripts start OVS daemons in the root namespace.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bpf-linker, linked against rustc's own LLVM so it reads the bitcode that rustc emits.
+BPF_LINKER_VERSION=0.13.0
+if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  sysroot=$(rustc --print sysroot)
+  lib=$(ls "$sysroot"/lib/libLLVM.so.*-rust-* 2>/dev/null | head -n1)
+  [ -n "$lib" ] || { echo "setup: no libLLVM in $sysroot/lib" >&2; exit 1; }
+  major=$(basename "$lib" | sed -E 's/libLLVM\.so\.([0-9]+).*/\1/')
+  prefix=${FERREA_LLVM_PREFIX:-$HOME/.cache/ferrea/llvm-prefix}
+  mkdir -p "$prefix/lib"
+  ln -sf "$lib" "$prefix/lib/libLLVM.so"
+  echo "setup: building bpf-linker $BPF_LINKER_VERSION against $lib (a few minutes, once)" >&2
+  LLVM_PREFIX="$prefix" cargo install "bpf-linker@$BPF_LINKER_VERSION" --locked \
+    --no-default-features --features "llvm-$major" >&2
+fi
+echo "setup: ok" >&2
