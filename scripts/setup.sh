@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PKGS=(iproute2 nftables iptables iperf3 tcpdump ethtool openvswitch-switch
-      containernetworking-plugins procps psmisc jq clang llvm libelf-dev)
+      containernetworking-plugins procps psmisc jq iputils-ping netcat-openbsd)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -25,7 +25,7 @@ fi
 
 # bpf-linker, linked against rustc's own LLVM so it reads the bitcode that rustc emits.
 BPF_LINKER_VERSION=0.13.0
-if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
   sysroot=$(rustc --print sysroot)
   lib=$(ls "$sysroot"/lib/libLLVM.so.*-rust-* 2>/dev/null | head -n1)
   [ -n "$lib" ] || { echo "setup: no libLLVM in $sysroot/lib" >&2; exit 1; }
@@ -34,7 +34,9 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null
   mkdir -p "$prefix/lib"
   ln -sf "$lib" "$prefix/lib/libLLVM.so"
   echo "setup: building bpf-linker $BPF_LINKER_VERSION against $lib (a few minutes, once)" >&2
-  LLVM_PREFIX="$prefix" cargo install "bpf-linker@$BPF_LINKER_VERSION" --locked \
+  # rpath so the binary finds rustc's libLLVM at run time without LD_LIBRARY_PATH.
+  LLVM_PREFIX="$prefix" RUSTFLAGS="-C link-arg=-Wl,-rpath,$sysroot/lib" \
+    cargo install --force "bpf-linker@$BPF_LINKER_VERSION" --locked \
     --no-default-features --features "llvm-$major" >&2
 fi
 echo "setup: ok" >&2

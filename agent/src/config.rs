@@ -73,7 +73,7 @@ pub struct Config {
     #[serde(default)]
     pub dataplane: DataplaneKind,
     /// Desired-state source. Default: `files` at `/etc/ferrea/manifests`.
-    #[serde(default = "default_source")]
+    #[serde(default = "default_source", with = "serde_yaml_ng::with::singleton_map")]
     pub source: SourceConfig,
     /// Unix socket of the CNI gRPC server. Default `/var/run/ferrea/cni.sock`.
     #[serde(default = "default_cni_socket")]
@@ -87,10 +87,10 @@ pub struct Config {
     pub bpf_pin_path: PathBuf,
     /// CIDRs of all pods in the cluster: traffic to them is never masqueraded.
     /// Default: the node's pod CIDR only.
-    #[serde(default)]
+    #[serde(default, rename = "clusterCIDRs")]
     pub cluster_cidrs: Vec<Ipv4Network>,
     /// The service CIDR: traffic to it is never masqueraded. Default `10.96.0.0/12`.
-    #[serde(default = "default_service_cidr")]
+    #[serde(default = "default_service_cidr", rename = "serviceCIDR")]
     pub service_cidr: Ipv4Network,
     /// MTU of pod interfaces. Default 1500.
     #[serde(default = "default_mtu")]

@@ -1,0 +1,450 @@
+//! The life cycle of local pod attachments: ADD, DEL, CHECK, GC, and reconciliation at start.
+//!
+//! Contract (what the CNI server relies on):
+//! - Operations on one attachment (`container/ifname`) are serialised by a per-container lock;
+//!   different containers proceed in parallel.
+//! - ADD is all-or-nothing: when it fails, everything it did (store record, IP, veth,
+//!   dataplane entries) is undone before the error is returned. A repeated ADD of an existing
+//!   attachment returns the same IP.
+//! - DEL is idempotent and needs neither the store record nor the netns.
+//! - The store record is written before the kernel is touched, so after a crash at any point
+//!   [`PodManager::reconcile`] finds either a record (and completes or removes what it names)
+//!   or nothing (and removes interfaces no record owns).
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use crate::dataplane::{Dataplane, NodeNetwork, PodEndpoint};
+use crate::error::AgentError;
+use crate::ipam::Ipam;
+use crate::podnet::{self, PodNet, PodNetSpec};
+use crate::store::{self, PodRecord, Store};
+
+/// What an ADD needs besides the attachment's identity.
+#[derive(Clone, Debug, Default)]
+pub struct AddArgs {
+    /// CNI_CONTAINERID.
+    pub container_id: String,
+    /// CNI_IFNAME.
+    pub ifname: String,
+    /// CNI_NETNS.
+    pub netns: String,
+    /// Pod namespace from CNI_ARGS.
+    pub pod_namespace: String,
+    /// Pod name from CNI_ARGS.
+    pub pod_name: String,
+}
+
+/// What reconciliation at start found and fixed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Attachments kept (interface present, netns present).
+    pub kept: usize,
+    /// Records removed because their interface or netns was gone.
+    pub stale_records: Vec<String>,
+    /// Host interfaces deleted because no record owned them.
+    pub orphan_links: Vec<String>,
+    /// Dataplane entries removed because no record owned them.
+    pub orphan_dataplane: Vec<Ipv4Addr>,
+}
+
+/// Owns the local attachments of the node.
+pub struct PodManager {
+    store: Store,
+    ipam: Mutex<Ipam>,
+    records: Mutex<HashMap<String, PodRecord>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    podnet: Arc<dyn PodNet>,
+    dataplane: Arc<dyn Dataplane>,
+    node: NodeNetwork,
+    veth_prefix: String,
+}
+
+impl PodManager {
+    /// Builds the manager over a store and the node's pod CIDR. Call [`Self::reconcile`]
+    /// before serving requests.
+    pub fn new(
+        store: Store,
+        podnet: Arc<dyn PodNet>,
+        dataplane: Arc<dyn Dataplane>,
+        node: NodeNetwork,
+        veth_prefix: String,
+    ) -> Result<Self, AgentError> {
+        let ipam = Ipam::new(node.pod_cidr)?;
+        Ok(Self {
+            store,
+            ipam: Mutex::new(ipam),
+            records: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            podnet,
+            dataplane,
+            node,
+            veth_prefix,
+        })
+    }
+
+    /// The node network the manager serves.
+    pub fn node(&self) -> &NodeNetwork {
+        &self.node
+    }
+
+    /// The dataplane in use.
+    pub fn dataplane(&self) -> &Arc<dyn Dataplane> {
+        &self.dataplane
+    }
+
+    /// A snapshot of all attachments.
+    pub fn records(&self) -> Vec<PodRecord> {
+        self.records.lock().expect("records lock").values().cloned().collect()
+    }
+
+    fn lock_for(&self, container_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.locks.lock().expect("locks lock");
+        // Drop locks nobody holds any more so the map does not grow with every pod ever seen.
+        if l.len() > 1024 {
+            l.retain(|_, m| Arc::strong_count(m) > 1);
+        }
+        l.entry(container_id.to_owned()).or_default().clone()
+    }
+
+    fn spec(&self, rec: &PodRecord) -> PodNetSpec {
+        PodNetSpec {
+            netns: rec.netns.clone(),
+            ifname: rec.ifname.clone(),
+            host_ifname: rec.host_ifname.clone(),
+            host_mac: rec.host_mac,
+            pod_mac: rec.pod_mac,
+            ip: rec.ip,
+            prefix_len: rec.prefix_len,
+            gateway: rec.gateway,
+            mtu: self.node.mtu,
+        }
+    }
+
+    fn endpoint(rec: &PodRecord, host_ifindex: u32) -> PodEndpoint {
+        PodEndpoint {
+            container_id: rec.container_id.clone(),
+            host_ifname: rec.host_ifname.clone(),
+            host_ifindex,
+            host_mac: rec.host_mac,
+            pod_mac: rec.pod_mac,
+            ip: rec.ip,
+        }
+    }
+
+    /// CNI ADD. See the module doc for the contract.
+    pub async fn add(&self, args: &AddArgs) -> Result<PodRecord, AgentError> {
+        let lock = self.lock_for(&args.container_id);
+        let _held = lock.lock().await;
+        let key = store::key(&args.container_id, &args.ifname);
+        let existing = self.records.lock().expect("records lock").get(&key).cloned();
+        if let Some(rec) = existing {
+            // Repeated ADD: same IP. If the plumbing is intact, just answer; otherwise rebuild
+            // it with the recorded identity.
+            if rec.netns == args.netns
+                && self.podnet.check(&self.spec(&rec)).await.is_ok()
+                && let Some(idx) = self.podnet.host_ifindex(&rec.host_ifname).await?
+            {
+                self.dataplane.add_pod(&Self::endpoint(&rec, idx)).await?;
+                return Ok(rec);
+            }
+            self.teardown(&rec).await?;
+            let rec = PodRecord { netns: args.netns.clone(), ..rec };
+            self.store.put(&rec)?;
+            self.records.lock().expect("records lock").insert(key.clone(), rec.clone());
+            return self.plumb_or_release(rec).await;
+        }
+
+        let ip = self.ipam.lock().expect("ipam lock").allocate(&key)?;
+        let (host_mac, pod_mac) = podnet::macs_for(ip);
+        let rec = PodRecord {
+            container_id: args.container_id.clone(),
+            ifname: args.ifname.clone(),
+            ip,
+            prefix_len: self.node.pod_cidr.prefix(),
+            gateway: self.node.gateway,
+            netns: args.netns.clone(),
+            host_ifname: podnet::host_ifname(&self.veth_prefix, &args.container_id, &args.ifname),
+            host_mac,
+            pod_mac,
+            pod_namespace: args.pod_namespace.clone(),
+            pod_name: args.pod_name.clone(),
+        };
+        if let Err(e) = self.store.put(&rec) {
+            self.ipam.lock().expect("ipam lock").release(ip);
+            return Err(e.into());
+        }
+        self.records.lock().expect("records lock").insert(key, rec.clone());
+        self.plumb_or_release(rec).await
+    }
+
+    /// Creates interfaces and dataplane entries for a recorded attachment; on failure undoes
+    /// them and forgets the record and its IP.
+    async fn plumb_or_release(&self, rec: PodRecord) -> Result<PodRecord, AgentError> {
+        let res = async {
+            let idx = self.podnet.create(&self.spec(&rec)).await?;
+            if let Err(e) = self.dataplane.add_pod(&Self::endpoint(&rec, idx)).await {
+                let _ = self.dataplane.del_pod(&Self::endpoint(&rec, idx)).await;
+                let _ = self.podnet.delete(&rec.host_ifname).await;
+                return Err(AgentError::from(e));
+            }
+            Ok(())
+        }
+        .await;
+        match res {
+            Ok(()) => Ok(rec),
+            Err(e) => {
+                tracing::warn!(container_id = %rec.container_id, error = %e, "ADD failed; rolled back");
+                self.forget(&rec)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the record and releases the IP.
+    fn forget(&self, rec: &PodRecord) -> Result<(), AgentError> {
+        let key = rec.key();
+        self.store.delete(std::slice::from_ref(&key))?;
+        self.records.lock().expect("records lock").remove(&key);
+        self.ipam.lock().expect("ipam lock").release(rec.ip);
+        Ok(())
+    }
+
+    /// Removes dataplane entries and the veth of an attachment (not its record).
+    async fn teardown(&self, rec: &PodRecord) -> Result<(), AgentError> {
+        let idx = self.podnet.host_ifindex(&rec.host_ifname).await?.unwrap_or(0);
+        self.dataplane.del_pod(&Self::endpoint(rec, idx)).await?;
+        self.podnet.delete(&rec.host_ifname).await?;
+        Ok(())
+    }
+
+    /// CNI DEL: idempotent; works without the record and without the netns.
+    pub async fn del(&self, container_id: &str, ifname: &str) -> Result<(), AgentError> {
+        let lock = self.lock_for(container_id);
+        let _held = lock.lock().await;
+        let key = store::key(container_id, ifname);
+        let rec = self.records.lock().expect("records lock").get(&key).cloned();
+        match rec {
+            Some(rec) => {
+                self.teardown(&rec).await?;
+                self.forget(&rec)?;
+            }
+            None => {
+                // Nothing recorded (a DEL after a failed ADD, or repeated): still remove an
+                // interface with the deterministic name in case one is left.
+                self.podnet.delete(&podnet::host_ifname(&self.veth_prefix, container_id, ifname)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// CNI CHECK: the attachment must be recorded and its interfaces as configured.
+    pub async fn check(&self, container_id: &str, ifname: &str) -> Result<PodRecord, AgentError> {
+        let lock = self.lock_for(container_id);
+        let _held = lock.lock().await;
+        let key = store::key(container_id, ifname);
+        let rec = self.records.lock().expect("records lock").get(&key).cloned().ok_or_else(|| {
+            AgentError::UnknownContainer { container_id: container_id.into(), ifname: ifname.into() }
+        })?;
+        self.podnet.check(&self.spec(&rec)).await?;
+        Ok(rec)
+    }
+
+    /// CNI GC: removes every attachment not listed in `valid` (pairs of container ID and
+    /// ifname). Returns the keys removed.
+    pub async fn gc(&self, valid: &HashSet<(String, String)>) -> Result<Vec<String>, AgentError> {
+        let stale: Vec<PodRecord> = self
+            .records()
+            .into_iter()
+            .filter(|r| !valid.contains(&(r.container_id.clone(), r.ifname.clone())))
+            .collect();
+        let mut removed = Vec::new();
+        for r in stale {
+            self.del(&r.container_id, &r.ifname).await?;
+            removed.push(r.key());
+        }
+        Ok(removed)
+    }
+
+    /// Reconciles the store, the kernel and the dataplane after a (re)start: keeps attachments
+    /// whose veth and netns still exist (re-asserting their dataplane entries), removes records
+    /// whose pod is gone, veths no record owns, and dataplane entries no record owns.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, AgentError> {
+        let mut report = ReconcileReport::default();
+        let mut keep_ips = HashSet::new();
+        let mut keep_links = HashSet::new();
+        for rec in self.store.list()? {
+            let key = rec.key();
+            let in_cidr = self.ipam.lock().expect("ipam lock").restore(rec.ip, &key);
+            let idx = self.podnet.host_ifindex(&rec.host_ifname).await?;
+            let netns_alive = self.podnet.netns_exists(&rec.netns);
+            match (in_cidr, idx, netns_alive) {
+                (true, Some(idx), true) => {
+                    self.dataplane.add_pod(&Self::endpoint(&rec, idx)).await?;
+                    keep_ips.insert(rec.ip);
+                    keep_links.insert(rec.host_ifname.clone());
+                    self.records.lock().expect("records lock").insert(key, rec);
+                    report.kept += 1;
+                }
+                _ => {
+                    tracing::info!(container_id = %rec.container_id, ip = %rec.ip,
+                        "removing attachment whose pod is gone (or outside the pod CIDR)");
+                    self.teardown(&rec).await?;
+                    self.store.delete(std::slice::from_ref(&key))?;
+                    if in_cidr {
+                        self.ipam.lock().expect("ipam lock").release(rec.ip);
+                    }
+                    report.stale_records.push(key);
+                }
+            }
+        }
+        for link in self.podnet.list_host_links(&self.veth_prefix).await? {
+            if !keep_links.contains(&link) {
+                tracing::info!(ifname = %link, "deleting pod interface no attachment owns");
+                self.podnet.delete(&link).await?;
+                report.orphan_links.push(link);
+            }
+        }
+        report.orphan_dataplane = self.dataplane.retain_pods(&keep_ips).await?;
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{FakeDataplane, FakePodNet};
+
+    struct Fx {
+        dir: tempfile::TempDir,
+        pn: Arc<FakePodNet>,
+        dp: Arc<FakeDataplane>,
+    }
+
+    impl Fx {
+        fn new() -> Self {
+            let pn = Arc::new(FakePodNet::default());
+            pn.netns.lock().unwrap().extend(["/ns/a".to_string(), "/ns/b".to_string()]);
+            Self { dir: tempfile::tempdir().unwrap(), pn, dp: Arc::new(FakeDataplane::default()) }
+        }
+        fn manager(&self) -> PodManager {
+            let node = NodeNetwork {
+                pod_cidr: "10.244.1.0/24".parse().unwrap(),
+                gateway: "10.244.1.1".parse().unwrap(),
+                mtu: 1500,
+            };
+            let store = Store::open(self.dir.path()).unwrap();
+            PodManager::new(store, self.pn.clone(), self.dp.clone(), node, "fe".into()).unwrap()
+        }
+    }
+
+    fn args(cid: &str, ns: &str) -> AddArgs {
+        AddArgs { container_id: cid.into(), ifname: "eth0".into(), netns: ns.into(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn repeated_add_returns_the_same_ip() {
+        let fx = Fx::new();
+        let pm = fx.manager();
+        let a = pm.add(&args("a", "/ns/a")).await.unwrap();
+        let a2 = pm.add(&args("a", "/ns/a")).await.unwrap();
+        let b = pm.add(&args("b", "/ns/b")).await.unwrap();
+        assert_eq!(a.ip, a2.ip);
+        assert_ne!(a.ip, b.ip);
+        assert_eq!(a.ip, Ipv4Addr::new(10, 244, 1, 2));
+        assert_eq!(fx.pn.links.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn failed_add_rolls_back_everything() {
+        let fx = Fx::new();
+        let pm = fx.manager();
+        *fx.dp.fail_add.lock().unwrap() = true;
+        assert!(pm.add(&args("a", "/ns/a")).await.is_err());
+        assert!(fx.pn.links.lock().unwrap().is_empty(), "veth left behind");
+        assert!(fx.dp.pods.lock().unwrap().is_empty(), "dataplane entry left behind");
+        assert!(pm.records().is_empty());
+        assert!(pm.store.list().unwrap().is_empty());
+        // A netns that vanished: clear error, nothing kept.
+        *fx.dp.fail_add.lock().unwrap() = false;
+        let e = pm.add(&args("c", "/ns/gone")).await.unwrap_err();
+        assert!(e.to_string().contains("/ns/gone"), "{e}");
+        assert!(pm.records().is_empty());
+        // The IPs were released: the next pod gets a valid one and all are accounted for.
+        pm.add(&args("d", "/ns/a")).await.unwrap();
+        assert_eq!(pm.ipam.lock().unwrap().allocated(), 1);
+    }
+
+    #[tokio::test]
+    async fn del_is_idempotent_and_needs_no_record() {
+        let fx = Fx::new();
+        let pm = fx.manager();
+        pm.del("nobody", "eth0").await.unwrap();
+        let a = pm.add(&args("a", "/ns/a")).await.unwrap();
+        fx.pn.netns.lock().unwrap().clear(); // the netns is gone
+        pm.del("a", "eth0").await.unwrap();
+        pm.del("a", "eth0").await.unwrap();
+        assert!(fx.pn.links.lock().unwrap().is_empty());
+        assert!(!fx.dp.pods.lock().unwrap().contains_key(&a.ip));
+        assert!(pm.records().is_empty());
+    }
+
+    #[tokio::test]
+    async fn check_reports_unknown_and_broken_attachments() {
+        let fx = Fx::new();
+        let pm = fx.manager();
+        let e = pm.check("x", "eth0").await.unwrap_err();
+        assert_eq!(e.cni_code() as i32, 3);
+        let a = pm.add(&args("a", "/ns/a")).await.unwrap();
+        pm.check("a", "eth0").await.unwrap();
+        fx.pn.links.lock().unwrap().remove(&a.host_ifname);
+        assert!(pm.check("a", "eth0").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn gc_keeps_only_valid_attachments() {
+        let fx = Fx::new();
+        let pm = fx.manager();
+        pm.add(&args("a", "/ns/a")).await.unwrap();
+        pm.add(&args("b", "/ns/b")).await.unwrap();
+        let valid = HashSet::from([("a".to_string(), "eth0".to_string())]);
+        let removed = pm.gc(&valid).await.unwrap();
+        assert_eq!(removed, vec!["b/eth0".to_string()]);
+        assert_eq!(pm.records().len(), 1);
+        assert_eq!(fx.pn.links.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn reconcile_after_restart_keeps_live_pods_and_removes_the_rest() {
+        let fx = Fx::new();
+        let (a, b) = {
+            let pm = fx.manager();
+            (pm.add(&args("a", "/ns/a")).await.unwrap(), pm.add(&args("b", "/ns/b")).await.unwrap())
+        };
+        // While "down": pod b's veth vanished, a stray veth and a stray map entry appeared.
+        fx.pn.links.lock().unwrap().remove(&b.host_ifname);
+        fx.pn.add_stray("fe00000000000aa");
+        let stray_ip = Ipv4Addr::new(10, 244, 1, 200);
+        fx.dp.pods.lock().unwrap().insert(stray_ip, PodEndpoint {
+            container_id: "z".into(),
+            host_ifname: "x".into(),
+            host_ifindex: 1,
+            host_mac: [0; 6],
+            pod_mac: [0; 6],
+            ip: stray_ip,
+        });
+        let pm = fx.manager();
+        let r = pm.reconcile().await.unwrap();
+        assert_eq!(r.kept, 1);
+        assert_eq!(r.stale_records, vec!["b/eth0".to_string()]);
+        assert_eq!(r.orphan_links, vec!["fe00000000000aa".to_string()]);
+        assert!(r.orphan_dataplane.contains(&stray_ip));
+        assert_eq!(pm.records().len(), 1);
+        assert!(fx.dp.pods.lock().unwrap().contains_key(&a.ip));
+        // b's IP is free again, a's is not handed out twice.
+        let c = pm.add(&args("c", "/ns/b")).await.unwrap();
+        assert_ne!(c.ip, a.ip);
+        assert_eq!(pm.add(&args("a", "/ns/a")).await.unwrap().ip, a.ip);
+    }
+}

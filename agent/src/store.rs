@@ -1,0 +1,182 @@
+//! The agent's crash-safe state store: one record per pod attachment, in an embedded redb
+//! database under `stateDir`.
+//!
+//! The store is the source of truth for IPAM (which IP belongs to which container) and for
+//! what the agent created for each pod (host interface, MACs, netns), so a restarted agent can
+//! reconcile the kernel and the dataplane against it. redb commits are ACID with fsync
+//! (`Durability::Immediate`), so a record is either fully present or absent after a crash.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// Attachments keyed by `<container_id>/<ifname>`; values are JSON [`PodRecord`]s.
+const PODS: TableDefinition<&str, &[u8]> = TableDefinition::new("pods/v1");
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or created.
+    #[error("opening state store {path}: {msg}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What went wrong.
+        msg: String,
+    },
+    /// A read or write failed.
+    #[error("state store {op}: {msg}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// What went wrong.
+        msg: String,
+    },
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(String) -> StoreError {
+    move |msg| StoreError::Io { op, msg }
+}
+
+/// What the agent holds for one pod attachment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRecord {
+    /// CNI_CONTAINERID.
+    pub container_id: String,
+    /// CNI_IFNAME: the interface name inside the pod.
+    pub ifname: String,
+    /// The allocated address.
+    pub ip: Ipv4Addr,
+    /// Prefix length of the pod CIDR the address came from.
+    pub prefix_len: u8,
+    /// The pod's gateway.
+    pub gateway: Ipv4Addr,
+    /// CNI_NETNS at ADD time.
+    pub netns: String,
+    /// Host-side veth name.
+    pub host_ifname: String,
+    /// Host-side veth MAC.
+    pub host_mac: [u8; 6],
+    /// Pod interface MAC.
+    pub pod_mac: [u8; 6],
+    /// Kubernetes namespace of the pod, from CNI_ARGS (may be empty outside Kubernetes).
+    #[serde(default)]
+    pub pod_namespace: String,
+    /// Kubernetes name of the pod, from CNI_ARGS (may be empty outside Kubernetes).
+    #[serde(default)]
+    pub pod_name: String,
+}
+
+impl PodRecord {
+    /// The store key of this record.
+    pub fn key(&self) -> String {
+        key(&self.container_id, &self.ifname)
+    }
+}
+
+/// The store key of an attachment.
+pub fn key(container_id: &str, ifname: &str) -> String {
+    format!("{container_id}/{ifname}")
+}
+
+/// The embedded state store. Safe to share between tasks; writes are serialised by redb.
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("ferrea.redb");
+        let open_err = |msg: String| StoreError::Open { path: path.clone(), msg };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
+        // Make sure the table exists so readers never see "table does not exist".
+        let tx = db.begin_write().map_err(|e| open_err(e.to_string()))?;
+        tx.open_table(PODS).map_err(|e| open_err(e.to_string()))?;
+        tx.commit().map_err(|e| open_err(e.to_string()))?;
+        Ok(Self { db })
+    }
+
+    /// Inserts or replaces a record; durable when this returns.
+    pub fn put(&self, rec: &PodRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(rec).map_err(|e| io_err("encode")(e.to_string()))?;
+        let tx = self.db.begin_write().map_err(|e| io_err("put")(e.to_string()))?;
+        {
+            let mut t = tx.open_table(PODS).map_err(|e| io_err("put")(e.to_string()))?;
+            t.insert(rec.key().as_str(), value.as_slice())
+                .map_err(|e| io_err("put")(e.to_string()))?;
+        }
+        tx.commit().map_err(|e| io_err("put")(e.to_string()))
+    }
+
+    /// Removes the records with these keys in one transaction; absent keys are ignored.
+    pub fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(|e| io_err("delete")(e.to_string()))?;
+        {
+            let mut t = tx.open_table(PODS).map_err(|e| io_err("delete")(e.to_string()))?;
+            for k in keys {
+                t.remove(k.as_str()).map_err(|e| io_err("delete")(e.to_string()))?;
+            }
+        }
+        tx.commit().map_err(|e| io_err("delete")(e.to_string()))
+    }
+
+    /// All records. A record that does not decode is reported, not silently skipped.
+    pub fn list(&self) -> Result<Vec<PodRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| io_err("list")(e.to_string()))?;
+        let t = tx.open_table(PODS).map_err(|e| io_err("list")(e.to_string()))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| io_err("list")(e.to_string()))? {
+            let (k, v) = item.map_err(|e| io_err("list")(e.to_string()))?;
+            let rec: PodRecord = serde_json::from_slice(v.value()).map_err(|e| {
+                io_err("decode")(format!("record {}: {e}", k.value()))
+            })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(cid: &str, ip: [u8; 4]) -> PodRecord {
+        PodRecord {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            ip: ip.into(),
+            prefix_len: 24,
+            gateway: [10, 0, 0, 1].into(),
+            netns: "/run/netns/x".into(),
+            host_ifname: "fe0".into(),
+            host_mac: [2, 0, 0, 0, 0, 1],
+            pod_mac: [2, 0, 0, 0, 0, 2],
+            pod_namespace: "default".into(),
+            pod_name: "p".into(),
+        }
+    }
+
+    #[test]
+    fn records_survive_reopen_and_delete_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.put(&rec("a", [10, 0, 0, 2])).unwrap();
+            s.put(&rec("b", [10, 0, 0, 3])).unwrap();
+            s.put(&rec("b", [10, 0, 0, 4])).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let mut l = s.list().unwrap();
+        l.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[1].ip, Ipv4Addr::new(10, 0, 0, 4));
+        s.delete(&[key("a", "eth0"), key("zz", "eth0")]).unwrap();
+        s.delete(&[key("a", "eth0")]).unwrap();
+        assert_eq!(s.list().unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,115 @@
+//! Recording fakes of the side-effect traits, for unit tests that need no root and no kernel.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::dataplane::{Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats};
+use crate::podnet::{PodNet, PodNetError, PodNetSpec};
+
+/// A fake [`PodNet`]: a map of host interface name to (ifindex, spec).
+#[derive(Default)]
+pub struct FakePodNet {
+    /// Host links by name.
+    pub links: Mutex<HashMap<String, (u32, Option<PodNetSpec>)>>,
+    /// Namespaces that "exist"; `create` and `check` fail for others.
+    pub netns: Mutex<HashSet<String>>,
+    next: Mutex<u32>,
+}
+
+impl FakePodNet {
+    /// Adds a link that no record owns (as a crashed agent could leave).
+    pub fn add_stray(&self, name: &str) {
+        self.links.lock().unwrap().insert(name.into(), (999, None));
+    }
+}
+
+#[async_trait]
+impl PodNet for FakePodNet {
+    async fn create(&self, spec: &PodNetSpec) -> Result<u32, PodNetError> {
+        if !self.netns.lock().unwrap().contains(&spec.netns) {
+            return Err(PodNetError::Netns {
+                netns: spec.netns.clone(),
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
+        let mut n = self.next.lock().unwrap();
+        *n += 1;
+        self.links.lock().unwrap().insert(spec.host_ifname.clone(), (*n, Some(spec.clone())));
+        Ok(*n)
+    }
+    async fn delete(&self, host_ifname: &str) -> Result<(), PodNetError> {
+        self.links.lock().unwrap().remove(host_ifname);
+        Ok(())
+    }
+    async fn host_ifindex(&self, host_ifname: &str) -> Result<Option<u32>, PodNetError> {
+        Ok(self.links.lock().unwrap().get(host_ifname).map(|l| l.0))
+    }
+    async fn list_host_links(&self, prefix: &str) -> Result<Vec<String>, PodNetError> {
+        Ok(self.links.lock().unwrap().keys().filter(|k| k.starts_with(prefix)).cloned().collect())
+    }
+    fn netns_exists(&self, netns: &str) -> bool {
+        self.netns.lock().unwrap().contains(netns)
+    }
+    async fn check(&self, spec: &PodNetSpec) -> Result<(), PodNetError> {
+        let ok = self.netns.lock().unwrap().contains(&spec.netns)
+            && self.links.lock().unwrap().contains_key(&spec.host_ifname);
+        if ok {
+            Ok(())
+        } else {
+            Err(PodNetError::Mismatch {
+                ifname: spec.ifname.clone(),
+                netns: spec.netns.clone(),
+                msg: "missing".into(),
+            })
+        }
+    }
+}
+
+/// A fake [`Dataplane`]: a map of pod IP to endpoint, with failure injection.
+#[derive(Default)]
+pub struct FakeDataplane {
+    /// Entries by IP.
+    pub pods: Mutex<HashMap<Ipv4Addr, PodEndpoint>>,
+    /// When set, `add_pod` fails.
+    pub fail_add: Mutex<bool>,
+}
+
+#[async_trait]
+impl Dataplane for FakeDataplane {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    async fn init_node(&self, _node: &NodeNetwork) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
+        self.pods.lock().unwrap().insert(ep.ip, ep.clone());
+        if *self.fail_add.lock().unwrap() {
+            return Err(DataplaneError::Pod {
+                backend: "fake",
+                op: "add",
+                ifname: ep.host_ifname.clone(),
+                msg: "injected".into(),
+            });
+        }
+        Ok(())
+    }
+    async fn del_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
+        self.pods.lock().unwrap().remove(&ep.ip);
+        Ok(())
+    }
+    async fn retain_pods(&self, keep: &HashSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, DataplaneError> {
+        let mut p = self.pods.lock().unwrap();
+        let gone: Vec<_> = p.keys().filter(|ip| !keep.contains(ip)).copied().collect();
+        for ip in &gone {
+            p.remove(ip);
+        }
+        Ok(gone)
+    }
+    async fn pod_stats(&self, _ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
+        Ok(None)
+    }
+}
