@@ -59,7 +59,7 @@ fn parse_netconf(bytes: &[u8]) -> Result<NetConf, AgentError> {
     }
     let version = raw.get("cniVersion").and_then(Value::as_str).unwrap_or("");
     if !SUPPORTED_VERSIONS.contains(&version) {
-        return Err(AgentError::InvalidConfig(format!(
+        return Err(AgentError::IncompatibleVersion(format!(
             "field `cniVersion`: {version:?} is not one of {SUPPORTED_VERSIONS:?}"
         )));
     }
@@ -231,7 +231,7 @@ impl Cni for CniService {
         Ok(respond(
             detached(span, async move {
                 parse_netconf(&r.network_config)?;
-                this.manager()?;
+                this.manager().map_err(|e| AgentError::NotAvailable(e.to_string()))?;
                 Ok(None)
             })
             .await,
@@ -290,7 +290,7 @@ mod tests {
         let code = |b: &[u8]| parse_netconf(b).unwrap_err().cni_code() as i32;
         assert_eq!(code(b"{not json"), 6);
         assert_eq!(code(b"[1]"), 6);
-        assert_eq!(code(br#"{"cniVersion":"0.2.0","name":"n","type":"t"}"#), 7);
+        assert_eq!(code(br#"{"cniVersion":"0.2.0","name":"n","type":"t"}"#), 1);
         assert_eq!(code(br#"{"cniVersion":"1.1.0","type":"t"}"#), 7);
         assert_eq!(code(br#"{"cniVersion":"1.1.0","name":"n","type":"t","agentSocket":1}"#), 7);
         assert!(parse_netconf(br#"{"cniVersion":"1.0.0","name":"n","type":"t"}"#).is_ok());

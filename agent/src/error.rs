@@ -13,9 +13,15 @@ pub enum AgentError {
     /// The agent is starting up or its dataplane is not ready.
     #[error("ferrea-agent is not ready yet: {0}")]
     NotReady(String),
+    /// STATUS while the agent cannot take ADDs yet (CNI spec: code 50).
+    #[error("ferrea-agent cannot add pods yet: {0}")]
+    NotAvailable(String),
     /// The network configuration (stdin) is not valid JSON.
     #[error("network configuration is not valid JSON: {0}")]
     Decoding(String),
+    /// The configuration's `cniVersion` is not one the agent speaks.
+    #[error("incompatible CNI version: {0}")]
+    IncompatibleVersion(String),
     /// The network configuration has a wrong or missing field.
     #[error("invalid network configuration: {0}")]
     InvalidConfig(String),
@@ -52,7 +58,9 @@ impl AgentError {
     pub fn cni_code(&self) -> ErrorCode {
         match self {
             AgentError::NotReady(_) => ErrorCode::TryAgainLater,
+            AgentError::NotAvailable(_) => ErrorCode::PluginNotAvailable,
             AgentError::Decoding(_) => ErrorCode::DecodingFailure,
+            AgentError::IncompatibleVersion(_) => ErrorCode::IncompatibleCniVersion,
             AgentError::InvalidConfig(_) => ErrorCode::InvalidNetworkConfig,
             AgentError::InvalidEnv(_) => ErrorCode::InvalidEnvironmentVariables,
             AgentError::UnknownContainer { .. } => ErrorCode::UnknownContainer,
