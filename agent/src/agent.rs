@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use ferrea_proto::cni::v1::cni_server::CniServer;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
@@ -25,9 +25,9 @@ use crate::cni_server::CniService;
 use crate::config::{Config, DataplaneKind, SourceConfig};
 use crate::dataplane::{Dataplane, NodeNetwork};
 use crate::nat::{self, NatSpec};
-use crate::pods::PodManager;
 use crate::podnet::NetlinkPodNet;
-use crate::source::{files, DesiredState, NodeInfo};
+use crate::pods::PodManager;
+use crate::source::{DesiredState, NodeInfo, files};
 use crate::store::Store;
 use crate::sysctl;
 
@@ -35,7 +35,10 @@ use crate::sysctl;
 const NODE_SYSCTLS: &[(&str, &str)] = &[("net.ipv4.ip_forward", "1")];
 
 /// Runs the agent until `shutdown` resolves.
-pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let (ready_tx, ready_rx) = watch::channel::<Option<Arc<PodManager>>>(None);
     let listener = bind_socket(&cfg.cni_socket)?;
@@ -76,9 +79,12 @@ fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
+        }
     }
-    let l = UnixListener::bind(path).with_context(|| format!("binding CNI socket {}", path.display()))?;
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("binding CNI socket {}", path.display()))?;
     // Only root may talk to the agent: the API creates interfaces in arbitrary namespaces.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
@@ -105,7 +111,10 @@ async fn wait_for_node(
             }
         }
         if !warned {
-            tracing::warn!(node = name, "waiting for a Node object of this name with spec.podCIDR");
+            tracing::warn!(
+                node = name,
+                "waiting for a Node object of this name with spec.podCIDR"
+            );
             warned = true;
         }
         if state.changed().await.is_err() {
@@ -120,14 +129,20 @@ fn new_dataplane(cfg: &Config) -> anyhow::Result<Arc<dyn Dataplane>> {
             crate::dataplane::ebpf::EbpfDataplane::new(&cfg.bpf_pin_path)
                 .context("starting the eBPF dataplane")?,
         )),
-        DataplaneKind::Ovs => bail!("dataplane `ovs` is not available in this build yet; use `ebpf`"),
+        DataplaneKind::Ovs => {
+            bail!("dataplane `ovs` is not available in this build yet; use `ebpf`")
+        }
     }
 }
 
 async fn start_node(cfg: &Config, node: &NodeInfo) -> anyhow::Result<Arc<PodManager>> {
     let pod_cidr = node.pod_cidr.expect("checked by wait_for_node");
     let gateway = std::net::Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
-    let net = NodeNetwork { pod_cidr, gateway, mtu: cfg.mtu };
+    let net = NodeNetwork {
+        pod_cidr,
+        gateway,
+        mtu: cfg.mtu,
+    };
 
     for (k, v) in NODE_SYSCTLS {
         if let Some(old) = sysctl::ensure(k, v).context("setting node sysctls")? {
@@ -135,13 +150,26 @@ async fn start_node(cfg: &Config, node: &NodeInfo) -> anyhow::Result<Arc<PodMana
         }
     }
     let dp = new_dataplane(cfg)?;
-    dp.init_node(&net).await.context("initialising the dataplane")?;
-    nat::apply(&nat_spec(cfg, &net)).await.context("installing ferrea's nftables table")?;
+    dp.init_node(&net)
+        .await
+        .context("initialising the dataplane")?;
+    nat::apply(&nat_spec(cfg, &net))
+        .await
+        .context("installing ferrea's nftables table")?;
 
     let store = Store::open(&cfg.state_dir).context("opening the state store")?;
     let podnet = Arc::new(NetlinkPodNet::new().context("opening netlink")?);
-    let pm = Arc::new(PodManager::new(store, podnet, dp, net, cfg.veth_prefix.clone())?);
-    let report = pm.reconcile().await.context("reconciling pods with the kernel and dataplane")?;
+    let pm = Arc::new(PodManager::new(
+        store,
+        podnet,
+        dp,
+        net,
+        cfg.veth_prefix.clone(),
+    )?);
+    let report = pm
+        .reconcile()
+        .await
+        .context("reconciling pods with the kernel and dataplane")?;
     tracing::info!(
         kept = report.kept,
         stale_records = ?report.stale_records,

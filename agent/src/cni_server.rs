@@ -12,15 +12,15 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use ferrea_proto::cni::v1::{cni_server::Cni, CniError, CniRequest, CniResponse, ErrorCode};
-use serde_json::{json, Value};
+use ferrea_proto::cni::v1::{CniError, CniRequest, CniResponse, ErrorCode, cni_server::Cni};
+use serde_json::{Value, json};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::error::AgentError;
-use crate::pods::{AddArgs, PodManager};
 use crate::podnet::fmt_mac;
+use crate::pods::{AddArgs, PodManager};
 use crate::store::PodRecord;
 
 /// The versions of the CNI spec whose configurations the agent accepts.
@@ -53,9 +53,12 @@ struct NetConf {
 }
 
 fn parse_netconf(bytes: &[u8]) -> Result<NetConf, AgentError> {
-    let raw: Value = serde_json::from_slice(bytes).map_err(|e| AgentError::Decoding(e.to_string()))?;
+    let raw: Value =
+        serde_json::from_slice(bytes).map_err(|e| AgentError::Decoding(e.to_string()))?;
     if !raw.is_object() {
-        return Err(AgentError::Decoding("the network configuration must be a JSON object".into()));
+        return Err(AgentError::Decoding(
+            "the network configuration must be a JSON object".into(),
+        ));
     }
     let version = raw.get("cniVersion").and_then(Value::as_str).unwrap_or("");
     if !SUPPORTED_VERSIONS.contains(&version) {
@@ -66,13 +69,19 @@ fn parse_netconf(bytes: &[u8]) -> Result<NetConf, AgentError> {
     for f in ["name", "type"] {
         match raw.get(f) {
             Some(Value::String(s)) if !s.is_empty() => {}
-            _ => return Err(AgentError::InvalidConfig(format!("field `{f}` must be a non-empty string"))),
+            _ => {
+                return Err(AgentError::InvalidConfig(format!(
+                    "field `{f}` must be a non-empty string"
+                )));
+            }
         }
     }
     if let Some(s) = raw.get("agentSocket")
         && !s.is_string()
     {
-        return Err(AgentError::InvalidConfig("field `agentSocket` must be a string".into()));
+        return Err(AgentError::InvalidConfig(
+            "field `agentSocket` must be a string".into(),
+        ));
     }
     Ok(NetConf { raw })
 }
@@ -80,8 +89,13 @@ fn parse_netconf(bytes: &[u8]) -> Result<NetConf, AgentError> {
 /// Validates CNI_CONTAINERID and CNI_IFNAME as the spec defines them.
 fn validate_ids(container_id: &str, ifname: &str) -> Result<(), AgentError> {
     if container_id.is_empty()
-        || !container_id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        || !container_id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        || !container_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        || !container_id
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
     {
         return Err(AgentError::InvalidEnv(format!(
             "CNI_CONTAINERID {container_id:?} must start with a letter or digit and contain only letters, digits, '_', '.' and '-'"
@@ -91,7 +105,9 @@ fn validate_ids(container_id: &str, ifname: &str) -> Result<(), AgentError> {
         || ifname.len() > 15
         || ifname == "."
         || ifname == ".."
-        || ifname.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        || ifname
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
     {
         return Err(AgentError::InvalidEnv(format!(
             "CNI_IFNAME {ifname:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
@@ -133,15 +149,23 @@ pub fn cni_result(rec: &PodRecord) -> Value {
 fn respond(res: Result<Option<Value>, AgentError>) -> Response<CniResponse> {
     match res {
         Ok(v) => Response::new(CniResponse {
-            result: v.map(|v| serde_json::to_vec(&v).expect("json")).unwrap_or_default(),
+            result: v
+                .map(|v| serde_json::to_vec(&v).expect("json"))
+                .unwrap_or_default(),
             error: None,
         }),
         Err(e) => {
             let code: ErrorCode = e.cni_code();
-            let details = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+            let details = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
             Response::new(CniResponse {
                 result: Vec::new(),
-                error: Some(CniError { code: code as i32, msg: e.to_string(), details }),
+                error: Some(CniError {
+                    code: code as i32,
+                    msg: e.to_string(),
+                    details,
+                }),
             })
         }
     }
@@ -159,7 +183,9 @@ where
     let _e = span.enter();
     match &res {
         Ok(_) => tracing::info!(elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "done"),
-        Err(e) => tracing::warn!(elapsed_ms = start.elapsed().as_secs_f64() * 1e3, code = e.cni_code() as i32, error = %e, "failed"),
+        Err(e) => {
+            tracing::warn!(elapsed_ms = start.elapsed().as_secs_f64() * 1e3, code = e.cni_code() as i32, error = %e, "failed")
+        }
     }
     res
 }
@@ -175,7 +201,9 @@ impl Cni for CniService {
                 parse_netconf(&r.network_config)?;
                 validate_ids(&r.container_id, &r.ifname)?;
                 if r.netns.is_empty() {
-                    return Err(AgentError::InvalidEnv("CNI_NETNS is required for ADD".into()));
+                    return Err(AgentError::InvalidEnv(
+                        "CNI_NETNS is required for ADD".into(),
+                    ));
                 }
                 let pm = this.manager()?;
                 let (pod_namespace, pod_name) = pod_identity(&r.args);
@@ -231,7 +259,8 @@ impl Cni for CniService {
         Ok(respond(
             detached(span, async move {
                 parse_netconf(&r.network_config)?;
-                this.manager().map_err(|e| AgentError::NotAvailable(e.to_string()))?;
+                this.manager()
+                    .map_err(|e| AgentError::NotAvailable(e.to_string()))?;
                 Ok(None)
             })
             .await,
@@ -292,7 +321,10 @@ mod tests {
         assert_eq!(code(b"[1]"), 6);
         assert_eq!(code(br#"{"cniVersion":"0.2.0","name":"n","type":"t"}"#), 1);
         assert_eq!(code(br#"{"cniVersion":"1.1.0","type":"t"}"#), 7);
-        assert_eq!(code(br#"{"cniVersion":"1.1.0","name":"n","type":"t","agentSocket":1}"#), 7);
+        assert_eq!(
+            code(br#"{"cniVersion":"1.1.0","name":"n","type":"t","agentSocket":1}"#),
+            7
+        );
         assert!(parse_netconf(br#"{"cniVersion":"1.0.0","name":"n","type":"t"}"#).is_ok());
     }
 
@@ -309,7 +341,9 @@ mod tests {
 
     #[test]
     fn pod_identity_from_cni_args() {
-        let (ns, n) = pod_identity("IgnoreUnknown=1;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=x");
+        let (ns, n) = pod_identity(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=x",
+        );
         assert_eq!((ns.as_str(), n.as_str()), ("prod", "web-0"));
     }
 

@@ -73,7 +73,10 @@ pub struct Config {
     #[serde(default)]
     pub dataplane: DataplaneKind,
     /// Desired-state source. Default: `files` at `/etc/ferrea/manifests`.
-    #[serde(default = "default_source", with = "serde_yaml_ng::with::singleton_map")]
+    #[serde(
+        default = "default_source",
+        with = "serde_yaml_ng::with::singleton_map"
+    )]
     pub source: SourceConfig,
     /// Unix socket of the CNI gRPC server. Default `/var/run/ferrea/cni.sock`.
     #[serde(default = "default_cni_socket")]
@@ -108,7 +111,9 @@ pub struct Config {
 }
 
 fn default_source() -> SourceConfig {
-    SourceConfig::Files { path: PathBuf::from("/etc/ferrea/manifests") }
+    SourceConfig::Files {
+        path: PathBuf::from("/etc/ferrea/manifests"),
+    }
 }
 fn default_cni_socket() -> PathBuf {
     PathBuf::from("/var/run/ferrea/cni.sock")
@@ -144,8 +149,10 @@ impl Default for Config {
 impl Config {
     /// Loads, defaults and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
@@ -154,14 +161,20 @@ impl Config {
         let mut cfg: Config = if text.trim().is_empty() {
             Config::default()
         } else {
-            serde_yaml_ng::from_str(text)
-                .map_err(|e| ConfigError::Parse { path: path.to_owned(), msg: e.to_string() })?
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                msg: e.to_string(),
+            })?
         };
         if cfg.node_name.is_none() {
             cfg.node_name = std::env::var("NODE_NAME")
                 .ok()
                 .filter(|s| !s.is_empty())
-                .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()));
+                .or_else(|| {
+                    nix::unistd::gethostname()
+                        .ok()
+                        .and_then(|h| h.into_string().ok())
+                });
         }
         cfg.validate()?;
         Ok(cfg)
@@ -169,9 +182,19 @@ impl Config {
 
     /// Checks values that the types alone do not constrain.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let inv = |field, msg: &str| Err(ConfigError::Invalid { field, msg: msg.to_owned() });
+        let inv = |field, msg: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                msg: msg.to_owned(),
+            })
+        };
         match &self.node_name {
-            None => return inv("nodeName", "not set and no NODE_NAME or host name available"),
+            None => {
+                return inv(
+                    "nodeName",
+                    "not set and no NODE_NAME or host name available",
+                );
+            }
             Some(n) if n.is_empty() || n.len() > 253 => {
                 return inv("nodeName", "must be 1 to 253 characters");
             }
@@ -183,13 +206,26 @@ impl Config {
         if self.veth_prefix.is_empty() || self.veth_prefix.len() > 4 {
             return inv("vethPrefix", "must be 1 to 4 characters");
         }
-        if !self.veth_prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return inv("vethPrefix", "may contain only ASCII letters, digits and '-'");
+        if !self
+            .veth_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return inv(
+                "vethPrefix",
+                "may contain only ASCII letters, digits and '-'",
+            );
         }
         if self.nftables_table.is_empty()
-            || !self.nftables_table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            || !self
+                .nftables_table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
-            return inv("nftablesTable", "must be a non-empty name of letters, digits, '_' or '-'");
+            return inv(
+                "nftablesTable",
+                "must be a non-empty name of letters, digits, '_' or '-'",
+            );
         }
         if !self.cni_socket.is_absolute() {
             return inv("cniSocket", "must be an absolute path");
@@ -239,7 +275,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.dataplane, DataplaneKind::Ovs);
-        assert_eq!(c.source, SourceConfig::Files { path: "/tmp/m".into() });
+        assert_eq!(
+            c.source,
+            SourceConfig::Files {
+                path: "/tmp/m".into()
+            }
+        );
         assert_eq!(c.cluster_cidrs.len(), 1);
     }
 
@@ -253,11 +294,17 @@ mod tests {
     fn bad_values_name_the_field() {
         let e = parse("nodeName: n1\nmtu: 100\n").unwrap_err().to_string();
         assert!(e.contains("`mtu`"), "{e}");
-        let e = parse("nodeName: n1\nclusterCIDRs: [10.0.0.0/33]\n").unwrap_err().to_string();
+        let e = parse("nodeName: n1\nclusterCIDRs: [10.0.0.0/33]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("clusterCIDRs") || e.contains("prefix"), "{e}");
-        let e = parse("nodeName: n1\ncniSocket: rel.sock\n").unwrap_err().to_string();
+        let e = parse("nodeName: n1\ncniSocket: rel.sock\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cniSocket"), "{e}");
-        let e = parse("nodeName: n1\ndataplane: vpp\n").unwrap_err().to_string();
+        let e = parse("nodeName: n1\ndataplane: vpp\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vpp"), "{e}");
     }
 }

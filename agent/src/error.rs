@@ -84,7 +84,10 @@ mod tests {
         assert_eq!(AgentError::Decoding("x".into()).cni_code() as i32, 6);
         assert_eq!(AgentError::InvalidConfig("x".into()).cni_code() as i32, 7);
         assert_eq!(AgentError::InvalidEnv("x".into()).cni_code() as i32, 4);
-        let e = AgentError::UnknownContainer { container_id: "c".into(), ifname: "eth0".into() };
+        let e = AgentError::UnknownContainer {
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+        };
         assert_eq!(e.cni_code() as i32, 3);
         let e = AgentError::PodNet(PodNetError::Netns {
             netns: "/run/netns/gone".into(),

@@ -46,7 +46,11 @@ impl Ipam {
         }
         // Start "just before" index 0 so the first address handed out is gateway + 1.
         let last = cidr.size() - 4;
-        Ok(Self { cidr, used: HashMap::new(), last })
+        Ok(Self {
+            cidr,
+            used: HashMap::new(),
+            last,
+        })
     }
 
     /// The pod CIDR.
@@ -91,7 +95,10 @@ impl Ipam {
 
     /// The address owned by `owner`, if any.
     pub fn owned_by(&self, owner: &str) -> Option<Ipv4Addr> {
-        self.used.iter().find(|(_, o)| o.as_str() == owner).map(|(ip, _)| *ip)
+        self.used
+            .iter()
+            .find(|(_, o)| o.as_str() == owner)
+            .map(|(ip, _)| *ip)
     }
 
     /// Allocates the next free address for `owner`.
@@ -169,6 +176,9 @@ mod tests {
         assert!(!i.restore(Ipv4Addr::new(10, 0, 1, 9), "c"));
         assert!(!i.restore(Ipv4Addr::new(10, 0, 0, 1), "gw"));
         assert_eq!(i.owned_by("a"), Some(Ipv4Addr::new(10, 0, 0, 9)));
-        assert!(matches!(Ipam::new("10.0.0.0/31".parse().unwrap()), Err(IpamError::TooSmall { .. })));
+        assert!(matches!(
+            Ipam::new("10.0.0.0/31".parse().unwrap()),
+            Err(IpamError::TooSmall { .. })
+        ));
     }
 }

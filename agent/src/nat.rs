@@ -57,7 +57,11 @@ impl NatSpec {
         );
         if self.masquerade {
             let mut dst: Vec<String> = self.no_masquerade.iter().map(|c| c.to_string()).collect();
-            if !self.no_masquerade.iter().any(|c| c.contains(self.pod_cidr.network())) {
+            if !self
+                .no_masquerade
+                .iter()
+                .any(|c| c.contains(self.pod_cidr.network()))
+            {
                 dst.push(self.pod_cidr.to_string());
             }
             s.push_str(&format!(
@@ -78,7 +82,11 @@ pub async fn apply(spec: &NatSpec) -> Result<(), NatError> {
 
 /// Deletes ferrea's table if it exists.
 pub async fn remove(table: &str) -> Result<(), NatError> {
-    run_nft(&format!("table ip {table}\ndelete table ip {table}\n"), table).await
+    run_nft(
+        &format!("table ip {table}\ndelete table ip {table}\n"),
+        table,
+    )
+    .await
 }
 
 async fn run_nft(script: &str, table: &str) -> Result<(), NatError> {
@@ -90,7 +98,10 @@ async fn run_nft(script: &str, table: &str) -> Result<(), NatError> {
         .spawn()
         .map_err(NatError::Spawn)?;
     let mut stdin = child.stdin.take().expect("piped");
-    stdin.write_all(script.as_bytes()).await.map_err(NatError::Spawn)?;
+    stdin
+        .write_all(script.as_bytes())
+        .await
+        .map_err(NatError::Spawn)?;
     drop(stdin);
     let out = child.wait_with_output().await.map_err(NatError::Spawn)?;
     if !out.status.success() {
@@ -111,14 +122,22 @@ mod tests {
         let spec = NatSpec {
             table: "ferrea".into(),
             pod_cidr: "10.244.1.0/24".parse().unwrap(),
-            no_masquerade: vec!["10.244.0.0/16".parse().unwrap(), "10.96.0.0/12".parse().unwrap()],
+            no_masquerade: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "10.96.0.0/12".parse().unwrap(),
+            ],
             masquerade: true,
             gateway: Ipv4Addr::new(10, 244, 1, 1),
         };
         let r = spec.render();
         assert!(r.starts_with("table ip ferrea\ndelete table ip ferrea\n"));
-        assert!(r.contains("ip saddr 10.244.1.0/24 ip daddr != { 10.244.0.0/16, 10.96.0.0/12 } counter masquerade"));
-        let off = NatSpec { masquerade: false, ..spec };
+        assert!(r.contains(
+            "ip saddr 10.244.1.0/24 ip daddr != { 10.244.0.0/16, 10.96.0.0/12 } counter masquerade"
+        ));
+        let off = NatSpec {
+            masquerade: false,
+            ..spec
+        };
         assert!(!off.render().contains("masquerade"));
     }
 

@@ -121,7 +121,11 @@ fn nl_code(e: &rtnetlink::Error) -> Option<i32> {
 
 fn nl_err(op: &'static str, ifname: &str) -> impl FnOnce(rtnetlink::Error) -> PodNetError {
     let ifname = ifname.to_owned();
-    move |e| PodNetError::Netlink { op, ifname, msg: e.to_string() }
+    move |e| PodNetError::Netlink {
+        op,
+        ifname,
+        msg: e.to_string(),
+    }
 }
 
 /// Pod plumbing over rtnetlink, in the namespace the agent runs in (the node's).
@@ -160,7 +164,10 @@ impl NetlinkPodNet {
         });
         match rx.await {
             Ok(Ok(h)) => Ok(h),
-            Ok(Err(source)) => Err(PodNetError::Netns { netns: netns.to_owned(), source }),
+            Ok(Err(source)) => Err(PodNetError::Netns {
+                netns: netns.to_owned(),
+                source,
+            }),
             Err(_) => Err(PodNetError::Netns {
                 netns: netns.to_owned(),
                 source: std::io::Error::other("namespace thread died"),
@@ -170,11 +177,13 @@ impl NetlinkPodNet {
 
     async fn configure_pod_side(&self, h: &Handle, spec: &PodNetSpec) -> Result<(), PodNetError> {
         let ifn = &spec.ifname;
-        let idx = link_index(h, ifn).await?.ok_or_else(|| PodNetError::Netlink {
-            op: "find pod interface",
-            ifname: ifn.clone(),
-            msg: "not found after creation".into(),
-        })?;
+        let idx = link_index(h, ifn)
+            .await?
+            .ok_or_else(|| PodNetError::Netlink {
+                op: "find pod interface",
+                ifname: ifn.clone(),
+                msg: "not found after creation".into(),
+            })?;
         if let Some(lo) = link_index(h, "lo").await? {
             h.link()
                 .set(LinkUnspec::new_with_index(lo).up().build())
@@ -218,7 +227,10 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, PodNetError> 
 }
 
 fn open_netns(netns: &str) -> Result<File, PodNetError> {
-    File::open(netns).map_err(|source| PodNetError::Netns { netns: netns.to_owned(), source })
+    File::open(netns).map_err(|source| PodNetError::Netns {
+        netns: netns.to_owned(),
+        source,
+    })
 }
 
 #[async_trait]
@@ -254,13 +266,13 @@ impl PodNet for NetlinkPodNet {
             return Err(nl_err("create veth pair", &spec.host_ifname)(e));
         }
         let result = async {
-            let host_idx = link_index(&self.node, &spec.host_ifname).await?.ok_or_else(|| {
-                PodNetError::Netlink {
+            let host_idx = link_index(&self.node, &spec.host_ifname)
+                .await?
+                .ok_or_else(|| PodNetError::Netlink {
                     op: "find host veth",
                     ifname: spec.host_ifname.clone(),
                     msg: "not found after creation".into(),
-                }
-            })?;
+                })?;
             let h = self.handle_in(&ns, &spec.netns).await?;
             self.configure_pod_side(&h, spec).await?;
             Ok(host_idx)
@@ -314,16 +326,24 @@ impl PodNet for NetlinkPodNet {
             msg,
         };
         if link_index(&self.node, &spec.host_ifname).await?.is_none() {
-            return Err(mismatch(format!("host-side veth {} is missing", spec.host_ifname)));
+            return Err(mismatch(format!(
+                "host-side veth {} is missing",
+                spec.host_ifname
+            )));
         }
         let h = self.handle_in(&ns, &spec.netns).await?;
         let idx = link_index(&h, &spec.ifname)
             .await?
             .ok_or_else(|| mismatch("interface is missing".into()))?;
         let mut addrs = h.address().get().set_link_index_filter(idx).execute();
-        while let Some(a) = addrs.try_next().await.map_err(nl_err("list addresses", &spec.ifname))? {
+        while let Some(a) = addrs
+            .try_next()
+            .await
+            .map_err(nl_err("list addresses", &spec.ifname))?
+        {
             for attr in &a.attributes {
-                if let netlink_packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) = attr
+                if let netlink_packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) =
+                    attr
                     && *ip == spec.ip
                     && a.header.prefix_len == spec.prefix_len
                 {
@@ -331,7 +351,10 @@ impl PodNet for NetlinkPodNet {
                 }
             }
         }
-        Err(mismatch(format!("address {}/{} is missing", spec.ip, spec.prefix_len)))
+        Err(mismatch(format!(
+            "address {}/{} is missing",
+            spec.ip, spec.prefix_len
+        )))
     }
 }
 
@@ -351,7 +374,9 @@ pub fn host_ifname(prefix: &str, container_id: &str, ifname: &str) -> String {
 pub fn is_pod_ifname(prefix: &str, name: &str) -> bool {
     name.len() == 15
         && name.starts_with(prefix)
-        && name[prefix.len()..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && name[prefix.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// MACs for an attachment, derived from its IP like the Kubernetes reference plugins do
@@ -359,12 +384,18 @@ pub fn is_pod_ifname(prefix: &str, name: &str) -> bool {
 /// uses `0e:58:<ip>` (locally administered, unicast).
 pub fn macs_for(ip: Ipv4Addr) -> (/* host */ [u8; 6], /* pod */ [u8; 6]) {
     let o = ip.octets();
-    ([0x0e, 0x58, o[0], o[1], o[2], o[3]], [0x0a, 0x58, o[0], o[1], o[2], o[3]])
+    (
+        [0x0e, 0x58, o[0], o[1], o[2], o[3]],
+        [0x0a, 0x58, o[0], o[1], o[2], o[3]],
+    )
 }
 
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn fmt_mac(m: &[u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 #[cfg(test)]

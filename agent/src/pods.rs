@@ -96,7 +96,12 @@ impl PodManager {
 
     /// A snapshot of all attachments.
     pub fn records(&self) -> Vec<PodRecord> {
-        self.records.lock().expect("records lock").values().cloned().collect()
+        self.records
+            .lock()
+            .expect("records lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     fn lock_for(&self, container_id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -138,7 +143,12 @@ impl PodManager {
         let lock = self.lock_for(&args.container_id);
         let _held = lock.lock().await;
         let key = store::key(&args.container_id, &args.ifname);
-        let existing = self.records.lock().expect("records lock").get(&key).cloned();
+        let existing = self
+            .records
+            .lock()
+            .expect("records lock")
+            .get(&key)
+            .cloned();
         if let Some(rec) = existing {
             // Repeated ADD: same IP. If the plumbing is intact, just answer; otherwise rebuild
             // it with the recorded identity.
@@ -150,9 +160,15 @@ impl PodManager {
                 return Ok(rec);
             }
             self.teardown(&rec).await?;
-            let rec = PodRecord { netns: args.netns.clone(), ..rec };
+            let rec = PodRecord {
+                netns: args.netns.clone(),
+                ..rec
+            };
             self.store.put(&rec)?;
-            self.records.lock().expect("records lock").insert(key.clone(), rec.clone());
+            self.records
+                .lock()
+                .expect("records lock")
+                .insert(key.clone(), rec.clone());
             return self.plumb_or_release(rec).await;
         }
 
@@ -175,7 +191,10 @@ impl PodManager {
             self.ipam.lock().expect("ipam lock").release(ip);
             return Err(e.into());
         }
-        self.records.lock().expect("records lock").insert(key, rec.clone());
+        self.records
+            .lock()
+            .expect("records lock")
+            .insert(key, rec.clone());
         self.plumb_or_release(rec).await
     }
 
@@ -213,7 +232,11 @@ impl PodManager {
 
     /// Removes dataplane entries and the veth of an attachment (not its record).
     async fn teardown(&self, rec: &PodRecord) -> Result<(), AgentError> {
-        let idx = self.podnet.host_ifindex(&rec.host_ifname).await?.unwrap_or(0);
+        let idx = self
+            .podnet
+            .host_ifindex(&rec.host_ifname)
+            .await?
+            .unwrap_or(0);
         self.dataplane.del_pod(&Self::endpoint(rec, idx)).await?;
         self.podnet.delete(&rec.host_ifname).await?;
         Ok(())
@@ -224,7 +247,12 @@ impl PodManager {
         let lock = self.lock_for(container_id);
         let _held = lock.lock().await;
         let key = store::key(container_id, ifname);
-        let rec = self.records.lock().expect("records lock").get(&key).cloned();
+        let rec = self
+            .records
+            .lock()
+            .expect("records lock")
+            .get(&key)
+            .cloned();
         match rec {
             Some(rec) => {
                 self.teardown(&rec).await?;
@@ -233,7 +261,13 @@ impl PodManager {
             None => {
                 // Nothing recorded (a DEL after a failed ADD, or repeated): still remove an
                 // interface with the deterministic name in case one is left.
-                self.podnet.delete(&podnet::host_ifname(&self.veth_prefix, container_id, ifname)).await?;
+                self.podnet
+                    .delete(&podnet::host_ifname(
+                        &self.veth_prefix,
+                        container_id,
+                        ifname,
+                    ))
+                    .await?;
             }
         }
         Ok(())
@@ -244,9 +278,16 @@ impl PodManager {
         let lock = self.lock_for(container_id);
         let _held = lock.lock().await;
         let key = store::key(container_id, ifname);
-        let rec = self.records.lock().expect("records lock").get(&key).cloned().ok_or_else(|| {
-            AgentError::UnknownContainer { container_id: container_id.into(), ifname: ifname.into() }
-        })?;
+        let rec = self
+            .records
+            .lock()
+            .expect("records lock")
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| AgentError::UnknownContainer {
+                container_id: container_id.into(),
+                ifname: ifname.into(),
+            })?;
         self.podnet.check(&self.spec(&rec)).await?;
         Ok(rec)
     }
@@ -325,8 +366,15 @@ mod tests {
     impl Fx {
         fn new() -> Self {
             let pn = Arc::new(FakePodNet::default());
-            pn.netns.lock().unwrap().extend(["/ns/a".to_string(), "/ns/b".to_string()]);
-            Self { dir: tempfile::tempdir().unwrap(), pn, dp: Arc::new(FakeDataplane::default()) }
+            pn.netns
+                .lock()
+                .unwrap()
+                .extend(["/ns/a".to_string(), "/ns/b".to_string()]);
+            Self {
+                dir: tempfile::tempdir().unwrap(),
+                pn,
+                dp: Arc::new(FakeDataplane::default()),
+            }
         }
         fn manager(&self) -> PodManager {
             let node = NodeNetwork {
@@ -340,7 +388,12 @@ mod tests {
     }
 
     fn args(cid: &str, ns: &str) -> AddArgs {
-        AddArgs { container_id: cid.into(), ifname: "eth0".into(), netns: ns.into(), ..Default::default() }
+        AddArgs {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            netns: ns.into(),
+            ..Default::default()
+        }
     }
 
     #[tokio::test]
@@ -363,7 +416,10 @@ mod tests {
         *fx.dp.fail_add.lock().unwrap() = true;
         assert!(pm.add(&args("a", "/ns/a")).await.is_err());
         assert!(fx.pn.links.lock().unwrap().is_empty(), "veth left behind");
-        assert!(fx.dp.pods.lock().unwrap().is_empty(), "dataplane entry left behind");
+        assert!(
+            fx.dp.pods.lock().unwrap().is_empty(),
+            "dataplane entry left behind"
+        );
         assert!(pm.records().is_empty());
         assert!(pm.store.list().unwrap().is_empty());
         // A netns that vanished: clear error, nothing kept.
@@ -420,20 +476,26 @@ mod tests {
         let fx = Fx::new();
         let (a, b) = {
             let pm = fx.manager();
-            (pm.add(&args("a", "/ns/a")).await.unwrap(), pm.add(&args("b", "/ns/b")).await.unwrap())
+            (
+                pm.add(&args("a", "/ns/a")).await.unwrap(),
+                pm.add(&args("b", "/ns/b")).await.unwrap(),
+            )
         };
         // While "down": pod b's veth vanished, a stray veth and a stray map entry appeared.
         fx.pn.links.lock().unwrap().remove(&b.host_ifname);
         fx.pn.add_stray("fe00000000000aa");
         let stray_ip = Ipv4Addr::new(10, 244, 1, 200);
-        fx.dp.pods.lock().unwrap().insert(stray_ip, PodEndpoint {
-            container_id: "z".into(),
-            host_ifname: "x".into(),
-            host_ifindex: 1,
-            host_mac: [0; 6],
-            pod_mac: [0; 6],
-            ip: stray_ip,
-        });
+        fx.dp.pods.lock().unwrap().insert(
+            stray_ip,
+            PodEndpoint {
+                container_id: "z".into(),
+                host_ifname: "x".into(),
+                host_ifindex: 1,
+                host_mac: [0; 6],
+                pod_mac: [0; 6],
+                ip: stray_ip,
+            },
+        );
         let pm = fx.manager();
         let r = pm.reconcile().await.unwrap();
         assert_eq!(r.kept, 1);

@@ -91,7 +91,10 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("ferrea.redb");
-        let open_err = |msg: String| StoreError::Open { path: path.clone(), msg };
+        let open_err = |msg: String| StoreError::Open {
+            path: path.clone(),
+            msg,
+        };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
         // Make sure the table exists so readers never see "table does not exist".
@@ -104,9 +107,14 @@ impl Store {
     /// Inserts or replaces a record; durable when this returns.
     pub fn put(&self, rec: &PodRecord) -> Result<(), StoreError> {
         let value = serde_json::to_vec(rec).map_err(|e| io_err("encode")(e.to_string()))?;
-        let tx = self.db.begin_write().map_err(|e| io_err("put")(e.to_string()))?;
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| io_err("put")(e.to_string()))?;
         {
-            let mut t = tx.open_table(PODS).map_err(|e| io_err("put")(e.to_string()))?;
+            let mut t = tx
+                .open_table(PODS)
+                .map_err(|e| io_err("put")(e.to_string()))?;
             t.insert(rec.key().as_str(), value.as_slice())
                 .map_err(|e| io_err("put")(e.to_string()))?;
         }
@@ -115,11 +123,17 @@ impl Store {
 
     /// Removes the records with these keys in one transaction; absent keys are ignored.
     pub fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(|e| io_err("delete")(e.to_string()))?;
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| io_err("delete")(e.to_string()))?;
         {
-            let mut t = tx.open_table(PODS).map_err(|e| io_err("delete")(e.to_string()))?;
+            let mut t = tx
+                .open_table(PODS)
+                .map_err(|e| io_err("delete")(e.to_string()))?;
             for k in keys {
-                t.remove(k.as_str()).map_err(|e| io_err("delete")(e.to_string()))?;
+                t.remove(k.as_str())
+                    .map_err(|e| io_err("delete")(e.to_string()))?;
             }
         }
         tx.commit().map_err(|e| io_err("delete")(e.to_string()))
@@ -127,14 +141,18 @@ impl Store {
 
     /// All records. A record that does not decode is reported, not silently skipped.
     pub fn list(&self) -> Result<Vec<PodRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| io_err("list")(e.to_string()))?;
-        let t = tx.open_table(PODS).map_err(|e| io_err("list")(e.to_string()))?;
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| io_err("list")(e.to_string()))?;
+        let t = tx
+            .open_table(PODS)
+            .map_err(|e| io_err("list")(e.to_string()))?;
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| io_err("list")(e.to_string()))? {
             let (k, v) = item.map_err(|e| io_err("list")(e.to_string()))?;
-            let rec: PodRecord = serde_json::from_slice(v.value()).map_err(|e| {
-                io_err("decode")(format!("record {}: {e}", k.value()))
-            })?;
+            let rec: PodRecord = serde_json::from_slice(v.value())
+                .map_err(|e| io_err("decode")(format!("record {}: {e}", k.value())))?;
             out.push(rec);
         }
         Ok(out)

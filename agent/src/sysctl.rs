@@ -24,7 +24,10 @@ fn path(key: &str) -> PathBuf {
 pub fn get(key: &str) -> Result<String, SysctlError> {
     std::fs::read_to_string(path(key))
         .map(|s| s.trim().to_owned())
-        .map_err(|source| SysctlError { key: key.to_owned(), source })
+        .map_err(|source| SysctlError {
+            key: key.to_owned(),
+            source,
+        })
 }
 
 /// Sets a sysctl if it differs; returns the previous value when it changed something.
@@ -33,7 +36,10 @@ pub fn ensure(key: &str, value: &str) -> Result<Option<String>, SysctlError> {
     if cur == value {
         return Ok(None);
     }
-    std::fs::write(path(key), value).map_err(|source| SysctlError { key: key.to_owned(), source })?;
+    std::fs::write(path(key), value).map_err(|source| SysctlError {
+        key: key.to_owned(),
+        source,
+    })?;
     Ok(Some(cur))
 }
 
@@ -41,7 +47,10 @@ pub fn ensure(key: &str, value: &str) -> Result<Option<String>, SysctlError> {
 mod tests {
     #[test]
     fn keys_map_to_proc_paths() {
-        assert_eq!(super::path("net.ipv4.ip_forward").to_str(), Some("/proc/sys/net/ipv4/ip_forward"));
+        assert_eq!(
+            super::path("net.ipv4.ip_forward").to_str(),
+            Some("/proc/sys/net/ipv4/ip_forward")
+        );
         assert!(super::get("net.ipv4.ip_forward").is_ok());
     }
 }

@@ -37,7 +37,10 @@ impl PodNet for FakePodNet {
         }
         let mut n = self.next.lock().unwrap();
         *n += 1;
-        self.links.lock().unwrap().insert(spec.host_ifname.clone(), (*n, Some(spec.clone())));
+        self.links
+            .lock()
+            .unwrap()
+            .insert(spec.host_ifname.clone(), (*n, Some(spec.clone())));
         Ok(*n)
     }
     async fn delete(&self, host_ifname: &str) -> Result<(), PodNetError> {
@@ -48,7 +51,14 @@ impl PodNet for FakePodNet {
         Ok(self.links.lock().unwrap().get(host_ifname).map(|l| l.0))
     }
     async fn list_host_links(&self, prefix: &str) -> Result<Vec<String>, PodNetError> {
-        Ok(self.links.lock().unwrap().keys().filter(|k| k.starts_with(prefix)).cloned().collect())
+        Ok(self
+            .links
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect())
     }
     fn netns_exists(&self, netns: &str) -> bool {
         self.netns.lock().unwrap().contains(netns)

@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use super::manifest::{self, Object};
 use super::DesiredState;
+use super::manifest::{self, Object};
 
 const POLL: Duration = Duration::from_millis(200);
 
@@ -26,7 +26,9 @@ type Fingerprint = BTreeMap<PathBuf, (u64, Option<SystemTime>)>;
 /// Scans the directory into a fingerprint of its manifest files.
 fn fingerprint(dir: &Path) -> Fingerprint {
     let mut fp = Fingerprint::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return fp };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return fp;
+    };
     for e in rd.flatten() {
         let p = e.path();
         let ext = p.extension().and_then(|x| x.to_str()).unwrap_or("");
@@ -61,7 +63,8 @@ impl FilesState {
             let text = match std::fs::read_to_string(p) {
                 Ok(t) => t,
                 Err(e) => {
-                    self.file_errors.insert(p.clone(), format!("{}: {e}", p.display()));
+                    self.file_errors
+                        .insert(p.clone(), format!("{}: {e}", p.display()));
                     continue;
                 }
             };
@@ -69,14 +72,20 @@ impl FilesState {
                 Ok((objs, errs)) => {
                     self.per_file.insert(p.clone(), objs);
                     if !errs.is_empty() {
-                        let errs = errs.into_iter().map(|e| format!("{}: {e}", p.display())).collect();
+                        let errs = errs
+                            .into_iter()
+                            .map(|e| format!("{}: {e}", p.display()))
+                            .collect();
                         self.object_errors.insert(p.clone(), errs);
                     }
                 }
                 Err(e) => {
                     self.file_errors.insert(
                         p.clone(),
-                        format!("{}: not valid YAML, keeping its previous content: {e}", p.display()),
+                        format!(
+                            "{}: not valid YAML, keeping its previous content: {e}",
+                            p.display()
+                        ),
                     );
                 }
             }
@@ -94,7 +103,8 @@ impl FilesState {
             }
         }
         st.errors.extend(self.file_errors.values().cloned());
-        st.errors.extend(self.object_errors.values().flatten().cloned());
+        st.errors
+            .extend(self.object_errors.values().flatten().cloned());
         st
     }
 }
@@ -154,10 +164,17 @@ mod tests {
     fn bad_edit_keeps_previous_objects() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("node.yaml");
-        std::fs::write(&f, "kind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.1.0.0/24}\n").unwrap();
+        std::fs::write(
+            &f,
+            "kind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.1.0.0/24}\n",
+        )
+        .unwrap();
         let mut st = FilesState::default();
         st.reload(&fingerprint(dir.path()));
-        assert_eq!(st.desired().nodes["n1"].pod_cidr.unwrap().to_string(), "10.1.0.0/24");
+        assert_eq!(
+            st.desired().nodes["n1"].pod_cidr.unwrap().to_string(),
+            "10.1.0.0/24"
+        );
         std::fs::write(&f, "kind: Node\n  metadata: [\n").unwrap();
         st.reload(&fingerprint(dir.path()));
         let d = st.desired();

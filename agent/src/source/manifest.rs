@@ -32,9 +32,11 @@ pub fn decode(text: &str) -> Result<(Vec<Object>, Vec<String>), String> {
             continue;
         }
         let items = match v.get("kind").and_then(Value::as_str) {
-            Some(k) if k.ends_with("List") => {
-                v.get("items").and_then(Value::as_array).cloned().unwrap_or_default()
-            }
+            Some(k) if k.ends_with("List") => v
+                .get("items")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
             _ => vec![v],
         };
         for item in items {
@@ -48,8 +50,14 @@ pub fn decode(text: &str) -> Result<(Vec<Object>, Vec<String>), String> {
 }
 
 fn decode_object(v: &Value) -> Result<Object, String> {
-    let kind = v.get("kind").and_then(Value::as_str).ok_or("object without `kind`")?;
-    let name = v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    let kind = v
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or("object without `kind`")?;
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     match kind {
         "Node" => {
             if name.is_empty() {
@@ -61,14 +69,17 @@ fn decode_object(v: &Value) -> Result<Object, String> {
                     format!("Node {name}: field `spec.podCIDR`: {s:?} is not an IPv4 CIDR: {e}")
                 })?),
                 Some(other) => {
-                    return Err(format!("Node {name}: field `spec.podCIDR` must be a string, not {other}"));
+                    return Err(format!(
+                        "Node {name}: field `spec.podCIDR` must be a string, not {other}"
+                    ));
                 }
             };
             let internal_ip = v
                 .pointer("/status/addresses")
                 .and_then(Value::as_array)
                 .and_then(|a| {
-                    a.iter().find(|x| x.get("type").and_then(Value::as_str) == Some("InternalIP"))
+                    a.iter()
+                        .find(|x| x.get("type").and_then(Value::as_str) == Some("InternalIP"))
                 })
                 .and_then(|x| x.get("address").and_then(Value::as_str))
                 .map(|s| {
@@ -77,9 +88,15 @@ fn decode_object(v: &Value) -> Result<Object, String> {
                     })
                 })
                 .transpose()?;
-            Ok(Object::Node(NodeInfo { name: name.to_owned(), pod_cidr, internal_ip }))
+            Ok(Object::Node(NodeInfo {
+                name: name.to_owned(),
+                pod_cidr,
+                internal_ip,
+            }))
         }
-        other => Ok(Object::Ignored { kind: other.to_owned() }),
+        other => Ok(Object::Ignored {
+            kind: other.to_owned(),
+        }),
     }
 }
 
@@ -105,7 +122,14 @@ mod tests {
                 internal_ip: Some(Ipv4Addr::new(172, 18, 0, 11)),
             })
         );
-        assert_eq!(o[1], Object::Node(NodeInfo { name: "n2".into(), pod_cidr: None, internal_ip: None }));
+        assert_eq!(
+            o[1],
+            Object::Node(NodeInfo {
+                name: "n2".into(),
+                pod_cidr: None,
+                internal_ip: None
+            })
+        );
     }
 
     #[test]
@@ -117,7 +141,11 @@ mod tests {
         .unwrap();
         assert_eq!(o.len(), 1);
         assert_eq!(e.len(), 1);
-        assert!(e[0].contains("Node bad") && e[0].contains("spec.podCIDR"), "{}", e[0]);
+        assert!(
+            e[0].contains("Node bad") && e[0].contains("spec.podCIDR"),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]

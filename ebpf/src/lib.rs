@@ -1,0 +1,288 @@
+//! ferrea's kernel-side packet path: two TC classifiers attached to every pod's host-side veth.
+//!
+//! There is no bridge. Each pod reaches the node through its own veth pair, and the node is
+//! every pod's router (Calico/Cilium style):
+//!
+//! - [`ferrea_from_pod`] runs on TC ingress of the host-side veth, i.e. on every frame the pod
+//!   sends. It answers the pod's ARP requests itself (the host veth's MAC for every target but
+//!   the pod's own address), drops frames whose source IP or MAC is not the pod's (spoof guard),
+//!   hands frames for another local pod straight into that pod's namespace with
+//!   `bpf_redirect_peer` (skipping the node's stack), and lets everything else IPv4 continue into
+//!   the node's stack, which routes it to the node or out of it.
+//! - [`ferrea_to_pod`] runs on TC egress of the host-side veth and only counts what the node's
+//!   stack delivers to the pod.
+//!
+//! The maps are pinned by name so that a restarted agent adopts them; their layouts live in
+//! `ferrea-common` and are shared with the agent.
+//!
+//! Built for the host target as LTO bitcode and linked into one BPF object by bpf-linker (see
+//! `agent/build.rs`); hence `no_std`, `no_main` and a panic handler that cannot be reached.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_redirect_peer},
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuHashMap},
+    programs::TcContext,
+};
+use ferrea_common::{Counters, Endpoint, MAX_PODS};
+
+/// Local endpoints keyed by host-side veth ifindex: who is sending on this interface.
+#[map(name = "FERREA_EP_IF")]
+static FERREA_EP_IF: HashMap<u32, Endpoint> = HashMap::pinned(MAX_PODS, 0);
+
+/// Local endpoints keyed by IPv4 address (network byte order): is the destination a local pod.
+#[map(name = "FERREA_EP_IP")]
+static FERREA_EP_IP: HashMap<u32, Endpoint> = HashMap::pinned(MAX_PODS, 0);
+
+/// Per-pod counters keyed by host-side veth ifindex, one slot per CPU (no atomics needed).
+#[map(name = "FERREA_COUNTERS")]
+static FERREA_COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::pinned(MAX_PODS, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const ARP_HLEN: usize = 28;
+const ARPOP_REQUEST: u16 = 1;
+const ARPOP_REPLY: u16 = 2;
+
+// Offsets inside the frame. Ethernet: dst(0..6) src(6..12) proto(12..14).
+const OFF_ETH_DST: usize = 0;
+const OFF_ETH_SRC: usize = 6;
+const OFF_ETH_PROTO: usize = 12;
+// IPv4 header fields (the header starts at ETH_HLEN; options do not move these).
+const OFF_IP_SRC: usize = ETH_HLEN + 12;
+const OFF_IP_DST: usize = ETH_HLEN + 16;
+// ARP for Ethernet/IPv4: htype ptype hlen plen oper sha spa tha tpa.
+const OFF_ARP_OP: usize = ETH_HLEN + 6;
+const OFF_ARP_SHA: usize = ETH_HLEN + 8;
+const OFF_ARP_SPA: usize = ETH_HLEN + 14;
+const OFF_ARP_THA: usize = ETH_HLEN + 18;
+const OFF_ARP_TPA: usize = ETH_HLEN + 24;
+
+/// Which direction a packet is counted in.
+#[derive(Clone, Copy)]
+enum Dir {
+    Tx,
+    Rx,
+    Spoofed,
+    Arp,
+}
+
+/// Returns a pointer to a `T` at `off` in the linear packet data, or `None` if the packet is
+/// shorter. The explicit bound check against `data_end` is what lets the verifier accept the
+/// later direct access.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// Reads a MAC at `off`. Two loads instead of a 6-byte array compare, so LLVM does not emit a
+/// `bcmp` call.
+#[inline(always)]
+fn load_mac(ctx: &TcContext, off: usize) -> Option<(u32, u16)> {
+    let a: *mut u32 = ptr_at(ctx, off)?;
+    let b: *mut u16 = ptr_at(ctx, off + 4)?;
+    // SAFETY: both pointers were bound-checked against data_end by ptr_at; unaligned reads
+    // because the frame is only 2-byte aligned.
+    unsafe { Some((a.read_unaligned(), b.read_unaligned())) }
+}
+
+#[inline(always)]
+fn mac_parts(mac: &[u8; 6]) -> (u32, u16) {
+    (
+        u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]),
+        u16::from_ne_bytes([mac[4], mac[5]]),
+    )
+}
+
+/// Writes a MAC at `off` (the caller has bound-checked the range).
+#[inline(always)]
+fn store_mac(ctx: &TcContext, off: usize, mac: &[u8; 6]) -> Option<()> {
+    let (a, b) = mac_parts(mac);
+    let pa: *mut u32 = ptr_at(ctx, off)?;
+    let pb: *mut u16 = ptr_at(ctx, off + 4)?;
+    // SAFETY: bound-checked by ptr_at; TC programs may write packet data directly (the kernel
+    // unclones the skb in the program prologue when the program writes).
+    unsafe {
+        pa.write_unaligned(a);
+        pb.write_unaligned(b);
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn load_u32(ctx: &TcContext, off: usize) -> Option<u32> {
+    let p: *mut u32 = ptr_at(ctx, off)?;
+    // SAFETY: bound-checked by ptr_at.
+    unsafe { Some(p.read_unaligned()) }
+}
+
+#[inline(always)]
+fn store_u32(ctx: &TcContext, off: usize, v: u32) -> Option<()> {
+    let p: *mut u32 = ptr_at(ctx, off)?;
+    // SAFETY: bound-checked by ptr_at; direct packet writes are allowed in TC programs.
+    unsafe { p.write_unaligned(v) };
+    Some(())
+}
+
+/// Adds one packet of `len` bytes to the counters of `ifindex` on this CPU.
+#[inline(always)]
+fn count(ifindex: u32, dir: Dir, len: u32) {
+    let len = u64::from(len);
+    match FERREA_COUNTERS.get_ptr_mut(ifindex) {
+        Some(c) => {
+            // SAFETY: per-CPU value; no other program instance runs on this CPU's slot at the
+            // same time (TC programs run with preemption/migration disabled).
+            let c = unsafe { &mut *c };
+            match dir {
+                Dir::Tx => {
+                    c.tx_packets += 1;
+                    c.tx_bytes += len;
+                }
+                Dir::Rx => {
+                    c.rx_packets += 1;
+                    c.rx_bytes += len;
+                }
+                Dir::Spoofed => c.drop_spoofed += 1,
+                Dir::Arp => c.arp_replies += 1,
+            }
+        }
+        None => {
+            // The agent creates the entry with the endpoint; recreate it if it was removed
+            // concurrently. Losing this one increment in a race is acceptable.
+            let mut c = Counters::default();
+            match dir {
+                Dir::Tx => {
+                    c.tx_packets = 1;
+                    c.tx_bytes = len;
+                }
+                Dir::Rx => {
+                    c.rx_packets = 1;
+                    c.rx_bytes = len;
+                }
+                Dir::Spoofed => c.drop_spoofed = 1,
+                Dir::Arp => c.arp_replies = 1,
+            }
+            let _ = FERREA_COUNTERS.insert(ifindex, c, 0);
+        }
+    }
+}
+
+/// The ifindex of the device the skb is on (at TC ingress of the host veth: that veth).
+#[inline(always)]
+fn skb_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed to this program; reading its
+    // ifindex field is a context access the verifier rewrites to skb->dev->ifindex.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// TC ingress of a pod's host-side veth: every frame the pod sends.
+#[classifier]
+pub fn ferrea_from_pod(ctx: TcContext) -> i32 {
+    match from_pod(&ctx) {
+        Some(action) => action,
+        // Truncated frames and frames from interfaces without an endpoint.
+        None => TC_ACT_SHOT as i32,
+    }
+}
+
+#[inline(always)]
+fn from_pod(ctx: &TcContext) -> Option<i32> {
+    let ifindex = skb_ifindex(ctx);
+    // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    let ep = *unsafe { FERREA_EP_IF.get(ifindex) }?;
+    let proto = u16::from_be(load_u16(ctx, OFF_ETH_PROTO)?);
+    if proto == ETH_P_ARP {
+        return arp(ctx, &ep);
+    }
+    if proto != ETH_P_IP {
+        // IPv6 and everything else: not part of ferrea's IPv4-only pod network yet.
+        return Some(TC_ACT_SHOT as i32);
+    }
+    let src_mac = load_mac(ctx, OFF_ETH_SRC)?;
+    let src_ip = load_u32(ctx, OFF_IP_SRC)?;
+    if src_ip != ep.ipv4 || src_mac != mac_parts(&ep.pod_mac) {
+        count(ifindex, Dir::Spoofed, 0);
+        return Some(TC_ACT_SHOT as i32);
+    }
+    let dst_ip = load_u32(ctx, OFF_IP_DST)?;
+    let len = ctx.len();
+    // SAFETY: copied out at once, as above.
+    if let Some(dst) = unsafe { FERREA_EP_IP.get(dst_ip) }.copied() {
+        // Local pod: we are its router, so the frame leaves us from its gateway MAC to its MAC.
+        store_mac(ctx, OFF_ETH_SRC, &dst.host_mac)?;
+        store_mac(ctx, OFF_ETH_DST, &dst.pod_mac)?;
+        count(ifindex, Dir::Tx, len);
+        count(dst.ifindex, Dir::Rx, len);
+        // SAFETY: plain helper call; ingress of a veth is where redirect_peer is valid, and it
+        // delivers into the destination pod's namespace without another pass through ours.
+        return Some(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);
+    }
+    count(ifindex, Dir::Tx, len);
+    Some(TC_ACT_OK as i32)
+}
+
+#[inline(always)]
+fn load_u16(ctx: &TcContext, off: usize) -> Option<u16> {
+    let p: *mut u16 = ptr_at(ctx, off)?;
+    // SAFETY: bound-checked by ptr_at.
+    unsafe { Some(p.read_unaligned()) }
+}
+
+/// Answers an ARP request from the pod in place and sends it back out the same veth.
+#[inline(always)]
+fn arp(ctx: &TcContext, ep: &Endpoint) -> Option<i32> {
+    // Bound-check the whole ARP header once.
+    let _: *mut [u8; ARP_HLEN] = ptr_at(ctx, ETH_HLEN)?;
+    let op = u16::from_be(load_u16(ctx, OFF_ARP_OP)?);
+    let sha = load_mac(ctx, OFF_ARP_SHA)?;
+    let spa = load_u32(ctx, OFF_ARP_SPA)?;
+    let tpa = load_u32(ctx, OFF_ARP_TPA)?;
+    let eth_src = load_mac(ctx, OFF_ETH_SRC)?;
+    let pod_mac = mac_parts(&ep.pod_mac);
+    if spa != ep.ipv4 || sha != pod_mac || eth_src != pod_mac {
+        // An ARP claiming another address (or a DAD probe from 0.0.0.0): spoofing.
+        count(ep.ifindex, Dir::Spoofed, 0);
+        return Some(TC_ACT_SHOT as i32);
+    }
+    if op != ARPOP_REQUEST || tpa == ep.ipv4 {
+        // Replies and gratuitous ARP: nobody on the node needs them (neighbours are static).
+        return Some(TC_ACT_SHOT as i32);
+    }
+    // Turn the request into the reply: "tpa is at host_mac", addressed to the pod.
+    let opp: *mut u16 = ptr_at(ctx, OFF_ARP_OP)?;
+    // SAFETY: bound-checked by ptr_at.
+    unsafe { opp.write_unaligned(ARPOP_REPLY.to_be()) };
+    store_mac(ctx, OFF_ARP_THA, &ep.pod_mac)?;
+    store_u32(ctx, OFF_ARP_TPA, spa)?;
+    store_mac(ctx, OFF_ARP_SHA, &ep.host_mac)?;
+    store_u32(ctx, OFF_ARP_SPA, tpa)?;
+    store_mac(ctx, OFF_ETH_DST, &ep.pod_mac)?;
+    store_mac(ctx, OFF_ETH_SRC, &ep.host_mac)?;
+    count(ep.ifindex, Dir::Arp, 0);
+    // SAFETY: plain helper call; flags 0 = out of the device's egress, i.e. back to the pod.
+    Some(unsafe { bpf_redirect(ep.ifindex, 0) } as i32)
+}
+
+/// TC egress of a pod's host-side veth: what the node's stack delivers to the pod.
+#[classifier]
+pub fn ferrea_to_pod(ctx: TcContext) -> i32 {
+    count(skb_ifindex(&ctx), Dir::Rx, ctx.len());
+    TC_ACT_OK as i32
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Never reached: the programs contain no panicking operation (all packet accesses are
+    // bound-checked `Option`s), and the verifier would reject an unbounded loop anyway.
+    loop {}
+}
