@@ -1,1 +1,403 @@
-fn main() {}
+//! ferrea's benchmarks. Each one builds its own simulated nodes (network namespaces deleted on
+//! exit, also on failure), measures ferrea and, in the same run, the peers it is compared with,
+//! and prints one JSON object of figures as its last line of output.
+//!
+//! - `cni-latency`: CNI ADD and DEL latency of ferrea (eBPF) and of the reference `bridge` +
+//!   `host-local` plugins, 100 pods sequentially and 100 pods two at a time. Each call is timed
+//!   around the plugin process, exactly as a runtime experiences it.
+//! - `throughput`: single-stream TCP (iperf3) and 64-byte UDP packet rate between two pods on
+//!   one node through ferrea, and through a direct veth pair (the limit) and a Linux bridge.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferrea_tests::cni::Attachment;
+use ferrea_tests::netns::{NetNs, enter_on_spawn, run_ok};
+use ferrea_tests::{Dataplane, NodeOptions, SimNode};
+use serde_json::{Value, json};
+
+/// Where Debian's `containernetworking-plugins` puts the reference plugins.
+const REF_PLUGIN_DIR: &str = "/usr/lib/cni";
+/// Pods per latency series.
+const PODS: usize = 100;
+/// Seconds per iperf3 run: long enough to settle, short enough to keep the run bounded.
+const IPERF_SECONDS: &str = "5";
+
+type Figures = BTreeMap<String, Value>;
+
+fn main() -> anyhow::Result<()> {
+    let which = std::env::args().nth(1).unwrap_or_default();
+    let mut fig = Figures::new();
+    match which.as_str() {
+        "cni-latency" => cni_latency(&mut fig)?,
+        "throughput" => throughput(&mut fig)?,
+        _ => bail!("usage: bench/run cni-latency | throughput"),
+    }
+    println!("{}", serde_json::to_string(&fig)?);
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
+}
+
+/// p50 and p99 of `v` in milliseconds.
+fn percentiles(v: &mut [Duration]) -> (f64, f64) {
+    v.sort();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    (ms(at(0.50)), ms(at(0.99)))
+}
+
+fn record(fig: &mut Figures, key: &str, v: &mut [Duration]) {
+    let (p50, p99) = percentiles(v);
+    fig.insert(format!("{key}_p50_ms"), json!(p50));
+    fig.insert(format!("{key}_p99_ms"), json!(p99));
+    eprintln!("{key}: p50 {p50} ms, p99 {p99} ms over {} calls", v.len());
+}
+
+/// Something that can ADD and DEL a pod namespace, timed as one plugin process each.
+trait Plugin: Sync {
+    fn add(&self, ns: &NetNs) -> anyhow::Result<Duration>;
+    fn del(&self, ns: &NetNs) -> anyhow::Result<Duration>;
+}
+
+struct Ferrea<'a>(&'a ferrea_tests::cni::Cni);
+
+impl Plugin for Ferrea<'_> {
+    fn add(&self, ns: &NetNs) -> anyhow::Result<Duration> {
+        let att = Attachment::for_netns(ns.name());
+        let t = Instant::now();
+        self.0.add(&att)?.expect_ok("ferrea ADD")?;
+        Ok(t.elapsed())
+    }
+    fn del(&self, ns: &NetNs) -> anyhow::Result<Duration> {
+        let att = Attachment::for_netns(ns.name());
+        let t = Instant::now();
+        self.0.del(&att, None)?.expect_ok("ferrea DEL")?;
+        Ok(t.elapsed())
+    }
+}
+
+/// The reference `bridge` plugin with `host-local` IPAM, run in a node namespace as kubelet's
+/// runtime would run it on a node. `ipMasq` is off (it would add iptables rules per pod, a cost
+/// ferrea does not have per pod), so the comparison favours the reference.
+struct Reference {
+    node: NetNs,
+    conf: String,
+}
+
+impl Reference {
+    fn new(dir: &std::path::Path) -> anyhow::Result<Self> {
+        let node = NetNs::new("refnode")?;
+        let conf = json!({
+            "cniVersion": "1.0.0",
+            "name": "ref",
+            "type": "bridge",
+            "bridge": "cni0",
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": "10.245.0.0/16" }]],
+                "dataDir": dir.join("host-local").display().to_string(),
+            },
+        })
+        .to_string();
+        Ok(Self { node, conf })
+    }
+
+    fn run(&self, command: &str, ns: &NetNs) -> anyhow::Result<Duration> {
+        let mut cmd = Command::new(format!("{REF_PLUGIN_DIR}/bridge"));
+        cmd.env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("{}-ref", ns.name()))
+            .env("CNI_NETNS", ns.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", REF_PLUGIN_DIR)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // The bridge lives in the reference node's namespace, never in the root namespace.
+        enter_on_spawn(&mut cmd, self.node.name())?;
+        let t = Instant::now();
+        let mut child = cmd.spawn().context("running the reference bridge plugin")?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(self.conf.as_bytes())?;
+        let out = child.wait_with_output()?;
+        let el = t.elapsed();
+        if !out.status.success() {
+            bail!(
+                "reference bridge {command} failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(el)
+    }
+}
+
+impl Plugin for Reference {
+    fn add(&self, ns: &NetNs) -> anyhow::Result<Duration> {
+        self.run("ADD", ns)
+    }
+    fn del(&self, ns: &NetNs) -> anyhow::Result<Duration> {
+        self.run("DEL", ns)
+    }
+}
+
+/// ADD then DEL of `PODS` pods, sequentially and two at a time; records p50/p99 under `key`.
+fn latency_series(fig: &mut Figures, key: &str, p: &dyn Plugin) -> anyhow::Result<()> {
+    let pods: Vec<NetNs> = (0..PODS)
+        .map(|_| NetNs::new("lat"))
+        .collect::<Result<_, _>>()?;
+    let mut adds = pods
+        .iter()
+        .map(|ns| p.add(ns))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut dels = pods
+        .iter()
+        .map(|ns| p.del(ns))
+        .collect::<Result<Vec<_>, _>>()?;
+    record(fig, &format!("{key}_add"), &mut adds);
+    record(fig, &format!("{key}_del"), &mut dels);
+
+    let (mut padds, mut pdels) = (Vec::new(), Vec::new());
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let halves: Vec<_> = pods
+            .chunks(PODS / 2)
+            .map(|chunk| {
+                s.spawn(move || -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+                    let a = chunk
+                        .iter()
+                        .map(|ns| p.add(ns))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let d = chunk
+                        .iter()
+                        .map(|ns| p.del(ns))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((a, d))
+                })
+            })
+            .collect();
+        for h in halves {
+            let (a, d) = h.join().expect("latency thread")?;
+            padds.extend(a);
+            pdels.extend(d);
+        }
+        Ok(())
+    })?;
+    record(fig, &format!("{key}_parallel_add"), &mut padds);
+    record(fig, &format!("{key}_parallel_del"), &mut pdels);
+    Ok(())
+}
+
+fn cni_latency(fig: &mut Figures) -> anyhow::Result<()> {
+    {
+        let mut sim = SimNode::start(NodeOptions::new(Dataplane::Ebpf).pod_cidr("10.244.0.0/22"))?;
+        latency_series(fig, "ferrea_ebpf", &Ferrea(sim.node_mut().cni()))?;
+    }
+    let dir = tempfile::tempdir()?;
+    latency_series(fig, "bridge", &Reference::new(dir.path())?)?;
+    for op in ["add", "del", "parallel_add", "parallel_del"] {
+        let r = ratio(
+            fig,
+            &format!("ferrea_ebpf_{op}_p50_ms"),
+            &format!("bridge_{op}_p50_ms"),
+        );
+        fig.insert(format!("ferrea_ebpf_{op}_p50_vs_bridge"), r);
+    }
+    Ok(())
+}
+
+/// `a / b` from the figures, rounded to three places.
+fn ratio(fig: &Figures, a: &str, b: &str) -> Value {
+    let get = |k: &str| fig.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    json!((get(a) / get(b) * 1000.0).round() / 1000.0)
+}
+
+/// An iperf3 server in `ns`, stopped by PID on drop.
+struct Iperf(Child);
+
+impl Iperf {
+    fn start(ns: &str, bind: Ipv4Addr) -> anyhow::Result<Self> {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "iperf3",
+                "-s",
+                "-B",
+                &bind.to_string(),
+                "-p",
+                "5201",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s")?;
+        let me = Iperf(child);
+        // Wait until it accepts connections (bounded).
+        let ok = ferrea_tests::wait_for(Duration::from_secs(5), || {
+            let out = ferrea_tests::netns::exec(ns, &["ss", "-Hltn", "sport", "= :5201"]);
+            (!String::from_utf8_lossy(&out.stdout).trim().is_empty()).then_some(())
+        });
+        if ok.is_none() {
+            bail!("iperf3 server in {ns} did not start");
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for Iperf {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs an iperf3 client in `client_ns` against `server`; returns (TCP Gbit/s, UDP kpps).
+fn iperf_pair(client_ns: &str, server_ns: &str, server: Ipv4Addr) -> anyhow::Result<(f64, f64)> {
+    let _srv = Iperf::start(server_ns, server)?;
+    let s = server.to_string();
+    let tcp = run_ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        client_ns,
+        "iperf3",
+        "-c",
+        &s,
+        "-p",
+        "5201",
+        "-t",
+        IPERF_SECONDS,
+        "-J",
+    ]))?;
+    let tcp: Value = serde_json::from_str(&tcp)?;
+    let gbps = tcp
+        .pointer("/end/sum_received/bits_per_second")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0)
+        / 1e9;
+    let udp = run_ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        client_ns,
+        "iperf3",
+        "-c",
+        &s,
+        "-p",
+        "5201",
+        "-u",
+        "-b",
+        "0",
+        "-l",
+        "64",
+        "-t",
+        IPERF_SECONDS,
+        "-J",
+    ]))?;
+    let udp: Value = serde_json::from_str(&udp)?;
+    let sum = udp.pointer("/end/sum").cloned().unwrap_or_default();
+    let pkts = sum.get("packets").and_then(Value::as_f64).unwrap_or(0.0);
+    let lost = sum
+        .get("lost_packets")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let secs = sum.get("seconds").and_then(Value::as_f64).unwrap_or(1.0);
+    let kpps = (pkts - lost) / secs / 1e3;
+    Ok(((gbps * 100.0).round() / 100.0, kpps.round()))
+}
+
+/// Gives `ns`'s end of a veth an address and brings it up.
+fn addr_up(ns: &NetNs, ifname: &str, cidr: &str) -> anyhow::Result<()> {
+    ns.ip(&["addr", "add", cidr, "dev", ifname])?;
+    ns.ip(&["link", "set", ifname, "up"])?;
+    Ok(())
+}
+
+fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
+    let put = |fig: &mut Figures, key: &str, (g, k): (f64, f64)| {
+        eprintln!("{key}: {g} Gbit/s TCP, {k} kpps UDP 64 B");
+        fig.insert(format!("{key}_tcp_gbps"), json!(g));
+        fig.insert(format!("{key}_udp_kpps"), json!(k));
+    };
+    // The limit: a veth pair straight between two namespaces.
+    {
+        let (a, b) = (NetNs::new("va")?, NetNs::new("vb")?);
+        a.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            b.name(),
+        ])?;
+        addr_up(&a, "eth0", "10.99.0.1/24")?;
+        addr_up(&b, "eth0", "10.99.0.2/24")?;
+        put(
+            fig,
+            "veth",
+            iperf_pair(a.name(), b.name(), Ipv4Addr::new(10, 99, 0, 2))?,
+        );
+    }
+    // A Linux bridge in its own namespace between the two.
+    {
+        let (br, a, b) = (NetNs::new("br")?, NetNs::new("ba")?, NetNs::new("bb")?);
+        br.ip(&["link", "add", "br0", "type", "bridge"])?;
+        br.ip(&["link", "set", "br0", "up"])?;
+        for (ns, port) in [(&a, "pa"), (&b, "pb")] {
+            br.ip(&[
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])?;
+            br.ip(&["link", "set", port, "master", "br0", "up"])?;
+        }
+        addr_up(&a, "eth0", "10.99.1.1/24")?;
+        addr_up(&b, "eth0", "10.99.1.2/24")?;
+        put(
+            fig,
+            "bridge",
+            iperf_pair(a.name(), b.name(), Ipv4Addr::new(10, 99, 1, 2))?,
+        );
+    }
+    // ferrea: two pods on one node through the real CNI binary.
+    {
+        let mut sim = SimNode::start(NodeOptions::new(Dataplane::Ebpf))?;
+        let node = sim.node_mut();
+        let (p1, p2) = (node.add_pod()?, node.add_pod()?);
+        put(
+            fig,
+            "ferrea_ebpf",
+            iperf_pair(p1.ns().name(), p2.ns().name(), p2.ip())?,
+        );
+    }
+    for k in ["tcp_gbps", "udp_kpps"] {
+        let r = ratio(fig, &format!("ferrea_ebpf_{k}"), &format!("veth_{k}"));
+        fig.insert(format!("ferrea_ebpf_{k}_vs_veth"), r);
+        let r = ratio(fig, &format!("bridge_{k}"), &format!("veth_{k}"));
+        fig.insert(format!("bridge_{k}_vs_veth"), r);
+    }
+    Ok(())
+}
