@@ -7,9 +7,9 @@
 //!   dataplane entries) is undone before the error is returned. A repeated ADD of an existing
 //!   attachment returns the same IP.
 //! - DEL is idempotent and needs neither the store record nor the netns.
-//! - The store record is written before the kernel is touched, so after a crash at any point
-//!   [`PodManager::reconcile`] finds either a record (and completes or removes what it names)
-//!   or nothing (and removes interfaces no record owns).
+//! - The store record is written while the kernel is configured; after a crash at any point
+//!   [`PodManager::reconcile`] finds a record whose veth exists (kept), a record without a veth
+//!   (removed, IP released) or a veth without a record (deleted).
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -51,7 +51,7 @@ pub struct ReconcileReport {
 
 /// Owns the local attachments of the node.
 pub struct PodManager {
-    store: Store,
+    store: Arc<Store>,
     ipam: Mutex<Ipam>,
     records: Mutex<HashMap<String, PodRecord>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -73,7 +73,7 @@ impl PodManager {
     ) -> Result<Self, AgentError> {
         let ipam = Ipam::new(node.pod_cidr)?;
         Ok(Self {
-            store,
+            store: Arc::new(store),
             ipam: Mutex::new(ipam),
             records: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
@@ -164,12 +164,7 @@ impl PodManager {
                 netns: args.netns.clone(),
                 ..rec
             };
-            self.store.put(&rec)?;
-            self.records
-                .lock()
-                .expect("records lock")
-                .insert(key.clone(), rec.clone());
-            return self.plumb_or_release(rec).await;
+            return self.store_and_plumb(rec).await;
         }
 
         let ip = self.ipam.lock().expect("ipam lock").allocate(&key)?;
@@ -187,37 +182,75 @@ impl PodManager {
             pod_namespace: args.pod_namespace.clone(),
             pod_name: args.pod_name.clone(),
         };
-        if let Err(e) = self.store.put(&rec) {
-            self.ipam.lock().expect("ipam lock").release(ip);
-            return Err(e.into());
-        }
+        self.store_and_plumb(rec).await
+    }
+
+    /// Writes the record and creates the interfaces and dataplane entries at the same time
+    /// (the store's fsync overlaps the netlink work, the two slowest steps of an ADD). Either
+    /// order is crash-safe: reconciliation removes a veth without a record and a record without
+    /// a veth. On any failure everything is undone and the IP released.
+    async fn store_and_plumb(&self, rec: PodRecord) -> Result<PodRecord, AgentError> {
         self.records
             .lock()
             .expect("records lock")
-            .insert(key, rec.clone());
-        self.plumb_or_release(rec).await
+            .insert(rec.key(), rec.clone());
+        let store = self.store.clone();
+        let to_store = rec.clone();
+        let put = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let r = store.put(&to_store);
+            tracing::debug!(
+                elapsed_us = t.elapsed().as_micros() as u64,
+                "store record written"
+            );
+            r
+        });
+        let plumbed = self.plumb(&rec).await;
+        let stored = put.await.unwrap_or_else(|e| {
+            Err(crate::store::StoreError::Io {
+                op: "put",
+                msg: e.to_string(),
+            })
+        });
+        let err = match (plumbed, stored) {
+            (Ok(()), Ok(())) => return Ok(rec),
+            (Ok(()), Err(e)) => {
+                self.undo_plumb(&rec).await;
+                AgentError::from(e)
+            }
+            (Err(e), _) => e,
+        };
+        tracing::warn!(container_id = %rec.container_id, error = %err, "ADD failed; rolled back");
+        self.forget(&rec)?;
+        Err(err)
     }
 
-    /// Creates interfaces and dataplane entries for a recorded attachment; on failure undoes
-    /// them and forgets the record and its IP.
-    async fn plumb_or_release(&self, rec: PodRecord) -> Result<PodRecord, AgentError> {
-        let res = async {
-            let idx = self.podnet.create(&self.spec(&rec)).await?;
-            if let Err(e) = self.dataplane.add_pod(&Self::endpoint(&rec, idx)).await {
-                let _ = self.dataplane.del_pod(&Self::endpoint(&rec, idx)).await;
-                let _ = self.podnet.delete(&rec.host_ifname).await;
-                return Err(AgentError::from(e));
-            }
-            Ok(())
+    /// Creates the interfaces and dataplane entries of an attachment; undoes them on failure.
+    async fn plumb(&self, rec: &PodRecord) -> Result<(), AgentError> {
+        let t = std::time::Instant::now();
+        let idx = self.podnet.create(&self.spec(rec)).await?;
+        tracing::debug!(
+            elapsed_us = t.elapsed().as_micros() as u64,
+            "pod interfaces created"
+        );
+        let t = std::time::Instant::now();
+        let added = self.dataplane.add_pod(&Self::endpoint(rec, idx)).await;
+        tracing::debug!(
+            elapsed_us = t.elapsed().as_micros() as u64,
+            "dataplane entries added"
+        );
+        if let Err(e) = added {
+            self.undo_plumb(rec).await;
+            return Err(e.into());
         }
-        .await;
-        match res {
-            Ok(()) => Ok(rec),
-            Err(e) => {
-                tracing::warn!(container_id = %rec.container_id, error = %e, "ADD failed; rolled back");
-                self.forget(&rec)?;
-                Err(e)
-            }
+        Ok(())
+    }
+
+    /// Best-effort removal of what [`Self::plumb`] created (errors are logged: the caller is
+    /// already failing, and reconciliation catches leftovers).
+    async fn undo_plumb(&self, rec: &PodRecord) {
+        if let Err(e) = self.teardown(rec).await {
+            tracing::warn!(container_id = %rec.container_id, error = %e, "undoing a failed ADD");
         }
     }
 

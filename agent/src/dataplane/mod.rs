@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
 
 pub mod ebpf;
+pub mod ovs;
 
 /// Node-wide facts a backend needs to build its packet path.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,689 @@
+//! The Open vSwitch backend: an integration bridge programmed over OVSDB and OpenFlow 1.5.
+//!
+//! ovsdb-server and ovs-vswitchd are separate processes (in a DaemonSet, their own
+//! container); the agent talks to them over `db.sock` ([`ovsdb`]) and the bridge's
+//! management socket `<run_dir>/<bridge>.mgmt` ([`openflow`]). Nothing on the CNI path spawns
+//! a process. The packet path is the pipeline in [`pipeline`]: same observable behaviour as
+//! the eBPF backend (the node routes for every pod, spoof guard, per-pod counters).
+//!
+//! What this module owns, in the node's network namespace:
+//! - the bridge (default `br-int`: `protocols=OpenFlow15`, `fail_mode=secure`, the datapath
+//!   type from config), created or adopted; `external_ids:ferrea-round` records the flow round;
+//! - the gateway internal port [`GATEWAY_IFNAME`] with a fixed MAC
+//!   ([`pipeline::gateway_mac`]) and, in the kernel, the address `gateway/prefix` on it (which
+//!   gives the node its route to the pod CIDR);
+//! - one port per pod, named after the pod's host veth, `external_ids` `ferrea-type=pod`,
+//!   `container-id`, `ip`, `mac`;
+//! - every flow whose cookie has a ferrea kind ([`pipeline::cookie`]);
+//! - `Open_vSwitch.other_config:flow-restore-wait`, removed once pods are reconciled.
+//!
+//! It never touches other bridges, ports without `ferrea-type`, flows without a ferrea
+//! cookie, or pod veths (the agent core creates and deletes them).
+//!
+//! Restart: a new agent bumps the round, re-installs the node flows, the core re-adds every
+//! kept pod (identical flows are replaced in place by OpenFlow `add`, counters kept, so no
+//! packet sees a missing flow), and [`Dataplane::retain_pods`] then deletes whatever is left
+//! of older rounds. If ovs-vswitchd restarts, the OpenFlow connection breaks; the next
+//! operation reconnects and re-installs every flow the agent knows.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats};
+
+pub mod openflow;
+pub mod ovsdb;
+pub mod pipeline;
+
+use openflow::codec::TABLE_ALL;
+use openflow::{ConnError, FlowMod, OfConn};
+use ovsdb::{Ovsdb, map, named_uuid, parse_map, parse_uuid};
+use pipeline::{Counter, NodeFacts, PodFacts, cookie};
+
+/// Name of the gateway internal port (and its kernel device).
+pub const GATEWAY_IFNAME: &str = "ferrea-gw0";
+const BACKEND: &str = "ovs";
+/// `external_ids` key marking what ferrea created, and its values.
+const TYPE_KEY: &str = "ferrea-type";
+const ROUND_KEY: &str = "ferrea-round";
+/// How long to wait for vswitchd to assign an ofport or create the management socket.
+const VSWITCHD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Datapath of the bridge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathType {
+    /// `system` if the openvswitch kernel module is loaded, else `netdev`.
+    #[default]
+    Auto,
+    /// The kernel datapath.
+    System,
+    /// The userspace datapath.
+    Netdev,
+}
+
+impl DatapathType {
+    /// The OVSDB `datapath_type` value this resolves to on this machine.
+    pub fn resolve(self) -> &'static str {
+        match self {
+            DatapathType::System => "system",
+            DatapathType::Netdev => "netdev",
+            DatapathType::Auto if Path::new("/sys/module/openvswitch").exists() => "system",
+            DatapathType::Auto => "netdev",
+        }
+    }
+}
+
+/// Configuration of the OVS backend.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OvsConfig {
+    /// ovsdb-server's unix socket. Default `/var/run/openvswitch/db.sock`.
+    pub ovsdb_socket: PathBuf,
+    /// ovs-vswitchd's run directory, where `<bridge>.mgmt` lives. Default
+    /// `/var/run/openvswitch`.
+    pub run_dir: PathBuf,
+    /// The integration bridge. Default `br-int`.
+    pub bridge: String,
+    /// Datapath type. Default `auto`.
+    pub datapath_type: DatapathType,
+}
+
+impl Default for OvsConfig {
+    fn default() -> Self {
+        Self {
+            ovsdb_socket: PathBuf::from("/var/run/openvswitch/db.sock"),
+            run_dir: PathBuf::from("/var/run/openvswitch"),
+            bridge: "br-int".into(),
+            datapath_type: DatapathType::Auto,
+        }
+    }
+}
+
+/// What exists after `init_node`.
+#[derive(Clone)]
+struct NodeState {
+    node: NodeNetwork,
+    round: u16,
+    facts: NodeFacts,
+    pods: HashMap<Ipv4Addr, PodFacts>,
+    /// `flow-restore-wait` was set when we started: clear it after reconciliation.
+    flow_restore_wait: bool,
+}
+
+/// The OVS dataplane of one node. Create it anywhere; call it from a thread in the node's
+/// network namespace (the gateway address is set through netlink).
+pub struct OvsDataplane {
+    cfg: OvsConfig,
+    db: Ovsdb,
+    of: tokio::sync::Mutex<Option<OfConn>>,
+    state: Mutex<Option<NodeState>>,
+}
+
+fn init_err(msg: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Init {
+        backend: BACKEND,
+        msg: msg.to_string(),
+    }
+}
+
+fn pod_err(op: &'static str, ep: &PodEndpoint, msg: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Pod {
+        backend: BACKEND,
+        op,
+        ifname: ep.host_ifname.clone(),
+        msg: msg.to_string(),
+    }
+}
+
+/// Gives a node-level error (from the OpenFlow helpers) the pod's interface as context.
+fn for_pod(op: &'static str, ep: &PodEndpoint, e: DataplaneError) -> DataplaneError {
+    match e {
+        DataplaneError::Other { op: inner, msg, .. } => pod_err(op, ep, format!("{inner}: {msg}")),
+        e => e,
+    }
+}
+
+fn other_err(op: &'static str, msg: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Other {
+        backend: BACKEND,
+        op,
+        msg: msg.to_string(),
+    }
+}
+
+impl OvsDataplane {
+    /// A backend for `cfg` (no I/O until [`Dataplane::init_node`]).
+    pub fn new(cfg: OvsConfig) -> Self {
+        Self {
+            db: Ovsdb::new(cfg.ovsdb_socket.clone()),
+            cfg,
+            of: tokio::sync::Mutex::new(None),
+            state: Mutex::new(None),
+        }
+    }
+
+    /// The bridge's management socket.
+    pub fn mgmt_socket(&self) -> PathBuf {
+        self.cfg.run_dir.join(format!("{}.mgmt", self.cfg.bridge))
+    }
+
+    /// The flow round this process installs (0 before `init_node`).
+    pub fn round(&self) -> u16 {
+        self.state
+            .lock()
+            .expect("state lock")
+            .as_ref()
+            .map_or(0, |s| s.round)
+    }
+
+    fn node_state(&self) -> Option<NodeState> {
+        self.state.lock().expect("state lock").clone()
+    }
+
+    /// Every flow the agent wants now: node flows and all known pods' flows.
+    fn desired_flows(s: &NodeState) -> Vec<FlowMod> {
+        let mut f = pipeline::node_flows(s.round, &s.facts);
+        for p in s.pods.values() {
+            f.extend(pipeline::pod_flows(s.round, &s.facts, p));
+        }
+        f
+    }
+
+    /// The OpenFlow connection, reconnecting if it broke (vswitchd restarted). After a
+    /// reconnect every desired flow is re-installed before anyone else uses the connection.
+    async fn of(&self) -> Result<OfConn, DataplaneError> {
+        let mut g = self.of.lock().await;
+        if let Some(c) = g.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let reconnect = g.is_some();
+        let path = self.mgmt_socket();
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(10);
+        let c = loop {
+            match OfConn::connect(&path).await {
+                Ok(c) => break c,
+                // vswitchd creates the socket shortly after the bridge row appears.
+                Err(e) if start.elapsed() > VSWITCHD_TIMEOUT => {
+                    return Err(other_err("openflow connect", e));
+                }
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+            }
+        };
+        if reconnect && let Some(s) = self.node_state() {
+            // A restarted vswitchd recreated the gateway device without its address.
+            self.configure_gateway_device(&s.node).await?;
+            tracing::info!(bridge = %self.cfg.bridge, "openflow reconnected, re-installing flows");
+            c.bundle("resync flows", &Self::desired_flows(&s))
+                .await
+                .map_err(|e| other_err("resync flows", e))?;
+        }
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs a bundle, retrying once on a fresh connection if the old one had broken (the
+    /// reconnect re-installs every desired flow first; adds and deletes are idempotent).
+    async fn of_bundle(&self, op: &'static str, mods: &[FlowMod]) -> Result<(), DataplaneError> {
+        let c = self.of().await?;
+        match c.bundle(op, mods).await {
+            Err(ConnError::Closed { .. } | ConnError::Io { .. }) => {
+                let c = self.of().await?;
+                c.bundle(op, mods).await.map_err(|e| other_err(op, e))
+            }
+            r => r.map_err(|e| other_err(op, e)),
+        }
+    }
+
+    /// Dumps flows, retrying once on a fresh connection if the old one had broken.
+    async fn of_dump(
+        &self,
+        table: u8,
+        cookie: u64,
+        mask: u64,
+    ) -> Result<Vec<openflow::FlowStats>, DataplaneError> {
+        let c = self.of().await?;
+        match c.dump_flows(table, cookie, mask).await {
+            Err(ConnError::Closed { .. } | ConnError::Io { .. }) => {
+                let c = self.of().await?;
+                c.dump_flows(table, cookie, mask)
+                    .await
+                    .map_err(|e| other_err("dump flows", e))
+            }
+            r => r.map_err(|e| other_err("dump flows", e)),
+        }
+    }
+
+    /// Creates or adopts the bridge and the gateway port in one transaction each; returns
+    /// (round, flow-restore-wait was set).
+    async fn ensure_bridge(
+        &self,
+        node: &NodeNetwork,
+        gw_mac: [u8; 6],
+    ) -> Result<(u16, bool), DataplaneError> {
+        let br = self.cfg.bridge.as_str();
+        let r = self
+            .db
+            .transact(
+                "read node state",
+                vec![
+                    json!({"op": "select", "table": "Open_vSwitch", "where": [], "columns": ["_uuid", "other_config"]}),
+                    json!({"op": "select", "table": "Bridge", "where": [["name", "==", br]], "columns": ["_uuid", "external_ids", "datapath_type"]}),
+                    json!({"op": "select", "table": "Interface", "where": [["name", "==", GATEWAY_IFNAME]], "columns": ["_uuid"]}),
+                ],
+            )
+            .await
+            .map_err(init_err)?;
+        let root = r[0]["rows"].get(0).cloned();
+        let bridge = r[1]["rows"].get(0).cloned();
+        let have_gw = r[2]["rows"].get(0).is_some();
+        let frw = root
+            .as_ref()
+            .map(|row| {
+                parse_map(&row["other_config"])
+                    .get("flow-restore-wait")
+                    .map(String::as_str)
+                    == Some("true")
+            })
+            .unwrap_or(false);
+        let old_round: u16 = bridge
+            .as_ref()
+            .and_then(|b| parse_map(&b["external_ids"]).get(ROUND_KEY)?.parse().ok())
+            .unwrap_or(0);
+        // Round 0 never exists, so a cookie with round 0 is never ours by accident.
+        let round = old_round.checked_add(1).unwrap_or(1);
+        let round_s = round.to_string();
+        let mac = openflow::codec::mac_str(&gw_mac);
+        let mut ops = Vec::new();
+        if !have_gw {
+            ops.push(
+                json!({"op": "insert", "table": "Interface", "uuid-name": "gwif", "row": {
+                "name": GATEWAY_IFNAME, "type": "internal", "mac": mac, "mtu_request": node.mtu,
+                "external_ids": map(&[(TYPE_KEY, "gateway")])}}),
+            );
+            ops.push(
+                json!({"op": "insert", "table": "Port", "uuid-name": "gwport", "row": {
+                "name": GATEWAY_IFNAME, "interfaces": named_uuid("gwif"),
+                "external_ids": map(&[(TYPE_KEY, "gateway")])}}),
+            );
+        } else {
+            ops.push(json!({"op": "update", "table": "Interface", "where": [["name", "==", GATEWAY_IFNAME]],
+                "row": {"mac": mac, "mtu_request": node.mtu}}));
+        }
+        match &bridge {
+            None => {
+                let dp = self.cfg.datapath_type.resolve();
+                let mut row = json!({"name": br, "protocols": ovsdb::set(vec![json!("OpenFlow15")]),
+                    "fail_mode": "secure", "datapath_type": dp,
+                    "external_ids": map(&[(TYPE_KEY, "bridge"), (ROUND_KEY, &round_s)])});
+                if !have_gw {
+                    row["ports"] = named_uuid("gwport");
+                }
+                ops.push(json!({"op": "insert", "table": "Bridge", "uuid-name": "br", "row": row}));
+                match &root {
+                    Some(root) => ops.push(json!({"op": "mutate", "table": "Open_vSwitch",
+                        "where": [["_uuid", "==", root["_uuid"]]],
+                        "mutations": [["bridges", "insert", named_uuid("br")]]})),
+                    // A database nobody initialised (no `ovs-vsctl init`): create the root row.
+                    None => ops.push(json!({"op": "insert", "table": "Open_vSwitch",
+                        "row": {"bridges": named_uuid("br")}})),
+                }
+                tracing::info!(
+                    bridge = br,
+                    datapath_type = dp,
+                    "creating the integration bridge"
+                );
+            }
+            Some(b) => {
+                // Adopt: keep its datapath (changing it would drop every port's traffic).
+                if !have_gw {
+                    ops.push(
+                        json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", br]],
+                        "mutations": [["ports", "insert", named_uuid("gwport")]]}),
+                    );
+                }
+                ops.push(json!({"op": "update", "table": "Bridge", "where": [["name", "==", br]],
+                    "row": {"protocols": ovsdb::set(vec![json!("OpenFlow15")]), "fail_mode": "secure"}}));
+                ops.push(json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", br]],
+                    "mutations": [["external_ids", "delete", ovsdb::set(vec![json!(ROUND_KEY), json!(TYPE_KEY)])],
+                                  ["external_ids", "insert", map(&[(TYPE_KEY, "bridge"), (ROUND_KEY, &round_s)])]]}));
+                tracing::info!(bridge = br, datapath_type = %b["datapath_type"], round, "adopting the integration bridge");
+            }
+        }
+        self.db
+            .transact("create or adopt bridge", ops)
+            .await
+            .map_err(init_err)?;
+        Ok((round, frw))
+    }
+
+    /// Puts `gateway/prefix` on the gateway device and sets it up (idempotent).
+    async fn configure_gateway_device(&self, node: &NodeNetwork) -> Result<(), DataplaneError> {
+        // vswitchd creates the tap (netdev) or internal device (system) when it adds the port.
+        let start = Instant::now();
+        let idx = loop {
+            match nix::net::if_::if_nametoindex(GATEWAY_IFNAME) {
+                Ok(i) => break i,
+                Err(_) if start.elapsed() < VSWITCHD_TIMEOUT => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => return Err(init_err(format!("{GATEWAY_IFNAME} did not appear: {e}"))),
+            }
+        };
+        let (conn, nl, _) =
+            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+        let task = tokio::spawn(conn);
+        let res = async {
+            nl.link()
+                .set(rtnetlink::LinkUnspec::new_with_index(idx).up().build())
+                .execute()
+                .await
+                .map_err(|e| init_err(format!("set {GATEWAY_IFNAME} up: {e}")))?;
+            nl.address()
+                .add(idx, IpAddr::V4(node.gateway), node.pod_cidr.prefix())
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| {
+                    init_err(format!(
+                        "add {}/{} to {GATEWAY_IFNAME}: {e}",
+                        node.gateway,
+                        node.pod_cidr.prefix()
+                    ))
+                })
+        }
+        .await;
+        task.abort();
+        res
+    }
+
+    /// Deletes ports (by UUID) from the bridge; OVSDB garbage-collects Port and Interface.
+    async fn delete_ports(
+        &self,
+        op: &'static str,
+        uuids: &[String],
+    ) -> Result<(), ovsdb::OvsdbError> {
+        if uuids.is_empty() {
+            return Ok(());
+        }
+        let set = ovsdb::set(uuids.iter().map(|u| ovsdb::uuid(u)).collect());
+        self.db
+            .transact(
+                op,
+                vec![json!({"op": "mutate", "table": "Bridge",
+                "where": [["name", "==", self.cfg.bridge]],
+                "mutations": [["ports", "delete", set]]})],
+            )
+            .await
+            .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl Dataplane for OvsDataplane {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn init_node(&self, node: &NodeNetwork) -> Result<(), DataplaneError> {
+        let gw_mac = pipeline::gateway_mac(node.gateway);
+        let (round, flow_restore_wait) = self.ensure_bridge(node, gw_mac).await?;
+        let gw_port = self
+            .db
+            .wait_ofport(GATEWAY_IFNAME, VSWITCHD_TIMEOUT)
+            .await
+            .map_err(init_err)?
+            .ok_or_else(|| {
+                init_err(format!(
+                    "vswitchd assigned no ofport to {GATEWAY_IFNAME} (is ovs-vswitchd running?)"
+                ))
+            })?;
+        self.configure_gateway_device(node).await?;
+        let facts = NodeFacts {
+            gw_port: gw_port as u32,
+            gw_mac,
+            pod_cidr: node.pod_cidr,
+        };
+        // Keep pods known to this process (init_node twice must not forget them).
+        let pods = self.node_state().map(|s| s.pods).unwrap_or_default();
+        let st = NodeState {
+            node: node.clone(),
+            round,
+            facts,
+            pods,
+            flow_restore_wait,
+        };
+        *self.state.lock().expect("state lock") = Some(st.clone());
+        self.of_bundle("install node flows", &Self::desired_flows(&st))
+            .await?;
+        tracing::info!(bridge = %self.cfg.bridge, round, gw_port, "ovs node pipeline installed");
+        Ok(())
+    }
+
+    async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
+        let s = self
+            .node_state()
+            .ok_or_else(|| pod_err("add", ep, "init_node has not run"))?;
+        let name = ep.host_ifname.as_str();
+        let ip = ep.ip.to_string();
+        let mac = openflow::codec::mac_str(&ep.pod_mac);
+        let ids = map(&[
+            (TYPE_KEY, "pod"),
+            ("container-id", &ep.container_id),
+            ("ip", &ip),
+            ("mac", &mac),
+        ]);
+        // One transaction: "no such port yet" (a wait with timeout 0), then the inserts. If the
+        // port exists (re-add, or a restart), the wait fails and we only refresh external_ids.
+        let ops = vec![
+            json!({"op": "wait", "table": "Port", "timeout": 0, "where": [["name", "==", name]],
+                "columns": ["name"], "until": "==", "rows": []}),
+            json!({"op": "insert", "table": "Interface", "uuid-name": "i",
+                "row": {"name": name, "external_ids": ids}}),
+            json!({"op": "insert", "table": "Port", "uuid-name": "p",
+                "row": {"name": name, "interfaces": named_uuid("i"), "external_ids": ids}}),
+            json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", self.cfg.bridge]],
+                "mutations": [["ports", "insert", named_uuid("p")]]}),
+        ];
+        match self.db.transact("add pod port", ops).await {
+            Ok(_) => {}
+            Err(e) if e.is_wait_timeout() => {
+                self.db
+                    .transact("update pod port", vec![
+                        json!({"op": "update", "table": "Port", "where": [["name", "==", name]], "row": {"external_ids": ids}}),
+                        json!({"op": "update", "table": "Interface", "where": [["name", "==", name]], "row": {"external_ids": ids}}),
+                    ])
+                    .await
+                    .map_err(|e| pod_err("add", ep, e))?;
+            }
+            Err(e) => return Err(pod_err("add", ep, e)),
+        }
+        let port = self
+            .db
+            .wait_ofport(name, VSWITCHD_TIMEOUT)
+            .await
+            .map_err(|e| pod_err("add", ep, e))?
+            .ok_or_else(|| {
+                pod_err(
+                    "add",
+                    ep,
+                    "vswitchd assigned no ofport (interface missing?)",
+                )
+            })?;
+        let p = PodFacts {
+            port: port as u32,
+            mac: ep.pod_mac,
+            ip: ep.ip,
+        };
+        // A re-add with a different port or MAC: the old flows go in the same bundle.
+        let mut mods = vec![FlowMod::delete_by_cookie(
+            cookie::pod(0, ep.ip),
+            cookie::POD_MASK,
+        )];
+        mods.extend(pipeline::pod_flows(s.round, &s.facts, &p));
+        let old = s.pods.get(&ep.ip);
+        if old == Some(&p) {
+            // Same facts: plain adds replace the flows in place and keep their counters.
+            mods.remove(0);
+        }
+        self.of_bundle("install pod flows", &mods)
+            .await
+            .map_err(|e| for_pod("add", ep, e))?;
+        if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+            st.pods.insert(ep.ip, p);
+        }
+        Ok(())
+    }
+
+    async fn del_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
+        self.of_bundle(
+            "delete pod flows",
+            &[FlowMod::delete_by_cookie(
+                cookie::pod(0, ep.ip),
+                cookie::POD_MASK,
+            )],
+        )
+        .await
+        .map_err(|e| for_pod("del", ep, e))?;
+        if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+            st.pods.remove(&ep.ip);
+        }
+        let r = self
+            .db
+            .transact(
+                "find pod port",
+                vec![json!({"op": "select", "table": "Port",
+                "where": [["name", "==", ep.host_ifname]], "columns": ["_uuid", "external_ids"]})],
+            )
+            .await
+            .map_err(|e| pod_err("del", ep, e))?;
+        let uuids: Vec<String> = r[0]["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            // Only ports ferrea created.
+            .filter(|row| {
+                parse_map(&row["external_ids"])
+                    .get(TYPE_KEY)
+                    .map(String::as_str)
+                    == Some("pod")
+            })
+            .filter_map(|row| parse_uuid(&row["_uuid"]))
+            .collect();
+        self.delete_ports("delete pod port", &uuids)
+            .await
+            .map_err(|e| pod_err("del", ep, e))
+    }
+
+    async fn retain_pods(&self, keep: &HashSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, DataplaneError> {
+        let s = self
+            .node_state()
+            .ok_or_else(|| other_err("retain pods", "init_node has not run"))?;
+        let mut removed: HashSet<Ipv4Addr> = HashSet::new();
+        // Ports ferrea created for pods that are not kept.
+        let r = self
+            .db
+            .transact(
+                "list pod ports",
+                vec![json!({"op": "select", "table": "Port",
+                "where": [["external_ids", "includes", map(&[(TYPE_KEY, "pod")])]],
+                "columns": ["_uuid", "external_ids"]})],
+            )
+            .await
+            .map_err(|e| other_err("retain pods", e))?;
+        let mut stale_ports = Vec::new();
+        for row in r[0]["rows"].as_array().into_iter().flatten() {
+            let ip: Option<Ipv4Addr> = parse_map(&row["external_ids"])
+                .get("ip")
+                .and_then(|s| s.parse().ok());
+            if ip.is_none_or(|ip| !keep.contains(&ip)) {
+                stale_ports.extend(parse_uuid(&row["_uuid"]));
+                removed.extend(ip);
+            }
+        }
+        // Flows: pods not kept (any round), and anything of ferrea's from an older round.
+        let flows = self.of_dump(TABLE_ALL, 0, 0).await?;
+        let mut deletes: Vec<(u64, u64)> = Vec::new();
+        for f in &flows {
+            let kind = cookie::kind(f.cookie);
+            if kind != cookie::KIND_NODE && kind != cookie::KIND_POD {
+                continue;
+            }
+            let del = match cookie::pod_ip(f.cookie) {
+                Some(ip) if !keep.contains(&ip) => {
+                    removed.insert(ip);
+                    Some((f.cookie, cookie::POD_MASK))
+                }
+                _ if cookie::round(f.cookie) != s.round => Some((f.cookie, u64::MAX)),
+                _ => None,
+            };
+            if let Some(d) = del
+                && !deletes.contains(&d)
+            {
+                deletes.push(d);
+            }
+        }
+        let mods: Vec<FlowMod> = deletes
+            .iter()
+            .map(|&(c, m)| FlowMod::delete_by_cookie(c, m))
+            .collect();
+        self.of_bundle("delete stale flows", &mods).await?;
+        self.delete_ports("delete stale pod ports", &stale_ports)
+            .await
+            .map_err(|e| other_err("retain pods", e))?;
+        if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+            st.pods.retain(|ip, _| keep.contains(ip));
+            // Reconciled: vswitchd may now flush what it kept while waiting for us.
+            if st.flow_restore_wait {
+                st.flow_restore_wait = false;
+            }
+        }
+        if s.flow_restore_wait {
+            self.db
+                .transact("clear flow-restore-wait", vec![json!({"op": "mutate", "table": "Open_vSwitch", "where": [],
+                    "mutations": [["other_config", "delete", ovsdb::set(vec![json!("flow-restore-wait")])]]})])
+                .await
+                .map_err(|e| other_err("retain pods", e))?;
+        }
+        let mut out: Vec<Ipv4Addr> = removed.into_iter().collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
+        let flows = self
+            .of_dump(TABLE_ALL, cookie::pod(0, ep.ip), cookie::POD_MASK)
+            .await
+            .map_err(|e| for_pod("stats", ep, e))?;
+        if flows.is_empty() {
+            return Ok(None);
+        }
+        let mut st = PodStats::default();
+        for f in flows {
+            match pipeline::counter_of(f.table, f.priority) {
+                Counter::Tx => {
+                    st.tx_packets += f.packets;
+                    st.tx_bytes += f.bytes;
+                }
+                Counter::Rx => {
+                    st.rx_packets += f.packets;
+                    st.rx_bytes += f.bytes;
+                }
+                Counter::DropSpoofed => st.drop_spoofed += f.packets,
+                Counter::None => {}
+            }
+        }
+        Ok(Some(st))
+    }
+}

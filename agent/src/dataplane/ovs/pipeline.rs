@@ -1,0 +1,405 @@
+//! ferrea's OpenFlow pipeline on the integration bridge: which tables exist, and the flows
+//! the node and each pod need in them. Pure functions from facts to [`FlowMod`]s; installing
+//! them is the backend's job.
+//!
+//! Owns: table numbers, priorities and the cookie layout. Never emits a flow without a
+//! ferrea cookie, so deletes by cookie touch only ferrea's flows.
+//!
+//! ```text
+//! Classifier(0) --pod port--> SpoofGuard(10) --ip--> L3Forwarding(30) --> pod port | gateway
+//!      |                           `--arp--> ArpResponder(20) --> IN_PORT
+//!      `--gateway port--> L3Forwarding(30) / ArpResponder(20)
+//! ```
+//!
+//! The node is every pod's router, as with the eBPF backend: the ARP responder answers any
+//! request from a pod with the gateway's MAC, so every frame a pod sends reaches the bridge
+//! addressed to the gateway; L3 forwarding rewrites MACs and outputs to the destination pod's
+//! port, or sends everything else to the gateway internal port (the node's stack, where the
+//! core's masquerade and routes apply). There is no L2 learning and no flooding.
+
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+
+use super::openflow::{Action, Field, FlowMod, Instruction, Match, port};
+
+/// Tables of the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Table {
+    /// Sorts packets by ingress port: pod ports to the spoof guard, the gateway onwards.
+    Classifier = 0,
+    /// Admits a pod's packets only with its own MAC and IP (IPv4 and ARP); counts drops.
+    SpoofGuard = 10,
+    /// Answers ARP requests; nothing is flooded.
+    ArpResponder = 20,
+    /// Routes by destination IP: local pods get rewritten MACs and their port (this table is
+    /// also the output stage), everything else goes to the gateway port.
+    L3Forwarding = 30,
+}
+
+/// Priorities used in every table.
+#[allow(missing_docs)]
+pub mod prio {
+    pub const POD: u16 = 200;
+    pub const GATEWAY_ARP: u16 = 210;
+    pub const GATEWAY: u16 = 200;
+    pub const GATEWAY_ARP_DROP: u16 = 150;
+    pub const ANY_ARP: u16 = 100;
+    pub const SPOOF_DROP: u16 = 150;
+    pub const OTHER_DROP: u16 = 100;
+    pub const DEFAULT: u16 = 0;
+}
+
+/// Cookie layout: `round:16 | kind:16 | id:32`. `round` changes with every agent start (old
+/// rounds are deleted once pods are reconciled); `kind` tells node flows from pod flows; `id`
+/// is the pod's IPv4 address, so a pod's flows are found and deleted by cookie mask in every
+/// round at once.
+pub mod cookie {
+    use std::net::Ipv4Addr;
+
+    /// Node-wide flows.
+    pub const KIND_NODE: u16 = 1;
+    /// A pod's flows.
+    pub const KIND_POD: u16 = 2;
+    /// Selects the round bits.
+    pub const ROUND_MASK: u64 = 0xffff << 48;
+    /// Selects kind and id (a pod in any round).
+    pub const POD_MASK: u64 = 0x0000_ffff_ffff_ffff;
+
+    /// The cookie of flows of `kind`/`id` installed in `round`.
+    pub fn make(round: u16, kind: u16, id: u32) -> u64 {
+        (u64::from(round) << 48) | (u64::from(kind) << 32) | u64::from(id)
+    }
+    /// The cookie of a pod's flows in `round`.
+    pub fn pod(round: u16, ip: Ipv4Addr) -> u64 {
+        make(round, KIND_POD, u32::from(ip))
+    }
+    /// Round of a cookie.
+    pub fn round(c: u64) -> u16 {
+        (c >> 48) as u16
+    }
+    /// Kind of a cookie (0 = not ferrea's).
+    pub fn kind(c: u64) -> u16 {
+        (c >> 32) as u16
+    }
+    /// The pod IP of a pod cookie.
+    pub fn pod_ip(c: u64) -> Option<Ipv4Addr> {
+        (kind(c) == KIND_POD).then(|| Ipv4Addr::from(c as u32))
+    }
+}
+
+/// Node-wide facts the flows depend on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// OpenFlow port of the gateway internal port.
+    pub gw_port: u32,
+    /// MAC of the gateway internal port; pods learn it for every IP they ARP for.
+    pub gw_mac: [u8; 6],
+    /// The pod CIDR (the gateway port carries its first address).
+    pub pod_cidr: Ipv4Network,
+}
+
+/// A pod's facts the flows depend on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodFacts {
+    /// OpenFlow port of the pod's host veth.
+    pub port: u32,
+    /// The pod's MAC.
+    pub mac: [u8; 6],
+    /// The pod's IPv4 address.
+    pub ip: Ipv4Addr,
+}
+
+fn goto(t: Table) -> Instruction {
+    Instruction::GotoTable(t as u8)
+}
+
+/// ARP reply actions turning a request into a reply from `mac` for whatever address was
+/// asked (`arp_tpa` and `arp_spa` swapped through reg0), sent back where it came from.
+fn arp_reply(mac: [u8; 6], spa: Option<Ipv4Addr>) -> Vec<Action> {
+    let mut a = vec![
+        Action::move_field(Field::EthSrc, Field::EthDst),
+        Action::set_mac(Field::EthSrc, mac),
+        Action::SetField(Field::ArpOp, 2u16.to_be_bytes().to_vec()),
+        Action::move_field(Field::ArpSha, Field::ArpTha),
+        Action::set_mac(Field::ArpSha, mac),
+    ];
+    match spa {
+        Some(ip) => {
+            a.push(Action::move_field(Field::ArpSpa, Field::ArpTpa));
+            a.push(Action::SetField(Field::ArpSpa, ip.octets().to_vec()));
+        }
+        None => {
+            a.push(Action::move_field(Field::ArpTpa, Field::Reg(0)));
+            a.push(Action::move_field(Field::ArpSpa, Field::ArpTpa));
+            a.push(Action::move_field(Field::Reg(0), Field::ArpSpa));
+        }
+    }
+    a.push(Action::Output(port::IN_PORT));
+    a
+}
+
+/// The node-wide flows of `round`.
+pub fn node_flows(round: u16, n: &NodeFacts) -> Vec<FlowMod> {
+    let c = cookie::make(round, cookie::KIND_NODE, 0);
+    let apply = |a: Vec<Action>| vec![Instruction::ApplyActions(a)];
+    vec![
+        // Classifier: the gateway's ARP to the responder, its IP to L3; anything else drops.
+        FlowMod::add(
+            Table::Classifier as u8,
+            prio::GATEWAY_ARP,
+            c,
+            Match::new().in_port(n.gw_port).arp(),
+            vec![goto(Table::ArpResponder)],
+        ),
+        FlowMod::add(
+            Table::Classifier as u8,
+            prio::GATEWAY,
+            c,
+            Match::new().in_port(n.gw_port).ip(),
+            vec![goto(Table::L3Forwarding)],
+        ),
+        FlowMod::add(
+            Table::Classifier as u8,
+            prio::DEFAULT,
+            c,
+            Match::new(),
+            vec![],
+        ),
+        // Spoof guard: what no pod flow admits drops (per-pod drop flows count first).
+        FlowMod::add(
+            Table::SpoofGuard as u8,
+            prio::DEFAULT,
+            c,
+            Match::new(),
+            vec![],
+        ),
+        // ARP: the node asking for a non-pod address gets no answer (pod flows answer for
+        // pods); any request from a pod gets the gateway's MAC; replies and the rest drop.
+        FlowMod::add(
+            Table::ArpResponder as u8,
+            prio::GATEWAY_ARP_DROP,
+            c,
+            Match::new().in_port(n.gw_port),
+            vec![],
+        ),
+        FlowMod::add(
+            Table::ArpResponder as u8,
+            prio::ANY_ARP,
+            c,
+            Match::new().arp().arp_op(1),
+            apply(arp_reply(n.gw_mac, None)),
+        ),
+        FlowMod::add(
+            Table::ArpResponder as u8,
+            prio::DEFAULT,
+            c,
+            Match::new(),
+            vec![],
+        ),
+        // L3: not a local pod -> the node's stack through the gateway port. Output to the
+        // ingress port is dropped by OVS, so the gateway's own leftovers go nowhere.
+        FlowMod::add(
+            Table::L3Forwarding as u8,
+            prio::DEFAULT,
+            c,
+            Match::new(),
+            apply(vec![
+                Action::set_mac(Field::EthDst, n.gw_mac),
+                Action::Output(n.gw_port),
+            ]),
+        ),
+    ]
+}
+
+/// The flows of one pod in `round`.
+pub fn pod_flows(round: u16, n: &NodeFacts, p: &PodFacts) -> Vec<FlowMod> {
+    let c = cookie::pod(round, p.ip);
+    vec![
+        FlowMod::add(
+            Table::Classifier as u8,
+            prio::POD,
+            c,
+            Match::new().in_port(p.port),
+            vec![goto(Table::SpoofGuard)],
+        ),
+        // Spoof guard: its MAC and IP, for IPv4 and for ARP (sender fields too).
+        FlowMod::add(
+            Table::SpoofGuard as u8,
+            prio::POD,
+            c,
+            Match::new()
+                .in_port(p.port)
+                .eth_src(p.mac)
+                .ip()
+                .ipv4_src(p.ip, 32),
+            vec![goto(Table::L3Forwarding)],
+        ),
+        FlowMod::add(
+            Table::SpoofGuard as u8,
+            prio::POD,
+            c,
+            Match::new()
+                .in_port(p.port)
+                .eth_src(p.mac)
+                .arp()
+                .arp_spa(p.ip)
+                .arp_sha(p.mac),
+            vec![goto(Table::ArpResponder)],
+        ),
+        // IPv4 and ARP with another source drop here; these counters are drop_spoofed.
+        FlowMod::add(
+            Table::SpoofGuard as u8,
+            prio::SPOOF_DROP,
+            c,
+            Match::new().in_port(p.port).ip(),
+            vec![],
+        ),
+        FlowMod::add(
+            Table::SpoofGuard as u8,
+            prio::SPOOF_DROP,
+            c,
+            Match::new().in_port(p.port).arp(),
+            vec![],
+        ),
+        // Any other protocol (IPv6 neighbour discovery, ...) drops uncounted: this node
+        // network is IPv4 only, and such packets are not spoofing.
+        FlowMod::add(
+            Table::SpoofGuard as u8,
+            prio::OTHER_DROP,
+            c,
+            Match::new().in_port(p.port),
+            vec![],
+        ),
+        // The node asking for the pod: answer with the pod's own MAC.
+        FlowMod::add(
+            Table::ArpResponder as u8,
+            prio::POD,
+            c,
+            Match::new()
+                .in_port(n.gw_port)
+                .arp()
+                .arp_op(1)
+                .arp_tpa(p.ip),
+            vec![Instruction::ApplyActions(arp_reply(p.mac, Some(p.ip)))],
+        ),
+        // Delivery: the pod sees frames from the gateway MAC to its own MAC.
+        FlowMod::add(
+            Table::L3Forwarding as u8,
+            prio::POD,
+            c,
+            Match::new().ip().ipv4_dst(p.ip, 32),
+            vec![Instruction::ApplyActions(vec![
+                Action::set_mac(Field::EthSrc, n.gw_mac),
+                Action::set_mac(Field::EthDst, p.mac),
+                Action::Output(p.port),
+            ])],
+        ),
+    ]
+}
+
+/// Which counter of [`crate::dataplane::PodStats`] a pod flow feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets admitted from the pod.
+    Tx,
+    /// Packets delivered to the pod.
+    Rx,
+    /// Packets from the pod dropped by the spoof guard.
+    DropSpoofed,
+    /// Not a counter.
+    None,
+}
+
+/// Maps a pod flow (table, priority) to its counter.
+pub fn counter_of(table: u8, priority: u16) -> Counter {
+    match (table, priority) {
+        (t, prio::POD) if t == Table::SpoofGuard as u8 => Counter::Tx,
+        (t, prio::SPOOF_DROP) if t == Table::SpoofGuard as u8 => Counter::DropSpoofed,
+        (t, prio::POD) if t == Table::L3Forwarding as u8 => Counter::Rx,
+        _ => Counter::None,
+    }
+}
+
+/// The gateway MAC ferrea gives its internal port: `0a:58` and the gateway IP, the
+/// convention the core uses for pod MACs, so it is stable across restarts and nodes.
+pub fn gateway_mac(gw: Ipv4Addr) -> [u8; 6] {
+    let o = gw.octets();
+    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> (NodeFacts, PodFacts) {
+        (
+            NodeFacts {
+                gw_port: 1,
+                gw_mac: gateway_mac("10.244.1.1".parse().unwrap()),
+                pod_cidr: "10.244.1.0/24".parse().unwrap(),
+            },
+            PodFacts {
+                port: 7,
+                mac: [0x0a, 0x58, 10, 244, 1, 5],
+                ip: "10.244.1.5".parse().unwrap(),
+            },
+        )
+    }
+
+    #[test]
+    fn cookies_carry_round_kind_and_pod() {
+        let c = cookie::pod(3, "10.244.1.5".parse().unwrap());
+        assert_eq!(c, 0x0003_0002_0af4_0105);
+        assert_eq!(cookie::round(c), 3);
+        assert_eq!(cookie::pod_ip(c), Some("10.244.1.5".parse().unwrap()));
+        assert_eq!(
+            c & cookie::POD_MASK,
+            cookie::pod(9, "10.244.1.5".parse().unwrap()) & cookie::POD_MASK
+        );
+        assert_eq!(cookie::pod_ip(cookie::make(1, cookie::KIND_NODE, 0)), None);
+    }
+
+    #[test]
+    fn every_flow_has_a_ferrea_cookie_of_its_round() {
+        let (n, p) = facts();
+        for f in node_flows(4, &n).iter().chain(pod_flows(4, &n, &p).iter()) {
+            assert_eq!(cookie::round(f.cookie), 4);
+            assert!(matches!(
+                cookie::kind(f.cookie),
+                cookie::KIND_NODE | cookie::KIND_POD
+            ));
+        }
+        let pf = pod_flows(4, &n, &p);
+        assert!(pf.iter().all(|f| cookie::pod_ip(f.cookie) == Some(p.ip)));
+    }
+
+    #[test]
+    fn pod_flows_read_as_intended() {
+        let (n, p) = facts();
+        let txt: Vec<String> = pod_flows(1, &n, &p).iter().map(FlowMod::to_ofctl).collect();
+        assert!(
+            txt.iter().any(|t| t.contains("table=10,priority=200")
+                && t.contains(
+                    "in_port=7,eth_src=0a:58:0a:f4:01:05,eth_type=0x0800,ip_src=10.244.1.5"
+                )
+                && t.ends_with("actions=goto_table:30")),
+            "{txt:#?}"
+        );
+        assert!(txt.iter().any(|t| t.contains("table=30") && t.contains("ip_dst=10.244.1.5")
+            && t.ends_with("set_field:0a:58:0a:f4:01:01->eth_src,set_field:0a:58:0a:f4:01:05->eth_dst,output:7")), "{txt:#?}");
+        assert_eq!(
+            counter_of(Table::SpoofGuard as u8, prio::SPOOF_DROP),
+            Counter::DropSpoofed
+        );
+        assert_eq!(
+            counter_of(Table::L3Forwarding as u8, prio::POD),
+            Counter::Rx
+        );
+        assert_eq!(
+            counter_of(Table::ArpResponder as u8, prio::POD),
+            Counter::None
+        );
+    }
+}
