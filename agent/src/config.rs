@@ -72,6 +72,11 @@ pub struct Config {
     /// Packet path: `ebpf` or `ovs`. Default `ebpf`.
     #[serde(default)]
     pub dataplane: DataplaneKind,
+    /// The OVS backend's settings (used with `dataplane: ovs`): `ovsdbSocket` (default
+    /// `/var/run/openvswitch/db.sock`), `runDir` (default `/var/run/openvswitch`), `bridge`
+    /// (default `br-int`), `datapathType` (`auto`, `system` or `netdev`; default `auto`).
+    #[serde(default)]
+    pub ovs: crate::dataplane::ovs::OvsConfig,
     /// Desired-state source. Default: `files` at `/etc/ferrea/manifests`.
     #[serde(
         default = "default_source",
@@ -235,6 +240,15 @@ impl Config {
         }
         if !self.bpf_pin_path.is_absolute() {
             return inv("bpfPinPath", "must be an absolute path");
+        }
+        if !self.ovs.ovsdb_socket.is_absolute() {
+            return inv("ovs.ovsdbSocket", "must be an absolute path");
+        }
+        if !self.ovs.run_dir.is_absolute() {
+            return inv("ovs.runDir", "must be an absolute path");
+        }
+        if self.ovs.bridge.is_empty() || self.ovs.bridge.len() > 15 {
+            return inv("ovs.bridge", "must be 1 to 15 characters");
         }
         let SourceConfig::Files { path } = &self.source;
         if !path.is_absolute() {

@@ -256,11 +256,18 @@ impl PodManager {
 
     /// Removes the record and releases the IP.
     fn forget(&self, rec: &PodRecord) -> Result<(), AgentError> {
-        let key = rec.key();
-        self.store.delete(std::slice::from_ref(&key))?;
-        self.records.lock().expect("records lock").remove(&key);
-        self.ipam.lock().expect("ipam lock").release(rec.ip);
+        self.store.delete(&[rec.key()])?;
+        self.release(rec);
         Ok(())
+    }
+
+    /// Drops the in-memory record and releases the IP (the store record is already gone).
+    fn release(&self, rec: &PodRecord) {
+        self.records
+            .lock()
+            .expect("records lock")
+            .remove(&rec.key());
+        self.ipam.lock().expect("ipam lock").release(rec.ip);
     }
 
     /// Removes dataplane entries and the veth of an attachment (not its record).
@@ -288,8 +295,23 @@ impl PodManager {
             .cloned();
         match rec {
             Some(rec) => {
-                self.teardown(&rec).await?;
-                self.forget(&rec)?;
+                // Deleting a veth costs the kernel ~20 ms (an RCU grace period); the store's
+                // fsync runs meanwhile. A record deleted before a failed teardown is harmless:
+                // a retried DEL or reconciliation removes the veth by its name. The IP is
+                // released only once the veth and its routes are gone.
+                let store = self.store.clone();
+                let key = rec.key();
+                let unstore = tokio::task::spawn_blocking(move || store.delete(&[key]));
+                let torn = self.teardown(&rec).await;
+                let unstored = unstore.await.unwrap_or_else(|e| {
+                    Err(crate::store::StoreError::Io {
+                        op: "delete",
+                        msg: e.to_string(),
+                    })
+                });
+                torn?;
+                unstored?;
+                self.release(&rec);
             }
             None => {
                 // Nothing recorded (a DEL after a failed ADD, or repeated): still remove an

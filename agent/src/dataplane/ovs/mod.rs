@@ -57,7 +57,7 @@ const ROUND_KEY: &str = "ferrea-round";
 const VSWITCHD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Datapath of the bridge.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DatapathType {
     /// `system` if the openvswitch kernel module is loaded, else `netdev`.
@@ -82,8 +82,8 @@ impl DatapathType {
 }
 
 /// Configuration of the OVS backend.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
 pub struct OvsConfig {
     /// ovsdb-server's unix socket. Default `/var/run/openvswitch/db.sock`.
     pub ovsdb_socket: PathBuf,
