@@ -532,10 +532,13 @@ impl Dataplane for EbpfDataplane {
             st.forget(ep.host_ifindex, ep.ip);
             st.gateway
         };
-        // Only if the name still means the pod's interface (it may be gone, or reused).
-        if ifname_of(ep.host_ifindex).as_deref() == Some(ep.host_ifname.as_str()) {
-            detach_filters(&ep.host_ifname);
+        // Only if the name still means the pod's interface. When the interface is gone (the
+        // pod's netns was deleted first), the kernel removed its filters, route and neighbour
+        // with it, and its ifindex may already belong to another interface.
+        if ifname_of(ep.host_ifindex).as_deref() != Some(ep.host_ifname.as_str()) {
+            return Ok(());
         }
+        detach_filters(&ep.host_ifname);
         self.del_pod_routes(ep, gateway).await
     }
 
