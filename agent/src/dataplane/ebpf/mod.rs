@@ -315,6 +315,19 @@ impl EbpfDataplane {
                     .map_err(|e| gw_err("add gateway address to", e))?;
             }
         }
+        // Addresses of the pod CIDR that no pod holds are unreachable, rather than following
+        // the node's default route out to the underlay. Each pod's /32 route is more specific.
+        let unreachable = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(node.pod_cidr.network(), node.pod_cidr.prefix())
+            .kind(netlink_packet_route::route::RouteType::Unreachable)
+            .build();
+        self.nl
+            .route()
+            .add(unreachable)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| init_err(format!("add unreachable route for {}: {e}", node.pod_cidr)))?;
         Ok(())
     }
 
