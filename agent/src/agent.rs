@@ -129,9 +129,9 @@ fn new_dataplane(cfg: &Config) -> anyhow::Result<Arc<dyn Dataplane>> {
             crate::dataplane::ebpf::EbpfDataplane::new(&cfg.bpf_pin_path)
                 .context("starting the eBPF dataplane")?,
         )),
-        DataplaneKind::Ovs => {
-            bail!("dataplane `ovs` is not available in this build yet; use `ebpf`")
-        }
+        DataplaneKind::Ovs => Ok(Arc::new(crate::dataplane::ovs::OvsDataplane::new(
+            cfg.ovs.clone(),
+        ))),
     }
 }
 

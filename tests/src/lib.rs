@@ -30,6 +30,7 @@ pub mod cni;
 pub mod fabric;
 pub mod netns;
 pub mod node;
+pub mod ovs;
 pub mod pod;
 
 use std::path::PathBuf;
@@ -161,7 +162,6 @@ macro_rules! dataplane_tests {
                 }
             }
             #[test]
-            #[ignore = "the agent's ovs dataplane is not implemented yet"]
             fn ovs() {
                 if $crate::skip_unless_root(concat!(stringify!($name), "::ovs")) {
                     super::$name($crate::Dataplane::Ovs);

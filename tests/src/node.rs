@@ -11,6 +11,7 @@ use crate::agent::{Agent, AgentSpec, BpfFs};
 use crate::cni::Cni;
 use crate::fabric::{self, Fabric};
 use crate::netns::NetNs;
+use crate::ovs::OvsDaemons;
 use crate::pod::Pod;
 
 /// The agent's packet path, a parameter so the suite runs per backend.
@@ -97,6 +98,8 @@ impl NodeOptions {
 #[derive(Debug)]
 pub struct Node {
     agent: Agent,
+    // After the agent: the agent may still talk to OVS while it stops.
+    ovs: Option<OvsDaemons>,
     bpffs: BpfFs,
     ns: NetNs,
     cni: Cni,
@@ -137,11 +140,19 @@ impl Node {
         let bpf = root.join("bpf");
         let config = root.join("agent.yaml");
         let cidrs = opts.cluster_cidrs.join(", ");
+        let ovs = match opts.dataplane {
+            Dataplane::Ovs => Some(OvsDaemons::start(&root.join("ovs"), ns.name())?),
+            Dataplane::Ebpf => None,
+        };
+        let ovs_config = ovs
+            .as_ref()
+            .map(OvsDaemons::agent_config)
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
                 "nodeName: {name}\ndataplane: {dp}\nsource:\n  files:\n    path: {m}\n\
-                 cniSocket: {s}\nstateDir: {st}\nbpfPinPath: {b}\nclusterCIDRs: [{cidrs}]\n{extra}",
+                 cniSocket: {s}\nstateDir: {st}\nbpfPinPath: {b}\nclusterCIDRs: [{cidrs}]\n{ovs_config}{extra}",
                 dp = opts.dataplane,
                 m = manifests.display(),
                 s = socket.display(),
@@ -166,6 +177,7 @@ impl Node {
         }
         Ok(Node {
             agent,
+            ovs,
             bpffs,
             ns,
             cni,
@@ -175,6 +187,11 @@ impl Node {
             dataplane: opts.dataplane,
             dir,
         })
+    }
+
+    /// The node's OVS daemons (OVS backend only).
+    pub fn ovs(&mut self) -> Option<&mut OvsDaemons> {
+        self.ovs.as_mut()
     }
 
     /// The node's name (`node<index>`).

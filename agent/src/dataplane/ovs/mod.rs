@@ -476,6 +476,7 @@ impl Dataplane for OvsDataplane {
             .node_state()
             .ok_or_else(|| pod_err("add", ep, "init_node has not run"))?;
         let name = ep.host_ifname.as_str();
+        isolate_from_host_stack(ep)?;
         let ip = ep.ip.to_string();
         let mac = openflow::codec::mac_str(&ep.pod_mac);
         let ids = map(&[
@@ -686,4 +687,21 @@ impl Dataplane for OvsDataplane {
         }
         Ok(Some(st))
     }
+}
+
+/// Keeps the node's own IP stack out of a pod port's traffic.
+///
+/// With the userspace (`netdev`) datapath, OVS reads a veth through a packet socket and the
+/// kernel still processes every frame on it: it would answer the pod's ARP for the gateway
+/// with the veth's MAC and then forward the pod's packets itself, past the spoof guard and
+/// twice. So on the host side: never answer ARP (`arp_ignore=8`), never forward what arrives
+/// (`forwarding=0`), and drop what would be delivered locally by strict reverse-path filtering
+/// (the node routes pod addresses through the gateway port, not through this veth). With the
+/// kernel datapath these settings change nothing: OVS takes the frames before the IP stack.
+fn isolate_from_host_stack(ep: &PodEndpoint) -> Result<(), DataplaneError> {
+    for (key, value) in [("arp_ignore", "8"), ("forwarding", "0"), ("rp_filter", "1")] {
+        let key = format!("net.ipv4.conf.{}.{key}", ep.host_ifname);
+        crate::sysctl::ensure(&key, value).map_err(|e| pod_err("isolate", ep, e))?;
+    }
+    Ok(())
 }
