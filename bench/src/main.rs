@@ -6,7 +6,10 @@
 //!   `host-local` plugins, 100 pods sequentially and 100 pods two at a time. Each call is timed
 //!   around the plugin process, exactly as a runtime experiences it.
 //! - `throughput`: single-stream TCP (iperf3) and 64-byte UDP packet rate between two pods on
-//!   one node through ferrea, and through a direct veth pair (the limit) and a Linux bridge.
+//!   one node through ferrea (both dataplanes), and through a direct veth pair (the limit), a
+//!   Linux bridge and a plain OVS bridge with the NORMAL action (the OVS backend's peer).
+//! - `flow-install`: 10,000 flows installed in one OpenFlow bundle through ferrea's OpenFlow
+//!   client, and through `ovs-ofctl --bundle add-flows`, on the same ovs-vswitchd.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use ferrea_tests::cni::Attachment;
 use ferrea_tests::netns::{NetNs, enter_on_spawn, run_ok};
+use ferrea_tests::ovs::OvsDaemons;
 use ferrea_tests::{Dataplane, NodeOptions, SimNode};
 use serde_json::{Value, json};
 
@@ -35,7 +39,8 @@ fn main() -> anyhow::Result<()> {
     match which.as_str() {
         "cni-latency" => cni_latency(&mut fig)?,
         "throughput" => throughput(&mut fig)?,
-        _ => bail!("usage: bench/run cni-latency | throughput"),
+        "flow-install" => flow_install(&mut fig)?,
+        _ => bail!("usage: bench/run cni-latency | throughput | flow-install"),
     }
     println!("{}", serde_json::to_string(&fig)?);
     Ok(())
@@ -201,6 +206,10 @@ fn cni_latency(fig: &mut Figures) -> anyhow::Result<()> {
     {
         let mut sim = SimNode::start(NodeOptions::new(Dataplane::Ebpf).pod_cidr("10.244.0.0/22"))?;
         latency_series(fig, "ferrea_ebpf", &Ferrea(sim.node_mut().cni()))?;
+    }
+    {
+        let mut sim = SimNode::start(NodeOptions::new(Dataplane::Ovs).pod_cidr("10.244.0.0/22"))?;
+        latency_series(fig, "ferrea_ovs", &Ferrea(sim.node_mut().cni()))?;
     }
     let dir = tempfile::tempdir()?;
     latency_series(fig, "bridge", &Reference::new(dir.path())?)?;
@@ -399,5 +408,100 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
         let r = ratio(fig, &format!("bridge_{k}"), &format!("veth_{k}"));
         fig.insert(format!("bridge_{k}_vs_veth"), r);
     }
+    Ok(())
+}
+
+/// Flows in the `flow-install` bundle.
+const FLOWS: u32 = 10_000;
+
+fn flow_install(fig: &mut Figures) -> anyhow::Result<()> {
+    use ferrea_agent::dataplane::ovs::openflow::{FlowMod, Match, OfConn};
+
+    let node = NetNs::new("of")?;
+    let dir = tempfile::tempdir()?;
+    let ovs = OvsDaemons::start(dir.path(), node.name())?;
+    for br in ["br-x", "br-y"] {
+        ovs.vsctl(&[
+            "add-br",
+            br,
+            "--",
+            "set",
+            "Bridge",
+            br,
+            "datapath_type=netdev",
+            "protocols=OpenFlow15",
+            "fail_mode=secure",
+        ])?;
+        let mgmt = dir.path().join(format!("{br}.mgmt"));
+        ferrea_tests::wait_for(Duration::from_secs(10), || mgmt.exists().then_some(()))
+            .with_context(|| format!("{} did not appear", mgmt.display()))?;
+    }
+    // 10,000 distinct /32 matches, as a node with many pods and policies would have.
+    let flows: Vec<FlowMod> = (0..FLOWS)
+        .map(|i| {
+            let ip = Ipv4Addr::from(0x0a00_0000 + i);
+            FlowMod::add(
+                0,
+                100,
+                u64::from(i) + 1,
+                Match::new().ip().ipv4_dst(ip, 32),
+                vec![],
+            )
+        })
+        .collect();
+    let file = dir.path().join("flows.txt");
+    std::fs::write(
+        &file,
+        flows
+            .iter()
+            .map(FlowMod::to_ofctl)
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n",
+    )?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let conn = rt.block_on(OfConn::connect(&dir.path().join("br-x.mgmt")))?;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        ovs.ofctl(&["del-flows", &ovs.mgmt("br-x")])?;
+        ovs.ofctl(&["del-flows", &ovs.mgmt("br-y")])?;
+        let t = Instant::now();
+        rt.block_on(conn.bundle("bench", &flows))?;
+        ours.push(t.elapsed());
+        let t = Instant::now();
+        ovs.ofctl(&[
+            "--bundle",
+            "add-flows",
+            &ovs.mgmt("br-y"),
+            &file.display().to_string(),
+        ])?;
+        theirs.push(t.elapsed());
+    }
+    // Both really installed every flow (a benchmark of a failed install would be meaningless).
+    for br in ["br-x", "br-y"] {
+        let n = ovs
+            .ofctl(&["--no-stats", "dump-flows", &ovs.mgmt(br)])?
+            .lines()
+            .filter(|l| l.contains("nw_dst"))
+            .count();
+        if n != FLOWS as usize {
+            bail!("{br} holds {n} flows, expected {FLOWS}");
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        (v[v.len() / 2].as_secs_f64() * 1000.0).round() / 1000.0
+    };
+    let (a, b) = (median(&mut ours), median(&mut theirs));
+    eprintln!("10k flows in one bundle: ferrea {a} s, ovs-ofctl {b} s (median of 3)");
+    fig.insert("ferrea_10k_flows_s".into(), json!(a));
+    fig.insert("ofctl_10k_flows_s".into(), json!(b));
+    fig.insert(
+        "ferrea_10k_flows_vs_ofctl".into(),
+        ratio(fig, "ferrea_10k_flows_s", "ofctl_10k_flows_s"),
+    );
     Ok(())
 }
