@@ -214,12 +214,20 @@ fn cni_latency(fig: &mut Figures) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     latency_series(fig, "bridge", &Reference::new(dir.path())?)?;
     for op in ["add", "del", "parallel_add", "parallel_del"] {
+        for dp in ["ebpf", "ovs"] {
+            let r = ratio(
+                fig,
+                &format!("ferrea_{dp}_{op}_p50_ms"),
+                &format!("bridge_{op}_p50_ms"),
+            );
+            fig.insert(format!("ferrea_{dp}_{op}_p50_vs_bridge"), r);
+        }
         let r = ratio(
             fig,
+            &format!("ferrea_ovs_{op}_p50_ms"),
             &format!("ferrea_ebpf_{op}_p50_ms"),
-            &format!("bridge_{op}_p50_ms"),
         );
-        fig.insert(format!("ferrea_ebpf_{op}_p50_vs_bridge"), r);
+        fig.insert(format!("ferrea_ovs_{op}_p50_vs_ebpf"), r);
     }
     Ok(())
 }
@@ -391,22 +399,67 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
             iperf_pair(a.name(), b.name(), Ipv4Addr::new(10, 99, 1, 2))?,
         );
     }
-    // ferrea: two pods on one node through the real CNI binary.
+    // A plain OVS bridge (userspace datapath, default NORMAL action) between the two.
     {
-        let mut sim = SimNode::start(NodeOptions::new(Dataplane::Ebpf))?;
+        let (sw, a, b) = (NetNs::new("ovsn")?, NetNs::new("oa")?, NetNs::new("ob")?);
+        let dir = tempfile::tempdir()?;
+        let ovs = OvsDaemons::start(dir.path(), sw.name())?;
+        ovs.vsctl(&[
+            "add-br",
+            "br0",
+            "--",
+            "set",
+            "Bridge",
+            "br0",
+            "datapath_type=netdev",
+        ])?;
+        for (ns, port) in [(&a, "pa"), (&b, "pb")] {
+            sw.ip(&[
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])?;
+            sw.ip(&["link", "set", port, "up"])?;
+            ovs.vsctl(&["add-port", "br0", port])?;
+        }
+        addr_up(&a, "eth0", "10.99.2.1/24")?;
+        addr_up(&b, "eth0", "10.99.2.2/24")?;
+        put(
+            fig,
+            "ovs_normal",
+            iperf_pair(a.name(), b.name(), Ipv4Addr::new(10, 99, 2, 2))?,
+        );
+    }
+    // ferrea: two pods on one node through the real CNI binary, per dataplane.
+    for (dp, key) in [
+        (Dataplane::Ebpf, "ferrea_ebpf"),
+        (Dataplane::Ovs, "ferrea_ovs"),
+    ] {
+        let mut sim = SimNode::start(NodeOptions::new(dp))?;
         let node = sim.node_mut();
         let (p1, p2) = (node.add_pod()?, node.add_pod()?);
         put(
             fig,
-            "ferrea_ebpf",
+            key,
             iperf_pair(p1.ns().name(), p2.ns().name(), p2.ip())?,
         );
     }
     for k in ["tcp_gbps", "udp_kpps"] {
-        let r = ratio(fig, &format!("ferrea_ebpf_{k}"), &format!("veth_{k}"));
-        fig.insert(format!("ferrea_ebpf_{k}_vs_veth"), r);
-        let r = ratio(fig, &format!("bridge_{k}"), &format!("veth_{k}"));
-        fig.insert(format!("bridge_{k}_vs_veth"), r);
+        for (a, b) in [
+            ("ferrea_ebpf", "veth"),
+            ("bridge", "veth"),
+            ("ferrea_ovs", "ovs_normal"),
+        ] {
+            let r = ratio(fig, &format!("{a}_{k}"), &format!("{b}_{k}"));
+            fig.insert(format!("{a}_{k}_vs_{b}"), r);
+        }
     }
     Ok(())
 }
