@@ -58,7 +58,7 @@ pub async fn run(
         let pm = start_node(&cfg, &node).await?;
         ready_tx.send_replace(Some(pm.clone()));
         tracing::info!(node = %node.name, pod_cidr = ?node.pod_cidr, "agent ready");
-        follow_changes(&cfg, &node, &mut state).await
+        follow_changes(&cfg, &node, &pm, &mut state).await
     };
     tokio::select! {
         r = main => { cleanup_socket(&cfg); r?; }
@@ -197,10 +197,14 @@ fn nat_spec(cfg: &Config, net: &NodeNetwork) -> NatSpec {
 async fn follow_changes(
     cfg: &Config,
     node: &NodeInfo,
+    pm: &PodManager,
     state: &mut watch::Receiver<DesiredState>,
 ) -> anyhow::Result<()> {
     let mut reported_cidr = node.pod_cidr;
-    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    // Dataplane upkeep once a second: a restarted ovs-vswitchd has its flows back within that.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut healthy = true;
     loop {
         tokio::select! {
             r = state.changed() => {
@@ -215,7 +219,19 @@ async fn follow_changes(
                     reported_cidr = now;
                 }
             }
-            _ = tick.tick() => {}
+            _ = tick.tick() => match pm.dataplane().maintain().await {
+                Ok(()) if !healthy => {
+                    tracing::info!(dataplane = pm.dataplane().name(), "dataplane healthy again");
+                    healthy = true;
+                }
+                Ok(()) => {}
+                // Logged once per outage, not every second.
+                Err(e) if healthy => {
+                    tracing::error!(dataplane = pm.dataplane().name(), error = %e, "dataplane upkeep failed; retrying every second");
+                    healthy = false;
+                }
+                Err(_) => {}
+            },
         }
     }
 }

@@ -23,6 +23,9 @@
 //! - [`pod`]: pods created through the CNI binary.
 //! - [`node`]: a simulated node (namespace + state + bpffs + agent) and [`node::SimNode::start`].
 //! - [`capture`]: tcpdump and TCP peer recorders that prove what a receiver saw.
+//! - [`ovs`]: a private ovsdb-server and ovs-vswitchd per node, and OVS queries.
+//! - [`vethpod`]: pods wired by the harness itself (no CNI), for tests that drive a backend.
+//! - [`traffic`]: background pings across disruptions, and their loss.
 
 pub mod agent;
 pub mod capture;
@@ -32,6 +35,8 @@ pub mod netns;
 pub mod node;
 pub mod ovs;
 pub mod pod;
+pub mod traffic;
+pub mod vethpod;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -39,23 +39,7 @@ impl OvsDaemons {
                 .arg(SCHEMA),
         )
         .context("creating the OVS database")?;
-        let db = Command::new("ovsdb-server")
-            .arg(dir.join("conf.db"))
-            .arg(format!("--remote=punix:{}", dir.join("db.sock").display()))
-            .arg(format!(
-                "--unixctl={}",
-                dir.join("ovsdb-server.ctl").display()
-            ))
-            .arg(format!(
-                "--log-file={}",
-                dir.join("ovsdb-server.log").display()
-            ))
-            .arg("--no-chdir")
-            .envs(env(dir))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting ovsdb-server")?;
+        let db = spawn_ovsdb_server(dir)?;
         let mut me = OvsDaemons {
             dir: dir.to_owned(),
             netns: netns.to_owned(),
@@ -73,6 +57,31 @@ impl OvsDaemons {
         ])?;
         me.start_vswitchd()?;
         Ok(me)
+    }
+
+    /// Restarts ovsdb-server (SIGKILL by PID, then a new process on the same database file),
+    /// as when its container is restarted. The database survives; every client (the agent,
+    /// ovs-vswitchd) sees its connection break and must reconnect. Waits until the new server
+    /// accepts `ovs-vsctl` again.
+    pub fn restart_ovsdb(&mut self) -> anyhow::Result<()> {
+        let _ = self.db.kill();
+        let _ = self.db.wait();
+        // A killed server leaves its sockets behind; wait_path must see the new ones.
+        let _ = std::fs::remove_file(self.db_socket());
+        let _ = std::fs::remove_file(self.dir.join("ovsdb-server.ctl"));
+        self.db = spawn_ovsdb_server(&self.dir)?;
+        wait_path(&self.db_socket(), "ovsdb-server's db.sock")?;
+        self.vsctl(&["--no-wait", "show"]).map(drop)
+    }
+
+    /// The PID of ovsdb-server.
+    pub fn ovsdb_pid(&self) -> u32 {
+        self.db.id()
+    }
+
+    /// The PID of ovs-vswitchd, while it runs.
+    pub fn vswitchd_pid(&self) -> Option<u32> {
+        self.vswitchd.as_ref().map(Child::id)
     }
 
     /// Starts (or restarts) ovs-vswitchd inside the node's namespace.
@@ -140,11 +149,30 @@ impl OvsDaemons {
 
     /// Runs `ovs-ofctl -O OpenFlow15 <args>` (use [`Self::mgmt`] to name the bridge).
     pub fn ofctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        run_ok(
-            Command::new("ovs-ofctl")
-                .args(["-O", "OpenFlow15"])
-                .args(args),
+        ofctl(args)
+    }
+
+    /// Waits (up to 10 s) until ovs-vswitchd has created `bridge`'s management socket.
+    pub fn wait_mgmt(&self, bridge: &str) -> anyhow::Result<()> {
+        wait_path(
+            &self.dir.join(format!("{bridge}.mgmt")),
+            &format!("{bridge}'s management socket"),
         )
+    }
+
+    /// The ports of `bridge` (`ovs-vsctl list-ports`).
+    pub fn ports(&self, bridge: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .vsctl(&["list-ports", bridge])?
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// The flows of `bridge` (`ovs-ofctl dump-flows`), parsed just enough to select them by
+    /// cookie.
+    pub fn flows(&self, bridge: &str) -> anyhow::Result<Vec<Flow>> {
+        Ok(parse_flows(&ofctl(&["dump-flows", &self.mgmt(bridge)])?))
     }
 
     /// The management socket of `bridge`, as ovs-ofctl takes it.
@@ -159,6 +187,90 @@ impl Drop for OvsDaemons {
         let _ = self.db.kill();
         let _ = self.db.wait();
     }
+}
+
+/// One line of `ovs-ofctl dump-flows`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// The flow's cookie (0 when the dump does not show one).
+    pub cookie: u64,
+    /// The whole line, trimmed.
+    pub line: String,
+}
+
+impl Flow {
+    /// Parses a dump line; `None` for lines that are not flows (the reply header).
+    pub fn parse(line: &str) -> Option<Flow> {
+        let line = line.trim();
+        if !line.contains("actions=") {
+            return None;
+        }
+        let cookie = line
+            .split([',', ' '])
+            .find_map(|t| t.strip_prefix("cookie=0x"))
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+        Some(Flow {
+            cookie,
+            line: line.to_owned(),
+        })
+    }
+
+    /// The line without counters and durations (`duration=`, `n_packets=`, `n_bytes=`,
+    /// `idle_age=`, `hard_age=`), so dumps of two bridges or two moments compare equal.
+    pub fn normalized(&self) -> String {
+        self.line
+            .split([',', ' '])
+            .filter(|t| {
+                !t.is_empty()
+                    && ![
+                        "duration=",
+                        "n_packets=",
+                        "n_bytes=",
+                        "idle_age=",
+                        "hard_age=",
+                    ]
+                    .iter()
+                    .any(|p| t.starts_with(p))
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Runs `ovs-ofctl -O OpenFlow15 <args>`; for code that holds a management socket path
+/// ([`OvsDaemons::mgmt`]) but not the daemons (a thread inside the node, for instance).
+pub fn ofctl(args: &[&str]) -> anyhow::Result<String> {
+    run_ok(
+        Command::new("ovs-ofctl")
+            .args(["-O", "OpenFlow15"])
+            .args(args),
+    )
+}
+
+/// The flows in the output of `ovs-ofctl dump-flows`.
+pub fn parse_flows(dump: &str) -> Vec<Flow> {
+    dump.lines().filter_map(Flow::parse).collect()
+}
+
+fn spawn_ovsdb_server(dir: &Path) -> anyhow::Result<Child> {
+    Command::new("ovsdb-server")
+        .arg(dir.join("conf.db"))
+        .arg(format!("--remote=punix:{}", dir.join("db.sock").display()))
+        .arg(format!(
+            "--unixctl={}",
+            dir.join("ovsdb-server.ctl").display()
+        ))
+        .arg(format!(
+            "--log-file={}",
+            dir.join("ovsdb-server.log").display()
+        ))
+        .arg("--no-chdir")
+        .envs(env(dir))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting ovsdb-server")
 }
 
 fn env(dir: &Path) -> [(&'static str, PathBuf); 3] {

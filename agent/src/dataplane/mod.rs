@@ -123,6 +123,14 @@ pub trait Dataplane: Send + Sync {
         keep: &std::collections::HashSet<Ipv4Addr>,
     ) -> Result<Vec<Ipv4Addr>, DataplaneError>;
 
+    /// Periodic upkeep, called by the agent about once a second: checks the backend's
+    /// connections and repairs what drifted outside the agent (for OVS: a restarted
+    /// ovs-vswitchd gets its gateway address and flows back). Must be cheap when nothing
+    /// drifted. Default: nothing to do.
+    async fn maintain(&self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+
     /// Counters of one pod, if the backend keeps them.
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError>;
 }

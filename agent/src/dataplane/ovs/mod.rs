@@ -471,6 +471,20 @@ impl Dataplane for OvsDataplane {
         Ok(())
     }
 
+    async fn maintain(&self) -> Result<(), DataplaneError> {
+        if self.node_state().is_none() {
+            return Ok(());
+        }
+        // `of()` reconnects and re-installs every flow when the connection broke (vswitchd
+        // restarted); the echo finds a peer that stopped answering without closing.
+        let c = self.of().await?;
+        if let Err(e) = c.echo().await {
+            tracing::warn!(bridge = %self.cfg.bridge, error = %e, "openflow echo failed; reconnecting");
+            self.of().await?;
+        }
+        Ok(())
+    }
+
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         let s = self
             .node_state()
