@@ -104,6 +104,11 @@ impl PodManager {
             .collect()
     }
 
+    /// The attachment recorded under `key`, if any.
+    fn record(&self, key: &str) -> Option<PodRecord> {
+        self.records.lock().expect("records lock").get(key).cloned()
+    }
+
     fn lock_for(&self, container_id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut l = self.locks.lock().expect("locks lock");
         // Drop locks nobody holds any more so the map does not grow with every pod ever seen.
@@ -143,13 +148,7 @@ impl PodManager {
         let lock = self.lock_for(&args.container_id);
         let _held = lock.lock().await;
         let key = store::key(&args.container_id, &args.ifname);
-        let existing = self
-            .records
-            .lock()
-            .expect("records lock")
-            .get(&key)
-            .cloned();
-        if let Some(rec) = existing {
+        if let Some(rec) = self.record(&key) {
             // Repeated ADD: same IP. If the plumbing is intact, just answer; otherwise rebuild
             // it with the recorded identity.
             if rec.netns == args.netns
@@ -287,13 +286,7 @@ impl PodManager {
         let lock = self.lock_for(container_id);
         let _held = lock.lock().await;
         let key = store::key(container_id, ifname);
-        let rec = self
-            .records
-            .lock()
-            .expect("records lock")
-            .get(&key)
-            .cloned();
-        match rec {
+        match self.record(&key) {
             Some(rec) => {
                 // Deleting a veth costs the kernel ~20 ms (an RCU grace period); the store's
                 // fsync runs meanwhile. A record deleted before a failed teardown is harmless:
@@ -334,11 +327,7 @@ impl PodManager {
         let _held = lock.lock().await;
         let key = store::key(container_id, ifname);
         let rec = self
-            .records
-            .lock()
-            .expect("records lock")
-            .get(&key)
-            .cloned()
+            .record(&key)
             .ok_or_else(|| AgentError::UnknownContainer {
                 container_id: container_id.into(),
                 ifname: ifname.into(),

@@ -351,18 +351,7 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
     // The limit: a veth pair straight between two namespaces.
     {
         let (a, b) = (NetNs::new("va")?, NetNs::new("vb")?);
-        a.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            b.name(),
-        ])?;
+        a.add_veth("eth0", &b, "eth0")?;
         addr_up(&a, "eth0", "10.99.0.1/24")?;
         addr_up(&b, "eth0", "10.99.0.2/24")?;
         put(
@@ -377,18 +366,7 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
         br.ip(&["link", "add", "br0", "type", "bridge"])?;
         br.ip(&["link", "set", "br0", "up"])?;
         for (ns, port) in [(&a, "pa"), (&b, "pb")] {
-            br.ip(&[
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])?;
+            br.add_veth(port, ns, "eth0")?;
             br.ip(&["link", "set", port, "master", "br0", "up"])?;
         }
         addr_up(&a, "eth0", "10.99.1.1/24")?;
@@ -414,18 +392,7 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
             "datapath_type=netdev",
         ])?;
         for (ns, port) in [(&a, "pa"), (&b, "pb")] {
-            sw.ip(&[
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])?;
+            sw.add_veth(port, ns, "eth0")?;
             sw.ip(&["link", "set", port, "up"])?;
             ovs.vsctl(&["add-port", "br0", port])?;
         }

@@ -100,18 +100,7 @@ impl Fabric {
     /// Connects `ns` to the bridge: `eth0` in `ns`, its peer `port` in the fabric as a bridge
     /// port. Both ends are created inside those namespaces, never in the root one.
     fn plug(&self, ns: &NetNs, port: &str) -> anyhow::Result<()> {
-        ns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            port,
-            "netns",
-            self.fabric.name(),
-        ])?;
+        ns.add_veth("eth0", &self.fabric, port)?;
         self.fabric
             .ip(&["link", "set", port, "master", "br0", "up"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;

@@ -56,6 +56,24 @@ impl NetNs {
         path_of(&self.name)
     }
 
+    /// Creates a veth pair: `ifname` here and `peer_ifname` in `peer` (both created inside
+    /// their namespaces, never in the root one). Neither end is brought up.
+    pub fn add_veth(&self, ifname: &str, peer: &NetNs, peer_ifname: &str) -> anyhow::Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_ifname,
+            "netns",
+            peer.name(),
+        ])?;
+        Ok(())
+    }
+
     /// Runs `argv` inside the namespace (`ip netns exec`) and returns its output, whatever the
     /// exit status.
     pub fn exec(&self, argv: &[&str]) -> Output {

@@ -320,3 +320,33 @@ fn restart_leaves_one_round_and_keeps_traffic() {
     assert_eq!(flows.len(), before.len(), "flow count changed");
     assert!(a.ping(b.ip()) && a.ping(INTERNET_IP));
 }
+
+/// Pod ports get the OpenFlow number the agent requests (100 + the address's offset in the pod
+/// CIDR), so an ADD never waits for vswitchd to assign one; the flows use that number.
+#[test]
+fn pod_ports_get_the_requested_numbers() {
+    if !skip_unless_root("pod_ports_get_the_requested_numbers") {
+        return;
+    }
+    let mut node = SimNode::start(NodeOptions::new(Dataplane::Ovs)).unwrap();
+    let pods = [node.add_pod().unwrap(), node.add_pod().unwrap()];
+    assert!(pods[0].ping(pods[1].ip()), "pod A -> B");
+    for p in &pods {
+        let want = 100 + p.ip().octets()[3] as i64;
+        let got: i64 = ovs(&mut node)
+            .vsctl(&["get", "Interface", p.host_ifname(), "ofport"])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(got, want, "ofport of {}", p.host_ifname());
+        let flows = flows_now(&mut node);
+        assert!(
+            pod_flows(&flows, p.ip())
+                .iter()
+                .any(|f| f.line.contains(&format!("in_port={want}"))),
+            "no flow of {} matches in_port={want}",
+            p.ip()
+        );
+    }
+}

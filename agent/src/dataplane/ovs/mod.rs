@@ -199,6 +199,56 @@ impl OvsDataplane {
 
     /// The OpenFlow connection, reconnecting if it broke (vswitchd restarted). After a
     /// reconnect every desired flow is re-installed before anyone else uses the connection.
+    /// Compares the port numbers vswitchd assigned to pod interfaces with those the pod flows
+    /// use (requested at ADD) and re-installs the flows of any pod whose number differs.
+    async fn verify_ofports(&self) -> Result<(), DataplaneError> {
+        let Some(s) = self.node_state() else {
+            return Ok(());
+        };
+        if s.pods.is_empty() {
+            return Ok(());
+        }
+        let rows = self
+            .db
+            .transact(
+                "read pod ofports",
+                vec![json!({"op": "select", "table": "Interface",
+                    "where": [["external_ids", "includes", map(&[(TYPE_KEY, "pod")])]],
+                    "columns": ["external_ids", "ofport"]})],
+            )
+            .await
+            .map_err(|e| other_err("read pod ofports", e))?;
+        let mut fixes = Vec::new();
+        for row in rows[0]["rows"].as_array().into_iter().flatten() {
+            let Some(port) = row["ofport"].as_i64().filter(|p| *p > 0) else {
+                continue; // not attached yet
+            };
+            let ip = external_id(&row["external_ids"], "ip").and_then(|v| v.parse().ok());
+            if let Some(ip) = ip
+                && let Some(p) = s.pods.get(&ip)
+                && i64::from(p.port) != port
+            {
+                fixes.push(PodFacts {
+                    port: port as u32,
+                    ..p.clone()
+                });
+            }
+        }
+        for p in fixes {
+            tracing::warn!(ip = %p.ip, ofport = p.port, "pod port number differs from the requested one; re-installing its flows");
+            let mut mods = vec![FlowMod::delete_by_cookie(
+                cookie::pod(0, p.ip),
+                cookie::POD_MASK,
+            )];
+            mods.extend(pipeline::pod_flows(s.round, &s.facts, &p));
+            self.of_bundle("fix pod port", &mods).await?;
+            if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+                st.pods.insert(p.ip, p);
+            }
+        }
+        Ok(())
+    }
+
     async fn of(&self) -> Result<OfConn, DataplaneError> {
         let mut g = self.of.lock().await;
         if let Some(c) = g.as_ref().filter(|c| !c.is_closed()) {
@@ -482,7 +532,7 @@ impl Dataplane for OvsDataplane {
             tracing::warn!(bridge = %self.cfg.bridge, error = %e, "openflow echo failed; reconnecting");
             self.of().await?;
         }
-        Ok(())
+        self.verify_ofports().await
     }
 
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
@@ -499,20 +549,28 @@ impl Dataplane for OvsDataplane {
             ("ip", &ip),
             ("mac", &mac),
         ]);
+        // The port number is requested, not awaited: waiting for vswitchd to assign it costs a
+        // full bridge reconfiguration per pod (tens of ms, growing with the port count), while
+        // a number derived from the pod's address is unique on the node and known at once.
+        // Flows may name a port before it exists; `maintain` checks the numbers vswitchd really
+        // assigned and re-installs a pod's flows if one differs.
+        let requested = requested_ofport(&s.node, ep.ip);
+        // OVSDB spells an absent optional value as an empty set.
+        let request = requested.map_or_else(|| json!(["set", []]), |p| json!(p));
         // One transaction: "no such port yet" (a wait with timeout 0), then the inserts. If the
         // port exists (re-add, or a restart), the wait fails and we only refresh external_ids.
         let ops = vec![
             json!({"op": "wait", "table": "Port", "timeout": 0, "where": [["name", "==", name]],
                 "columns": ["name"], "until": "==", "rows": []}),
             json!({"op": "insert", "table": "Interface", "uuid-name": "i",
-                "row": {"name": name, "external_ids": ids}}),
+                "row": {"name": name, "external_ids": ids, "ofport_request": request}}),
             json!({"op": "insert", "table": "Port", "uuid-name": "p",
                 "row": {"name": name, "interfaces": named_uuid("i"), "external_ids": ids}}),
             json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", self.cfg.bridge]],
                 "mutations": [["ports", "insert", named_uuid("p")]]}),
         ];
-        match self.db.transact("add pod port", ops).await {
-            Ok(_) => {}
+        let fresh = match self.db.transact("add pod port", ops).await {
+            Ok(_) => true,
             Err(e) if e.is_wait_timeout() => {
                 self.db
                     .transact("update pod port", vec![
@@ -521,21 +579,26 @@ impl Dataplane for OvsDataplane {
                     ])
                     .await
                     .map_err(|e| pod_err("add", ep, e))?;
+                false
             }
             Err(e) => return Err(pod_err("add", ep, e)),
-        }
-        let port = self
-            .db
-            .wait_ofport(name, VSWITCHD_TIMEOUT)
-            .await
-            .map_err(|e| pod_err("add", ep, e))?
-            .ok_or_else(|| {
-                pod_err(
-                    "add",
-                    ep,
-                    "vswitchd assigned no ofport (interface missing?)",
-                )
-            })?;
+        };
+        let port = match (fresh, requested) {
+            (true, Some(p)) => i64::from(p),
+            // A port that already existed (or a CIDR too large to number): ask vswitchd.
+            _ => self
+                .db
+                .wait_ofport(name, VSWITCHD_TIMEOUT)
+                .await
+                .map_err(|e| pod_err("add", ep, e))?
+                .ok_or_else(|| {
+                    pod_err(
+                        "add",
+                        ep,
+                        "vswitchd assigned no ofport (interface missing?)",
+                    )
+                })?,
+        };
         let p = PodFacts {
             port: port as u32,
             mac: ep.pod_mac,
@@ -703,6 +766,24 @@ impl Dataplane for OvsDataplane {
     }
 }
 
+/// The OpenFlow port number a pod's interface requests: 100 plus its offset in the pod CIDR,
+/// unique on the node and clear of the gateway port and OVS's reserved range. `None` when the
+/// CIDR is too large for that (the port number is then awaited from vswitchd).
+fn requested_ofport(node: &NodeNetwork, ip: Ipv4Addr) -> Option<u32> {
+    let off = u32::from(ip).checked_sub(u32::from(node.pod_cidr.network()))?;
+    let port = 100 + off;
+    // OFPP_MAX (0xff00) and above are reserved port numbers.
+    (port < 0xff00).then_some(port)
+}
+
+/// The value of `key` in an OVSDB `["map", [[k, v], ...]]`.
+fn external_id<'a>(m: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    m[1].as_array()?
+        .iter()
+        .find(|kv| kv[0].as_str() == Some(key))
+        .and_then(|kv| kv[1].as_str())
+}
+
 /// Keeps the node's own IP stack out of a pod port's traffic.
 ///
 /// With the userspace (`netdev`) datapath, OVS reads a veth through a packet socket and the
@@ -718,4 +799,49 @@ fn isolate_from_host_stack(ep: &PodEndpoint) -> Result<(), DataplaneError> {
         crate::sysctl::ensure(&key, value).map_err(|e| pod_err("isolate", ep, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod ofport_tests {
+    use super::*;
+
+    fn node(cidr: &str) -> NodeNetwork {
+        let pod_cidr: ipnetwork::Ipv4Network = cidr.parse().unwrap();
+        NodeNetwork {
+            pod_cidr,
+            gateway: Ipv4Addr::from(u32::from(pod_cidr.network()) + 1),
+            mtu: 1500,
+        }
+    }
+
+    #[test]
+    fn requested_ports_are_unique_and_clear_of_reserved_numbers() {
+        let n = node("10.244.1.0/24");
+        assert_eq!(
+            requested_ofport(&n, "10.244.1.2".parse().unwrap()),
+            Some(102)
+        );
+        assert_eq!(
+            requested_ofport(&n, "10.244.1.254".parse().unwrap()),
+            Some(354)
+        );
+        assert_eq!(requested_ofport(&n, "10.244.0.9".parse().unwrap()), None);
+        let big = node("10.0.0.0/16");
+        assert_eq!(
+            requested_ofport(&big, "10.0.255.254".parse().unwrap()),
+            None
+        );
+        assert_eq!(
+            requested_ofport(&big, "10.0.1.0".parse().unwrap()),
+            Some(356)
+        );
+    }
+
+    #[test]
+    fn external_ids_are_read_from_ovsdb_maps() {
+        let m = json!(["map", [["ferrea-type", "pod"], ["ip", "10.244.1.5"]]]);
+        assert_eq!(external_id(&m, "ip"), Some("10.244.1.5"));
+        assert_eq!(external_id(&m, "mac"), None);
+        assert_eq!(external_id(&json!(["set", []]), "ip"), None);
+    }
 }
