@@ -199,6 +199,37 @@ impl OvsDataplane {
 
     /// The OpenFlow connection, reconnecting if it broke (vswitchd restarted). After a
     /// reconnect every desired flow is re-installed before anyone else uses the connection.
+    /// Installs (or replaces) the flows of one pod on `port` in one bundle and records them.
+    async fn install_pod_flows(
+        &self,
+        s: &NodeState,
+        ep: &PodEndpoint,
+        port: u32,
+    ) -> Result<(), DataplaneError> {
+        let p = PodFacts {
+            port,
+            mac: ep.pod_mac,
+            ip: ep.ip,
+        };
+        // A re-add with a different port or MAC: the old flows go in the same bundle.
+        let mut mods = vec![FlowMod::delete_by_cookie(
+            cookie::pod(0, ep.ip),
+            cookie::POD_MASK,
+        )];
+        mods.extend(pipeline::pod_flows(s.round, &s.facts, &p));
+        if s.pods.get(&ep.ip) == Some(&p) {
+            // Same facts: plain adds replace the flows in place and keep their counters.
+            mods.remove(0);
+        }
+        self.of_bundle("install pod flows", &mods)
+            .await
+            .map_err(|e| for_pod("add", ep, e))?;
+        if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+            st.pods.insert(ep.ip, p);
+        }
+        Ok(())
+    }
+
     /// Compares the port numbers vswitchd assigned to pod interfaces with those the pod flows
     /// use (requested at ADD) and re-installs the flows of any pod whose number differs.
     async fn verify_ofports(&self) -> Result<(), DataplaneError> {
@@ -569,6 +600,16 @@ impl Dataplane for OvsDataplane {
             json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", self.cfg.bridge]],
                 "mutations": [["ports", "insert", named_uuid("p")]]}),
         ];
+        // A new pod with a requested number: its flows go in first, while vswitchd is idle and
+        // applies the bundle at once; the port row follows, and the bridge reconfiguration it
+        // triggers in vswitchd happens after the CNI request has been answered.
+        let preinstalled = match requested {
+            Some(req) if !s.pods.contains_key(&ep.ip) => {
+                self.install_pod_flows(&s, ep, req).await?;
+                Some(req)
+            }
+            _ => None,
+        };
         let fresh = match self.db.transact("add pod port", ops).await {
             Ok(_) => true,
             Err(e) if e.is_wait_timeout() => {
@@ -599,27 +640,8 @@ impl Dataplane for OvsDataplane {
                     )
                 })?,
         };
-        let p = PodFacts {
-            port: port as u32,
-            mac: ep.pod_mac,
-            ip: ep.ip,
-        };
-        // A re-add with a different port or MAC: the old flows go in the same bundle.
-        let mut mods = vec![FlowMod::delete_by_cookie(
-            cookie::pod(0, ep.ip),
-            cookie::POD_MASK,
-        )];
-        mods.extend(pipeline::pod_flows(s.round, &s.facts, &p));
-        let old = s.pods.get(&ep.ip);
-        if old == Some(&p) {
-            // Same facts: plain adds replace the flows in place and keep their counters.
-            mods.remove(0);
-        }
-        self.of_bundle("install pod flows", &mods)
-            .await
-            .map_err(|e| for_pod("add", ep, e))?;
-        if let Some(st) = self.state.lock().expect("state lock").as_mut() {
-            st.pods.insert(ep.ip, p);
+        if preinstalled != Some(port as u32) {
+            self.install_pod_flows(&s, ep, port as u32).await?;
         }
         Ok(())
     }
