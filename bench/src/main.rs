@@ -342,81 +342,97 @@ fn addr_up(ns: &NetNs, ifname: &str, cidr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rounds of the throughput comparison. Every path is measured once per round, the paths
+/// interleaved, and the median kept: on two shared cores a single run of one path after
+/// another mostly measures what else the machine did at that moment.
+const ROUNDS: usize = 3;
+
 fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
-    let put = |fig: &mut Figures, key: &str, (g, k): (f64, f64)| {
-        eprintln!("{key}: {g} Gbit/s TCP, {k} kpps UDP 64 B");
-        fig.insert(format!("{key}_tcp_gbps"), json!(g));
-        fig.insert(format!("{key}_udp_kpps"), json!(k));
-    };
+    // Every topology is built first and kept up for the whole run (guards below).
     // The limit: a veth pair straight between two namespaces.
-    {
-        let (a, b) = (NetNs::new("va")?, NetNs::new("vb")?);
-        a.add_veth("eth0", &b, "eth0")?;
-        addr_up(&a, "eth0", "10.99.0.1/24")?;
-        addr_up(&b, "eth0", "10.99.0.2/24")?;
-        put(
-            fig,
-            "veth",
-            iperf_pair(a.name(), b.name(), Ipv4Addr::new(10, 99, 0, 2))?,
-        );
+    let (va, vb) = (NetNs::new("va")?, NetNs::new("vb")?);
+    va.add_veth("eth0", &vb, "eth0")?;
+    addr_up(&va, "eth0", "10.99.0.1/24")?;
+    addr_up(&vb, "eth0", "10.99.0.2/24")?;
+    // A Linux bridge in its own namespace between two.
+    let (br, ba, bb) = (NetNs::new("br")?, NetNs::new("ba")?, NetNs::new("bb")?);
+    br.ip(&["link", "add", "br0", "type", "bridge"])?;
+    br.ip(&["link", "set", "br0", "up"])?;
+    for (ns, port) in [(&ba, "pa"), (&bb, "pb")] {
+        br.add_veth(port, ns, "eth0")?;
+        br.ip(&["link", "set", port, "master", "br0", "up"])?;
     }
-    // A Linux bridge in its own namespace between the two.
-    {
-        let (br, a, b) = (NetNs::new("br")?, NetNs::new("ba")?, NetNs::new("bb")?);
-        br.ip(&["link", "add", "br0", "type", "bridge"])?;
-        br.ip(&["link", "set", "br0", "up"])?;
-        for (ns, port) in [(&a, "pa"), (&b, "pb")] {
-            br.add_veth(port, ns, "eth0")?;
-            br.ip(&["link", "set", port, "master", "br0", "up"])?;
-        }
-        addr_up(&a, "eth0", "10.99.1.1/24")?;
-        addr_up(&b, "eth0", "10.99.1.2/24")?;
-        put(
-            fig,
-            "bridge",
-            iperf_pair(a.name(), b.name(), Ipv4Addr::new(10, 99, 1, 2))?,
-        );
+    addr_up(&ba, "eth0", "10.99.1.1/24")?;
+    addr_up(&bb, "eth0", "10.99.1.2/24")?;
+    // A plain OVS bridge (userspace datapath, default NORMAL action) between two.
+    let (sw, oa, ob) = (NetNs::new("ovsn")?, NetNs::new("oa")?, NetNs::new("ob")?);
+    let ovs_dir = tempfile::tempdir()?;
+    let ovs = OvsDaemons::start(ovs_dir.path(), sw.name())?;
+    ovs.vsctl(&[
+        "add-br",
+        "br0",
+        "--",
+        "set",
+        "Bridge",
+        "br0",
+        "datapath_type=netdev",
+    ])?;
+    for (ns, port) in [(&oa, "pa"), (&ob, "pb")] {
+        sw.add_veth(port, ns, "eth0")?;
+        sw.ip(&["link", "set", port, "up"])?;
+        ovs.vsctl(&["add-port", "br0", port])?;
     }
-    // A plain OVS bridge (userspace datapath, default NORMAL action) between the two.
-    {
-        let (sw, a, b) = (NetNs::new("ovsn")?, NetNs::new("oa")?, NetNs::new("ob")?);
-        let dir = tempfile::tempdir()?;
-        let ovs = OvsDaemons::start(dir.path(), sw.name())?;
-        ovs.vsctl(&[
-            "add-br",
-            "br0",
-            "--",
-            "set",
-            "Bridge",
-            "br0",
-            "datapath_type=netdev",
-        ])?;
-        for (ns, port) in [(&a, "pa"), (&b, "pb")] {
-            sw.add_veth(port, ns, "eth0")?;
-            sw.ip(&["link", "set", port, "up"])?;
-            ovs.vsctl(&["add-port", "br0", port])?;
-        }
-        addr_up(&a, "eth0", "10.99.2.1/24")?;
-        addr_up(&b, "eth0", "10.99.2.2/24")?;
-        put(
-            fig,
-            "ovs_normal",
-            iperf_pair(a.name(), b.name(), Ipv4Addr::new(10, 99, 2, 2))?,
-        );
-    }
+    addr_up(&oa, "eth0", "10.99.2.1/24")?;
+    addr_up(&ob, "eth0", "10.99.2.2/24")?;
     // ferrea: two pods on one node through the real CNI binary, per dataplane.
-    for (dp, key) in [
-        (Dataplane::Ebpf, "ferrea_ebpf"),
-        (Dataplane::Ovs, "ferrea_ovs"),
-    ] {
+    let mut sims = Vec::new();
+    for dp in [Dataplane::Ebpf, Dataplane::Ovs] {
         let mut sim = SimNode::start(NodeOptions::new(dp))?;
         let node = sim.node_mut();
-        let (p1, p2) = (node.add_pod()?, node.add_pod()?);
-        put(
-            fig,
-            key,
-            iperf_pair(p1.ns().name(), p2.ns().name(), p2.ip())?,
-        );
+        let pods = (node.add_pod()?, node.add_pod()?);
+        sims.push((sim, pods));
+    }
+
+    let mut paths: Vec<(&str, String, String, Ipv4Addr)> = vec![
+        (
+            "veth",
+            va.name().into(),
+            vb.name().into(),
+            Ipv4Addr::new(10, 99, 0, 2),
+        ),
+        (
+            "bridge",
+            ba.name().into(),
+            bb.name().into(),
+            Ipv4Addr::new(10, 99, 1, 2),
+        ),
+        (
+            "ovs_normal",
+            oa.name().into(),
+            ob.name().into(),
+            Ipv4Addr::new(10, 99, 2, 2),
+        ),
+    ];
+    for (key, (_, (p1, p2))) in ["ferrea_ebpf", "ferrea_ovs"].into_iter().zip(&sims) {
+        paths.push((key, p1.ns().name().into(), p2.ns().name().into(), p2.ip()));
+    }
+    let mut runs: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for round in 1..=ROUNDS {
+        for (key, client, server, ip) in &paths {
+            let (g, k) = iperf_pair(client, server, *ip)?;
+            eprintln!("round {round} {key}: {g} Gbit/s TCP, {k} kpps UDP 64 B");
+            let e = runs.entry(key).or_default();
+            e.0.push(g);
+            e.1.push(k);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (key, (mut g, mut k)) in runs {
+        fig.insert(format!("{key}_tcp_gbps"), json!(median(&mut g)));
+        fig.insert(format!("{key}_udp_kpps"), json!(median(&mut k)));
     }
     for k in ["tcp_gbps", "udp_kpps"] {
         for (a, b) in [
