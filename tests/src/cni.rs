@@ -222,7 +222,19 @@ impl Cni {
         att: Option<&Attachment>,
         stdin: &[u8],
     ) -> anyhow::Result<CniOutput> {
-        let mut cmd = Command::new(self.bin_dir.join("ferrea-cni"));
+        self.invoke_plugin(&self.bin_dir.join("ferrea-cni"), command, att, stdin)
+    }
+
+    /// Runs any CNI plugin binary (ferrea-cni, or a chained one such as the reference
+    /// `portmap`) exactly as [`Cni::invoke`] runs ferrea-cni: same environment, same namespace.
+    pub fn invoke_plugin(
+        &self,
+        plugin: &std::path::Path,
+        command: &str,
+        att: Option<&Attachment>,
+        stdin: &[u8],
+    ) -> anyhow::Result<CniOutput> {
+        let mut cmd = Command::new(plugin);
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("CNI_COMMAND", command)
