@@ -221,9 +221,14 @@ impl OvsDataplane {
             // Same facts: plain adds replace the flows in place and keep their counters.
             mods.remove(0);
         }
+        let t = std::time::Instant::now();
         self.of_bundle("install pod flows", &mods)
             .await
             .map_err(|e| for_pod("add", ep, e))?;
+        tracing::debug!(
+            elapsed_us = t.elapsed().as_micros() as u64,
+            "pod flows installed"
+        );
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
             st.pods.insert(ep.ip, p);
         }
@@ -610,6 +615,7 @@ impl Dataplane for OvsDataplane {
             }
             _ => None,
         };
+        let t_row = std::time::Instant::now();
         let fresh = match self.db.transact("add pod port", ops).await {
             Ok(_) => true,
             Err(e) if e.is_wait_timeout() => {
@@ -624,6 +630,10 @@ impl Dataplane for OvsDataplane {
             }
             Err(e) => return Err(pod_err("add", ep, e)),
         };
+        tracing::debug!(
+            elapsed_us = t_row.elapsed().as_micros() as u64,
+            "ovsdb port row written"
+        );
         let port = match (fresh, requested) {
             (true, Some(p)) => i64::from(p),
             // A port that already existed (or a CIDR too large to number): ask vswitchd.
