@@ -11,6 +11,9 @@
 //!
 //! Needs root; without it the test prints `SKIP: <reason>` and passes.
 
+mod common;
+
+use common::endpoint;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -63,19 +66,6 @@ fn make_pod(node: &NetNs, host_ifname: &str, n: u8, ip: Ipv4Addr) -> VethPod {
         },
     )
     .unwrap()
-}
-
-/// The endpoint the agent core would hand the backend for `pod`.
-fn endpoint(pod: &VethPod) -> PodEndpoint {
-    let s = pod.spec();
-    PodEndpoint {
-        container_id: format!("c-{}", s.host_ifname),
-        host_ifname: s.host_ifname.clone(),
-        host_ifindex: pod.host_ifindex(),
-        host_mac: s.host_mac,
-        pod_mac: s.pod_mac,
-        ip: s.ip,
-    }
 }
 
 /// `ip -n <ns> <args>`, panicking with its output if it fails.

@@ -10,6 +10,9 @@
 //!
 //! Needs root (skipped with a printed reason otherwise) and Open vSwitch (a failure without).
 
+mod common;
+
+use common::endpoint;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -69,19 +72,6 @@ fn make_pod(node: &NetNs, host_ifname: &str, ip: Ipv4Addr) -> VethPod {
         },
     )
     .unwrap()
-}
-
-/// The endpoint the agent core would hand the backend for `pod`.
-fn endpoint(pod: &VethPod) -> PodEndpoint {
-    let s = pod.spec();
-    PodEndpoint {
-        container_id: format!("c-{}", s.host_ifname),
-        host_ifname: s.host_ifname.clone(),
-        host_ifindex: pod.host_ifindex(),
-        host_mac: s.host_mac,
-        pod_mac: s.pod_mac,
-        ip: s.ip,
-    }
 }
 
 /// Runs `f` on a thread that entered `node`'s network namespace, with its own runtime.
@@ -385,19 +375,7 @@ fn ovs_codec_matches_ofctl_dump_and_flow_install_bench() {
     let env = OvsNode::start("ovsc");
     let ovs = &env.ovs;
     for br in ["br-x", "br-y"] {
-        ovs.vsctl(&[
-            "add-br",
-            br,
-            "--",
-            "set",
-            "Bridge",
-            br,
-            "datapath_type=netdev",
-            "protocols=OpenFlow15",
-            "fail_mode=secure",
-        ])
-        .unwrap();
-        ovs.wait_mgmt(br).unwrap();
+        ovs.add_secure_bridge(br).unwrap();
     }
     // Ports need not exist for flows to reference them.
     let n = NodeFacts {

@@ -286,44 +286,23 @@ impl Drop for Iperf {
 fn iperf_pair(client_ns: &str, server_ns: &str, server: Ipv4Addr) -> anyhow::Result<(f64, f64)> {
     let _srv = Iperf::start(server_ns, server)?;
     let s = server.to_string();
-    let tcp = run_ok(Command::new("ip").args([
-        "netns",
-        "exec",
-        client_ns,
-        "iperf3",
-        "-c",
-        &s,
-        "-p",
-        "5201",
-        "-t",
-        IPERF_SECONDS,
-        "-J",
-    ]))?;
-    let tcp: Value = serde_json::from_str(&tcp)?;
+    // The client's JSON report of one run against the server, with `extra` options.
+    let client = |extra: &[&str]| -> anyhow::Result<Value> {
+        let out = run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", client_ns, "iperf3", "-c", &s, "-p", "5201"])
+                .args(["-t", IPERF_SECONDS, "-J"])
+                .args(extra),
+        )?;
+        Ok(serde_json::from_str(&out)?)
+    };
+    let tcp = client(&[])?;
     let gbps = tcp
         .pointer("/end/sum_received/bits_per_second")
         .and_then(Value::as_f64)
         .unwrap_or(0.0)
         / 1e9;
-    let udp = run_ok(Command::new("ip").args([
-        "netns",
-        "exec",
-        client_ns,
-        "iperf3",
-        "-c",
-        &s,
-        "-p",
-        "5201",
-        "-u",
-        "-b",
-        "0",
-        "-l",
-        "64",
-        "-t",
-        IPERF_SECONDS,
-        "-J",
-    ]))?;
-    let udp: Value = serde_json::from_str(&udp)?;
+    let udp = client(&["-u", "-b", "0", "-l", "64"])?;
     let sum = udp.pointer("/end/sum").cloned().unwrap_or_default();
     let pkts = sum.get("packets").and_then(Value::as_f64).unwrap_or(0.0);
     let lost = sum
@@ -457,20 +436,7 @@ fn flow_install(fig: &mut Figures) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let ovs = OvsDaemons::start(dir.path(), node.name())?;
     for br in ["br-x", "br-y"] {
-        ovs.vsctl(&[
-            "add-br",
-            br,
-            "--",
-            "set",
-            "Bridge",
-            br,
-            "datapath_type=netdev",
-            "protocols=OpenFlow15",
-            "fail_mode=secure",
-        ])?;
-        let mgmt = dir.path().join(format!("{br}.mgmt"));
-        ferrea_tests::wait_for(Duration::from_secs(10), || mgmt.exists().then_some(()))
-            .with_context(|| format!("{} did not appear", mgmt.display()))?;
+        ovs.add_secure_bridge(br)?;
     }
     // 10,000 distinct /32 matches, as a node with many pods and policies would have.
     let flows: Vec<FlowMod> = (0..FLOWS)

@@ -160,6 +160,23 @@ impl OvsDaemons {
         )
     }
 
+    /// Adds a bridge as ferrea's backend creates its own (userspace datapath, OpenFlow 1.5,
+    /// `fail_mode=secure`: no flows, no forwarding) and waits for its management socket.
+    pub fn add_secure_bridge(&self, bridge: &str) -> anyhow::Result<()> {
+        self.vsctl(&[
+            "add-br",
+            bridge,
+            "--",
+            "set",
+            "Bridge",
+            bridge,
+            "datapath_type=netdev",
+            "protocols=OpenFlow15",
+            "fail_mode=secure",
+        ])?;
+        self.wait_mgmt(bridge)
+    }
+
     /// The ports of `bridge` (`ovs-vsctl list-ports`).
     pub fn ports(&self, bridge: &str) -> anyhow::Result<Vec<String>> {
         Ok(self
