@@ -4,7 +4,8 @@
 //!    until step 5, so the runtime retries instead of failing pods during start-up.
 //! 2. The source delivers the desired state; the agent waits for its own `Node` with a pod CIDR.
 //! 3. Node sysctls, the dataplane (adopting what a previous process left), ferrea's nftables
-//!    table.
+//!    table. A failure here (ovsdb-server not up yet, say) is retried with backoff while the
+//!    CNI server answers `TRY_AGAIN_LATER` naming the failure.
 //! 4. Reconciliation of the state store against the kernel and the dataplane.
 //! 5. Ready: CNI requests are served; desired-state changes are applied as they come.
 //!
@@ -21,7 +22,7 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::cni_server::CniService;
+use crate::cni_server::{CniService, Readiness};
 use crate::config::{Config, DataplaneKind, SourceConfig};
 use crate::dataplane::{Dataplane, NodeNetwork};
 use crate::nat::{self, NatSpec};
@@ -40,7 +41,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
-    let (ready_tx, ready_rx) = watch::channel::<Option<Arc<PodManager>>>(None);
+    let (ready_tx, ready_rx) = watch::channel(Readiness::Starting(
+        "waiting for this node's Node object".into(),
+    ));
     let listener = bind_socket(&cfg.cni_socket)?;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -55,8 +58,25 @@ pub async fn run(
 
     let main = async {
         let node = wait_for_node(&cfg, &mut state).await?;
-        let pm = start_node(&cfg, &node).await?;
-        ready_tx.send_replace(Some(pm.clone()));
+        ready_tx.send_replace(Readiness::Starting(
+            "the dataplane is being initialised".into(),
+        ));
+        // A dependency that is not there yet (ovsdb-server, a bpffs that cannot be mounted)
+        // is retried while the CNI server keeps answering, with the failure as the reason.
+        let mut delay = Duration::from_millis(500);
+        let pm = loop {
+            match start_node(&cfg, &node).await {
+                Ok(pm) => break pm,
+                Err(e) => {
+                    let why = format!("starting the node failed, retrying in {delay:?}: {e:#}");
+                    tracing::error!("{why}");
+                    ready_tx.send_replace(Readiness::Starting(why));
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        ready_tx.send_replace(Readiness::Ready(pm.clone()));
         tracing::info!(node = %node.name, pod_cidr = ?node.pod_cidr, "agent ready");
         follow_changes(&cfg, &node, &pm, &mut state).await
     };

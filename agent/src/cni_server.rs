@@ -26,23 +26,33 @@ use crate::store::PodRecord;
 /// The versions of the CNI spec whose configurations the agent accepts.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
+/// Whether the agent can serve pods yet.
+#[derive(Clone)]
+pub enum Readiness {
+    /// Still starting; the text says what it waits for (or what failed and is being retried),
+    /// and is what runtimes see in the `TRY_AGAIN_LATER` error.
+    Starting(String),
+    /// Serving.
+    Ready(Arc<PodManager>),
+}
+
 /// The CNI service. Cheap to clone.
 #[derive(Clone)]
 pub struct CniService {
-    ready: watch::Receiver<Option<Arc<PodManager>>>,
+    ready: watch::Receiver<Readiness>,
 }
 
 impl CniService {
     /// A service that answers `TRY_AGAIN_LATER` until `ready` holds a manager.
-    pub fn new(ready: watch::Receiver<Option<Arc<PodManager>>>) -> Self {
+    pub fn new(ready: watch::Receiver<Readiness>) -> Self {
         Self { ready }
     }
 
     fn manager(&self) -> Result<Arc<PodManager>, AgentError> {
-        self.ready
-            .borrow()
-            .clone()
-            .ok_or_else(|| AgentError::NotReady("the dataplane is still being initialised".into()))
+        match &*self.ready.borrow() {
+            Readiness::Ready(pm) => Ok(pm.clone()),
+            Readiness::Starting(why) => Err(AgentError::NotReady(why.clone())),
+        }
     }
 }
 
@@ -259,8 +269,10 @@ impl Cni for CniService {
         Ok(respond(
             detached(span, async move {
                 parse_netconf(&r.network_config)?;
-                this.manager()
-                    .map_err(|e| AgentError::NotAvailable(e.to_string()))?;
+                this.manager().map_err(|e| match e {
+                    AgentError::NotReady(why) => AgentError::NotAvailable(why),
+                    other => other,
+                })?;
                 Ok(None)
             })
             .await,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ferrea_tests::fabric::INTERNET_IP;
 use ferrea_tests::ovs::{Flow, OvsDaemons};
 use ferrea_tests::traffic::BackgroundPing;
-use ferrea_tests::{Dataplane, NodeOptions, SimNode, skip_unless_root, wait_for};
+use ferrea_tests::{Dataplane, NodeOptions, Pod, SimNode, skip_unless_root, wait_for};
 
 /// The agent's integration bridge (its default).
 const BRIDGE: &str = "br-int";
@@ -349,4 +349,39 @@ fn pod_ports_get_the_requested_numbers() {
             p.ip()
         );
     }
+}
+
+/// ovsdb-server unreachable while the agent starts: the agent keeps serving, answers STATUS
+/// with "not available" and ADD with TRY_AGAIN_LATER naming the problem, and becomes ready by
+/// itself once OVSDB answers again.
+#[test]
+fn agent_waits_for_an_unreachable_ovsdb() {
+    if !skip_unless_root("agent_waits_for_an_unreachable_ovsdb") {
+        return;
+    }
+    let mut node = SimNode::start(NodeOptions::new(Dataplane::Ovs)).unwrap();
+    node.node_mut().agent().stop().unwrap();
+    // Moving the socket away makes ovsdb-server unreachable (ENOENT) while it keeps running.
+    let sock = ovs(&mut node).db_socket();
+    let away = sock.with_extension("away");
+    std::fs::rename(&sock, &away).unwrap();
+    node.node_mut().agent().spawn().unwrap();
+    let status = wait_for(Duration::from_secs(15), || {
+        let o = node.cni().status().unwrap();
+        (o.code() == Some(50) && o.stdout.contains("db.sock")).then_some(o)
+    })
+    .expect("STATUS never reported the unreachable OVSDB");
+    println!("STATUS while OVSDB is away: {}", status.stdout.trim());
+    match Pod::try_add(node.cni(), "w").unwrap() {
+        Err(out) => out.assert_error(11, "ADD while OVSDB is unreachable"),
+        Ok(_) => panic!("ADD succeeded without OVSDB"),
+    }
+    std::fs::rename(&away, &sock).unwrap();
+    node.node_mut()
+        .agent()
+        .wait_ready(Duration::from_secs(20))
+        .expect("the agent did not become ready once OVSDB was back");
+    let a = node.add_pod().unwrap();
+    let b = node.add_pod().unwrap();
+    assert!(a.ping(b.ip()), "pod A -> B after OVSDB came back");
 }
