@@ -157,10 +157,9 @@ fn new_dataplane(cfg: &Config) -> anyhow::Result<Arc<dyn Dataplane>> {
 
 async fn start_node(cfg: &Config, node: &NodeInfo) -> anyhow::Result<Arc<PodManager>> {
     let pod_cidr = node.pod_cidr.expect("checked by wait_for_node");
-    let gateway = std::net::Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
     let net = NodeNetwork {
         pod_cidr,
-        gateway,
+        gateway: crate::ipam::gateway_of(pod_cidr),
         mtu: cfg.mtu,
     };
 

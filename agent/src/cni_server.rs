@@ -200,125 +200,120 @@ where
     res
 }
 
+/// Parses `cni.dev/valid-attachments` (GC): the (container ID, ifname) pairs to keep.
+fn valid_attachments(conf: &NetConf) -> Result<HashSet<(String, String)>, AgentError> {
+    let list = match conf.raw.get("cni.dev/valid-attachments") {
+        None | Some(Value::Null) => return Ok(HashSet::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => {
+            return Err(AgentError::InvalidConfig(
+                "field `cni.dev/valid-attachments` must be a list".into(),
+            ));
+        }
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, att)| {
+            let cid = att.get("containerID").and_then(Value::as_str);
+            let ifn = att.get("ifname").and_then(Value::as_str);
+            match (cid, ifn) {
+                (Some(c), Some(f)) => Ok((c.to_owned(), f.to_owned())),
+                _ => Err(AgentError::InvalidConfig(format!(
+                    "field `cni.dev/valid-attachments[{i}]` needs string `containerID` and `ifname`"
+                ))),
+            }
+        })
+        .collect()
+}
+
+impl CniService {
+    /// Serves one CNI operation: a span naming the request, the network configuration parsed
+    /// first, then `f` in its own task (see [`detached`]), its outcome encoded as a response.
+    async fn serve<F, Fut>(
+        &self,
+        op: &'static str,
+        r: CniRequest,
+        f: F,
+    ) -> Result<Response<CniResponse>, Status>
+    where
+        F: FnOnce(Self, NetConf, CniRequest) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<Option<Value>, AgentError>> + Send + 'static,
+    {
+        let span = tracing::info_span!("cni", op, container_id = %r.container_id, netns = %r.netns, ifname = %r.ifname);
+        let this = self.clone();
+        let work = async move {
+            let conf = parse_netconf(&r.network_config)?;
+            f(this, conf, r).await
+        };
+        Ok(respond(detached(span, work).await))
+    }
+}
+
 #[tonic::async_trait]
 impl Cni for CniService {
     async fn add(&self, req: Request<CniRequest>) -> Result<Response<CniResponse>, Status> {
-        let r = req.into_inner();
-        let span = tracing::info_span!("cni", op = "ADD", container_id = %r.container_id, netns = %r.netns, ifname = %r.ifname);
-        let this = self.clone();
-        Ok(respond(
-            detached(span, async move {
-                parse_netconf(&r.network_config)?;
-                validate_ids(&r.container_id, &r.ifname)?;
-                if r.netns.is_empty() {
-                    return Err(AgentError::InvalidEnv(
-                        "CNI_NETNS is required for ADD".into(),
-                    ));
-                }
-                let pm = this.manager()?;
-                let (pod_namespace, pod_name) = pod_identity(&r.args);
-                let rec = pm
-                    .add(&AddArgs {
-                        container_id: r.container_id,
-                        ifname: r.ifname,
-                        netns: r.netns,
-                        pod_namespace,
-                        pod_name,
-                    })
-                    .await?;
-                Ok(Some(cni_result(&rec)))
-            })
-            .await,
-        ))
+        self.serve("ADD", req.into_inner(), |this, _, r| async move {
+            validate_ids(&r.container_id, &r.ifname)?;
+            if r.netns.is_empty() {
+                return Err(AgentError::InvalidEnv(
+                    "CNI_NETNS is required for ADD".into(),
+                ));
+            }
+            let pm = this.manager()?;
+            let (pod_namespace, pod_name) = pod_identity(&r.args);
+            let rec = pm
+                .add(&AddArgs {
+                    container_id: r.container_id,
+                    ifname: r.ifname,
+                    netns: r.netns,
+                    pod_namespace,
+                    pod_name,
+                })
+                .await?;
+            Ok(Some(cni_result(&rec)))
+        })
+        .await
     }
 
     async fn del(&self, req: Request<CniRequest>) -> Result<Response<CniResponse>, Status> {
-        let r = req.into_inner();
-        let span = tracing::info_span!("cni", op = "DEL", container_id = %r.container_id, netns = %r.netns, ifname = %r.ifname);
-        let this = self.clone();
-        Ok(respond(
-            detached(span, async move {
-                parse_netconf(&r.network_config)?;
-                validate_ids(&r.container_id, &r.ifname)?;
-                this.manager()?.del(&r.container_id, &r.ifname).await?;
-                Ok(None)
-            })
-            .await,
-        ))
+        self.serve("DEL", req.into_inner(), |this, _, r| async move {
+            validate_ids(&r.container_id, &r.ifname)?;
+            this.manager()?.del(&r.container_id, &r.ifname).await?;
+            Ok(None)
+        })
+        .await
     }
 
     async fn check(&self, req: Request<CniRequest>) -> Result<Response<CniResponse>, Status> {
-        let r = req.into_inner();
-        let span = tracing::info_span!("cni", op = "CHECK", container_id = %r.container_id, netns = %r.netns, ifname = %r.ifname);
-        let this = self.clone();
-        Ok(respond(
-            detached(span, async move {
-                parse_netconf(&r.network_config)?;
-                validate_ids(&r.container_id, &r.ifname)?;
-                let rec = this.manager()?.check(&r.container_id, &r.ifname).await?;
-                Ok(Some(cni_result(&rec)))
-            })
-            .await,
-        ))
+        self.serve("CHECK", req.into_inner(), |this, _, r| async move {
+            validate_ids(&r.container_id, &r.ifname)?;
+            let rec = this.manager()?.check(&r.container_id, &r.ifname).await?;
+            Ok(Some(cni_result(&rec)))
+        })
+        .await
     }
 
     async fn status(&self, req: Request<CniRequest>) -> Result<Response<CniResponse>, Status> {
-        let r = req.into_inner();
-        let span = tracing::debug_span!("cni", op = "STATUS");
-        let this = self.clone();
-        Ok(respond(
-            detached(span, async move {
-                parse_netconf(&r.network_config)?;
-                this.manager().map_err(|e| match e {
-                    AgentError::NotReady(why) => AgentError::NotAvailable(why),
-                    other => other,
-                })?;
-                Ok(None)
-            })
-            .await,
-        ))
+        self.serve("STATUS", req.into_inner(), |this, _, _| async move {
+            this.manager().map_err(|e| match e {
+                AgentError::NotReady(why) => AgentError::NotAvailable(why),
+                other => other,
+            })?;
+            Ok(None)
+        })
+        .await
     }
 
     async fn gc(&self, req: Request<CniRequest>) -> Result<Response<CniResponse>, Status> {
-        let r = req.into_inner();
-        let span = tracing::info_span!("cni", op = "GC");
-        let this = self.clone();
-        Ok(respond(
-            detached(span, async move {
-                let conf = parse_netconf(&r.network_config)?;
-                let mut valid = HashSet::new();
-                match conf.raw.get("cni.dev/valid-attachments") {
-                    None | Some(Value::Null) => {}
-                    Some(Value::Array(a)) => {
-                        for (i, att) in a.iter().enumerate() {
-                            let cid = att.get("containerID").and_then(Value::as_str);
-                            let ifn = att.get("ifname").and_then(Value::as_str);
-                            match (cid, ifn) {
-                                (Some(c), Some(i)) => {
-                                    valid.insert((c.to_owned(), i.to_owned()));
-                                }
-                                _ => {
-                                    return Err(AgentError::InvalidConfig(format!(
-                                        "field `cni.dev/valid-attachments[{i}]` needs string `containerID` and `ifname`"
-                                    )));
-                                }
-                            }
-                        }
-                    }
-                    Some(_) => {
-                        return Err(AgentError::InvalidConfig(
-                            "field `cni.dev/valid-attachments` must be a list".into(),
-                        ));
-                    }
-                }
-                let removed = this.manager()?.gc(&valid).await?;
-                if !removed.is_empty() {
-                    tracing::info!(removed = ?removed, "GC released attachments");
-                }
-                Ok(None)
-            })
-            .await,
-        ))
+        self.serve("GC", req.into_inner(), |this, conf, _| async move {
+            let valid = valid_attachments(&conf)?;
+            let removed = this.manager()?.gc(&valid).await?;
+            if !removed.is_empty() {
+                tracing::info!(removed = ?removed, "GC released attachments");
+            }
+            Ok(None)
+        })
+        .await
     }
 }
 

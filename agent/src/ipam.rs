@@ -28,6 +28,11 @@ pub enum IpamError {
     },
 }
 
+/// The pods' gateway in `cidr`: its first host address.
+pub fn gateway_of(cidr: Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(cidr.network()) + 1)
+}
+
 /// The in-memory allocation index of one pod CIDR.
 #[derive(Debug)]
 pub struct Ipam {
@@ -53,14 +58,9 @@ impl Ipam {
         })
     }
 
-    /// The pod CIDR.
-    pub fn cidr(&self) -> Ipv4Network {
-        self.cidr
-    }
-
-    /// The gateway: the first host address of the CIDR.
+    /// The gateway: the first host address of the CIDR (see [`gateway_of`]).
     pub fn gateway(&self) -> Ipv4Addr {
-        self.nth(1)
+        gateway_of(self.cidr)
     }
 
     fn nth(&self, off: u32) -> Ipv4Addr {

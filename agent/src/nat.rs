@@ -80,15 +80,6 @@ pub async fn apply(spec: &NatSpec) -> Result<(), NatError> {
     run_nft(&spec.render(), &spec.table).await
 }
 
-/// Deletes ferrea's table if it exists.
-pub async fn remove(table: &str) -> Result<(), NatError> {
-    run_nft(
-        &format!("table ip {table}\ndelete table ip {table}\n"),
-        table,
-    )
-    .await
-}
-
 async fn run_nft(script: &str, table: &str) -> Result<(), NatError> {
     let mut child = tokio::process::Command::new("nft")
         .args(["-f", "-"])

@@ -114,6 +114,9 @@ struct NodeState {
     round: u16,
     facts: NodeFacts,
     pods: HashMap<Ipv4Addr, PodFacts>,
+    /// Pods whose port number was requested at ADD and not yet compared with the number
+    /// vswitchd assigned; `maintain` reads OVSDB only while this is not empty.
+    unverified: HashSet<Ipv4Addr>,
     /// `flow-restore-wait` was set when we started: clear it after reconciliation.
     flow_restore_wait: bool,
 }
@@ -199,87 +202,85 @@ impl OvsDataplane {
 
     /// The OpenFlow connection, reconnecting if it broke (vswitchd restarted). After a
     /// reconnect every desired flow is re-installed before anyone else uses the connection.
-    /// Installs (or replaces) the flows of one pod on `port` in one bundle and records them.
-    async fn install_pod_flows(
-        &self,
-        s: &NodeState,
-        ep: &PodEndpoint,
-        port: u32,
-    ) -> Result<(), DataplaneError> {
-        let p = PodFacts {
-            port,
-            mac: ep.pod_mac,
-            ip: ep.ip,
-        };
+    /// Installs (or replaces) the flows of one pod in one bundle and records them.
+    async fn install_pod_flows(&self, s: &NodeState, p: PodFacts) -> Result<(), DataplaneError> {
         // A re-add with a different port or MAC: the old flows go in the same bundle.
         let mut mods = vec![FlowMod::delete_by_cookie(
-            cookie::pod(0, ep.ip),
+            cookie::pod(0, p.ip),
             cookie::POD_MASK,
         )];
         mods.extend(pipeline::pod_flows(s.round, &s.facts, &p));
-        if s.pods.get(&ep.ip) == Some(&p) {
+        if s.pods.get(&p.ip) == Some(&p) {
             // Same facts: plain adds replace the flows in place and keep their counters.
             mods.remove(0);
         }
         let t = std::time::Instant::now();
-        self.of_bundle("install pod flows", &mods)
-            .await
-            .map_err(|e| for_pod("add", ep, e))?;
+        self.of_bundle("install pod flows", &mods).await?;
         tracing::debug!(
             elapsed_us = t.elapsed().as_micros() as u64,
             "pod flows installed"
         );
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
-            st.pods.insert(ep.ip, p);
+            st.pods.insert(p.ip, p);
         }
         Ok(())
     }
 
-    /// Compares the port numbers vswitchd assigned to pod interfaces with those the pod flows
-    /// use (requested at ADD) and re-installs the flows of any pod whose number differs.
+    /// Rows of `table` that ferrea created for pods (`external_ids:ferrea-type=pod`).
+    async fn select_pod_rows(
+        &self,
+        op: &'static str,
+        table: &str,
+        columns: &[&str],
+    ) -> Result<Vec<serde_json::Value>, DataplaneError> {
+        let r = self
+            .db
+            .transact(
+                op,
+                vec![json!({"op": "select", "table": table,
+                    "where": [["external_ids", "includes", map(&[(TYPE_KEY, "pod")])]],
+                    "columns": columns})],
+            )
+            .await
+            .map_err(|e| other_err(op, e))?;
+        Ok(r[0]["rows"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Compares the port numbers vswitchd assigned to newly added pods' interfaces with those
+    /// their flows use (requested at ADD) and re-installs the flows of any pod whose number
+    /// differs. Reads OVSDB only while some pod is unverified.
     async fn verify_ofports(&self) -> Result<(), DataplaneError> {
         let Some(s) = self.node_state() else {
             return Ok(());
         };
-        if s.pods.is_empty() {
+        if s.unverified.is_empty() {
             return Ok(());
         }
         let rows = self
-            .db
-            .transact(
-                "read pod ofports",
-                vec![json!({"op": "select", "table": "Interface",
-                    "where": [["external_ids", "includes", map(&[(TYPE_KEY, "pod")])]],
-                    "columns": ["external_ids", "ofport"]})],
-            )
-            .await
-            .map_err(|e| other_err("read pod ofports", e))?;
-        let mut fixes = Vec::new();
-        for row in rows[0]["rows"].as_array().into_iter().flatten() {
+            .select_pod_rows("read pod ofports", "Interface", &["external_ids", "ofport"])
+            .await?;
+        for row in rows {
             let Some(port) = row["ofport"].as_i64().filter(|p| *p > 0) else {
                 continue; // not attached yet
             };
-            let ip = external_id(&row["external_ids"], "ip").and_then(|v| v.parse().ok());
-            if let Some(ip) = ip
-                && let Some(p) = s.pods.get(&ip)
+            let ip = parse_map(&row["external_ids"])
+                .get("ip")
+                .and_then(|v| v.parse::<Ipv4Addr>().ok());
+            let Some(ip) = ip.filter(|ip| s.unverified.contains(ip)) else {
+                continue;
+            };
+            if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+                st.unverified.remove(&ip);
+            }
+            if let Some(p) = s.pods.get(&ip)
                 && i64::from(p.port) != port
             {
-                fixes.push(PodFacts {
+                tracing::warn!(ip = %p.ip, ofport = port, "pod port number differs from the requested one; re-installing its flows");
+                let fixed = PodFacts {
                     port: port as u32,
                     ..p.clone()
-                });
-            }
-        }
-        for p in fixes {
-            tracing::warn!(ip = %p.ip, ofport = p.port, "pod port number differs from the requested one; re-installing its flows");
-            let mut mods = vec![FlowMod::delete_by_cookie(
-                cookie::pod(0, p.ip),
-                cookie::POD_MASK,
-            )];
-            mods.extend(pipeline::pod_flows(s.round, &s.facts, &p));
-            self.of_bundle("fix pod port", &mods).await?;
-            if let Some(st) = self.state.lock().expect("state lock").as_mut() {
-                st.pods.insert(p.ip, p);
+                };
+                self.install_pod_flows(&s, fixed).await?;
             }
         }
         Ok(())
@@ -548,6 +549,7 @@ impl Dataplane for OvsDataplane {
             round,
             facts,
             pods,
+            unverified: HashSet::new(),
             flow_restore_wait,
         };
         *self.state.lock().expect("state lock") = Some(st.clone());
@@ -577,6 +579,11 @@ impl Dataplane for OvsDataplane {
             .ok_or_else(|| pod_err("add", ep, "init_node has not run"))?;
         let name = ep.host_ifname.as_str();
         isolate_from_host_stack(ep)?;
+        let facts = |port| PodFacts {
+            port,
+            mac: ep.pod_mac,
+            ip: ep.ip,
+        };
         let ip = ep.ip.to_string();
         let mac = openflow::codec::mac_str(&ep.pod_mac);
         let ids = map(&[
@@ -610,7 +617,9 @@ impl Dataplane for OvsDataplane {
         // triggers in vswitchd happens after the CNI request has been answered.
         let preinstalled = match requested {
             Some(req) if !s.pods.contains_key(&ep.ip) => {
-                self.install_pod_flows(&s, ep, req).await?;
+                self.install_pod_flows(&s, facts(req))
+                    .await
+                    .map_err(|e| for_pod("add", ep, e))?;
                 Some(req)
             }
             _ => None,
@@ -635,7 +644,12 @@ impl Dataplane for OvsDataplane {
             "ovsdb port row written"
         );
         let port = match (fresh, requested) {
-            (true, Some(p)) => i64::from(p),
+            (true, Some(p)) => {
+                if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+                    st.unverified.insert(ep.ip);
+                }
+                i64::from(p)
+            }
             // A port that already existed (or a CIDR too large to number): ask vswitchd.
             _ => self
                 .db
@@ -651,7 +665,9 @@ impl Dataplane for OvsDataplane {
                 })?,
         };
         if preinstalled != Some(port as u32) {
-            self.install_pod_flows(&s, ep, port as u32).await?;
+            self.install_pod_flows(&s, facts(port as u32))
+                .await
+                .map_err(|e| for_pod("add", ep, e))?;
         }
         Ok(())
     }
@@ -668,6 +684,7 @@ impl Dataplane for OvsDataplane {
         .map_err(|e| for_pod("del", ep, e))?;
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
             st.pods.remove(&ep.ip);
+            st.unverified.remove(&ep.ip);
         }
         let r = self
             .db
@@ -702,18 +719,11 @@ impl Dataplane for OvsDataplane {
             .ok_or_else(|| other_err("retain pods", "init_node has not run"))?;
         let mut removed: HashSet<Ipv4Addr> = HashSet::new();
         // Ports ferrea created for pods that are not kept.
-        let r = self
-            .db
-            .transact(
-                "list pod ports",
-                vec![json!({"op": "select", "table": "Port",
-                "where": [["external_ids", "includes", map(&[(TYPE_KEY, "pod")])]],
-                "columns": ["_uuid", "external_ids"]})],
-            )
-            .await
-            .map_err(|e| other_err("retain pods", e))?;
+        let rows = self
+            .select_pod_rows("list pod ports", "Port", &["_uuid", "external_ids"])
+            .await?;
         let mut stale_ports = Vec::new();
-        for row in r[0]["rows"].as_array().into_iter().flatten() {
+        for row in &rows {
             let ip: Option<Ipv4Addr> = parse_map(&row["external_ids"])
                 .get("ip")
                 .and_then(|s| s.parse().ok());
@@ -754,6 +764,7 @@ impl Dataplane for OvsDataplane {
             .map_err(|e| other_err("retain pods", e))?;
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
             st.pods.retain(|ip, _| keep.contains(ip));
+            st.unverified.retain(|ip| keep.contains(ip));
             // Reconciled: vswitchd may now flush what it kept while waiting for us.
             if st.flow_restore_wait {
                 st.flow_restore_wait = false;
@@ -808,14 +819,6 @@ fn requested_ofport(node: &NodeNetwork, ip: Ipv4Addr) -> Option<u32> {
     (port < 0xff00).then_some(port)
 }
 
-/// The value of `key` in an OVSDB `["map", [[k, v], ...]]`.
-fn external_id<'a>(m: &'a serde_json::Value, key: &str) -> Option<&'a str> {
-    m[1].as_array()?
-        .iter()
-        .find(|kv| kv[0].as_str() == Some(key))
-        .and_then(|kv| kv[1].as_str())
-}
-
 /// Keeps the node's own IP stack out of a pod port's traffic.
 ///
 /// With the userspace (`netdev`) datapath, OVS reads a veth through a packet socket and the
@@ -841,7 +844,7 @@ mod ofport_tests {
         let pod_cidr: ipnetwork::Ipv4Network = cidr.parse().unwrap();
         NodeNetwork {
             pod_cidr,
-            gateway: Ipv4Addr::from(u32::from(pod_cidr.network()) + 1),
+            gateway: crate::ipam::gateway_of(pod_cidr),
             mtu: 1500,
         }
     }
@@ -867,13 +870,5 @@ mod ofport_tests {
             requested_ofport(&big, "10.0.1.0".parse().unwrap()),
             Some(356)
         );
-    }
-
-    #[test]
-    fn external_ids_are_read_from_ovsdb_maps() {
-        let m = json!(["map", [["ferrea-type", "pod"], ["ip", "10.244.1.5"]]]);
-        assert_eq!(external_id(&m, "ip"), Some("10.244.1.5"));
-        assert_eq!(external_id(&m, "mac"), None);
-        assert_eq!(external_id(&json!(["set", []]), "ip"), None);
     }
 }
