@@ -227,11 +227,26 @@ impl PodManager {
     /// Creates the interfaces and dataplane entries of an attachment; undoes them on failure.
     async fn plumb(&self, rec: &PodRecord) -> Result<(), AgentError> {
         let t = std::time::Instant::now();
-        let idx = self.podnet.create(&self.spec(rec)).await?;
+        // The backend's preparation (OVS: the pod's flows) goes first: creating the veth makes
+        // ovs-vswitchd reconfigure its bridges (it follows every link change in the node's
+        // namespace), and flows sent after that wait behind the whole reconfiguration.
+        let created = async {
+            self.dataplane.prepare_pod(&Self::endpoint(rec, 0)).await?;
+            Ok::<_, AgentError>(self.podnet.create(&self.spec(rec)).await?)
+        }
+        .await;
         tracing::debug!(
             elapsed_us = t.elapsed().as_micros() as u64,
             "pod interfaces created"
         );
+        let idx = match created {
+            Ok(idx) => idx,
+            Err(e) => {
+                // Undo the preparation too (teardown tolerates a missing veth).
+                self.undo_plumb(rec).await;
+                return Err(e);
+            }
+        };
         let t = std::time::Instant::now();
         let added = self.dataplane.add_pod(&Self::endpoint(rec, idx)).await;
         tracing::debug!(
@@ -471,6 +486,16 @@ mod tests {
         let e = pm.add(&args("c", "/ns/gone")).await.unwrap_err();
         assert!(e.to_string().contains("/ns/gone"), "{e}");
         assert!(pm.records().is_empty());
+        assert!(
+            fx.dp.prepared.lock().unwrap().is_empty(),
+            "the backend's preparation was not undone"
+        );
+        // A failed preparation: no veth is created at all.
+        *fx.dp.fail_prepare.lock().unwrap() = true;
+        let e = pm.add(&args("p", "/ns/a")).await.unwrap_err();
+        assert!(e.to_string().contains("prepare"), "{e}");
+        assert!(fx.pn.links.lock().unwrap().is_empty(), "veth created");
+        *fx.dp.fail_prepare.lock().unwrap() = false;
         // The IPs were released: the next pod gets a valid one and all are accounted for.
         pm.add(&args("d", "/ns/a")).await.unwrap();
         assert_eq!(pm.ipam.lock().unwrap().allocated(), 1);

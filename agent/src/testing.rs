@@ -85,6 +85,10 @@ pub struct FakeDataplane {
     pub pods: Mutex<HashMap<Ipv4Addr, PodEndpoint>>,
     /// When set, `add_pod` fails.
     pub fail_add: Mutex<bool>,
+    /// IPs `prepare_pod` was called for and no `del_pod` undid.
+    pub prepared: Mutex<HashSet<Ipv4Addr>>,
+    /// When set, `prepare_pod` fails.
+    pub fail_prepare: Mutex<bool>,
 }
 
 #[async_trait]
@@ -93,6 +97,18 @@ impl Dataplane for FakeDataplane {
         "fake"
     }
     async fn init_node(&self, _node: &NodeNetwork) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    async fn prepare_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
+        if *self.fail_prepare.lock().unwrap() {
+            return Err(DataplaneError::Pod {
+                backend: "fake",
+                op: "prepare",
+                ifname: ep.host_ifname.clone(),
+                msg: "injected".into(),
+            });
+        }
+        self.prepared.lock().unwrap().insert(ep.ip);
         Ok(())
     }
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
@@ -109,6 +125,7 @@ impl Dataplane for FakeDataplane {
     }
     async fn del_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         self.pods.lock().unwrap().remove(&ep.ip);
+        self.prepared.lock().unwrap().remove(&ep.ip);
         Ok(())
     }
     async fn retain_pods(&self, keep: &HashSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, DataplaneError> {

@@ -2,9 +2,11 @@
 //! exit, also on failure), measures ferrea and, in the same run, the peers it is compared with,
 //! and prints one JSON object of figures as its last line of output.
 //!
-//! - `cni-latency`: CNI ADD and DEL latency of ferrea (eBPF) and of the reference `bridge` +
-//!   `host-local` plugins, 100 pods sequentially and 100 pods two at a time. Each call is timed
-//!   around the plugin process, exactly as a runtime experiences it.
+//! - `cni-latency`: CNI ADD and DEL latency of ferrea (both dataplanes) and of the reference
+//!   `bridge` + `host-local` plugins, 100 pods: sequentially at 20 calls a second (`add`,
+//!   `del`), sequentially back to back (`burst_add`, `burst_del`) and two at a time
+//!   (`parallel_*`). Each call is timed around the plugin process, exactly as a runtime
+//!   experiences it.
 //! - `throughput`: single-stream TCP (iperf3) and 64-byte UDP packet rate between two pods on
 //!   one node through ferrea (both dataplanes), and through a direct veth pair (the limit), a
 //!   Linux bridge and a plain OVS bridge with the NORMAL action (the OVS backend's peer).
@@ -156,21 +158,41 @@ impl Plugin for Reference {
     }
 }
 
-/// ADD then DEL of `PODS` pods, sequentially and two at a time; records p50/p99 under `key`.
+/// Spacing of the paced series: one call every 50 ms (20 pods a second, more than a kubelet
+/// starts on one node), so each call sees the switch idle, as a pod start does in practice.
+const PACE: Duration = Duration::from_millis(50);
+
+/// Runs `call` on every pod in turn, starting one call every `pace` (or back to back).
+fn series(
+    pods: &[NetNs],
+    pace: Option<Duration>,
+    call: impl Fn(&NetNs) -> anyhow::Result<Duration>,
+) -> anyhow::Result<Vec<Duration>> {
+    pods.iter()
+        .map(|ns| {
+            let start = Instant::now();
+            let took = call(ns)?;
+            if let Some(rest) = pace.and_then(|p| p.checked_sub(start.elapsed())) {
+                std::thread::sleep(rest);
+            }
+            Ok(took)
+        })
+        .collect()
+}
+
+/// ADD then DEL of `PODS` pods: paced (`{key}_add`, the latency of one call), back to back
+/// (`{key}_burst_add`: what a backlog of pod starts sees, including whatever work the previous
+/// call left to its switch) and two at a time; records p50/p99 of each.
 fn latency_series(fig: &mut Figures, key: &str, p: &dyn Plugin) -> anyhow::Result<()> {
     let pods: Vec<NetNs> = (0..PODS)
         .map(|_| NetNs::new("lat"))
         .collect::<Result<_, _>>()?;
-    let mut adds = pods
-        .iter()
-        .map(|ns| p.add(ns))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut dels = pods
-        .iter()
-        .map(|ns| p.del(ns))
-        .collect::<Result<Vec<_>, _>>()?;
-    record(fig, &format!("{key}_add"), &mut adds);
-    record(fig, &format!("{key}_del"), &mut dels);
+    for (kind, pace) in [("", Some(PACE)), ("burst_", None)] {
+        let mut adds = series(&pods, pace, |ns| p.add(ns))?;
+        let mut dels = series(&pods, pace, |ns| p.del(ns))?;
+        record(fig, &format!("{key}_{kind}add"), &mut adds);
+        record(fig, &format!("{key}_{kind}del"), &mut dels);
+    }
 
     let (mut padds, mut pdels) = (Vec::new(), Vec::new());
     std::thread::scope(|s| -> anyhow::Result<()> {
@@ -213,7 +235,14 @@ fn cni_latency(fig: &mut Figures) -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     latency_series(fig, "bridge", &Reference::new(dir.path())?)?;
-    for op in ["add", "del", "parallel_add", "parallel_del"] {
+    for op in [
+        "add",
+        "del",
+        "burst_add",
+        "burst_del",
+        "parallel_add",
+        "parallel_del",
+    ] {
         for dp in ["ebpf", "ovs"] {
             let r = ratio(
                 fig,

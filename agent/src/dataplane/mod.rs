@@ -108,6 +108,16 @@ pub trait Dataplane: Send + Sync {
     /// running pods keep their traffic across an agent restart.
     async fn init_node(&self, node: &NodeNetwork) -> Result<(), DataplaneError>;
 
+    /// The first step of an ADD, run before the agent core creates the pod's interfaces
+    /// (`ep.host_ifindex` is 0: the veth does not exist yet). A backend installs here what
+    /// does not need the interface (OVS: the pod's flows, while ovs-vswitchd is not yet busy
+    /// with the new link). [`Self::add_pod`] follows on success; [`Self::del_pod`] undoes a
+    /// preparation whose ADD failed. Default: nothing.
+    async fn prepare_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
+        let _ = ep;
+        Ok(())
+    }
+
     /// Connects a pod whose veth pair the agent core has created and configured. Re-adding
     /// an endpoint that is already connected replaces its entry.
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError>;

@@ -117,6 +117,9 @@ struct NodeState {
     /// Pods whose port number was requested at ADD and not yet compared with the number
     /// vswitchd assigned; `maintain` reads OVSDB only while this is not empty.
     unverified: HashSet<Ipv4Addr>,
+    /// Pods whose flows `prepare_pod` installed under their requested port number, for
+    /// `add_pod` to use instead of installing them again.
+    prepared: HashSet<Ipv4Addr>,
     /// `flow-restore-wait` was set when we started: clear it after reconciliation.
     flow_restore_wait: bool,
 }
@@ -550,6 +553,7 @@ impl Dataplane for OvsDataplane {
             facts,
             pods,
             unverified: HashSet::new(),
+            prepared: HashSet::new(),
             flow_restore_wait,
         };
         *self.state.lock().expect("state lock") = Some(st.clone());
@@ -571,6 +575,31 @@ impl Dataplane for OvsDataplane {
             self.of().await?;
         }
         self.verify_ofports().await
+    }
+
+    /// Installs a new pod's flows under its requested port number before its veth exists:
+    /// every link change in the namespace makes vswitchd reconfigure the bridge (several ms
+    /// with a hundred ports), and a bundle sent after the veth appeared waits behind that.
+    async fn prepare_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
+        // Without node state add_pod reports the error; a re-add is left to add_pod.
+        let Some(s) = self.node_state().filter(|s| !s.pods.contains_key(&ep.ip)) else {
+            return Ok(());
+        };
+        let Some(port) = requested_ofport(&s.node, ep.ip) else {
+            return Ok(());
+        };
+        let facts = PodFacts {
+            port,
+            mac: ep.pod_mac,
+            ip: ep.ip,
+        };
+        self.install_pod_flows(&s, facts)
+            .await
+            .map_err(|e| for_pod("prepare", ep, e))?;
+        if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+            st.prepared.insert(ep.ip);
+        }
+        Ok(())
     }
 
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
@@ -612,10 +641,17 @@ impl Dataplane for OvsDataplane {
             json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", self.cfg.bridge]],
                 "mutations": [["ports", "insert", named_uuid("p")]]}),
         ];
-        // A new pod with a requested number: its flows go in first, while vswitchd is idle and
-        // applies the bundle at once; the port row follows, and the bridge reconfiguration it
-        // triggers in vswitchd happens after the CNI request has been answered.
+        // A new pod with a requested number: its flows are in already (prepare_pod) or go in
+        // now; the port row follows, and the bridge reconfiguration it triggers in vswitchd
+        // happens after the CNI request has been answered.
+        let prepared = self
+            .state
+            .lock()
+            .expect("state lock")
+            .as_mut()
+            .is_some_and(|st| st.prepared.remove(&ep.ip));
         let preinstalled = match requested {
+            Some(req) if prepared => Some(req),
             Some(req) if !s.pods.contains_key(&ep.ip) => {
                 self.install_pod_flows(&s, facts(req))
                     .await
@@ -685,6 +721,7 @@ impl Dataplane for OvsDataplane {
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
             st.pods.remove(&ep.ip);
             st.unverified.remove(&ep.ip);
+            st.prepared.remove(&ep.ip);
         }
         let r = self
             .db
@@ -765,6 +802,7 @@ impl Dataplane for OvsDataplane {
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
             st.pods.retain(|ip, _| keep.contains(ip));
             st.unverified.retain(|ip| keep.contains(ip));
+            st.prepared.retain(|ip| keep.contains(ip));
             // Reconciled: vswitchd may now flush what it kept while waiting for us.
             if st.flow_restore_wait {
                 st.flow_restore_wait = false;
