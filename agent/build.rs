@@ -94,6 +94,9 @@ fn main() -> anyhow::Result<()> {
     let exports = [
         ferrea_common::PROG_FROM_POD,
         ferrea_common::PROG_TO_POD,
+        ferrea_common::PROG_TO_TUNNEL,
+        ferrea_common::PROG_FROM_TUNNEL,
+        ferrea_common::MAP_REMOTE_NODES,
         ferrea_common::MAP_ENDPOINTS_BY_IFINDEX,
         ferrea_common::MAP_ENDPOINTS_BY_IP,
         ferrea_common::MAP_COUNTERS,

@@ -24,7 +24,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cni_server::{CniService, Readiness};
 use crate::config::{Config, DataplaneKind, SourceConfig};
-use crate::dataplane::{Dataplane, NodeNetwork};
+use crate::dataplane::{Dataplane, NodeNetwork, RemoteNode};
 use crate::nat::{self, NatSpec};
 use crate::podnet::NetlinkPodNet;
 use crate::pods::PodManager;
@@ -65,7 +65,8 @@ pub async fn run(
         // is retried while the CNI server keeps answering, with the failure as the reason.
         let mut delay = Duration::from_millis(500);
         let pm = loop {
-            match start_node(&cfg, &node).await {
+            let remotes = remote_nodes(&state.borrow(), cfg.node_name());
+            match start_node(&cfg, &node, &remotes).await {
                 Ok(pm) => break pm,
                 Err(e) => {
                     let why = format!("starting the node failed, retrying in {delay:?}: {e:#}");
@@ -155,13 +156,45 @@ fn new_dataplane(cfg: &Config) -> anyhow::Result<Arc<dyn Dataplane>> {
     }
 }
 
-async fn start_node(cfg: &Config, node: &NodeInfo) -> anyhow::Result<Arc<PodManager>> {
+/// The other nodes the packet path must reach: every `Node` but this one with both a pod CIDR
+/// and an `InternalIP` (a node without them has no pods to reach yet), sorted by name.
+pub fn remote_nodes(st: &DesiredState, me: &str) -> Vec<RemoteNode> {
+    st.nodes
+        .values()
+        .filter(|n| n.name != me)
+        .filter_map(|n| {
+            Some(RemoteNode {
+                name: n.name.clone(),
+                node_ip: n.internal_ip?,
+                pod_cidr: n.pod_cidr?,
+            })
+        })
+        .collect()
+}
+
+async fn start_node(
+    cfg: &Config,
+    node: &NodeInfo,
+    remotes: &[RemoteNode],
+) -> anyhow::Result<Arc<PodManager>> {
     let pod_cidr = node.pod_cidr.expect("checked by wait_for_node");
+    let transport = {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
+        let task = tokio::spawn(conn);
+        let t = crate::transport::discover(&handle, cfg, node.internal_ip).await;
+        task.abort();
+        t?
+    };
+    let tunnel = crate::transport::tunnel(cfg);
     let net = NodeNetwork {
         pod_cidr,
         gateway: crate::ipam::gateway_of(pod_cidr),
-        mtu: cfg.mtu,
+        mtu: crate::transport::pod_mtu(cfg, transport.mtu, tunnel),
+        transport,
+        tunnel,
     };
+    tracing::info!(transport = %net.transport.ifname, node_ip = %net.transport.ip,
+        tunnel = ?net.tunnel, pod_mtu = net.mtu, "node network");
 
     for (k, v) in NODE_SYSCTLS {
         if let Some(old) = sysctl::ensure(k, v).context("setting node sysctls")? {
@@ -172,6 +205,9 @@ async fn start_node(cfg: &Config, node: &NodeInfo) -> anyhow::Result<Arc<PodMana
     dp.init_node(&net)
         .await
         .context("initialising the dataplane")?;
+    dp.set_remote_nodes(remotes)
+        .await
+        .context("connecting the other nodes")?;
     nat::apply(&nat_spec(cfg, &net))
         .await
         .context("installing ferrea's nftables table")?;
@@ -220,6 +256,8 @@ async fn follow_changes(
     state: &mut watch::Receiver<DesiredState>,
 ) -> anyhow::Result<()> {
     let mut reported_cidr = node.pod_cidr;
+    // What the dataplane was last given; `None` after a failure, so the next tick retries.
+    let mut applied: Option<Vec<RemoteNode>> = Some(remote_nodes(&state.borrow(), cfg.node_name()));
     // Dataplane upkeep once a second: a restarted ovs-vswitchd has its flows back within that.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -237,8 +275,16 @@ async fn follow_changes(
                         "spec.podCIDR of this node changed; drain the node and restart the agent to apply it");
                     reported_cidr = now;
                 }
+                let want = remote_nodes(&st, cfg.node_name());
+                if applied.as_ref() != Some(&want) {
+                    applied = apply_remote_nodes(pm, want).await;
+                }
             }
-            _ = tick.tick() => match pm.dataplane().maintain().await {
+            _ = tick.tick() => {
+                if applied.is_none() {
+                    applied = apply_remote_nodes(pm, remote_nodes(&state.borrow(), cfg.node_name())).await;
+                }
+                match pm.dataplane().maintain().await {
                 Ok(()) if !healthy => {
                     tracing::info!(dataplane = pm.dataplane().name(), "dataplane healthy again");
                     healthy = true;
@@ -250,7 +296,23 @@ async fn follow_changes(
                     healthy = false;
                 }
                 Err(_) => {}
-            },
+                }
+            }
+        }
+    }
+}
+
+/// Gives the dataplane the new list of remote nodes; returns what was applied, or `None` (to
+/// retry) after logging the failure.
+async fn apply_remote_nodes(pm: &PodManager, want: Vec<RemoteNode>) -> Option<Vec<RemoteNode>> {
+    match pm.dataplane().set_remote_nodes(&want).await {
+        Ok(()) => {
+            tracing::info!(nodes = ?want.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), "remote nodes applied");
+            Some(want)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "applying remote nodes failed; retrying");
+            None
         }
     }
 }

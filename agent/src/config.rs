@@ -50,6 +50,45 @@ pub enum DataplaneKind {
     Ovs,
 }
 
+/// How pod traffic crosses nodes (Antrea's `trafficEncapMode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EncapMode {
+    /// Through a tunnel between nodes (default).
+    #[default]
+    Encap,
+    /// Routed: the node sends pod traffic to the remote node's address as it is; the underlay
+    /// (or a direct link between the nodes) must carry pod addresses.
+    NoEncap,
+}
+
+/// The encapsulation of the tunnel between nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelType {
+    /// VXLAN, UDP port 4789 (default).
+    #[default]
+    Vxlan,
+    /// Geneve, UDP port 6081.
+    Geneve,
+}
+
+impl TunnelType {
+    /// The IANA UDP port of the encapsulation.
+    pub fn default_port(self) -> u16 {
+        match self {
+            TunnelType::Vxlan => 4789,
+            TunnelType::Geneve => 6081,
+        }
+    }
+
+    /// Bytes the encapsulation adds to an IPv4 packet: outer IPv4 (20) + UDP (8) + the
+    /// tunnel header (8) + the inner Ethernet header (14). Geneve options are not used.
+    pub fn overhead(self) -> u32 {
+        50
+    }
+}
+
 /// Where the desired state comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -100,9 +139,28 @@ pub struct Config {
     /// The service CIDR: traffic to it is never masqueraded. Default `10.96.0.0/12`.
     #[serde(default = "default_service_cidr", rename = "serviceCIDR")]
     pub service_cidr: Ipv4Network,
-    /// MTU of pod interfaces. Default 1500.
-    #[serde(default = "default_mtu")]
-    pub mtu: u32,
+    /// MTU of pod interfaces. Default: the transport interface's MTU, minus the tunnel's
+    /// overhead in `encap` mode (1450 on a 1500-byte network with VXLAN or Geneve).
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// `encap` (default) or `noEncap`.
+    #[serde(default)]
+    pub traffic_encap_mode: EncapMode,
+    /// `vxlan` (default) or `geneve`.
+    #[serde(default)]
+    pub tunnel_type: TunnelType,
+    /// UDP port of the tunnel. Default: 4789 for VXLAN, 6081 for Geneve.
+    #[serde(default)]
+    pub tunnel_port: Option<u16>,
+    /// The interface that carries traffic between nodes, by name. Default: the interface
+    /// holding an address in `transportInterfaceCIDRs`, else the one holding the node's
+    /// `InternalIP`.
+    #[serde(default)]
+    pub transport_interface: Option<String>,
+    /// CIDRs to choose the transport interface by (the first interface with an address in one
+    /// of them), as Antrea's `transportInterfaceCIDRs`.
+    #[serde(default, rename = "transportInterfaceCIDRs")]
+    pub transport_interface_cidrs: Vec<Ipv4Network>,
     /// Masquerade pod traffic to destinations outside the cluster. Default `true`.
     #[serde(default = "default_true")]
     pub masquerade: bool,
@@ -131,9 +189,6 @@ fn default_bpf_pin_path() -> PathBuf {
 }
 fn default_service_cidr() -> Ipv4Network {
     Ipv4Network::new(Ipv4Addr::new(10, 96, 0, 0), 12).expect("valid")
-}
-fn default_mtu() -> u32 {
-    1500
 }
 fn default_true() -> bool {
     true
@@ -205,8 +260,21 @@ impl Config {
             }
             _ => {}
         }
-        if !(576..=65535).contains(&self.mtu) {
+        if self.mtu.is_some_and(|m| !(576..=65535).contains(&m)) {
             return inv("mtu", "must be between 576 and 65535");
+        }
+        if self.tunnel_port == Some(0) {
+            return inv("tunnelPort", "must be a UDP port number (1-65535)");
+        }
+        if self
+            .transport_interface
+            .as_ref()
+            .is_some_and(|n| n.is_empty() || n.len() > 15)
+        {
+            return inv(
+                "transportInterface",
+                "must be an interface name of 1 to 15 characters",
+            );
         }
         if self.veth_prefix.is_empty() || self.veth_prefix.len() > 4 {
             return inv("vethPrefix", "must be 1 to 4 characters");
@@ -276,7 +344,9 @@ mod tests {
         let c = parse("nodeName: n1\n").unwrap();
         assert_eq!(c.dataplane, DataplaneKind::Ebpf);
         assert_eq!(c.cni_socket, PathBuf::from("/var/run/ferrea/cni.sock"));
-        assert_eq!(c.mtu, 1500);
+        assert_eq!(c.mtu, None);
+        assert_eq!(c.traffic_encap_mode, EncapMode::Encap);
+        assert_eq!(c.tunnel_type, TunnelType::Vxlan);
         assert!(c.masquerade);
         assert_eq!(c.service_cidr.to_string(), "10.96.0.0/12");
     }
@@ -296,6 +366,16 @@ mod tests {
             }
         );
         assert_eq!(c.cluster_cidrs.len(), 1);
+        let c = parse(
+            "nodeName: n1\ntrafficEncapMode: noEncap\ntunnelType: geneve\ntunnelPort: 7000\n\
+             transportInterface: eth1\ntransportInterfaceCIDRs: [172.18.0.0/24]\n",
+        )
+        .unwrap();
+        assert_eq!(c.traffic_encap_mode, EncapMode::NoEncap);
+        assert_eq!(c.tunnel_type, TunnelType::Geneve);
+        assert_eq!(c.tunnel_port, Some(7000));
+        assert_eq!(c.transport_interface.as_deref(), Some("eth1"));
+        assert_eq!(c.transport_interface_cidrs.len(), 1);
     }
 
     #[test]
@@ -316,6 +396,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("cniSocket"), "{e}");
+        let e = parse("nodeName: n1\ntunnelType: gre\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gre"), "{e}");
+        let e = parse("nodeName: n1\ntransportInterface: a-very-long-interface\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("transportInterface"), "{e}");
         let e = parse("nodeName: n1\ndataplane: vpp\n")
             .unwrap_err()
             .to_string();

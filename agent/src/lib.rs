@@ -21,3 +21,4 @@ pub mod store;
 pub mod sysctl;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod transport;

@@ -436,11 +436,7 @@ mod tests {
             }
         }
         fn manager(&self) -> PodManager {
-            let node = NodeNetwork {
-                pod_cidr: "10.244.1.0/24".parse().unwrap(),
-                gateway: "10.244.1.1".parse().unwrap(),
-                mtu: 1500,
-            };
+            let node = NodeNetwork::standalone("10.244.1.0/24".parse().unwrap(), 1500);
             let store = Store::open(self.dir.path()).unwrap();
             PodManager::new(store, self.pn.clone(), self.dp.clone(), node, "fe".into()).unwrap()
         }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::dataplane::{Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats};
+use crate::dataplane::{Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats, RemoteNode};
 use crate::podnet::{PodNet, PodNetError, PodNetSpec};
 
 /// A fake [`PodNet`]: a map of host interface name to (ifindex, spec).
@@ -89,6 +89,8 @@ pub struct FakeDataplane {
     pub prepared: Mutex<HashSet<Ipv4Addr>>,
     /// When set, `prepare_pod` fails.
     pub fail_prepare: Mutex<bool>,
+    /// The last list given to `set_remote_nodes`.
+    pub remotes: Mutex<Vec<RemoteNode>>,
 }
 
 #[async_trait]
@@ -121,6 +123,10 @@ impl Dataplane for FakeDataplane {
                 msg: "injected".into(),
             });
         }
+        Ok(())
+    }
+    async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
+        *self.remotes.lock().unwrap() = nodes.to_vec();
         Ok(())
     }
     async fn del_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {

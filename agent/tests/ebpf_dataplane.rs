@@ -154,11 +154,7 @@ fn ebpf_dataplane_end_to_end() {
 }
 
 async fn run(node: &str, pin: &Path, a: PodInfo, b: PodInfo, c: PodEndpoint) {
-    let net = NodeNetwork {
-        pod_cidr: "10.244.1.0/24".parse().unwrap(),
-        gateway: "10.244.1.1".parse().unwrap(),
-        mtu: 1500,
-    };
+    let net = NodeNetwork::standalone("10.244.1.0/24".parse().unwrap(), 1500);
     let dp = EbpfDataplane::new(pin).unwrap();
     let t = Instant::now();
     dp.init_node(&net).await.unwrap();

@@ -127,11 +127,7 @@ fn ovs_dataplane_end_to_end() {
     };
 
     let cfg = env.config("br-fe");
-    let net = NodeNetwork {
-        pod_cidr: "10.244.1.0/24".parse().unwrap(),
-        gateway: GATEWAY,
-        mtu: 1500,
-    };
+    let net = NodeNetwork::standalone("10.244.1.0/24".parse().unwrap(), 1500);
     let (a_ns, b_ns) = (a.name().to_owned(), b.name().to_owned());
     let (aep, bep) = (endpoint(&a), endpoint(&b));
     let node2 = node.clone();

@@ -17,6 +17,12 @@ pub const MAP_ENDPOINTS_BY_IP: &str = "FERREA_EP_IP";
 /// Name of the per-CPU map of per-pod counters keyed by the host-side veth ifindex.
 pub const MAP_COUNTERS: &str = "FERREA_COUNTERS";
 
+/// Name of the LPM map of other nodes' pod CIDRs (key: prefix length + IPv4 network, network
+/// byte order) to the node that holds them.
+pub const MAP_REMOTE_NODES: &str = "FERREA_REMOTE";
+/// Maximum number of other nodes.
+pub const MAX_NODES: u32 = 1024;
+
 /// Name of the program attached to TC ingress of each pod's host-side veth (traffic from the pod).
 pub const PROG_FROM_POD: &str = "ferrea_from_pod";
 /// Name of the program attached to TC egress of each pod's host-side veth (traffic to the pod
@@ -35,6 +41,23 @@ pub struct Endpoint {
     pub pod_mac: [u8; 6],
     /// MAC address of the host-side veth: the pod's gateway MAC.
     pub host_mac: [u8; 6],
+}
+
+/// Name of the program attached to TC egress of the tunnel device: sets the tunnel's outer
+/// destination per packet from [`MAP_REMOTE_NODES`].
+pub const PROG_TO_TUNNEL: &str = "ferrea_to_tunnel";
+/// Name of the program attached to TC ingress of the tunnel device: delivers decapsulated
+/// packets straight into local pods.
+pub const PROG_FROM_TUNNEL: &str = "ferrea_from_tunnel";
+
+/// The node that holds a remote pod CIDR.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteNode {
+    /// The node's transport address (the tunnel's outer destination), network byte order.
+    pub node_ip: u32,
+    /// The tunnel's VNI.
+    pub vni: u32,
 }
 
 /// Per-pod packet counters, per CPU; userspace sums the CPUs.
@@ -62,4 +85,6 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     // SAFETY: Counters is repr(C) of u64 fields only; any bit pattern is valid.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: RemoteNode is repr(C) of two u32 fields, no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::RemoteNode {}
 }

@@ -12,6 +12,13 @@
 //! - [`ferrea_to_pod`] runs on TC egress of the host-side veth and only counts what the node's
 //!   stack delivers to the pod.
 //!
+//! - [`ferrea_to_tunnel`] runs on TC egress of the tunnel device (`ferrea-tun0`, a VXLAN or
+//!   Geneve device in external mode) and sets each packet's outer destination: the node that
+//!   holds the destination's pod CIDR, looked up in an LPM map.
+//! - [`ferrea_from_tunnel`] runs on TC ingress of the tunnel device and delivers decapsulated
+//!   packets for local pods straight into their namespace; the rest (for the node itself) is
+//!   marked for the host and goes up the stack.
+//!
 //! The maps are pinned by name so that a restarted agent adopts them; their layouts live in
 //! `ferrea-common` and are shared with the agent.
 //!
@@ -21,13 +28,13 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_redirect_peer},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
+    helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_set_tunnel_key},
     macros::{classifier, map},
-    maps::{HashMap, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
-use ferrea_common::{Counters, Endpoint, MAX_PODS};
+use ferrea_common::{Counters, Endpoint, MAX_NODES, MAX_PODS, RemoteNode};
 
 /// Local endpoints keyed by host-side veth ifindex: who is sending on this interface.
 #[map(name = "FERREA_EP_IF")]
@@ -41,7 +48,15 @@ static FERREA_EP_IP: HashMap<u32, Endpoint> = HashMap::pinned(MAX_PODS, 0);
 #[map(name = "FERREA_COUNTERS")]
 static FERREA_COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::pinned(MAX_PODS, 0);
 
+/// Other nodes' pod CIDRs (IPv4 network, network byte order) to the node holding them.
+#[map(name = "FERREA_REMOTE")]
+static FERREA_REMOTE: LpmTrie<u32, RemoteNode> = LpmTrie::pinned(MAX_NODES, 1); // BPF_F_NO_PREALLOC
+
 const ETH_HLEN: usize = 14;
+/// `skb->pkt_type` for packets addressed to this host.
+const PACKET_HOST: u32 = 0;
+/// TTL of the outer header.
+const TUNNEL_TTL: u8 = 64;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const ARP_HLEN: usize = 28;
@@ -277,6 +292,66 @@ fn arp(ctx: &TcContext, ep: &Endpoint) -> Option<i32> {
 pub fn ferrea_to_pod(ctx: TcContext) -> i32 {
     count(skb_ifindex(&ctx), Dir::Rx, ctx.len());
     TC_ACT_OK as i32
+}
+
+/// TC egress of the tunnel device: every packet the node routes to another node's pods (from
+/// a local pod or from the node itself). Sets the outer destination; drops what no node holds.
+#[classifier]
+pub fn ferrea_to_tunnel(ctx: TcContext) -> i32 {
+    to_tunnel(&ctx).unwrap_or(TC_ACT_SHOT as i32)
+}
+
+#[inline(always)]
+fn to_tunnel(ctx: &TcContext) -> Option<i32> {
+    if u16::from_be(load_u16(ctx, OFF_ETH_PROTO)?) != ETH_P_IP {
+        return Some(TC_ACT_SHOT as i32);
+    }
+    let dst_ip = load_u32(ctx, OFF_IP_DST)?;
+    let node = *FERREA_REMOTE.get(Key::new(32, dst_ip))?;
+    // SAFETY: bpf_tunnel_key is plain old data; all-zero is its "unset" value.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = node.vni;
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(node.node_ip);
+    key.tunnel_ttl = TUNNEL_TTL;
+    // SAFETY: plain helper call on the program's own skb with a key of the size passed.
+    let r = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    if r != 0 {
+        return Some(TC_ACT_SHOT as i32);
+    }
+    Some(TC_ACT_OK as i32)
+}
+
+/// TC ingress of the tunnel device: every decapsulated packet from another node.
+#[classifier]
+pub fn ferrea_from_tunnel(ctx: TcContext) -> i32 {
+    from_tunnel(&ctx).unwrap_or(TC_ACT_SHOT as i32)
+}
+
+#[inline(always)]
+fn from_tunnel(ctx: &TcContext) -> Option<i32> {
+    if u16::from_be(load_u16(ctx, OFF_ETH_PROTO)?) != ETH_P_IP {
+        return Some(TC_ACT_SHOT as i32);
+    }
+    let dst_ip = load_u32(ctx, OFF_IP_DST)?;
+    // SAFETY: copied out at once; the agent replaces entries whole.
+    if let Some(dst) = unsafe { FERREA_EP_IP.get(dst_ip) }.copied() {
+        store_mac(ctx, OFF_ETH_SRC, &dst.host_mac)?;
+        store_mac(ctx, OFF_ETH_DST, &dst.pod_mac)?;
+        count(dst.ifindex, Dir::Rx, ctx.len());
+        // SAFETY: plain helper call; valid from TC ingress.
+        return Some(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);
+    }
+    // For the node (its gateway address, say): the inner destination MAC is the sending
+    // node's tunnel MAC, so tell the stack the packet is ours.
+    ctx.change_type(PACKET_HOST).ok()?;
+    Some(TC_ACT_OK as i32)
 }
 
 #[cfg(not(test))]

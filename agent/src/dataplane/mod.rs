@@ -14,6 +14,7 @@ use ipnetwork::Ipv4Network;
 
 pub mod ebpf;
 pub mod ovs;
+pub mod routes;
 
 /// Node-wide facts a backend needs to build its packet path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +25,80 @@ pub struct NodeNetwork {
     pub gateway: Ipv4Addr,
     /// MTU of pod interfaces.
     pub mtu: u32,
+    /// The interface and address that carry traffic between nodes.
+    pub transport: Transport,
+    /// The tunnel to other nodes; `None` in `noEncap` mode (routed).
+    pub tunnel: Option<Tunnel>,
+}
+
+impl NodeNetwork {
+    /// A node with no other nodes to reach (no tunnel; the loopback stands in for the
+    /// transport): for backend tests that exercise one node.
+    pub fn standalone(pod_cidr: Ipv4Network, mtu: u32) -> Self {
+        NodeNetwork {
+            pod_cidr,
+            gateway: crate::ipam::gateway_of(pod_cidr),
+            mtu,
+            transport: Transport {
+                ifname: "lo".into(),
+                ifindex: 1,
+                ip: Ipv4Addr::LOCALHOST,
+                prefix_len: 8,
+                mtu: 65536,
+            },
+            tunnel: None,
+        }
+    }
+}
+
+/// The transport interface: where this node's traffic to other nodes leaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transport {
+    /// Interface name.
+    pub ifname: String,
+    /// Interface index.
+    pub ifindex: u32,
+    /// This node's address on it: the tunnel's outer source.
+    pub ip: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+    /// Its MTU.
+    pub mtu: u32,
+}
+
+/// The encapsulation between nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    /// VXLAN or Geneve.
+    pub kind: crate::config::TunnelType,
+    /// UDP destination port.
+    pub port: u16,
+}
+
+/// Name of the tunnel device (eBPF) or tunnel port (OVS) on every node.
+pub const TUNNEL_IFNAME: &str = "ferrea-tun0";
+
+/// The virtual network identifier on the wire. One overlay per cluster, so one VNI; flows and
+/// programs set the remote per packet.
+pub const TUNNEL_VNI: u32 = 0;
+
+/// Another node of the cluster, as the packet path needs it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteNode {
+    /// `metadata.name`.
+    pub name: String,
+    /// Its transport address (`InternalIP`): the tunnel's outer destination, or the next hop
+    /// in `noEncap` mode.
+    pub node_ip: Ipv4Addr,
+    /// Its pod CIDR.
+    pub pod_cidr: Ipv4Network,
+}
+
+impl RemoteNode {
+    /// The remote node's pod gateway (first address of its pod CIDR).
+    pub fn gateway(&self) -> Ipv4Addr {
+        crate::ipam::gateway_of(self.pod_cidr)
+    }
 }
 
 /// One local pod's endpoint as the agent core created it.
@@ -132,6 +207,12 @@ pub trait Dataplane: Send + Sync {
         &self,
         keep: &std::collections::HashSet<Ipv4Addr>,
     ) -> Result<Vec<Ipv4Addr>, DataplaneError>;
+
+    /// Makes the packet path reach exactly these other nodes' pods (tunnel, routes, map
+    /// entries or flows), removing what it had for nodes no longer listed. Called after
+    /// [`Self::init_node`] with the full list, then with every change of it. Idempotent;
+    /// adopts what a previous agent process left.
+    async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError>;
 
     /// Periodic upkeep, called by the agent about once a second: checks the backend's
     /// connections and repairs what drifted outside the agent (for OVS: a restarted

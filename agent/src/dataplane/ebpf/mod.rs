@@ -35,19 +35,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ferrea_common::{Counters, Endpoint};
+use ferrea_common::{Counters, Endpoint, RemoteNode as RemoteEntry};
 use futures::TryStreamExt;
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth};
+use netlink_packet_route::link::{InfoData, InfoGeneve, InfoKind, InfoVeth};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::RouteScope;
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 use sha2::{Digest, Sha256};
 
-use super::{Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats};
+use super::routes::{self, NodeRoute};
+use super::{
+    Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats, RemoteNode, TUNNEL_IFNAME,
+    TUNNEL_VNI, Tunnel,
+};
+use crate::config::TunnelType;
 
 mod pins;
 
@@ -95,6 +101,11 @@ fn ifname_of(ifindex: u32) -> Option<String> {
         .ok()
 }
 
+/// True if an interface of this name exists.
+fn ifname_of_name(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
+}
+
 /// Short digest of the embedded object: names the directory its loaded programs are pinned in,
 /// so a restarted agent can tell whether the attached programs are of its own build.
 pub fn object_digest(object: &[u8]) -> String {
@@ -107,10 +118,22 @@ struct Loaded {
     ep_if: BpfHashMap<MapData, u32, Endpoint>,
     ep_ip: BpfHashMap<MapData, u32, Endpoint>,
     counters: PerCpuHashMap<MapData, u32, Counters>,
+    remote: LpmTrie<MapData, u32, RemoteEntry>,
     from_pod: SchedClassifier,
     to_pod: SchedClassifier,
+    from_tunnel: SchedClassifier,
+    to_tunnel: SchedClassifier,
     gateway: Ipv4Addr,
+    node: NodeNetwork,
 }
+
+/// Every program of the object, pinned per build.
+const PROGRAMS: [&str; 4] = [
+    ferrea_common::PROG_FROM_POD,
+    ferrea_common::PROG_TO_POD,
+    ferrea_common::PROG_FROM_TUNNEL,
+    ferrea_common::PROG_TO_TUNNEL,
+];
 
 /// The eBPF dataplane of one node. Create it inside the node's network namespace (it opens its
 /// netlink socket there), then call [`Dataplane::init_node`] once before any pod operation.
@@ -198,7 +221,7 @@ impl EbpfDataplane {
     }
 
     /// Loads the object, adopting pinned maps and (same build) pinned programs.
-    fn load(&self, gateway: Ipv4Addr) -> Result<Loaded, DataplaneError> {
+    fn load(&self, node: &NodeNetwork) -> Result<Loaded, DataplaneError> {
         let l = &self.layout;
         pins::ensure_bpffs(l.root())
             .map_err(|e| init_err(format!("bpffs at {}: {e}", l.root().display())))?;
@@ -217,16 +240,14 @@ impl EbpfDataplane {
             .map_err(|e| init_err(format!("loading the BPF object: {e}")))?;
         let digest = object_digest(BPF_OBJECT);
         let prog_dir = l.progs_dir(&digest);
-        let same_build = [Direction::Ingress, Direction::Egress]
-            .iter()
-            .all(|d| prog_dir.join(d.program()).exists());
+        let same_build = PROGRAMS.iter().all(|p| prog_dir.join(p).exists());
         if !same_build {
             load_and_pin_programs(&mut ebpf, &prog_dir)?;
         }
-        let from_pod = SchedClassifier::from_pin(prog_dir.join(Direction::Ingress.program()))
-            .map_err(|e| init_err(format!("opening pinned program: {e}")))?;
-        let to_pod = SchedClassifier::from_pin(prog_dir.join(Direction::Egress.program()))
-            .map_err(|e| init_err(format!("opening pinned program: {e}")))?;
+        let pinned = |name: &str| {
+            SchedClassifier::from_pin(prog_dir.join(name))
+                .map_err(|e| init_err(format!("opening pinned program {name}: {e}")))
+        };
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| init_err(format!("map {name} missing from the object")))
@@ -234,13 +255,18 @@ impl EbpfDataplane {
         let ep_if = take(&mut ebpf, ferrea_common::MAP_ENDPOINTS_BY_IFINDEX)?;
         let ep_ip = take(&mut ebpf, ferrea_common::MAP_ENDPOINTS_BY_IP)?;
         let counters = take(&mut ebpf, ferrea_common::MAP_COUNTERS)?;
+        let remote = take(&mut ebpf, ferrea_common::MAP_REMOTE_NODES)?;
         let mut loaded = Loaded {
             ep_if: BpfHashMap::try_from(ep_if).map_err(init_err)?,
             ep_ip: BpfHashMap::try_from(ep_ip).map_err(init_err)?,
             counters: PerCpuHashMap::try_from(counters).map_err(init_err)?,
-            from_pod,
-            to_pod,
-            gateway,
+            remote: LpmTrie::try_from(remote).map_err(init_err)?,
+            from_pod: pinned(ferrea_common::PROG_FROM_POD)?,
+            to_pod: pinned(ferrea_common::PROG_TO_POD)?,
+            from_tunnel: pinned(ferrea_common::PROG_FROM_TUNNEL)?,
+            to_tunnel: pinned(ferrea_common::PROG_TO_TUNNEL)?,
+            gateway: node.gateway,
+            node: node.clone(),
         };
         if !same_build {
             // A different build was attached before (or none): move every known pod's filters
@@ -265,6 +291,84 @@ impl EbpfDataplane {
             Err(e) if nl_code(&e) == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Creates or adopts the tunnel device: VXLAN or Geneve in external (flow-based) mode, no
+    /// ARP, MTU of the pods; attaches the tunnel programs.
+    async fn ensure_tunnel(&self, node: &NodeNetwork, t: Tunnel) -> Result<(), DataplaneError> {
+        if self
+            .link_index(TUNNEL_IFNAME)
+            .await
+            .map_err(|e| init_err(format!("get {TUNNEL_IFNAME}: {e}")))?
+            .is_none()
+        {
+            let msg = match t.kind {
+                TunnelType::Vxlan => LinkVxlan::new(TUNNEL_IFNAME, TUNNEL_VNI)
+                    .collect_metadata(true)
+                    .learning(false)
+                    .port(t.port)
+                    .mtu(node.mtu)
+                    .arp(false)
+                    .build(),
+                TunnelType::Geneve => {
+                    LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Geneve)
+                        .name(TUNNEL_IFNAME.to_owned())
+                        .mtu(node.mtu)
+                        .arp(false)
+                        .set_info_data(InfoData::Geneve(vec![
+                            InfoGeneve::CollectMetadata,
+                            InfoGeneve::Port(t.port),
+                        ]))
+                        .build()
+                }
+            };
+            match self.nl.link().add(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if nl_code(&e) == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(init_err(format!(
+                        "creating {TUNNEL_IFNAME} ({:?}, external mode): {e}{}",
+                        t.kind,
+                        if matches!(t.kind, TunnelType::Geneve) {
+                            " (does this kernel have the geneve module?)"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
+        }
+        let idx = self
+            .link_index(TUNNEL_IFNAME)
+            .await
+            .map_err(|e| init_err(format!("get {TUNNEL_IFNAME}: {e}")))?
+            .ok_or_else(|| init_err(format!("{TUNNEL_IFNAME} vanished after creation")))?;
+        self.nl
+            .link()
+            .set(LinkUnspec::new_with_index(idx).mtu(node.mtu).up().build())
+            .execute()
+            .await
+            .map_err(|e| init_err(format!("set {TUNNEL_IFNAME} up: {e}")))?;
+        let mut g = self.lock();
+        let st = g.as_mut().expect("loaded by init_node");
+        st.attach_tunnel()
+            .map_err(|e| init_err(format!("attaching the tunnel programs: {e}")))
+    }
+
+    /// Deletes the tunnel device if it exists (routes through it go with it).
+    async fn remove_tunnel(&self) -> Result<(), DataplaneError> {
+        if let Some(idx) = self
+            .link_index(TUNNEL_IFNAME)
+            .await
+            .map_err(|e| init_err(format!("get {TUNNEL_IFNAME}: {e}")))?
+        {
+            match self.nl.link().del(idx).execute().await {
+                Ok(()) => tracing::info!("noEncap: tunnel device removed"),
+                Err(e) if is_gone(&e) => {}
+                Err(e) => return Err(init_err(format!("deleting {TUNNEL_IFNAME}: {e}"))),
+            }
+        }
+        Ok(())
     }
 
     /// Creates or adopts `ferrea-gw0` / `ferrea-gw0p`, up, with the gateway /32.
@@ -367,12 +471,36 @@ impl EbpfDataplane {
 }
 
 /// Loads both programs of a freshly loaded object and pins them under `dir`.
+/// Attaches `prog` to `ifname` at `t`, or replaces the program of ferrea's filter there.
+fn attach_prog(prog: &mut SchedClassifier, ifname: &str, t: TcAttachType) -> Result<(), String> {
+    let opts = NlOptions {
+        priority: TC_PRIORITY,
+        handle: TC_HANDLE,
+        classid: None,
+    };
+    let id = match prog.attach_with_options(ifname, t, TcAttachOptions::Netlink(opts)) {
+        Ok(id) => id,
+        // Our filter is there already (re-add, or a filter of another build): replace its
+        // program in place, which cls_bpf does atomically.
+        Err(_) => {
+            let old = SchedClassifierLink::attached(ifname, t, TC_PRIORITY, TC_HANDLE, None)
+                .map_err(|e| e.to_string())?;
+            prog.attach_to_link(old).map_err(|e| e.to_string())?
+        }
+    };
+    let link = prog.take_link(id).map_err(|e| e.to_string())?;
+    // Dropping a netlink link deletes the filter; the filter must outlive this process
+    // (that is what keeps pods connected when the agent dies). The value holds only
+    // integers (ifindex, priority, handle), so forgetting it leaks nothing.
+    std::mem::forget(link);
+    Ok(())
+}
+
 fn load_and_pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
     // A half-populated directory (crash between the two pins) is simply redone.
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| init_err(format!("mkdir {}: {e}", dir.display())))?;
-    for d in [Direction::Ingress, Direction::Egress] {
-        let name = d.program();
+    for name in PROGRAMS {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| init_err(format!("program {name} missing from the object")))?
@@ -396,28 +524,47 @@ impl Loaded {
 
     /// Attaches (or replaces in place) ferrea's filter for one direction on `ifname`.
     fn attach_one(&mut self, ifname: &str, d: Direction) -> Result<(), String> {
-        let t = attach_type(d);
-        let prog = self.prog(d);
-        let opts = NlOptions {
-            priority: TC_PRIORITY,
-            handle: TC_HANDLE,
-            classid: None,
-        };
-        let id = match prog.attach_with_options(ifname, t, TcAttachOptions::Netlink(opts)) {
-            Ok(id) => id,
-            // Our filter is there already (re-add, or a filter of another build): replace its
-            // program in place, which cls_bpf does atomically.
-            Err(_) => {
-                let old = SchedClassifierLink::attached(ifname, t, TC_PRIORITY, TC_HANDLE, None)
-                    .map_err(|e| e.to_string())?;
-                prog.attach_to_link(old).map_err(|e| e.to_string())?
+        attach_prog(self.prog(d), ifname, attach_type(d))
+    }
+
+    /// Attaches both tunnel programs to the tunnel device (adding `clsact` if needed).
+    fn attach_tunnel(&mut self) -> Result<(), String> {
+        let _ = aya::programs::tc::qdisc_add_clsact(TUNNEL_IFNAME);
+        attach_prog(&mut self.from_tunnel, TUNNEL_IFNAME, TcAttachType::Ingress)?;
+        attach_prog(&mut self.to_tunnel, TUNNEL_IFNAME, TcAttachType::Egress)
+    }
+
+    /// Makes the remote-node map exactly `nodes`.
+    fn sync_remote(&mut self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
+        let want: Vec<(LpmKey<u32>, RemoteEntry)> = nodes
+            .iter()
+            .map(|n| {
+                (
+                    LpmKey::new(
+                        u32::from(n.pod_cidr.prefix()),
+                        u32::from_ne_bytes(n.pod_cidr.network().octets()),
+                    ),
+                    RemoteEntry {
+                        node_ip: u32::from_ne_bytes(n.node_ip.octets()),
+                        vni: TUNNEL_VNI,
+                    },
+                )
+            })
+            .collect();
+        let have: Vec<LpmKey<u32>> = self.remote.keys().filter_map(Result::ok).collect();
+        for k in have {
+            let wanted = want
+                .iter()
+                .any(|(w, _)| w.prefix_len() == k.prefix_len() && w.data() == k.data());
+            if !wanted {
+                let _ = self.remote.remove(&k);
             }
-        };
-        let link = prog.take_link(id).map_err(|e| e.to_string())?;
-        // Dropping a netlink link deletes the filter; the filter must outlive this process
-        // (that is what keeps pods connected when the agent dies). The value holds only
-        // integers (ifindex, priority, handle), so forgetting it leaks nothing.
-        std::mem::forget(link);
+        }
+        for (k, v) in &want {
+            self.remote
+                .insert(k, *v, 0)
+                .map_err(|e| other_err("remote node map", e))?;
+        }
         Ok(())
     }
 
@@ -444,6 +591,9 @@ impl Loaded {
                 tracing::warn!(ifname, "could not move a pod's filters to the new programs");
             }
             n += usize::from(ok);
+        }
+        if ifname_of_name(TUNNEL_IFNAME) && self.attach_tunnel().is_err() {
+            tracing::warn!("could not move the tunnel device's filters to the new programs");
         }
         n
     }
@@ -500,9 +650,52 @@ impl Dataplane for EbpfDataplane {
     }
 
     async fn init_node(&self, node: &NodeNetwork) -> Result<(), DataplaneError> {
-        let loaded = self.load(node.gateway)?;
+        let loaded = self.load(node)?;
         *self.lock() = Some(loaded);
-        self.ensure_gateway(node).await
+        self.ensure_gateway(node).await?;
+        match node.tunnel {
+            Some(t) => self.ensure_tunnel(node, t).await,
+            // noEncap: a tunnel device left from an encap configuration goes.
+            None => self.remove_tunnel().await,
+        }
+    }
+
+    async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
+        let node = {
+            let mut g = self.lock();
+            let st = g
+                .as_mut()
+                .ok_or_else(|| other_err("set_remote_nodes", "init_node was not called"))?;
+            st.sync_remote(nodes)?;
+            st.node.clone()
+        };
+        let dev = match node.tunnel {
+            Some(_) => self
+                .link_index(TUNNEL_IFNAME)
+                .await
+                .map_err(|e| other_err("remote nodes", e))?
+                .ok_or_else(|| other_err("remote nodes", format!("{TUNNEL_IFNAME} is missing")))?,
+            None => node.transport.ifindex,
+        };
+        let want: Vec<NodeRoute> = nodes
+            .iter()
+            .map(|n| NodeRoute {
+                dst: n.pod_cidr,
+                // Encap: straight into the tunnel device (no ARP on it; the egress program
+                // sets the outer destination). noEncap: to the remote node itself.
+                via: node.tunnel.is_none().then_some(n.node_ip),
+                onlink: false,
+                dev,
+                src: Some(node.gateway),
+            })
+            .collect();
+        let removed = routes::sync(&self.nl, &want)
+            .await
+            .map_err(|e| other_err("remote node routes", e))?;
+        if removed > 0 {
+            tracing::info!(removed, "routes of departed nodes removed");
+        }
+        Ok(())
     }
 
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {

@@ -36,7 +36,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats};
+use super::{Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats, RemoteNode};
 
 pub mod openflow;
 pub mod ovsdb;
@@ -577,6 +577,36 @@ impl Dataplane for OvsDataplane {
         self.verify_ofports().await
     }
 
+    async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
+        let s = self
+            .node_state()
+            .ok_or_else(|| other_err("set_remote_nodes", "init_node has not run"))?;
+        if s.node.tunnel.is_some() && !nodes.is_empty() {
+            return Err(other_err(
+                "set_remote_nodes",
+                "encap mode is not implemented by the OVS backend yet",
+            ));
+        }
+        // noEncap: pods' traffic for other nodes leaves through the gateway port into the
+        // node's stack, which routes it to the remote node.
+        let want: Vec<super::routes::NodeRoute> = nodes
+            .iter()
+            .map(|n| super::routes::NodeRoute {
+                dst: n.pod_cidr,
+                via: Some(n.node_ip),
+                onlink: false,
+                dev: s.node.transport.ifindex,
+                src: Some(s.node.gateway),
+            })
+            .collect();
+        let (conn, h, _) = rtnetlink::new_connection().map_err(|e| other_err("netlink", e))?;
+        let task = tokio::spawn(conn);
+        let r = super::routes::sync(&h, &want).await;
+        task.abort();
+        r.map(|_| ())
+            .map_err(|e| other_err("remote node routes", e))
+    }
+
     /// Installs a new pod's flows under its requested port number before its veth exists:
     /// every link change in the namespace makes vswitchd reconfigure the bridge (several ms
     /// with a hundred ports), and a bundle sent after the veth appeared waits behind that.
@@ -879,12 +909,7 @@ mod ofport_tests {
     use super::*;
 
     fn node(cidr: &str) -> NodeNetwork {
-        let pod_cidr: ipnetwork::Ipv4Network = cidr.parse().unwrap();
-        NodeNetwork {
-            pod_cidr,
-            gateway: crate::ipam::gateway_of(pod_cidr),
-            mtu: 1500,
-        }
+        NodeNetwork::standalone(cidr.parse().unwrap(), 1500)
     }
 
     #[test]
