@@ -41,7 +41,7 @@ pub mod vethpod;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-pub use node::{Dataplane, NodeOptions, SimNode};
+pub use node::{Cluster, Dataplane, NodeOptions, SimNode};
 pub use pod::Pod;
 
 /// Environment variable that overrides where `ferrea-agent` and `ferrea-cni` are looked for.

@@ -63,6 +63,9 @@ pub struct NodeOptions {
     pub extra_config: String,
     /// Start the agent (default `true`); with `false` the node has everything but the process.
     pub start_agent: bool,
+    /// Manifests of other nodes to put beside this node's own (file name, YAML), so the agent
+    /// knows them from its first moment. [`Cluster::add_node`] fills it.
+    pub other_nodes: Vec<(String, String)>,
 }
 
 impl Default for NodeOptions {
@@ -73,6 +76,7 @@ impl Default for NodeOptions {
             cluster_cidrs: vec!["10.244.0.0/16".into()],
             extra_config: String::new(),
             start_agent: true,
+            other_nodes: Vec::new(),
         }
     }
 }
@@ -91,6 +95,14 @@ impl NodeOptions {
         self.pod_cidr = Some(cidr.into());
         self
     }
+}
+
+/// The `Node` object of a simulated node: name, pod CIDR, `InternalIP`.
+pub fn node_manifest(name: &str, pod_cidr: &str, ip: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nspec:\n  podCIDR: {pod_cidr}\n\
+         status:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n"
+    )
 }
 
 /// One simulated node. Dropping it stops the agent, unmounts the bpffs, deletes the namespace
@@ -131,11 +143,11 @@ impl Node {
         std::fs::create_dir_all(&manifests)?;
         std::fs::write(
             manifests.join("node.yaml"),
-            format!(
-                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nspec:\n  podCIDR: {pod_cidr}\n\
-                 status:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n"
-            ),
+            node_manifest(&name, &pod_cidr, ip),
         )?;
+        for (file, text) in &opts.other_nodes {
+            std::fs::write(manifests.join(file), text)?;
+        }
         let socket = root.join("cni.sock");
         let bpf = root.join("bpf");
         let config = root.join("agent.yaml");
@@ -187,6 +199,14 @@ impl Node {
             dataplane: opts.dataplane,
             dir,
         })
+    }
+
+    /// This node's `Node` object as another node's manifests directory holds it.
+    pub fn manifest_entry(&self) -> (String, String) {
+        (
+            format!("node-{}.yaml", self.name),
+            node_manifest(&self.name, &self.pod_cidr, self.ip),
+        )
     }
 
     /// The node's OVS daemons (OVS backend only).
@@ -372,13 +392,45 @@ impl Cluster {
     }
 
     /// Adds the next node (node1, node2, ...) and returns its index in [`Cluster::nodes`].
+    /// Every node's source lists every node, as the Kubernetes API would: the new node starts
+    /// knowing the others, and the others learn about it through their manifests directory.
     pub fn add_node(&mut self, opts: &NodeOptions) -> anyhow::Result<usize> {
         let index = self.fabric.next_index();
         if index > 89 {
             bail!("too many nodes");
         }
-        self.nodes.push(Node::create(&self.fabric, index, opts)?);
+        let mut opts = opts.clone();
+        opts.other_nodes = self.nodes.iter().map(Node::manifest_entry).collect();
+        let node = Node::create(&self.fabric, index, &opts)?;
+        self.publish(&node)?;
+        self.nodes.push(node);
         Ok(self.nodes.len() - 1)
+    }
+
+    /// Writes `node`'s `Node` object into every other node's manifests directory.
+    pub fn publish(&self, node: &Node) -> anyhow::Result<()> {
+        let (file, text) = node.manifest_entry();
+        for other in self.nodes.iter().filter(|o| o.name() != node.name()) {
+            std::fs::write(other.manifests().join(&file), &text)
+                .with_context(|| format!("publishing {} to {}", node.name(), other.name()))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes node `i`'s `Node` object from every other node's source (as if it were
+    /// deleted from the API); the node itself keeps running.
+    pub fn unpublish(&self, i: usize) -> anyhow::Result<()> {
+        let (file, _) = self.nodes[i].manifest_entry();
+        for (j, other) in self.nodes.iter().enumerate() {
+            if j != i {
+                match std::fs::remove_file(other.manifests().join(&file)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The nodes.

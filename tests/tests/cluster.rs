@@ -1,0 +1,263 @@
+//! A cluster of three simulated nodes on one fabric: pods on different nodes reach each other
+//! through the overlay (VXLAN by default), keep their own addresses across nodes, and reach the
+//! outside through their own node's masquerade. Nodes leaving and joining the source are
+//! followed within a second, without disturbing the others.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferrea_tests::capture::{TcpPeers, tcp_seen_source};
+use ferrea_tests::fabric::INTERNET_IP;
+use ferrea_tests::netns::NetNs;
+use ferrea_tests::pod::Pod;
+use ferrea_tests::traffic::BackgroundPing;
+use ferrea_tests::{Cluster, Dataplane, NodeOptions, dataplane_tests, wait_for};
+
+const NODES: usize = 3;
+const PODS_PER_NODE: usize = 3;
+
+dataplane_tests!(
+    pods_on_three_nodes_reach_each_other,
+    nodes_leaving_and_joining_are_followed
+);
+
+/// A cluster of `n` nodes with `pods` pods each; returns the pods per node.
+fn cluster(dp: Dataplane, n: usize, pods: usize) -> (Cluster, Vec<Vec<Pod>>) {
+    let mut c = Cluster::new().expect("fabric");
+    for _ in 0..n {
+        c.add_node(&NodeOptions::new(dp)).expect("adding a node");
+    }
+    let pods = c
+        .nodes()
+        .iter()
+        .map(|node| {
+            let ps = node
+                .add_pods_concurrently(pods)
+                .expect("creating pods through the CNI");
+            if dp == Dataplane::Ovs {
+                // OVS 3.1's userspace tunnels do not finish checksums of TSO segments.
+                for p in &ps {
+                    tx_offload_off(p.ns());
+                }
+            }
+            ps
+        })
+        .collect();
+    (c, pods)
+}
+
+fn tx_offload_off(ns: &NetNs) {
+    let o = ns.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+    assert!(o.status.success(), "ethtool in {}: {o:?}", ns.name());
+}
+
+/// Pings every (from, to) pair, 8 at a time; returns the failures.
+fn ping_all(pairs: &[(&Pod, Ipv4Addr, String)]) -> Vec<String> {
+    let failures = Mutex::new(Vec::new());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((p, dst, what)) = pairs.get(i) else {
+                        break;
+                    };
+                    if !p.ping(*dst) {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("pod {} -> {what} ({dst}): no reply", p.ip()));
+                    }
+                }
+            });
+        }
+    });
+    failures.into_inner().unwrap()
+}
+
+/// Waits until `p` can ping `dst` (the other nodes learn a new node through their source).
+fn wait_reachable(p: &Pod, dst: Ipv4Addr, within: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    wait_for(within, || p.ping(dst).then_some(())).map(|()| t.elapsed())
+}
+
+fn pods_on_three_nodes_reach_each_other(dp: Dataplane) {
+    let (c, pods) = cluster(dp, NODES, PODS_PER_NODE);
+    let nodes = c.nodes();
+    // The first node learnt the last one through its manifests directory.
+    assert!(
+        wait_reachable(&pods[0][0], pods[NODES - 1][0].ip(), Duration::from_secs(5)).is_some(),
+        "node1's pod never reached node3's pod"
+    );
+
+    let all: Vec<&Pod> = pods.iter().flatten().collect();
+    let mut pairs = Vec::new();
+    for (i, from) in all.iter().enumerate() {
+        for (j, to) in all.iter().enumerate() {
+            if i != j {
+                pairs.push((*from, to.ip(), format!("pod {}", to.ip())));
+            }
+        }
+        // Every node's gateway, and the outside.
+        for n in nodes {
+            pairs.push((*from, n.gateway(), format!("gateway of {}", n.name())));
+        }
+        pairs.push((*from, INTERNET_IP, "external".into()));
+    }
+    let failures = ping_all(&pairs);
+    assert!(
+        failures.is_empty(),
+        "{} of {} pings failed:\n{}",
+        failures.len(),
+        pairs.len(),
+        failures.join("\n")
+    );
+
+    // Nodes reach other nodes' pods (node-originated traffic takes the overlay too).
+    for n in nodes {
+        for ps in &pods {
+            assert!(
+                ferrea_tests::fabric::ping(n.ns().name(), ps[0].ip()),
+                "{} cannot reach pod {}",
+                n.name(),
+                ps[0].ip()
+            );
+        }
+    }
+
+    // TCP across nodes keeps the pod's own address (no masquerade inside the cluster).
+    let (a, b) = (&pods[0][0], &pods[1][0]);
+    let rec = TcpPeers::start(b.ns(), SocketAddr::from((b.ip(), 8080))).unwrap();
+    let seen = tcp_seen_source(a.ns(), rec.addr()).expect("TCP pod to pod across nodes");
+    assert_eq!(seen.ip(), a.ip(), "pod {} seen as {seen} on node2", a.ip());
+
+    // A bulk transfer across nodes: 50 MB from a pod on node1 to a pod on node3.
+    let mut server = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            pods[2][1].ns().name(),
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+        ])
+        .arg(pods[2][1].ip().to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = pods[0][1].exec(&[
+        "iperf3",
+        "-c",
+        &pods[2][1].ip().to_string(),
+        "-n",
+        "50M",
+        "-J",
+    ]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "iperf3 across nodes: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    // iperf3 reports what the server counted until the client's last write, so a tail may
+    // still be in flight: the sender's count is exact, the receiver's a lower bound.
+    let sent = v["end"]["sum_sent"]["bytes"].as_f64().unwrap_or(0.0);
+    let received = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    assert!(sent >= 50.0 * 1024.0 * 1024.0, "sent only {sent} bytes");
+    assert!(
+        received >= sent / 2.0,
+        "only {received} of {sent} bytes arrived across nodes"
+    );
+
+    // Traffic to the outside is masqueraded to each pod's own node.
+    let rec = TcpPeers::start(c.external(), SocketAddr::from((INTERNET_IP, 8080))).unwrap();
+    for (n, ps) in nodes.iter().zip(&pods) {
+        let seen = tcp_seen_source(ps[0].ns(), rec.addr()).expect("pod to external TCP");
+        assert_eq!(
+            seen.ip(),
+            n.ip(),
+            "pod {} on {} seen outside as {seen}",
+            ps[0].ip(),
+            n.name()
+        );
+    }
+}
+
+/// Routes of ferrea's protocol in a node's main table (the remote pod CIDRs it reaches).
+fn ferrea_routes(ns: &NetNs) -> String {
+    ns.ip(&["route", "show", "proto", "70"]).unwrap_or_default()
+}
+
+fn nodes_leaving_and_joining_are_followed(dp: Dataplane) {
+    let (mut c, pods) = cluster(dp, 2, 2);
+    let (a, b) = (&pods[0][0], &pods[1][0]);
+    assert!(
+        wait_reachable(a, b.ip(), Duration::from_secs(5)).is_some(),
+        "node1 -> node2 pods never connected"
+    );
+
+    // A third node joins: the others route to its pod CIDR within a second of its Node
+    // object appearing (add_node publishes it as soon as its agent is ready), and its pods
+    // are reachable.
+    let i = c.add_node(&NodeOptions::new(dp)).expect("third node");
+    let joined = Instant::now();
+    let third = &c.nodes()[i];
+    let routed = wait_for(Duration::from_secs(5), || {
+        c.nodes()[..i]
+            .iter()
+            .all(|n| ferrea_routes(n.ns()).contains(third.pod_cidr()))
+            .then(|| joined.elapsed())
+    })
+    .expect("the other nodes never routed to the joined node");
+    println!("joined node routed by the others after {routed:?}");
+    assert!(
+        routed < Duration::from_secs(1),
+        "the others took {routed:?} to follow the joined node"
+    );
+    let p3 = third.add_pod().expect("pod on node3");
+    if dp == Dataplane::Ovs {
+        tx_offload_off(p3.ns());
+    }
+    assert!(p3.ping(a.ip()), "node3 pod cannot reach node1 pod");
+    assert!(p3.ping(b.ip()), "node3 pod cannot reach node2 pod");
+
+    // Traffic between node1 and node2 runs while node3 leaves.
+    let bg = BackgroundPing::start(
+        a.ns().name(),
+        b.ip(),
+        Duration::from_millis(20),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let before = ferrea_routes(c.nodes()[0].ns());
+    assert!(before.contains(third.pod_cidr()), "node1 routes: {before}");
+    c.unpublish(i).unwrap();
+    let gone = wait_for(Duration::from_secs(2), || {
+        (!ferrea_routes(c.nodes()[0].ns()).contains(third.pod_cidr())
+            && !ferrea_routes(c.nodes()[1].ns()).contains(third.pod_cidr()))
+        .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "routes to the departed node remain:\n{}\n{}",
+        ferrea_routes(c.nodes()[0].ns()),
+        ferrea_routes(c.nodes()[1].ns())
+    );
+    assert!(
+        !a.ping(p3.ip()),
+        "node1's pod still reaches the departed node's pod"
+    );
+    // The other node's route is untouched.
+    assert!(
+        ferrea_routes(c.nodes()[0].ns()).contains(c.nodes()[1].pod_cidr()),
+        "node1 lost its route to node2"
+    );
+    let counts = bg.finish().unwrap();
+    assert!(
+        counts.lost() == 0,
+        "node1 -> node2 traffic disturbed while node3 left: {counts:?}"
+    );
+}
