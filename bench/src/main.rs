@@ -10,6 +10,10 @@
 //! - `throughput`: single-stream TCP (iperf3) and 64-byte UDP packet rate between two pods on
 //!   one node through ferrea (both dataplanes), and through a direct veth pair (the limit), a
 //!   Linux bridge and a plain OVS bridge with the NORMAL action (the OVS backend's peer).
+//! - `throughput-cross-node`: single-stream TCP and 64-byte UDP between pods on two different
+//!   nodes through ferrea's overlay (both dataplanes), and in the same run between the two
+//!   nodes' namespaces directly over the fabric (the limit) and over a plain kernel VXLAN
+//!   device between them (the eBPF backend's peer). Each is reported as a fraction of direct.
 //! - `flow-install`: 10,000 flows installed in one OpenFlow bundle through ferrea's OpenFlow
 //!   client, and through `ovs-ofctl --bundle add-flows`, on the same ovs-vswitchd.
 
@@ -23,7 +27,7 @@ use anyhow::{Context, bail};
 use ferrea_tests::cni::Attachment;
 use ferrea_tests::netns::{NetNs, enter_on_spawn, run_ok};
 use ferrea_tests::ovs::OvsDaemons;
-use ferrea_tests::{Dataplane, NodeOptions, SimNode};
+use ferrea_tests::{Dataplane, NodeOptions, Pod, SimNode};
 use serde_json::{Value, json};
 
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
@@ -42,7 +46,10 @@ fn main() -> anyhow::Result<()> {
         "cni-latency" => cni_latency(&mut fig)?,
         "throughput" => throughput(&mut fig)?,
         "flow-install" => flow_install(&mut fig)?,
-        _ => bail!("usage: bench/run cni-latency | throughput | flow-install"),
+        "throughput-cross-node" => throughput_cross_node(&mut fig)?,
+        _ => bail!(
+            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install"
+        ),
     }
     println!("{}", serde_json::to_string(&fig)?);
     Ok(())
@@ -424,9 +431,29 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
     for (key, (_, (p1, p2))) in ["ferrea_ebpf", "ferrea_ovs"].into_iter().zip(&sims) {
         paths.push((key, p1.ns().name().into(), p2.ns().name().into(), p2.ip()));
     }
+    measure_paths(fig, &paths)?;
+    for k in ["tcp_gbps", "udp_kpps"] {
+        for (a, b) in [
+            ("ferrea_ebpf", "veth"),
+            ("bridge", "veth"),
+            ("ferrea_ovs", "ovs_normal"),
+        ] {
+            let r = ratio(fig, &format!("{a}_{k}"), &format!("{b}_{k}"));
+            fig.insert(format!("{a}_{k}_vs_{b}"), r);
+        }
+    }
+    Ok(())
+}
+
+/// Median of each path's runs, interleaved over [`ROUNDS`] rounds, into `fig` as
+/// `{key}_tcp_gbps` and `{key}_udp_kpps`.
+fn measure_paths(
+    fig: &mut Figures,
+    paths: &[(&str, String, String, Ipv4Addr)],
+) -> anyhow::Result<()> {
     let mut runs: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for round in 1..=ROUNDS {
-        for (key, client, server, ip) in &paths {
+        for (key, client, server, ip) in paths {
             let (g, k) = iperf_pair(client, server, *ip)?;
             eprintln!("round {round} {key}: {g} Gbit/s TCP, {k} kpps UDP 64 B");
             let e = runs.entry(key).or_default();
@@ -442,14 +469,100 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
         fig.insert(format!("{key}_tcp_gbps"), json!(median(&mut g)));
         fig.insert(format!("{key}_udp_kpps"), json!(median(&mut k)));
     }
+    Ok(())
+}
+
+/// Two nodes of `dp` with one pod each (TCP checksum offload off in OVS pods: OVS 3.1's
+/// userspace tunnels do not complete it).
+fn two_node_pods(dp: Dataplane) -> anyhow::Result<(ferrea_tests::Cluster, Pod, Pod)> {
+    let mut c = ferrea_tests::Cluster::new()?;
+    for _ in 0..2 {
+        c.add_node(&NodeOptions::new(dp))?;
+    }
+    let (a, b) = (c.nodes()[0].add_pod()?, c.nodes()[1].add_pod()?);
+    if dp == Dataplane::Ovs {
+        for p in [&a, &b] {
+            run_ok(Command::new("ip").args([
+                "netns",
+                "exec",
+                p.ns().name(),
+                "ethtool",
+                "-K",
+                "eth0",
+                "tx",
+                "off",
+            ]))?;
+        }
+    }
+    // The overlay is up once the first node learnt the second (through its source).
+    if ferrea_tests::wait_for(Duration::from_secs(10), || a.ping(b.ip()).then_some(())).is_none() {
+        bail!("{dp} pods on two nodes cannot reach each other");
+    }
+    Ok((c, a, b))
+}
+
+fn throughput_cross_node(fig: &mut Figures) -> anyhow::Result<()> {
+    let (ebpf, e1, e2) = two_node_pods(Dataplane::Ebpf)?;
+    let (n1, n2) = (&ebpf.nodes()[0], &ebpf.nodes()[1]);
+    // The peer: a plain kernel VXLAN device between the same two node namespaces (its own
+    // VNI and port, beside ferrea's external-mode device), MTU as the pods'.
+    for (me, other, addr) in [(n1, n2, "10.98.0.1/24"), (n2, n1, "10.98.0.2/24")] {
+        let peer = other.ip().to_string();
+        me.ns().ip(&[
+            "link", "add", "kvx0", "type", "vxlan", "id", "42", "remote", &peer, "dstport", "4790",
+            "dev", "eth0",
+        ])?;
+        me.ns().ip(&["link", "set", "kvx0", "mtu", "1450", "up"])?;
+        me.ns().ip(&["addr", "add", addr, "dev", "kvx0"])?;
+    }
+    let mut paths: Vec<(&str, String, String, Ipv4Addr)> = vec![
+        (
+            "direct",
+            n1.ns().name().into(),
+            n2.ns().name().into(),
+            n2.ip(),
+        ),
+        (
+            "kernel_vxlan",
+            n1.ns().name().into(),
+            n2.ns().name().into(),
+            Ipv4Addr::new(10, 98, 0, 2),
+        ),
+        (
+            "ferrea_ebpf",
+            e1.ns().name().into(),
+            e2.ns().name().into(),
+            e2.ip(),
+        ),
+    ];
+    let ovs = two_node_pods(Dataplane::Ovs);
+    match &ovs {
+        Ok((_, o1, o2)) => {
+            paths.push((
+                "ferrea_ovs",
+                o1.ns().name().into(),
+                o2.ns().name().into(),
+                o2.ip(),
+            ));
+        }
+        Err(e) => {
+            eprintln!("ferrea_ovs not measured: {e:#}");
+            let first = format!("{e:#}").lines().next().unwrap_or_default().to_owned();
+            fig.insert("ferrea_ovs_error".into(), json!(first));
+        }
+    }
+    measure_paths(fig, &paths)?;
     for k in ["tcp_gbps", "udp_kpps"] {
         for (a, b) in [
-            ("ferrea_ebpf", "veth"),
-            ("bridge", "veth"),
-            ("ferrea_ovs", "ovs_normal"),
+            ("kernel_vxlan", "direct"),
+            ("ferrea_ebpf", "direct"),
+            ("ferrea_ovs", "direct"),
+            ("ferrea_ebpf", "kernel_vxlan"),
         ] {
-            let r = ratio(fig, &format!("{a}_{k}"), &format!("{b}_{k}"));
-            fig.insert(format!("{a}_{k}_vs_{b}"), r);
+            if fig.contains_key(&format!("{a}_{k}")) {
+                let r = ratio(fig, &format!("{a}_{k}"), &format!("{b}_{k}"));
+                fig.insert(format!("{a}_{k}_vs_{b}"), r);
+            }
         }
     }
     Ok(())

@@ -58,6 +58,9 @@ pub struct RemoteNode {
     pub node_ip: u32,
     /// The tunnel's VNI.
     pub vni: u32,
+    /// Index of the tunnel device, for pods' packets to go straight to it; 0 in `noEncap`
+    /// mode (the node's stack routes them).
+    pub tun_ifindex: u32,
 }
 
 /// Per-pod packet counters, per CPU; userspace sums the CPUs.
@@ -85,6 +88,6 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     // SAFETY: Counters is repr(C) of u64 fields only; any bit pattern is valid.
     unsafe impl aya::Pod for super::Counters {}
-    // SAFETY: RemoteNode is repr(C) of two u32 fields, no padding; any bit pattern is valid.
+    // SAFETY: RemoteNode is repr(C) of three u32 fields, no padding; any bit pattern is valid.
     unsafe impl aya::Pod for super::RemoteNode {}
 }

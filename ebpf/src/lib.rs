@@ -7,8 +7,9 @@
 //!   sends. It answers the pod's ARP requests itself (the host veth's MAC for every target but
 //!   the pod's own address), drops frames whose source IP or MAC is not the pod's (spoof guard),
 //!   hands frames for another local pod straight into that pod's namespace with
-//!   `bpf_redirect_peer` (skipping the node's stack), and lets everything else IPv4 continue into
-//!   the node's stack, which routes it to the node or out of it.
+//!   `bpf_redirect_peer` (skipping the node's stack), frames for another node's pod straight to
+//!   the tunnel device, and lets everything else IPv4 continue into the node's stack, which
+//!   routes it to the node or out of it.
 //! - [`ferrea_to_pod`] runs on TC egress of the host-side veth and only counts what the node's
 //!   stack delivers to the pod.
 //!
@@ -242,6 +243,16 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
         return Some(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);
     }
     count(ifindex, Dir::Tx, len);
+    // Another node's pod: straight to the tunnel device, whose egress program sets the outer
+    // destination (skipping the node's forwarding path, as for local pods).
+    if let Some(node) = FERREA_REMOTE.get(Key::new(32, dst_ip))
+        && node.tun_ifindex != 0
+    {
+        let tun = node.tun_ifindex;
+        store_mac(ctx, OFF_ETH_SRC, &ep.host_mac)?;
+        // SAFETY: plain helper call; flags 0 = out of the tunnel device's egress.
+        return Some(unsafe { bpf_redirect(tun, 0) } as i32);
+    }
     Some(TC_ACT_OK as i32)
 }
 

@@ -534,8 +534,13 @@ impl Loaded {
         attach_prog(&mut self.to_tunnel, TUNNEL_IFNAME, TcAttachType::Egress)
     }
 
-    /// Makes the remote-node map exactly `nodes`.
-    fn sync_remote(&mut self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
+    /// Makes the remote-node map exactly `nodes`; `tun_ifindex` is the tunnel device (0 in
+    /// noEncap mode).
+    fn sync_remote(
+        &mut self,
+        nodes: &[RemoteNode],
+        tun_ifindex: u32,
+    ) -> Result<(), DataplaneError> {
         let want: Vec<(LpmKey<u32>, RemoteEntry)> = nodes
             .iter()
             .map(|n| {
@@ -547,6 +552,7 @@ impl Loaded {
                     RemoteEntry {
                         node_ip: u32::from_ne_bytes(n.node_ip.octets()),
                         vni: TUNNEL_VNI,
+                        tun_ifindex,
                     },
                 )
             })
@@ -662,11 +668,10 @@ impl Dataplane for EbpfDataplane {
 
     async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
         let node = {
-            let mut g = self.lock();
+            let g = self.lock();
             let st = g
-                .as_mut()
+                .as_ref()
                 .ok_or_else(|| other_err("set_remote_nodes", "init_node was not called"))?;
-            st.sync_remote(nodes)?;
             st.node.clone()
         };
         let dev = match node.tunnel {
@@ -677,6 +682,11 @@ impl Dataplane for EbpfDataplane {
                 .ok_or_else(|| other_err("remote nodes", format!("{TUNNEL_IFNAME} is missing")))?,
             None => node.transport.ifindex,
         };
+        let tun_ifindex = if node.tunnel.is_some() { dev } else { 0 };
+        self.lock()
+            .as_mut()
+            .expect("checked above")
+            .sync_remote(nodes, tun_ifindex)?;
         let want: Vec<NodeRoute> = nodes
             .iter()
             .map(|n| NodeRoute {
