@@ -19,7 +19,8 @@ const PODS_PER_NODE: usize = 3;
 
 dataplane_tests!(
     pods_on_three_nodes_reach_each_other,
-    nodes_leaving_and_joining_are_followed
+    nodes_leaving_and_joining_are_followed,
+    crash_restart_reconciles_remote_nodes
 );
 
 /// A cluster of `n` nodes with `pods` pods each; returns the pods per node.
@@ -260,4 +261,46 @@ fn nodes_leaving_and_joining_are_followed(dp: Dataplane) {
         counts.lost() == 0,
         "node1 -> node2 traffic disturbed while node3 left: {counts:?}"
     );
+}
+
+/// An agent killed with SIGKILL keeps its node's cross-node traffic flowing while it is down,
+/// and the restarted agent removes what belonged to a node that left meanwhile.
+fn crash_restart_reconciles_remote_nodes(dp: Dataplane) {
+    let (mut c, pods) = cluster(dp, 3, 1);
+    let (a, b, gone) = (&pods[0][0], &pods[1][0], &pods[2][0]);
+    for dst in [b.ip(), gone.ip()] {
+        assert!(
+            wait_reachable(a, dst, Duration::from_secs(5)).is_some(),
+            "node1 pod cannot reach {dst}"
+        );
+    }
+    let gone_cidr = c.nodes()[2].pod_cidr().to_owned();
+    let bg = BackgroundPing::start(
+        a.ns().name(),
+        b.ip(),
+        Duration::from_millis(50),
+        Duration::from_secs(6),
+    )
+    .unwrap();
+    c.nodes_mut()[0].agent().kill9().unwrap();
+    // node3 leaves the cluster while node1's agent is down.
+    c.unpublish(2).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    c.nodes_mut()[0].agent().restart().unwrap();
+    let counts = bg.finish().unwrap();
+    assert!(
+        counts.lost() * 20 <= counts.sent,
+        "more than 5% of node1 -> node2 pings lost across the restart: {counts:?}"
+    );
+    let routes = ferrea_routes(c.nodes()[0].ns());
+    assert!(
+        !routes.contains(&gone_cidr),
+        "the restarted agent kept the departed node's route: {routes}"
+    );
+    assert!(
+        routes.contains(c.nodes()[1].pod_cidr()),
+        "the restarted agent lost node2's route: {routes}"
+    );
+    assert!(!a.ping(gone.ip()), "node1 still reaches the departed node's pod");
+    assert!(a.ping(b.ip()), "node1 -> node2 broken after the restart");
 }
