@@ -547,7 +547,11 @@ fn throughput_cross_node(fig: &mut Figures) -> anyhow::Result<()> {
         }
         Err(e) => {
             eprintln!("ferrea_ovs not measured: {e:#}");
-            let first = format!("{e:#}").lines().next().unwrap_or_default().to_owned();
+            let first = format!("{e:#}")
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
             fig.insert("ferrea_ovs_error".into(), json!(first));
         }
     }

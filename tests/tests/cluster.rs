@@ -20,14 +20,20 @@ const PODS_PER_NODE: usize = 3;
 dataplane_tests!(
     pods_on_three_nodes_reach_each_other,
     nodes_leaving_and_joining_are_followed,
-    crash_restart_reconciles_remote_nodes
+    crash_restart_reconciles_remote_nodes,
+    routed_mode_without_encapsulation
 );
 
 /// A cluster of `n` nodes with `pods` pods each; returns the pods per node.
 fn cluster(dp: Dataplane, n: usize, pods: usize) -> (Cluster, Vec<Vec<Pod>>) {
+    cluster_with(NodeOptions::new(dp), n, pods)
+}
+
+fn cluster_with(opts: NodeOptions, n: usize, pods: usize) -> (Cluster, Vec<Vec<Pod>>) {
+    let dp = opts.dataplane;
     let mut c = Cluster::new().expect("fabric");
     for _ in 0..n {
-        c.add_node(&NodeOptions::new(dp)).expect("adding a node");
+        c.add_node(&opts).expect("adding a node");
     }
     let pods = c
         .nodes()
@@ -301,6 +307,37 @@ fn crash_restart_reconciles_remote_nodes(dp: Dataplane) {
         routes.contains(c.nodes()[1].pod_cidr()),
         "the restarted agent lost node2's route: {routes}"
     );
-    assert!(!a.ping(gone.ip()), "node1 still reaches the departed node's pod");
+    assert!(
+        !a.ping(gone.ip()),
+        "node1 still reaches the departed node's pod"
+    );
     assert!(a.ping(b.ip()), "node1 -> node2 broken after the restart");
+}
+
+/// `trafficEncapMode: noEncap`: the nodes share the fabric's L2 segment, so each routes the
+/// others' pod CIDRs via their addresses; pods keep their addresses and the full MTU.
+fn routed_mode_without_encapsulation(dp: Dataplane) {
+    let mut opts = NodeOptions::new(dp);
+    opts.extra_config = "trafficEncapMode: noEncap\n".into();
+    let (c, pods) = cluster_with(opts, 2, 2);
+    let (a, b) = (&pods[0][0], &pods[1][0]);
+    assert!(
+        wait_reachable(a, b.ip(), Duration::from_secs(5)).is_some(),
+        "routed pods never connected"
+    );
+    let route = ferrea_routes(c.nodes()[0].ns());
+    assert!(
+        route.contains(&format!("via {}", c.nodes()[1].ip())),
+        "node1 does not route node2's pods via node2: {route}"
+    );
+    let tunnels = c.nodes()[0].links_with_prefix("ferrea-tun").unwrap();
+    assert!(
+        tunnels.is_empty(),
+        "tunnel devices in noEncap mode: {tunnels:?}"
+    );
+    let mtu = a.exec(&["cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(String::from_utf8_lossy(&mtu.stdout).trim(), "1500");
+    let rec = TcpPeers::start(b.ns(), SocketAddr::from((b.ip(), 8080))).unwrap();
+    let seen = tcp_seen_source(a.ns(), rec.addr()).expect("routed TCP pod to pod");
+    assert_eq!(seen.ip(), a.ip(), "routed pod {} seen as {seen}", a.ip());
 }
