@@ -1,8 +1,10 @@
-//! ferrea-demo: one simulated node, an external host, and a few pods created through the real
-//! `ferrea-cni` binary; shows traffic flowing and tears everything down, also on Ctrl-C or a
-//! failed step.
+//! ferrea-demo: simulated nodes (two by default) on a fabric with an external host, and pods
+//! created through the real `ferrea-cni` binary on each; shows traffic flowing on a node,
+//! across nodes through the overlay and out through masquerade, and tears everything down,
+//! also on Ctrl-C or a failed step.
 //!
-//! Run as root after `cargo build --bins`: `ferrea-demo [--dataplane ebpf|ovs] [--pods N]`.
+//! Run as root after `cargo build --bins`:
+//! `ferrea-demo [--dataplane ebpf|ovs] [--nodes N] [--pods N]`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +13,7 @@ use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use ferrea_tests::capture::{TcpPeers, tcp_seen_source};
 use ferrea_tests::fabric::INTERNET_IP;
-use ferrea_tests::{Dataplane, NodeOptions, SimNode};
+use ferrea_tests::{Cluster, Dataplane, NodeOptions};
 
 /// Builds a simulated node with ferrea and shows pod traffic.
 #[derive(Parser, Debug)]
@@ -20,8 +22,11 @@ struct Args {
     /// Dataplane backend of the agent.
     #[arg(long, default_value = "ebpf")]
     dataplane: Dataplane,
-    /// Number of pods (at least 2).
-    #[arg(long, default_value_t = 3)]
+    /// Number of nodes (1 to 5).
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Number of pods per node (at least 2).
+    #[arg(long, default_value_t = 2)]
     pods: usize,
 }
 
@@ -39,6 +44,7 @@ fn step(n: u32, what: &str) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     ensure!(args.pods >= 2, "--pods must be at least 2");
+    ensure!((1..=5).contains(&args.nodes), "--nodes must be 1 to 5");
     ensure!(
         nix::unistd::Uid::effective().is_root(),
         "ferrea-demo needs root (network namespaces)"
@@ -63,67 +69,97 @@ fn run(args: &Args) -> anyhow::Result<()> {
     step(
         1,
         &format!(
-            "simulated node (dataplane {}) + external host",
-            args.dataplane
+            "{} simulated node(s) (dataplane {}) on a fabric + external host",
+            args.nodes, args.dataplane
         ),
     )?;
-    let node = SimNode::start(NodeOptions::new(args.dataplane)).context("starting the node")?;
-    println!(
-        "    node {} at {} in netns {}, pod CIDR {}, agent pid {:?}",
-        node.name(),
-        node.ip(),
-        node.ns().name(),
-        node.pod_cidr(),
-        node.agent_pid()
-    );
-    println!(
-        "    external host 172.18.0.100 (\"internet\" {INTERNET_IP}) in netns {}",
-        node.external().name()
-    );
-    println!("    agent log: {}", node.dir().join("agent.log").display());
-
-    step(
-        2,
-        &format!(
-            "{} pods through the real ferrea-cni binary (CNI ADD)",
-            args.pods
-        ),
-    )?;
-    let mut pods = Vec::new();
-    for i in 0..args.pods {
-        let p = node.add_pod().context("CNI ADD")?;
-        if i == 0 {
-            println!(
-                "    CNI result of the first ADD:\n{}",
-                serde_json::to_string_pretty(&p.result().raw).unwrap_or_default()
-            );
-        }
-        println!(
-            "    pod {} (netns {}) ip {} host veth {}",
-            i,
-            p.name(),
-            p.ip(),
-            p.host_ifname()
-        );
-        pods.push(p);
+    let mut cluster = Cluster::new().context("creating the fabric")?;
+    for _ in 0..args.nodes {
+        cluster
+            .add_node(&NodeOptions::new(args.dataplane))
+            .context("starting a node")?;
         if CANCELLED.load(Ordering::Relaxed) {
             bail!("interrupted");
         }
     }
+    for node in cluster.nodes() {
+        println!(
+            "    {} at {} in netns {}, pod CIDR {}, agent pid {:?}, log {}",
+            node.name(),
+            node.ip(),
+            node.ns().name(),
+            node.pod_cidr(),
+            node.agent_pid(),
+            node.dir().join("agent.log").display()
+        );
+    }
+    println!(
+        "    external host 172.18.0.100 (\"internet\" {INTERNET_IP}) in netns {}",
+        cluster.external().name()
+    );
 
-    step(3, "pod -> pod ping")?;
-    let (a, b) = (&pods[0], &pods[1]);
-    show_ping(a, b.ip(), "pod0 -> pod1")?;
+    step(
+        2,
+        &format!(
+            "{} pods per node through the real ferrea-cni binary (CNI ADD)",
+            args.pods
+        ),
+    )?;
+    let mut pods: Vec<Vec<ferrea_tests::Pod>> = Vec::new();
+    for node in cluster.nodes() {
+        let mut mine = Vec::new();
+        for _ in 0..args.pods {
+            let p = node.add_pod().context("CNI ADD")?;
+            if pods.is_empty() && mine.is_empty() {
+                println!(
+                    "    CNI result of the first ADD:\n{}",
+                    serde_json::to_string_pretty(&p.result().raw).unwrap_or_default()
+                );
+            }
+            if args.dataplane == Dataplane::Ovs {
+                // OVS 3.1's userspace tunnels do not complete TSO checksums.
+                let _ = p.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+            }
+            println!(
+                "    {}: pod {} ip {} host veth {}",
+                node.name(),
+                p.name(),
+                p.ip(),
+                p.host_ifname()
+            );
+            mine.push(p);
+            if CANCELLED.load(Ordering::Relaxed) {
+                bail!("interrupted");
+            }
+        }
+        pods.push(mine);
+    }
+    let node = &cluster.nodes()[0];
+    let (a, b) = (&pods[0][0], &pods[0][1]);
+
+    step(3, "pod -> pod on the same node, and across nodes")?;
+    show_ping(a, b.ip(), "node1 pod0 -> node1 pod1")?;
+    for (i, other) in pods.iter().enumerate().skip(1) {
+        // A new node's peers learn it from their source within a second.
+        let _ = ferrea_tests::wait_for(std::time::Duration::from_secs(3), || {
+            a.ping(other[0].ip()).then_some(())
+        });
+        show_ping(
+            a,
+            other[0].ip(),
+            &format!("node1 pod0 -> node{} pod0", i + 1),
+        )?;
+    }
     step(4, "pod -> node ping (node address and pod gateway)")?;
     show_ping(a, node.ip(), "pod0 -> node")?;
     show_ping(a, node.gateway(), "pod0 -> gateway")?;
     step(
         5,
-        "pod -> external host, and the source it sees (masquerade)",
+        "pod -> external host, and the source it sees (masquerade to each pod's node)",
     )?;
     show_ping(a, INTERNET_IP, "pod0 -> external")?;
-    let rec = TcpPeers::start(node.external(), SocketAddr::from((INTERNET_IP, 8080)))?;
-    for p in &pods {
+    let rec = TcpPeers::start(cluster.external(), SocketAddr::from((INTERNET_IP, 8080)))?;
+    for p in pods.iter().flatten() {
         let seen = tcp_seen_source(p.ns(), rec.addr())?;
         println!(
             "    pod {} -> {}: external host sees source {}",
@@ -134,7 +170,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     drop(rec);
 
-    step(6, "iperf3 pod1 -> pod0, 3 seconds")?;
+    // Across nodes when there are several, else on the node.
+    let b = pods.last().map_or(b, |ps| &ps[ps.len() - 1]);
+    step(6, &format!("iperf3 {} -> {}, 3 seconds", b.ip(), a.ip()))?;
     let server = a.ns().name().to_owned();
     let mut srv = std::process::Command::new("ip")
         .args([
@@ -168,7 +206,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    step(7, "teardown (CNI DEL of every pod, then the node)")?;
+    step(7, "teardown (CNI DEL of every pod, then the nodes)")?;
     Ok(())
 }
 
