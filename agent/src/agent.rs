@@ -3,8 +3,9 @@
 //! 1. The CNI server listens at once (root-only unix socket) and answers `TRY_AGAIN_LATER`
 //!    until step 5, so the runtime retries instead of failing pods during start-up.
 //! 2. The source delivers the desired state; the agent waits for its own `Node` with a pod CIDR.
-//! 3. Node sysctls, the dataplane (adopting what a previous process left), ferrea's nftables
-//!    table. A failure here (ovsdb-server not up yet, say) is retried with backoff while the
+//! 3. The transport interface and pod MTU, node sysctls, the dataplane (adopting what a
+//!    previous process left) with the other nodes of the source, ferrea's nftables table.
+//!    A failure here (ovsdb-server not up yet, say) is retried with backoff while the
 //!    CNI server answers `TRY_AGAIN_LATER` naming the failure.
 //! 4. Reconciliation of the state store against the kernel and the dataplane.
 //! 5. Ready: CNI requests are served; desired-state changes are applied as they come.
@@ -247,7 +248,8 @@ fn nat_spec(cfg: &Config, net: &NodeNetwork) -> NatSpec {
     }
 }
 
-/// Applies desired-state changes after start. A pod CIDR change cannot be applied to running
+/// Applies desired-state changes after start: the list of other nodes goes to the dataplane
+/// (retried every second after a failure). A pod CIDR change cannot be applied to running
 /// pods (they hold addresses from the old one); it is reported, not applied, until restart.
 async fn follow_changes(
     cfg: &Config,
@@ -285,17 +287,17 @@ async fn follow_changes(
                     applied = apply_remote_nodes(pm, remote_nodes(&state.borrow(), cfg.node_name())).await;
                 }
                 match pm.dataplane().maintain().await {
-                Ok(()) if !healthy => {
-                    tracing::info!(dataplane = pm.dataplane().name(), "dataplane healthy again");
-                    healthy = true;
-                }
-                Ok(()) => {}
-                // Logged once per outage, not every second.
-                Err(e) if healthy => {
-                    tracing::error!(dataplane = pm.dataplane().name(), error = %e, "dataplane upkeep failed; retrying every second");
-                    healthy = false;
-                }
-                Err(_) => {}
+                    Ok(()) if !healthy => {
+                        tracing::info!(dataplane = pm.dataplane().name(), "dataplane healthy again");
+                        healthy = true;
+                    }
+                    Ok(()) => {}
+                    // Logged once per outage, not every second.
+                    Err(e) if healthy => {
+                        tracing::error!(dataplane = pm.dataplane().name(), error = %e, "dataplane upkeep failed; retrying every second");
+                        healthy = false;
+                    }
+                    Err(_) => {}
                 }
             }
         }
