@@ -99,6 +99,10 @@ fn pods_on_three_nodes_reach_each_other(dp: Dataplane) {
         "node1's pod never reached node3's pod"
     );
 
+    // Pods get the transport MTU (1500 on the fabric) minus VXLAN's 50 bytes.
+    let mtu = pods[0][0].exec(&["cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(String::from_utf8_lossy(&mtu.stdout).trim(), "1450");
+
     let all: Vec<&Pod> = pods.iter().flatten().collect();
     let mut pairs = Vec::new();
     for (i, from) in all.iter().enumerate() {
@@ -315,10 +319,12 @@ fn crash_restart_reconciles_remote_nodes(dp: Dataplane) {
 }
 
 /// `trafficEncapMode: noEncap`: the nodes share the fabric's L2 segment, so each routes the
-/// others' pod CIDRs via their addresses; pods keep their addresses and the full MTU.
+/// others' pod CIDRs via their addresses; pods keep their addresses and the full MTU. The
+/// transport interface is chosen by CIDR here.
 fn routed_mode_without_encapsulation(dp: Dataplane) {
     let mut opts = NodeOptions::new(dp);
-    opts.extra_config = "trafficEncapMode: noEncap\n".into();
+    opts.extra_config =
+        "trafficEncapMode: noEncap\ntransportInterfaceCIDRs: [172.18.0.0/24]\n".into();
     let (c, pods) = cluster_with(opts, 2, 2);
     let (a, b) = (&pods[0][0], &pods[1][0]);
     assert!(
