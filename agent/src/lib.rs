@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cni_server;
 pub mod config;
 pub mod dataplane;
+pub mod egress;
 pub mod error;
 pub mod ipam;
 pub mod nat;

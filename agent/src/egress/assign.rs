@@ -1,0 +1,322 @@
+//! Which egress IP each `Egress` gets and which node holds it, computed by every agent from
+//! the same desired state with the same answer, without a central controller.
+//!
+//! - IPs: an `egressIP` set by the user is taken as it is (it must be in the pool, if one is
+//!   named). Otherwise an address of the pool is chosen by a hash of the Egress name, probing
+//!   forward past taken addresses and the subnet's gateway. Egresses are served oldest first
+//!   (`creationTimestamp`, then name), so a new Egress never takes an older one's address.
+//! - Node: rendezvous (highest-random-weight) hashing of the egress IP over the nodes the
+//!   pool's `nodeSelector` admits. Every agent ranks the same nodes the same way, and a node
+//!   joining or leaving moves only the IPs it wins or held.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use sha2::{Digest, Sha256};
+
+use super::model::{Egress, ExternalIpPool};
+
+/// A node as the assignment sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeLabels {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The outcome for one Egress (what its status reports).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    /// The egress IP, if one could be allocated.
+    pub ip: Option<Ipv4Addr>,
+    /// The pool it came from, if any.
+    pub pool: Option<String>,
+    /// The node that holds the IP, if one is eligible.
+    pub node: Option<String>,
+    /// Why there is no IP or no node (the `IPAllocated` / `IPAssigned` condition message).
+    pub problem: Option<String>,
+}
+
+fn hash64(parts: &[&[u8]]) -> u64 {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u32).to_be_bytes());
+        h.update(p);
+    }
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// The `i`-th address of the pool's ranges, in order.
+fn nth(pool: &ExternalIpPool, mut i: u64) -> Option<Ipv4Addr> {
+    for r in &pool.ranges {
+        if i < r.len() {
+            return Some(Ipv4Addr::from(u32::from(r.start) + i as u32));
+        }
+        i -= r.len();
+    }
+    None
+}
+
+/// Picks the node for `ip` among `nodes` by rendezvous hashing.
+pub fn choose_node<'a>(
+    ip: Ipv4Addr,
+    nodes: impl Iterator<Item = &'a NodeLabels>,
+) -> Option<String> {
+    nodes
+        .max_by_key(|n| (hash64(&[&ip.octets(), n.name.as_bytes()]), n.name.clone()))
+        .map(|n| n.name.clone())
+}
+
+/// Computes every Egress's IP and node.
+pub fn assign(
+    egresses: &[Egress],
+    pools: &BTreeMap<String, ExternalIpPool>,
+    nodes: &[NodeLabels],
+) -> BTreeMap<String, Assignment> {
+    let mut order: Vec<&Egress> = egresses.iter().collect();
+    // Oldest first; without timestamps (the files source), by name.
+    order.sort_by(|a, b| {
+        (a.created.is_none(), &a.created, &a.name).cmp(&(b.created.is_none(), &b.created, &b.name))
+    });
+    let mut used: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    // Fixed IPs first: they are the user's explicit choice.
+    for e in order.iter().filter(|e| e.egress_ip.is_some()) {
+        let ip = e.egress_ip.expect("filtered");
+        let pool = e.pool.as_ref().and_then(|p| pools.get(p));
+        let problem = match (&e.pool, pool) {
+            (Some(p), None) => Some(format!("ExternalIPPool {p} does not exist")),
+            (Some(p), Some(pl)) if !pl.contains(ip) => {
+                Some(format!("egressIP {ip} is not in ExternalIPPool {p}"))
+            }
+            _ if !used.insert(ip) => {
+                Some(format!("egressIP {ip} is already used by another Egress"))
+            }
+            _ => None,
+        };
+        out.insert(
+            e.name.clone(),
+            Assignment {
+                ip: problem.is_none().then_some(ip),
+                pool: e.pool.clone(),
+                node: None,
+                problem,
+            },
+        );
+    }
+    for e in order.iter().filter(|e| e.egress_ip.is_none()) {
+        let name = e.pool.clone().unwrap_or_default();
+        let a = match pools.get(&name) {
+            None => Assignment {
+                ip: None,
+                pool: Some(name.clone()),
+                node: None,
+                problem: Some(format!("ExternalIPPool {name} does not exist")),
+            },
+            Some(pool) => {
+                let total: u64 = pool.ranges.iter().map(|r| r.len()).sum();
+                let gw = pool.subnet.map(|s| s.gateway);
+                let start = hash64(&[e.name.as_bytes()]) % total.max(1);
+                let ip = (0..total)
+                    .filter_map(|k| nth(pool, (start + k) % total))
+                    .find(|ip| Some(*ip) != gw && !used.contains(ip));
+                if let Some(ip) = ip {
+                    used.insert(ip);
+                }
+                Assignment {
+                    ip,
+                    pool: Some(name.clone()),
+                    node: None,
+                    problem: ip
+                        .is_none()
+                        .then(|| format!("ExternalIPPool {name} is exhausted")),
+                }
+            }
+        };
+        out.insert(e.name.clone(), a);
+    }
+    for a in out.values_mut() {
+        let Some(ip) = a.ip else { continue };
+        let pool = a.pool.as_ref().and_then(|p| pools.get(p));
+        let eligible = nodes
+            .iter()
+            .filter(|n| pool.is_none_or(|p| p.node_selector.matches(&n.labels)));
+        a.node = choose_node(ip, eligible);
+        if a.node.is_none() {
+            a.problem = Some("no node matches the pool's nodeSelector".into());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::egress::model::{IpRange, LabelSelector, SubnetInfo};
+
+    fn pool(name: &str, start: &str, end: &str, gw: Option<&str>) -> ExternalIpPool {
+        ExternalIpPool {
+            name: name.into(),
+            ranges: vec![IpRange {
+                start: start.parse().unwrap(),
+                end: end.parse().unwrap(),
+            }],
+            subnet: gw.map(|g| SubnetInfo {
+                gateway: g.parse().unwrap(),
+                prefix_len: 24,
+                vlan: 100,
+            }),
+            node_selector: LabelSelector::default(),
+        }
+    }
+
+    fn egress(name: &str, pool: Option<&str>, ip: Option<&str>) -> Egress {
+        Egress {
+            name: name.into(),
+            created: None,
+            pod_selector: Some(LabelSelector::default()),
+            namespace_selector: None,
+            egress_ip: ip.map(|i| i.parse().unwrap()),
+            pool: pool.map(Into::into),
+        }
+    }
+
+    fn nodes(names: &[&str]) -> Vec<NodeLabels> {
+        names
+            .iter()
+            .map(|n| NodeLabels {
+                name: (*n).into(),
+                labels: BTreeMap::new(),
+            })
+            .collect()
+    }
+
+    fn pools(ps: Vec<ExternalIpPool>) -> BTreeMap<String, ExternalIpPool> {
+        ps.into_iter().map(|p| (p.name.clone(), p)).collect()
+    }
+
+    #[test]
+    fn same_input_same_answer_and_no_duplicates() {
+        let ps = pools(vec![pool("p", "10.0.0.1", "10.0.0.20", Some("10.0.0.5"))]);
+        let es: Vec<Egress> = (0..19)
+            .map(|i| egress(&format!("e{i}"), Some("p"), None))
+            .collect();
+        let ns = nodes(&["n1", "n2", "n3"]);
+        let a = assign(&es, &ps, &ns);
+        let mut rev = es.clone();
+        rev.reverse();
+        assert_eq!(
+            a,
+            assign(&rev, &ps, &ns),
+            "order of the input changed the answer"
+        );
+        let ips: BTreeSet<Ipv4Addr> = a.values().filter_map(|x| x.ip).collect();
+        assert_eq!(ips.len(), 19, "every Egress got its own IP");
+        assert!(
+            !ips.contains(&"10.0.0.5".parse().unwrap()),
+            "the gateway was handed out"
+        );
+        // A 20th Egress finds the pool exhausted (20 addresses minus the gateway).
+        let mut more = es.clone();
+        more.push(egress("zz", Some("p"), None));
+        more.push(egress("zzz", Some("p"), None));
+        let b = assign(&more, &ps, &ns);
+        assert_eq!(b.values().filter(|x| x.ip.is_none()).count(), 2);
+        assert!(
+            b.values()
+                .any(|x| x.problem.as_deref() == Some("ExternalIPPool p is exhausted"))
+        );
+    }
+
+    #[test]
+    fn older_egresses_keep_their_ips() {
+        let ps = pools(vec![pool("p", "10.0.0.1", "10.0.0.3", None)]);
+        let mut old = egress("old", Some("p"), None);
+        old.created = Some("2026-01-01T00:00:00Z".into());
+        let before = assign(std::slice::from_ref(&old), &ps, &nodes(&["n1"]));
+        let mut young = egress("a-new-one", Some("p"), None);
+        young.created = Some("2026-06-01T00:00:00Z".into());
+        let after = assign(&[young, old.clone()], &ps, &nodes(&["n1"]));
+        assert_eq!(before["old"].ip, after["old"].ip);
+    }
+
+    #[test]
+    fn fixed_ips_are_checked_against_the_pool() {
+        let ps = pools(vec![pool("p", "10.0.0.1", "10.0.0.9", None)]);
+        let a = assign(
+            &[
+                egress("in", Some("p"), Some("10.0.0.4")),
+                egress("out", Some("p"), Some("10.9.9.9")),
+                // Same IP, later in order (by name here): refused.
+                egress("later", Some("p"), Some("10.0.0.4")),
+                egress("nopool", Some("missing"), None),
+            ],
+            &ps,
+            &nodes(&["n1"]),
+        );
+        assert_eq!(a["in"].ip, Some("10.0.0.4".parse().unwrap()));
+        assert!(
+            a["out"]
+                .problem
+                .as_deref()
+                .unwrap()
+                .contains("not in ExternalIPPool p")
+        );
+        assert!(
+            a["later"]
+                .problem
+                .as_deref()
+                .unwrap()
+                .contains("already used")
+        );
+        assert!(
+            a["nopool"]
+                .problem
+                .as_deref()
+                .unwrap()
+                .contains("does not exist")
+        );
+    }
+
+    #[test]
+    fn nodes_follow_the_selector_and_move_minimally() {
+        let mut p = pool("p", "10.0.0.1", "10.0.0.200", None);
+        p.node_selector
+            .match_labels
+            .insert("network-role".into(), "egress-gateway".into());
+        let ps = pools(vec![p]);
+        let mut ns = nodes(&["n1", "n2", "n3", "n4"]);
+        for n in &mut ns[1..] {
+            n.labels
+                .insert("network-role".into(), "egress-gateway".into());
+        }
+        let es: Vec<Egress> = (0..60)
+            .map(|i| egress(&format!("e{i}"), Some("p"), None))
+            .collect();
+        let a = assign(&es, &ps, &ns);
+        assert!(
+            a.values().all(|x| x.node.as_deref() != Some("n1")),
+            "n1 is not eligible"
+        );
+        let used: BTreeSet<&str> = a.values().filter_map(|x| x.node.as_deref()).collect();
+        assert_eq!(
+            used.len(),
+            3,
+            "60 IPs spread over the 3 eligible nodes: {used:?}"
+        );
+        // n4 leaves: only its IPs move.
+        let b = assign(&es, &ps, &ns[..3]);
+        for (k, x) in &a {
+            if x.node.as_deref() != Some("n4") {
+                assert_eq!(x.node, b[k].node, "{k} moved although its node stayed");
+            }
+        }
+        let none = assign(&es, &ps, &ns[..1]);
+        assert!(
+            none.values()
+                .all(|x| x.node.is_none() && x.problem.is_some())
+        );
+    }
+}

@@ -1,0 +1,572 @@
+//! Antrea's `crd.antrea.io/v1beta1` `ExternalIPPool` and `Egress`, decoded and validated.
+//!
+//! The manifests users already have (seed 000's pool with `subnetInfo.vlan: 100` and an
+//! Egress selecting pods by label) must be accepted verbatim, so the field names and
+//! semantics follow Antrea's CRDs; every rejection names the object and the field.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use serde_json::Value;
+
+/// A Kubernetes label selector (`matchLabels` and `matchExpressions`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelSelector {
+    /// `matchLabels`.
+    pub match_labels: BTreeMap<String, String>,
+    /// `matchExpressions`: (key, operator, values).
+    pub match_expressions: Vec<(String, SelectorOp, Vec<String>)>,
+}
+
+/// Operators of `matchExpressions`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectorOp {
+    /// The label's value is one of the values.
+    In,
+    /// The label is absent or its value is none of the values.
+    NotIn,
+    /// The label is present.
+    Exists,
+    /// The label is absent.
+    DoesNotExist,
+}
+
+impl LabelSelector {
+    /// Whether `labels` satisfy the selector. The empty selector matches everything.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|(k, op, vals)| {
+                let v = labels.get(k);
+                match op {
+                    SelectorOp::In => v.is_some_and(|v| vals.contains(v)),
+                    SelectorOp::NotIn => v.is_none_or(|v| !vals.contains(v)),
+                    SelectorOp::Exists => v.is_some(),
+                    SelectorOp::DoesNotExist => v.is_none(),
+                }
+            })
+    }
+}
+
+/// One range of an `ExternalIPPool`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpRange {
+    /// First address.
+    pub start: Ipv4Addr,
+    /// Last address.
+    pub end: Ipv4Addr,
+}
+
+impl IpRange {
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        (self.start..=self.end).contains(&ip)
+    }
+
+    /// Addresses in the range.
+    pub fn len(&self) -> u64 {
+        u64::from(u32::from(self.end)) - u64::from(u32::from(self.start)) + 1
+    }
+
+    /// Never empty: `start <= end` is validated.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// `ExternalIPPool.spec.subnetInfo`: the egress IPs live on their own subnet, reached through
+/// a VLAN sub-interface and a gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubnetInfo {
+    /// The subnet's gateway (the default route of the pool's route table).
+    pub gateway: Ipv4Addr,
+    /// The subnet's prefix length.
+    pub prefix_len: u8,
+    /// The VLAN ID (0: untagged).
+    pub vlan: u16,
+}
+
+impl SubnetInfo {
+    /// The subnet.
+    pub fn network(&self) -> Ipv4Network {
+        let n = Ipv4Network::new(self.gateway, self.prefix_len).expect("validated prefix");
+        Ipv4Network::new(n.network(), self.prefix_len).expect("validated prefix")
+    }
+}
+
+/// An `ExternalIPPool`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalIpPool {
+    /// `metadata.name` (cluster-scoped).
+    pub name: String,
+    /// `spec.ipRanges`.
+    pub ranges: Vec<IpRange>,
+    /// `spec.subnetInfo`.
+    pub subnet: Option<SubnetInfo>,
+    /// `spec.nodeSelector`: nodes eligible to hold the pool's IPs.
+    pub node_selector: LabelSelector,
+}
+
+impl ExternalIpPool {
+    /// Whether `ip` belongs to the pool.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.ranges.iter().any(|r| r.contains(ip))
+    }
+
+    /// The pool's addresses in order, without the subnet's gateway (never handed out).
+    pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        let gw = self.subnet.map(|s| s.gateway);
+        self.ranges
+            .iter()
+            .flat_map(|r| (u32::from(r.start)..=u32::from(r.end)).map(Ipv4Addr::from))
+            .filter(move |ip| Some(*ip) != gw)
+    }
+}
+
+/// An `Egress`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Egress {
+    /// `metadata.name` (cluster-scoped).
+    pub name: String,
+    /// `metadata.creationTimestamp` (RFC 3339), if the source has it: older Egresses keep
+    /// their IPs when newer ones compete for the same addresses.
+    pub created: Option<String>,
+    /// `spec.appliedTo.podSelector` (`None`: every pod of the selected namespaces).
+    pub pod_selector: Option<LabelSelector>,
+    /// `spec.appliedTo.namespaceSelector` (`None`: every namespace).
+    pub namespace_selector: Option<LabelSelector>,
+    /// `spec.egressIP`, if fixed by the user.
+    pub egress_ip: Option<Ipv4Addr>,
+    /// `spec.externalIPPool`.
+    pub pool: Option<String>,
+}
+
+fn err(kind: &str, name: &str, field: &str, msg: impl std::fmt::Display) -> String {
+    format!("{kind} {name}: field `{field}`: {msg}")
+}
+
+fn parse_ip(kind: &str, name: &str, field: &str, v: &Value) -> Result<Ipv4Addr, String> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| err(kind, name, field, format!("must be a string, not {v}")))?;
+    s.parse().map_err(|e| {
+        err(
+            kind,
+            name,
+            field,
+            format!("{s:?} is not an IPv4 address: {e}"),
+        )
+    })
+}
+
+/// Decodes a label selector at `field`.
+pub fn parse_selector(
+    kind: &str,
+    name: &str,
+    field: &str,
+    v: &Value,
+) -> Result<LabelSelector, String> {
+    let mut sel = LabelSelector::default();
+    if v.is_null() {
+        return Ok(sel);
+    }
+    let obj = v
+        .as_object()
+        .ok_or_else(|| err(kind, name, field, "must be a label selector object"))?;
+    if let Some(m) = obj.get("matchLabels").filter(|m| !m.is_null()) {
+        let m = m
+            .as_object()
+            .ok_or_else(|| err(kind, name, &format!("{field}.matchLabels"), "must be a map"))?;
+        for (k, val) in m {
+            let val = val.as_str().ok_or_else(|| {
+                err(
+                    kind,
+                    name,
+                    &format!("{field}.matchLabels.{k}"),
+                    "must be a string",
+                )
+            })?;
+            sel.match_labels.insert(k.clone(), val.to_owned());
+        }
+    }
+    if let Some(exprs) = obj.get("matchExpressions").filter(|m| !m.is_null()) {
+        let exprs = exprs.as_array().ok_or_else(|| {
+            err(
+                kind,
+                name,
+                &format!("{field}.matchExpressions"),
+                "must be a list",
+            )
+        })?;
+        for (i, e) in exprs.iter().enumerate() {
+            let f = format!("{field}.matchExpressions[{i}]");
+            let key = e
+                .get("key")
+                .and_then(Value::as_str)
+                .ok_or_else(|| err(kind, name, &format!("{f}.key"), "missing"))?;
+            let op = match e.get("operator").and_then(Value::as_str) {
+                Some("In") => SelectorOp::In,
+                Some("NotIn") => SelectorOp::NotIn,
+                Some("Exists") => SelectorOp::Exists,
+                Some("DoesNotExist") => SelectorOp::DoesNotExist,
+                other => {
+                    return Err(err(
+                        kind,
+                        name,
+                        &format!("{f}.operator"),
+                        format!("{other:?} is not In, NotIn, Exists or DoesNotExist"),
+                    ));
+                }
+            };
+            let values: Vec<String> = e
+                .get("values")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if matches!(op, SelectorOp::In | SelectorOp::NotIn) && values.is_empty() {
+                return Err(err(
+                    kind,
+                    name,
+                    &format!("{f}.values"),
+                    "must not be empty for In and NotIn",
+                ));
+            }
+            sel.match_expressions.push((key.to_owned(), op, values));
+        }
+    }
+    Ok(sel)
+}
+
+/// Decodes and validates an `ExternalIPPool` object.
+pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, String> {
+    const K: &str = "ExternalIPPool";
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| format!("{K} without `metadata.name`"))?;
+    let spec = v.get("spec").cloned().unwrap_or(Value::Null);
+    let ranges_v = spec
+        .get("ipRanges")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| err(K, name, "spec.ipRanges", "must list at least one range"))?;
+    let mut ranges = Vec::new();
+    for (i, r) in ranges_v.iter().enumerate() {
+        let f = format!("spec.ipRanges[{i}]");
+        let range = match (r.get("cidr"), r.get("start"), r.get("end")) {
+            (Some(c), None, None) => {
+                let s = c.as_str().unwrap_or_default();
+                let net: Ipv4Network = s.parse().map_err(|e| {
+                    err(
+                        K,
+                        name,
+                        &format!("{f}.cidr"),
+                        format!("{s:?} is not an IPv4 CIDR: {e}"),
+                    )
+                })?;
+                IpRange {
+                    start: net.network(),
+                    end: net.broadcast(),
+                }
+            }
+            (None, Some(a), Some(b)) => {
+                let start = parse_ip(K, name, &format!("{f}.start"), a)?;
+                let end = parse_ip(K, name, &format!("{f}.end"), b)?;
+                if start > end {
+                    return Err(err(
+                        K,
+                        name,
+                        &f,
+                        format!("start {start} is after end {end}"),
+                    ));
+                }
+                IpRange { start, end }
+            }
+            _ => {
+                return Err(err(
+                    K,
+                    name,
+                    &f,
+                    "needs either `cidr` or both `start` and `end`",
+                ));
+            }
+        };
+        ranges.push(range);
+    }
+    let subnet = match spec.get("subnetInfo").filter(|s| !s.is_null()) {
+        None => None,
+        Some(si) => {
+            let gateway = parse_ip(
+                K,
+                name,
+                "spec.subnetInfo.gateway",
+                si.get("gateway").unwrap_or(&Value::Null),
+            )?;
+            let prefix = si
+                .get("prefixLength")
+                .and_then(Value::as_u64)
+                .filter(|p| (1..=32).contains(p))
+                .ok_or_else(|| {
+                    err(
+                        K,
+                        name,
+                        "spec.subnetInfo.prefixLength",
+                        "must be an integer from 1 to 32",
+                    )
+                })?;
+            let vlan = match si.get("vlan") {
+                None | Some(Value::Null) => 0,
+                Some(x) => x.as_u64().filter(|v| *v <= 4094).ok_or_else(|| {
+                    err(
+                        K,
+                        name,
+                        "spec.subnetInfo.vlan",
+                        format!("{x} is not a VLAN ID (0-4094)"),
+                    )
+                })?,
+            };
+            let s = SubnetInfo {
+                gateway,
+                prefix_len: prefix as u8,
+                vlan: vlan as u16,
+            };
+            let net = s.network();
+            for (i, r) in ranges.iter().enumerate() {
+                if !net.contains(r.start) || !net.contains(r.end) {
+                    return Err(err(
+                        K,
+                        name,
+                        &format!("spec.ipRanges[{i}]"),
+                        format!(
+                            "{}-{} is outside the subnet {net} of subnetInfo (gateway {gateway}/{prefix})",
+                            r.start, r.end
+                        ),
+                    ));
+                }
+            }
+            Some(s)
+        }
+    };
+    let node_selector = parse_selector(
+        K,
+        name,
+        "spec.nodeSelector",
+        spec.get("nodeSelector").unwrap_or(&Value::Null),
+    )?;
+    Ok(ExternalIpPool {
+        name: name.to_owned(),
+        ranges,
+        subnet,
+        node_selector,
+    })
+}
+
+/// Decodes and validates an `Egress` object.
+pub fn parse_egress(v: &Value) -> Result<Egress, String> {
+    const K: &str = "Egress";
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| format!("{K} without `metadata.name`"))?;
+    let spec = v.get("spec").cloned().unwrap_or(Value::Null);
+    let applied = spec
+        .get("appliedTo")
+        .filter(|a| a.is_object())
+        .ok_or_else(|| err(K, name, "spec.appliedTo", "is required"))?;
+    let sel = |f: &str| -> Result<Option<LabelSelector>, String> {
+        applied
+            .get(f)
+            .filter(|s| !s.is_null())
+            .map(|s| parse_selector(K, name, &format!("spec.appliedTo.{f}"), s))
+            .transpose()
+    };
+    let pod_selector = sel("podSelector")?;
+    let namespace_selector = sel("namespaceSelector")?;
+    if pod_selector.is_none() && namespace_selector.is_none() {
+        return Err(err(
+            K,
+            name,
+            "spec.appliedTo",
+            "needs a podSelector or a namespaceSelector",
+        ));
+    }
+    let egress_ip = match spec
+        .get("egressIP")
+        .filter(|x| !x.is_null() && x != &&Value::from(""))
+    {
+        None => None,
+        Some(x) => Some(parse_ip(K, name, "spec.egressIP", x)?),
+    };
+    let pool = spec
+        .get("externalIPPool")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    if egress_ip.is_none() && pool.is_none() {
+        return Err(err(
+            K,
+            name,
+            "spec",
+            "needs egressIP or externalIPPool (or both)",
+        ));
+    }
+    Ok(Egress {
+        name: name.to_owned(),
+        created: v
+            .pointer("/metadata/creationTimestamp")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        pod_selector,
+        namespace_selector,
+        egress_ip,
+        pool,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(s: &str) -> Value {
+        serde_yaml_ng::from_str(s).unwrap()
+    }
+
+    /// Seed 000's manifests, verbatim (comments included).
+    const SEED_POOL: &str = "apiVersion: crd.antrea.io/v1beta1
+kind: ExternalIPPool
+metadata:
+  name: child-egress-ippool
+spec:
+  ipRanges:
+    - start: 10.172.170.1
+      end: 10.172.170.199
+  subnetInfo:
+    gateway: 10.172.170.254
+    prefixLength: 24
+    vlan: 100 # VLAN ID welche beim Binding angegeben wurde
+  nodeSelector: {}
+  # Uncomment and modify below to limit which nodes are eligible
+  # nodeSelector:
+  #   matchLabels:
+  #     network-role: egress-gateway
+";
+    const SEED_EGRESS: &str = "apiVersion: crd.antrea.io/v1beta1
+kind: Egress
+metadata:
+  name: child-egress-hello-world1
+spec:
+  appliedTo:
+    podSelector:
+      matchLabels:
+        app: hello-world1
+  externalIPPool: child-egress-ippool
+";
+
+    #[test]
+    fn seed_manifests_are_accepted_verbatim() {
+        let p = parse_pool(&yaml(SEED_POOL)).unwrap();
+        assert_eq!(p.name, "child-egress-ippool");
+        assert_eq!(p.ranges[0].len(), 199);
+        let s = p.subnet.unwrap();
+        assert_eq!(
+            (s.gateway, s.prefix_len, s.vlan),
+            ("10.172.170.254".parse().unwrap(), 24, 100)
+        );
+        assert_eq!(s.network().to_string(), "10.172.170.0/24");
+        assert_eq!(p.node_selector, LabelSelector::default());
+        let e = parse_egress(&yaml(SEED_EGRESS)).unwrap();
+        assert_eq!(e.pool.as_deref(), Some("child-egress-ippool"));
+        let sel = e.pod_selector.unwrap();
+        let mut labels = BTreeMap::new();
+        labels.insert("app".to_owned(), "hello-world1".to_owned());
+        assert!(sel.matches(&labels));
+        labels.insert("app".to_owned(), "other".to_owned());
+        assert!(!sel.matches(&labels));
+    }
+
+    #[test]
+    fn invalid_pools_name_the_field() {
+        let bad =
+            |from: &str, to: &str| parse_pool(&yaml(&SEED_POOL.replace(from, to))).unwrap_err();
+        let e = bad("vlan: 100", "vlan: 5000");
+        assert!(
+            e.contains("spec.subnetInfo.vlan") && e.contains("5000"),
+            "{e}"
+        );
+        let e = bad("gateway: 10.172.170.254", "gateway: 10.9.9.1");
+        assert!(
+            e.contains("spec.ipRanges[0]") && e.contains("outside the subnet"),
+            "{e}"
+        );
+        let e = bad("prefixLength: 24", "prefixLength: 40");
+        assert!(e.contains("prefixLength"), "{e}");
+        let e = bad("end: 10.172.170.199", "end: 10.172.170.0");
+        assert!(e.contains("after end"), "{e}");
+        let e = bad("start: 10.172.170.1", "start: 10.172.170");
+        assert!(e.contains("spec.ipRanges[0].start"), "{e}");
+        let e = parse_pool(&yaml(
+            "kind: ExternalIPPool\nmetadata: {name: p}\nspec: {ipRanges: []}\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("spec.ipRanges"), "{e}");
+    }
+
+    #[test]
+    fn cidr_ranges_and_gateway_exclusion() {
+        let p = parse_pool(&yaml(
+            "kind: ExternalIPPool\nmetadata: {name: p}\nspec:\n  ipRanges: [{cidr: 10.0.0.0/30}]\n  subnetInfo: {gateway: 10.0.0.1, prefixLength: 24}\n",
+        ))
+        .unwrap();
+        let ips: Vec<String> = p.addresses().map(|i| i.to_string()).collect();
+        assert_eq!(ips, ["10.0.0.0", "10.0.0.2", "10.0.0.3"]);
+        assert_eq!(p.subnet.unwrap().vlan, 0);
+    }
+
+    #[test]
+    fn invalid_egresses_name_the_field() {
+        let e = parse_egress(&yaml(
+            "kind: Egress\nmetadata: {name: e}\nspec: {externalIPPool: p}\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("spec.appliedTo"), "{e}");
+        let e = parse_egress(&yaml(
+            "kind: Egress\nmetadata: {name: e}\nspec: {appliedTo: {podSelector: {}}}\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("egressIP or externalIPPool"), "{e}");
+        let e = parse_egress(&yaml(
+            "kind: Egress\nmetadata: {name: e}\nspec: {appliedTo: {podSelector: {matchExpressions: [{key: a, operator: Has}]}}, externalIPPool: p}\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("matchExpressions[0].operator"), "{e}");
+    }
+
+    #[test]
+    fn selector_expressions() {
+        let s = parse_selector(
+            "X",
+            "x",
+            "s",
+            &yaml("{matchExpressions: [{key: tier, operator: In, values: [web, api]}, {key: legacy, operator: DoesNotExist}]}"),
+        )
+        .unwrap();
+        let l = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert!(s.matches(&l(&[("tier", "web")])));
+        assert!(!s.matches(&l(&[("tier", "db")])));
+        assert!(!s.matches(&l(&[("tier", "api"), ("legacy", "yes")])));
+    }
+}
