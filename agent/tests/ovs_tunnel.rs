@@ -29,6 +29,7 @@ use ferrea_agent::config::Config;
 use ferrea_agent::dataplane::ovs::uplink::PHY_BRIDGE;
 use ferrea_agent::dataplane::ovs::{DatapathType, GATEWAY_IFNAME, OvsConfig, OvsDataplane};
 use ferrea_agent::dataplane::{Dataplane, NodeNetwork, RemoteNode, TUNNEL_IFNAME};
+use ferrea_tests::capture::Tcpdump;
 use ferrea_tests::fabric::{self, Fabric, ping};
 use ferrea_tests::netns::NetNs;
 use ferrea_tests::ovs::{self, OvsDaemons};
@@ -440,6 +441,22 @@ fn two_nodes(test: &str, cfg_yaml: &str, kind: &str) {
     assert_ping(&p2, n1.pod_ip, "pod2 -> pod1", &[&n1, &n2]);
     assert_ping(n1.ns.name(), n2.pod_ip, "node1 -> pod2", &[&n1, &n2]);
     assert_ping(&p1, n2.gateway, "pod1 -> node2's gateway", &[&n1, &n2]);
+    // On the wire: encapsulated between the node addresses, never the pods' own packets.
+    let port = if kind == "geneve" { 6090 } else { 4789 };
+    let mut outer = Tcpdump::start(fabric.fabric(), "n1", &format!("udp dst port {port}")).unwrap();
+    let mut inner = Tcpdump::start(fabric.fabric(), "n1", "host 10.244.2.5").unwrap();
+    assert_ping(&p1, n2.pod_ip, "pod1 -> pod2 (captured)", &[&n1, &n2]);
+    let (outer, inner) = (outer.stop(), inner.stop());
+    println!("on the wire: {outer:#?}");
+    assert!(
+        outer.iter().any(|l| l.contains(&format!("172.18.0.11."))
+            && l.contains(&format!("> 172.18.0.12.{port}"))),
+        "no encapsulated packet from node1 to node2: {outer:#?}"
+    );
+    assert!(
+        inner.is_empty(),
+        "pod packets on the wire unencapsulated: {inner:#?}"
+    );
     let len = 8 << 20;
     let t = Instant::now();
     let got = tcp_transfer(n1.pod.ns(), n2.pod.ns(), n2.pod_ip, len);
