@@ -449,8 +449,9 @@ fn two_nodes(test: &str, cfg_yaml: &str, kind: &str) {
     let (outer, inner) = (outer.stop(), inner.stop());
     println!("on the wire: {outer:#?}");
     assert!(
-        outer.iter().any(|l| l.contains(&format!("172.18.0.11."))
-            && l.contains(&format!("> 172.18.0.12.{port}"))),
+        outer
+            .iter()
+            .any(|l| l.contains("172.18.0.11.") && l.contains(&format!("> 172.18.0.12.{port}"))),
         "no encapsulated packet from node1 to node2: {outer:#?}"
     );
     assert!(
