@@ -532,6 +532,46 @@ fn two_nodes(test: &str, cfg_yaml: &str, kind: &str) {
         &[&n1, &n2],
     );
 
+    // A node reboot while the agent is down, as far as OVS is concerned: OVSDB keeps its
+    // rows, but the internal ports' devices are gone (OVS makes its taps persistent, so a
+    // plain vswitchd restart keeps them; a reboot does not). vswitchd recreates them bare, so
+    // the node's InternalIP is on no interface until the starting agent restores it from
+    // OVSDB (before its transport discovery).
+    n1.agent.restart();
+    n1.ovs.stop_vswitchd();
+    n1.ip(&["link", "del", PHY_BRIDGE]);
+    n1.ip(&["link", "del", GATEWAY_IFNAME]);
+    n1.ovs.start_vswitchd().unwrap();
+    n1.ovs.wait_mgmt(BRIDGE).unwrap();
+    let bare = ferrea_tests::wait_for(Duration::from_secs(10), || {
+        n1.ns.ip(&["-4", "addr", "show", "dev", PHY_BRIDGE]).ok()
+    })
+    .expect("vswitchd did not recreate the physical bridge's port");
+    assert!(!bare.contains("inet "), "{bare}");
+    assert!(
+        n1.agent
+            .call(|dp| async move { dp.restore_transport().await.unwrap() })
+    );
+    assert!(
+        !n1.agent
+            .call(|dp| async move { dp.restore_transport().await.unwrap() })
+    );
+    let net1c = n1.network();
+    assert_eq!(net1c.transport.ifname, PHY_BRIDGE);
+    n1.start_agent(net1c, vec![r2.clone()]);
+    assert_ping(
+        n1.ns.name(),
+        fabric::EXTERNAL_IP,
+        "node1 -> external after its routes were restored",
+        &[&n1],
+    );
+    assert_ping(
+        &p1,
+        n2.pod_ip,
+        "pod1 -> pod2 after vswitchd and agent restarts",
+        &[&n1, &n2],
+    );
+
     // Node2 leaves node1's list: its flows and route go; nothing else changes.
     let before: Vec<String> = ovs::parse_flows(&n1.flows(None))
         .iter()

@@ -760,6 +760,47 @@ impl OvsDataplane {
         res
     }
 
+    /// Before transport discovery at agent start: if the physical bridge exists and its
+    /// internal port lost the node's address (ovs-vswitchd restarted while the agent was
+    /// down and recreated the device bare), puts back what OVSDB records as moved there.
+    /// Without this the node's `InternalIP` is on no interface and discovery fails. Returns
+    /// whether anything was restored. Does nothing without the bridge.
+    pub async fn restore_transport(&self) -> Result<bool, DataplaneError> {
+        let r = self
+            .db
+            .transact(
+                "read physical bridge",
+                vec![
+                    json!({"op": "select", "table": "Bridge", "where": [["name", "==", PHY_BRIDGE]],
+                    "columns": ["external_ids"]}),
+                ],
+            )
+            .await
+            .map_err(init_err)?;
+        let Some(cfg) = r[0]["rows"].get(0).and_then(|b| {
+            serde_json::from_str::<UplinkConfig>(parse_map(&b["external_ids"]).get(UPLINK_KEY)?)
+                .ok()
+        }) else {
+            return Ok(false);
+        };
+        let idx = wait_link(PHY_BRIDGE).await?;
+        let (conn, h, _) =
+            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+        let task = tokio::spawn(conn);
+        let res = async {
+            let have = uplink::addrs(&h, idx).await.map_err(init_err)?;
+            if cfg.addrs.iter().all(|a| have.contains(a)) {
+                return Ok(false);
+            }
+            uplink::apply(&h, idx, &cfg).await.map_err(init_err)?;
+            tracing::warn!(bridge = PHY_BRIDGE, addrs = ?cfg.addrs, "the physical bridge's port had lost the node's address; restored");
+            Ok(true)
+        }
+        .await;
+        task.abort();
+        res
+    }
+
     /// Puts the moved configuration back on the physical bridge's internal port (after
     /// ovs-vswitchd recreated it).
     async fn restore_uplink(&self, cfg: &UplinkConfig) -> Result<(), DataplaneError> {
