@@ -1,7 +1,7 @@
-//! The real agent with the OVS backend on two simulated nodes in `encap` mode (VXLAN, the
+//! The real agent with the OVS backend on three simulated nodes in `encap` mode (VXLAN, the
 //! default): the agents learn about each other from `Node` manifests (written here into each
 //! node's manifests directory), pods made through the CNI binary reach each other across
-//! nodes, a node removed from a node's source loses exactly its route and flows there, a node
+//! nodes (all pairs), a node removed from a node's source loses exactly its route and flows there, a node
 //! added back is reachable at once, pods reach the outside through masquerade, and an agent
 //! restart adopts the physical bridge it made.
 //!
@@ -50,14 +50,24 @@ fn ovs_agents_tunnel_between_nodes() {
         return;
     }
     let mut c = Cluster::new().unwrap();
-    for _ in 0..2 {
+    for _ in 0..3 {
         c.add_node(&NodeOptions::new(Dataplane::Ovs)).unwrap();
     }
-    // Each node learns about the other.
-    std::fs::write(peer_file(c.nodes()[0].manifests(), 2), node_manifest(2)).unwrap();
-    std::fs::write(peer_file(c.nodes()[1].manifests(), 1), node_manifest(1)).unwrap();
-    let p1 = c.nodes()[0].add_pod().unwrap();
-    let p2 = c.nodes()[1].add_pod().unwrap();
+    // Each node learns about the others.
+    for i in 1..=3u8 {
+        for j in (1..=3u8).filter(|j| *j != i) {
+            std::fs::write(
+                peer_file(c.nodes()[usize::from(i - 1)].manifests(), j),
+                node_manifest(j),
+            )
+            .unwrap();
+        }
+    }
+    let mut pods = Vec::new();
+    for n in c.nodes() {
+        pods.push(n.add_pod().unwrap());
+        pods.push(n.add_pod().unwrap());
+    }
     let report = |c: &mut Cluster| {
         for n in c.nodes_mut() {
             let head = format!("--- {}: {}", n.name(), n.routes().unwrap_or_default());
@@ -65,12 +75,32 @@ fn ovs_agents_tunnel_between_nodes() {
         }
     };
     let t = Instant::now();
-    if time_to_reach(p1.name(), p2.ip(), t, Duration::from_secs(10)).is_none() {
+    if time_to_reach(pods[0].name(), pods[2].ip(), t, Duration::from_secs(10)).is_none() {
         report(&mut c);
-        panic!("pod1 cannot reach pod2 across nodes");
+        panic!("a pod of node1 cannot reach a pod of node2");
     }
     println!("pods reachable across nodes after {:?}", t.elapsed());
-    assert!(p2.ping(p1.ip()), "pod2 -> pod1");
+    // All pairs, both directions.
+    for a in &pods {
+        for b in pods.iter().filter(|b| b.ip() != a.ip()) {
+            if !a.ping(b.ip()) {
+                report(&mut c);
+                panic!("{} -> {} failed", a.ip(), b.ip());
+            }
+        }
+    }
+    // Every node reaches every remote pod.
+    for (i, n) in c.nodes().iter().enumerate() {
+        for p in pods.iter().skip(((i + 1) % 3) * 2).take(2) {
+            assert!(
+                fabric::ping(n.ns().name(), p.ip()),
+                "{} -> {}",
+                n.name(),
+                p.ip()
+            );
+        }
+    }
+    let (p1, p2) = (&pods[0], &pods[2]);
     assert!(
         fabric::ping(c.nodes()[0].ns().name(), p2.ip()),
         "node1 -> pod2"
@@ -80,8 +110,9 @@ fn ovs_agents_tunnel_between_nodes() {
     assert!(mtu.contains("mtu 1450"), "{mtu}");
     // Pods reach the outside through their own node's masquerade (the external host has no
     // route to pod CIDRs).
-    assert!(p1.ping(INTERNET_IP), "pod1 -> internet");
-    assert!(p2.ping(INTERNET_IP), "pod2 -> internet");
+    for p in &pods {
+        assert!(p.ping(INTERNET_IP), "{} -> internet", p.ip());
+    }
 
     // Node2 leaves node1's source: its route and flows go there, node2 keeps its own.
     let remote_flows = |c: &mut Cluster, i: usize| {
@@ -100,10 +131,17 @@ fn ovs_agents_tunnel_between_nodes() {
             .ns()
             .ip(&["route", "show", "proto", "70"])
             .unwrap();
-        r.trim().is_empty().then_some(())
+        (!r.contains("10.244.2.0/24")).then_some(r)
     });
-    assert!(gone.is_some(), "node2's route stayed on node1");
-    assert_eq!(remote_flows(&mut c, 0), 0, "node2's flows stayed on node1");
+    let left = gone.expect("node2's route stayed on node1");
+    assert!(left.contains("10.244.3.0/24 via 10.244.3.1"), "{left}");
+    // node1 keeps node3's flows (and reaches node3's pods), loses node2's.
+    assert_eq!(
+        remote_flows(&mut c, 0),
+        n2_flows / 2,
+        "node1 should keep only node3's flows"
+    );
+    assert!(p1.ping(pods[4].ip()), "node3's pod lost from node1");
     assert_eq!(remote_flows(&mut c, 1), n2_flows, "node2's flows changed");
     assert!(!p1.ping(p2.ip()), "pod2 still reachable from node1's pod");
 
@@ -127,7 +165,6 @@ fn ovs_agents_tunnel_between_nodes() {
         "pod1 -> pod2 after node1's agent restarted"
     );
     assert!(p1.ping(INTERNET_IP), "pod1 -> internet after restart");
-    drop(p1);
-    drop(p2);
+    drop(pods);
     drop(c);
 }

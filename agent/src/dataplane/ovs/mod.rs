@@ -33,8 +33,11 @@
 //!   holding the transport interface as a port (`ferrea-type=uplink`) while the node's
 //!   address, MAC and routes move to the bridge's internal port. OVS's userspace tunnelling
 //!   sends encapsulated packets only through such a bridge (see [`uplink`]). A restarted agent
-//!   finds the transport address on that port and adopts the bridge; a restarted
-//!   ovs-vswitchd gets the address and routes back on its new internal device.
+//!   finds the transport address on that port and adopts the bridge. OVS keeps its tap
+//!   devices across a vswitchd restart, but a reboot loses them: the configuration moved is
+//!   recorded in the bridge's `external_ids` and put back by
+//!   [`OvsDataplane::restore_transport`] (before the core's transport discovery) and on every
+//!   OpenFlow reconnect.
 //!
 //! With the kernel datapath (`datapath_type=system`, the openvswitch module) the kernel
 //! encapsulates and routes tunnel packets itself: only the tunnel port and the flows are
@@ -231,7 +234,8 @@ impl OvsDataplane {
         self.state.lock().expect("state lock").clone()
     }
 
-    /// Every flow the agent wants now: node flows and all known pods' flows.
+    /// Every flow the agent wants now: node and tunnel flows, all known pods' and remote
+    /// nodes' flows.
     fn desired_flows(s: &NodeState) -> Vec<FlowMod> {
         let mut f = pipeline::node_flows(s.round, &s.facts);
         if let Some(t) = &s.tunnel {
