@@ -919,8 +919,18 @@ impl Dataplane for OvsDataplane {
             .node_state()
             .map(|s| (s.pods, s.remotes))
             .unwrap_or_default();
+        // The node's address now lives on the physical bridge's port (for the noEncap routes
+        // through the transport, should the mode change without a restart).
+        let mut node = node.clone();
+        if uplink.is_some()
+            && node.transport.ifname != PHY_BRIDGE
+            && let Ok(idx) = nix::net::if_::if_nametoindex(PHY_BRIDGE)
+        {
+            node.transport.ifname = PHY_BRIDGE.into();
+            node.transport.ifindex = idx;
+        }
         let st = NodeState {
-            node: node.clone(),
+            node,
             round,
             facts,
             pods,
