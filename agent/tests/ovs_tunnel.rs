@@ -467,6 +467,21 @@ fn two_nodes(test: &str, cfg_yaml: &str, kind: &str) {
     }
     assert_eq!(got, len, "TCP transfer across nodes incomplete");
 
+    // The node's own TCP now runs through the physical bridge's tap: to the external host,
+    // to the other node (also behind its physical bridge), and to a remote pod.
+    let k = n1.ns.sh(&["ethtool", "-k", GATEWAY_IFNAME]).unwrap();
+    assert!(k.contains("tx-checksumming: off"), "{k}");
+    for (to, dst, what) in [
+        (fabric.external(), fabric::EXTERNAL_IP, "node1 -> external"),
+        (&n2.ns, fabric::node_ip(2), "node1 -> node2"),
+        (n2.pod.ns(), n2.pod_ip, "node1 -> pod2"),
+    ] {
+        let t = Instant::now();
+        let got = tcp_transfer(&n1.ns, to, dst, 4 << 20);
+        println!("TCP {what}: {got} bytes in {:?}", t.elapsed());
+        assert_eq!(got, 4 << 20, "TCP {what} incomplete");
+    }
+
     // Agent restart on node1 with traffic running: the transport is now the physical
     // bridge's port, which is adopted; nothing is lost.
     let pinger = ferrea_tests::traffic::BackgroundPing::start(
@@ -530,6 +545,14 @@ fn two_nodes(test: &str, cfg_yaml: &str, kind: &str) {
         n1.pod_ip,
         "pod2 -> pod1 after vswitchd restart",
         &[&n1, &n2],
+    );
+    // vswitchd re-opened the gateway tap with its offloads; the agent turned TX checksums
+    // off again, so the node's TCP to remote pods still works.
+    let got = tcp_transfer(&n1.ns, n2.pod.ns(), n2.pod_ip, 1 << 20);
+    assert_eq!(
+        got,
+        1 << 20,
+        "TCP node1 -> pod2 after vswitchd restart incomplete"
     );
 
     // A node reboot while the agent is down, as far as OVS is concerned: OVSDB keeps its

@@ -65,6 +65,7 @@ use super::{
     TUNNEL_VNI, Tunnel,
 };
 
+pub mod offload;
 pub mod openflow;
 pub mod ovsdb;
 pub mod pipeline;
@@ -162,6 +163,9 @@ struct NodeState {
     remotes: Vec<RemoteFacts>,
     /// What moved from the transport interface to the physical bridge (userspace datapath).
     uplink: Option<UplinkConfig>,
+    /// The userspace datapath tunnels: the gateway device computes its own TX checksums
+    /// (see [`offload`]).
+    gw_tx_checksum_off: bool,
 }
 
 /// The OVS dataplane of one node. Create it anywhere; call it from a thread in the node's
@@ -364,7 +368,8 @@ impl OvsDataplane {
             if let Some(u) = &s.uplink {
                 self.restore_uplink(u).await?;
             }
-            self.configure_gateway_device(&s.node).await?;
+            self.configure_gateway_device(&s.node, s.gw_tx_checksum_off)
+                .await?;
             tracing::info!(bridge = %self.cfg.bridge, "openflow reconnected, re-installing flows");
             c.bundle("resync flows", &Self::desired_flows(&s))
                 .await
@@ -816,9 +821,29 @@ impl OvsDataplane {
         r.map_err(|e| other_err("restore the physical bridge's address", e))
     }
 
-    /// Puts `gateway/prefix` on the gateway device and sets it up (idempotent).
-    async fn configure_gateway_device(&self, node: &NodeNetwork) -> Result<(), DataplaneError> {
+    /// Puts `gateway/prefix` on the gateway device and sets it up (idempotent); with
+    /// `tx_checksum_off`, also turns its TX checksum offload off (OVS's userspace tunnels
+    /// cannot complete the checksums of the node's own packets to remote pods).
+    async fn configure_gateway_device(
+        &self,
+        node: &NodeNetwork,
+        tx_checksum_off: bool,
+    ) -> Result<(), DataplaneError> {
         let idx = wait_link(GATEWAY_IFNAME).await?;
+        if tx_checksum_off {
+            match offload::disable_tx_checksum(GATEWAY_IFNAME) {
+                Ok(true) => tracing::info!(
+                    device = GATEWAY_IFNAME,
+                    "TX checksum offload off (userspace tunnels)"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    return Err(init_err(format!(
+                        "turning TX checksum offload off on {GATEWAY_IFNAME}: {e}"
+                    )));
+                }
+            }
+        }
         let (conn, nl, _) =
             rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
         let task = tokio::spawn(conn);
@@ -903,7 +928,9 @@ impl Dataplane for OvsDataplane {
                     "vswitchd assigned no ofport to {GATEWAY_IFNAME} (is ovs-vswitchd running?)"
                 ))
             })?;
-        self.configure_gateway_device(node).await?;
+        let gw_tx_checksum_off = node.tunnel.is_some() && datapath == "netdev";
+        self.configure_gateway_device(node, gw_tx_checksum_off)
+            .await?;
         let facts = NodeFacts {
             gw_port: gw_port as u32,
             gw_mac,
@@ -940,6 +967,7 @@ impl Dataplane for OvsDataplane {
             tunnel,
             remotes,
             uplink,
+            gw_tx_checksum_off,
         };
         *self.state.lock().expect("state lock") = Some(st.clone());
         self.of_bundle("install node flows", &Self::desired_flows(&st))
