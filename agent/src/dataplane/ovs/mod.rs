@@ -769,6 +769,30 @@ impl OvsDataplane {
         res
     }
 
+    /// Configures a pod's interface inside its namespace, after the agent core created it and
+    /// before [`Dataplane::add_pod`]: with the userspace datapath's tunnels, the pod computes
+    /// its own TX checksums (see [`offload`]). Nothing otherwise, or before `init_node`.
+    pub async fn configure_pod_interface(
+        &self,
+        netns: &Path,
+        ifname: &str,
+    ) -> Result<(), DataplaneError> {
+        if !self.node_state().is_some_and(|s| s.gw_tx_checksum_off) {
+            return Ok(());
+        }
+        let (ns, name) = (netns.to_owned(), ifname.to_owned());
+        tokio::task::spawn_blocking(move || offload::disable_tx_checksum_in(&ns, &name))
+            .await
+            .map_err(|e| other_err("pod TX checksum offload", e))?
+            .map(|_| ())
+            .map_err(|e| DataplaneError::Pod {
+                backend: BACKEND,
+                op: "turn TX checksum offload off",
+                ifname: format!("{ifname} in {}", netns.display()),
+                msg: e.to_string(),
+            })
+    }
+
     /// Before transport discovery at agent start: if the physical bridge exists and its
     /// internal port lost the node's address (ovs-vswitchd restarted while the agent was
     /// down and recreated the device bare), puts back what OVSDB records as moved there.

@@ -12,7 +12,8 @@
 //! The switch goes through the classic `SIOCETHTOOL` ioctl (`ETHTOOL_STXCSUM`), which every
 //! kernel supports and which needs no extra crate: the one `unsafe` block of the backend.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
@@ -70,6 +71,21 @@ pub fn disable_tx_checksum(ifname: &str) -> std::io::Result<bool> {
     }
     ethtool_value(ifname, ETHTOOL_STXCSUM, 0)?;
     Ok(true)
+}
+
+/// [`disable_tx_checksum`] for `ifname` inside the network namespace at `netns` (a pod's
+/// CNI_NETNS), from a short-lived thread that enters it; the caller's namespace is untouched.
+pub fn disable_tx_checksum_in(netns: &Path, ifname: &str) -> std::io::Result<bool> {
+    let ns = std::fs::File::open(netns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // setns moves only this thread, which ends right after.
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            disable_tx_checksum(ifname)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the netns thread panicked")))
+    })
 }
 
 #[cfg(test)]
