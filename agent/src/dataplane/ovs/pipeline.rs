@@ -517,6 +517,17 @@ mod tests {
         }
         let pf = pod_flows(4, &n, &p);
         assert!(pf.iter().all(|f| cookie::pod_ip(f.cookie) == Some(p.ip)));
+        let t = TunnelFacts { port: 10, vni: 0 };
+        for f in tunnel_flows(4, &n, &t) {
+            assert_eq!(f.cookie, cookie::make(4, cookie::KIND_NODE, 0));
+        }
+        let rf = remote_flows(4, &n, &remote());
+        // A remote node's flows are found by its cookie in any round, and no pod's mask
+        // selects them.
+        assert!(rf.iter().all(|f| f.cookie & cookie::REMOTE_MASK
+            == cookie::remote(9, remote().pod_cidr) & cookie::REMOTE_MASK
+            && cookie::pod_ip(f.cookie).is_none()
+            && cookie::round(f.cookie) == 4));
     }
 
     fn remote() -> RemoteFacts {
