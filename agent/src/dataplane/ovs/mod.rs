@@ -1000,6 +1000,18 @@ impl Dataplane for OvsDataplane {
         Ok(())
     }
 
+    async fn restore_transport(&self) -> Result<(), DataplaneError> {
+        OvsDataplane::restore_transport(self).await.map(|_| ())
+    }
+
+    async fn configure_pod_interface(
+        &self,
+        netns: &str,
+        ifname: &str,
+    ) -> Result<(), DataplaneError> {
+        OvsDataplane::configure_pod_interface(self, Path::new(netns), ifname).await
+    }
+
     async fn maintain(&self) -> Result<(), DataplaneError> {
         if self.node_state().is_none() {
             return Ok(());
