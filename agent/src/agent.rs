@@ -179,15 +179,23 @@ async fn start_node(
     remotes: &[RemoteNode],
 ) -> anyhow::Result<Arc<PodManager>> {
     let pod_cidr = node.pod_cidr.expect("checked by wait_for_node");
-    let transport = {
+    let dp = new_dataplane(cfg)?;
+    // What the backend moved off the transport interface earlier and a reboot lost (OVS
+    // userspace datapath: the node's address on its physical bridge) comes back first, so
+    // discovery finds the node's address.
+    dp.restore_transport()
+        .await
+        .context("restoring the transport interface")?;
+    let discover = || async {
         let (conn, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
         let task = tokio::spawn(conn);
         let t = crate::transport::discover(&handle, cfg, node.internal_ip).await;
         task.abort();
-        t?
+        anyhow::Ok(t?)
     };
+    let transport = discover().await?;
     let tunnel = crate::transport::tunnel(cfg);
-    let net = NodeNetwork {
+    let mut net = NodeNetwork {
         pod_cidr,
         gateway: crate::ipam::gateway_of(pod_cidr),
         mtu: crate::transport::pod_mtu(cfg, transport.mtu, tunnel),
@@ -202,10 +210,16 @@ async fn start_node(
             tracing::info!(key = k, from = %old, to = v, "sysctl set");
         }
     }
-    let dp = new_dataplane(cfg)?;
     dp.init_node(&net)
         .await
         .context("initialising the dataplane")?;
+    // The backend may have moved the node's address (OVS userspace datapath in encap mode:
+    // onto its physical bridge's port): later users of the transport see where it is now.
+    let moved = discover().await?;
+    if moved.ifname != net.transport.ifname {
+        tracing::info!(from = %net.transport.ifname, to = %moved.ifname, "the node's address moved");
+        net.transport = moved;
+    }
     dp.set_remote_nodes(remotes)
         .await
         .context("connecting the other nodes")?;

@@ -248,7 +248,13 @@ impl PodManager {
             }
         };
         let t = std::time::Instant::now();
-        let added = self.dataplane.add_pod(&Self::endpoint(rec, idx)).await;
+        let added = async {
+            self.dataplane
+                .configure_pod_interface(&rec.netns, &rec.ifname)
+                .await?;
+            self.dataplane.add_pod(&Self::endpoint(rec, idx)).await
+        }
+        .await;
         tracing::debug!(
             elapsed_us = t.elapsed().as_micros() as u64,
             "dataplane entries added"

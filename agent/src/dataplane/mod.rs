@@ -214,6 +214,25 @@ pub trait Dataplane: Send + Sync {
     /// adopts what a previous agent process left.
     async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError>;
 
+    /// Configures the pod's interface inside its namespace (`netns`, CNI_NETNS; `ifname`,
+    /// CNI_IFNAME) after the core created and configured it and before [`Self::add_pod`]
+    /// (OVS userspace datapath with tunnels: TX checksum offload off). Default: nothing.
+    async fn configure_pod_interface(
+        &self,
+        netns: &str,
+        ifname: &str,
+    ) -> Result<(), DataplaneError> {
+        let _ = (netns, ifname);
+        Ok(())
+    }
+
+    /// Runs at agent start before the core discovers the transport interface: puts back node
+    /// configuration the backend moved earlier and a reboot lost (OVS userspace datapath: the
+    /// node's address on the physical bridge's port, recreated bare). Default: nothing.
+    async fn restore_transport(&self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+
     /// Periodic upkeep, called by the agent about once a second: checks the backend's
     /// connections and repairs what drifted outside the agent (for OVS: a restarted
     /// ovs-vswitchd gets its gateway address and flows back). Must be cheap when nothing

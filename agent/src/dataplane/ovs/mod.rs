@@ -20,6 +20,29 @@
 //! It never touches other bridges, ports without `ferrea-type`, flows without a ferrea
 //! cookie, or pod veths (the agent core creates and deletes them).
 //!
+//! Other nodes (encap mode, see [`pipeline`] for the flows):
+//! - the tunnel port [`TUNNEL_IFNAME`] on the integration bridge: `type=vxlan` or `geneve`,
+//!   `options:remote_ip=flow`, `options:key=flow` (flows set [`TUNNEL_VNI`]), `dst_port` when
+//!   not the IANA one, `ofport_request` [`TUNNEL_OFPORT`], `external_ids:ferrea-type=tunnel`;
+//!   removed in `noEncap` mode;
+//! - per remote node: flows under its own cookie (kind remote, id = its pod CIDR), a route
+//!   `<pod CIDR> via <its gateway> dev ferrea-gw0 onlink src <our gateway>` (so the node itself
+//!   reaches remote pods through the tunnel), and an ARP answer for its gateway;
+//! - with the userspace datapath only: the physical bridge [`uplink::PHY_BRIDGE`]
+//!   (`datapath_type=netdev`, `fail_mode=standalone`, so OVS's own NORMAL flow switches it),
+//!   holding the transport interface as a port (`ferrea-type=uplink`) while the node's
+//!   address, MAC and routes move to the bridge's internal port. OVS's userspace tunnelling
+//!   sends encapsulated packets only through such a bridge (see [`uplink`]). A restarted agent
+//!   finds the transport address on that port and adopts the bridge. OVS keeps its tap
+//!   devices across a vswitchd restart, but a reboot loses them: the configuration moved is
+//!   recorded in the bridge's `external_ids` and put back by
+//!   [`OvsDataplane::restore_transport`] (before the core's transport discovery) and on every
+//!   OpenFlow reconnect.
+//!
+//! With the kernel datapath (`datapath_type=system`, the openvswitch module) the kernel
+//! encapsulates and routes tunnel packets itself: only the tunnel port and the flows are
+//! needed. That path is not exercised here: this machine has no openvswitch module.
+//!
 //! Restart: a new agent bumps the round, re-installs the node flows, the core re-adds every
 //! kept pod (identical flows are replaced in place by OpenFlow `add`, counters kept, so no
 //! packet sees a missing flow), and [`Dataplane::retain_pods`] then deletes whatever is left
@@ -36,16 +59,23 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats, RemoteNode};
+use super::routes::{self, NodeRoute};
+use super::{
+    Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats, RemoteNode, TUNNEL_IFNAME,
+    TUNNEL_VNI, Tunnel,
+};
 
+pub mod offload;
 pub mod openflow;
 pub mod ovsdb;
 pub mod pipeline;
+pub mod uplink;
 
 use openflow::codec::TABLE_ALL;
 use openflow::{ConnError, FlowMod, OfConn};
 use ovsdb::{Ovsdb, map, named_uuid, parse_map, parse_uuid};
-use pipeline::{Counter, NodeFacts, PodFacts, cookie};
+use pipeline::{Counter, NodeFacts, PodFacts, RemoteFacts, TunnelFacts, cookie};
+use uplink::{PHY_BRIDGE, UplinkConfig};
 
 /// Name of the gateway internal port (and its kernel device).
 pub const GATEWAY_IFNAME: &str = "ferrea-gw0";
@@ -53,6 +83,11 @@ const BACKEND: &str = "ovs";
 /// `external_ids` key marking what ferrea created, and its values.
 const TYPE_KEY: &str = "ferrea-type";
 const ROUND_KEY: &str = "ferrea-round";
+/// `external_ids` key of the physical bridge holding what moved from the uplink (JSON).
+const UPLINK_KEY: &str = "ferrea-uplink";
+/// The OpenFlow port number the tunnel port requests: clear of the gateway port (numbered
+/// first by vswitchd, normally 1) and of the pods' numbers (100 and up).
+pub const TUNNEL_OFPORT: u32 = 10;
 /// How long to wait for vswitchd to assign an ofport or create the management socket.
 const VSWITCHD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -122,6 +157,15 @@ struct NodeState {
     prepared: HashSet<Ipv4Addr>,
     /// `flow-restore-wait` was set when we started: clear it after reconciliation.
     flow_restore_wait: bool,
+    /// The tunnel to other nodes (encap mode).
+    tunnel: Option<TunnelFacts>,
+    /// The remote nodes whose flows are installed (encap mode), sorted.
+    remotes: Vec<RemoteFacts>,
+    /// What moved from the transport interface to the physical bridge (userspace datapath).
+    uplink: Option<UplinkConfig>,
+    /// The userspace datapath tunnels: the gateway device computes its own TX checksums
+    /// (see [`offload`]).
+    gw_tx_checksum_off: bool,
 }
 
 /// The OVS dataplane of one node. Create it anywhere; call it from a thread in the node's
@@ -194,11 +238,18 @@ impl OvsDataplane {
         self.state.lock().expect("state lock").clone()
     }
 
-    /// Every flow the agent wants now: node flows and all known pods' flows.
+    /// Every flow the agent wants now: node and tunnel flows, all known pods' and remote
+    /// nodes' flows.
     fn desired_flows(s: &NodeState) -> Vec<FlowMod> {
         let mut f = pipeline::node_flows(s.round, &s.facts);
+        if let Some(t) = &s.tunnel {
+            f.extend(pipeline::tunnel_flows(s.round, &s.facts, t));
+        }
         for p in s.pods.values() {
             f.extend(pipeline::pod_flows(s.round, &s.facts, p));
+        }
+        for r in &s.remotes {
+            f.extend(pipeline::remote_flows(s.round, &s.facts, r));
         }
         f
     }
@@ -312,8 +363,13 @@ impl OvsDataplane {
             }
         };
         if reconnect && let Some(s) = self.node_state() {
-            // A restarted vswitchd recreated the gateway device without its address.
-            self.configure_gateway_device(&s.node).await?;
+            // A restarted vswitchd recreated the physical bridge's port and the gateway device
+            // without their addresses.
+            if let Some(u) = &s.uplink {
+                self.restore_uplink(u).await?;
+            }
+            self.configure_gateway_device(&s.node, s.gw_tx_checksum_off)
+                .await?;
             tracing::info!(bridge = %self.cfg.bridge, "openflow reconnected, re-installing flows");
             c.bundle("resync flows", &Self::desired_flows(&s))
                 .await
@@ -356,12 +412,12 @@ impl OvsDataplane {
     }
 
     /// Creates or adopts the bridge and the gateway port in one transaction each; returns
-    /// (round, flow-restore-wait was set).
+    /// (round, flow-restore-wait was set, the bridge's datapath type).
     async fn ensure_bridge(
         &self,
         node: &NodeNetwork,
         gw_mac: [u8; 6],
-    ) -> Result<(u16, bool), DataplaneError> {
+    ) -> Result<(u16, bool, String), DataplaneError> {
         let br = self.cfg.bridge.as_str();
         let r = self
             .db
@@ -396,6 +452,14 @@ impl OvsDataplane {
         let round_s = round.to_string();
         let mac = openflow::codec::mac_str(&gw_mac);
         let mut ops = Vec::new();
+        // OVSDB's empty datapath_type means the kernel datapath.
+        let datapath = match &bridge {
+            Some(b) => match b["datapath_type"].as_str() {
+                Some("") | None => "system".to_owned(),
+                Some(t) => t.to_owned(),
+            },
+            None => self.cfg.datapath_type.resolve().to_owned(),
+        };
         if !have_gw {
             ops.push(
                 json!({"op": "insert", "table": "Interface", "uuid-name": "gwif", "row": {
@@ -455,22 +519,355 @@ impl OvsDataplane {
             .transact("create or adopt bridge", ops)
             .await
             .map_err(init_err)?;
-        Ok((round, frw))
+        Ok((round, frw, datapath))
     }
 
-    /// Puts `gateway/prefix` on the gateway device and sets it up (idempotent).
-    async fn configure_gateway_device(&self, node: &NodeNetwork) -> Result<(), DataplaneError> {
-        // vswitchd creates the tap (netdev) or internal device (system) when it adds the port.
-        let start = Instant::now();
-        let idx = loop {
-            match nix::net::if_::if_nametoindex(GATEWAY_IFNAME) {
-                Ok(i) => break i,
-                Err(_) if start.elapsed() < VSWITCHD_TIMEOUT => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(e) => return Err(init_err(format!("{GATEWAY_IFNAME} did not appear: {e}"))),
-            }
+    /// Creates or adopts the flow-based tunnel port in one transaction and returns its
+    /// OpenFlow port number.
+    async fn ensure_tunnel_port(&self, t: Tunnel) -> Result<u32, DataplaneError> {
+        let kind = match t.kind {
+            crate::config::TunnelType::Vxlan => "vxlan",
+            crate::config::TunnelType::Geneve => "geneve",
         };
+        let port_s = t.port.to_string();
+        let mut opts = vec![("remote_ip", "flow"), ("key", "flow")];
+        if t.port != t.kind.default_port() {
+            opts.push(("dst_port", &port_s));
+        }
+        let ids = map(&[(TYPE_KEY, "tunnel")]);
+        let iface = json!({"name": TUNNEL_IFNAME, "type": kind, "options": map(&opts),
+            "ofport_request": TUNNEL_OFPORT, "external_ids": ids});
+        // "No such port yet" (a wait with timeout 0), then the inserts; if it exists, the
+        // wait fails and the existing row is brought to the wanted configuration.
+        let ops = vec![
+            json!({"op": "wait", "table": "Port", "timeout": 0, "where": [["name", "==", TUNNEL_IFNAME]],
+                "columns": ["name"], "until": "==", "rows": []}),
+            json!({"op": "insert", "table": "Interface", "uuid-name": "i", "row": iface}),
+            json!({"op": "insert", "table": "Port", "uuid-name": "p",
+                "row": {"name": TUNNEL_IFNAME, "interfaces": named_uuid("i"), "external_ids": ids}}),
+            json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", self.cfg.bridge]],
+                "mutations": [["ports", "insert", named_uuid("p")]]}),
+        ];
+        match self.db.transact("add tunnel port", ops).await {
+            Ok(_) => {
+                tracing::info!(
+                    port = TUNNEL_IFNAME,
+                    kind,
+                    udp_port = t.port,
+                    "tunnel port created"
+                )
+            }
+            Err(e) if e.is_wait_timeout() => {
+                let r = self
+                    .db
+                    .transact(
+                        "read tunnel port",
+                        vec![json!({"op": "select", "table": "Interface",
+                        "where": [["name", "==", TUNNEL_IFNAME]], "columns": ["external_ids"]})],
+                    )
+                    .await
+                    .map_err(init_err)?;
+                let ours = r[0]["rows"].get(0).is_some_and(|row| {
+                    parse_map(&row["external_ids"])
+                        .get(TYPE_KEY)
+                        .map(String::as_str)
+                        == Some("tunnel")
+                });
+                if !ours {
+                    return Err(init_err(format!(
+                        "a port named {TUNNEL_IFNAME} exists that ferrea did not create; \
+                         remove it or rename it"
+                    )));
+                }
+                self.db
+                    .transact(
+                        "update tunnel port",
+                        vec![json!({"op": "update", "table": "Interface",
+                        "where": [["name", "==", TUNNEL_IFNAME]],
+                        "row": {"type": kind, "options": map(&opts), "ofport_request": TUNNEL_OFPORT}})],
+                    )
+                    .await
+                    .map_err(init_err)?;
+            }
+            Err(e) => return Err(init_err(e)),
+        }
+        let port = self
+            .db
+            .wait_ofport(TUNNEL_IFNAME, VSWITCHD_TIMEOUT)
+            .await
+            .map_err(init_err)?
+            .ok_or_else(|| {
+                init_err(format!(
+                    "vswitchd could not open the {kind} tunnel port {TUNNEL_IFNAME} (UDP port {}); \
+                     its log says why (with the kernel datapath: is the {kind} module loaded?)",
+                    t.port
+                ))
+            })?;
+        Ok(port as u32)
+    }
+
+    /// Removes ferrea's tunnel port, if any (`noEncap` mode).
+    async fn remove_tunnel_port(&self) -> Result<(), DataplaneError> {
+        let r = self
+            .db
+            .transact(
+                "find tunnel port",
+                vec![json!({"op": "select", "table": "Port",
+                "where": [["name", "==", TUNNEL_IFNAME], ["external_ids", "includes", map(&[(TYPE_KEY, "tunnel")])]],
+                "columns": ["_uuid"]})],
+            )
+            .await
+            .map_err(init_err)?;
+        let uuids: Vec<String> = r[0]["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|row| parse_uuid(&row["_uuid"]))
+            .collect();
+        if !uuids.is_empty() {
+            self.delete_ports("delete tunnel port", &uuids)
+                .await
+                .map_err(init_err)?;
+            tracing::info!("noEncap: tunnel port removed");
+        }
+        Ok(())
+    }
+
+    /// Creates or adopts the physical bridge for the userspace datapath's tunnels: the
+    /// transport interface becomes its port, the node's address, MAC and routes move to its
+    /// internal port (see [`uplink`]). Returns what was moved.
+    async fn ensure_uplink(&self, node: &NodeNetwork) -> Result<UplinkConfig, DataplaneError> {
+        let r = self
+            .db
+            .transact(
+                "read physical bridge",
+                vec![
+                    json!({"op": "select", "table": "Bridge", "where": [["name", "==", PHY_BRIDGE]],
+                        "columns": ["_uuid", "external_ids", "ports"]}),
+                    json!({"op": "select", "table": "Port",
+                        "where": [["external_ids", "includes", map(&[(TYPE_KEY, "uplink")])]],
+                        "columns": ["_uuid", "name"]}),
+                    json!({"op": "select", "table": "Open_vSwitch", "where": [], "columns": ["_uuid"]}),
+                ],
+            )
+            .await
+            .map_err(init_err)?;
+        let bridge = r[0]["rows"].get(0).cloned();
+        let saved: Option<UplinkConfig> = bridge.as_ref().and_then(|b| {
+            serde_json::from_str(parse_map(&b["external_ids"]).get(UPLINK_KEY)?).ok()
+        });
+        let port = r[1]["rows"]
+            .get(0)
+            .and_then(|p| p["name"].as_str())
+            .map(str::to_owned);
+        let adopting = node.transport.ifname == PHY_BRIDGE;
+        let name = if adopting {
+            port.clone()
+                .or_else(|| saved.as_ref().map(|s| s.uplink.clone()))
+                .ok_or_else(|| {
+                    init_err(format!(
+                        "the transport interface is {PHY_BRIDGE}, but that bridge has no uplink \
+                         port ferrea recorded; attach the physical interface to it or set \
+                         transportInterface"
+                    ))
+                })?
+        } else {
+            node.transport.ifname.clone()
+        };
+        if let Some(p) = port.as_ref().filter(|p| **p != name) {
+            return Err(init_err(format!(
+                "{PHY_BRIDGE} already holds uplink {p}, but the transport interface is now \
+                 {name}; move the node's address back to {p} or delete the bridge"
+            )));
+        }
+        let (conn, h, _) =
+            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+        let task = tokio::spawn(conn);
+        let res = async {
+            let (uidx, umac, umtu) = uplink::link(&h, &name)
+                .await
+                .map_err(init_err)?
+                .ok_or_else(|| init_err(format!("the uplink {name} does not exist")))?;
+            let mut cfg = UplinkConfig {
+                uplink: name.clone(),
+                mac: openflow::codec::mac_str(&umac),
+                mtu: umtu,
+                addrs: uplink::addrs(&h, uidx).await.map_err(init_err)?,
+                routes: uplink::routes(&h, uidx).await.map_err(init_err)?,
+            };
+            if let Some(s) = &saved {
+                cfg.merge(s);
+            }
+            if !cfg.addrs.iter().any(|a| a.ip() == node.transport.ip) {
+                return Err(init_err(format!(
+                    "the node address {} is neither on the uplink {name} nor recorded on {PHY_BRIDGE}",
+                    node.transport.ip
+                )));
+            }
+            let cfg_json = serde_json::to_string(&cfg).expect("json");
+            let ids = [(TYPE_KEY, "phy-bridge"), (UPLINK_KEY, cfg_json.as_str())];
+            let uplink_ids = map(&[(TYPE_KEY, "uplink")]);
+            let mut ops = Vec::new();
+            if port.is_none() {
+                ops.push(json!({"op": "insert", "table": "Interface", "uuid-name": "ui",
+                    "row": {"name": name, "external_ids": uplink_ids}}));
+                ops.push(json!({"op": "insert", "table": "Port", "uuid-name": "up",
+                    "row": {"name": name, "interfaces": named_uuid("ui"), "external_ids": uplink_ids}}));
+            }
+            match &bridge {
+                None => {
+                    ops.push(json!({"op": "insert", "table": "Interface", "uuid-name": "li",
+                        "row": {"name": PHY_BRIDGE, "type": "internal", "mtu_request": cfg.mtu}}));
+                    ops.push(json!({"op": "insert", "table": "Port", "uuid-name": "lp",
+                        "row": {"name": PHY_BRIDGE, "interfaces": named_uuid("li")}}));
+                    ops.push(json!({"op": "insert", "table": "Bridge", "uuid-name": "pb", "row": {
+                        "name": PHY_BRIDGE, "datapath_type": "netdev", "fail_mode": "standalone",
+                        "other_config": map(&[("hwaddr", &cfg.mac)]),
+                        "external_ids": map(&ids),
+                        "ports": ovsdb::set(vec![named_uuid("lp"), named_uuid("up")])}}));
+                    match r[2]["rows"].get(0) {
+                        Some(root) => ops.push(json!({"op": "mutate", "table": "Open_vSwitch",
+                            "where": [["_uuid", "==", root["_uuid"]]],
+                            "mutations": [["bridges", "insert", named_uuid("pb")]]})),
+                        None => ops.push(json!({"op": "insert", "table": "Open_vSwitch",
+                            "row": {"bridges": named_uuid("pb")}})),
+                    }
+                    tracing::info!(bridge = PHY_BRIDGE, uplink = %name, "creating the physical bridge for userspace tunnels");
+                }
+                Some(_) => {
+                    if port.is_none() {
+                        ops.push(json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", PHY_BRIDGE]],
+                            "mutations": [["ports", "insert", named_uuid("up")]]}));
+                    }
+                    ops.push(json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", PHY_BRIDGE]],
+                        "mutations": [
+                            ["other_config", "delete", ovsdb::set(vec![json!("hwaddr")])],
+                            ["other_config", "insert", map(&[("hwaddr", &cfg.mac)])],
+                            ["external_ids", "delete", ovsdb::set(vec![json!(TYPE_KEY), json!(UPLINK_KEY)])],
+                            ["external_ids", "insert", map(&ids)]]}));
+                    ops.push(json!({"op": "update", "table": "Interface", "where": [["name", "==", PHY_BRIDGE]],
+                        "row": {"mtu_request": cfg.mtu}}));
+                    tracing::info!(bridge = PHY_BRIDGE, uplink = %name, "adopting the physical bridge");
+                }
+            }
+            self.db
+                .transact("create or adopt the physical bridge", ops)
+                .await
+                .map_err(init_err)?;
+            // The uplink's own IP stack stays out of what OVS carries over it.
+            for (key, value) in [("arp_ignore", "8"), ("forwarding", "0"), ("rp_filter", "1")] {
+                crate::sysctl::ensure(&format!("net.ipv4.conf.{name}.{key}"), value)
+                    .map_err(init_err)?;
+            }
+            let idx = wait_link(PHY_BRIDGE).await?;
+            uplink::apply(&h, idx, &cfg).await.map_err(init_err)?;
+            uplink::strip(&h, uidx).await.map_err(init_err)?;
+            Ok(cfg)
+        }
+        .await;
+        task.abort();
+        res
+    }
+
+    /// Configures a pod's interface inside its namespace, after the agent core created it and
+    /// before [`Dataplane::add_pod`]: with the userspace datapath's tunnels, the pod computes
+    /// its own TX checksums (see [`offload`]). Nothing otherwise, or before `init_node`.
+    pub async fn configure_pod_interface(
+        &self,
+        netns: &Path,
+        ifname: &str,
+    ) -> Result<(), DataplaneError> {
+        if !self.node_state().is_some_and(|s| s.gw_tx_checksum_off) {
+            return Ok(());
+        }
+        let (ns, name) = (netns.to_owned(), ifname.to_owned());
+        tokio::task::spawn_blocking(move || offload::disable_tx_checksum_in(&ns, &name))
+            .await
+            .map_err(|e| other_err("pod TX checksum offload", e))?
+            .map(|_| ())
+            .map_err(|e| DataplaneError::Pod {
+                backend: BACKEND,
+                op: "turn TX checksum offload off",
+                ifname: format!("{ifname} in {}", netns.display()),
+                msg: e.to_string(),
+            })
+    }
+
+    /// Before transport discovery at agent start: if the physical bridge exists and its
+    /// internal port lost the node's address (ovs-vswitchd restarted while the agent was
+    /// down and recreated the device bare), puts back what OVSDB records as moved there.
+    /// Without this the node's `InternalIP` is on no interface and discovery fails. Returns
+    /// whether anything was restored. Does nothing without the bridge.
+    pub async fn restore_transport(&self) -> Result<bool, DataplaneError> {
+        let r = self
+            .db
+            .transact(
+                "read physical bridge",
+                vec![
+                    json!({"op": "select", "table": "Bridge", "where": [["name", "==", PHY_BRIDGE]],
+                    "columns": ["external_ids"]}),
+                ],
+            )
+            .await
+            .map_err(init_err)?;
+        let Some(cfg) = r[0]["rows"].get(0).and_then(|b| {
+            serde_json::from_str::<UplinkConfig>(parse_map(&b["external_ids"]).get(UPLINK_KEY)?)
+                .ok()
+        }) else {
+            return Ok(false);
+        };
+        let idx = wait_link(PHY_BRIDGE).await?;
+        let (conn, h, _) =
+            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+        let task = tokio::spawn(conn);
+        let res = async {
+            let have = uplink::addrs(&h, idx).await.map_err(init_err)?;
+            if cfg.addrs.iter().all(|a| have.contains(a)) {
+                return Ok(false);
+            }
+            uplink::apply(&h, idx, &cfg).await.map_err(init_err)?;
+            tracing::warn!(bridge = PHY_BRIDGE, addrs = ?cfg.addrs, "the physical bridge's port had lost the node's address; restored");
+            Ok(true)
+        }
+        .await;
+        task.abort();
+        res
+    }
+
+    /// Puts the moved configuration back on the physical bridge's internal port (after
+    /// ovs-vswitchd recreated it).
+    async fn restore_uplink(&self, cfg: &UplinkConfig) -> Result<(), DataplaneError> {
+        let idx = wait_link(PHY_BRIDGE).await?;
+        let (conn, h, _) = rtnetlink::new_connection().map_err(|e| other_err("netlink", e))?;
+        let task = tokio::spawn(conn);
+        let r = uplink::apply(&h, idx, cfg).await;
+        task.abort();
+        r.map_err(|e| other_err("restore the physical bridge's address", e))
+    }
+
+    /// Puts `gateway/prefix` on the gateway device and sets it up (idempotent); with
+    /// `tx_checksum_off`, also turns its TX checksum offload off (OVS's userspace tunnels
+    /// cannot complete the checksums of the node's own packets to remote pods).
+    async fn configure_gateway_device(
+        &self,
+        node: &NodeNetwork,
+        tx_checksum_off: bool,
+    ) -> Result<(), DataplaneError> {
+        let idx = wait_link(GATEWAY_IFNAME).await?;
+        if tx_checksum_off {
+            match offload::disable_tx_checksum(GATEWAY_IFNAME) {
+                Ok(true) => tracing::info!(
+                    device = GATEWAY_IFNAME,
+                    "TX checksum offload off (userspace tunnels)"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    return Err(init_err(format!(
+                        "turning TX checksum offload off on {GATEWAY_IFNAME}: {e}"
+                    )));
+                }
+            }
+        }
         let (conn, nl, _) =
             rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
         let task = tokio::spawn(conn);
@@ -528,7 +925,23 @@ impl Dataplane for OvsDataplane {
 
     async fn init_node(&self, node: &NodeNetwork) -> Result<(), DataplaneError> {
         let gw_mac = pipeline::gateway_mac(node.gateway);
-        let (round, flow_restore_wait) = self.ensure_bridge(node, gw_mac).await?;
+        let (round, flow_restore_wait, datapath) = self.ensure_bridge(node, gw_mac).await?;
+        // The userspace datapath tunnels through a bridge holding the node's address; a
+        // bridge made earlier is adopted in any mode (its port carries the node's address).
+        let uplink = if (node.tunnel.is_some() && datapath == "netdev")
+            || node.transport.ifname == PHY_BRIDGE
+        {
+            Some(self.ensure_uplink(node).await?)
+        } else {
+            None
+        };
+        let tun_port = match node.tunnel {
+            Some(t) => Some(self.ensure_tunnel_port(t).await?),
+            None => {
+                self.remove_tunnel_port().await?;
+                None
+            }
+        };
         let gw_port = self
             .db
             .wait_ofport(GATEWAY_IFNAME, VSWITCHD_TIMEOUT)
@@ -539,28 +952,64 @@ impl Dataplane for OvsDataplane {
                     "vswitchd assigned no ofport to {GATEWAY_IFNAME} (is ovs-vswitchd running?)"
                 ))
             })?;
-        self.configure_gateway_device(node).await?;
+        let gw_tx_checksum_off = node.tunnel.is_some() && datapath == "netdev";
+        self.configure_gateway_device(node, gw_tx_checksum_off)
+            .await?;
         let facts = NodeFacts {
             gw_port: gw_port as u32,
             gw_mac,
             pod_cidr: node.pod_cidr,
         };
-        // Keep pods known to this process (init_node twice must not forget them).
-        let pods = self.node_state().map(|s| s.pods).unwrap_or_default();
+        let tunnel = tun_port.map(|port| TunnelFacts {
+            port,
+            vni: TUNNEL_VNI,
+        });
+        // Keep pods and remote nodes known to this process (init_node twice must not forget
+        // them).
+        let (pods, remotes) = self
+            .node_state()
+            .map(|s| (s.pods, s.remotes))
+            .unwrap_or_default();
+        // The node's address now lives on the physical bridge's port (for the noEncap routes
+        // through the transport, should the mode change without a restart).
+        let mut node = node.clone();
+        if uplink.is_some()
+            && node.transport.ifname != PHY_BRIDGE
+            && let Ok(idx) = nix::net::if_::if_nametoindex(PHY_BRIDGE)
+        {
+            node.transport.ifname = PHY_BRIDGE.into();
+            node.transport.ifindex = idx;
+        }
         let st = NodeState {
-            node: node.clone(),
+            node,
             round,
             facts,
             pods,
             unverified: HashSet::new(),
             prepared: HashSet::new(),
             flow_restore_wait,
+            tunnel,
+            remotes,
+            uplink,
+            gw_tx_checksum_off,
         };
         *self.state.lock().expect("state lock") = Some(st.clone());
         self.of_bundle("install node flows", &Self::desired_flows(&st))
             .await?;
-        tracing::info!(bridge = %self.cfg.bridge, round, gw_port, "ovs node pipeline installed");
+        tracing::info!(bridge = %self.cfg.bridge, round, gw_port, ?tun_port, "ovs node pipeline installed");
         Ok(())
+    }
+
+    async fn restore_transport(&self) -> Result<(), DataplaneError> {
+        OvsDataplane::restore_transport(self).await.map(|_| ())
+    }
+
+    async fn configure_pod_interface(
+        &self,
+        netns: &str,
+        ifname: &str,
+    ) -> Result<(), DataplaneError> {
+        OvsDataplane::configure_pod_interface(self, Path::new(netns), ifname).await
     }
 
     async fn maintain(&self) -> Result<(), DataplaneError> {
@@ -581,30 +1030,105 @@ impl Dataplane for OvsDataplane {
         let s = self
             .node_state()
             .ok_or_else(|| other_err("set_remote_nodes", "init_node has not run"))?;
-        if s.node.tunnel.is_some() && !nodes.is_empty() {
-            return Err(other_err(
-                "set_remote_nodes",
-                "encap mode is not implemented by the OVS backend yet",
-            ));
-        }
-        // noEncap: pods' traffic for other nodes leaves through the gateway port into the
-        // node's stack, which routes it to the remote node.
-        let want: Vec<super::routes::NodeRoute> = nodes
+        let encap = s.tunnel.is_some();
+        let mut remotes: Vec<RemoteFacts> = nodes
             .iter()
-            .map(|n| super::routes::NodeRoute {
-                dst: n.pod_cidr,
-                via: Some(n.node_ip),
-                onlink: false,
-                dev: s.node.transport.ifindex,
-                src: Some(s.node.gateway),
+            .map(|n| RemoteFacts {
+                pod_cidr: n.pod_cidr,
+                gateway: n.gateway(),
+                node_ip: n.node_ip,
             })
             .collect();
+        remotes.sort();
+        remotes.dedup();
+        let want = if encap { remotes.clone() } else { Vec::new() };
+        // Flows: the switch is the truth about which remote nodes have flows (in any round,
+        // also those a previous agent process installed): delete those not wanted, add the
+        // wanted ones (replacing identical flows in place), in one bundle.
+        let present = self
+            .of_dump(
+                TABLE_ALL,
+                cookie::make(0, cookie::KIND_REMOTE, 0),
+                cookie::KIND_MASK,
+            )
+            .await?;
+        let want_ids: HashSet<u32> = want
+            .iter()
+            .map(|r| u32::from(r.pod_cidr.network()))
+            .collect();
+        let mut mods = Vec::new();
+        let mut departed = HashSet::new();
+        for f in &present {
+            let id = cookie::id(f.cookie);
+            if !want_ids.contains(&id) && departed.insert(id) {
+                mods.push(FlowMod::delete_by_cookie(
+                    cookie::make(0, cookie::KIND_REMOTE, id),
+                    cookie::REMOTE_MASK,
+                ));
+            }
+        }
+        for r in &want {
+            let changed = s
+                .remotes
+                .iter()
+                .any(|o| o.pod_cidr.network() == r.pod_cidr.network() && o != r);
+            if changed {
+                // Same id, other facts (a new prefix or address): the old flows go first.
+                mods.push(FlowMod::delete_by_cookie(
+                    cookie::remote(0, r.pod_cidr),
+                    cookie::REMOTE_MASK,
+                ));
+            }
+            mods.extend(pipeline::remote_flows(s.round, &s.facts, r));
+        }
+        if !mods.is_empty() {
+            self.of_bundle("remote node flows", &mods).await?;
+        }
+        if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+            st.remotes = want.clone();
+        }
+        // Routes. Encap: into the gateway port towards the remote gateway (declared on-link;
+        // the ARP responder answers for it), where the flows tunnel them. noEncap: pods'
+        // traffic leaves through the gateway port into the node's stack, which routes it to
+        // the remote node over the transport interface.
+        let want_routes: Vec<NodeRoute> = if encap {
+            let gw_idx = nix::net::if_::if_nametoindex(GATEWAY_IFNAME)
+                .map_err(|e| other_err("remote node routes", format!("{GATEWAY_IFNAME}: {e}")))?;
+            remotes
+                .iter()
+                .map(|r| NodeRoute {
+                    dst: r.pod_cidr,
+                    via: Some(r.gateway),
+                    onlink: true,
+                    dev: gw_idx,
+                    src: Some(s.node.gateway),
+                })
+                .collect()
+        } else {
+            remotes
+                .iter()
+                .map(|r| NodeRoute {
+                    dst: r.pod_cidr,
+                    via: Some(r.node_ip),
+                    onlink: false,
+                    dev: s.node.transport.ifindex,
+                    src: Some(s.node.gateway),
+                })
+                .collect()
+        };
         let (conn, h, _) = rtnetlink::new_connection().map_err(|e| other_err("netlink", e))?;
         let task = tokio::spawn(conn);
-        let r = super::routes::sync(&h, &want).await;
+        let r = routes::sync(&h, &want_routes).await;
         task.abort();
-        r.map(|_| ())
-            .map_err(|e| other_err("remote node routes", e))
+        let removed = r.map_err(|e| other_err("remote node routes", e))?;
+        if !departed.is_empty() || removed > 0 {
+            tracing::info!(
+                flows_removed_for = departed.len(),
+                routes_removed = removed,
+                "state of departed nodes removed"
+            );
+        }
+        Ok(())
     }
 
     /// Installs a new pod's flows under its requested port number before its veth exists:
@@ -804,7 +1328,7 @@ impl Dataplane for OvsDataplane {
         let mut deletes: Vec<(u64, u64)> = Vec::new();
         for f in &flows {
             let kind = cookie::kind(f.cookie);
-            if kind != cookie::KIND_NODE && kind != cookie::KIND_POD {
+            if ![cookie::KIND_NODE, cookie::KIND_POD, cookie::KIND_REMOTE].contains(&kind) {
                 continue;
             }
             let del = match cookie::pod_ip(f.cookie) {
@@ -874,6 +1398,21 @@ impl Dataplane for OvsDataplane {
             }
         }
         Ok(Some(st))
+    }
+}
+
+/// Waits for the kernel device of an internal port: vswitchd creates the tap (netdev) or
+/// internal device (system) when it adds the port.
+async fn wait_link(name: &str) -> Result<u32, DataplaneError> {
+    let start = Instant::now();
+    loop {
+        match nix::net::if_::if_nametoindex(name) {
+            Ok(i) => return Ok(i),
+            Err(_) if start.elapsed() < VSWITCHD_TIMEOUT => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => return Err(init_err(format!("{name} did not appear: {e}"))),
+        }
     }
 }
 

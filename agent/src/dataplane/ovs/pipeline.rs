@@ -7,8 +7,11 @@
 //!
 //! ```text
 //! Classifier(0) --pod port--> SpoofGuard(10) --ip--> L3Forwarding(30) --> pod port | gateway
-//!      |                           `--arp--> ArpResponder(20) --> IN_PORT
-//!      `--gateway port--> L3Forwarding(30) / ArpResponder(20)
+//!      |                           `--arp--> ArpResponder(20) --> IN_PORT        |
+//!      |--gateway port--> L3Forwarding(30) / ArpResponder(20)                    | remote pod CIDR:
+//!      `--tunnel port (ip)--> L3Forwarding(30)                                   | reg1 = node IP
+//!                                                                                v
+//!                                        TunnelOutput(40): tun_dst = reg1 --> tunnel port
 //! ```
 //!
 //! The node is every pod's router, as with the eBPF backend: the ARP responder answers any
@@ -16,6 +19,18 @@
 //! addressed to the gateway; L3 forwarding rewrites MACs and outputs to the destination pod's
 //! port, or sends everything else to the gateway internal port (the node's stack, where the
 //! core's masquerade and routes apply). There is no L2 learning and no flooding.
+//!
+//! Other nodes (encap mode): one flow-based tunnel port ([`TunnelFacts::port`]) carries
+//! everything between nodes. L3 forwarding matches a remote node's pod CIDR and only
+//! *selects* the remote: it loads the node's transport address into [`REG_TUN_DST`] and
+//! continues in `TunnelOutput`, which is the same for every remote (MACs: gateway to
+//! [`GLOBAL_VIRTUAL_MAC`]; `dec_ttl`; `tun_dst` from the register; the cluster's VNI). So any
+//! later stage that wants a packet tunnelled somewhere else (Egress: to the node holding the
+//! pod's egress IP) loads another address into the register and jumps to the same table.
+//! Packets from the tunnel enter L3 forwarding directly: to a local pod, or to the gateway.
+//! The node itself reaches remote pods through routes `via <remote gateway> dev <gateway>
+//! onlink`; the ARP responder answers the node's requests for remote gateways with the
+//! global virtual MAC, and L3 forwarding tunnels those packets like pods' packets.
 
 use std::net::Ipv4Addr;
 
@@ -34,14 +49,28 @@ pub enum Table {
     /// Answers ARP requests; nothing is flooded.
     ArpResponder = 20,
     /// Routes by destination IP: local pods get rewritten MACs and their port (this table is
-    /// also the output stage), everything else goes to the gateway port.
+    /// also the output stage), remote pod CIDRs select a tunnel destination, everything else
+    /// goes to the gateway port.
     L3Forwarding = 30,
+    /// Sends a packet to the node whose transport address is in [`REG_TUN_DST`].
+    TunnelOutput = 40,
 }
+
+/// The register holding the tunnel destination (a node's transport IPv4 address) on the way
+/// to [`Table::TunnelOutput`].
+pub const REG_TUN_DST: u8 = 1;
+
+/// Destination MAC of every packet sent into the tunnel (Antrea's "global virtual MAC"), and
+/// the MAC the ARP responder gives the node for remote gateways. The receiving node rewrites
+/// both MACs before delivery, so it never reaches a pod.
+pub const GLOBAL_VIRTUAL_MAC: [u8; 6] = [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff];
 
 /// Priorities used in every table.
 #[allow(missing_docs)]
 pub mod prio {
     pub const POD: u16 = 200;
+    pub const REMOTE: u16 = 190;
+    pub const TUNNEL: u16 = 200;
     pub const GATEWAY_ARP: u16 = 210;
     pub const GATEWAY: u16 = 200;
     pub const GATEWAY_ARP_DROP: u16 = 150;
@@ -52,16 +81,25 @@ pub mod prio {
 }
 
 /// Cookie layout: `round:16 | kind:16 | id:32`. `round` changes with every agent start (old
-/// rounds are deleted once pods are reconciled); `kind` tells node flows from pod flows; `id`
-/// is the pod's IPv4 address, so a pod's flows are found and deleted by cookie mask in every
-/// round at once.
+/// rounds are deleted once pods are reconciled); `kind` tells node flows from pod flows and
+/// remote-node flows; `id` is the pod's IPv4 address, or the network address of a remote
+/// node's pod CIDR, so a pod's or a remote node's flows are found and deleted by cookie mask
+/// in every round at once.
 pub mod cookie {
     use std::net::Ipv4Addr;
+
+    use ipnetwork::Ipv4Network;
 
     /// Node-wide flows.
     pub const KIND_NODE: u16 = 1;
     /// A pod's flows.
     pub const KIND_POD: u16 = 2;
+    /// A remote node's flows.
+    pub const KIND_REMOTE: u16 = 3;
+    /// Selects the kind bits (every flow of a kind, any id, any round).
+    pub const KIND_MASK: u64 = 0x0000_ffff_0000_0000;
+    /// Selects kind and id (one remote node in any round).
+    pub const REMOTE_MASK: u64 = POD_MASK;
     /// Selects the round bits.
     pub const ROUND_MASK: u64 = 0xffff << 48;
     /// Selects kind and id (a pod in any round).
@@ -75,6 +113,10 @@ pub mod cookie {
     pub fn pod(round: u16, ip: Ipv4Addr) -> u64 {
         make(round, KIND_POD, u32::from(ip))
     }
+    /// The cookie of a remote node's flows in `round`, by the node's pod CIDR.
+    pub fn remote(round: u16, pod_cidr: Ipv4Network) -> u64 {
+        make(round, KIND_REMOTE, u32::from(pod_cidr.network()))
+    }
     /// Round of a cookie.
     pub fn round(c: u64) -> u16 {
         (c >> 48) as u16
@@ -82,6 +124,10 @@ pub mod cookie {
     /// Kind of a cookie (0 = not ferrea's).
     pub fn kind(c: u64) -> u16 {
         (c >> 32) as u16
+    }
+    /// The id of a cookie (pod IP, or remote pod CIDR's network address).
+    pub fn id(c: u64) -> u32 {
+        c as u32
     }
     /// The pod IP of a pod cookie.
     pub fn pod_ip(c: u64) -> Option<Ipv4Addr> {
@@ -98,6 +144,26 @@ pub struct NodeFacts {
     pub gw_mac: [u8; 6],
     /// The pod CIDR (the gateway port carries its first address).
     pub pod_cidr: Ipv4Network,
+}
+
+/// The tunnel to other nodes (encap mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelFacts {
+    /// OpenFlow port of the flow-based tunnel port.
+    pub port: u32,
+    /// The tunnel key every packet carries ([`crate::dataplane::TUNNEL_VNI`]).
+    pub vni: u32,
+}
+
+/// A remote node's facts the flows depend on.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteFacts {
+    /// Its pod CIDR.
+    pub pod_cidr: Ipv4Network,
+    /// Its pods' gateway (first address of the CIDR): the node's next hop to its pods.
+    pub gateway: Ipv4Addr,
+    /// Its transport address: the tunnel destination.
+    pub node_ip: Ipv4Addr,
 }
 
 /// A pod's facts the flows depend on.
@@ -209,6 +275,84 @@ pub fn node_flows(round: u16, n: &NodeFacts) -> Vec<FlowMod> {
                 Action::set_mac(Field::EthDst, n.gw_mac),
                 Action::Output(n.gw_port),
             ]),
+        ),
+        // Tunnel output: nothing selected a destination -> drop.
+        FlowMod::add(
+            Table::TunnelOutput as u8,
+            prio::DEFAULT,
+            c,
+            Match::new(),
+            vec![],
+        ),
+    ]
+}
+
+/// The node-wide flows of the tunnel to other nodes (encap mode) in `round`.
+pub fn tunnel_flows(round: u16, n: &NodeFacts, t: &TunnelFacts) -> Vec<FlowMod> {
+    let c = cookie::make(round, cookie::KIND_NODE, 0);
+    let apply = |a: Vec<Action>| vec![Instruction::ApplyActions(a)];
+    let tun = t.port;
+    vec![
+        // From other nodes: IPv4 with our key straight to L3 (a local pod, or the gateway);
+        // anything else from the tunnel drops in the classifier's default.
+        FlowMod::add(
+            Table::Classifier as u8,
+            prio::TUNNEL,
+            c,
+            Match::new().in_port(tun).tun_id(u64::from(t.vni)).ip(),
+            vec![goto(Table::L3Forwarding)],
+        ),
+        // To other nodes: the destination node is in the register.
+        FlowMod::add(
+            Table::TunnelOutput as u8,
+            prio::TUNNEL,
+            c,
+            Match::new().ip(),
+            apply(vec![
+                Action::set_mac(Field::EthSrc, n.gw_mac),
+                Action::set_mac(Field::EthDst, GLOBAL_VIRTUAL_MAC),
+                Action::DecTtl,
+                Action::move_field(Field::Reg(REG_TUN_DST), Field::TunIpv4Dst),
+                Action::SetField(Field::TunId, u64::from(t.vni).to_be_bytes().to_vec()),
+                Action::Output(tun),
+            ]),
+        ),
+    ]
+}
+
+/// The flows that reach one remote node's pods through the tunnel in `round` (encap mode; in
+/// `noEncap` mode the node's routes carry that traffic and there are none).
+pub fn remote_flows(round: u16, n: &NodeFacts, r: &RemoteFacts) -> Vec<FlowMod> {
+    let c = cookie::remote(round, r.pod_cidr);
+    vec![
+        // Select the tunnel destination, then the shared output stage.
+        FlowMod::add(
+            Table::L3Forwarding as u8,
+            prio::REMOTE,
+            c,
+            Match::new()
+                .ip()
+                .ipv4_dst(r.pod_cidr.network(), r.pod_cidr.prefix()),
+            vec![
+                Instruction::ApplyActions(vec![Action::set_reg(REG_TUN_DST, u32::from(r.node_ip))]),
+                goto(Table::TunnelOutput),
+            ],
+        ),
+        // The node's route to the remote pods is `via <remote gateway> onlink` on the gateway
+        // device: answer its ARP for that next hop with the virtual MAC.
+        FlowMod::add(
+            Table::ArpResponder as u8,
+            prio::POD,
+            c,
+            Match::new()
+                .in_port(n.gw_port)
+                .arp()
+                .arp_op(1)
+                .arp_tpa(r.gateway),
+            vec![Instruction::ApplyActions(arp_reply(
+                GLOBAL_VIRTUAL_MAC,
+                Some(r.gateway),
+            ))],
         ),
     ]
 }
@@ -373,6 +517,77 @@ mod tests {
         }
         let pf = pod_flows(4, &n, &p);
         assert!(pf.iter().all(|f| cookie::pod_ip(f.cookie) == Some(p.ip)));
+        let t = TunnelFacts { port: 10, vni: 0 };
+        for f in tunnel_flows(4, &n, &t) {
+            assert_eq!(f.cookie, cookie::make(4, cookie::KIND_NODE, 0));
+        }
+        let rf = remote_flows(4, &n, &remote());
+        // A remote node's flows are found by its cookie in any round, and no pod's mask
+        // selects them.
+        assert!(rf.iter().all(|f| f.cookie & cookie::REMOTE_MASK
+            == cookie::remote(9, remote().pod_cidr) & cookie::REMOTE_MASK
+            && cookie::pod_ip(f.cookie).is_none()
+            && cookie::round(f.cookie) == 4));
+    }
+
+    fn remote() -> RemoteFacts {
+        RemoteFacts {
+            pod_cidr: "10.244.2.0/24".parse().unwrap(),
+            gateway: "10.244.2.1".parse().unwrap(),
+            node_ip: "172.18.0.12".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn remote_flows_select_the_node_and_share_the_tunnel_output() {
+        let (n, _) = facts();
+        let t = TunnelFacts { port: 10, vni: 0 };
+        let r = remote();
+        let rf = remote_flows(5, &n, &r);
+        assert!(rf.iter().all(|f| f.cookie == cookie::remote(5, r.pod_cidr)));
+        assert_eq!(cookie::kind(rf[0].cookie), cookie::KIND_REMOTE);
+        assert_eq!(cookie::id(rf[0].cookie), u32::from(r.pod_cidr.network()));
+        let txt: Vec<String> = rf.iter().map(FlowMod::to_ofctl).collect();
+        // L3 only loads the node's address (172.18.0.12 = 0xac12000c) and jumps on.
+        assert!(
+            txt.iter().any(|t| t.starts_with("table=30,priority=190")
+                && t.contains("ip_dst=10.244.2.0/255.255.255.0")
+                && t.ends_with("actions=set_field:0xac12000c->reg1,goto_table:40")),
+            "{txt:#?}"
+        );
+        // The node's ARP for the remote gateway gets the virtual MAC.
+        assert!(
+            txt.iter().any(|t| t.contains("table=20")
+                && t.contains("in_port=1")
+                && t.contains("arp_tpa=10.244.2.1")
+                && t.contains("set_field:aa:bb:cc:dd:ee:ff->arp_sha")),
+            "{txt:#?}"
+        );
+        let tf: Vec<String> = tunnel_flows(5, &n, &t)
+            .iter()
+            .map(FlowMod::to_ofctl)
+            .collect();
+        assert!(
+            tf.iter().any(|f| f.starts_with("table=40,priority=200")
+                && f.ends_with(
+                    "actions=set_field:0a:58:0a:f4:01:01->eth_src,set_field:aa:bb:cc:dd:ee:ff->eth_dst,\
+                     dec_ttl,move:NXM_NX_REG1[0..31]->NXM_NX_TUN_IPV4_DST[0..31],\
+                     set_field:0x0000000000000000->tun_id,output:10"
+                )),
+            "{tf:#?}"
+        );
+        assert!(
+            tf.iter().any(|f| f.contains("table=0,priority=200")
+                && f.contains("in_port=10")
+                && f.ends_with("goto_table:30")),
+            "{tf:#?}"
+        );
+        // Without a tunnel nothing leads to table 40 but its drop default.
+        assert!(node_flows(5, &n).iter().all(|f| {
+            f.instructions
+                .iter()
+                .all(|i| !matches!(i, Instruction::GotoTable(t) if *t == Table::TunnelOutput as u8))
+        }));
     }
 
     #[test]

@@ -109,6 +109,13 @@ pub enum Field {
     XReg(u8),
     /// Connection tracking state bits (`NXM_NX_CT_STATE`).
     CtState,
+    /// Outer IPv4 destination of a flow-based tunnel (`NXM_NX_TUN_IPV4_DST`): set before
+    /// output to a tunnel port with `options:remote_ip=flow`.
+    TunIpv4Dst,
+    /// Outer IPv4 source of a tunnelled packet (`NXM_NX_TUN_IPV4_SRC`).
+    TunIpv4Src,
+    /// Tunnel key: VXLAN VNI or Geneve VNI (`OXM_OF_TUNNEL_ID`), for `options:key=flow`.
+    TunId,
 }
 
 const OXM_BASIC: u16 = 0x8000;
@@ -134,6 +141,9 @@ impl Field {
             Field::Reg(n) => (NXM_1, n, 4),
             Field::XReg(n) => (OXM_PKT_REGS, n, 8),
             Field::CtState => (NXM_1, 105, 4),
+            Field::TunIpv4Src => (NXM_1, 31, 4),
+            Field::TunIpv4Dst => (NXM_1, 32, 4),
+            Field::TunId => (OXM_BASIC, 38, 8),
         }
     }
 
@@ -170,6 +180,9 @@ impl Field {
             Field::Reg(n) => format!("NXM_NX_REG{n}"),
             Field::XReg(n) => format!("OXM_OF_PKT_REG{n}"),
             Field::CtState => "NXM_NX_CT_STATE".into(),
+            Field::TunIpv4Src => "NXM_NX_TUN_IPV4_SRC".into(),
+            Field::TunIpv4Dst => "NXM_NX_TUN_IPV4_DST".into(),
+            Field::TunId => "OXM_OF_TUNNEL_ID".into(),
         }
     }
 
@@ -191,6 +204,9 @@ impl Field {
             Field::Reg(n) => format!("reg{n}"),
             Field::XReg(n) => format!("xreg{n}"),
             Field::CtState => "ct_state".into(),
+            Field::TunIpv4Src => "tun_src".into(),
+            Field::TunIpv4Dst => "tun_dst".into(),
+            Field::TunId => "tun_id".into(),
         }
     }
 
@@ -199,9 +215,12 @@ impl Field {
         match self {
             Field::InPort => u32::from_be_bytes([v[0], v[1], v[2], v[3]]).to_string(),
             Field::EthDst | Field::EthSrc | Field::ArpSha | Field::ArpTha => mac_str(v),
-            Field::Ipv4Src | Field::Ipv4Dst | Field::ArpSpa | Field::ArpTpa => {
-                Ipv4Addr::new(v[0], v[1], v[2], v[3]).to_string()
-            }
+            Field::Ipv4Src
+            | Field::Ipv4Dst
+            | Field::ArpSpa
+            | Field::ArpTpa
+            | Field::TunIpv4Src
+            | Field::TunIpv4Dst => Ipv4Addr::new(v[0], v[1], v[2], v[3]).to_string(),
             _ => {
                 let mut s = String::from("0x");
                 for b in v {
@@ -326,6 +345,14 @@ impl Match {
         let m = (mask != u64::MAX).then(|| mask.to_be_bytes().to_vec());
         self.push(Field::XReg(n), value.to_be_bytes().to_vec(), m)
     }
+    /// `tun_id=id`: packets that arrived from a tunnel with this key.
+    pub fn tun_id(self, id: u64) -> Self {
+        self.push(Field::TunId, id.to_be_bytes().to_vec(), None)
+    }
+    /// `tun_src=addr`: packets that arrived from a tunnel with this outer source.
+    pub fn tun_src(self, a: Ipv4Addr) -> Self {
+        self.push(Field::TunIpv4Src, a.octets().to_vec(), None)
+    }
     /// `ct_state=value/mask` (raw bits: 0x01 new, 0x02 est, 0x20 trk, ...).
     pub fn ct_state(self, value: u32, mask: u32) -> Self {
         self.push(
@@ -424,6 +451,16 @@ impl Action {
     /// `set_field:mac->field`.
     pub fn set_mac(field: Field, mac: [u8; 6]) -> Self {
         Action::SetField(field, mac.to_vec())
+    }
+
+    /// `set_field:addr->field` for an IPv4-valued field (`ip_dst`, `tun_dst`, ...).
+    pub fn set_ipv4(field: Field, a: Ipv4Addr) -> Self {
+        Action::SetField(field, a.octets().to_vec())
+    }
+
+    /// `set_field:value->regN`.
+    pub fn set_reg(n: u8, value: u32) -> Self {
+        Action::SetField(Field::Reg(n), value.to_be_bytes().to_vec())
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -948,6 +985,59 @@ mod tests {
                     Instruction::ApplyActions(vec![Action::Output(port::LOCAL)]),
                     Instruction::GotoTable(40),
                 ],
+            ),
+            // The tunnel flows: the remote node's address into a register, then from the
+            // register into the tunnel destination; a fixed key; the decapsulation side
+            // matching the tunnel's key and outer source.
+            FlowMod::add(
+                30,
+                190,
+                0x0001_0003_0af4_0200,
+                Match::new()
+                    .ip()
+                    .ipv4_dst("10.244.2.0".parse().unwrap(), 24),
+                vec![
+                    Instruction::ApplyActions(vec![Action::set_reg(
+                        1,
+                        u32::from(Ipv4Addr::new(172, 18, 0, 12)),
+                    )]),
+                    Instruction::GotoTable(40),
+                ],
+            ),
+            FlowMod::add(
+                40,
+                200,
+                0x0001_0001_0000_0000,
+                Match::new().ip(),
+                vec![Instruction::ApplyActions(vec![
+                    Action::set_mac(Field::EthSrc, gw()),
+                    Action::set_mac(Field::EthDst, [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]),
+                    Action::DecTtl,
+                    Action::move_field(Field::Reg(1), Field::TunIpv4Dst),
+                    Action::SetField(Field::TunId, 0u64.to_be_bytes().to_vec()),
+                    Action::Output(10),
+                ])],
+            ),
+            FlowMod::add(
+                40,
+                100,
+                5,
+                Match::new().ip(),
+                vec![Instruction::ApplyActions(vec![
+                    Action::set_ipv4(Field::TunIpv4Dst, Ipv4Addr::new(172, 18, 0, 13)),
+                    Action::Output(10),
+                ])],
+            ),
+            FlowMod::add(
+                0,
+                200,
+                5,
+                Match::new()
+                    .in_port(10)
+                    .tun_id(0)
+                    .tun_src(Ipv4Addr::new(172, 18, 0, 12))
+                    .ip(),
+                vec![Instruction::GotoTable(30)],
             ),
         ]
     }
