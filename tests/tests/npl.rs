@@ -340,6 +340,12 @@ fn restart_keeps_ports_and_removes_pods_that_died(dp: Dataplane) {
     for p in [&a, &dead] {
         m::write_pod(&node, &p.attachment().pod_name, WEB, &web_ports()).unwrap();
     }
+    // A first version of the Service moves the allocator past the start of the range, so
+    // that a restart that allocated afresh would give other ports than the ones kept.
+    m::write_service(&node, "web", true, WEB, &[tcp("9999")]).unwrap();
+    wait(&node, SETTLE, "first version mapped", |p| {
+        p.get(&ka).is_some_and(|e| e.len() == 1) && p.get(&kd).is_some_and(|e| e.len() == 1)
+    });
     m::write_service(
         &node,
         "web",
@@ -359,6 +365,10 @@ fn restart_keeps_ports_and_removes_pods_that_died(dp: Dataplane) {
         p.get(&ka).is_some_and(|e| e.len() == 2) && p.get(&kd).is_some_and(|e| e.len() == 2)
     });
     let raw_before = m::npl_annotations(&node).unwrap();
+    assert!(
+        before.values().flatten().all(|e| e.node_port >= 61002),
+        "the first version's ports were reused: {before:?}"
+    );
 
     // Crash; the dead pod goes away while the agent is down (no DEL).
     let (dead_ip, dead_veth) = (dead.ip(), dead.host_ifname().to_owned());
