@@ -232,7 +232,7 @@ fn external_host_reaches_pods_tcp_and_udp_through_node_ports(dp: Dataplane) {
 }
 
 fn lifecycle_changes_follow_within_a_second(dp: Dataplane) {
-    let node = npl_node(dp, "61000-62000");
+    let mut node = npl_node(dp, "61000-62000");
     let a = node.add_pod().unwrap();
     let a_name = a.attachment().pod_name.clone();
     let ka = key(&a_name);
@@ -241,6 +241,29 @@ fn lifecycle_changes_follow_within_a_second(dp: Dataplane) {
     wait(&node, SETTLE, "pod annotated", |p| {
         p.get(&ka).is_some_and(|e| e.len() == 1)
     });
+    // An invalid Service is rejected with its name and field; the agent keeps serving.
+    std::fs::write(
+        node.manifests().join("svc-bad.yaml"),
+        "kind: Service\nmetadata: {name: bad}\nspec: {selector: {app: web}, ports: [{port: 80, protocol: ICMP}]}\n",
+    )
+    .unwrap();
+    let logged = ferrea_tests::wait_for(SETTLE, || {
+        let log = node.agent().log();
+        log.lines()
+            .find(|l| l.contains("Service default/bad") && l.contains("spec.ports[0].protocol"))
+            .map(str::to_owned)
+    });
+    assert!(logged.is_some(), "invalid Service not reported");
+    assert!(
+        node.agent().is_running(),
+        "the agent stopped over a bad manifest"
+    );
+    m::remove(&node, "svc-bad.yaml").unwrap();
+    assert_eq!(
+        parsed(&m::npl_annotations(&node).unwrap())[&ka].len(),
+        1,
+        "the valid Service's mapping was lost"
+    );
     let mut times = Vec::new();
     let mut step = |what: &str, accept: &dyn Fn(&Parsed) -> bool| {
         let (p, took) = wait(&node, WITHIN, what, accept);
