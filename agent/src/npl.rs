@@ -394,7 +394,9 @@ impl<R: PortReserver> Allocator<R> {
 
     /// Makes the mappings match `targets`: removes (and releases) those no longer wanted,
     /// follows pod IP changes keeping the node port, allocates ports for new pod ports.
-    /// Returns the pod ports that got no node port (the range is exhausted).
+    /// Returns the pod ports that got no node port (the range is exhausted, or reserving
+    /// failed for another reason than the port being in use, such as running out of file
+    /// descriptors), each with the reason.
     pub fn sync(&mut self, targets: &BTreeMap<String, PodTarget>) -> Vec<String> {
         let wanted = |k: &MappingKey| {
             targets
@@ -427,7 +429,7 @@ impl<R: PortReserver> Allocator<R> {
                     continue;
                 }
                 match self.allocate(protocol, &used) {
-                    Some(node_port) => {
+                    Ok(node_port) => {
                         used.insert((node_port, protocol));
                         self.mappings.insert(
                             key,
@@ -440,10 +442,9 @@ impl<R: PortReserver> Allocator<R> {
                             },
                         );
                     }
-                    None => failed.push(format!(
-                        "pod {pod} port {pod_port}/{}: no free node port in {}",
-                        protocol.as_str(),
-                        self.range
+                    Err(why) => failed.push(format!(
+                        "pod {pod} port {pod_port}/{}: {why}",
+                        protocol.as_str()
                     )),
                 }
             }
@@ -451,7 +452,14 @@ impl<R: PortReserver> Allocator<R> {
         failed
     }
 
-    fn allocate(&mut self, protocol: Protocol, used: &BTreeSet<(u16, Protocol)>) -> Option<u16> {
+    /// The next port of the range that is free for `protocol`, reserved. Only a port in use
+    /// (`EADDRINUSE`, `EACCES`) is skipped; any other failure stops the search, so that e.g.
+    /// a descriptor shortage is reported as such and not as a full range.
+    fn allocate(
+        &mut self,
+        protocol: Protocol,
+        used: &BTreeSet<(u16, Protocol)>,
+    ) -> Result<u16, String> {
         let mut port = self.cursor;
         for _ in 0..self.range.len() {
             let candidate = port;
@@ -462,7 +470,15 @@ impl<R: PortReserver> Allocator<R> {
             match self.reserver.reserve(candidate, protocol) {
                 Ok(()) => {
                     self.cursor = port;
-                    return Some(candidate);
+                    return Ok(candidate);
+                }
+                Err(e)
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied
+                    ) =>
+                {
+                    return Err(format!("reserving node port {candidate}: {e}"));
                 }
                 Err(e) => {
                     tracing::debug!(port = candidate, protocol = protocol.as_str(), error = %e,
@@ -470,7 +486,7 @@ impl<R: PortReserver> Allocator<R> {
                 }
             }
         }
-        None
+        Err(format!("no free node port in {}", self.range))
     }
 }
 
@@ -675,6 +691,7 @@ pub fn start(
         return;
     }
     let range = cfg.range().expect("validated with the config");
+    raise_fd_limit(range);
     let c = Controller {
         range,
         node_name: node_name.to_owned(),
@@ -684,6 +701,24 @@ pub fn start(
         sink,
     };
     tokio::spawn(run(c));
+}
+
+/// Each mapping holds a socket; a full range of both protocols needs up to twice its size in
+/// descriptors, above the usual soft limit of 1024. Raise the soft limit to the hard one (what
+/// Go does for every program, Antrea included); a failure only limits the number of mappings.
+fn raise_fd_limit(range: PortRange) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "could not raise the descriptor limit; NodePortLocal mappings are limited by it");
+            }
+        }
+        Ok((soft, _)) if soft < u64::from(range.len()) * 2 + 256 => {
+            tracing::warn!(soft, range = %range, "the descriptor limit is below what a full NodePortLocal range needs");
+        }
+        _ => {}
+    }
 }
 
 /// The controller loop (see the module doc). Runs until the desired-state source stops.
@@ -1077,6 +1112,30 @@ metadata: {name: db, labels: {app: db}}
         // Nothing wanted: everything released.
         a.sync(&BTreeMap::new());
         assert!(a.reserver.held.is_empty());
+    }
+
+    /// A reserver failing with another error than "in use".
+    struct OutOfFds;
+    impl PortReserver for OutOfFds {
+        fn reserve(&mut self, _: u16, _: Protocol) -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(libc::EMFILE))
+        }
+        fn release(&mut self, _: u16, _: Protocol) {}
+    }
+
+    #[test]
+    fn a_reservation_failure_other_than_in_use_is_reported_as_such() {
+        let mut a = Allocator::new(range("61000-61009"), OutOfFds);
+        let t = BTreeMap::from([(
+            "d/a".to_string(),
+            target([10, 0, 0, 2], &[(80, Protocol::Tcp)]),
+        )]);
+        let failed = a.sync(&t);
+        assert_eq!(failed.len(), 1);
+        assert!(
+            failed[0].contains("61000") && failed[0].contains("Too many open files"),
+            "{failed:?}"
+        );
     }
 
     #[test]
