@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cni_server;
 pub mod config;
+pub mod conntrack;
 pub mod dataplane;
 pub mod error;
 pub mod ipam;

@@ -36,7 +36,9 @@
 //!   restart with a new range: mappings outside it get new ports within a second of start,
 //!   mappings inside it keep theirs.
 //! - The DNAT rules live in ferrea's one nftables table ([`crate::nat::NatTable`]), re-rendered
-//!   whole on every change, so no rule of a removed mapping survives.
+//!   whole on every change, so no rule of a removed mapping survives. Once the rules are in,
+//!   UDP conntrack entries of removed or moved mappings are deleted ([`crate::conntrack`]), so
+//!   a client that keeps sending does not keep reaching the old pod.
 //! - The annotations are written back through a [`StatusSink`]: in `files` mode the
 //!   [`LocalStatusView`] (`<stateDir>/status/pods.json`, a `PodList`); the Kubernetes source
 //!   will implement it as pod annotation patches.
@@ -750,6 +752,7 @@ pub async fn run(mut c: Controller) {
     let mut pods_rx = c.pods.subscribe();
     let mut published: Option<BTreeMap<String, String>> = None;
     let mut warnings: Vec<String> = Vec::new();
+    let mut flush = BTreeSet::new();
     let mut failing = false;
     loop {
         let t = std::time::Instant::now();
@@ -760,6 +763,7 @@ pub async fn run(mut c: Controller) {
             &mut stored,
             &mut published,
             &mut warnings,
+            &mut flush,
         )
         .await
         {
@@ -796,6 +800,7 @@ async fn sync_once(
     stored: &mut BTreeMap<String, NplMapping>,
     published: &mut Option<BTreeMap<String, String>>,
     warnings: &mut Vec<String>,
+    flush: &mut BTreeSet<u16>,
 ) -> anyhow::Result<Option<usize>> {
     let records = c.pods.records();
     let (node_ip, desired) = {
@@ -836,14 +841,42 @@ async fn sync_once(
     if changed {
         let s = store.clone();
         tokio::task::spawn_blocking(move || s.npl_update(&put, &delete)).await??;
+        // UDP node ports whose DNAT goes away or moves: their flows are cut once the rules
+        // are in (kept across a failed step until done).
+        flush.extend(
+            stored
+                .iter()
+                .filter(|(k, old)| {
+                    old.protocol == Protocol::Udp
+                        && current
+                            .get(*k)
+                            .is_none_or(|m| m.pod_ip != old.pod_ip || m.node_port != old.node_port)
+                })
+                .map(|(_, old)| old.node_port),
+        );
         *stored = current;
     }
 
-    // Then the rules, then the annotations.
+    // Then the rules, stale UDP flows, the annotations.
     let applied = c
         .nat
         .set_npl(Some(rules(node_ip, alloc.mappings())))
         .await?;
+    if !flush.is_empty() {
+        let ports: Vec<u16> = std::mem::take(flush).into_iter().collect();
+        match tokio::task::spawn_blocking(move || crate::conntrack::delete_udp_to(node_ip, &ports))
+            .await?
+        {
+            Ok(n) => tracing::debug!(
+                entries = n,
+                "deleted UDP conntrack entries of removed NodePortLocal mappings"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "deleting UDP conntrack entries of removed NodePortLocal mappings"
+            ),
+        }
+    }
     let ann = annotations(alloc.mappings(), node_ip);
     let announce = published.as_ref() != Some(&ann);
     if announce {

@@ -69,8 +69,14 @@ impl Drop for UdpEcho {
 /// Sends one datagram from inside `ns` to `addr` (up to 3 tries, 1 s each) and returns the
 /// answer of a [`UdpEcho`].
 pub fn udp_ask(ns: &NetNs, addr: SocketAddr) -> anyhow::Result<String> {
+    udp_ask_from(ns, 0, addr)
+}
+
+/// Like [`udp_ask`], from source port `src_port` (0: any), so that repeated questions belong
+/// to one flow (one conntrack entry).
+pub fn udp_ask_from(ns: &NetNs, src_port: u16, addr: SocketAddr) -> anyhow::Result<String> {
     ns.run(move || -> anyhow::Result<String> {
-        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        let sock = UdpSocket::bind(("0.0.0.0", src_port))?;
         sock.set_read_timeout(Some(Duration::from_secs(1)))?;
         let mut buf = [0u8; 1500];
         for _ in 0..3 {

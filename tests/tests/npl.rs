@@ -13,7 +13,7 @@ use ferrea_tests::cni::{AddResult, Attachment};
 use ferrea_tests::fabric::EXTERNAL_IP;
 use ferrea_tests::manifests::{self as m, ContainerPort, NplEntry, ServicePort};
 use ferrea_tests::netns::NetNs;
-use ferrea_tests::udp::{UdpEcho, udp_ask};
+use ferrea_tests::udp::{UdpEcho, udp_ask, udp_ask_from};
 use ferrea_tests::{Dataplane, NodeOptions, Pod, SimNode, dataplane_tests, lines_mentioning};
 
 /// The bound for following a change.
@@ -100,6 +100,7 @@ dataplane_tests!(
     lifecycle_changes_follow_within_a_second,
     restart_keeps_ports_and_removes_pods_that_died,
     port_bound_on_the_node_is_skipped,
+    udp_flow_stops_when_its_mapping_goes,
 );
 
 fn external_host_reaches_pods_tcp_and_udp_through_node_ports(dp: Dataplane) {
@@ -463,4 +464,32 @@ fn port_bound_on_the_node_is_skipped(dp: Dataplane) {
     let t = Instant::now();
     tcp_seen_source(node.external(), addr(node.ip(), 61000)).expect("the holder's own port");
     assert_eq!(holder.peers().len(), 1, "after {:?}", t.elapsed());
+}
+
+fn udp_flow_stops_when_its_mapping_goes(dp: Dataplane) {
+    let node = npl_node(dp, "61000-61009");
+    let a = node.add_pod().unwrap();
+    let ka = pod_key(&a);
+    m::write_pod(&node, &a.attachment().pod_name, WEB, &web_ports()).unwrap();
+    let dns = [ServicePort {
+        port: 53,
+        target_port: "dns",
+        protocol: "UDP",
+    }];
+    m::write_service(&node, "web", true, WEB, &dns).unwrap();
+    let (p, _) = wait(&node, SETTLE, "pod annotated", |p| p.contains_key(&ka));
+    let np = entry(&p[&ka], 5353, "udp").node_port;
+    let _echo = UdpEcho::start(a.ns(), addr(Ipv4Addr::UNSPECIFIED, 5353), "pod-a").unwrap();
+    // One client flow (fixed source port), answered by the pod through the node port.
+    let answer = udp_ask_from(node.external(), 40053, addr(node.ip(), np)).unwrap();
+    assert!(answer.starts_with("pod-a "), "{answer}");
+    // The mapping goes; the same flow must not keep reaching the pod through its conntrack
+    // entry (every datagram would otherwise refresh it).
+    m::write_service(&node, "web", false, WEB, &dns).unwrap();
+    wait(&node, WITHIN, "annotation removed", |p| p.is_empty());
+    let after = udp_ask_from(node.external(), 40053, addr(node.ip(), np));
+    assert!(
+        after.is_err(),
+        "the UDP flow still reaches the pod after its mapping was removed: {after:?}"
+    );
 }
