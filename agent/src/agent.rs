@@ -8,7 +8,9 @@
 //!    A failure here (ovsdb-server not up yet, say) is retried with backoff while the
 //!    CNI server answers `TRY_AGAIN_LATER` naming the failure.
 //! 4. Reconciliation of the state store against the kernel and the dataplane.
-//! 5. Ready: CNI requests are served; desired-state changes are applied as they come.
+//! 5. Ready: CNI requests are served; desired-state changes are applied as they come. The
+//!    NodePortLocal controller ([`crate::npl`]) starts here and follows the desired state and
+//!    the node's attachments on its own.
 //!
 //! Stopping (SIGTERM/SIGINT) closes the socket and leaves the dataplane in place, so running
 //! pods keep their traffic while the agent is down or being upgraded.
@@ -26,7 +28,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::cni_server::{CniService, Readiness};
 use crate::config::{Config, DataplaneKind, SourceConfig};
 use crate::dataplane::{Dataplane, NodeNetwork, RemoteNode};
-use crate::nat::{self, NatSpec};
+use crate::nat::{NatSpec, NatTable};
 use crate::podnet::NetlinkPodNet;
 use crate::pods::PodManager;
 use crate::source::{DesiredState, NodeInfo, files};
@@ -65,10 +67,10 @@ pub async fn run(
         // A dependency that is not there yet (ovsdb-server, a bpffs that cannot be mounted)
         // is retried while the CNI server keeps answering, with the failure as the reason.
         let mut delay = Duration::from_millis(500);
-        let pm = loop {
+        let (pm, nat) = loop {
             let remotes = remote_nodes(&state.borrow(), cfg.node_name());
             match start_node(&cfg, &node, &remotes).await {
-                Ok(pm) => break pm,
+                Ok(started) => break started,
                 Err(e) => {
                     let why = format!("starting the node failed, retrying in {delay:?}: {e:#}");
                     tracing::error!("{why}");
@@ -80,6 +82,14 @@ pub async fn run(
         };
         ready_tx.send_replace(Readiness::Ready(pm.clone()));
         tracing::info!(node = %node.name, pod_cidr = ?node.pod_cidr, "agent ready");
+        crate::npl::start(
+            &cfg.node_port_local,
+            &cfg.state_dir,
+            cfg.node_name(),
+            &pm,
+            &nat,
+            state.clone(),
+        );
         follow_changes(&cfg, &node, &pm, &mut state).await
     };
     tokio::select! {
@@ -177,7 +187,7 @@ async fn start_node(
     cfg: &Config,
     node: &NodeInfo,
     remotes: &[RemoteNode],
-) -> anyhow::Result<Arc<PodManager>> {
+) -> anyhow::Result<(Arc<PodManager>, Arc<NatTable>)> {
     let pod_cidr = node.pod_cidr.expect("checked by wait_for_node");
     let dp = new_dataplane(cfg)?;
     // What the backend moved off the transport interface earlier and a reboot lost (OVS
@@ -223,11 +233,14 @@ async fn start_node(
     dp.set_remote_nodes(remotes)
         .await
         .context("connecting the other nodes")?;
-    nat::apply(&nat_spec(cfg, &net))
+    let store = Store::open(&cfg.state_dir).context("opening the state store")?;
+    // NodePortLocal rules of the previous run go in with the table, so running pods keep
+    // their node ports across the restart; the NPL controller reconciles them right after.
+    let npl = crate::npl::restored_rules(&cfg.node_port_local, &store, node);
+    let nat = Arc::new(NatTable::new(nat_spec(cfg, &net), npl));
+    nat.apply()
         .await
         .context("installing ferrea's nftables table")?;
-
-    let store = Store::open(&cfg.state_dir).context("opening the state store")?;
     let podnet = Arc::new(NetlinkPodNet::new().context("opening netlink")?);
     let pm = Arc::new(PodManager::new(
         store,
@@ -247,7 +260,7 @@ async fn start_node(
         orphan_dataplane = ?report.orphan_dataplane,
         "reconciled"
     );
-    Ok(pm)
+    Ok((pm, nat))
 }
 
 fn nat_spec(cfg: &Config, net: &NodeNetwork) -> NatSpec {

@@ -171,6 +171,9 @@ pub struct Config {
     /// characters at most in all). Default `fe`.
     #[serde(default = "default_veth_prefix")]
     pub veth_prefix: String,
+    /// NodePortLocal: `enable` (default `false`), `portRange` (default `61000-62000`).
+    #[serde(default)]
+    pub node_port_local: crate::npl::NplConfig,
 }
 
 fn default_source() -> SourceConfig {
@@ -322,6 +325,9 @@ impl Config {
         if !path.is_absolute() {
             return inv("source.files.path", "must be an absolute path");
         }
+        if let Err(msg) = self.node_port_local.range() {
+            return inv("nodePortLocal.portRange", &msg);
+        }
         Ok(())
     }
 
@@ -349,6 +355,12 @@ mod tests {
         assert_eq!(c.tunnel_type, TunnelType::Vxlan);
         assert!(c.masquerade);
         assert_eq!(c.service_cidr.to_string(), "10.96.0.0/12");
+        assert!(!c.node_port_local.enable);
+        assert_eq!(c.node_port_local.port_range, "61000-62000");
+        let c =
+            parse("nodeName: n1\nnodePortLocal: {enable: true, portRange: 40000-40100}\n").unwrap();
+        assert!(c.node_port_local.enable);
+        assert_eq!(c.node_port_local.range().unwrap().len(), 101);
     }
 
     #[test]
@@ -404,6 +416,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("transportInterface"), "{e}");
+        let e = parse("nodeName: n1\nnodePortLocal: {enable: true, portRange: 62000-61000}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`nodePortLocal.portRange`"), "{e}");
+        let e = parse("nodeName: n1\nnodePortLocal: {enabled: true}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("enabled"), "{e}");
         let e = parse("nodeName: n1\ndataplane: vpp\n")
             .unwrap_err()
             .to_string();

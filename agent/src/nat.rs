@@ -1,9 +1,23 @@
-//! ferrea's nftables table: masquerade of pod traffic that leaves the cluster.
+//! ferrea's nftables table: masquerade of pod traffic that leaves the cluster, and the DNAT of
+//! NodePortLocal.
 //!
 //! ferrea owns one table (family `ip`, name from config, default `ferrea`) and nothing else in
 //! the ruleset. The whole table is rendered from the desired state and replaced in one nft
 //! transaction (`table; delete table; table {...}` in a single `nft -f` run is atomic in the
 //! kernel), so there is never a moment without masquerade and re-applying is idempotent.
+//!
+//! [`NatTable`] is the table's single owner: it holds the base [`NatSpec`] and the current
+//! [`NplRules`], re-renders the whole table when either changes and runs `nft` only when the
+//! text differs from what was last applied, so masquerade and NodePortLocal never overwrite
+//! each other and no rule of a previous state survives a change.
+//!
+//! NodePortLocal rules are two verdict maps (`npl_tcp`, `npl_udp`: node port to pod address
+//! and port) consulted by one DNAT rule each, for packets to the node IP arriving from outside
+//! (`prerouting`) and sent by the node itself (`output`): a lookup stays O(1) with thousands of
+//! mappings and a change of 100 pods is one small nft transaction. Replies are un-NATed by
+//! conntrack: pods' traffic to addresses that are not pods passes the node's stack on both
+//! dataplanes. A pod reaching another pod (or itself) through `nodeIP:nodePort` is masqueraded
+//! so that the reply comes back through the node too (hairpin).
 //!
 //! Why the `nft` binary and not a netlink library: nftables' netlink ABI is expressed in
 //! bytecode that only libnftables assembles; the Rust crates either shell out to `nft` too
@@ -15,6 +29,8 @@ use std::process::Stdio;
 
 use ipnetwork::Ipv4Network;
 use tokio::io::AsyncWriteExt;
+
+use crate::source::Protocol;
 
 /// Errors applying the table.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +88,130 @@ impl NatSpec {
         }
         s.push_str("  }\n}\n");
         s
+    }
+}
+
+/// One NodePortLocal DNAT: `node_ip:node_port` over `protocol` goes to `pod_ip:pod_port`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NplDnat {
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// The node port.
+    pub node_port: u16,
+    /// The pod's address.
+    pub pod_ip: Ipv4Addr,
+    /// The pod's port.
+    pub pod_port: u16,
+}
+
+/// The NodePortLocal part of the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NplRules {
+    /// The node address the node ports are exposed on.
+    pub node_ip: Ipv4Addr,
+    /// The mappings (any order; rendered sorted).
+    pub dnat: Vec<NplDnat>,
+}
+
+impl NplRules {
+    /// The nft block adding NodePortLocal maps and chains to `table` (merged into the table
+    /// by the same transaction that recreates it). `pod_cidr` is masqueraded on hairpin.
+    pub fn render(&self, table: &str, pod_cidr: Ipv4Network) -> String {
+        use std::fmt::Write;
+        let mut dnat = self.dnat.clone();
+        dnat.sort();
+        let node_ip = self.node_ip;
+        let mut s = format!("table ip {table} {{\n");
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let p = proto.as_str();
+            let _ = write!(
+                s,
+                "  map npl_{p} {{\n    type inet_service : ipv4_addr . inet_service\n"
+            );
+            let elems: Vec<String> = dnat
+                .iter()
+                .filter(|d| d.protocol == proto)
+                .map(|d| format!("{} : {} . {}", d.node_port, d.pod_ip, d.pod_port))
+                .collect();
+            if !elems.is_empty() {
+                let _ = writeln!(s, "    elements = {{ {} }}", elems.join(",\n      "));
+            }
+            s.push_str("  }\n");
+        }
+        // `dstnat` is not accepted for the output hook by nft 1.0; -100 is its value.
+        let _ = write!(
+            s,
+            "  chain npl_prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n\
+             \x20   ip daddr {node_ip} jump npl\n  }}\n\
+             \x20 chain npl_output {{\n    type nat hook output priority -100; policy accept;\n\
+             \x20   ip daddr {node_ip} jump npl\n  }}\n\
+             \x20 chain npl {{\n\
+             \x20   dnat ip to tcp dport map @npl_tcp comment \"ferrea: NodePortLocal\"\n\
+             \x20   dnat ip to udp dport map @npl_udp comment \"ferrea: NodePortLocal\"\n  }}\n\
+             \x20 chain npl_postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n\
+             \x20   ip saddr {pod_cidr} ct status dnat ct original ip daddr {node_ip} counter masquerade \
+             comment \"ferrea: NodePortLocal hairpin\"\n  }}\n}}\n"
+        );
+        s
+    }
+}
+
+/// The single owner of ferrea's table: the base [`NatSpec`] plus the NodePortLocal rules,
+/// rendered together and applied only when the text changed.
+pub struct NatTable {
+    base: NatSpec,
+    state: tokio::sync::Mutex<TableState>,
+}
+
+struct TableState {
+    npl: Option<NplRules>,
+    applied: Option<String>,
+}
+
+impl NatTable {
+    /// An owner for `base` with these NodePortLocal rules (`None`: NPL is off). Nothing is
+    /// applied until [`NatTable::apply`].
+    pub fn new(base: NatSpec, npl: Option<NplRules>) -> Self {
+        Self {
+            base,
+            state: tokio::sync::Mutex::new(TableState { npl, applied: None }),
+        }
+    }
+
+    /// The base spec.
+    pub fn base(&self) -> &NatSpec {
+        &self.base
+    }
+
+    fn render(&self, npl: Option<&NplRules>) -> String {
+        let mut s = self.base.render();
+        if let Some(n) = npl {
+            s.push_str(&n.render(&self.base.table, self.base.pod_cidr));
+        }
+        s
+    }
+
+    /// Renders and applies the whole table, whatever was applied before.
+    pub async fn apply(&self) -> Result<(), NatError> {
+        let mut st = self.state.lock().await;
+        let text = self.render(st.npl.as_ref());
+        run_nft(&text, &self.base.table).await?;
+        st.applied = Some(text);
+        Ok(())
+    }
+
+    /// Replaces the NodePortLocal rules and applies the table if its text changed. Returns
+    /// whether nft ran. After a failure the next call tries again.
+    pub async fn set_npl(&self, npl: Option<NplRules>) -> Result<bool, NatError> {
+        let mut st = self.state.lock().await;
+        let text = self.render(npl.as_ref());
+        st.npl = npl;
+        if st.applied.as_deref() == Some(text.as_str()) {
+            return Ok(false);
+        }
+        run_nft(&text, &self.base.table).await?;
+        st.applied = Some(text);
+        Ok(true)
     }
 }
 
@@ -142,5 +282,74 @@ mod tests {
             gateway: Ipv4Addr::new(10, 1, 0, 1),
         };
         assert!(spec.render().contains("ip daddr != { 10.1.0.0/24 }"));
+    }
+
+    #[test]
+    fn npl_rules_render_sorted_maps_per_protocol_and_hooks_on_the_node_ip() {
+        let npl = NplRules {
+            node_ip: Ipv4Addr::new(172, 18, 0, 11),
+            dnat: vec![
+                NplDnat {
+                    protocol: Protocol::Tcp,
+                    node_port: 61001,
+                    pod_ip: Ipv4Addr::new(10, 244, 1, 3),
+                    pod_port: 80,
+                },
+                NplDnat {
+                    protocol: Protocol::Udp,
+                    node_port: 61000,
+                    pod_ip: Ipv4Addr::new(10, 244, 1, 2),
+                    pod_port: 53,
+                },
+                NplDnat {
+                    protocol: Protocol::Tcp,
+                    node_port: 61000,
+                    pod_ip: Ipv4Addr::new(10, 244, 1, 2),
+                    pod_port: 8080,
+                },
+            ],
+        };
+        let r = npl.render("ferrea", "10.244.1.0/24".parse().unwrap());
+        assert!(r.starts_with("table ip ferrea {\n"), "{r}");
+        assert!(
+            r.contains("elements = { 61000 : 10.244.1.2 . 8080,\n      61001 : 10.244.1.3 . 80 }"),
+            "{r}"
+        );
+        assert!(r.contains("elements = { 61000 : 10.244.1.2 . 53 }"), "{r}");
+        assert_eq!(r.matches("ip daddr 172.18.0.11 jump npl").count(), 2, "{r}");
+        assert!(r.contains("hook output priority -100"), "{r}");
+        assert!(r.contains("dnat ip to udp dport map @npl_udp"), "{r}");
+        assert!(
+            r.contains("ip saddr 10.244.1.0/24 ct status dnat ct original ip daddr 172.18.0.11"),
+            "{r}"
+        );
+        // No mappings: the maps are declared empty, the chains stay.
+        let empty = NplRules {
+            node_ip: npl.node_ip,
+            dnat: vec![],
+        }
+        .render("t", "10.244.1.0/24".parse().unwrap());
+        assert!(!empty.contains("elements"), "{empty}");
+        assert!(empty.contains("map npl_tcp"), "{empty}");
+    }
+
+    #[test]
+    fn nat_table_renders_base_then_npl_in_one_script() {
+        let base = NatSpec {
+            table: "t".into(),
+            pod_cidr: "10.1.0.0/24".parse().unwrap(),
+            no_masquerade: vec![],
+            masquerade: true,
+            gateway: Ipv4Addr::new(10, 1, 0, 1),
+        };
+        let npl = NplRules {
+            node_ip: Ipv4Addr::new(172, 18, 0, 11),
+            dnat: vec![],
+        };
+        let t = NatTable::new(base.clone(), Some(npl.clone()));
+        let r = t.render(Some(&npl));
+        assert!(r.starts_with(&base.render()), "{r}");
+        assert!(r.ends_with(&npl.render("t", base.pod_cidr)), "{r}");
+        assert_eq!(t.render(None), base.render());
     }
 }

@@ -59,6 +59,9 @@ pub struct PodManager {
     dataplane: Arc<dyn Dataplane>,
     node: NodeNetwork,
     veth_prefix: String,
+    /// Bumped whenever the set of attachments changes (ADD, DEL, reconcile), so controllers
+    /// that follow local pods (NodePortLocal) react at once.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl PodManager {
@@ -81,7 +84,22 @@ impl PodManager {
             dataplane,
             node,
             veth_prefix,
+            changes: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// A receiver that sees a new value whenever attachments were added or removed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The state store (shared with other controllers that persist state, such as NPL).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// The node network the manager serves.
@@ -212,7 +230,10 @@ impl PodManager {
             })
         });
         let err = match (plumbed, stored) {
-            (Ok(()), Ok(())) => return Ok(rec),
+            (Ok(()), Ok(())) => {
+                self.notify();
+                return Ok(rec);
+            }
             (Ok(()), Err(e)) => {
                 self.undo_plumb(&rec).await;
                 AgentError::from(e)
@@ -288,6 +309,7 @@ impl PodManager {
             .expect("records lock")
             .remove(&rec.key());
         self.ipam.lock().expect("ipam lock").release(rec.ip);
+        self.notify();
     }
 
     /// Removes dataplane entries and the veth of an attachment (not its record).
@@ -413,6 +435,7 @@ impl PodManager {
             }
         }
         report.orphan_dataplane = self.dataplane.retain_pods(&keep_ips).await?;
+        self.notify();
         Ok(report)
     }
 }
@@ -579,5 +602,18 @@ mod tests {
         let c = pm.add(&args("c", "/ns/b")).await.unwrap();
         assert_ne!(c.ip, a.ip);
         assert_eq!(pm.add(&args("a", "/ns/a")).await.unwrap().ip, a.ip);
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_add_and_del() {
+        let fx = Fx::new();
+        let pm = fx.manager();
+        let mut rx = pm.subscribe();
+        rx.borrow_and_update();
+        pm.add(&args("a", "/ns/a")).await.unwrap();
+        assert!(rx.has_changed().unwrap(), "ADD not notified");
+        rx.borrow_and_update();
+        pm.del("a", "eth0").await.unwrap();
+        assert!(rx.has_changed().unwrap(), "DEL not notified");
     }
 }

@@ -15,6 +15,10 @@ use serde::{Deserialize, Serialize};
 /// Attachments keyed by `<container_id>/<ifname>`; values are JSON [`PodRecord`]s.
 const PODS: TableDefinition<&str, &[u8]> = TableDefinition::new("pods/v1");
 
+/// NodePortLocal mappings keyed by [`NplMapping::key`]; values are JSON [`NplMapping`]s. Kept
+/// so that a restarted agent gives every pod port the node port it had.
+const NPL: TableDefinition<&str, &[u8]> = TableDefinition::new("npl/v1");
+
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -82,6 +86,29 @@ pub fn key(container_id: &str, ifname: &str) -> String {
     format!("{container_id}/{ifname}")
 }
 
+/// One NodePortLocal mapping: `nodeIP:node_port/protocol` is DNATed to `pod_ip:pod_port`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NplMapping {
+    /// The pod, `namespace/name`.
+    pub pod: String,
+    /// The pod's port.
+    pub pod_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: crate::source::Protocol,
+    /// The pod's IP when the mapping was last written.
+    pub pod_ip: Ipv4Addr,
+    /// The node port.
+    pub node_port: u16,
+}
+
+impl NplMapping {
+    /// The store key: `<pod>/<podPort>/<protocol>` (one node port per pod port and protocol).
+    pub fn key(&self) -> String {
+        format!("{}/{}/{}", self.pod, self.pod_port, self.protocol.as_str())
+    }
+}
+
 /// The embedded state store. Safe to share between tasks; writes are serialised by redb.
 pub struct Store {
     db: Database,
@@ -100,6 +127,7 @@ impl Store {
         // Make sure the table exists so readers never see "table does not exist".
         let tx = db.begin_write().map_err(|e| open_err(e.to_string()))?;
         tx.open_table(PODS).map_err(|e| open_err(e.to_string()))?;
+        tx.open_table(NPL).map_err(|e| open_err(e.to_string()))?;
         tx.commit().map_err(|e| open_err(e.to_string()))?;
         Ok(Self { db })
     }
@@ -159,6 +187,41 @@ impl Store {
     }
 }
 
+impl Store {
+    /// All NodePortLocal mappings. One that does not decode is reported, not skipped.
+    pub fn npl_list(&self) -> Result<Vec<NplMapping>, StoreError> {
+        let err = |e: &dyn std::fmt::Display| io_err("npl list")(e.to_string());
+        let tx = self.db.begin_read().map_err(|e| err(&e))?;
+        let t = tx.open_table(NPL).map_err(|e| err(&e))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| err(&e))? {
+            let (k, v) = item.map_err(|e| err(&e))?;
+            let m: NplMapping = serde_json::from_slice(v.value())
+                .map_err(|e| io_err("decode")(format!("NPL mapping {}: {e}", k.value())))?;
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    /// Writes `put` and removes the mappings with keys `delete`, in one durable transaction.
+    pub fn npl_update(&self, put: &[NplMapping], delete: &[String]) -> Result<(), StoreError> {
+        let err = |e: &dyn std::fmt::Display| io_err("npl update")(e.to_string());
+        let tx = self.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut t = tx.open_table(NPL).map_err(|e| err(&e))?;
+            for k in delete {
+                t.remove(k.as_str()).map_err(|e| err(&e))?;
+            }
+            for m in put {
+                let v = serde_json::to_vec(m).map_err(|e| err(&e))?;
+                t.insert(m.key().as_str(), v.as_slice())
+                    .map_err(|e| err(&e))?;
+            }
+        }
+        tx.commit().map_err(|e| err(&e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +259,29 @@ mod tests {
         s.delete(&[key("a", "eth0"), key("zz", "eth0")]).unwrap();
         s.delete(&[key("a", "eth0")]).unwrap();
         assert_eq!(s.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn npl_mappings_survive_reopen_and_update_replaces_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = |pod: &str, port, node_port| NplMapping {
+            pod: pod.into(),
+            pod_port: port,
+            protocol: crate::source::Protocol::Tcp,
+            pod_ip: Ipv4Addr::new(10, 0, 0, 2),
+            node_port,
+        };
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.npl_update(&[m("default/a", 80, 61000), m("default/b", 80, 61001)], &[])
+                .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.npl_list().unwrap().len(), 2);
+        s.npl_update(&[m("default/a", 80, 61005)], &[m("default/b", 80, 0).key()])
+            .unwrap();
+        assert_eq!(s.npl_list().unwrap(), vec![m("default/a", 80, 61005)]);
+        // Pod records are untouched by NPL updates.
+        assert!(s.list().unwrap().is_empty());
     }
 }

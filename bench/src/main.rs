@@ -16,6 +16,14 @@
 //!   device between them (the eBPF backend's peer). Each is reported as a fraction of direct.
 //! - `flow-install`: 10,000 flows installed in one OpenFlow bundle through ferrea's OpenFlow
 //!   client, and through `ovs-ofctl --bundle add-flows`, on the same ovs-vswitchd.
+//! - `npl`: NodePortLocal reaction time on one node with 100 pods (both dataplanes): from
+//!   writing the `nodeportlocal.antrea.io/enabled: "true"` annotation on a Service that selects
+//!   them until the status view carries all 100 pod annotations and `nft list table` shows the
+//!   100 DNAT entries (`npl_100_pods_ms`, the median of 3 rounds; the eBPF node's figure, the
+//!   OVS node's is `npl_100_pods_ms_ovs`), and back when the annotation is removed
+//!   (`npl_100_pods_remove_ms`). The time includes the `files` source noticing the change
+//!   (it polls every 200 ms); the agent's own share, from the change in hand to rules and
+//!   annotations written, is `npl_100_pods_agent_sync_ms` (from its log).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -47,8 +55,9 @@ fn main() -> anyhow::Result<()> {
         "throughput" => throughput(&mut fig)?,
         "flow-install" => flow_install(&mut fig)?,
         "throughput-cross-node" => throughput_cross_node(&mut fig)?,
+        "npl" => npl(&mut fig)?,
         _ => bail!(
-            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install"
+            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl"
         ),
     }
     println!("{}", serde_json::to_string(&fig)?);
@@ -651,5 +660,108 @@ fn flow_install(fig: &mut Figures) -> anyhow::Result<()> {
         "ferrea_10k_flows_vs_ofctl".into(),
         ratio(fig, "ferrea_10k_flows_s", "ofctl_10k_flows_s"),
     );
+    Ok(())
+}
+
+/// Pods behind the Service in the `npl` benchmark.
+const NPL_PODS: usize = 100;
+/// Rounds of enable/disable per dataplane.
+const NPL_ROUNDS: usize = 3;
+
+fn npl(fig: &mut Figures) -> anyhow::Result<()> {
+    use ferrea_tests::manifests::{self as m, ContainerPort, ServicePort};
+    let labels = [("app", "bench")];
+    let ports = [ServicePort {
+        port: 80,
+        target_port: "8080",
+        protocol: "TCP",
+    }];
+    for dp in [Dataplane::Ebpf, Dataplane::Ovs] {
+        let mut opts = NodeOptions::new(dp).pod_cidr("10.244.0.0/24");
+        opts.extra_config = m::npl_config("61000-62000");
+        let mut sim = SimNode::start(opts)?;
+        let pods = sim.add_pods_concurrently(NPL_PODS)?;
+        for p in &pods {
+            m::write_pod(
+                &sim,
+                &p.attachment().pod_name,
+                &labels,
+                &[ContainerPort {
+                    name: "http",
+                    port: 8080,
+                    protocol: "TCP",
+                }],
+            )?;
+        }
+        m::write_service(&sim, "bench", false, &labels, &ports)?;
+        // Let the source pick up the pods before the clock starts.
+        std::thread::sleep(Duration::from_secs(1));
+        let count = |sim: &SimNode| -> anyhow::Result<(usize, usize)> {
+            Ok((
+                m::npl_annotations(sim)?.len(),
+                m::npl_map_elements(sim)?.len(),
+            ))
+        };
+        let wait_for = |want: usize| -> anyhow::Result<Duration> {
+            let t = Instant::now();
+            loop {
+                let (ann, rules) = count(&sim)?;
+                if ann == want && rules == want {
+                    return Ok(t.elapsed());
+                }
+                if t.elapsed() > Duration::from_secs(30) {
+                    bail!("{dp}: {ann} annotations and {rules} rules after 30 s, want {want}");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..NPL_ROUNDS {
+            m::write_service(&sim, "bench", true, &labels, &ports)?;
+            on.push(wait_for(NPL_PODS)?);
+            m::write_service(&sim, "bench", false, &labels, &ports)?;
+            off.push(wait_for(0)?);
+        }
+        on.sort();
+        off.sort();
+        let (on_ms, off_ms) = (ms(on[NPL_ROUNDS / 2]), ms(off[NPL_ROUNDS / 2]));
+        eprintln!(
+            "npl {dp}: {NPL_PODS} pods mapped in {on_ms} ms, unmapped in {off_ms} ms (median of {NPL_ROUNDS}; rounds {:?} / {:?})",
+            on.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            off.iter().map(|d| ms(*d)).collect::<Vec<_>>()
+        );
+        let suffix = if dp == Dataplane::Ebpf {
+            String::new()
+        } else {
+            format!("_{dp}")
+        };
+        // The agent's own share (desired state in hand to rules and annotations written),
+        // from its log: the rest is the source noticing the file change.
+        let mut syncs: Vec<f64> = sim
+            .agent()
+            .log()
+            .lines()
+            .filter(|l| {
+                l.contains("NodePortLocal mappings applied")
+                    && l.contains(&format!("mappings={NPL_PODS} "))
+            })
+            .filter_map(|l| {
+                l.split("elapsed_ms=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        syncs.sort_by(f64::total_cmp);
+        if let Some(mid) = syncs.get(syncs.len() / 2) {
+            eprintln!("npl {dp}: agent sync with {NPL_PODS} mappings: {syncs:?} ms");
+            fig.insert(format!("npl_100_pods_agent_sync_ms{suffix}"), json!(mid));
+        }
+        fig.insert(format!("npl_100_pods_ms{suffix}"), json!(on_ms));
+        fig.insert(format!("npl_100_pods_remove_ms{suffix}"), json!(off_ms));
+        drop(pods);
+    }
     Ok(())
 }

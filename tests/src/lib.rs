@@ -26,16 +26,21 @@
 //! - [`ovs`]: a private ovsdb-server and ovs-vswitchd per node, and OVS queries.
 //! - [`vethpod`]: pods wired by the harness itself (no CNI), for tests that drive a backend.
 //! - [`traffic`]: background pings across disruptions, and their loss.
+//! - [`manifests`]: Pod and Service manifests for a node's `files` source, and the status view
+//!   (NodePortLocal annotations) the agent writes back.
+//! - [`udp`]: a UDP echo server in a namespace and a one-shot client.
 
 pub mod agent;
 pub mod capture;
 pub mod cni;
 pub mod fabric;
+pub mod manifests;
 pub mod netns;
 pub mod node;
 pub mod ovs;
 pub mod pod;
 pub mod traffic;
+pub mod udp;
 pub mod vethpod;
 
 use std::path::PathBuf;

@@ -2,18 +2,23 @@
 //! typed objects of [`super::DesiredState`]. Shared by the files source and, later, tests of
 //! the Kubernetes source.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::NodeInfo;
+use super::{ContainerPort, NodeInfo, PodInfo, Protocol, ServiceInfo, ServicePort, TargetPort};
 
 /// One decoded object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
     /// A `v1/Node`.
     Node(NodeInfo),
+    /// A `v1/Pod`.
+    Pod(PodInfo),
+    /// A `v1/Service`.
+    Service(ServiceInfo),
     /// A kind the agent does not use (kept out of the state, not an error).
     Ignored {
         /// `kind`.
@@ -94,10 +99,183 @@ fn decode_object(v: &Value) -> Result<Object, String> {
                 internal_ip,
             }))
         }
+        "Pod" => decode_pod(v, name).map(Object::Pod),
+        "Service" => decode_service(v, name).map(Object::Service),
         other => Ok(Object::Ignored {
             kind: other.to_owned(),
         }),
     }
+}
+
+/// `metadata.namespace`, default `default`.
+fn namespace_of(v: &Value, kind: &str, name: &str) -> Result<String, String> {
+    match v.pointer("/metadata/namespace") {
+        None | Some(Value::Null) => Ok("default".into()),
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(other) => Err(format!(
+            "{kind} {name}: field `metadata.namespace` must be a non-empty string, not {other}"
+        )),
+    }
+}
+
+/// A map of strings (labels, annotations, selector) at `ptr`; absent is empty.
+fn string_map(v: &Value, ptr: &str, who: &str) -> Result<BTreeMap<String, String>, String> {
+    let field = ptr.trim_start_matches('/').replace('/', ".");
+    match v.pointer(ptr) {
+        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, x)| match x {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                other => Err(format!(
+                    "{who}: field `{field}.{k}` must be a string, not {other}"
+                )),
+            })
+            .collect(),
+        Some(other) => Err(format!("{who}: field `{field}` must be a map, not {other}")),
+    }
+}
+
+/// A port number field (1-65535).
+fn port_number(x: Option<&Value>, field: &str, who: &str) -> Result<u16, String> {
+    match x {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .filter(|p| (1..=65535).contains(p))
+            .map(|p| p as u16)
+            .ok_or_else(|| format!("{who}: field `{field}`: {n} is not a port (1-65535)")),
+        None | Some(Value::Null) => Err(format!("{who}: field `{field}` is required")),
+        Some(other) => Err(format!(
+            "{who}: field `{field}` must be a number, not {other}"
+        )),
+    }
+}
+
+/// A `protocol` field: `TCP` (the default), `UDP` or `SCTP`.
+fn protocol(x: Option<&Value>, field: &str, who: &str) -> Result<Protocol, String> {
+    match x {
+        None | Some(Value::Null) => Ok(Protocol::Tcp),
+        Some(Value::String(s)) => match s.as_str() {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            _ => Err(format!(
+                "{who}: field `{field}`: {s:?} is not TCP, UDP or SCTP"
+            )),
+        },
+        Some(other) => Err(format!(
+            "{who}: field `{field}` must be a string, not {other}"
+        )),
+    }
+}
+
+/// An optional string field.
+fn opt_string(x: Option<&Value>, field: &str, who: &str) -> Result<Option<String>, String> {
+    match x {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!(
+            "{who}: field `{field}` must be a string, not {other}"
+        )),
+    }
+}
+
+/// An optional array field; absent is empty.
+fn array<'a>(x: Option<&'a Value>, field: &str, who: &str) -> Result<&'a [Value], String> {
+    match x {
+        None | Some(Value::Null) => Ok(&[]),
+        Some(Value::Array(a)) => Ok(a),
+        Some(other) => Err(format!(
+            "{who}: field `{field}` must be a list, not {other}"
+        )),
+    }
+}
+
+fn decode_pod(v: &Value, name: &str) -> Result<PodInfo, String> {
+    if name.is_empty() {
+        return Err("Pod without `metadata.name`".into());
+    }
+    let namespace = namespace_of(v, "Pod", name)?;
+    let who = format!("Pod {namespace}/{name}");
+    let mut container_ports = Vec::new();
+    let containers = array(v.pointer("/spec/containers"), "spec.containers", &who)?;
+    for (i, c) in containers.iter().enumerate() {
+        let ports = array(c.get("ports"), &format!("spec.containers[{i}].ports"), &who)?;
+        for (j, p) in ports.iter().enumerate() {
+            let f = |k: &str| format!("spec.containers[{i}].ports[{j}].{k}");
+            container_ports.push(ContainerPort {
+                name: opt_string(p.get("name"), &f("name"), &who)?,
+                port: port_number(p.get("containerPort"), &f("containerPort"), &who)?,
+                protocol: protocol(p.get("protocol"), &f("protocol"), &who)?,
+            });
+        }
+    }
+    let pod_ip = opt_string(v.pointer("/status/podIP"), "status.podIP", &who)?
+        .map(|s| {
+            s.parse::<Ipv4Addr>()
+                .map_err(|e| format!("{who}: field `status.podIP`: {s:?}: {e}"))
+        })
+        .transpose()?;
+    Ok(PodInfo {
+        labels: string_map(v, "/metadata/labels", &who)?,
+        annotations: string_map(v, "/metadata/annotations", &who)?,
+        node_name: opt_string(v.pointer("/spec/nodeName"), "spec.nodeName", &who)?,
+        container_ports,
+        pod_ip,
+        namespace,
+        name: name.to_owned(),
+    })
+}
+
+fn decode_service(v: &Value, name: &str) -> Result<ServiceInfo, String> {
+    if name.is_empty() {
+        return Err("Service without `metadata.name`".into());
+    }
+    let namespace = namespace_of(v, "Service", name)?;
+    let who = format!("Service {namespace}/{name}");
+    let service_type = opt_string(v.pointer("/spec/type"), "spec.type", &who)?
+        .unwrap_or_else(|| "ClusterIP".into());
+    if !matches!(
+        service_type.as_str(),
+        "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+    ) {
+        return Err(format!(
+            "{who}: field `spec.type`: {service_type:?} is not ClusterIP, NodePort, LoadBalancer or ExternalName"
+        ));
+    }
+    let mut ports = Vec::new();
+    for (i, p) in array(v.pointer("/spec/ports"), "spec.ports", &who)?
+        .iter()
+        .enumerate()
+    {
+        let f = |k: &str| format!("spec.ports[{i}].{k}");
+        let port = port_number(p.get("port"), &f("port"), &who)?;
+        let target_port = match p.get("targetPort") {
+            None | Some(Value::Null) => TargetPort::Number(port),
+            Some(Value::String(s)) if s.is_empty() => TargetPort::Number(port),
+            // Kubernetes accepts a numeric string as a number (IntOrString).
+            Some(Value::String(s)) => match s.parse::<u16>() {
+                Ok(n) if n > 0 => TargetPort::Number(n),
+                _ => TargetPort::Name(s.clone()),
+            },
+            x @ Some(_) => TargetPort::Number(port_number(x, &f("targetPort"), &who)?),
+        };
+        ports.push(ServicePort {
+            name: opt_string(p.get("name"), &f("name"), &who)?,
+            port,
+            target_port,
+            protocol: protocol(p.get("protocol"), &f("protocol"), &who)?,
+        });
+    }
+    Ok(ServiceInfo {
+        annotations: string_map(v, "/metadata/annotations", &who)?,
+        selector: string_map(v, "/spec/selector", &who)?,
+        service_type,
+        ports,
+        namespace,
+        name: name.to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -145,6 +323,103 @@ mod tests {
             e[0].contains("Node bad") && e[0].contains("spec.podCIDR"),
             "{}",
             e[0]
+        );
+    }
+
+    #[test]
+    fn decodes_pods_with_defaults_and_container_ports() {
+        let (o, e) = decode(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  labels: {app: web}\n\
+             spec:\n  nodeName: n1\n  containers:\n  - name: c\n    ports:\n    \
+             - {name: http, containerPort: 8080}\n    - {containerPort: 53, protocol: UDP}\n\
+             status: {podIP: 10.244.1.5}\n",
+        )
+        .unwrap();
+        assert!(e.is_empty(), "{e:?}");
+        let Object::Pod(p) = &o[0] else {
+            panic!("{o:?}")
+        };
+        assert_eq!(
+            (p.namespace.as_str(), p.name.as_str()),
+            ("default", "web-0")
+        );
+        assert_eq!(p.labels["app"], "web");
+        assert_eq!(p.node_name.as_deref(), Some("n1"));
+        assert_eq!(p.pod_ip, Some(Ipv4Addr::new(10, 244, 1, 5)));
+        assert_eq!(
+            p.container_ports,
+            vec![
+                ContainerPort {
+                    name: Some("http".into()),
+                    port: 8080,
+                    protocol: Protocol::Tcp
+                },
+                ContainerPort {
+                    name: None,
+                    port: 53,
+                    protocol: Protocol::Udp
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn decodes_services_with_int_and_named_target_ports() {
+        let (o, e) = decode(
+            "kind: Service\nmetadata:\n  name: s\n  namespace: shop\n  annotations:\n    \
+             nodeportlocal.antrea.io/enabled: \"true\"\nspec:\n  type: LoadBalancer\n  \
+             selector: {app: web}\n  ports:\n  - {port: 80, targetPort: http}\n  \
+             - {port: 53, protocol: UDP}\n  - {port: 443, targetPort: 8443}\n",
+        )
+        .unwrap();
+        assert!(e.is_empty(), "{e:?}");
+        let Object::Service(s) = &o[0] else {
+            panic!("{o:?}")
+        };
+        assert_eq!(s.namespace, "shop");
+        assert_eq!(s.service_type, "LoadBalancer");
+        assert_eq!(s.annotations["nodeportlocal.antrea.io/enabled"], "true");
+        let targets: Vec<_> = s
+            .ports
+            .iter()
+            .map(|p| (p.target_port.clone(), p.protocol))
+            .collect();
+        assert_eq!(
+            targets,
+            vec![
+                (TargetPort::Name("http".into()), Protocol::Tcp),
+                (TargetPort::Number(53), Protocol::Udp),
+                (TargetPort::Number(8443), Protocol::Tcp),
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_pods_and_services_name_object_and_field() {
+        let (o, e) = decode(
+            "kind: Pod\nmetadata: {name: p1}\nspec: {containers: [{ports: [{containerPort: 70000}]}]}\n---\n\
+             kind: Service\nmetadata: {name: s1, namespace: x}\nspec: {ports: [{port: 80, protocol: ICMP}]}\n---\n\
+             kind: Service\nmetadata: {name: s2}\nspec: {selector: {app: 3}}\n---\n\
+             kind: Pod\nmetadata: {name: ok}\n",
+        )
+        .unwrap();
+        assert_eq!(o.len(), 1, "{o:?}");
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].contains("Pod default/p1")
+                && e[0].contains("spec.containers[0].ports[0].containerPort"),
+            "{}",
+            e[0]
+        );
+        assert!(
+            e[1].contains("Service x/s1") && e[1].contains("spec.ports[0].protocol"),
+            "{}",
+            e[1]
+        );
+        assert!(
+            e[2].contains("Service default/s2") && e[2].contains("spec.selector.app"),
+            "{}",
+            e[2]
         );
     }
 

@@ -4,6 +4,9 @@
 //! reconcilers only ever see `DesiredState`, never the source. Today's source is [`files`]: a
 //! directory of Kubernetes-style manifests (the embedded default, also used by tests and the
 //! demo). The Kubernetes source (kube-rs watchers) will publish the same type.
+//!
+//! A published state is complete: reconcilers may remove whatever it does not name (a
+//! Kubernetes source publishes only once its caches have synced).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -24,11 +27,114 @@ pub struct NodeInfo {
     pub internal_ip: Option<Ipv4Addr>,
 }
 
+/// An L4 protocol of a Service or container port (Kubernetes' `protocol`, default `TCP`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// `TCP`.
+    Tcp,
+    /// `UDP`.
+    Udp,
+    /// `SCTP`.
+    Sctp,
+}
+
+impl Protocol {
+    /// Lower-case name, as nftables and Antrea's NPL annotation spell it (`tcp`, `udp`, `sctp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+/// A container port of a pod (`spec.containers[].ports[]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerPort {
+    /// `name`, if any (what a Service's named `targetPort` refers to).
+    pub name: Option<String>,
+    /// `containerPort`.
+    pub port: u16,
+    /// `protocol`.
+    pub protocol: Protocol,
+}
+
+/// A pod as the agent needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// `metadata.namespace` (default `default`).
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
+    pub annotations: BTreeMap<String, String>,
+    /// `spec.nodeName`, once scheduled.
+    pub node_name: Option<String>,
+    /// The ports of all its containers, in order.
+    pub container_ports: Vec<ContainerPort>,
+    /// `status.podIP`, when the source knows it (the files source usually does not).
+    pub pod_ip: Option<Ipv4Addr>,
+}
+
+/// A Service's `targetPort`: a number, or the name of a container port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// A container port name.
+    Name(String),
+}
+
+/// One entry of a Service's `spec.ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// `name`, if any.
+    pub name: Option<String>,
+    /// `port`.
+    pub port: u16,
+    /// `targetPort` (defaults to `port`).
+    pub target_port: TargetPort,
+    /// `protocol`.
+    pub protocol: Protocol,
+}
+
+/// A Service as the agent needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// `metadata.namespace` (default `default`).
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.annotations`.
+    pub annotations: BTreeMap<String, String>,
+    /// `spec.type` (default `ClusterIP`).
+    pub service_type: String,
+    /// `spec.selector`; empty when the Service has none (its endpoints are managed by hand).
+    pub selector: BTreeMap<String, String>,
+    /// `spec.ports`.
+    pub ports: Vec<ServicePort>,
+}
+
+/// The key of a namespaced object in [`DesiredState`]: `namespace/name`.
+pub fn object_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
 /// Everything the agent reconciles, as of one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     /// All nodes of the cluster, by name.
     pub nodes: BTreeMap<String, NodeInfo>,
+    /// Pods, by `namespace/name` ([`object_key`]).
+    pub pods: BTreeMap<String, PodInfo>,
+    /// Services, by `namespace/name` ([`object_key`]).
+    pub services: BTreeMap<String, ServiceInfo>,
     /// Objects the source could not accept, each with a message naming the object and field.
     /// They are left out of the state; the previous good version of a broken file is kept.
     pub errors: Vec<String>,
