@@ -481,28 +481,13 @@ fn measure_paths(
     Ok(())
 }
 
-/// Two nodes of `dp` with one pod each (TCP checksum offload off in OVS pods: OVS 3.1's
-/// userspace tunnels do not complete it).
+/// Two nodes of `dp` with one pod each.
 fn two_node_pods(dp: Dataplane) -> anyhow::Result<(ferrea_tests::Cluster, Pod, Pod)> {
     let mut c = ferrea_tests::Cluster::new()?;
     for _ in 0..2 {
         c.add_node(&NodeOptions::new(dp))?;
     }
     let (a, b) = (c.nodes()[0].add_pod()?, c.nodes()[1].add_pod()?);
-    if dp == Dataplane::Ovs {
-        for p in [&a, &b] {
-            run_ok(Command::new("ip").args([
-                "netns",
-                "exec",
-                p.ns().name(),
-                "ethtool",
-                "-K",
-                "eth0",
-                "tx",
-                "off",
-            ]))?;
-        }
-    }
     // The overlay is up once the first node learnt the second (through its source).
     if ferrea_tests::wait_for(Duration::from_secs(10), || a.ping(b.ip()).then_some(())).is_none() {
         bail!("{dp} pods on two nodes cannot reach each other");

@@ -116,10 +116,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     serde_json::to_string_pretty(&p.result().raw).unwrap_or_default()
                 );
             }
-            if args.dataplane == Dataplane::Ovs {
-                // OVS 3.1's userspace tunnels do not complete TSO checksums.
-                let _ = p.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
-            }
             println!(
                 "    {}: pod {} ip {} host veth {}",
                 node.name(),
