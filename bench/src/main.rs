@@ -370,6 +370,9 @@ fn addr_up(ns: &NetNs, ifname: &str, cidr: &str) -> anyhow::Result<()> {
 /// interleaved, and the median kept: on two shared cores a single run of one path after
 /// another mostly measures what else the machine did at that moment.
 const ROUNDS: usize = 3;
+/// Rounds of the cross-node comparison: its goal (eBPF overlay against kernel VXLAN) is a
+/// ratio of two close figures, so it gets more samples.
+const CROSS_NODE_ROUNDS: usize = 5;
 
 fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
     // Every topology is built first and kept up for the whole run (guards below).
@@ -440,45 +443,65 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
     for (key, (_, (p1, p2))) in ["ferrea_ebpf", "ferrea_ovs"].into_iter().zip(&sims) {
         paths.push((key, p1.ns().name().into(), p2.ns().name().into(), p2.ip()));
     }
-    measure_paths(fig, &paths)?;
-    for k in ["tcp_gbps", "udp_kpps"] {
-        for (a, b) in [
+    let runs = measure_paths(fig, &paths, ROUNDS)?;
+    paired_ratios(
+        fig,
+        &runs,
+        &[
             ("ferrea_ebpf", "veth"),
             ("bridge", "veth"),
             ("ferrea_ovs", "ovs_normal"),
-        ] {
-            let r = ratio(fig, &format!("{a}_{k}"), &format!("{b}_{k}"));
-            fig.insert(format!("{a}_{k}_vs_{b}"), r);
-        }
-    }
+        ],
+    );
     Ok(())
 }
 
-/// Median of each path's runs, interleaved over [`ROUNDS`] rounds, into `fig` as
-/// `{key}_tcp_gbps` and `{key}_udp_kpps`.
-fn measure_paths(
+/// Each path's runs, interleaved over `rounds` rounds: (TCP Gbit/s, UDP kpps) per round.
+type Runs<'a> = BTreeMap<&'a str, (Vec<f64>, Vec<f64>)>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Measures every path once per round, interleaved, and puts each path's median into `fig`
+/// as `{key}_tcp_gbps` and `{key}_udp_kpps`.
+fn measure_paths<'a>(
     fig: &mut Figures,
-    paths: &[(&str, String, String, Ipv4Addr)],
-) -> anyhow::Result<()> {
-    let mut runs: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    for round in 1..=ROUNDS {
+    paths: &[(&'a str, String, String, Ipv4Addr)],
+    rounds: usize,
+) -> anyhow::Result<Runs<'a>> {
+    let mut runs: Runs<'a> = BTreeMap::new();
+    for round in 1..=rounds {
         for (key, client, server, ip) in paths {
             let (g, k) = iperf_pair(client, server, *ip)?;
             eprintln!("round {round} {key}: {g} Gbit/s TCP, {k} kpps UDP 64 B");
-            let e = runs.entry(key).or_default();
+            let e = runs.entry(*key).or_default();
             e.0.push(g);
             e.1.push(k);
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    for (key, (mut g, mut k)) in runs {
-        fig.insert(format!("{key}_tcp_gbps"), json!(median(&mut g)));
-        fig.insert(format!("{key}_udp_kpps"), json!(median(&mut k)));
+    for (key, (g, k)) in &runs {
+        fig.insert(format!("{key}_tcp_gbps"), json!(median(g.clone())));
+        fig.insert(format!("{key}_udp_kpps"), json!(median(k.clone())));
     }
-    Ok(())
+    Ok(runs)
+}
+
+/// `{a}_{k}_vs_{b}` for TCP and UDP: the median over rounds of a/b measured in the same round,
+/// which cancels the machine's drift between rounds (a shared VM's throughput wanders by tens
+/// of percent over a minute).
+fn paired_ratios(fig: &mut Figures, runs: &Runs, pairs: &[(&str, &str)]) {
+    for (a, b) in pairs {
+        let (Some(ra), Some(rb)) = (runs.get(a), runs.get(b)) else {
+            continue;
+        };
+        for (k, va, vb) in [("tcp_gbps", &ra.0, &rb.0), ("udp_kpps", &ra.1, &rb.1)] {
+            let r: Vec<f64> = va.iter().zip(vb).map(|(x, y)| x / y).collect();
+            let m = (median(r) * 1000.0).round() / 1000.0;
+            fig.insert(format!("{a}_{k}_vs_{b}"), json!(m));
+        }
+    }
 }
 
 /// Two nodes of `dp` with one pod each.
@@ -549,20 +572,17 @@ fn throughput_cross_node(fig: &mut Figures) -> anyhow::Result<()> {
             fig.insert("ferrea_ovs_error".into(), json!(first));
         }
     }
-    measure_paths(fig, &paths)?;
-    for k in ["tcp_gbps", "udp_kpps"] {
-        for (a, b) in [
+    let runs = measure_paths(fig, &paths, CROSS_NODE_ROUNDS)?;
+    paired_ratios(
+        fig,
+        &runs,
+        &[
             ("kernel_vxlan", "direct"),
             ("ferrea_ebpf", "direct"),
             ("ferrea_ovs", "direct"),
             ("ferrea_ebpf", "kernel_vxlan"),
-        ] {
-            if fig.contains_key(&format!("{a}_{k}")) {
-                let r = ratio(fig, &format!("{a}_{k}"), &format!("{b}_{k}"));
-                fig.insert(format!("{a}_{k}_vs_{b}"), r);
-            }
-        }
-    }
+        ],
+    );
     Ok(())
 }
 
