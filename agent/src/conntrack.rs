@@ -11,6 +11,11 @@
 //! entries picked by their original tuple, one delete per entry naming that tuple verbatim.
 //! A dump-time kernel filter (`CTA_FILTER`) or a filtered flush would be shorter, but kernels
 //! that do not know them ignore them, and a flush that ignores its filter empties the table.
+//!
+//! Written by hand because the netlink crates this workspace uses (rtnetlink and
+//! netlink-packet-route) have no netfilter family. rust-netlink's `netlink-packet-netfilter`
+//! has since gained a conntrack module (0.4); it has not been evaluated against this
+//! workspace's netlink-packet-core yet, and moving to it is a follow-up.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
