@@ -1121,6 +1121,18 @@ impl Dataplane for OvsDataplane {
         let r = routes::sync(&h, &want_routes).await;
         task.abort();
         let removed = r.map_err(|e| other_err("remote node routes", e))?;
+        if s.gw_tx_checksum_off {
+            // Userspace tunnelling needs the remote node's MAC in vswitchd's own neighbour
+            // cache, which it fills by snooping ARP on the physical bridge; without it the
+            // first tunnelled packet to a new node is dropped while vswitchd asks. One
+            // datagram to the discard port makes the node's stack ARP for each new node now.
+            let known: HashSet<Ipv4Addr> = s.remotes.iter().map(|r| r.node_ip).collect();
+            resolve_neighbours(
+                want.iter()
+                    .map(|r| r.node_ip)
+                    .filter(|ip| !known.contains(ip)),
+            );
+        }
         if !departed.is_empty() || removed > 0 {
             tracing::info!(
                 flows_removed_for = departed.len(),
@@ -1424,6 +1436,19 @@ fn requested_ofport(node: &NodeNetwork, ip: Ipv4Addr) -> Option<u32> {
     let port = 100 + off;
     // OFPP_MAX (0xff00) and above are reserved port numbers.
     (port < 0xff00).then_some(port)
+}
+
+/// Sends one UDP datagram to the discard port of each address, so the node's stack resolves
+/// their MACs (best effort: a failure only means the first packet waits for ARP).
+fn resolve_neighbours(ips: impl Iterator<Item = Ipv4Addr>) {
+    let Ok(sock) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+        return;
+    };
+    for ip in ips {
+        if let Err(e) = sock.send_to(&[0], (ip, 9)) {
+            tracing::debug!(%ip, error = %e, "probing a remote node");
+        }
+    }
 }
 
 /// Keeps the node's own IP stack out of a pod port's traffic.
