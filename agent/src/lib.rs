@@ -18,6 +18,7 @@ pub mod error;
 pub mod ipam;
 pub mod nat;
 pub mod npl;
+pub mod offload;
 pub mod podnet;
 pub mod pods;
 pub mod source;

@@ -83,6 +83,9 @@ pub struct PodNetSpec {
     pub gateway: Ipv4Addr,
     /// MTU of both ends.
     pub mtu: u32,
+    /// Leave TX checksum offload on in the pod (the default); off where the dataplane cannot
+    /// complete checksums ([`crate::dataplane::Dataplane::pod_tx_checksum_offload`]).
+    pub tx_checksum_offload: bool,
 }
 
 /// Creates and removes pod interfaces. Linux implementation: [`NetlinkPodNet`].
@@ -141,8 +144,16 @@ impl NetlinkPodNet {
         Ok(Self { node: handle })
     }
 
-    /// Opens a netlink connection inside the namespace of `netns` (see the module doc).
-    async fn handle_in(&self, ns: &File, netns: &str) -> Result<Handle, PodNetError> {
+    /// Opens a netlink connection inside the namespace of `netns` (see the module doc). With
+    /// `csum_off`, the thread that is in the namespace anyway also turns TX checksum offload
+    /// off on that interface.
+    async fn handle_in(
+        &self,
+        ns: &File,
+        netns: &str,
+        csum_off: Option<&str>,
+    ) -> Result<Handle, PodNetError> {
+        let csum_off = csum_off.map(str::to_owned);
         let fd = ns.try_clone().map_err(|source| PodNetError::Netns {
             netns: netns.to_owned(),
             source,
@@ -153,6 +164,9 @@ impl NetlinkPodNet {
             let res = (|| {
                 nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(std::io::Error::from)?;
+                if let Some(ifname) = &csum_off {
+                    crate::offload::disable_tx_checksum(ifname)?;
+                }
                 // Registering the socket with the reactor needs the runtime's context.
                 let _guard = rt.enter();
                 let (conn, handle, _) = rtnetlink::new_connection()?;
@@ -273,7 +287,13 @@ impl PodNet for NetlinkPodNet {
                     ifname: spec.host_ifname.clone(),
                     msg: "not found after creation".into(),
                 })?;
-            let h = self.handle_in(&ns, &spec.netns).await?;
+            let h = self
+                .handle_in(
+                    &ns,
+                    &spec.netns,
+                    (!spec.tx_checksum_offload).then_some(spec.ifname.as_str()),
+                )
+                .await?;
             self.configure_pod_side(&h, spec).await?;
             Ok(host_idx)
         }
@@ -331,7 +351,7 @@ impl PodNet for NetlinkPodNet {
                 spec.host_ifname
             )));
         }
-        let h = self.handle_in(&ns, &spec.netns).await?;
+        let h = self.handle_in(&ns, &spec.netns, None).await?;
         let idx = link_index(&h, &spec.ifname)
             .await?
             .ok_or_else(|| mismatch("interface is missing".into()))?;

@@ -147,6 +147,7 @@ impl PodManager {
             prefix_len: rec.prefix_len,
             gateway: rec.gateway,
             mtu: self.node.mtu,
+            tx_checksum_offload: self.dataplane.pod_tx_checksum_offload(),
         }
     }
 
@@ -269,13 +270,7 @@ impl PodManager {
             }
         };
         let t = std::time::Instant::now();
-        let added = async {
-            self.dataplane
-                .configure_pod_interface(&rec.netns, &rec.ifname)
-                .await?;
-            self.dataplane.add_pod(&Self::endpoint(rec, idx)).await
-        }
-        .await;
+        let added = self.dataplane.add_pod(&Self::endpoint(rec, idx)).await;
         tracing::debug!(
             elapsed_us = t.elapsed().as_micros() as u64,
             "dataplane entries added"

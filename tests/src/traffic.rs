@@ -1,9 +1,13 @@
-//! Traffic that runs while a test does something disruptive (restarting the agent or OVS),
-//! and the numbers that say how much of it got through.
+//! Traffic between namespaces: pings that run while a test does something disruptive
+//! (restarting the agent or OVS) and the numbers that say how much got through, how long
+//! until a destination answers, and a bulk TCP transfer.
 
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::netns::NetNs;
 
 use anyhow::Context;
 
@@ -86,6 +90,55 @@ pub fn parse_counts(out: &str) -> Option<PingCounts> {
         sent: nums.next()??,
         received: nums.next()??,
     })
+}
+
+/// Polls single short pings from `ns` to `dst` for up to `limit`; returns how long until a
+/// reply.
+pub fn time_to_reach(ns: &str, dst: Ipv4Addr, start: Instant, limit: Duration) -> Option<Duration> {
+    let d = dst.to_string();
+    while start.elapsed() < limit {
+        let out = crate::netns::exec(ns, &["ping", "-n", "-q", "-c", "1", "-W", "0.2", &d]);
+        if out.status.success() {
+            return Some(start.elapsed());
+        }
+    }
+    None
+}
+
+/// Sends `len` bytes from `from` to a listener in `to` over TCP; returns what arrived.
+pub fn tcp_transfer(from: &NetNs, to: &NetNs, dst: Ipv4Addr, len: usize) -> usize {
+    let addr = SocketAddr::from((dst, 5201));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = to.spawn(move || {
+        let l = TcpListener::bind(addr).unwrap();
+        ready_tx.send(()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    ready_rx.recv().unwrap();
+    from.run(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut sent = 0;
+        while sent < len {
+            let n = chunk.len().min(len - sent);
+            if s.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            sent += n;
+        }
+    });
+    server.join().unwrap()
 }
 
 #[cfg(test)]

@@ -8,14 +8,12 @@
 //! Pods made by the CNI binary keep their TX checksum offload, which OVS 3.1's userspace
 //! tunnels cannot complete (DESIGN.md): this test uses ICMP only.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferrea_tests::fabric::{self, INTERNET_IP};
-use ferrea_tests::netns::NetNs;
 use ferrea_tests::node::Cluster;
+use ferrea_tests::traffic::{tcp_transfer, time_to_reach};
 use ferrea_tests::{Dataplane, NodeOptions, skip_unless_root, wait_for};
 
 /// Kind of the remote-node flows' cookies (agent `pipeline::cookie::KIND_REMOTE`).
@@ -45,55 +43,6 @@ fn files_of_node(dir: PathBuf, index: u8) -> Vec<(PathBuf, String)> {
             text.contains(&name).then_some((p, text))
         })
         .collect()
-}
-
-/// Polls single short pings from `ns` to `dst` for up to `limit`; returns how long until a
-/// reply.
-fn time_to_reach(ns: &str, dst: Ipv4Addr, start: Instant, limit: Duration) -> Option<Duration> {
-    let d = dst.to_string();
-    while start.elapsed() < limit {
-        let out = ferrea_tests::netns::exec(ns, &["ping", "-n", "-q", "-c", "1", "-W", "0.2", &d]);
-        if out.status.success() {
-            return Some(start.elapsed());
-        }
-    }
-    None
-}
-
-/// Sends `len` bytes from `from` to a listener in `to` over TCP; returns what arrived.
-fn tcp_transfer(from: &NetNs, to: &NetNs, dst: Ipv4Addr, len: usize) -> usize {
-    let addr = SocketAddr::from((dst, 5201));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server = to.spawn(move || {
-        let l = TcpListener::bind(addr).unwrap();
-        ready_tx.send(()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut total = 0;
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            total += n;
-        }
-        total
-    });
-    ready_rx.recv().unwrap();
-    from.run(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-        let chunk = vec![0x5au8; 64 * 1024];
-        let mut sent = 0;
-        while sent < len {
-            let n = chunk.len().min(len - sent);
-            if s.write_all(&chunk[..n]).is_err() {
-                break;
-            }
-            sent += n;
-        }
-    });
-    server.join().unwrap()
 }
 
 #[test]

@@ -214,16 +214,12 @@ pub trait Dataplane: Send + Sync {
     /// adopts what a previous agent process left.
     async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError>;
 
-    /// Configures the pod's interface inside its namespace (`netns`, CNI_NETNS; `ifname`,
-    /// CNI_IFNAME) after the core created and configured it and before [`Self::add_pod`]
-    /// (OVS userspace datapath with tunnels: TX checksum offload off). Default: nothing.
-    async fn configure_pod_interface(
-        &self,
-        netns: &str,
-        ifname: &str,
-    ) -> Result<(), DataplaneError> {
-        let _ = (netns, ifname);
-        Ok(())
+    /// Whether pods may leave TX checksums to their interface (checksum offload on, the
+    /// kernel default). A backend whose packet path cannot complete them says no, and the
+    /// agent core turns the offload off while it configures the pod's side (OVS userspace
+    /// datapath with tunnels). Default: yes.
+    fn pod_tx_checksum_offload(&self) -> bool {
+        true
     }
 
     /// Runs at agent start before the core discovers the transport interface: puts back node

@@ -161,6 +161,16 @@ fn parse_ip(kind: &str, name: &str, field: &str, v: &Value) -> Result<Ipv4Addr, 
     })
 }
 
+/// The object's `metadata.name` (required) and its `spec` (null if absent).
+fn name_and_spec<'a>(kind: &str, v: &'a Value) -> Result<(&'a str, &'a Value), String> {
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| format!("{kind} without `metadata.name`"))?;
+    Ok((name, v.get("spec").unwrap_or(&Value::Null)))
+}
+
 /// Decodes a label selector at `field`.
 pub fn parse_selector(
     kind: &str,
@@ -247,12 +257,7 @@ pub fn parse_selector(
 /// Decodes and validates an `ExternalIPPool` object.
 pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, String> {
     const K: &str = "ExternalIPPool";
-    let name = v
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| format!("{K} without `metadata.name`"))?;
-    let spec = v.get("spec").cloned().unwrap_or(Value::Null);
+    let (name, spec) = name_and_spec(K, v)?;
     let ranges_v = spec
         .get("ipRanges")
         .and_then(Value::as_array)
@@ -372,12 +377,7 @@ pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, String> {
 /// Decodes and validates an `Egress` object.
 pub fn parse_egress(v: &Value) -> Result<Egress, String> {
     const K: &str = "Egress";
-    let name = v
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| format!("{K} without `metadata.name`"))?;
-    let spec = v.get("spec").cloned().unwrap_or(Value::Null);
+    let (name, spec) = name_and_spec(K, v)?;
     let applied = spec
         .get("appliedTo")
         .filter(|a| a.is_object())

@@ -65,7 +65,6 @@ use super::{
     TUNNEL_VNI, Tunnel,
 };
 
-pub mod offload;
 pub mod openflow;
 pub mod ovsdb;
 pub mod pipeline;
@@ -769,30 +768,6 @@ impl OvsDataplane {
         res
     }
 
-    /// Configures a pod's interface inside its namespace, after the agent core created it and
-    /// before [`Dataplane::add_pod`]: with the userspace datapath's tunnels, the pod computes
-    /// its own TX checksums (see [`offload`]). Nothing otherwise, or before `init_node`.
-    pub async fn configure_pod_interface(
-        &self,
-        netns: &Path,
-        ifname: &str,
-    ) -> Result<(), DataplaneError> {
-        if !self.node_state().is_some_and(|s| s.gw_tx_checksum_off) {
-            return Ok(());
-        }
-        let (ns, name) = (netns.to_owned(), ifname.to_owned());
-        tokio::task::spawn_blocking(move || offload::disable_tx_checksum_in(&ns, &name))
-            .await
-            .map_err(|e| other_err("pod TX checksum offload", e))?
-            .map(|_| ())
-            .map_err(|e| DataplaneError::Pod {
-                backend: BACKEND,
-                op: "turn TX checksum offload off",
-                ifname: format!("{ifname} in {}", netns.display()),
-                msg: e.to_string(),
-            })
-    }
-
     /// Before transport discovery at agent start: if the physical bridge exists and its
     /// internal port lost the node's address (ovs-vswitchd restarted while the agent was
     /// down and recreated the device bare), puts back what OVSDB records as moved there.
@@ -855,7 +830,7 @@ impl OvsDataplane {
     ) -> Result<(), DataplaneError> {
         let idx = wait_link(GATEWAY_IFNAME).await?;
         if tx_checksum_off {
-            match offload::disable_tx_checksum(GATEWAY_IFNAME) {
+            match crate::offload::disable_tx_checksum(GATEWAY_IFNAME) {
                 Ok(true) => tracing::info!(
                     device = GATEWAY_IFNAME,
                     "TX checksum offload off (userspace tunnels)"
@@ -1004,12 +979,9 @@ impl Dataplane for OvsDataplane {
         OvsDataplane::restore_transport(self).await.map(|_| ())
     }
 
-    async fn configure_pod_interface(
-        &self,
-        netns: &str,
-        ifname: &str,
-    ) -> Result<(), DataplaneError> {
-        OvsDataplane::configure_pod_interface(self, Path::new(netns), ifname).await
+    fn pod_tx_checksum_offload(&self) -> bool {
+        // OVS 3.1 does not complete the checksums of packets it tunnels in userspace.
+        !self.node_state().is_some_and(|s| s.gw_tx_checksum_off)
     }
 
     async fn maintain(&self) -> Result<(), DataplaneError> {

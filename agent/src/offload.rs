@@ -1,4 +1,5 @@
-//! TX checksum offload on devices whose packets OVS's userspace datapath tunnels.
+//! TX checksum offload, switched off on devices whose packets the dataplane cannot finish
+//! (today: OVS's userspace datapath when it tunnels).
 //!
 //! A Linux sender with TX checksum offload hands its device TCP and UDP packets whose
 //! checksum is left for the "hardware" to fill in. For a tap or veth read by ovs-vswitchd
@@ -6,14 +7,13 @@
 //! plain output, but not for a packet it encapsulates in VXLAN or Geneve: the inner checksum
 //! stays wrong and the receiving pod drops every TCP segment (DESIGN.md). So the senders must
 //! compute checksums themselves: for the node's own traffic to remote pods that is the
-//! gateway device, which this backend owns; pods need the same on their `eth0` (the agent
-//! core configures pod interfaces).
+//! gateway device, which the OVS backend owns; pods need the same on their `eth0`, which the
+//! agent core sets while it configures the pod side (see `podnet`).
 //!
 //! The switch goes through the classic `SIOCETHTOOL` ioctl (`ETHTOOL_STXCSUM`), which every
-//! kernel supports and which needs no extra crate: the one `unsafe` block of the backend.
+//! kernel supports and which needs no extra crate.
 
-use std::os::fd::{AsFd, AsRawFd};
-use std::path::Path;
+use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
@@ -71,21 +71,6 @@ pub fn disable_tx_checksum(ifname: &str) -> std::io::Result<bool> {
     }
     ethtool_value(ifname, ETHTOOL_STXCSUM, 0)?;
     Ok(true)
-}
-
-/// [`disable_tx_checksum`] for `ifname` inside the network namespace at `netns` (a pod's
-/// CNI_NETNS), from a short-lived thread that enters it; the caller's namespace is untouched.
-pub fn disable_tx_checksum_in(netns: &Path, ifname: &str) -> std::io::Result<bool> {
-    let ns = std::fs::File::open(netns)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // setns moves only this thread, which ends right after.
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            disable_tx_checksum(ifname)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the netns thread panicked")))
-    })
 }
 
 #[cfg(test)]
