@@ -6,7 +6,9 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::dataplane::{Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats, RemoteNode};
+use crate::dataplane::{
+    Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
+};
 use crate::podnet::{PodNet, PodNetError, PodNetSpec};
 
 /// A fake [`PodNet`]: a map of host interface name to (ifindex, spec).
@@ -91,6 +93,8 @@ pub struct FakeDataplane {
     pub fail_prepare: Mutex<bool>,
     /// The last list given to `set_remote_nodes`.
     pub remotes: Mutex<Vec<RemoteNode>>,
+    /// The last plan given to `set_egress`.
+    pub egress: Mutex<EgressPlan>,
 }
 
 #[async_trait]
@@ -141,6 +145,10 @@ impl Dataplane for FakeDataplane {
             p.remove(ip);
         }
         Ok(gone)
+    }
+    async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
+        *self.egress.lock().unwrap() = plan.clone();
+        Ok(())
     }
     async fn pod_stats(&self, _ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
         Ok(None)

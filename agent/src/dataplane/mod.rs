@@ -101,6 +101,47 @@ impl RemoteNode {
     }
 }
 
+/// The mask of the fwmark bits ferrea's Egress uses: the low 8 bits carry an Egress id
+/// (1..=255), so marks other software sets in higher bits (kube-proxy's 0x4000/0x8000, say)
+/// neither disturb nor are disturbed.
+pub const EGRESS_MARK_MASK: u32 = 0xff;
+
+/// The source MAC by which the OVS backend tells the node's stack that a packet it hands to
+/// the gateway port belongs to Egress `id` (the userspace datapath cannot pass a packet mark
+/// through a tap device). ferrea's nftables table turns it into the fwmark `id`.
+pub fn egress_marker_mac(id: u8) -> [u8; 6] {
+    [0x0a, 0xfe, 0x00, 0x00, 0x00, id]
+}
+
+/// A local pod whose Egress IP another node holds: its packets to destinations outside the
+/// cluster go through the tunnel to that node with the Egress id as the tunnel key (VNI).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EgressSteer {
+    /// The pod's address.
+    pub pod_ip: Ipv4Addr,
+    /// The transport address of the node holding the egress IP (the tunnel destination).
+    pub node_ip: Ipv4Addr,
+    /// The Egress id (1..=255): the VNI on the wire and the fwmark on the egress node.
+    pub id: u8,
+}
+
+/// What the packet path does for Egress on this node. The node-side half (egress IPs,
+/// sub-interfaces, policy routing, SNAT and the marking of local pods' packets in the node's
+/// prerouting hook) belongs to the agent core ([`crate::egress`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressPlan {
+    /// Local pods steered to other nodes (sorted by pod IP).
+    pub steer: Vec<EgressSteer>,
+    /// Destinations that are never egress traffic, so never steered: the cluster pod CIDRs,
+    /// the service CIDR and every node's address.
+    pub exempt: Vec<Ipv4Network>,
+    /// Egress ids whose IP this node holds (sorted). A tunnelled packet whose VNI is one of
+    /// them goes to the node's stack with the fwmark `id` (eBPF: `skb->mark`; OVS: the marker
+    /// source MAC [`egress_marker_mac`]); a tunnelled packet with any other non-zero VNI is
+    /// dropped, so a stale assignment never lets a pod address leave un-NATed.
+    pub held: Vec<u8>,
+}
+
 /// One local pod's endpoint as the agent core created it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodEndpoint {
@@ -236,6 +277,11 @@ pub trait Dataplane: Send + Sync {
     async fn maintain(&self) -> Result<(), DataplaneError> {
         Ok(())
     }
+
+    /// Makes the packet path carry Egress as `plan` says, replacing what an earlier call (or
+    /// an earlier agent process) installed. Idempotent. In `noEncap` mode there is no tunnel:
+    /// the agent core never passes steered pods there, and a backend rejects them.
+    async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError>;
 
     /// Counters of one pod, if the backend keeps them.
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError>;

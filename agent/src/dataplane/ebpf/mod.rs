@@ -812,6 +812,14 @@ impl Dataplane for EbpfDataplane {
         Ok(removed)
     }
 
+    async fn set_egress(&self, _plan: &crate::dataplane::EgressPlan) -> Result<(), DataplaneError> {
+        Err(DataplaneError::Other {
+            backend: "ebpf",
+            op: "set_egress",
+            msg: "not implemented yet".into(),
+        })
+    }
+
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
         let g = self.lock();
         let st = g

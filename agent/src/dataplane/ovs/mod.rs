@@ -1358,6 +1358,14 @@ impl Dataplane for OvsDataplane {
         Ok(out)
     }
 
+    async fn set_egress(&self, _plan: &crate::dataplane::EgressPlan) -> Result<(), DataplaneError> {
+        Err(DataplaneError::Other {
+            backend: "ovs",
+            op: "set_egress",
+            msg: "not implemented yet".into(),
+        })
+    }
+
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
         let flows = self
             .of_dump(TABLE_ALL, cookie::pod(0, ep.ip), cookie::POD_MASK)
