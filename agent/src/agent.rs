@@ -10,7 +10,7 @@
 //! 4. Reconciliation of the state store against the kernel and the dataplane.
 //! 5. Ready: CNI requests are served; desired-state changes are applied as they come. The
 //!    NodePortLocal controller ([`crate::npl`]) starts here and follows the desired state and
-//!    the node's attachments on its own.
+//!    the node's attachments on its own, and so does the Egress controller ([`crate::egress`]).
 //!
 //! Stopping (SIGTERM/SIGINT) closes the socket and leaves the dataplane in place, so running
 //! pods keep their traffic while the agent is down or being upgraded.
@@ -90,6 +90,22 @@ pub async fn run(
             &nat,
             state.clone(),
         );
+        let mut cluster = cfg.cluster_cidrs.clone();
+        cluster.push(cfg.service_cidr);
+        crate::egress::start(
+            crate::egress::EgressContext {
+                node_name: cfg.node_name().to_owned(),
+                cluster,
+                encap: pm.node().tunnel.is_some(),
+                transport: pm.node().transport.ifname.clone(),
+                gateway_if: crate::dataplane::ebpf::GATEWAY_IFNAME.to_owned(),
+                state_dir: cfg.state_dir.clone(),
+            },
+            pm.clone(),
+            nat.clone(),
+            state.clone(),
+        )
+        .context("starting the Egress controller")?;
         follow_changes(&cfg, &node, &pm, &mut state).await
     };
     tokio::select! {

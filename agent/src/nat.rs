@@ -156,8 +156,75 @@ impl NplRules {
     }
 }
 
-/// The single owner of ferrea's table: the base [`NatSpec`] plus the NodePortLocal rules,
-/// rendered together and applied only when the text changed.
+/// The Egress part of the table: marking in prerouting, SNAT by mark in postrouting.
+///
+/// - `egress_mark` (filter, prerouting, priority mangle): packets to cluster destinations
+///   return at once; packets from local pods whose Egress IP this node holds get the fwmark
+///   of its id (one map lookup by source); packets the OVS backend hands over with a marker
+///   source MAC ([`crate::dataplane::egress_marker_mac`]) get the id it carries. The eBPF
+///   backend marks tunnelled packets itself. Routing then sees the mark, and the policy rule
+///   of the id sends the packet to the egress subnet's table.
+/// - `egress_snat` (nat, postrouting, priority srcnat - 10, so before masquerade): a packet
+///   whose mark carries an id is SNATed to that id's egress IP.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressRules {
+    /// Destinations never marked (cluster pod CIDRs, service CIDR, node addresses).
+    pub exempt: Vec<Ipv4Network>,
+    /// Local pods to mark: (pod IP, id).
+    pub marks: Vec<(Ipv4Addr, u8)>,
+    /// The ids this node holds, with their egress IP.
+    pub snat: Vec<(u8, Ipv4Addr)>,
+}
+
+impl EgressRules {
+    /// The nft block adding the Egress chains to `table`.
+    pub fn render(&self, table: &str) -> String {
+        use std::fmt::Write;
+        let mask = crate::dataplane::EGRESS_MARK_MASK;
+        let mut s = format!(
+            "table ip {table} {{\n  chain egress_mark {{\n    type filter hook prerouting priority mangle; policy accept;\n"
+        );
+        if !self.exempt.is_empty() {
+            let ex: Vec<String> = self.exempt.iter().map(|c| c.to_string()).collect();
+            let _ = writeln!(s, "    ip daddr {{ {} }} return", ex.join(", "));
+        }
+        if !self.marks.is_empty() {
+            let m: Vec<String> = self
+                .marks
+                .iter()
+                .map(|(ip, id)| format!("{ip} : {id:#x}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "    meta mark set ip saddr map {{ {} }} comment \"ferrea: Egress of local pods\"",
+                m.join(", ")
+            );
+        }
+        for (id, _) in &self.snat {
+            let mac = crate::dataplane::egress_marker_mac(*id)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            let _ = writeln!(
+                s,
+                "    ether saddr {mac} meta mark set {id:#x} comment \"ferrea: Egress from other nodes (OVS)\""
+            );
+        }
+        s.push_str("  }\n  chain egress_snat {\n    type nat hook postrouting priority srcnat - 10; policy accept;\n");
+        for (id, ip) in &self.snat {
+            let _ = writeln!(
+                s,
+                "    meta mark & {mask:#x} == {id:#x} counter snat to {ip} comment \"ferrea: Egress\""
+            );
+        }
+        s.push_str("  }\n}\n");
+        s
+    }
+}
+
+/// The single owner of ferrea's table: the base [`NatSpec`] plus the NodePortLocal and
+/// Egress rules, rendered together and applied only when the text changed.
 pub struct NatTable {
     base: NatSpec,
     state: tokio::sync::Mutex<TableState>,
@@ -165,6 +232,7 @@ pub struct NatTable {
 
 struct TableState {
     npl: Option<NplRules>,
+    egress: Option<EgressRules>,
     applied: Option<String>,
 }
 
@@ -174,7 +242,11 @@ impl NatTable {
     pub fn new(base: NatSpec, npl: Option<NplRules>) -> Self {
         Self {
             base,
-            state: tokio::sync::Mutex::new(TableState { npl, applied: None }),
+            state: tokio::sync::Mutex::new(TableState {
+                npl,
+                egress: None,
+                applied: None,
+            }),
         }
     }
 
@@ -183,10 +255,13 @@ impl NatTable {
         &self.base
     }
 
-    fn render(&self, npl: Option<&NplRules>) -> String {
+    fn render(&self, npl: Option<&NplRules>, egress: Option<&EgressRules>) -> String {
         let mut s = self.base.render();
         if let Some(n) = npl {
             s.push_str(&n.render(&self.base.table, self.base.pod_cidr));
+        }
+        if let Some(e) = egress {
+            s.push_str(&e.render(&self.base.table));
         }
         s
     }
@@ -194,7 +269,7 @@ impl NatTable {
     /// Renders and applies the whole table, whatever was applied before.
     pub async fn apply(&self) -> Result<(), NatError> {
         let mut st = self.state.lock().await;
-        let text = self.render(st.npl.as_ref());
+        let text = self.render(st.npl.as_ref(), st.egress.as_ref());
         run_nft(&text, &self.base.table).await?;
         st.applied = Some(text);
         Ok(())
@@ -204,13 +279,36 @@ impl NatTable {
     /// whether nft ran. After a failure the next call tries again.
     pub async fn set_npl(&self, npl: Option<NplRules>) -> Result<bool, NatError> {
         let mut st = self.state.lock().await;
-        let text = self.render(npl.as_ref());
         st.npl = npl;
-        if st.applied.as_deref() == Some(text.as_str()) {
+        Self::apply_changed(
+            &self.render(st.npl.as_ref(), st.egress.as_ref()),
+            &mut st,
+            &self.base.table,
+        )
+        .await
+    }
+
+    /// Replaces the Egress rules (`None`: no Egress chains) and applies the table if its text
+    /// changed. Returns whether nft ran. After a failure the next call tries again.
+    pub async fn set_egress(&self, egress: Option<EgressRules>) -> Result<bool, NatError> {
+        let mut st = self.state.lock().await;
+        st.egress = egress;
+        Self::apply_changed(
+            &self.render(st.npl.as_ref(), st.egress.as_ref()),
+            &mut st,
+            &self.base.table,
+        )
+        .await
+    }
+
+    async fn apply_changed(text: &str, st: &mut TableState, table: &str) -> Result<bool, NatError> {
+        if st.applied.as_deref() == Some(text) {
             return Ok(false);
         }
-        run_nft(&text, &self.base.table).await?;
-        st.applied = Some(text);
+        // A failed run leaves `applied` as it was: the next call differs and tries again.
+        st.applied = None;
+        run_nft(text, table).await?;
+        st.applied = Some(text.to_owned());
         Ok(true)
     }
 }
@@ -347,9 +445,44 @@ mod tests {
             dnat: vec![],
         };
         let t = NatTable::new(base.clone(), Some(npl.clone()));
-        let r = t.render(Some(&npl));
+        let r = t.render(Some(&npl), None);
         assert!(r.starts_with(&base.render()), "{r}");
         assert!(r.ends_with(&npl.render("t", base.pod_cidr)), "{r}");
-        assert_eq!(t.render(None), base.render());
+        assert_eq!(t.render(None, None), base.render());
+        let eg = EgressRules::default();
+        assert!(t.render(Some(&npl), Some(&eg)).ends_with(&eg.render("t")));
+    }
+
+    #[test]
+    fn egress_rules_mark_local_pods_and_marker_macs_and_snat_before_masquerade() {
+        let e = EgressRules {
+            exempt: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "172.18.0.11/32".parse().unwrap(),
+            ],
+            marks: vec![(Ipv4Addr::new(10, 244, 1, 5), 7)],
+            snat: vec![(7, Ipv4Addr::new(10, 172, 170, 9))],
+        };
+        let r = e.render("ferrea");
+        assert!(r.contains("hook prerouting priority mangle"), "{r}");
+        assert!(
+            r.contains("ip daddr { 10.244.0.0/16, 172.18.0.11/32 } return"),
+            "{r}"
+        );
+        assert!(
+            r.contains("meta mark set ip saddr map { 10.244.1.5 : 0x7 }"),
+            "{r}"
+        );
+        assert!(
+            r.contains("ether saddr 0a:fe:00:00:00:07 meta mark set 0x7"),
+            "{r}"
+        );
+        assert!(r.contains("hook postrouting priority srcnat - 10"), "{r}");
+        assert!(
+            r.contains("meta mark & 0xff == 0x7 counter snat to 10.172.170.9"),
+            "{r}"
+        );
+        // The exempt return comes before any marking.
+        assert!(r.find("return").unwrap() < r.find("meta mark set").unwrap());
     }
 }

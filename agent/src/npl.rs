@@ -177,36 +177,7 @@ pub struct Desired {
 /// Pure; see the module doc for the rules.
 pub fn desired_targets(state: &DesiredState, records: &[PodRecord], node_name: &str) -> Desired {
     let mut out = Desired::default();
-    // Local pods: attachments with a pod identity whose Pod object is known and not elsewhere.
-    let mut local: BTreeMap<String, (Ipv4Addr, &crate::source::PodInfo)> = BTreeMap::new();
-    let mut by_pod: BTreeMap<String, Vec<&PodRecord>> = BTreeMap::new();
-    for r in records.iter().filter(|r| !r.pod_name.is_empty()) {
-        let ns = if r.pod_namespace.is_empty() {
-            "default"
-        } else {
-            &r.pod_namespace
-        };
-        by_pod
-            .entry(object_key(ns, &r.pod_name))
-            .or_default()
-            .push(r);
-    }
-    for (key, mut recs) in by_pod {
-        let Some(pod) = state.pods.get(&key) else {
-            continue;
-        };
-        if pod.node_name.as_deref().is_some_and(|n| n != node_name) {
-            continue;
-        }
-        // Two sandboxes of one pod (a restart whose DEL has not come yet): the one whose IP
-        // the Pod's status names, else a deterministic choice.
-        recs.sort_by(|a, b| a.container_id.cmp(&b.container_id));
-        let rec = recs
-            .iter()
-            .find(|r| Some(r.ip) == pod.pod_ip)
-            .unwrap_or(&recs[0]);
-        local.insert(key, (rec.ip, pod));
-    }
+    let local = crate::pods::local_pods(state, records, node_name);
     for svc in state.services.values() {
         if svc.annotations.get(ENABLED_ANNOTATION).map(String::as_str) != Some("true") {
             continue;
@@ -889,25 +860,14 @@ async fn sync_once(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::manifest::{self, Object};
+    use crate::source::manifest;
 
     fn state(yaml: &str) -> DesiredState {
         let (objs, errs) = manifest::decode(yaml).unwrap();
         assert!(errs.is_empty(), "{errs:?}");
         let mut st = DesiredState::default();
         for o in objs {
-            match o {
-                Object::Node(n) => {
-                    st.nodes.insert(n.name.clone(), n);
-                }
-                Object::Pod(p) => {
-                    st.pods.insert(object_key(&p.namespace, &p.name), p);
-                }
-                Object::Service(s) => {
-                    st.services.insert(object_key(&s.namespace, &s.name), s);
-                }
-                Object::Ignored { .. } => {}
-            }
+            st.insert(o);
         }
         st
     }

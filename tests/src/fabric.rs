@@ -108,6 +108,39 @@ impl Fabric {
     }
 }
 
+/// The external host's end of a VLAN: a macvlan `v<vid>` on its fabric interface, tagged and
+/// untagged by the same BPF tagger a node uses on kernels without 802.1Q devices
+/// (`ferrea_agent::vlan`), with an address on the VLAN's subnet (the pool's gateway, say).
+/// A real switch port would do the same; this kernel has neither VLAN devices nor a
+/// VLAN-filtering bridge. The filters go with the namespace.
+pub struct VlanGateway {
+    _tagger: ferrea_agent::vlan::VlanTagger,
+}
+
+impl std::fmt::Debug for VlanGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VlanGateway")
+    }
+}
+
+impl VlanGateway {
+    /// Terminates VLAN `vid` in `ns` (on its `eth0`) with address `addr`.
+    pub fn start(ns: &NetNs, vid: u16, addr: ipnetwork::Ipv4Network) -> anyhow::Result<Self> {
+        let child = format!("v{vid}");
+        ns.ip(&[
+            "link", "add", &child, "link", "eth0", "type", "macvlan", "mode", "bridge",
+        ])?;
+        ns.ip(&["addr", "add", &addr.to_string(), "dev", &child])?;
+        ns.ip(&["link", "set", &child, "up"])?;
+        let tagger = ns.run(move || -> anyhow::Result<_> {
+            let mut t = ferrea_agent::vlan::VlanTagger::load()?;
+            t.attach("eth0", &child, vid)?;
+            Ok(t)
+        })?;
+        Ok(VlanGateway { _tagger: tagger })
+    }
+}
+
 /// `true` when one ICMP echo from `ns` to `dst` is answered within 2 s (one retry).
 pub fn ping(ns: &str, dst: Ipv4Addr) -> bool {
     ping_from(ns, dst, None)

@@ -33,6 +33,7 @@
 pub mod agent;
 pub mod capture;
 pub mod cni;
+pub mod egress;
 pub mod fabric;
 pub mod manifests;
 pub mod netns;

@@ -61,6 +61,11 @@ fn yaml_map(pairs: &[(&str, &str)]) -> String {
     format!("{{{}}}", items.join(", "))
 }
 
+/// Writes `file` into the node's manifests directory with `text` verbatim (atomically).
+pub fn write_file(node: &Node, file: &str, text: &str) -> anyhow::Result<PathBuf> {
+    write_atomically(node, file, text)
+}
+
 /// Writes `pod-<name>.yaml`: a Pod in namespace `default` on this node, with `labels` and
 /// one container declaring `ports`.
 pub fn write_pod(

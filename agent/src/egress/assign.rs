@@ -5,6 +5,10 @@
 //!   named). Otherwise an address of the pool is chosen by a hash of the Egress name, probing
 //!   forward past taken addresses and the subnet's gateway. Egresses are served oldest first
 //!   (`creationTimestamp`, then name), so a new Egress never takes an older one's address.
+//! - Id: each allocated IP gets an id 1..=255 by a hash of the IP, probing forward past ids
+//!   taken by older Egresses. It is the fwmark of the IP's traffic on the egress node and the
+//!   VNI that carries a pod's traffic there from other nodes, so all nodes must agree on it.
+//!   At most 255 Egress IPs per cluster; later ones are reported, not served.
 //! - Node: rendezvous (highest-random-weight) hashing of the egress IP over the nodes the
 //!   pool's `nodeSelector` admits. Every agent ranks the same nodes the same way, and a node
 //!   joining or leaving moves only the IPs it wins or held.
@@ -34,6 +38,8 @@ pub struct Assignment {
     pub pool: Option<String>,
     /// The node that holds the IP, if one is eligible.
     pub node: Option<String>,
+    /// The IP's id (1..=255): fwmark and VNI. `None` without an IP or when all are taken.
+    pub id: Option<u8>,
     /// Why there is no IP or no node (the `IPAllocated` / `IPAssigned` condition message).
     pub problem: Option<String>,
 }
@@ -102,6 +108,7 @@ pub fn assign(
                 ip: problem.is_none().then_some(ip),
                 pool: e.pool.clone(),
                 node: None,
+                id: None,
                 problem,
             },
         );
@@ -113,6 +120,7 @@ pub fn assign(
                 ip: None,
                 pool: Some(name.clone()),
                 node: None,
+                id: None,
                 problem: Some(format!("ExternalIPPool {name} does not exist")),
             },
             Some(pool) => {
@@ -129,6 +137,7 @@ pub fn assign(
                     ip,
                     pool: Some(name.clone()),
                     node: None,
+                    id: None,
                     problem: ip
                         .is_none()
                         .then(|| format!("ExternalIPPool {name} is exhausted")),
@@ -136,6 +145,25 @@ pub fn assign(
             }
         };
         out.insert(e.name.clone(), a);
+    }
+    // Ids in the same oldest-first order as the IPs.
+    let mut ids = BTreeSet::new();
+    for e in &order {
+        let a = out.get_mut(&e.name).expect("every Egress has an entry");
+        let Some(ip) = a.ip else { continue };
+        let start = (hash64(&[b"id", &ip.octets()]) % 255) as u16;
+        a.id = (0..255u16)
+            .map(|k| ((start + k) % 255 + 1) as u8)
+            .find(|id| !ids.contains(id));
+        match a.id {
+            Some(id) => {
+                ids.insert(id);
+            }
+            None => {
+                a.ip = None;
+                a.problem = Some("more than 255 Egress IPs in the cluster".into());
+            }
+        }
     }
     for a in out.values_mut() {
         let Some(ip) = a.ip else { continue };
@@ -228,6 +256,31 @@ mod tests {
             b.values()
                 .any(|x| x.problem.as_deref() == Some("ExternalIPPool p is exhausted"))
         );
+    }
+
+    #[test]
+    fn ids_are_unique_stable_and_bounded() {
+        let ps = pools(vec![pool("p", "10.0.0.1", "10.0.1.254", None)]);
+        let es: Vec<Egress> = (0..300)
+            .map(|i| {
+                let mut e = egress(&format!("e{i:03}"), Some("p"), None);
+                e.created = Some(format!("2026-01-01T00:{:02}:{:02}Z", i / 60, i % 60));
+                e
+            })
+            .collect();
+        let a = assign(&es, &ps, &nodes(&["n1"]));
+        let ids: BTreeSet<u8> = a.values().filter_map(|x| x.id).collect();
+        assert_eq!(ids.len(), 255, "ids 1..=255, each once");
+        assert!(!ids.contains(&0));
+        let over: Vec<_> = a.values().filter(|x| x.id.is_none()).collect();
+        assert_eq!(over.len(), 45);
+        assert!(over.iter().all(|x| x.ip.is_none()
+            && x.problem.as_deref() == Some("more than 255 Egress IPs in the cluster")));
+        // The first 100 keep their ids when the rest go away.
+        let b = assign(&es[..100], &ps, &nodes(&["n1"]));
+        for (k, x) in &b {
+            assert_eq!(x.id, a[k].id, "{k}");
+        }
     }
 
     #[test]

@@ -78,7 +78,7 @@ impl IpRange {
 
 /// `ExternalIPPool.spec.subnetInfo`: the egress IPs live on their own subnet, reached through
 /// a VLAN sub-interface and a gateway.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SubnetInfo {
     /// The subnet's gateway (the default route of the pool's route table).
     pub gateway: Ipv4Addr,

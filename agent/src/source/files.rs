@@ -97,20 +97,7 @@ impl FilesState {
         let mut st = DesiredState::default();
         for objs in self.per_file.values() {
             for o in objs {
-                match o {
-                    Object::Node(n) => {
-                        st.nodes.insert(n.name.clone(), n.clone());
-                    }
-                    Object::Pod(p) => {
-                        st.pods
-                            .insert(super::object_key(&p.namespace, &p.name), p.clone());
-                    }
-                    Object::Service(s) => {
-                        st.services
-                            .insert(super::object_key(&s.namespace, &s.name), s.clone());
-                    }
-                    Object::Ignored { .. } => {}
-                }
+                st.insert(o.clone());
             }
         }
         st.errors.extend(self.file_errors.values().cloned());

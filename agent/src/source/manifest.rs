@@ -19,6 +19,12 @@ pub enum Object {
     Pod(PodInfo),
     /// A `v1/Service`.
     Service(ServiceInfo),
+    /// A `v1/Namespace`: its name and labels.
+    Namespace(String, BTreeMap<String, String>),
+    /// A `crd.antrea.io/v1beta1` `Egress`.
+    Egress(crate::egress::model::Egress),
+    /// A `crd.antrea.io/v1beta1` `ExternalIPPool`.
+    ExternalIpPool(crate::egress::model::ExternalIpPool),
     /// A kind the agent does not use (kept out of the state, not an error).
     Ignored {
         /// `kind`.
@@ -97,7 +103,33 @@ fn decode_object(v: &Value) -> Result<Object, String> {
                 name: name.to_owned(),
                 pod_cidr,
                 internal_ip,
+                labels: string_map(v, "/metadata/labels", &format!("Node {name}"))?,
             }))
+        }
+        "Namespace" => {
+            if name.is_empty() {
+                return Err("Namespace without `metadata.name`".into());
+            }
+            let labels = string_map(v, "/metadata/labels", &format!("Namespace {name}"))?;
+            Ok(Object::Namespace(name.to_owned(), labels))
+        }
+        "Egress" | "ExternalIPPool" => {
+            let api = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+            if !api.starts_with("crd.antrea.io/") {
+                return Ok(Object::Ignored {
+                    kind: kind.to_owned(),
+                });
+            }
+            if api != "crd.antrea.io/v1beta1" {
+                return Err(format!(
+                    "{kind} {name}: field `apiVersion`: {api:?} is not served; use crd.antrea.io/v1beta1"
+                ));
+            }
+            if kind == "Egress" {
+                crate::egress::model::parse_egress(v).map(Object::Egress)
+            } else {
+                crate::egress::model::parse_pool(v).map(Object::ExternalIpPool)
+            }
         }
         "Pod" => decode_pod(v, name).map(Object::Pod),
         "Service" => decode_service(v, name).map(Object::Service),
@@ -283,6 +315,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decodes_egress_pools_namespaces_and_node_labels() {
+        let (o, e) = decode(
+            "apiVersion: crd.antrea.io/v1beta1\nkind: ExternalIPPool\nmetadata: {name: p}\n\
+             spec: {ipRanges: [{cidr: 10.9.0.0/30}]}\n---\n\
+             apiVersion: crd.antrea.io/v1beta1\nkind: Egress\nmetadata: {name: e}\n\
+             spec: {appliedTo: {podSelector: {}}, externalIPPool: p}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {name: prod, labels: {env: prod}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {network-role: egress-gateway}}\n---\n\
+             apiVersion: example.com/v1\nkind: Egress\nmetadata: {name: not-antrea}\n---\n\
+             apiVersion: crd.antrea.io/v1alpha2\nkind: Egress\nmetadata: {name: old}\n",
+        )
+        .unwrap();
+        assert!(
+            matches!(&o[0], Object::ExternalIpPool(p) if p.name == "p"),
+            "{o:?}"
+        );
+        assert!(
+            matches!(&o[1], Object::Egress(x) if x.pool.as_deref() == Some("p")),
+            "{o:?}"
+        );
+        assert!(matches!(&o[2], Object::Namespace(n, l) if n == "prod" && l["env"] == "prod"));
+        assert!(matches!(&o[3], Object::Node(n) if n.labels["network-role"] == "egress-gateway"));
+        assert!(matches!(&o[4], Object::Ignored { .. }), "{o:?}");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("Egress old") && e[0].contains("apiVersion"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn decodes_nodes_from_multi_document_yaml_and_lists() {
         let (o, e) = decode(
             "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.244.1.0/24}\n\
@@ -298,6 +361,7 @@ mod tests {
                 name: "n1".into(),
                 pod_cidr: Some("10.244.1.0/24".parse().unwrap()),
                 internal_ip: Some(Ipv4Addr::new(172, 18, 0, 11)),
+                labels: BTreeMap::new(),
             })
         );
         assert_eq!(
@@ -305,7 +369,8 @@ mod tests {
             Object::Node(NodeInfo {
                 name: "n2".into(),
                 pod_cidr: None,
-                internal_ip: None
+                internal_ip: None,
+                labels: BTreeMap::new(),
             })
         );
     }

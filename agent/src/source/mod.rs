@@ -25,6 +25,8 @@ pub struct NodeInfo {
     pub pod_cidr: Option<Ipv4Network>,
     /// The `InternalIP` address from `status.addresses`, if any.
     pub internal_ip: Option<Ipv4Addr>,
+    /// `metadata.labels` (what an `ExternalIPPool`'s `nodeSelector` matches).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// An L4 protocol of a Service or container port (Kubernetes' `protocol`, default `TCP`).
@@ -121,6 +123,43 @@ pub struct ServiceInfo {
     pub ports: Vec<ServicePort>,
 }
 
+impl DesiredState {
+    /// Adds a decoded object (a later object of the same kind and key replaces an earlier one).
+    pub fn insert(&mut self, o: manifest::Object) {
+        use manifest::Object;
+        match o {
+            Object::Node(n) => {
+                self.nodes.insert(n.name.clone(), n);
+            }
+            Object::Pod(p) => {
+                self.pods.insert(object_key(&p.namespace, &p.name), p);
+            }
+            Object::Service(s) => {
+                self.services.insert(object_key(&s.namespace, &s.name), s);
+            }
+            Object::Namespace(n, labels) => {
+                self.namespaces.insert(n, labels);
+            }
+            Object::Egress(e) => {
+                self.egresses.insert(e.name.clone(), e);
+            }
+            Object::ExternalIpPool(p) => {
+                self.pools.insert(p.name.clone(), p);
+            }
+            Object::Ignored { .. } => {}
+        }
+    }
+
+    /// The labels of namespace `ns`: those of its `Namespace` object, plus the
+    /// `kubernetes.io/metadata.name` label the API server puts on every namespace (so a
+    /// selector on it works in `files` mode without a `Namespace` object).
+    pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        let mut l = self.namespaces.get(ns).cloned().unwrap_or_default();
+        l.insert("kubernetes.io/metadata.name".into(), ns.to_owned());
+        l
+    }
+}
+
 /// The key of a namespaced object in [`DesiredState`]: `namespace/name`.
 pub fn object_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
@@ -135,6 +174,14 @@ pub struct DesiredState {
     pub pods: BTreeMap<String, PodInfo>,
     /// Services, by `namespace/name` ([`object_key`]).
     pub services: BTreeMap<String, ServiceInfo>,
+    /// Namespaces' labels, by name (what an Egress's `namespaceSelector` matches). A namespace
+    /// without a `Namespace` object still has Kubernetes' automatic
+    /// `kubernetes.io/metadata.name` label: see [`DesiredState::namespace_labels`].
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// `Egress` objects (`crd.antrea.io/v1beta1`), by name (cluster-scoped).
+    pub egresses: BTreeMap<String, crate::egress::model::Egress>,
+    /// `ExternalIPPool` objects (`crd.antrea.io/v1beta1`), by name (cluster-scoped).
+    pub pools: BTreeMap<String, crate::egress::model::ExternalIpPool>,
     /// Objects the source could not accept, each with a message naming the object and field.
     /// They are left out of the state; the previous good version of a broken file is kept.
     pub errors: Vec<String>,

@@ -1,0 +1,384 @@
+//! What one node does for Egress, computed from the desired state and the node's attachments.
+//!
+//! Pure: every input is a value, so the rules are unit-tested without a kernel.
+//!
+//! - Every node runs [`assign`] over the same Egresses, pools and nodes, so all agree on each
+//!   Egress's IP, id and node without talking to each other.
+//! - A node *holds* the IPs assigned to it ([`HeldIp`]): it puts them on an interface and
+//!   SNATs the traffic marked with their id.
+//! - A *local pod* (an attachment of this node joined with its Pod object) is selected by an
+//!   Egress when the Egress's `podSelector` (if any) matches the pod's labels and its
+//!   `namespaceSelector` (if any) matches its namespace's labels. When several Egresses select
+//!   a pod, the oldest one with an assigned IP wins (Antrea picks one too; the choice must only
+//!   be the same on every node, and this one does not flap when a newer Egress appears).
+//! - A selected pod whose Egress IP this node holds is marked here ([`NodePlan::local_marks`]);
+//!   one whose IP another node holds is steered there through the tunnel
+//!   ([`EgressSteer`]). In `noEncap` mode there is no tunnel to steer through: such pods keep
+//!   the node's masquerade and the plan says why.
+//! - Traffic to the cluster (pod CIDRs, the service CIDR, node addresses) is never egress
+//!   traffic ([`EgressPlan::exempt`]).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+
+use super::assign::{Assignment, NodeLabels, assign};
+use super::model::SubnetInfo;
+use crate::dataplane::{EgressPlan, EgressSteer};
+use crate::source::DesiredState;
+use crate::store::PodRecord;
+
+/// An egress IP this node holds.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HeldIp {
+    /// The IP.
+    pub ip: Ipv4Addr,
+    /// Its id: the fwmark of its traffic.
+    pub id: u8,
+    /// The Egress it serves.
+    pub egress: String,
+    /// The pool's `subnetInfo`, if it has one (the IP then lives on the subnet's interface,
+    /// with its own route table).
+    pub subnet: Option<SubnetInfo>,
+}
+
+/// Everything this node does for Egress.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePlan {
+    /// Each Egress's IP, id and node (what the status reports).
+    pub assignments: BTreeMap<String, Assignment>,
+    /// The IPs this node holds, sorted by IP.
+    pub held: Vec<HeldIp>,
+    /// Local pods whose Egress IP this node holds: (pod IP, id), sorted.
+    pub local_marks: Vec<(Ipv4Addr, u8)>,
+    /// The dataplane's part.
+    pub dataplane: EgressPlan,
+    /// The Egress each local pod uses, by `namespace/name` (for operators).
+    pub pods: BTreeMap<String, String>,
+    /// What could not be done, each naming the Egress or pod.
+    pub warnings: Vec<String>,
+}
+
+/// Computes this node's plan. `cluster` is what is never egress traffic besides the node
+/// addresses (the cluster pod CIDRs and the service CIDR); `encap` says whether a tunnel to
+/// other nodes exists.
+pub fn plan(
+    st: &DesiredState,
+    records: &[PodRecord],
+    me: &str,
+    cluster: &[Ipv4Network],
+    encap: bool,
+) -> NodePlan {
+    let nodes: Vec<NodeLabels> = st
+        .nodes
+        .values()
+        .map(|n| NodeLabels {
+            name: n.name.clone(),
+            labels: n.labels.clone(),
+        })
+        .collect();
+    let egresses: Vec<_> = st.egresses.values().cloned().collect();
+    let assignments = assign(&egresses, &st.pools, &nodes);
+    let mut out = NodePlan {
+        assignments,
+        ..NodePlan::default()
+    };
+
+    for (name, a) in &out.assignments {
+        if let (Some(ip), Some(id), Some(node)) = (a.ip, a.id, a.node.as_deref())
+            && node == me
+        {
+            let subnet = a
+                .pool
+                .as_ref()
+                .and_then(|p| st.pools.get(p))
+                .and_then(|p| p.subnet);
+            out.held.push(HeldIp {
+                ip,
+                id,
+                egress: name.clone(),
+                subnet,
+            });
+        }
+    }
+    out.held.sort();
+    out.dataplane.held = out.held.iter().map(|h| h.id).collect();
+    out.dataplane.held.sort();
+
+    let mut exempt: Vec<Ipv4Network> = cluster.to_vec();
+    exempt.extend(st.nodes.values().filter_map(|n| {
+        n.internal_ip
+            .map(|ip| Ipv4Network::new(ip, 32).expect("/32 is valid"))
+    }));
+    exempt.sort();
+    exempt.dedup();
+    out.dataplane.exempt = exempt;
+
+    // Egresses in the order that decides between several selecting one pod: oldest first.
+    let mut order: Vec<_> = st.egresses.values().collect();
+    order.sort_by(|a, b| {
+        (a.created.is_none(), &a.created, &a.name).cmp(&(b.created.is_none(), &b.created, &b.name))
+    });
+    for (key, (pod_ip, pod)) in crate::pods::local_pods(st, records, me) {
+        let ns_labels = st.namespace_labels(&pod.namespace);
+        let chosen = order.iter().find(|e| {
+            e.pod_selector
+                .as_ref()
+                .is_none_or(|s| s.matches(&pod.labels))
+                && e.namespace_selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&ns_labels))
+                && out
+                    .assignments
+                    .get(&e.name)
+                    .is_some_and(|a| a.ip.is_some() && a.id.is_some() && a.node.is_some())
+        });
+        let Some(e) = chosen else { continue };
+        let a = &out.assignments[&e.name];
+        let (id, node) = (a.id.expect("checked"), a.node.as_deref().expect("checked"));
+        if node == me {
+            out.local_marks.push((pod_ip, id));
+        } else {
+            let Some(node_ip) = st.nodes.get(node).and_then(|n| n.internal_ip) else {
+                out.warnings.push(format!(
+                    "pod {key}: Egress {} is on node {node}, which has no InternalIP",
+                    e.name
+                ));
+                continue;
+            };
+            if !encap {
+                out.warnings.push(format!(
+                    "pod {key}: Egress {} is on node {node}; reaching another node's egress IP \
+                     needs trafficEncapMode encap, so the pod keeps this node's masquerade",
+                    e.name
+                ));
+                continue;
+            }
+            out.dataplane.steer.push(EgressSteer {
+                pod_ip,
+                node_ip,
+                id,
+            });
+        }
+        out.pods.insert(key, e.name.clone());
+    }
+    out.local_marks.sort();
+    out.dataplane.steer.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::manifest;
+
+    fn state(yaml: &str) -> DesiredState {
+        let (objs, errs) = manifest::decode(yaml).unwrap();
+        assert!(errs.is_empty(), "{errs:?}");
+        let mut st = DesiredState::default();
+        for o in objs {
+            st.insert(o);
+        }
+        st
+    }
+
+    fn rec(ns: &str, name: &str, ip: [u8; 4]) -> PodRecord {
+        PodRecord {
+            container_id: format!("c-{name}"),
+            ifname: "eth0".into(),
+            ip: Ipv4Addr::from(ip),
+            prefix_len: 24,
+            gateway: Ipv4Addr::new(10, 244, 1, 1),
+            netns: "/run/netns/x".into(),
+            host_ifname: "fe0".into(),
+            host_mac: [0; 6],
+            pod_mac: [0; 6],
+            pod_namespace: ns.into(),
+            pod_name: name.into(),
+        }
+    }
+
+    const SEED: &str = "apiVersion: crd.antrea.io/v1beta1
+kind: ExternalIPPool
+metadata:
+  name: child-egress-ippool
+spec:
+  ipRanges:
+    - start: 10.172.170.1
+      end: 10.172.170.199
+  subnetInfo:
+    gateway: 10.172.170.254
+    prefixLength: 24
+    vlan: 100
+  nodeSelector:
+    matchLabels:
+      network-role: egress-gateway
+---
+apiVersion: crd.antrea.io/v1beta1
+kind: Egress
+metadata:
+  name: child-egress-hello-world1
+spec:
+  appliedTo:
+    podSelector:
+      matchLabels:
+        app: hello-world1
+  externalIPPool: child-egress-ippool
+---
+kind: Node
+metadata: {name: n1, labels: {network-role: egress-gateway}}
+spec: {podCIDR: 10.244.1.0/24}
+status: {addresses: [{type: InternalIP, address: 172.18.0.11}]}
+---
+kind: Node
+metadata: {name: n2}
+spec: {podCIDR: 10.244.2.0/24}
+status: {addresses: [{type: InternalIP, address: 172.18.0.12}]}
+---
+kind: Pod
+metadata: {name: sel1, labels: {app: hello-world1}}
+spec: {nodeName: n1}
+---
+kind: Pod
+metadata: {name: other1, labels: {app: other}}
+spec: {nodeName: n1}
+---
+kind: Pod
+metadata: {name: sel2, labels: {app: hello-world1}}
+spec: {nodeName: n2}
+";
+
+    fn cluster() -> Vec<Ipv4Network> {
+        vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "10.96.0.0/12".parse().unwrap(),
+        ]
+    }
+
+    #[test]
+    fn egress_node_holds_the_ip_and_marks_its_selected_pods() {
+        let st = state(SEED);
+        let p = plan(
+            &st,
+            &[
+                rec("", "sel1", [10, 244, 1, 5]),
+                rec("", "other1", [10, 244, 1, 6]),
+            ],
+            "n1",
+            &cluster(),
+            true,
+        );
+        assert_eq!(p.held.len(), 1, "{p:?}");
+        let h = &p.held[0];
+        assert_eq!(h.egress, "child-egress-hello-world1");
+        assert_eq!(h.subnet.unwrap().vlan, 100);
+        assert!((1..=199).contains(&(u32::from(h.ip) - u32::from(Ipv4Addr::new(10, 172, 170, 0)))));
+        assert_eq!(p.local_marks, vec![(Ipv4Addr::new(10, 244, 1, 5), h.id)]);
+        assert_eq!(p.dataplane.held, vec![h.id]);
+        assert!(p.dataplane.steer.is_empty());
+        assert!(
+            p.dataplane
+                .exempt
+                .contains(&"172.18.0.12/32".parse().unwrap())
+        );
+        assert_eq!(p.pods["default/sel1"], "child-egress-hello-world1");
+        assert!(!p.pods.contains_key("default/other1"));
+    }
+
+    #[test]
+    fn other_nodes_steer_their_selected_pods_to_the_egress_node() {
+        let st = state(SEED);
+        let p = plan(
+            &st,
+            &[rec("", "sel2", [10, 244, 2, 7])],
+            "n2",
+            &cluster(),
+            true,
+        );
+        assert!(p.held.is_empty(), "n2 is not eligible");
+        let id = p.assignments["child-egress-hello-world1"].id.unwrap();
+        assert_eq!(
+            p.dataplane.steer,
+            vec![EgressSteer {
+                pod_ip: Ipv4Addr::new(10, 244, 2, 7),
+                node_ip: Ipv4Addr::new(172, 18, 0, 11),
+                id
+            }]
+        );
+        // Without a tunnel: no steering, and the reason is given.
+        let p = plan(
+            &st,
+            &[rec("", "sel2", [10, 244, 2, 7])],
+            "n2",
+            &cluster(),
+            false,
+        );
+        assert!(p.dataplane.steer.is_empty());
+        assert!(
+            p.warnings[0].contains("trafficEncapMode encap"),
+            "{:?}",
+            p.warnings
+        );
+    }
+
+    #[test]
+    fn namespace_selector_and_oldest_egress_decide() {
+        let yaml = format!(
+            "{SEED}---
+apiVersion: crd.antrea.io/v1beta1
+kind: Egress
+metadata: {{name: aaa-newer, creationTimestamp: '2026-06-01T00:00:00Z'}}
+spec:
+  appliedTo:
+    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: default}}}}
+  externalIPPool: child-egress-ippool
+---
+apiVersion: crd.antrea.io/v1beta1
+kind: Egress
+metadata: {{name: prod-only, creationTimestamp: '2026-01-01T00:00:00Z'}}
+spec:
+  appliedTo:
+    namespaceSelector: {{matchLabels: {{env: prod}}}}
+  externalIPPool: child-egress-ippool
+"
+        );
+        let mut st = state(&yaml);
+        // Timestamps sort before none: give the seed's Egress the oldest one.
+        st.egresses
+            .get_mut("child-egress-hello-world1")
+            .unwrap()
+            .created = Some("2025-01-01T00:00:00Z".into());
+        let p = plan(
+            &st,
+            &[
+                rec("", "sel1", [10, 244, 1, 5]),
+                rec("", "other1", [10, 244, 1, 6]),
+            ],
+            "n1",
+            &cluster(),
+            true,
+        );
+        assert_eq!(p.pods["default/sel1"], "child-egress-hello-world1");
+        assert_eq!(p.pods["default/other1"], "aaa-newer");
+        assert_eq!(p.held.len(), 3);
+        assert!(!p.pods.values().any(|e| e == "prod-only"));
+    }
+
+    #[test]
+    fn no_egress_no_plan() {
+        let st = state(
+            "kind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.244.1.0/24}\n---\n\
+             kind: Pod\nmetadata: {name: sel1, labels: {app: hello-world1}}\n",
+        );
+        let p = plan(
+            &st,
+            &[rec("", "sel1", [10, 244, 1, 5])],
+            "n1",
+            &cluster(),
+            true,
+        );
+        assert!(p.held.is_empty() && p.local_marks.is_empty() && p.pods.is_empty());
+        assert!(p.dataplane.steer.is_empty() && p.dataplane.held.is_empty());
+    }
+}

@@ -1,0 +1,220 @@
+//! A two-node cluster with seed 000's Egress applied, for the Egress tests and benchmark.
+//!
+//! The external host terminates VLAN 100 with the pool's gateway address ([`VlanGateway`])
+//! and runs a TCP listener that reports each connection's source ([`TcpPeers`]). One pod
+//! labelled `app: hello-world1` runs on each node, and one unselected pod on the first.
+//! [`EgressCluster::start`] returns once every node agrees on the egress IP and its holder
+//! reports it assigned.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::capture::{TcpPeers, tcp_seen_source};
+use crate::fabric::{INTERNET_IP, VlanGateway};
+use crate::manifests as m;
+use crate::node::Node;
+use crate::pod::Pod;
+use crate::{Cluster, Dataplane, NodeOptions, wait_for};
+
+/// Seed 000's `ExternalIPPool`, verbatim.
+pub const SEED_POOL: &str = "apiVersion: crd.antrea.io/v1beta1
+kind: ExternalIPPool
+metadata:
+  name: child-egress-ippool
+spec:
+  ipRanges:
+    - start: 10.172.170.1
+      end: 10.172.170.199
+  subnetInfo:
+    gateway: 10.172.170.254
+    prefixLength: 24
+    vlan: 100 # VLAN ID welche beim Binding angegeben wurde
+  nodeSelector: {}
+  # Uncomment and modify below to limit which nodes are eligible
+  # nodeSelector:
+  #   matchLabels:
+  #     network-role: egress-gateway
+";
+
+/// Seed 000's `Egress`, verbatim.
+pub const SEED_EGRESS: &str = "apiVersion: crd.antrea.io/v1beta1
+kind: Egress
+metadata:
+  name: child-egress-hello-world1
+spec:
+  appliedTo:
+    podSelector:
+      matchLabels:
+        app: hello-world1
+  externalIPPool: child-egress-ippool
+";
+
+/// The seed Egress's name.
+pub const EGRESS: &str = "child-egress-hello-world1";
+/// Labels the seed Egress selects.
+pub const SELECTED: &[(&str, &str)] = &[("app", "hello-world1")];
+/// Labels it does not select.
+pub const OTHER: &[(&str, &str)] = &[("app", "other")];
+/// How long a change may take to show (the issue: within a second; the files source polls
+/// every 200 ms, so allow for a loaded CI machine).
+pub const SETTLE: Duration = Duration::from_secs(10);
+
+/// The cluster (see the module doc).
+pub struct EgressCluster {
+    /// The nodes, fabric and external host.
+    pub c: Cluster,
+    /// The external host's end of VLAN 100.
+    pub gw: VlanGateway,
+    /// The external host's TCP listener on [`INTERNET_IP`]:8090.
+    pub listener: TcpPeers,
+    /// Index of the node holding the egress IP.
+    pub egress_node: usize,
+    /// Index of the other node.
+    pub other_node: usize,
+    /// The egress IP.
+    pub ip: Ipv4Addr,
+    /// A selected pod on each node, by node index.
+    pub selected: Vec<Pod>,
+    /// An unselected pod on the first node.
+    pub unselected: Pod,
+}
+
+/// Writes `file` into every node's source.
+pub fn publish_all(c: &Cluster, file: &str, text: &str) {
+    for n in c.nodes() {
+        m::write_file(n, file, text).unwrap();
+    }
+}
+
+/// Removes `file` from every node's source.
+pub fn remove_all(c: &Cluster, file: &str) {
+    for n in c.nodes() {
+        let _ = m::remove(n, file);
+    }
+}
+
+/// The seed Egress's `status` in `n`'s status view.
+pub fn egress_status(n: &Node) -> Option<Value> {
+    let p = n.dir().join("state").join("status").join("egresses.json");
+    let v: Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+    v["items"]
+        .as_array()?
+        .iter()
+        .find(|i| i["metadata"]["name"] == EGRESS)
+        .map(|i| i["status"].clone())
+}
+
+/// `n`'s `egress-node.json` view (Null if absent).
+pub fn node_status(n: &Node) -> Value {
+    let p = n
+        .dir()
+        .join("state")
+        .join("status")
+        .join("egress-node.json");
+    std::fs::read(p)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// The `status` of condition `kind`.
+pub fn condition(status: &Value, kind: &str) -> String {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|x| x["type"] == kind))
+        .map(|x| x["status"].as_str().unwrap_or("").to_owned())
+        .unwrap_or_default()
+}
+
+/// The source the external listener saw for one connection from `p`.
+pub fn source_seen(p: &Pod, l: &TcpPeers) -> Ipv4Addr {
+    match tcp_seen_source(p.ns(), l.addr()).unwrap().ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("IPv6 source {other}"),
+    }
+}
+
+/// Waits until `p`'s connections arrive from `want`; panics naming `what` otherwise.
+pub fn wait_source(p: &Pod, l: &TcpPeers, want: Ipv4Addr, what: &str) {
+    let mut last = None;
+    let ok = wait_for(SETTLE, || {
+        let got = tcp_seen_source(p.ns(), l.addr()).ok().map(|a| a.ip());
+        last = got;
+        (got == Some(std::net::IpAddr::V4(want))).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "{what}: pod {} should leave as {want}; the external host last saw {last:?}",
+        p.ip()
+    );
+}
+
+impl EgressCluster {
+    /// Builds the cluster for `dp` (see the module doc).
+    pub fn start(dp: Dataplane) -> anyhow::Result<Self> {
+        setup(dp)
+    }
+}
+
+fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
+    let mut c = Cluster::new()?;
+    for _ in 0..2 {
+        c.add_node(&NodeOptions::new(dp))?;
+    }
+    let gw = VlanGateway::start(c.external(), 100, "10.172.170.254/24".parse()?)
+        .context("terminating VLAN 100 on the external host")?;
+    let listener = TcpPeers::start(c.external(), SocketAddr::from((INTERNET_IP, 8090)))?;
+    let mut selected = Vec::new();
+    for n in c.nodes() {
+        let p = n.add_pod()?;
+        m::write_pod(n, &p.attachment().pod_name, SELECTED, &[])?;
+        selected.push(p);
+    }
+    let unselected = c.nodes()[0].add_pod()?;
+    m::write_pod(&c.nodes()[0], &unselected.attachment().pod_name, OTHER, &[])?;
+    publish_all(&c, "pool.yaml", SEED_POOL);
+    publish_all(&c, "egress.yaml", SEED_EGRESS);
+    // Every node computes the same assignment; wait for the holder to report it assigned.
+    let (egress_node, ip) = wait_for(SETTLE, || {
+        let s = egress_status(&c.nodes()[0])?;
+        let holder = s["egressNode"].as_str()?.to_owned();
+        let ip: Ipv4Addr = s["egressIP"].as_str()?.parse().ok()?;
+        let i = c.nodes().iter().position(|n| n.name() == holder)?;
+        let hs = egress_status(&c.nodes()[i])?;
+        (condition(&hs, "IPAssigned") == "True").then_some((i, ip))
+    })
+    .with_context(|| {
+        format!(
+            "no node reported the egress IP assigned: {:?} / {} / {}",
+            egress_status(&c.nodes()[0]),
+            node_status(&c.nodes()[0]),
+            node_status(&c.nodes()[1])
+        )
+    })?;
+    anyhow::ensure!(
+        (1..=199).contains(&(u32::from(ip) - u32::from(Ipv4Addr::new(10, 172, 170, 0)))),
+        "{ip} is not from the pool's range"
+    );
+    // Both nodes agree.
+    for n in c.nodes() {
+        let s = egress_status(n).context("status view")?;
+        anyhow::ensure!(
+            s["egressIP"] == ip.to_string() && condition(&s, "IPAllocated") == "True",
+            "{} disagrees: {s}",
+            n.name()
+        );
+    }
+    Ok(EgressCluster {
+        egress_node,
+        other_node: 1 - egress_node,
+        c,
+        gw,
+        listener,
+        ip,
+        selected,
+        unselected,
+    })
+}

@@ -1,0 +1,310 @@
+//! Egress end to end on a two-node cluster, both dataplanes: seed 000's `ExternalIPPool`
+//! (VLAN 100, gateway 10.172.170.254) and `Egress` (pods labelled `app: hello-world1`) applied
+//! verbatim. The external host terminates VLAN 100 with the pool's gateway address, the way a
+//! node does (a macvlan whose frames BPF tags and untags: this kernel has no 802.1Q devices),
+//! and its TCP listener reports the source address each connection arrived with.
+//!
+//! Checked: a selected pod on the egress node and one on the other node reach the outside
+//! with the egress IP as source, in frames tagged 100 on the wire; an unselected pod keeps its
+//! node's masquerade; label change, Egress and pool deletion fall back and clean the node;
+//! `rp_filter` reset by an outsider is restored while traffic keeps flowing; an invalid pool
+//! is reported and changes nothing; a restarted agent converges without duplicates and
+//! removes what an Egress deleted meanwhile owned.
+
+use std::time::Duration;
+
+use ferrea_tests::capture::Tcpdump;
+use ferrea_tests::egress::{
+    EgressCluster, OTHER, SEED_EGRESS, SELECTED, SETTLE, condition, egress_status, node_status,
+    publish_all, remove_all, source_seen, wait_source,
+};
+use ferrea_tests::manifests as m;
+use ferrea_tests::node::Node;
+use ferrea_tests::{Dataplane, dataplane_tests, wait_for};
+use serde_json::Value;
+
+fn setup(dp: Dataplane) -> EgressCluster {
+    EgressCluster::start(dp).unwrap()
+}
+
+dataplane_tests!(
+    seed_manifests_give_selected_pods_the_egress_ip_on_vlan_100,
+    changes_fall_back_to_masquerade_and_clean_the_node,
+    rp_filter_drift_is_restored,
+    invalid_pool_is_reported_and_changes_nothing,
+    restart_reconciles_without_duplicates
+);
+
+fn seed_manifests_give_selected_pods_the_egress_ip_on_vlan_100(dp: Dataplane) {
+    let s = setup(dp);
+    let holder = &s.c.nodes()[s.egress_node];
+    // Tagged frames on the holder's fabric port.
+    let port = format!("n{}", s.egress_node + 1);
+    let mut cap = Tcpdump::start(
+        s.c.fabric().fabric(),
+        &port,
+        &format!("-e vlan 100 and src host {}", s.ip),
+    )
+    .unwrap();
+    for (i, p) in s.selected.iter().enumerate() {
+        wait_source(
+            p,
+            &s.listener,
+            s.ip,
+            &format!("selected pod on node {}", i + 1),
+        );
+    }
+    let lines = cap.stop();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("vlan 100") && l.contains(&format!("{}.", s.ip))),
+        "no frame tagged 100 from {} on {port}: {lines:?}",
+        s.ip
+    );
+    // The unselected pod keeps its node's masquerade.
+    assert_eq!(source_seen(&s.unselected, &s.listener), holder.ip());
+    // The holder shows the sub-interface, the rule and the table.
+    let links = holder
+        .ns()
+        .ip(&["-d", "link", "show", "ferrea-ext.100"])
+        .unwrap();
+    assert!(links.contains("ferrea: egress sub-interface"), "{links}");
+    let rules = holder.ns().ip(&["rule", "show", "proto", "71"]).unwrap();
+    assert!(rules.contains("lookup 20100"), "{rules}");
+    let table = holder
+        .ns()
+        .ip(&["route", "show", "table", "20100"])
+        .unwrap();
+    assert!(
+        table.contains("default via 10.172.170.254 dev ferrea-ext.100"),
+        "{table}"
+    );
+    // The other node holds nothing.
+    let other = &s.c.nodes()[s.other_node];
+    assert!(other.links_with_prefix("ferrea-ext").unwrap().is_empty());
+    assert_eq!(
+        other
+            .ns()
+            .ip(&["rule", "show", "proto", "71"])
+            .unwrap()
+            .trim(),
+        ""
+    );
+}
+
+fn changes_fall_back_to_masquerade_and_clean_the_node(dp: Dataplane) {
+    let s = setup(dp);
+    let holder = &s.c.nodes()[s.egress_node];
+    let on_holder = &s.selected[s.egress_node];
+    let on_other = &s.selected[s.other_node];
+    wait_source(on_holder, &s.listener, s.ip, "before any change");
+    wait_source(on_other, &s.listener, s.ip, "before any change");
+    // The label no longer matches: masquerade again.
+    m::write_pod(holder, &on_holder.attachment().pod_name, OTHER, &[]).unwrap();
+    wait_source(
+        on_holder,
+        &s.listener,
+        holder.ip(),
+        "after the label changed",
+    );
+    m::write_pod(holder, &on_holder.attachment().pod_name, SELECTED, &[]).unwrap();
+    wait_source(on_holder, &s.listener, s.ip, "after the label came back");
+    // The Egress goes: both pods masquerade with their own node's address, the node is clean.
+    remove_all(&s.c, "egress.yaml");
+    wait_source(
+        on_holder,
+        &s.listener,
+        holder.ip(),
+        "after the Egress was deleted",
+    );
+    wait_source(
+        on_other,
+        &s.listener,
+        s.c.nodes()[s.other_node].ip(),
+        "after the Egress was deleted",
+    );
+    assert_clean(holder);
+    // Back, then the pool goes: the Egress has no IP any more.
+    publish_all(&s.c, "egress.yaml", SEED_EGRESS);
+    wait_source(on_other, &s.listener, s.ip, "after the Egress came back");
+    remove_all(&s.c, "pool.yaml");
+    wait_source(
+        on_other,
+        &s.listener,
+        s.c.nodes()[s.other_node].ip(),
+        "after the pool was deleted",
+    );
+    assert_clean(holder);
+    let st = egress_status(holder).unwrap();
+    assert_eq!(condition(&st, "IPAllocated"), "False", "{st}");
+}
+
+/// No sub-interface, rule, table route or SNAT rule of Egress is left on `n`.
+fn assert_clean(n: &Node) {
+    let clean = wait_for(SETTLE, || {
+        let links = n.links_with_prefix("ferrea-ext").ok()?;
+        let rules = n.ns().ip(&["rule", "show", "proto", "71"]).ok()?;
+        let routes = n
+            .ns()
+            .ip(&["route", "show", "table", "all", "proto", "71"])
+            .ok()?;
+        let nft = n.nft_ruleset().ok()?;
+        (links.is_empty()
+            && rules.trim().is_empty()
+            && routes.trim().is_empty()
+            && !nft.contains("snat to"))
+        .then_some(())
+    });
+    assert!(
+        clean.is_some(),
+        "{} still has Egress state: links {:?}, rules {:?}, routes {:?}, nft {}",
+        n.name(),
+        n.links_with_prefix("ferrea-ext"),
+        n.ns().ip(&["rule", "show", "proto", "71"]),
+        n.ns().ip(&["route", "show", "table", "all", "proto", "71"]),
+        n.nft_ruleset().unwrap_or_default()
+    );
+}
+
+fn rp_filter(n: &Node, ifname: &str) -> String {
+    n.ns()
+        .sh(&[
+            "cat",
+            &format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter"),
+        ])
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn rp_filter_drift_is_restored(dp: Dataplane) {
+    let s = setup(dp);
+    let holder = &s.c.nodes()[s.egress_node];
+    assert_eq!(rp_filter(holder, "ferrea-ext.100"), "2");
+    assert_eq!(rp_filter(holder, "ferrea-gw0"), "2");
+    let on_other = &s.selected[s.other_node];
+    wait_source(on_other, &s.listener, s.ip, "before the reset");
+    // An outsider (OpenShift's node tuning) sets strict mode.
+    holder
+        .ns()
+        .sh(&[
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/conf/ferrea-ext.100/rp_filter",
+        ])
+        .unwrap();
+    let restored = wait_for(Duration::from_secs(5), || {
+        (rp_filter(holder, "ferrea-ext.100") == "2").then_some(())
+    });
+    assert!(restored.is_some(), "rp_filter was not restored");
+    // Operators see what ferrea wants and found, and how often it restored it.
+    let ns = node_status(holder);
+    let entry = ns["rpFilter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["interface"] == "ferrea-ext.100")
+        .cloned()
+        .unwrap_or_else(|| panic!("{ns}"));
+    assert_eq!(entry["want"], "2", "{ns}");
+    let counted = wait_for(SETTLE, || {
+        let ns = node_status(holder);
+        ns["rpFilter"]
+            .as_array()?
+            .iter()
+            .any(|e| e["interface"] == "ferrea-ext.100" && e["restored"].as_u64() >= Some(1))
+            .then_some(())
+    });
+    assert!(counted.is_some(), "{}", node_status(holder));
+    wait_source(on_other, &s.listener, s.ip, "after the reset");
+    wait_source(
+        &s.selected[s.egress_node],
+        &s.listener,
+        s.ip,
+        "after the reset",
+    );
+}
+
+fn invalid_pool_is_reported_and_changes_nothing(dp: Dataplane) {
+    let s = setup(dp);
+    let holder = &s.c.nodes()[s.egress_node];
+    let before_rules = holder.ns().ip(&["rule", "show", "proto", "71"]).unwrap();
+    let bad = "apiVersion: crd.antrea.io/v1beta1
+kind: ExternalIPPool
+metadata:
+  name: broken
+spec:
+  ipRanges:
+    - cidr: 10.9.9.0/24
+  subnetInfo:
+    gateway: 10.8.8.1
+    prefixLength: 24
+    vlan: 5000
+";
+    publish_all(&s.c, "broken.yaml", bad);
+    let reported = wait_for(SETTLE, || {
+        let ns = node_status(holder);
+        let p = ns["problems"].as_array()?;
+        p.iter()
+            .filter_map(Value::as_str)
+            .find(|p| p.contains("ExternalIPPool broken"))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("no problem reported: {}", node_status(holder)));
+    assert!(
+        reported.contains("vlan") || reported.contains("gateway"),
+        "the message names the field: {reported}"
+    );
+    // Nothing changed: same rules, traffic as before, no new sub-interface.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        holder.ns().ip(&["rule", "show", "proto", "71"]).unwrap(),
+        before_rules
+    );
+    assert_eq!(
+        holder.links_with_prefix("ferrea-ext").unwrap(),
+        vec!["ferrea-ext.100".to_owned()]
+    );
+    wait_source(
+        &s.selected[s.other_node],
+        &s.listener,
+        s.ip,
+        "with a broken pool around",
+    );
+}
+
+fn restart_reconciles_without_duplicates(dp: Dataplane) {
+    let mut s = setup(dp);
+    let e = s.egress_node;
+    wait_source(
+        &s.selected[s.other_node],
+        &s.listener,
+        s.ip,
+        "before the restart",
+    );
+    // kill -9 and start again: the same state, once.
+    s.c.nodes_mut()[e].agent().kill9().unwrap();
+    s.c.nodes_mut()[e].agent().restart().unwrap();
+    wait_source(
+        &s.selected[s.other_node],
+        &s.listener,
+        s.ip,
+        "after the restart",
+    );
+    let holder = &s.c.nodes()[e];
+    let rules = holder.ns().ip(&["rule", "show", "proto", "71"]).unwrap();
+    assert_eq!(rules.lines().count(), 1, "{rules}");
+    let routes = holder
+        .ns()
+        .ip(&["route", "show", "table", "20100"])
+        .unwrap();
+    assert_eq!(routes.lines().count(), 2, "{routes}");
+    let nft = holder.nft_ruleset().unwrap();
+    assert_eq!(nft.matches("snat to").count(), 1, "{nft}");
+    // The Egress is deleted while the agent is down: its state goes at start.
+    s.c.nodes_mut()[e].agent().kill9().unwrap();
+    remove_all(&s.c, "egress.yaml");
+    s.c.nodes_mut()[e].agent().restart().unwrap();
+    assert_clean(&s.c.nodes()[e]);
+}
