@@ -8,6 +8,11 @@
 //! The nested cargo gets a clean environment: the outer build's RUSTFLAGS, wrappers (clippy,
 //! sccache) and target dir must not leak into a build whose output is BPF bitcode.
 //!
+//! Two objects come out of the one staticlib, each keeping only its own symbols: `ferrea.bpf.o`,
+//! the dataplane (pod and tunnel programs, pinned maps), and `ferrea-vlan.bpf.o`, the VLAN
+//! tagger (`agent/src/vlan.rs`) with its unpinned maps. The tagger is separate so that loading
+//! it never creates or pins the dataplane's maps.
+//!
 //! `FERREA_BPF_OBJECT=<path>` skips the build and embeds a prebuilt object instead (for machines
 //! without bpf-linker, e.g. a docs or lint-only CI job).
 
@@ -28,6 +33,7 @@ fn main() -> anyhow::Result<()> {
     let common_dir = root.join("common");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let object = out_dir.join("ferrea.bpf.o");
+    let vlan_object = out_dir.join("ferrea-vlan.bpf.o");
 
     for p in [
         ebpf_dir.join("src"),
@@ -39,15 +45,24 @@ fn main() -> anyhow::Result<()> {
         println!("cargo:rerun-if-changed={}", p.display());
     }
     println!("cargo:rerun-if-env-changed=FERREA_BPF_OBJECT");
+    println!("cargo:rerun-if-env-changed=FERREA_VLAN_BPF_OBJECT");
     println!("cargo:rerun-if-env-changed=BPF_LINKER");
 
     if let Some(prebuilt) = env::var_os("FERREA_BPF_OBJECT") {
-        std::fs::copy(&prebuilt, &object).with_context(|| {
-            format!(
-                "copying FERREA_BPF_OBJECT={}",
-                Path::new(&prebuilt).display()
-            )
-        })?;
+        // The tagger's object comes with it: FERREA_VLAN_BPF_OBJECT, else next to it.
+        let vlan_prebuilt = env::var_os("FERREA_VLAN_BPF_OBJECT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(&prebuilt).with_file_name("ferrea-vlan.bpf.o"));
+        for (from, to, var) in [
+            (Path::new(&prebuilt), &object, "FERREA_BPF_OBJECT"),
+            (
+                vlan_prebuilt.as_path(),
+                &vlan_object,
+                "FERREA_VLAN_BPF_OBJECT",
+            ),
+        ] {
+            std::fs::copy(from, to).with_context(|| format!("copying {var}={}", from.display()))?;
+        }
         return Ok(());
     }
 
@@ -100,15 +115,29 @@ fn main() -> anyhow::Result<()> {
         ferrea_common::MAP_ENDPOINTS_BY_IFINDEX,
         ferrea_common::MAP_ENDPOINTS_BY_IP,
         ferrea_common::MAP_COUNTERS,
-    ]
-    .join(",");
+        ferrea_common::MAP_EGRESS_STEER,
+        ferrea_common::MAP_EGRESS_EXEMPT,
+        ferrea_common::MAP_EGRESS_HELD,
+    ];
+    link(&staticlib, &exports, &object)?;
+    let vlan_exports = [
+        ferrea_common::PROG_VLAN_RX,
+        ferrea_common::PROG_VLAN_TX,
+        ferrea_common::MAP_VLAN_BY_PARENT,
+        ferrea_common::MAP_VLAN_BY_CHILD,
+    ];
+    link(&staticlib, &vlan_exports, &vlan_object)
+}
+
+/// Links the bitcode into a BPF object keeping only `exports` (and what they use).
+fn link(staticlib: &Path, exports: &[&str], object: &Path) -> anyhow::Result<()> {
     let linker = env::var_os("BPF_LINKER").unwrap_or_else(|| "bpf-linker".into());
     let status = Command::new(&linker)
         .args(["--target", "bpfel", "--btf", "--export"])
-        .arg(&exports)
+        .arg(exports.join(","))
         .arg("-o")
-        .arg(&object)
-        .arg(&staticlib)
+        .arg(object)
+        .arg(staticlib)
         .status()
         .with_context(|| {
             format!(
@@ -117,7 +146,7 @@ fn main() -> anyhow::Result<()> {
             )
         })?;
     if !status.success() {
-        bail!("bpf-linker failed ({status})");
+        bail!("bpf-linker failed for {} ({status})", object.display());
     }
     Ok(())
 }

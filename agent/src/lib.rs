@@ -27,3 +27,4 @@ pub mod sysctl;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod transport;
+pub mod vlan;

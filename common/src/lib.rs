@@ -63,6 +63,54 @@ pub struct RemoteNode {
     pub tun_ifindex: u32,
 }
 
+/// Name of the hash map of local pods steered to another node for Egress (key: the pod's IPv4
+/// address, network byte order; value: [`EgressSteer`]).
+pub const MAP_EGRESS_STEER: &str = "FERREA_EG_STEER";
+/// Name of the LPM map of destinations that are never egress traffic (key: prefix length +
+/// IPv4 network, network byte order; value: unused `u32`).
+pub const MAP_EGRESS_EXEMPT: &str = "FERREA_EG_EXEMPT";
+/// Name of the array of Egress ids whose IP this node holds (index: the id, 0..=255; value:
+/// non-zero if held). Tunnelled packets with that VNI get the id as their fwmark.
+pub const MAP_EGRESS_HELD: &str = "FERREA_EG_HELD";
+/// Maximum number of exempt destination prefixes.
+pub const MAX_EGRESS_EXEMPT: u32 = MAX_NODES + 256;
+/// Number of Egress ids (the low 8 bits of the fwmark; id 0 means "no Egress").
+pub const EGRESS_IDS: u32 = 256;
+
+/// Where a steered pod's packets go: the node holding its Egress IP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressSteer {
+    /// Transport address of the egress node (the tunnel's outer destination), network byte
+    /// order.
+    pub node_ip: u32,
+    /// The Egress id (1..=255): the VNI on the wire.
+    pub id: u32,
+    /// Index of the tunnel device the pod's packets are redirected to.
+    pub tun_ifindex: u32,
+}
+
+/// Name of the VLAN tagger's program on TC ingress of a parent (transport) interface.
+pub const PROG_VLAN_RX: &str = "ferrea_vlan_rx";
+/// Name of the VLAN tagger's program on TC egress of a child (macvlan) interface.
+pub const PROG_VLAN_TX: &str = "ferrea_vlan_tx";
+/// Name of the VLAN tagger's hash map (parent ifindex, VLAN id) to the child's ifindex.
+pub const MAP_VLAN_BY_PARENT: &str = "FERREA_VLAN_PAR";
+/// Name of the VLAN tagger's hash map child ifindex to its VLAN id (`u32`).
+pub const MAP_VLAN_BY_CHILD: &str = "FERREA_VLAN_CHD";
+/// Maximum number of VLAN children (sub-interfaces) on one node.
+pub const MAX_VLANS: u32 = 1024;
+
+/// Key of [`MAP_VLAN_BY_PARENT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VlanKey {
+    /// Index of the parent interface.
+    pub parent_ifindex: u32,
+    /// The VLAN id (0..4095) in the low 12 bits.
+    pub vid: u32,
+}
+
 /// Per-pod packet counters, per CPU; userspace sums the CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -90,4 +138,8 @@ mod user {
     unsafe impl aya::Pod for super::Counters {}
     // SAFETY: RemoteNode is repr(C) of three u32 fields, no padding; any bit pattern is valid.
     unsafe impl aya::Pod for super::RemoteNode {}
+    // SAFETY: EgressSteer is repr(C) of three u32 fields, no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::EgressSteer {}
+    // SAFETY: VlanKey is repr(C) of two u32 fields, no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::VlanKey {}
 }

@@ -20,6 +20,21 @@
 //!   packets for local pods straight into their namespace; the rest (for the node itself) is
 //!   marked for the host and goes up the stack.
 //!
+//! Egress (see `EgressPlan` in the agent): a local pod whose Egress IP another node holds is
+//! *steered*: [`ferrea_from_pod`] sends its packets for destinations that are neither pods nor
+//! exempt (cluster CIDRs, services, nodes) to the tunnel device, and [`ferrea_to_tunnel`] sets
+//! the egress node as outer destination and the Egress id as VNI. On the egress node,
+//! [`ferrea_from_tunnel`] reads the VNI: 0 is ordinary overlay traffic; an id the node holds
+//! becomes the packet's fwmark (low 8 bits) and the packet goes to the node's stack, whose
+//! policy routing and SNAT by mark (the agent core's) send it out with the Egress IP; any other
+//! id is dropped, so a stale assignment never lets a pod address leave un-NATed. The steered
+//! packet itself carries no mark: the VXLAN device's route lookup for the outer header uses
+//! `skb->mark`, and the egress rule must not apply on the sending node.
+//!
+//! - [`ferrea_vlan_rx`] and [`ferrea_vlan_tx`] are not part of the pod path: they make a
+//!   macvlan behave like an 802.1Q sub-interface on kernels without VLAN devices (see
+//!   `agent/src/vlan.rs`). They are linked into a second object with their own unpinned maps.
+//!
 //! The maps are pinned by name so that a restarted agent adopts them; their layouts live in
 //! `ferrea-common` and are shared with the agent.
 //!
@@ -29,13 +44,19 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
-    helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_set_tunnel_key},
+    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
+    helpers::{
+        bpf_redirect, bpf_redirect_peer, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
+        bpf_skb_vlan_pop, bpf_skb_vlan_push,
+    },
     macros::{classifier, map},
-    maps::{HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
-use ferrea_common::{Counters, Endpoint, MAX_NODES, MAX_PODS, RemoteNode};
+use ferrea_common::{
+    Counters, EGRESS_IDS, EgressSteer, Endpoint, MAX_EGRESS_EXEMPT, MAX_NODES, MAX_PODS, MAX_VLANS,
+    RemoteNode, VlanKey,
+};
 
 /// Local endpoints keyed by host-side veth ifindex: who is sending on this interface.
 #[map(name = "FERREA_EP_IF")]
@@ -53,7 +74,34 @@ static FERREA_COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::pinned(MAX
 #[map(name = "FERREA_REMOTE")]
 static FERREA_REMOTE: LpmTrie<u32, RemoteNode> = LpmTrie::pinned(MAX_NODES, 1); // BPF_F_NO_PREALLOC
 
+/// Local pods steered to another node for Egress, keyed by the pod's IPv4 address.
+#[map(name = "FERREA_EG_STEER")]
+static FERREA_EG_STEER: HashMap<u32, EgressSteer> = HashMap::pinned(MAX_PODS, 0);
+
+/// Destinations never steered (cluster pod CIDRs, service CIDR, node addresses).
+#[map(name = "FERREA_EG_EXEMPT")]
+static FERREA_EG_EXEMPT: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_EGRESS_EXEMPT, 1); // BPF_F_NO_PREALLOC
+
+/// Egress ids this node holds the IP of: index = id, value non-zero = held.
+#[map(name = "FERREA_EG_HELD")]
+static FERREA_EG_HELD: Array<u32> = Array::pinned(EGRESS_IDS, 0);
+
+/// VLAN tagger: (parent ifindex, VLAN id) to the child (macvlan) ifindex. Not pinned: the
+/// tagger's object is loaded fresh by every agent process.
+#[map(name = "FERREA_VLAN_PAR")]
+static FERREA_VLAN_PAR: HashMap<VlanKey, u32> = HashMap::with_max_entries(MAX_VLANS, 0);
+
+/// VLAN tagger: child ifindex to its VLAN id.
+#[map(name = "FERREA_VLAN_CHD")]
+static FERREA_VLAN_CHD: HashMap<u32, u32> = HashMap::with_max_entries(MAX_VLANS, 0);
+
 const ETH_HLEN: usize = 14;
+/// The low bits of `skb->mark` that carry an Egress id (`EGRESS_MARK_MASK` in the agent).
+const EGRESS_MARK_MASK: u32 = 0xff;
+/// `ETH_P_8021Q`: the TPID of pushed VLAN tags.
+const ETH_P_8021Q: u16 = 0x8100;
+/// The VLAN id bits of a TCI.
+const VLAN_VID_MASK: u32 = 0x0fff;
 /// `skb->pkt_type` for packets addressed to this host.
 const PACKET_HOST: u32 = 0;
 /// TTL of the outer header.
@@ -253,6 +301,19 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
         // SAFETY: plain helper call; flags 0 = out of the tunnel device's egress.
         return Some(unsafe { bpf_redirect(tun, 0) } as i32);
     }
+    // Egress: only here, on the way to the node's stack, does a packet pay for the steering
+    // lookup; the exempt lookup only for steered pods.
+    if let Some(steer) = FERREA_EG_STEER.get_ptr(src_ip)
+        && FERREA_EG_EXEMPT.get(Key::new(32, dst_ip)).is_none()
+    {
+        // SAFETY: the pointer is valid for this program run; the agent replaces entries whole.
+        let tun = unsafe { (*steer).tun_ifindex };
+        if tun != 0 {
+            store_mac(ctx, OFF_ETH_SRC, &ep.host_mac)?;
+            // SAFETY: plain helper call; flags 0 = out of the tunnel device's egress.
+            return Some(unsafe { bpf_redirect(tun, 0) } as i32);
+        }
+    }
     Some(TC_ACT_OK as i32)
 }
 
@@ -318,11 +379,23 @@ fn to_tunnel(ctx: &TcContext) -> Option<i32> {
         return Some(TC_ACT_SHOT as i32);
     }
     let dst_ip = load_u32(ctx, OFF_IP_DST)?;
-    let node = *FERREA_REMOTE.get(Key::new(32, dst_ip))?;
+    let (node_ip, vni) = match FERREA_REMOTE.get(Key::new(32, dst_ip)) {
+        Some(node) => (node.node_ip, node.vni),
+        None => {
+            // Not another node's pod: a steered pod's egress traffic, or nothing we carry.
+            let src_ip = load_u32(ctx, OFF_IP_SRC)?;
+            // SAFETY: copied out at once; the agent replaces entries whole.
+            let steer = *unsafe { FERREA_EG_STEER.get(src_ip) }?;
+            if FERREA_EG_EXEMPT.get(Key::new(32, dst_ip)).is_some() {
+                return None;
+            }
+            (steer.node_ip, steer.id)
+        }
+    };
     // SAFETY: bpf_tunnel_key is plain old data; all-zero is its "unset" value.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    key.tunnel_id = node.vni;
-    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(node.node_ip);
+    key.tunnel_id = vni;
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(node_ip);
     key.tunnel_ttl = TUNNEL_TTL;
     // SAFETY: plain helper call on the program's own skb with a key of the size passed.
     let r = unsafe {
@@ -350,6 +423,26 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
     if u16::from_be(load_u16(ctx, OFF_ETH_PROTO)?) != ETH_P_IP {
         return Some(TC_ACT_SHOT as i32);
     }
+    // The VNI: 0 for the overlay, an Egress id for a steered pod's traffic. One helper call
+    // that copies the tunnel metadata the device attached; no packet access.
+    // SAFETY: bpf_tunnel_key is plain old data, filled by the helper.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: plain helper call on the program's own skb with a key of the size passed.
+    let r = unsafe {
+        bpf_skb_get_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    if r != 0 {
+        // No tunnel metadata: not from a collect_md device. Carry nothing we cannot classify.
+        return Some(TC_ACT_SHOT as i32);
+    }
+    if key.tunnel_id != 0 {
+        return egress_in(ctx, key.tunnel_id);
+    }
     let dst_ip = load_u32(ctx, OFF_IP_DST)?;
     // SAFETY: copied out at once; the agent replaces entries whole.
     if let Some(dst) = unsafe { FERREA_EP_IP.get(dst_ip) }.copied() {
@@ -363,6 +456,69 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
     // node's tunnel MAC, so tell the stack the packet is ours.
     ctx.change_type(PACKET_HOST).ok()?;
     Some(TC_ACT_OK as i32)
+}
+
+/// A packet another node steered here for Egress `id`: to the node's stack with the id as
+/// fwmark if this node holds that Egress IP, else dropped. Never delivered to a local pod.
+#[inline(always)]
+fn egress_in(ctx: &TcContext, id: u32) -> Option<i32> {
+    // Array lookup: ids above 255 are out of range and miss, so they are dropped too.
+    match FERREA_EG_HELD.get(id) {
+        Some(&held) if held != 0 => {}
+        _ => return Some(TC_ACT_SHOT as i32),
+    }
+    // SAFETY: reading the mark is a context access the verifier rewrites.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark((mark & !EGRESS_MARK_MASK) | (id & EGRESS_MARK_MASK));
+    ctx.change_type(PACKET_HOST).ok()?;
+    Some(TC_ACT_OK as i32)
+}
+
+/// VLAN tagger, TC ingress of a parent interface: a frame tagged with a VLAN that has a child
+/// on this parent loses its tag and goes to that child only (as if received there). Untagged
+/// frames and other VLANs pass untouched. At TC ingress the kernel has already moved the outer
+/// tag into the skb's metadata (`skb_vlan_untag`), so no packet data is read.
+#[classifier]
+pub fn ferrea_vlan_rx(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: context accesses the verifier rewrites to the skb's fields.
+    let (present, tci, ifindex) = unsafe { ((*skb).vlan_present, (*skb).vlan_tci, (*skb).ifindex) };
+    if present == 0 {
+        return TC_ACT_OK as i32;
+    }
+    let key = VlanKey {
+        parent_ifindex: ifindex,
+        vid: tci & VLAN_VID_MASK,
+    };
+    // SAFETY: copied out at once.
+    let Some(child) = (unsafe { FERREA_VLAN_PAR.get(&key) }).copied() else {
+        return TC_ACT_OK as i32;
+    };
+    // SAFETY: plain helper call on the program's own skb.
+    if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
+        return TC_ACT_SHOT as i32;
+    }
+    // SAFETY: plain helper call; BPF_F_INGRESS = into the child's receive path.
+    unsafe { bpf_redirect(child, BPF_F_INGRESS as u64) as i32 }
+}
+
+/// VLAN tagger, TC egress of a child interface: pushes the child's VLAN tag (802.1Q).
+#[classifier]
+pub fn ferrea_vlan_tx(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: context access.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: copied out at once.
+    let Some(vid) = (unsafe { FERREA_VLAN_CHD.get(&ifindex) }).copied() else {
+        // A child without an entry (detached while its filter is still there): send nothing
+        // untagged from a sub-interface.
+        return TC_ACT_SHOT as i32;
+    };
+    // SAFETY: plain helper call on the program's own skb.
+    if unsafe { bpf_skb_vlan_push(skb, ETH_P_8021Q.to_be(), (vid & VLAN_VID_MASK) as u16) } != 0 {
+        return TC_ACT_SHOT as i32;
+    }
+    TC_ACT_OK as i32
 }
 
 #[cfg(not(test))]

@@ -23,6 +23,14 @@
 //! attach costs a `synchronize_rcu` per hook (measured 12-25 ms each here), while a cls_bpf
 //! filter is added in well under a millisecond, and this is on the CNI ADD path.
 //!
+//! Egress ([`Dataplane::set_egress`]): three more pinned maps, replaced whole by each plan:
+//! `FERREA_EG_STEER` (steered pod IP to egress node, Egress id and tunnel ifindex),
+//! `FERREA_EG_EXEMPT` (LPM of destinations never steered) and `FERREA_EG_HELD` (an array
+//! indexed by Egress id, non-zero where this node holds the IP). The programs' side is
+//! described in `ebpf/src/lib.rs`. Like every pinned map they are adopted by a restarted agent;
+//! a build that adds maps loads next to the pins of an older build because aya creates (and
+//! pins) each declared map that has no pin yet and opens the others.
+//!
 //! Restart behaviour: a new process adopts the pinned maps (same kernel objects, entries
 //! intact). If the pinned programs are of the same build as the embedded object
 //! (`progs/<digest>/` exists) it uses them as they are and touches no filter. Otherwise it loads
@@ -36,11 +44,11 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ferrea_common::{Counters, Endpoint, RemoteNode as RemoteEntry};
+use ferrea_common::{Counters, EgressSteer as SteerEntry, Endpoint, RemoteNode as RemoteEntry};
 use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoData, InfoGeneve, InfoKind, InfoVeth};
 use netlink_packet_route::neighbour::NeighbourState;
@@ -50,8 +58,8 @@ use sha2::{Digest, Sha256};
 
 use super::routes::{self, NodeRoute};
 use super::{
-    Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats, RemoteNode, TUNNEL_IFNAME,
-    TUNNEL_VNI, Tunnel,
+    Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
+    TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
 };
 use crate::config::TunnelType;
 
@@ -119,6 +127,9 @@ struct Loaded {
     ep_ip: BpfHashMap<MapData, u32, Endpoint>,
     counters: PerCpuHashMap<MapData, u32, Counters>,
     remote: LpmTrie<MapData, u32, RemoteEntry>,
+    eg_steer: BpfHashMap<MapData, u32, SteerEntry>,
+    eg_exempt: LpmTrie<MapData, u32, u32>,
+    eg_held: Array<MapData, u32>,
     from_pod: SchedClassifier,
     to_pod: SchedClassifier,
     from_tunnel: SchedClassifier,
@@ -256,11 +267,17 @@ impl EbpfDataplane {
         let ep_ip = take(&mut ebpf, ferrea_common::MAP_ENDPOINTS_BY_IP)?;
         let counters = take(&mut ebpf, ferrea_common::MAP_COUNTERS)?;
         let remote = take(&mut ebpf, ferrea_common::MAP_REMOTE_NODES)?;
+        let eg_steer = take(&mut ebpf, ferrea_common::MAP_EGRESS_STEER)?;
+        let eg_exempt = take(&mut ebpf, ferrea_common::MAP_EGRESS_EXEMPT)?;
+        let eg_held = take(&mut ebpf, ferrea_common::MAP_EGRESS_HELD)?;
         let mut loaded = Loaded {
             ep_if: BpfHashMap::try_from(ep_if).map_err(init_err)?,
             ep_ip: BpfHashMap::try_from(ep_ip).map_err(init_err)?,
             counters: PerCpuHashMap::try_from(counters).map_err(init_err)?,
             remote: LpmTrie::try_from(remote).map_err(init_err)?,
+            eg_steer: BpfHashMap::try_from(eg_steer).map_err(init_err)?,
+            eg_exempt: LpmTrie::try_from(eg_exempt).map_err(init_err)?,
+            eg_held: Array::try_from(eg_held).map_err(init_err)?,
             from_pod: pinned(ferrea_common::PROG_FROM_POD)?,
             to_pod: pinned(ferrea_common::PROG_TO_POD)?,
             from_tunnel: pinned(ferrea_common::PROG_FROM_TUNNEL)?,
@@ -574,6 +591,75 @@ impl Loaded {
         Ok(())
     }
 
+    /// Makes the three Egress maps exactly `plan` (entries that are already right are not
+    /// rewritten). Order: new exempt prefixes first and stale ones last, so a steered pod never
+    /// has a moment in which a destination that stays exempt is steered.
+    fn sync_egress(&mut self, plan: &EgressPlan, tun_ifindex: u32) -> Result<(), DataplaneError> {
+        let err = |e: aya::maps::MapError| other_err("set_egress", e);
+        let exempt: Vec<LpmKey<u32>> = plan
+            .exempt
+            .iter()
+            .map(|n| {
+                LpmKey::new(
+                    u32::from(n.prefix()),
+                    u32::from_ne_bytes(n.network().octets()),
+                )
+            })
+            .collect();
+        let have_exempt: Vec<LpmKey<u32>> = self.eg_exempt.keys().filter_map(Result::ok).collect();
+        let same = |a: &LpmKey<u32>, b: &LpmKey<u32>| {
+            a.prefix_len() == b.prefix_len() && a.data() == b.data()
+        };
+        for k in &exempt {
+            if !have_exempt.iter().any(|h| same(h, k)) {
+                self.eg_exempt.insert(k, 1, 0).map_err(err)?;
+            }
+        }
+
+        let mut held = [0u32; ferrea_common::EGRESS_IDS as usize];
+        for &id in &plan.held {
+            held[usize::from(id)] = 1;
+        }
+        for (id, &want) in (0u32..).zip(held.iter()) {
+            if self.eg_held.get(&id, 0).map_err(err)? != want {
+                self.eg_held.set(id, want, 0).map_err(err)?;
+            }
+        }
+
+        let want: Vec<(u32, SteerEntry)> = plan
+            .steer
+            .iter()
+            .map(|s| {
+                (
+                    u32::from_ne_bytes(s.pod_ip.octets()),
+                    SteerEntry {
+                        node_ip: u32::from_ne_bytes(s.node_ip.octets()),
+                        id: u32::from(s.id),
+                        tun_ifindex,
+                    },
+                )
+            })
+            .collect();
+        let have: Vec<u32> = self.eg_steer.keys().filter_map(Result::ok).collect();
+        for k in have {
+            if !want.iter().any(|(w, _)| *w == k) {
+                let _ = self.eg_steer.remove(&k);
+            }
+        }
+        for (k, v) in &want {
+            if self.eg_steer.get(k, 0).ok().as_ref() != Some(v) {
+                self.eg_steer.insert(k, v, 0).map_err(err)?;
+            }
+        }
+
+        for k in have_exempt {
+            if !exempt.iter().any(|w| same(w, &k)) {
+                let _ = self.eg_exempt.remove(&k);
+            }
+        }
+        Ok(())
+    }
+
     /// Attaches both programs to a pod's host veth (adding `clsact` if needed).
     fn attach(&mut self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         // EEXIST is the common case after the first add; a real failure shows up below.
@@ -812,12 +898,43 @@ impl Dataplane for EbpfDataplane {
         Ok(removed)
     }
 
-    async fn set_egress(&self, _plan: &crate::dataplane::EgressPlan) -> Result<(), DataplaneError> {
-        Err(DataplaneError::Other {
-            backend: "ebpf",
-            op: "set_egress",
-            msg: "not implemented yet".into(),
-        })
+    async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
+        let err = |msg: String| other_err("set_egress", msg);
+        if let Some(s) = plan.steer.iter().find(|s| s.id == 0) {
+            return Err(err(format!(
+                "pod {} is steered with Egress id 0 (ids are 1..=255)",
+                s.pod_ip
+            )));
+        }
+        if plan.held.contains(&0) {
+            return Err(err("Egress id 0 cannot be held (ids are 1..=255)".into()));
+        }
+        let tunnel = {
+            let g = self.lock();
+            let st = g
+                .as_ref()
+                .ok_or_else(|| err("init_node was not called".into()))?;
+            st.node.tunnel
+        };
+        let tun_ifindex = match (tunnel, plan.steer.first()) {
+            (_, None) => 0,
+            (None, Some(s)) => {
+                return Err(err(format!(
+                    "pod {} cannot be steered to egress node {}: this node runs in noEncap \
+                     mode and has no tunnel to carry it",
+                    s.pod_ip, s.node_ip
+                )));
+            }
+            (Some(_), Some(_)) => self
+                .link_index(TUNNEL_IFNAME)
+                .await
+                .map_err(|e| err(format!("get {TUNNEL_IFNAME}: {e}")))?
+                .ok_or_else(|| err(format!("{TUNNEL_IFNAME} is missing")))?,
+        };
+        self.lock()
+            .as_mut()
+            .expect("checked above")
+            .sync_egress(plan, tun_ifindex)
     }
 
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
