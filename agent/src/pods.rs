@@ -435,6 +435,48 @@ impl PodManager {
     }
 }
 
+/// This node's pods as Kubernetes knows them: each attachment that carries a pod identity
+/// (CNI_ARGS `K8S_POD_NAMESPACE`/`K8S_POD_NAME`) joined with the Pod object of that
+/// namespace/name, unless the object says it runs on another node. Keyed by `namespace/name`,
+/// with the address from the attachment (in `files` mode nothing else knows it). Two
+/// sandboxes of one pod (a restart whose DEL has not come yet): the one whose IP the Pod's
+/// status names, else the first by container ID.
+pub fn local_pods<'a>(
+    state: &'a crate::source::DesiredState,
+    records: &[PodRecord],
+    node_name: &str,
+) -> std::collections::BTreeMap<String, (Ipv4Addr, &'a crate::source::PodInfo)> {
+    use std::collections::BTreeMap;
+    let mut local = BTreeMap::new();
+    let mut by_pod: BTreeMap<String, Vec<&PodRecord>> = BTreeMap::new();
+    for r in records.iter().filter(|r| !r.pod_name.is_empty()) {
+        let ns = if r.pod_namespace.is_empty() {
+            "default"
+        } else {
+            &r.pod_namespace
+        };
+        by_pod
+            .entry(crate::source::object_key(ns, &r.pod_name))
+            .or_default()
+            .push(r);
+    }
+    for (key, mut recs) in by_pod {
+        let Some(pod) = state.pods.get(&key) else {
+            continue;
+        };
+        if pod.node_name.as_deref().is_some_and(|n| n != node_name) {
+            continue;
+        }
+        recs.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        let rec = recs
+            .iter()
+            .find(|r| Some(r.ip) == pod.pod_ip)
+            .unwrap_or(&recs[0]);
+        local.insert(key, (rec.ip, pod));
+    }
+    local
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,46 +653,4 @@ mod tests {
         pm.del("a", "eth0").await.unwrap();
         assert!(rx.has_changed().unwrap(), "DEL not notified");
     }
-}
-
-/// This node's pods as Kubernetes knows them: each attachment that carries a pod identity
-/// (CNI_ARGS `K8S_POD_NAMESPACE`/`K8S_POD_NAME`) joined with the Pod object of that
-/// namespace/name, unless the object says it runs on another node. Keyed by `namespace/name`,
-/// with the address from the attachment (in `files` mode nothing else knows it). Two
-/// sandboxes of one pod (a restart whose DEL has not come yet): the one whose IP the Pod's
-/// status names, else the first by container ID.
-pub fn local_pods<'a>(
-    state: &'a crate::source::DesiredState,
-    records: &[PodRecord],
-    node_name: &str,
-) -> std::collections::BTreeMap<String, (Ipv4Addr, &'a crate::source::PodInfo)> {
-    use std::collections::BTreeMap;
-    let mut local = BTreeMap::new();
-    let mut by_pod: BTreeMap<String, Vec<&PodRecord>> = BTreeMap::new();
-    for r in records.iter().filter(|r| !r.pod_name.is_empty()) {
-        let ns = if r.pod_namespace.is_empty() {
-            "default"
-        } else {
-            &r.pod_namespace
-        };
-        by_pod
-            .entry(crate::source::object_key(ns, &r.pod_name))
-            .or_default()
-            .push(r);
-    }
-    for (key, mut recs) in by_pod {
-        let Some(pod) = state.pods.get(&key) else {
-            continue;
-        };
-        if pod.node_name.as_deref().is_some_and(|n| n != node_name) {
-            continue;
-        }
-        recs.sort_by(|a, b| a.container_id.cmp(&b.container_id));
-        let rec = recs
-            .iter()
-            .find(|r| Some(r.ip) == pod.pod_ip)
-            .unwrap_or(&recs[0]);
-        local.insert(key, (rec.ip, pod));
-    }
-    local
 }

@@ -178,6 +178,11 @@ impl Tcpdump {
         Ok(t)
     }
 
+    /// The packet lines printed so far (tcpdump keeps running).
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines lock").clone()
+    }
+
     /// Stops tcpdump (SIGINT by PID) and returns the packet lines it printed.
     pub fn stop(&mut self) -> Vec<String> {
         if let Some(mut c) = self.child.take() {

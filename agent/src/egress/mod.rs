@@ -78,10 +78,32 @@ pub fn start(
         ctx.transport.clone(),
         ctx.gateway_if.clone(),
         &ctx.state_dir,
-        Box::new(|| Err("MERGE-PENDING".to_string())),
+        Box::new(|| {
+            crate::vlan::VlanTagger::load()
+                .map(|t| Box::new(t) as Box<dyn node::VlanTagging>)
+                .map_err(|e| e.to_string())
+        }),
     );
     tokio::spawn(run(ctx, node, pods, nat, state));
     Ok(())
+}
+
+impl node::VlanTagging for crate::vlan::VlanTagger {
+    fn attach(&mut self, parent: &str, child: &str, vid: u16) -> Result<(), String> {
+        crate::vlan::VlanTagger::attach(self, parent, child, vid).map_err(|e| e.to_string())
+    }
+
+    fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), String> {
+        let want: Vec<crate::vlan::VlanSub> = keep
+            .iter()
+            .map(|v| crate::vlan::VlanSub {
+                parent: parent.to_owned(),
+                child: node::subif_name(*v),
+                vid: *v,
+            })
+            .collect();
+        self.sync(&want).map_err(|e| e.to_string())
+    }
 }
 
 /// The controller loop.

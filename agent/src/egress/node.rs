@@ -40,7 +40,7 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage, MacVlanMode};
 use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
 use netlink_packet_route::rule::{RuleAttribute, RuleMessage};
-use rtnetlink::{Handle, IpVersion, LinkMacVlan, LinkVlan, RouteMessageBuilder};
+use rtnetlink::{Handle, IpVersion, LinkMacVlan, LinkUnspec, LinkVlan, RouteMessageBuilder};
 
 use super::model::SubnetInfo;
 use super::plan::HeldIp;
@@ -219,12 +219,9 @@ impl EgressNode {
             LinkAttribute::Mtu(m) => Some(*m),
             _ => None,
         });
-        let alias = LinkAttribute::IfAlias(ALIAS.to_owned());
         let mut made_vlan = false;
         if self.has_8021q != Some(false) {
-            let mut b = LinkVlan::new(&name, parent.header.index, vlan)
-                .up()
-                .append_extra_attribute(alias.clone());
+            let mut b = LinkVlan::new(&name, parent.header.index, vlan).up();
             if let Some(m) = mtu {
                 b = b.mtu(m);
             }
@@ -243,9 +240,7 @@ impl EgressNode {
             }
         }
         if !made_vlan {
-            let mut b = LinkMacVlan::new(&name, parent.header.index, MacVlanMode::Bridge)
-                .up()
-                .append_extra_attribute(alias);
+            let mut b = LinkMacVlan::new(&name, parent.header.index, MacVlanMode::Bridge).up();
             if let Some(m) = mtu {
                 b = b.mtu(m);
             }
@@ -262,6 +257,17 @@ impl EgressNode {
             .link(&name)
             .await?
             .ok_or_else(|| format!("{name} vanished right after creation"))?;
+        // The kernel ignores IFLA_IFALIAS when it creates a link: set it on the new link.
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(m.header.index)
+                    .append_extra_attribute(LinkAttribute::IfAlias(ALIAS.to_owned()))
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| nl(format!("naming {name} as ferrea's"), e))?;
         tracing::info!(interface = %name, vlan, parent = %self.parent, "egress sub-interface created");
         Ok(m.header.index)
     }
@@ -630,6 +636,7 @@ impl EgressNode {
                 .v4()
                 .fw_mark(*mark)
                 .table_id(*table)
+                .action(netlink_packet_route::rule::RuleAction::ToTable)
                 .priority(RULE_PRIORITY);
             let msg = req.message_mut();
             msg.attributes.push(RuleAttribute::FwMask(EGRESS_MARK_MASK));

@@ -1,0 +1,271 @@
+//! Privileged integration test of the node side of Egress ([`EgressNode`]) in a namespace of
+//! its own: sub-interface, addresses, route table, fwmark rule, gratuitous ARP on the wire
+//! tagged with the pool's VLAN, `rp_filter` set and restored, idempotence across a restart,
+//! and removal of everything it made (and nothing else) when no IP is held any more.
+//!
+//! Topology: namespace NODE (`eth0` 10.0.0.2/24, the pods' gateway stand-in `ferrea-gw0`, a
+//! foreign `ferrea-ext.200` without ferrea's alias) — veth — namespace PEER (`eth0` 10.0.0.1/24,
+//! where tcpdump listens). Needs root; without it the test prints `SKIP: <reason>` and passes.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ferrea_agent::egress::model::SubnetInfo;
+use ferrea_agent::egress::node::{EgressNode, VlanTagging};
+use ferrea_agent::egress::plan::HeldIp;
+use ferrea_tests::capture::Tcpdump;
+use ferrea_tests::netns::NetNs;
+use ferrea_tests::skip_unless_root;
+
+struct Tagger(ferrea_agent::vlan::VlanTagger);
+
+impl VlanTagging for Tagger {
+    fn attach(&mut self, parent: &str, child: &str, vid: u16) -> Result<(), String> {
+        self.0.attach(parent, child, vid).map_err(|e| e.to_string())
+    }
+    fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), String> {
+        let want: Vec<_> = keep
+            .iter()
+            .map(|v| ferrea_agent::vlan::VlanSub {
+                parent: parent.into(),
+                child: format!("ferrea-ext.{v}"),
+                vid: *v,
+            })
+            .collect();
+        self.0.sync(&want).map_err(|e| e.to_string())
+    }
+}
+
+fn held() -> Vec<HeldIp> {
+    vec![
+        HeldIp {
+            ip: Ipv4Addr::new(10, 172, 170, 5),
+            id: 7,
+            egress: "with-vlan".into(),
+            subnet: Some(SubnetInfo {
+                gateway: Ipv4Addr::new(10, 172, 170, 254),
+                prefix_len: 24,
+                vlan: 100,
+            }),
+        },
+        HeldIp {
+            ip: Ipv4Addr::new(192, 0, 2, 9),
+            id: 8,
+            egress: "no-subnet".into(),
+            subnet: None,
+        },
+    ]
+}
+
+/// Runs `f` with a fresh [`EgressNode`] on a thread inside `ns` (a new node = a restarted
+/// agent).
+fn with_node<T: Send + 'static>(
+    ns: &NetNs,
+    state: std::path::PathBuf,
+    f: impl AsyncFnOnce(&mut EgressNode) -> T + Send + 'static,
+) -> T {
+    ns.run(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let (conn, handle, _) = rtnetlink::new_connection().unwrap();
+                tokio::spawn(conn);
+                let mut n = EgressNode::new(
+                    handle,
+                    "eth0".into(),
+                    "ferrea-gw0".into(),
+                    &state,
+                    Box::new(|| {
+                        ferrea_agent::vlan::VlanTagger::load()
+                            .map(|t| Box::new(Tagger(t)) as Box<dyn VlanTagging>)
+                            .map_err(|e| e.to_string())
+                    }),
+                );
+                f(&mut n).await
+            })
+    })
+}
+
+fn rp(ns: &NetNs, ifname: &str) -> String {
+    ns.sh(&[
+        "cat",
+        &format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter"),
+    ])
+    .unwrap()
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn egress_node_holds_ips_and_cleans_up_only_its_own() {
+    if !skip_unless_root("egress_node_holds_ips_and_cleans_up_only_its_own") {
+        return;
+    }
+    let node = NetNs::new("egn").unwrap();
+    let peer = NetNs::new("egp").unwrap();
+    node.add_veth("eth0", &peer, "eth0").unwrap();
+    node.ip(&["addr", "add", "10.0.0.2/24", "dev", "eth0"])
+        .unwrap();
+    node.ip(&["link", "set", "eth0", "up"]).unwrap();
+    peer.ip(&["addr", "add", "10.0.0.1/24", "dev", "eth0"])
+        .unwrap();
+    peer.ip(&["link", "set", "eth0", "up"]).unwrap();
+    node.ip(&[
+        "link",
+        "add",
+        "ferrea-gw0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "gwp",
+    ])
+    .unwrap();
+    node.ip(&["link", "set", "ferrea-gw0", "up"]).unwrap();
+    node.ip(&[
+        "link",
+        "add",
+        "ferrea-ext.200",
+        "link",
+        "eth0",
+        "type",
+        "macvlan",
+        "mode",
+        "bridge",
+    ])
+    .unwrap();
+    node.ip(&["addr", "add", "10.200.0.2/24", "dev", "ferrea-ext.200"])
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_owned();
+
+    let mut cap = Tcpdump::start(&peer, "eth0", "-e vlan 100 and arp").unwrap();
+    let outcomes = with_node(&node, state.clone(), async |n| n.apply(&held()).await).unwrap();
+    assert!(outcomes.iter().all(|o| o.result.is_ok()), "{outcomes:?}");
+    // The gratuitous ARP left tagged 100, announcing the egress IP.
+    let seen = ferrea_tests::wait_for(Duration::from_secs(3), || {
+        cap.lines()
+            .iter()
+            .any(|l| l.contains("vlan 100") && l.contains("10.172.170.5 tell 10.172.170.5"))
+            .then_some(())
+    });
+    let lines = cap.stop();
+    assert!(seen.is_some(), "no tagged gratuitous ARP: {lines:?}");
+
+    let link = node.ip(&["-d", "addr", "show", "ferrea-ext.100"]).unwrap();
+    assert!(link.contains("ferrea: egress sub-interface"), "{link}");
+    assert!(link.contains("10.172.170.5/24"), "{link}");
+    assert!(
+        node.ip(&["addr", "show", "eth0"])
+            .unwrap()
+            .contains("192.0.2.9/32")
+    );
+    let rules = ferrea_rules(&node).unwrap();
+    assert_eq!(rules.lines().count(), 1, "{rules}");
+    assert!(rules.contains("fwmark 0x7/0xff lookup 20100"), "{rules}");
+    let table = node.ip(&["route", "show", "table", "20100"]).unwrap();
+    assert!(
+        table.contains("default via 10.172.170.254 dev ferrea-ext.100"),
+        "{table}"
+    );
+    assert!(
+        table.contains("10.172.170.0/24 dev ferrea-ext.100"),
+        "{table}"
+    );
+    assert_eq!(rp(&node, "ferrea-ext.100"), "2");
+    assert_eq!(rp(&node, "ferrea-gw0"), "2");
+    // The sub-interface works: the peer, terminating VLAN 100 the same way, reaches it.
+    peer.ip(&[
+        "link", "add", "v100", "link", "eth0", "type", "macvlan", "mode", "bridge",
+    ])
+    .unwrap();
+    peer.ip(&["addr", "add", "10.172.170.254/24", "dev", "v100"])
+        .unwrap();
+    peer.ip(&["link", "set", "v100", "up"]).unwrap();
+    let _peer_tagger = peer.run(|| {
+        let mut t = ferrea_agent::vlan::VlanTagger::load().unwrap();
+        t.attach("eth0", "v100", 100).unwrap();
+        t
+    });
+    assert!(ferrea_tests::fabric::ping(
+        peer.name(),
+        Ipv4Addr::new(10, 172, 170, 5)
+    ));
+
+    // Drift: an outsider sets strict mode; the check restores it and counts it.
+    node.sh(&[
+        "sh",
+        "-c",
+        "echo 1 > /proc/sys/net/ipv4/conf/ferrea-ext.100/rp_filter",
+    ])
+    .unwrap();
+    let (restored, status) = with_node(&node, state.clone(), async |n| {
+        n.apply(&held()).await.unwrap();
+        let r = n.check_rp_filter();
+        (r, n.rp_filter_status())
+    });
+    // A restarted agent's first check sets it (not counted as drift); a second outsider
+    // change is.
+    assert!(restored.is_empty(), "{restored:?}");
+    assert!(status.iter().all(|s| s.want == "2"), "{status:?}");
+    assert_eq!(rp(&node, "ferrea-ext.100"), "2");
+    let (restored, status) = with_node(&node, state.clone(), async |n| {
+        n.apply(&held()).await.unwrap();
+        std::fs::write("/proc/sys/net/ipv4/conf/ferrea-ext.100/rp_filter", "1").unwrap();
+        let r = n.check_rp_filter();
+        (r, n.rp_filter_status())
+    });
+    assert_eq!(restored, vec!["ferrea-ext.100".to_owned()]);
+    let s = status
+        .iter()
+        .find(|s| s.interface == "ferrea-ext.100")
+        .unwrap();
+    assert_eq!((s.found.as_str(), s.restored), ("1", 1), "{s:?}");
+    assert_eq!(rp(&node, "ferrea-ext.100"), "2");
+    // Re-applied by restarted agents: nothing duplicated.
+    assert_eq!(ferrea_rules(&node).unwrap().lines().count(), 1);
+    assert_eq!(
+        node.ip(&["route", "show", "table", "20100"])
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+
+    // Nothing held: everything ferrea made goes; the foreign interface stays as it was.
+    with_node(&node, state.clone(), async |n| n.apply(&[]).await).unwrap();
+    assert!(node.ip(&["link", "show", "ferrea-ext.100"]).is_err());
+    assert!(
+        !node
+            .ip(&["addr", "show", "eth0"])
+            .unwrap()
+            .contains("192.0.2.9")
+    );
+    assert_eq!(ferrea_rules(&node).unwrap().trim(), "");
+    assert_eq!(
+        node.ip(&["route", "show", "table", "all", "proto", "71"])
+            .unwrap()
+            .trim(),
+        ""
+    );
+    let foreign = node.ip(&["addr", "show", "ferrea-ext.200"]).unwrap();
+    assert!(foreign.contains("10.200.0.2/24"), "{foreign}");
+    assert!(
+        node.ip(&["addr", "show", "eth0"])
+            .unwrap()
+            .contains("10.0.0.2/24")
+    );
+}
+
+/// The policy rules ferrea's Egress made (`proto 71`; this iproute2 does not filter rules by
+/// protocol itself).
+fn ferrea_rules(ns: &NetNs) -> anyhow::Result<String> {
+    Ok(ns
+        .ip(&["rule", "show"])?
+        .lines()
+        .filter(|l| l.contains("proto 71"))
+        .map(|l| format!("{l}\n"))
+        .collect())
+}
