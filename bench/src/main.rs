@@ -24,6 +24,13 @@
 //!   (`npl_100_pods_remove_ms`). The time includes the `files` source noticing the change
 //!   (it polls every 200 ms); the agent's own share, from the change in hand to rules and
 //!   annotations written, is `npl_100_pods_agent_sync_ms` (from its log).
+//! - `egress`: single-stream TCP and 64-byte UDP from pods to the external host on a two-node
+//!   cluster with seed 000's Egress (VLAN 100 sub-interface, policy routing, SNAT by mark),
+//!   for both dataplanes: a selected pod on the node holding the egress IP (`egress`), a
+//!   selected pod on the other node, whose traffic is tunnelled to the holder first
+//!   (`egress_remote`), and an unselected pod leaving through the node's plain masquerade
+//!   (`masquerade`), interleaved over 3 rounds; `egress_tcp_gbps_vs_masquerade` is the median
+//!   of same-round ratios (goal: at least 0.95). OVS figures carry the `ovs_` prefix.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -56,8 +63,9 @@ fn main() -> anyhow::Result<()> {
         "flow-install" => flow_install(&mut fig)?,
         "throughput-cross-node" => throughput_cross_node(&mut fig)?,
         "npl" => npl(&mut fig)?,
+        "egress" => egress(&mut fig)?,
         _ => bail!(
-            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl"
+            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress"
         ),
     }
     println!("{}", serde_json::to_string(&fig)?);
@@ -583,6 +591,58 @@ fn throughput_cross_node(fig: &mut Figures) -> anyhow::Result<()> {
             ("ferrea_ebpf", "kernel_vxlan"),
         ],
     );
+    Ok(())
+}
+
+/// Rounds of the `egress` comparison.
+const EGRESS_ROUNDS: usize = 3;
+
+fn egress(fig: &mut Figures) -> anyhow::Result<()> {
+    use ferrea_tests::egress::EgressCluster;
+    use ferrea_tests::fabric::INTERNET_IP;
+    let ebpf = EgressCluster::start(Dataplane::Ebpf).context("eBPF egress cluster")?;
+    let ovs = EgressCluster::start(Dataplane::Ovs).context("OVS egress cluster")?;
+    let ext = ebpf.c.external().name().to_owned();
+    let ext_ovs = ovs.c.external().name().to_owned();
+    let mut paths: Vec<(&str, String, String, Ipv4Addr)> = Vec::new();
+    for (prefix, c, ext) in [("", &ebpf, &ext), ("ovs_", &ovs, &ext_ovs)] {
+        let (egress, remote, masq): (&str, &str, &str) = if prefix.is_empty() {
+            ("egress", "egress_remote", "masquerade")
+        } else {
+            ("ovs_egress", "ovs_egress_remote", "ovs_masquerade")
+        };
+        // Both local paths from pods on the node that holds the egress IP.
+        paths.push((
+            egress,
+            c.selected[c.egress_node].ns().name().into(),
+            ext.clone(),
+            INTERNET_IP,
+        ));
+        paths.push((
+            remote,
+            c.selected[c.other_node].ns().name().into(),
+            ext.clone(),
+            INTERNET_IP,
+        ));
+        paths.push((
+            masq,
+            c.unselected[c.egress_node].ns().name().into(),
+            ext.clone(),
+            INTERNET_IP,
+        ));
+    }
+    let runs = measure_paths(fig, &paths, EGRESS_ROUNDS)?;
+    paired_ratios(
+        fig,
+        &runs,
+        &[
+            ("egress", "masquerade"),
+            ("egress_remote", "masquerade"),
+            ("ovs_egress", "ovs_masquerade"),
+            ("ovs_egress_remote", "ovs_masquerade"),
+        ],
+    );
+    fig.insert("egress_ip".into(), json!(ebpf.ip.to_string()));
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //!
 //! The external host terminates VLAN 100 with the pool's gateway address ([`VlanGateway`])
 //! and runs a TCP listener that reports each connection's source ([`TcpPeers`]). One pod
-//! labelled `app: hello-world1` runs on each node, and one unselected pod on the first.
+//! labelled `app: hello-world1` and one unselected pod run on each node.
 //! [`EgressCluster::start`] returns once every node agrees on the egress IP and its holder
 //! reports it assigned.
 
@@ -78,8 +78,8 @@ pub struct EgressCluster {
     pub ip: Ipv4Addr,
     /// A selected pod on each node, by node index.
     pub selected: Vec<Pod>,
-    /// An unselected pod on the first node.
-    pub unselected: Pod,
+    /// An unselected pod on each node, by node index.
+    pub unselected: Vec<Pod>,
 }
 
 /// Writes `file` into every node's source.
@@ -167,14 +167,15 @@ fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
     let gw = VlanGateway::start(c.external(), 100, "10.172.170.254/24".parse()?)
         .context("terminating VLAN 100 on the external host")?;
     let listener = TcpPeers::start(c.external(), SocketAddr::from((INTERNET_IP, 8090)))?;
-    let mut selected = Vec::new();
+    let (mut selected, mut unselected) = (Vec::new(), Vec::new());
     for n in c.nodes() {
         let p = n.add_pod()?;
         m::write_pod(n, &p.attachment().pod_name, SELECTED, &[])?;
         selected.push(p);
+        let p = n.add_pod()?;
+        m::write_pod(n, &p.attachment().pod_name, OTHER, &[])?;
+        unselected.push(p);
     }
-    let unselected = c.nodes()[0].add_pod()?;
-    m::write_pod(&c.nodes()[0], &unselected.attachment().pod_name, OTHER, &[])?;
     publish_all(&c, "pool.yaml", SEED_POOL);
     publish_all(&c, "egress.yaml", SEED_EGRESS);
     // Every node computes the same assignment; wait for the holder to report it assigned.

@@ -64,7 +64,9 @@ fn seed_manifests_give_selected_pods_the_egress_ip_on_vlan_100(dp: Dataplane) {
         s.ip
     );
     // The unselected pod keeps its node's masquerade.
-    assert_eq!(source_seen(&s.unselected, &s.listener), holder.ip());
+    for (i, p) in s.unselected.iter().enumerate() {
+        assert_eq!(source_seen(p, &s.listener), s.c.nodes()[i].ip());
+    }
     // The holder shows the sub-interface, the rule and the table.
     let links = holder
         .ns()
