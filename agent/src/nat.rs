@@ -184,8 +184,22 @@ impl EgressRules {
         let mut s = format!(
             "table ip {table} {{\n  chain egress_mark {{\n    type filter hook prerouting priority mangle; policy accept;\n"
         );
-        if !self.exempt.is_empty() {
-            let ex: Vec<String> = self.exempt.iter().map(|c| c.to_string()).collect();
+        // nft rejects overlapping intervals in one set: keep only the outermost networks.
+        let outer: Vec<&Ipv4Network> = self
+            .exempt
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| {
+                !self.exempt.iter().enumerate().any(|(j, o)| {
+                    j != *i
+                        && o.contains(c.network())
+                        && (o.prefix() < c.prefix() || (o.prefix() == c.prefix() && j < *i))
+                })
+            })
+            .map(|(_, c)| c)
+            .collect();
+        if !outer.is_empty() {
+            let ex: Vec<String> = outer.iter().map(|c| c.to_string()).collect();
             let _ = writeln!(s, "    ip daddr {{ {} }} return", ex.join(", "));
         }
         if !self.marks.is_empty() {
