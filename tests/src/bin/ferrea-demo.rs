@@ -202,7 +202,78 @@ fn run(args: &Args) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    step(7, "teardown (CNI DEL of every pod, then the nodes)")?;
+    step(
+        7,
+        "Egress: seed 000's ExternalIPPool (VLAN 100) and Egress for pods labelled app=hello-world1",
+    )?;
+    show_egress(&cluster, &pods)?;
+
+    step(8, "teardown (CNI DEL of every pod, then the nodes)")?;
+    Ok(())
+}
+
+/// Labels the first pod of each node `app: hello-world1`, applies seed 000's manifests to
+/// every node's source, and shows the source the external host sees for every pod and a frame
+/// tagged 100 on the fabric.
+fn show_egress(cluster: &Cluster, pods: &[Vec<ferrea_tests::Pod>]) -> anyhow::Result<()> {
+    use ferrea_tests::egress::{self as eg, SEED_EGRESS, SEED_POOL, SELECTED};
+    let _gw = ferrea_tests::fabric::VlanGateway::start(
+        cluster.external(),
+        100,
+        "10.172.170.254/24".parse()?,
+    )?;
+    println!("    external host terminates VLAN 100 as 10.172.170.254 (the pool's gateway)");
+    for (node, mine) in cluster.nodes().iter().zip(pods) {
+        ferrea_tests::manifests::write_pod(node, &mine[0].attachment().pod_name, SELECTED, &[])?;
+    }
+    eg::publish_all(cluster, "pool.yaml", SEED_POOL);
+    eg::publish_all(cluster, "egress.yaml", SEED_EGRESS);
+    let (holder, ip) = ferrea_tests::wait_for(std::time::Duration::from_secs(10), || {
+        let s = eg::egress_status(&cluster.nodes()[0])?;
+        let holder = s["egressNode"].as_str()?.to_owned();
+        let n = cluster.nodes().iter().find(|n| n.name() == holder)?;
+        let hs = eg::egress_status(n)?;
+        (eg::condition(&hs, "IPAssigned") == "True")
+            .then(|| (holder, s["egressIP"].as_str().unwrap_or("").to_owned()))
+    })
+    .context("the egress IP was not assigned within 10 s")?;
+    println!("    egress IP {ip} assigned to {holder} (see <stateDir>/status/egresses.json)");
+    let idx = cluster
+        .nodes()
+        .iter()
+        .position(|n| n.name() == holder)
+        .unwrap_or(0);
+    let mut cap = ferrea_tests::capture::Tcpdump::start(
+        cluster.fabric().fabric(),
+        &format!("n{}", idx + 1),
+        &format!("-e vlan 100 and tcp and src host {ip}"),
+    )?;
+    let rec = TcpPeers::start(cluster.external(), SocketAddr::from((INTERNET_IP, 8081)))?;
+    for (node, mine) in cluster.nodes().iter().zip(pods) {
+        for (i, p) in mine.iter().enumerate() {
+            // The first connection of a newly selected pod may race the agent's apply.
+            let want = if i == 0 { ip.as_str() } else { "" };
+            let mut seen = tcp_seen_source(p.ns(), rec.addr())?;
+            let _ = ferrea_tests::wait_for(std::time::Duration::from_secs(3), || {
+                if want.is_empty() || seen.ip().to_string() == want {
+                    return Some(());
+                }
+                seen = tcp_seen_source(p.ns(), rec.addr()).ok()?;
+                None
+            });
+            println!(
+                "    {} pod {} ({}) -> external: source {}",
+                node.name(),
+                p.ip(),
+                if i == 0 { "selected" } else { "not selected" },
+                seen.ip()
+            );
+        }
+    }
+    let lines = cap.stop();
+    if let Some(l) = lines.first() {
+        println!("    on the fabric (tcpdump -e on {holder}'s port): {l}");
+    }
     Ok(())
 }
 
