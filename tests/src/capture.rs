@@ -119,8 +119,19 @@ pub struct Tcpdump {
 impl Tcpdump {
     /// Starts `tcpdump -i <iface> -nn -l <filter>` in `ns` and waits until it is capturing.
     pub fn start(ns: &NetNs, iface: &str, filter: &str) -> anyhow::Result<Self> {
+        Self::start_with(ns, iface, &[], filter)
+    }
+
+    /// Like [`Tcpdump::start`], with extra tcpdump options (`-e` for link-level headers).
+    pub fn start_with(
+        ns: &NetNs,
+        iface: &str,
+        opts: &[&str],
+        filter: &str,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new("tcpdump");
         cmd.args(["-i", iface, "-nn", "-l", "-Q", "in", "-Z", "root"])
+            .args(opts)
             .args(filter.split_whitespace())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
