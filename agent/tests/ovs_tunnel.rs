@@ -13,7 +13,9 @@
 //! And Egress (`ovs_egress_steers_by_vni_and_holds_with_the_marker_mac`): a steered pod's
 //! packets to an outside address leave node1 encapsulated to node2 with the Egress id as the
 //! VNI, exempt destinations and other pods take the normal path, node2 hands the packets of
-//! an id it holds to its stack with the marker source MAC and drops an id it does not hold;
+//! an id it holds to its stack with the marker source MAC (with node2's stack set up as the
+//! agent core does, a TCP connection from the pod reaches the outside from node2's address)
+//! and drops an id it does not hold;
 //! plans replace each other as a set, survive an agent and a vswitchd restart, and are
 //! refused with steered pods in `noEncap` mode.
 //!
@@ -37,7 +39,7 @@ use ferrea_agent::dataplane::ovs::{DatapathType, GATEWAY_IFNAME, OvsConfig, OvsD
 use ferrea_agent::dataplane::{
     Dataplane, EgressPlan, EgressSteer, NodeNetwork, RemoteNode, TUNNEL_IFNAME, egress_marker_mac,
 };
-use ferrea_tests::capture::Tcpdump;
+use ferrea_tests::capture::{TcpPeers, Tcpdump, tcp_seen_source};
 use ferrea_tests::fabric::{self, Fabric, ping};
 use ferrea_tests::netns::NetNs;
 use ferrea_tests::ovs::{self, OvsDaemons};
@@ -827,6 +829,54 @@ fn ovs_egress_steers_by_vni_and_holds_with_the_marker_mac() {
         "node2 did not hand the packet to its stack with the marker MAC: {:#?}",
         s.gw2
     );
+    // Node2's stack configured for Egress 7 the way the agent core does it (node2's own
+    // address standing in for the egress IP): the marker MAC becomes fwmark 7, the mark
+    // selects a route table and SNAT. Pod1 on node1 then reaches the outside from node2's
+    // address, and the replies come back to it through the overlay.
+    let nft = format!(
+        "add table ip egt; \
+         add chain ip egt pre {{ type filter hook prerouting priority mangle; }}; \
+         add rule ip egt pre iifname {GATEWAY_IFNAME} ether saddr {} meta mark set 7; \
+         add chain ip egt post {{ type nat hook postrouting priority srcnat; }}; \
+         add rule ip egt post meta mark and 0xff == 7 oifname {PHY_BRIDGE} snat to {}",
+        mac(egress_marker_mac(7)),
+        fabric::node_ip(2)
+    );
+    n2.ns.sh(&["nft", &nft]).unwrap();
+    n2.ip(&["rule", "add", "fwmark", "7/0xff", "lookup", "107"]);
+    n2.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &fabric::EXTERNAL_IP.to_string(),
+        "dev",
+        PHY_BRIDGE,
+        "table",
+        "107",
+    ]);
+    for dev in [GATEWAY_IFNAME, PHY_BRIDGE] {
+        n2.ns
+            .sh(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{dev}.forwarding=1"),
+            ])
+            .unwrap();
+    }
+    let listener = TcpPeers::start(
+        fabric.external(),
+        std::net::SocketAddr::from((internet, 8080)),
+    )
+    .unwrap();
+    let seen = tcp_seen_source(n1.pod.ns(), listener.addr()).unwrap_or_else(|e| {
+        println!("{}\n{}", n1.debug(), n2.debug());
+        panic!("pod1 -> {internet}:8080 through node2 failed: {e:#}")
+    });
+    println!("the outside saw pod1 as {seen}");
+    assert_eq!(seen.ip(), std::net::IpAddr::V4(fabric::node_ip(2)));
+    drop(listener);
+
     // Exempt (the service CIDR): the normal path, into node1's stack, not tunnelled.
     let svc = Ipv4Addr::new(10, 96, 0, 10);
     let s = observe(&fabric, &n1, &n2, &p1, svc);
