@@ -10,6 +10,15 @@
 //! address and the flows back; a departed node's flows and routes go and nothing else; a
 //! node added back is reachable within a second; `noEncap` removes the tunnel port.
 //!
+//! And Egress (`ovs_egress_steers_by_vni_and_holds_with_the_marker_mac`): a steered pod's
+//! packets to an outside address leave node1 encapsulated to node2 with the Egress id as the
+//! VNI, exempt destinations and other pods take the normal path, node2 hands the packets of
+//! an id it holds to its stack with the marker source MAC (with node2's stack set up as the
+//! agent core does, a TCP connection from the pod reaches the outside from node2's address)
+//! and drops an id it does not hold;
+//! plans replace each other as a set, survive an agent and a vswitchd restart, and are
+//! refused with steered pods in `noEncap` mode.
+//!
 //! Needs root (skipped with a printed reason otherwise) and Open vSwitch.
 
 mod common;
@@ -27,8 +36,10 @@ use common::endpoint;
 use ferrea_agent::config::Config;
 use ferrea_agent::dataplane::ovs::uplink::PHY_BRIDGE;
 use ferrea_agent::dataplane::ovs::{DatapathType, GATEWAY_IFNAME, OvsConfig, OvsDataplane};
-use ferrea_agent::dataplane::{Dataplane, NodeNetwork, RemoteNode, TUNNEL_IFNAME};
-use ferrea_tests::capture::Tcpdump;
+use ferrea_agent::dataplane::{
+    Dataplane, EgressPlan, EgressSteer, NodeNetwork, RemoteNode, TUNNEL_IFNAME, egress_marker_mac,
+};
+use ferrea_tests::capture::{TcpPeers, Tcpdump, tcp_seen_source};
 use ferrea_tests::fabric::{self, Fabric, ping};
 use ferrea_tests::netns::NetNs;
 use ferrea_tests::ovs::{self, OvsDaemons};
@@ -39,6 +50,8 @@ use ferrea_tests::vethpod::{self, VethPod, VethPodSpec};
 const BRIDGE: &str = "br-int";
 /// Remote-node flows: cookie kind 3, any id, any round.
 const REMOTE_COOKIES: &str = "cookie=0x0000000300000000/0x0000ffff00000000";
+/// Egress flows: cookie kind 4, any id, any round.
+const EGRESS_COOKIES: &str = "cookie=0x0000000400000000/0x0000ffff00000000";
 
 type Job = Box<dyn FnOnce(Arc<OvsDataplane>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
@@ -130,6 +143,8 @@ struct TNode {
     gateway: Ipv4Addr,
     pod_ip: Ipv4Addr,
     cfg_yaml: String,
+    /// More pods the test wired on this node, re-added at every agent start.
+    extra: Vec<ferrea_agent::dataplane::PodEndpoint>,
 }
 
 impl TNode {
@@ -187,6 +202,7 @@ impl TNode {
             gateway,
             pod_ip,
             cfg_yaml: cfg_yaml.to_owned(),
+            extra: Vec::new(),
         }
     }
 
@@ -225,6 +241,7 @@ impl TNode {
     /// init_node, add_pod, set_remote_nodes, retain_pods: an agent start.
     fn start_agent(&mut self, net: NodeNetwork, remotes: Vec<RemoteNode>) {
         let ep = endpoint(&self.pod);
+        let extra = self.extra.clone();
         let offload = self.agent.call(move |dp| async move {
             dp.init_node(&net).await.unwrap();
             dp.pod_tx_checksum_offload()
@@ -239,8 +256,14 @@ impl TNode {
         }
         self.agent.call(move |dp| async move {
             dp.add_pod(&ep).await.unwrap();
+            for e in &extra {
+                dp.add_pod(e).await.unwrap();
+            }
             dp.set_remote_nodes(&remotes).await.unwrap();
-            let keep: HashSet<Ipv4Addr> = [ep.ip].into_iter().collect();
+            let keep: HashSet<Ipv4Addr> = [ep.ip]
+                .into_iter()
+                .chain(extra.iter().map(|e| e.ip))
+                .collect();
             assert!(dp.retain_pods(&keep).await.unwrap().is_empty());
         });
     }
@@ -249,6 +272,17 @@ impl TNode {
         self.agent.call(move |dp| async move {
             dp.set_remote_nodes(&remotes).await.unwrap();
         });
+    }
+
+    fn set_egress(&mut self, plan: EgressPlan) -> Result<(), String> {
+        self.agent
+            .call(move |dp| async move { dp.set_egress(&plan).await.map_err(|e| e.to_string()) })
+    }
+
+    /// The Egress flows as dumped (with counters).
+    fn egress_flows(&self) -> Vec<ovs::Flow> {
+        let mgmt = self.ovs.mgmt(BRIDGE);
+        ovs::parse_flows(&ovs::ofctl(&["dump-flows", mgmt.as_str(), EGRESS_COOKIES]).unwrap())
     }
 
     fn round(&mut self) -> u16 {
@@ -630,4 +664,397 @@ fn ovs_geneve_tunnel_on_another_port() {
         "tunnelType: geneve\ntunnelPort: 6090\n",
         "geneve",
     );
+}
+
+/// Destinations never steered, as the agent core computes them: the cluster's pod CIDRs, the
+/// service CIDR, every node's address.
+fn egress_exempt() -> Vec<ipnetwork::Ipv4Network> {
+    [
+        "10.244.0.0/16",
+        "10.96.0.0/12",
+        "172.18.0.11/32",
+        "172.18.0.12/32",
+    ]
+    .iter()
+    .map(|n| n.parse().unwrap())
+    .collect()
+}
+
+/// What three captures saw while `pod` pinged `dst`: VXLAN leaving node1 on the fabric, and
+/// what node1's and node2's gateway ports handed to their stacks (with MACs).
+struct Seen {
+    wire: Vec<String>,
+    gw1: Vec<String>,
+    gw2: Vec<String>,
+}
+
+fn observe(fabric: &Fabric, n1: &TNode, n2: &TNode, pod: &str, dst: Ipv4Addr) -> Seen {
+    let icmp = format!("icmp and dst host {dst}");
+    let mut wire = Tcpdump::start(fabric.fabric(), "n1", "udp dst port 4789").unwrap();
+    let mut gw1 = Tcpdump::start_with(&n1.ns, GATEWAY_IFNAME, &["-e"], &icmp).unwrap();
+    let mut gw2 = Tcpdump::start_with(&n2.ns, GATEWAY_IFNAME, &["-e"], &icmp).unwrap();
+    // Nothing answers most of these (no SNAT in this test): only the requests matter.
+    let dst_s = dst.to_string();
+    ferrea_tests::netns::exec(
+        pod,
+        &[
+            "ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "1", &dst_s,
+        ],
+    );
+    Seen {
+        wire: wire.stop(),
+        gw1: gw1.stop(),
+        gw2: gw2.stop(),
+    }
+}
+
+/// The lines of VXLAN packets from node1 to node2 with this VNI (tcpdump: `vni 7`).
+fn with_vni(lines: &[String], vni: u32) -> Vec<&String> {
+    let tag = format!("vni {vni}");
+    lines
+        .iter()
+        .filter(|l| {
+            let l = l.to_lowercase();
+            l.contains("172.18.0.11.")
+                && l.contains("> 172.18.0.12.4789")
+                && l.match_indices(&tag)
+                    .any(|(i, _)| !l[i + tag.len()..].starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .collect()
+}
+
+fn mac(m: [u8; 6]) -> String {
+    vethpod::mac_str(m)
+}
+
+/// A flow line without counters and cookie, to compare flow sets of two rounds.
+fn shape(f: &ovs::Flow) -> String {
+    f.normalized()
+        .split(',')
+        .filter(|t| !t.starts_with("cookie="))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn n_packets(f: &ovs::Flow) -> u64 {
+    f.line
+        .split([',', ' '])
+        .find_map(|t| t.strip_prefix("n_packets="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn ovs_egress_steers_by_vni_and_holds_with_the_marker_mac() {
+    if !skip_unless_root("ovs_egress_steers_by_vni_and_holds_with_the_marker_mac") {
+        return;
+    }
+    let fabric = Fabric::new().unwrap();
+    let mut n1 = TNode::start(&fabric, 1, "");
+    let mut n2 = TNode::start(&fabric, 2, "");
+    let (r1, r2) = (n1.remote(), n2.remote());
+    let net1 = n1.network();
+    n1.start_agent(net1, vec![r2.clone()]);
+    let net2 = n2.network();
+    n2.start_agent(net2, vec![r1.clone()]);
+    // A second pod on node1 (dropped before node1: its namespace goes first).
+    let other_ip = Ipv4Addr::new(10, 244, 1, 6);
+    let other = VethPod::create(
+        &n1.ns,
+        "otq",
+        VethPodSpec {
+            host_ifname: format!("ft1y{}", std::process::id() % 100_000),
+            ip: other_ip,
+            prefix: 24,
+            gateway: n1.gateway,
+            host_mac: [0x02, 0xfe, 10, 244, 1, 6],
+            pod_mac: vethpod::pod_mac_for(other_ip),
+        },
+    )
+    .unwrap();
+    let ep = endpoint(&other);
+    n1.extra.push(ep.clone());
+    n1.agent
+        .call(move |dp| async move { dp.add_pod(&ep).await.unwrap() });
+    let (p1, p2, po) = (
+        n1.pod.name().to_owned(),
+        n2.pod.name().to_owned(),
+        other.name().to_owned(),
+    );
+    assert_ping(&p1, n2.pod_ip, "pod1 -> pod2", &[&n1, &n2]);
+    assert_ping(&po, n2.pod_ip, "other pod -> pod2", &[&n1, &n2]);
+    let internet = fabric::INTERNET_IP;
+    let gw2_mac = mac(ferrea_agent::dataplane::ovs::pipeline::gateway_mac(
+        n2.gateway,
+    ));
+    let marker = |id| format!("{} > {gw2_mac}", mac(egress_marker_mac(id)));
+
+    // Node1 steers pod1 to node2 with Egress 7; node2 holds 7.
+    let plan1 = EgressPlan {
+        steer: vec![EgressSteer {
+            pod_ip: n1.pod_ip,
+            node_ip: fabric::node_ip(2),
+            id: 7,
+        }],
+        exempt: egress_exempt(),
+        held: vec![],
+    };
+    let held = |ids: Vec<u8>| EgressPlan {
+        steer: vec![],
+        exempt: egress_exempt(),
+        held: ids,
+    };
+    n1.set_egress(plan1.clone()).unwrap();
+    n2.set_egress(held(vec![7])).unwrap();
+    println!("node1 egress flows:\n{}", n1.flows(Some(EGRESS_COOKIES)));
+    println!("node2 egress flows:\n{}", n2.flows(Some(EGRESS_COOKIES)));
+
+    // (1) Steered: on the wire to node2 with VNI 7, never into node1's stack; node2 hands it
+    // to its stack from the marker MAC to its gateway MAC.
+    let s = observe(&fabric, &n1, &n2, &p1, internet);
+    println!("steered: {:#?}\n{:#?}\n{:#?}", s.wire, s.gw1, s.gw2);
+    if with_vni(&s.wire, 7).is_empty() {
+        println!("{}\n{}", n1.debug(), n2.debug());
+        panic!("pod1 -> {internet} not tunnelled with VNI 7: {:#?}", s.wire);
+    }
+    assert!(
+        s.gw1.is_empty(),
+        "steered packet reached node1's stack: {:#?}",
+        s.gw1
+    );
+    assert!(
+        s.gw2
+            .iter()
+            .any(|l| l.contains(&marker(7)) && l.contains(&format!("10.244.1.5 > {internet}"))),
+        "node2 did not hand the packet to its stack with the marker MAC: {:#?}",
+        s.gw2
+    );
+    // Node2's stack configured for Egress 7 the way the agent core does it (node2's own
+    // address standing in for the egress IP): the marker MAC becomes fwmark 7, the mark
+    // selects a route table and SNAT. Pod1 on node1 then reaches the outside from node2's
+    // address, and the replies come back to it through the overlay.
+    let nft = format!(
+        "add table ip egt; \
+         add chain ip egt pre {{ type filter hook prerouting priority mangle; }}; \
+         add rule ip egt pre iifname {GATEWAY_IFNAME} ether saddr {} meta mark set 7; \
+         add chain ip egt post {{ type nat hook postrouting priority srcnat; }}; \
+         add rule ip egt post meta mark and 0xff == 7 oifname {PHY_BRIDGE} snat to {}",
+        mac(egress_marker_mac(7)),
+        fabric::node_ip(2)
+    );
+    n2.ns.sh(&["nft", &nft]).unwrap();
+    n2.ip(&["rule", "add", "fwmark", "7/0xff", "lookup", "107"]);
+    n2.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &fabric::EXTERNAL_IP.to_string(),
+        "dev",
+        PHY_BRIDGE,
+        "table",
+        "107",
+    ]);
+    for dev in [GATEWAY_IFNAME, PHY_BRIDGE] {
+        n2.ns
+            .sh(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{dev}.forwarding=1"),
+            ])
+            .unwrap();
+    }
+    let listener = TcpPeers::start(
+        fabric.external(),
+        std::net::SocketAddr::from((internet, 8080)),
+    )
+    .unwrap();
+    let seen = tcp_seen_source(n1.pod.ns(), listener.addr()).unwrap_or_else(|e| {
+        println!("{}\n{}", n1.debug(), n2.debug());
+        panic!("pod1 -> {internet}:8080 through node2 failed: {e:#}")
+    });
+    println!("the outside saw pod1 as {seen}");
+    assert_eq!(seen.ip(), std::net::IpAddr::V4(fabric::node_ip(2)));
+    drop(listener);
+
+    // Exempt (the service CIDR): the normal path, into node1's stack, not tunnelled.
+    let svc = Ipv4Addr::new(10, 96, 0, 10);
+    let s = observe(&fabric, &n1, &n2, &p1, svc);
+    assert!(
+        with_vni(&s.wire, 7).is_empty(),
+        "exempt destination steered: {:#?}",
+        s.wire
+    );
+    assert!(
+        s.gw1
+            .iter()
+            .any(|l| l.contains(&format!("10.244.1.5 > {svc}"))),
+        "exempt destination did not take the normal path: {:#?}",
+        s.gw1
+    );
+    assert!(s.gw2.is_empty(), "{:#?}", s.gw2);
+    // An unsteered pod: the normal path.
+    let s = observe(&fabric, &n1, &n2, &po, internet);
+    assert!(
+        s.wire.iter().all(|l| !l.to_lowercase().contains("vni")),
+        "unsteered pod tunnelled: {:#?}",
+        s.wire
+    );
+    assert!(
+        s.gw1
+            .iter()
+            .any(|l| l.contains(&format!("10.244.1.6 > {internet}"))),
+        "{:#?}",
+        s.gw1
+    );
+    // Pods across nodes still use the overlay (VNI 0), also the steered pod.
+    let s = observe(&fabric, &n1, &n2, &p1, n2.pod_ip);
+    assert!(!with_vni(&s.wire, 0).is_empty(), "{:#?}", s.wire);
+    assert!(with_vni(&s.wire, 7).is_empty(), "{:#?}", s.wire);
+    assert_ping(
+        &p2,
+        n1.pod_ip,
+        "pod2 -> pod1 with egress flows",
+        &[&n1, &n2],
+    );
+
+    // (2) Node2 holds another id: VNI 7 arrives and is dropped, nothing reaches its stack.
+    n2.set_egress(held(vec![8])).unwrap();
+    let s = observe(&fabric, &n1, &n2, &p1, internet);
+    assert!(!with_vni(&s.wire, 7).is_empty(), "{:#?}", s.wire);
+    assert!(
+        s.gw2.is_empty(),
+        "unknown VNI reached node2's stack: {:#?}",
+        s.gw2
+    );
+    assert_ping(
+        &p1,
+        n2.pod_ip,
+        "pod1 -> pod2 while node2 holds 8",
+        &[&n1, &n2],
+    );
+
+    // (3) Idempotent: the same plan again changes nothing, counters included.
+    let before = n1.egress_flows();
+    let steer_packets = |fl: &[ovs::Flow]| {
+        fl.iter()
+            .find(|f| f.line.contains("nw_src=10.244.1.5"))
+            .map(n_packets)
+    };
+    assert!(steer_packets(&before).is_some_and(|n| n > 0), "{before:#?}");
+    n1.set_egress(plan1.clone()).unwrap();
+    let again = n1.egress_flows();
+    assert_eq!(
+        before.iter().map(ovs::Flow::normalized).collect::<Vec<_>>(),
+        again.iter().map(ovs::Flow::normalized).collect::<Vec<_>>()
+    );
+    assert_eq!(steer_packets(&before), steer_packets(&again));
+    // A new plan replaces the old set: the other pod with Egress 9, pod1 no longer steered.
+    let plan2 = EgressPlan {
+        steer: vec![EgressSteer {
+            pod_ip: other_ip,
+            node_ip: fabric::node_ip(2),
+            id: 9,
+        }],
+        exempt: egress_exempt(),
+        held: vec![],
+    };
+    n1.set_egress(plan2.clone()).unwrap();
+    n2.set_egress(held(vec![7, 9])).unwrap();
+    let ef: Vec<String> = n1
+        .egress_flows()
+        .iter()
+        .map(ovs::Flow::normalized)
+        .collect();
+    println!("node1 egress flows after the new plan: {ef:#?}");
+    assert!(
+        ef.iter().all(|f| !f.contains("10.244.1.5")
+            && !f.contains("reg2=0x7")
+            && !f.contains("tun_id=0x7")),
+        "{ef:#?}"
+    );
+    assert!(
+        ef.iter().any(|f| f.contains("nw_src=10.244.1.6")),
+        "{ef:#?}"
+    );
+    assert!(ef.iter().any(|f| f.contains("reg2=0x9")), "{ef:#?}");
+    let s = observe(&fabric, &n1, &n2, &p1, internet);
+    assert!(with_vni(&s.wire, 7).is_empty(), "{:#?}", s.wire);
+    assert!(!s.gw1.is_empty(), "pod1 no longer steered: normal path");
+    let s = observe(&fabric, &n1, &n2, &po, internet);
+    assert!(!with_vni(&s.wire, 9).is_empty(), "{:#?}", s.wire);
+    assert!(s.gw2.iter().any(|l| l.contains(&marker(9))), "{:#?}", s.gw2);
+    let node2_shape: Vec<String> = n2.egress_flows().iter().map(shape).collect();
+    assert!(
+        node2_shape.iter().filter(|f| f.contains("table=0")).count() == 2,
+        "{node2_shape:#?}"
+    );
+
+    // Agent restart: the old process's Egress flows keep steering until the new one's
+    // set_egress replaces them (round 2).
+    n1.agent.restart();
+    let net1b = n1.network();
+    n1.start_agent(net1b, vec![r2.clone()]);
+    assert_eq!(n1.round(), 2);
+    let kept = n1.egress_flows();
+    assert!(
+        !kept.is_empty() && kept.iter().all(|f| (f.cookie >> 48) == 1),
+        "{kept:#?}"
+    );
+    let s = observe(&fabric, &n1, &n2, &po, internet);
+    assert!(
+        !with_vni(&s.wire, 9).is_empty(),
+        "steering lost in the restart: {:#?}",
+        s.wire
+    );
+    n1.set_egress(plan2.clone()).unwrap();
+    let adopted = n1.egress_flows();
+    assert!(
+        adopted.iter().all(|f| (f.cookie >> 48) == 2),
+        "{adopted:#?}"
+    );
+    let shapes = |fl: &[ovs::Flow]| {
+        let mut v: Vec<String> = fl.iter().map(shape).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(shapes(&kept), shapes(&adopted));
+
+    // vswitchd restart: maintain re-installs the Egress flows with the rest.
+    n1.ovs.stop_vswitchd();
+    n1.ovs.start_vswitchd().unwrap();
+    n1.ovs.wait_mgmt(BRIDGE).unwrap();
+    n1.agent
+        .call(|dp| async move { dp.maintain().await.unwrap() });
+    assert_eq!(shapes(&n1.egress_flows()), shapes(&adopted));
+    assert_ping(
+        &po,
+        n2.pod_ip,
+        "other pod -> pod2 after vswitchd restart",
+        &[&n1, &n2],
+    );
+    let s = observe(&fabric, &n1, &n2, &po, internet);
+    assert!(
+        !with_vni(&s.wire, 9).is_empty(),
+        "steering lost in the vswitchd restart: {:#?}",
+        s.wire
+    );
+    assert!(s.gw2.iter().any(|l| l.contains(&marker(9))), "{:#?}", s.gw2);
+
+    // noEncap: steered pods are refused with a reason; held ids alone are accepted, and the
+    // tunnel-era Egress flows go.
+    n1.agent.restart();
+    let mut net = n1.network();
+    net.tunnel = None;
+    n1.start_agent(net, vec![r2.clone()]);
+    let err = n1.set_egress(plan2.clone()).unwrap_err();
+    println!("noEncap: {err}");
+    assert!(err.contains("noEncap"), "{err}");
+    n1.set_egress(held(vec![9])).unwrap();
+    assert!(n1.egress_flows().is_empty(), "{:#?}", n1.egress_flows());
+
+    drop(other);
+    drop(n1);
+    drop(n2);
+    drop(fabric);
 }

@@ -128,7 +128,13 @@ impl Tcpdump {
         Self::start_with(ns, iface, &["-e"], filter)
     }
 
-    fn start_with(ns: &NetNs, iface: &str, opts: &[&str], filter: &str) -> anyhow::Result<Self> {
+    /// Like [`Tcpdump::start`], with extra tcpdump options (`-e` for link-level headers).
+    pub fn start_with(
+        ns: &NetNs,
+        iface: &str,
+        opts: &[&str],
+        filter: &str,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new("tcpdump");
         cmd.args(["-i", iface, "-nn", "-l", "-Q", "in", "-Z", "root"])
             .args(opts)

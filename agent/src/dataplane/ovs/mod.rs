@@ -39,6 +39,18 @@
 //!   [`OvsDataplane::restore_transport`] (before the core's transport discovery) and on every
 //!   OpenFlow reconnect.
 //!
+//! Egress ([`Dataplane::set_egress`], encap mode; flows in [`pipeline::egress_flows`]): a
+//! local pod whose Egress IP another node holds has its packets to non-exempt destinations
+//! tunnelled to that node with the Egress id as the tunnel key; packets arriving with a key
+//! this node holds go to the gateway port with the marker source MAC
+//! ([`super::egress_marker_mac`]) for the node's stack to mark, route and SNAT; any other
+//! non-zero key drops. All Egress flows share the cookie kind [`cookie::KIND_EGRESS`] and are
+//! replaced as one set in one atomic bundle. A restarted agent leaves the previous process's
+//! Egress flows in place (steered pods keep their egress IP) until its first `set_egress`
+//! replaces them; [`Dataplane::retain_pods`] does not delete them. After an ovs-vswitchd
+//! restart they are re-installed with the other flows. In `noEncap` mode there is no tunnel:
+//! steered pods are refused, held ids need no flows.
+//!
 //! With the kernel datapath (`datapath_type=system`, the openvswitch module) the kernel
 //! encapsulates and routes tunnel packets itself: only the tunnel port and the flows are
 //! needed. That path is not exercised here: this machine has no openvswitch module.
@@ -61,8 +73,8 @@ use serde_json::json;
 
 use super::routes::{self, NodeRoute};
 use super::{
-    Dataplane, DataplaneError, NodeNetwork, PodEndpoint, PodStats, RemoteNode, TUNNEL_IFNAME,
-    TUNNEL_VNI, Tunnel,
+    Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
+    TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
 };
 
 pub mod openflow;
@@ -160,6 +172,8 @@ struct NodeState {
     tunnel: Option<TunnelFacts>,
     /// The remote nodes whose flows are installed (encap mode), sorted.
     remotes: Vec<RemoteFacts>,
+    /// The Egress plan whose flows are installed (normalised: sorted, deduplicated).
+    egress: EgressPlan,
     /// What moved from the transport interface to the physical bridge (userspace datapath).
     uplink: Option<UplinkConfig>,
     /// The userspace datapath tunnels: the gateway device computes its own TX checksums
@@ -238,11 +252,12 @@ impl OvsDataplane {
     }
 
     /// Every flow the agent wants now: node and tunnel flows, all known pods' and remote
-    /// nodes' flows.
+    /// nodes' flows, the Egress flows.
     fn desired_flows(s: &NodeState) -> Vec<FlowMod> {
         let mut f = pipeline::node_flows(s.round, &s.facts);
         if let Some(t) = &s.tunnel {
             f.extend(pipeline::tunnel_flows(s.round, &s.facts, t));
+            f.extend(pipeline::egress_flows(s.round, &s.facts, t, &s.egress));
         }
         for p in s.pods.values() {
             f.extend(pipeline::pod_flows(s.round, &s.facts, p));
@@ -939,12 +954,16 @@ impl Dataplane for OvsDataplane {
             port,
             vni: TUNNEL_VNI,
         });
-        // Keep pods and remote nodes known to this process (init_node twice must not forget
-        // them).
-        let (pods, remotes) = self
+        // Keep pods, remote nodes and the Egress plan known to this process (init_node twice
+        // must not forget them). A plan with steered pods is dropped in noEncap mode (no
+        // tunnel; the next set_egress says why).
+        let (pods, remotes, mut egress) = self
             .node_state()
-            .map(|s| (s.pods, s.remotes))
+            .map(|s| (s.pods, s.remotes, s.egress))
             .unwrap_or_default();
+        if node.tunnel.is_none() {
+            egress = EgressPlan::default();
+        }
         // The node's address now lives on the physical bridge's port (for the noEncap routes
         // through the transport, should the mode change without a restart).
         let mut node = node.clone();
@@ -965,6 +984,7 @@ impl Dataplane for OvsDataplane {
             flow_restore_wait,
             tunnel,
             remotes,
+            egress,
             uplink,
             gw_tx_checksum_off,
         };
@@ -1307,7 +1327,9 @@ impl Dataplane for OvsDataplane {
                 removed.extend(ip);
             }
         }
-        // Flows: pods not kept (any round), and anything of ferrea's from an older round.
+        // Flows: pods not kept (any round), and node, pod and remote-node flows from an older
+        // round. Egress flows are set_egress's: a previous process's keep steering until the
+        // first set_egress of this one replaces them.
         let flows = self.of_dump(TABLE_ALL, 0, 0).await?;
         let mut deletes: Vec<(u64, u64)> = Vec::new();
         for f in &flows {
@@ -1358,12 +1380,49 @@ impl Dataplane for OvsDataplane {
         Ok(out)
     }
 
-    async fn set_egress(&self, _plan: &crate::dataplane::EgressPlan) -> Result<(), DataplaneError> {
-        Err(DataplaneError::Other {
-            backend: "ovs",
-            op: "set_egress",
-            msg: "not implemented yet".into(),
-        })
+    async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
+        let s = self
+            .node_state()
+            .ok_or_else(|| other_err("set_egress", "init_node has not run"))?;
+        let plan = normalise_egress(plan, s.tunnel.is_some(), s.node.transport.ip)?;
+        let want = match &s.tunnel {
+            Some(t) => pipeline::egress_flows(s.round, &s.facts, t, &plan),
+            None => Vec::new(),
+        };
+        // The switch is the truth about what is installed (this process's flows, or a previous
+        // one's in an older round): nothing to do only if it holds exactly this plan's flows
+        // of this round (so the counters of an unchanged plan are kept).
+        let present = self
+            .of_dump(
+                TABLE_ALL,
+                cookie::make(0, cookie::KIND_EGRESS, 0),
+                cookie::KIND_MASK,
+            )
+            .await?;
+        let unchanged = s.egress == plan
+            && present.len() == want.len()
+            && present.iter().all(|f| cookie::round(f.cookie) == s.round);
+        if !unchanged {
+            // One atomic bundle: packets see the old set or the new one, never neither.
+            let mut mods = vec![FlowMod::delete_by_cookie(
+                cookie::make(0, cookie::KIND_EGRESS, 0),
+                cookie::KIND_MASK,
+            )];
+            mods.extend(want.iter().cloned());
+            self.of_bundle("egress flows", &mods).await?;
+            tracing::info!(
+                steered = plan.steer.len(),
+                exempt = plan.exempt.len(),
+                held = ?plan.held,
+                flows = want.len(),
+                replaced = present.len(),
+                "egress flows installed"
+            );
+        }
+        if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+            st.egress = plan;
+        }
+        Ok(())
     }
 
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
@@ -1418,6 +1477,67 @@ fn requested_ofport(node: &NodeNetwork, ip: Ipv4Addr) -> Option<u32> {
     (port < 0xff00).then_some(port)
 }
 
+/// Checks an Egress plan and puts it in a canonical form (sorted, deduplicated), so equal
+/// plans compare equal. Refuses id 0 (the cluster's own VNI), a pod steered to two places,
+/// a pod steered to this node itself, and steered pods without a tunnel (`noEncap`). Held
+/// ids without a tunnel are accepted: nothing arrives tunnelled, so they need no flows.
+fn normalise_egress(
+    plan: &EgressPlan,
+    encap: bool,
+    own_ip: Ipv4Addr,
+) -> Result<EgressPlan, DataplaneError> {
+    let bad = |msg: String| other_err("set_egress", msg);
+    if !encap && !plan.steer.is_empty() {
+        return Err(bad(format!(
+            "{} pod(s) to steer to other nodes, but this node runs in noEncap mode: the OVS \
+             backend steers Egress traffic only through the tunnel",
+            plan.steer.len()
+        )));
+    }
+    let mut steer = plan.steer.clone();
+    steer.sort();
+    steer.dedup();
+    for w in steer.windows(2) {
+        if w[0].pod_ip == w[1].pod_ip {
+            return Err(bad(format!(
+                "pod {} steered twice (Egress {} to {} and Egress {} to {})",
+                w[0].pod_ip, w[0].id, w[0].node_ip, w[1].id, w[1].node_ip
+            )));
+        }
+    }
+    if let Some(s) = steer.iter().find(|s| s.id == 0) {
+        return Err(bad(format!(
+            "pod {}: Egress id 0 is the cluster's VNI, not an Egress",
+            s.pod_ip
+        )));
+    }
+    if let Some(s) = steer.iter().find(|s| s.node_ip == own_ip) {
+        return Err(bad(format!(
+            "pod {} steered to this node's own address {own_ip}; a pod whose Egress IP this \
+             node holds is marked by the node, not steered",
+            s.pod_ip
+        )));
+    }
+    let mut held = plan.held.clone();
+    held.sort_unstable();
+    held.dedup();
+    if held.first() == Some(&0) {
+        return Err(bad("held Egress id 0 is the cluster's VNI".into()));
+    }
+    let mut exempt: Vec<ipnetwork::Ipv4Network> = plan
+        .exempt
+        .iter()
+        .map(|n| ipnetwork::Ipv4Network::new(n.network(), n.prefix()).expect("valid prefix"))
+        .collect();
+    exempt.sort();
+    exempt.dedup();
+    Ok(EgressPlan {
+        steer,
+        exempt,
+        held,
+    })
+}
+
 /// Sends one UDP datagram to the discard port of each address, so the node's stack resolves
 /// their MACs (best effort: a failure only means the first packet waits for ARP).
 fn resolve_neighbours(ips: impl Iterator<Item = Ipv4Addr>) {
@@ -1446,6 +1566,106 @@ fn isolate_from_host_stack(ep: &PodEndpoint) -> Result<(), DataplaneError> {
         crate::sysctl::ensure(&key, value).map_err(|e| pod_err("isolate", ep, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+    use crate::dataplane::EgressSteer;
+
+    fn steer(pod: &str, node: &str, id: u8) -> EgressSteer {
+        EgressSteer {
+            pod_ip: pod.parse().unwrap(),
+            node_ip: node.parse().unwrap(),
+            id,
+        }
+    }
+
+    const OWN: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
+
+    #[test]
+    fn plans_are_canonical() {
+        let a = EgressPlan {
+            steer: vec![
+                steer("10.244.1.6", "172.18.0.12", 3),
+                steer("10.244.1.5", "172.18.0.12", 3),
+                steer("10.244.1.6", "172.18.0.12", 3),
+            ],
+            exempt: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "10.244.7.9/16".parse().unwrap(),
+            ],
+            held: vec![4, 2, 4],
+        };
+        let n = normalise_egress(&a, true, OWN).unwrap();
+        assert_eq!(
+            n.steer,
+            vec![
+                steer("10.244.1.5", "172.18.0.12", 3),
+                steer("10.244.1.6", "172.18.0.12", 3)
+            ]
+        );
+        assert_eq!(
+            n.exempt,
+            vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "10.244.0.0/16".parse().unwrap()
+            ]
+        );
+        assert_eq!(n.held, vec![2, 4]);
+        assert_eq!(normalise_egress(&n, true, OWN).unwrap(), n);
+    }
+
+    #[test]
+    fn bad_plans_are_refused() {
+        let err =
+            |p: EgressPlan, encap: bool| normalise_egress(&p, encap, OWN).unwrap_err().to_string();
+        let one = EgressPlan {
+            steer: vec![steer("10.244.1.5", "172.18.0.12", 3)],
+            ..Default::default()
+        };
+        assert!(err(one.clone(), false).contains("noEncap"));
+        // Without a tunnel, held ids and exemptions alone are fine.
+        let held = EgressPlan {
+            held: vec![3],
+            exempt: vec!["10.96.0.0/12".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(normalise_egress(&held, false, OWN).is_ok());
+        let mut twice = one.clone();
+        twice.steer.push(steer("10.244.1.5", "172.18.0.13", 4));
+        assert!(err(twice, true).contains("steered twice"));
+        assert!(
+            err(
+                EgressPlan {
+                    steer: vec![steer("10.244.1.5", "172.18.0.12", 0)],
+                    ..Default::default()
+                },
+                true
+            )
+            .contains("id 0")
+        );
+        assert!(
+            err(
+                EgressPlan {
+                    steer: vec![steer("10.244.1.5", "172.18.0.11", 3)],
+                    ..Default::default()
+                },
+                true
+            )
+            .contains("own address")
+        );
+        assert!(
+            err(
+                EgressPlan {
+                    held: vec![0, 5],
+                    ..Default::default()
+                },
+                true
+            )
+            .contains("id 0")
+        );
+    }
 }
 
 #[cfg(test)]

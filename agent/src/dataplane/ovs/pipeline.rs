@@ -31,6 +31,27 @@
 //! The node itself reaches remote pods through routes `via <remote gateway> dev <gateway>
 //! onlink`; the ARP responder answers the node's requests for remote gateways with the
 //! global virtual MAC, and L3 forwarding tunnels those packets like pods' packets.
+//!
+//! Egress (encap mode, [`egress_flows`], all under the cookie kind [`cookie::KIND_EGRESS`] so
+//! the set is replaced as a whole):
+//!
+//! ```text
+//! source node (a local pod steered to the node holding its Egress IP):
+//!   L3Forwarding(30) prio 200/190  local pod / remote pod CIDR (unchanged, win first)
+//!                    prio 185      ip_dst in an exempt network -> gateway (the normal path)
+//!                    prio 180      ip_src=<pod> -> reg1=<egress node>, reg2=<id>, TunnelOutput
+//!   TunnelOutput(40) prio 210      reg2=<id> -> as the cluster's tunnel flow, tun_id=<id>
+//! egress node (holding the IP of Egress <id>):
+//!   Classifier(0)    prio 200      from the tunnel, tun_id=<id> -> eth_src=marker(<id>),
+//!                                  eth_dst=gateway MAC, gateway port (the node's stack)
+//!                    prio 0        any other tun_id (not the cluster's 0) drops
+//! ```
+//!
+//! The egress node's stack reads the Egress id from the marker source MAC
+//! ([`crate::dataplane::egress_marker_mac`], nftables sets the fwmark from it), routes by
+//! policy and SNATs; replies come back to the pod through the ordinary overlay (VNI 0).
+//! Packets the source node's stack sends into the bridge, and packets from the tunnel, never
+//! carry a local pod's source address in practice, so the steer flows need no port match.
 
 use std::net::Ipv4Addr;
 
@@ -60,6 +81,10 @@ pub enum Table {
 /// to [`Table::TunnelOutput`].
 pub const REG_TUN_DST: u8 = 1;
 
+/// The register holding the Egress id of a steered packet on the way to
+/// [`Table::TunnelOutput`] (0: not steered, the cluster's VNI).
+pub const REG_EGRESS: u8 = 2;
+
 /// Destination MAC of every packet sent into the tunnel (Antrea's "global virtual MAC"), and
 /// the MAC the ARP responder gives the node for remote gateways. The receiving node rewrites
 /// both MACs before delivery, so it never reaches a pod.
@@ -75,6 +100,10 @@ pub mod prio {
     pub const GATEWAY: u16 = 200;
     pub const GATEWAY_ARP_DROP: u16 = 150;
     pub const ANY_ARP: u16 = 100;
+    pub const EGRESS_EXEMPT: u16 = 185;
+    pub const EGRESS_STEER: u16 = 180;
+    pub const EGRESS_TUNNEL: u16 = 210;
+    pub const EGRESS_HELD: u16 = 200;
     pub const SPOOF_DROP: u16 = 150;
     pub const OTHER_DROP: u16 = 100;
     pub const DEFAULT: u16 = 0;
@@ -82,9 +111,11 @@ pub mod prio {
 
 /// Cookie layout: `round:16 | kind:16 | id:32`. `round` changes with every agent start (old
 /// rounds are deleted once pods are reconciled); `kind` tells node flows from pod flows and
-/// remote-node flows; `id` is the pod's IPv4 address, or the network address of a remote
-/// node's pod CIDR, so a pod's or a remote node's flows are found and deleted by cookie mask
-/// in every round at once.
+/// remote-node flows and Egress flows; `id` is the pod's IPv4 address, or the network address
+/// of a remote node's pod CIDR, so a pod's or a remote node's flows are found and deleted by
+/// cookie mask in every round at once. Egress flows are replaced as one set (by kind); their
+/// `id` only tells them apart in a dump: the steered pod's address, the Egress id, or 0 for
+/// the exemptions.
 pub mod cookie {
     use std::net::Ipv4Addr;
 
@@ -96,6 +127,8 @@ pub mod cookie {
     pub const KIND_POD: u16 = 2;
     /// A remote node's flows.
     pub const KIND_REMOTE: u16 = 3;
+    /// Egress flows (steered pods, exemptions, held ids).
+    pub const KIND_EGRESS: u16 = 4;
     /// Selects the kind bits (every flow of a kind, any id, any round).
     pub const KIND_MASK: u64 = 0x0000_ffff_0000_0000;
     /// Selects kind and id (one remote node in any round).
@@ -116,6 +149,10 @@ pub mod cookie {
     /// The cookie of a remote node's flows in `round`, by the node's pod CIDR.
     pub fn remote(round: u16, pod_cidr: Ipv4Network) -> u64 {
         make(round, KIND_REMOTE, u32::from(pod_cidr.network()))
+    }
+    /// The cookie of Egress flows in `round`.
+    pub fn egress(round: u16, id: u32) -> u64 {
+        make(round, KIND_EGRESS, id)
     }
     /// Round of a cookie.
     pub fn round(c: u64) -> u16 {
@@ -151,7 +188,8 @@ pub struct NodeFacts {
 pub struct TunnelFacts {
     /// OpenFlow port of the flow-based tunnel port.
     pub port: u32,
-    /// The tunnel key every packet carries ([`crate::dataplane::TUNNEL_VNI`]).
+    /// The tunnel key of the cluster overlay ([`crate::dataplane::TUNNEL_VNI`]); Egress
+    /// packets carry their Egress id instead.
     pub vni: u32,
 }
 
@@ -308,16 +346,105 @@ pub fn tunnel_flows(round: u16, n: &NodeFacts, t: &TunnelFacts) -> Vec<FlowMod> 
             prio::TUNNEL,
             c,
             Match::new().ip(),
-            apply(vec![
-                Action::set_mac(Field::EthSrc, n.gw_mac),
-                Action::set_mac(Field::EthDst, GLOBAL_VIRTUAL_MAC),
-                Action::DecTtl,
-                Action::move_field(Field::Reg(REG_TUN_DST), Field::TunIpv4Dst),
-                Action::SetField(Field::TunId, u64::from(t.vni).to_be_bytes().to_vec()),
-                Action::Output(tun),
-            ]),
+            apply(tunnel_output(n, tun, u64::from(t.vni))),
         ),
     ]
+}
+
+/// What sends a packet to the node in [`REG_TUN_DST`] with tunnel key `key`.
+fn tunnel_output(n: &NodeFacts, tun: u32, key: u64) -> Vec<Action> {
+    vec![
+        Action::set_mac(Field::EthSrc, n.gw_mac),
+        Action::set_mac(Field::EthDst, GLOBAL_VIRTUAL_MAC),
+        Action::DecTtl,
+        Action::move_field(Field::Reg(REG_TUN_DST), Field::TunIpv4Dst),
+        Action::SetField(Field::TunId, key.to_be_bytes().to_vec()),
+        Action::Output(tun),
+    ]
+}
+
+/// The Egress flows of `plan` in `round` (encap mode; see the module doc). Expects a plan
+/// whose ids are not 0 (the cluster's VNI); the backend checks that.
+///
+/// - Steered pods: one L3 flow per pod selecting the egress node and the id; one
+///   `TunnelOutput` flow per id setting the key. Exempt destinations (and this node's own
+///   pod CIDR, so the pod's gateway address is never steered) get L3 flows above the steer
+///   flows with the default's action (the gateway port). No steered pod: no exemptions.
+/// - Held ids: one classifier flow per id handing the node's stack the packet with the
+///   marker source MAC.
+pub fn egress_flows(
+    round: u16,
+    n: &NodeFacts,
+    t: &TunnelFacts,
+    plan: &crate::dataplane::EgressPlan,
+) -> Vec<FlowMod> {
+    let apply = |a: Vec<Action>| vec![Instruction::ApplyActions(a)];
+    let mut out = Vec::new();
+    if !plan.steer.is_empty() {
+        let mut exempt: Vec<Ipv4Network> = plan.exempt.clone();
+        exempt.push(n.pod_cidr);
+        let mut nets: Vec<(Ipv4Addr, u8)> =
+            exempt.iter().map(|e| (e.network(), e.prefix())).collect();
+        nets.sort();
+        nets.dedup();
+        for (net, prefix) in nets {
+            out.push(FlowMod::add(
+                Table::L3Forwarding as u8,
+                prio::EGRESS_EXEMPT,
+                cookie::egress(round, 0),
+                Match::new().ip().ipv4_dst(net, prefix),
+                apply(vec![
+                    Action::set_mac(Field::EthDst, n.gw_mac),
+                    Action::Output(n.gw_port),
+                ]),
+            ));
+        }
+        let mut ids: Vec<u8> = Vec::new();
+        for s in &plan.steer {
+            out.push(FlowMod::add(
+                Table::L3Forwarding as u8,
+                prio::EGRESS_STEER,
+                cookie::egress(round, u32::from(s.pod_ip)),
+                Match::new().ip().ipv4_src(s.pod_ip, 32),
+                vec![
+                    Instruction::ApplyActions(vec![
+                        Action::set_reg(REG_TUN_DST, u32::from(s.node_ip)),
+                        Action::set_reg(REG_EGRESS, u32::from(s.id)),
+                    ]),
+                    goto(Table::TunnelOutput),
+                ],
+            ));
+            ids.push(s.id);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            out.push(FlowMod::add(
+                Table::TunnelOutput as u8,
+                prio::EGRESS_TUNNEL,
+                cookie::egress(round, u32::from(id)),
+                Match::new().ip().reg(REG_EGRESS, u32::from(id), u32::MAX),
+                apply(tunnel_output(n, t.port, u64::from(id))),
+            ));
+        }
+    }
+    let mut held = plan.held.clone();
+    held.sort_unstable();
+    held.dedup();
+    for id in held {
+        out.push(FlowMod::add(
+            Table::Classifier as u8,
+            prio::EGRESS_HELD,
+            cookie::egress(round, u32::from(id)),
+            Match::new().in_port(t.port).tun_id(u64::from(id)).ip(),
+            apply(vec![
+                Action::set_mac(Field::EthSrc, crate::dataplane::egress_marker_mac(id)),
+                Action::set_mac(Field::EthDst, n.gw_mac),
+                Action::Output(n.gw_port),
+            ]),
+        ));
+    }
+    out
 }
 
 /// The flows that reach one remote node's pods through the tunnel in `round` (encap mode; in
@@ -616,5 +743,118 @@ mod tests {
             counter_of(Table::ArpResponder as u8, prio::POD),
             Counter::None
         );
+    }
+
+    fn egress_plan() -> crate::dataplane::EgressPlan {
+        crate::dataplane::EgressPlan {
+            steer: vec![
+                crate::dataplane::EgressSteer {
+                    pod_ip: "10.244.1.5".parse().unwrap(),
+                    node_ip: "172.18.0.12".parse().unwrap(),
+                    id: 7,
+                },
+                crate::dataplane::EgressSteer {
+                    pod_ip: "10.244.1.6".parse().unwrap(),
+                    node_ip: "172.18.0.13".parse().unwrap(),
+                    id: 7,
+                },
+            ],
+            exempt: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "10.96.0.0/12".parse().unwrap(),
+                "172.18.0.12/32".parse().unwrap(),
+            ],
+            held: vec![9],
+        }
+    }
+
+    #[test]
+    fn egress_flows_steer_exempt_and_hold() {
+        let (n, _) = facts();
+        let t = TunnelFacts { port: 10, vni: 0 };
+        let ef = egress_flows(6, &n, &t, &egress_plan());
+        assert!(
+            ef.iter()
+                .all(|f| cookie::kind(f.cookie) == cookie::KIND_EGRESS
+                    && cookie::round(f.cookie) == 6
+                    && cookie::pod_ip(f.cookie).is_none())
+        );
+        let txt: Vec<String> = ef.iter().map(FlowMod::to_ofctl).collect();
+        // Steer: the pod's packets select the egress node (172.18.0.12 = 0xac12000c) and the
+        // id, then the shared output stage.
+        assert!(
+            txt.iter().any(|f| f.starts_with("table=30,priority=180")
+                && f.contains("eth_type=0x0800,ip_src=10.244.1.5,")
+                && f.ends_with(
+                    "actions=set_field:0xac12000c->reg1,set_field:0x00000007->reg2,goto_table:40"
+                )),
+            "{txt:#?}"
+        );
+        assert!(
+            txt.iter().any(|f| f.starts_with("table=30,priority=180")
+                && f.contains("ip_src=10.244.1.6,")
+                && f.ends_with(
+                    "set_field:0xac12000d->reg1,set_field:0x00000007->reg2,goto_table:40"
+                )),
+            "{txt:#?}"
+        );
+        // One output flow per id (two pods share id 7), above the cluster's tunnel flow.
+        let out: Vec<&String> = txt.iter().filter(|f| f.starts_with("table=40")).collect();
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert!(
+            out[0].starts_with("table=40,priority=210")
+                && out[0].contains("eth_type=0x0800,reg2=0x00000007,")
+                && out[0].ends_with(
+                    "actions=set_field:0a:58:0a:f4:01:01->eth_src,set_field:aa:bb:cc:dd:ee:ff->eth_dst,\
+                     dec_ttl,move:NXM_NX_REG1[0..31]->NXM_NX_TUN_IPV4_DST[0..31],\
+                     set_field:0x0000000000000007->tun_id,output:10"
+                ),
+            "{out:#?}"
+        );
+        // Exemptions (and the node's own pod CIDR) take the default's path, above the steer
+        // flows and below local and remote pods.
+        for net in [
+            "ip_dst=10.244.0.0/255.255.0.0",
+            "ip_dst=10.96.0.0/255.240.0.0",
+            "ip_dst=172.18.0.12,",
+            "ip_dst=10.244.1.0/255.255.255.0",
+        ] {
+            assert!(
+                txt.iter().any(|f| f.starts_with("table=30,priority=185")
+                    && f.contains(net)
+                    && f.ends_with("actions=set_field:0a:58:0a:f4:01:01->eth_dst,output:1")),
+                "{net}: {txt:#?}"
+            );
+        }
+        const { assert!(prio::EGRESS_EXEMPT > prio::EGRESS_STEER) };
+        const { assert!(prio::REMOTE > prio::EGRESS_EXEMPT && prio::POD > prio::REMOTE) };
+        const { assert!(prio::EGRESS_TUNNEL > prio::TUNNEL) };
+        // Held: the id's tunnelled packets go to the node's stack with the marker MAC.
+        assert!(
+            txt.iter().any(|f| f.starts_with("table=0,priority=200")
+                && f.contains("in_port=10,tun_id=0x0000000000000009,eth_type=0x0800")
+                && f.ends_with(
+                    "actions=set_field:0a:fe:00:00:00:09->eth_src,set_field:0a:58:0a:f4:01:01->eth_dst,output:1"
+                )),
+            "{txt:#?}"
+        );
+        assert_eq!(txt.len(), 4 + 2 + 1 + 1, "{txt:#?}");
+    }
+
+    #[test]
+    fn egress_flows_without_steered_pods_have_no_exemptions() {
+        let (n, _) = facts();
+        let t = TunnelFacts { port: 10, vni: 0 };
+        assert!(egress_flows(1, &n, &t, &Default::default()).is_empty());
+        let mut plan = egress_plan();
+        plan.steer.clear();
+        plan.held = vec![9, 3, 9];
+        let txt: Vec<String> = egress_flows(1, &n, &t, &plan)
+            .iter()
+            .map(FlowMod::to_ofctl)
+            .collect();
+        assert_eq!(txt.len(), 2, "{txt:#?}");
+        assert!(txt.iter().all(|f| f.starts_with("table=0,")), "{txt:#?}");
+        assert!(txt[0].contains("tun_id=0x0000000000000003"), "{txt:#?}");
     }
 }
