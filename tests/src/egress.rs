@@ -64,22 +64,22 @@ pub const SETTLE: Duration = Duration::from_secs(10);
 
 /// The cluster (see the module doc).
 pub struct EgressCluster {
-    /// The nodes, fabric and external host.
-    pub c: Cluster,
-    /// The external host's end of VLAN 100.
-    pub gw: VlanGateway,
+    /// A selected pod on each node, by node index.
+    pub selected: Vec<Pod>,
+    /// An unselected pod on each node, by node index.
+    pub unselected: Vec<Pod>,
     /// The external host's TCP listener on [`INTERNET_IP`]:8090.
     pub listener: TcpPeers,
+    /// The external host's end of VLAN 100.
+    pub gw: VlanGateway,
     /// Index of the node holding the egress IP.
     pub egress_node: usize,
     /// Index of the other node.
     pub other_node: usize,
     /// The egress IP.
     pub ip: Ipv4Addr,
-    /// A selected pod on each node, by node index.
-    pub selected: Vec<Pod>,
-    /// An unselected pod on each node, by node index.
-    pub unselected: Vec<Pod>,
+    /// The nodes, fabric and external host (declared last: dropped after the pods).
+    pub c: Cluster,
 }
 
 /// Writes `file` into every node's source.
@@ -201,11 +201,16 @@ fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
     );
     // Both nodes agree.
     for n in c.nodes() {
-        let s = egress_status(n).context("status view")?;
+        let agree = wait_for(SETTLE, || {
+            let s = egress_status(n)?;
+            (s["egressIP"] == ip.to_string() && condition(&s, "IPAllocated") == "True")
+                .then_some(())
+        });
         anyhow::ensure!(
-            s["egressIP"] == ip.to_string() && condition(&s, "IPAllocated") == "True",
-            "{} disagrees: {s}",
-            n.name()
+            agree.is_some(),
+            "{} disagrees: {:?}",
+            n.name(),
+            egress_status(n)
         );
     }
     Ok(EgressCluster {

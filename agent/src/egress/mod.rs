@@ -166,7 +166,8 @@ pub async fn run(
         let warnings: Vec<String> = st
             .errors
             .iter()
-            .filter(|e| e.starts_with("Egress ") || e.starts_with("ExternalIPPool "))
+            // The source prefixes each with the file it came from.
+            .filter(|e| e.contains(": Egress ") || e.contains(": ExternalIPPool "))
             .cloned()
             .chain(plan.warnings.iter().cloned())
             .collect();
