@@ -424,14 +424,16 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
         return Some(TC_ACT_SHOT as i32);
     }
     // The VNI: 0 for the overlay, an Egress id for a steered pod's traffic. One helper call
-    // that copies the tunnel metadata the device attached; no packet access.
-    // SAFETY: bpf_tunnel_key is plain old data, filled by the helper.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    // SAFETY: plain helper call on the program's own skb with a key of the size passed.
+    // that copies the tunnel metadata the device attached; no packet access. The key is left
+    // uninitialised (the helper's argument is "uninit memory" to the verifier): zeroing 44
+    // bytes would cost a store loop on every packet.
+    let mut key = core::mem::MaybeUninit::<bpf_tunnel_key>::uninit();
+    // SAFETY: plain helper call on the program's own skb with a key of the size passed; it
+    // fills the whole key (or zeroes it on failure).
     let r = unsafe {
         bpf_skb_get_tunnel_key(
             ctx.skb.skb,
-            &mut key,
+            key.as_mut_ptr(),
             core::mem::size_of::<bpf_tunnel_key>() as u32,
             0,
         )
@@ -440,8 +442,10 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
         // No tunnel metadata: not from a collect_md device. Carry nothing we cannot classify.
         return Some(TC_ACT_SHOT as i32);
     }
-    if key.tunnel_id != 0 {
-        return egress_in(ctx, key.tunnel_id);
+    // SAFETY: the helper succeeded, so it wrote the key.
+    let tunnel_id = unsafe { key.assume_init_ref() }.tunnel_id;
+    if tunnel_id != 0 {
+        return egress_in(ctx, tunnel_id);
     }
     let dst_ip = load_u32(ctx, OFF_IP_DST)?;
     // SAFETY: copied out at once; the agent replaces entries whole.
@@ -467,9 +471,15 @@ fn egress_in(ctx: &TcContext, id: u32) -> Option<i32> {
         Some(&held) if held != 0 => {}
         _ => return Some(TC_ACT_SHOT as i32),
     }
-    // SAFETY: reading the mark is a context access the verifier rewrites.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark((mark & !EGRESS_MARK_MASK) | (id & EGRESS_MARK_MASK));
+    let skb = ctx.skb.skb;
+    // SAFETY: context accesses the verifier rewrites to skb->mark. Volatile and 32 bits wide:
+    // the verifier accepts only whole-field writes, and LLVM would otherwise store the one
+    // changed byte.
+    unsafe {
+        let p = core::ptr::addr_of_mut!((*skb).mark);
+        let mark = p.read_volatile();
+        p.write_volatile((mark & !EGRESS_MARK_MASK) | (id & EGRESS_MARK_MASK));
+    }
     ctx.change_type(PACKET_HOST).ok()?;
     Some(TC_ACT_OK as i32)
 }
