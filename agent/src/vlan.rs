@@ -11,12 +11,18 @@
 //!   whose entry is gone (detached but not deleted) sends nothing: a detached sub-interface
 //!   is mute rather than leaking untagged frames onto the parent's native VLAN.
 //! - TC ingress of the parent ([`ferrea_common::PROG_VLAN_RX`]): a frame tagged with a VLAN
-//!   that has a child on this parent loses the tag (`bpf_skb_vlan_pop`) and is redirected into
-//!   the child's receive path (`bpf_redirect(child, BPF_F_INGRESS)`), so only the child sees it
-//!   (the parent would otherwise answer ARP for the child's address, untagged). Tagged frames of
-//!   other VLANs and untagged frames pass untouched (`TC_ACT_OK`): what other software on the
-//!   parent sees does not change. Untagged frames cost one read of the skb's VLAN metadata
-//!   (the kernel moves the outer tag out of the frame before TC ingress), no map lookup.
+//!   that has a child on this parent loses the tag (`bpf_skb_vlan_pop`). If it is unicast for
+//!   the child's MAC it then continues on the parent, where macvlan's demultiplexing (which
+//!   runs after TC ingress, in the same receive pass) hands it to the child: the common case,
+//!   replies to egress traffic, costs no extra pass. Every other frame of the VLAN (broadcast,
+//!   multicast, other destinations) is redirected into the child's receive path
+//!   (`bpf_redirect(child, BPF_F_INGRESS)`), so the parent never sees the VLAN's frames
+//!   untagged (it would otherwise answer ARP for the child's address, untagged, or accept a
+//!   frame from the VLAN addressed to itself). Tagged frames of other VLANs and untagged frames
+//!   pass untouched (`TC_ACT_OK`): what other software on the parent sees does not change.
+//!   Untagged frames cost one read of the skb's VLAN metadata (the kernel moves the outer tag
+//!   out of the frame before TC ingress), no map lookup. The child's MAC is read when it is
+//!   attached (and on every later attach or sync).
 //!
 //! What differs from a real VLAN device: the macvlan still receives the parent's untagged
 //! broadcasts and untagged frames addressed to its MAC (macvlan's own demultiplexing runs after
@@ -51,7 +57,9 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
 use aya::programs::{Link, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ferrea_common::{MAP_VLAN_BY_CHILD, MAP_VLAN_BY_PARENT, PROG_VLAN_RX, PROG_VLAN_TX, VlanKey};
+use ferrea_common::{
+    MAP_VLAN_BY_CHILD, MAP_VLAN_BY_PARENT, PROG_VLAN_RX, PROG_VLAN_TX, VlanChild, VlanKey,
+};
 
 /// The tagger's BPF object built from `ebpf/` by `agent/build.rs`.
 static VLAN_OBJECT: &[u8] =
@@ -112,12 +120,26 @@ pub struct VlanSub {
 /// The loaded tagger programs and their maps, in the calling thread's network namespace.
 pub struct VlanTagger {
     ebpf: Ebpf,
-    by_parent: BpfHashMap<MapData, VlanKey, u32>,
+    by_parent: BpfHashMap<MapData, VlanKey, VlanChild>,
     by_child: BpfHashMap<MapData, u32, u32>,
 }
 
 fn ifindex(name: &str) -> Result<u32, VlanError> {
     nix::net::if_::if_nametoindex(name).map_err(|_| VlanError::NoInterface(name.to_owned()))
+}
+
+/// The MAC of `name` in this network namespace (getifaddrs: netlink, so the calling thread's
+/// namespace, unlike `/sys/class/net` which shows the mount's).
+fn mac_of(name: &str) -> Result<[u8; 6], VlanError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| VlanError::Filter {
+        op: "reading interface addresses",
+        ifname: name.to_owned(),
+        msg: e.to_string(),
+    })?;
+    addrs
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .ok_or_else(|| VlanError::NoInterface(name.to_owned()))
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> VlanError {
@@ -253,16 +275,22 @@ impl VlanTagger {
             return Err(VlanError::SameInterface(parent.to_owned()));
         }
         let (p, c) = (ifindex(parent)?, ifindex(child)?);
+        let mac = mac_of(child)?;
         let key = VlanKey {
             parent_ifindex: p,
             vid: u32::from(vid),
+        };
+        let value = VlanChild {
+            ifindex: c,
+            mac_hi: u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]),
+            mac_lo: u32::from(u16::from_ne_bytes([mac[4], mac[5]])),
         };
         // A child that moved to another VLAN or parent: its old parent entry goes.
         let stale: Vec<VlanKey> = self
             .by_parent
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| *v == c && *k != key)
+            .filter(|(k, v)| v.ifindex == c && *k != key)
             .map(|(k, _)| k)
             .collect();
         for k in stale {
@@ -273,7 +301,7 @@ impl VlanTagger {
             .insert(c, u32::from(vid), 0)
             .map_err(map_err(MAP_VLAN_BY_CHILD))?;
         self.by_parent
-            .insert(key, c, 0)
+            .insert(key, value, 0)
             .map_err(map_err(MAP_VLAN_BY_PARENT))?;
         Ok((p, c))
     }
@@ -302,7 +330,7 @@ impl VlanTagger {
             parent_ifindex: p,
             vid: u32::from(vid),
         };
-        if let Ok(c) = self.by_parent.get(&key, 0) {
+        if let Ok(VlanChild { ifindex: c, .. }) = self.by_parent.get(&key, 0) {
             let _ = self.by_parent.remove(&key);
             if self.by_child.get(&c, 0).ok() == Some(u32::from(vid)) {
                 let _ = self.by_child.remove(&c);
@@ -351,9 +379,10 @@ impl VlanTagger {
                 ))
             })
             .collect();
-        let entries: Vec<(VlanKey, u32)> = self.by_parent.iter().filter_map(Result::ok).collect();
+        let entries: Vec<(VlanKey, VlanChild)> =
+            self.by_parent.iter().filter_map(Result::ok).collect();
         for (k, c) in entries {
-            if !kept.contains(&(k.parent_ifindex, c, k.vid)) {
+            if !kept.contains(&(k.parent_ifindex, c.ifindex, k.vid)) {
                 let _ = self.by_parent.remove(&k);
             }
         }
@@ -387,9 +416,10 @@ impl VlanTagger {
     /// Drops map entries whose parent or child interface no longer exists.
     fn forget_vanished(&mut self) {
         let exists = |i: u32| nix::net::if_::if_indextoname(i).is_ok();
-        let entries: Vec<(VlanKey, u32)> = self.by_parent.iter().filter_map(Result::ok).collect();
+        let entries: Vec<(VlanKey, VlanChild)> =
+            self.by_parent.iter().filter_map(Result::ok).collect();
         for (k, c) in entries {
-            if !exists(k.parent_ifindex) || !exists(c) {
+            if !exists(k.parent_ifindex) || !exists(c.ifindex) {
                 let _ = self.by_parent.remove(&k);
             }
         }

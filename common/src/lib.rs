@@ -94,12 +94,26 @@ pub struct EgressSteer {
 pub const PROG_VLAN_RX: &str = "ferrea_vlan_rx";
 /// Name of the VLAN tagger's program on TC egress of a child (macvlan) interface.
 pub const PROG_VLAN_TX: &str = "ferrea_vlan_tx";
-/// Name of the VLAN tagger's hash map (parent ifindex, VLAN id) to the child's ifindex.
+/// Name of the VLAN tagger's hash map (parent ifindex, VLAN id) to the child ([`VlanChild`]).
 pub const MAP_VLAN_BY_PARENT: &str = "FERREA_VLAN_PAR";
 /// Name of the VLAN tagger's hash map child ifindex to its VLAN id (`u32`).
 pub const MAP_VLAN_BY_CHILD: &str = "FERREA_VLAN_CHD";
 /// Maximum number of VLAN children (sub-interfaces) on one node.
 pub const MAX_VLANS: u32 = 1024;
+
+/// Value of [`MAP_VLAN_BY_PARENT`]: the child's index and MAC. A unicast frame for the child's
+/// MAC is untagged and left to the parent's macvlan demultiplexing (no second receive pass);
+/// other frames of the VLAN are redirected into the child.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VlanChild {
+    /// Index of the child interface.
+    pub ifindex: u32,
+    /// First four bytes of the child's MAC, in wire order (read as a native `u32`).
+    pub mac_hi: u32,
+    /// Last two bytes of the child's MAC, in wire order (read as a native `u16`), then zero.
+    pub mac_lo: u32,
+}
 
 /// Key of [`MAP_VLAN_BY_PARENT`].
 #[repr(C)]
@@ -142,4 +156,6 @@ mod user {
     unsafe impl aya::Pod for super::EgressSteer {}
     // SAFETY: VlanKey is repr(C) of two u32 fields, no padding; any bit pattern is valid.
     unsafe impl aya::Pod for super::VlanKey {}
+    // SAFETY: VlanChild is repr(C) of three u32 fields, no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::VlanChild {}
 }

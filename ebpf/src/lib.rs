@@ -55,7 +55,7 @@ use aya_ebpf::{
 };
 use ferrea_common::{
     Counters, EGRESS_IDS, EgressSteer, Endpoint, MAX_EGRESS_EXEMPT, MAX_NODES, MAX_PODS, MAX_VLANS,
-    RemoteNode, VlanKey,
+    RemoteNode, VlanChild, VlanKey,
 };
 
 /// Local endpoints keyed by host-side veth ifindex: who is sending on this interface.
@@ -89,7 +89,7 @@ static FERREA_EG_HELD: Array<u32> = Array::pinned(EGRESS_IDS, 0);
 /// VLAN tagger: (parent ifindex, VLAN id) to the child (macvlan) ifindex. Not pinned: the
 /// tagger's object is loaded fresh by every agent process.
 #[map(name = "FERREA_VLAN_PAR")]
-static FERREA_VLAN_PAR: HashMap<VlanKey, u32> = HashMap::with_max_entries(MAX_VLANS, 0);
+static FERREA_VLAN_PAR: HashMap<VlanKey, VlanChild> = HashMap::with_max_entries(MAX_VLANS, 0);
 
 /// VLAN tagger: child ifindex to its VLAN id.
 #[map(name = "FERREA_VLAN_CHD")]
@@ -504,12 +504,21 @@ pub fn ferrea_vlan_rx(ctx: TcContext) -> i32 {
     let Some(child) = (unsafe { FERREA_VLAN_PAR.get(&key) }).copied() else {
         return TC_ACT_OK as i32;
     };
+    // Unicast for the child's own MAC: untag and let the parent's macvlan demultiplexing
+    // (which runs after TC ingress, in the same pass) deliver it to the child. Everything
+    // else of the VLAN (broadcast, multicast, other MACs) is redirected into the child only,
+    // a second receive pass, so the parent never sees the VLAN's frames untagged.
+    let to_child = load_mac(&ctx, OFF_ETH_DST)
+        .is_some_and(|(hi, lo)| hi == child.mac_hi && u32::from(lo) == child.mac_lo);
     // SAFETY: plain helper call on the program's own skb.
     if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
         return TC_ACT_SHOT as i32;
     }
+    if to_child {
+        return TC_ACT_OK as i32;
+    }
     // SAFETY: plain helper call; BPF_F_INGRESS = into the child's receive path.
-    unsafe { bpf_redirect(child, BPF_F_INGRESS as u64) as i32 }
+    unsafe { bpf_redirect(child.ifindex, BPF_F_INGRESS as u64) as i32 }
 }
 
 /// VLAN tagger, TC egress of a child interface: pushes the child's VLAN tag (802.1Q).

@@ -105,6 +105,35 @@ pub fn node_manifest(name: &str, pod_cidr: &str, ip: Ipv4Addr) -> String {
     )
 }
 
+impl Cluster {
+    /// Gives node `i` these labels in every node's source (its own `node.yaml` included), as
+    /// `kubectl label node` would.
+    pub fn label_node(&self, i: usize, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        let n = &self.nodes[i];
+        let items: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}: \"{v}\""))
+            .collect();
+        let text = node_manifest(&n.name, &n.pod_cidr, n.ip).replacen(
+            "metadata:\n",
+            &format!("metadata:\n  labels: {{{}}}\n", items.join(", ")),
+            1,
+        );
+        for (j, other) in self.nodes.iter().enumerate() {
+            let file = if j == i {
+                "node.yaml".to_owned()
+            } else {
+                n.manifest_entry().0
+            };
+            let dir = other.manifests();
+            let tmp = dir.join(format!(".{file}.tmp"));
+            std::fs::write(&tmp, &text)?;
+            std::fs::rename(&tmp, dir.join(&file))?;
+        }
+        Ok(())
+    }
+}
+
 /// One simulated node. Dropping it stops the agent, unmounts the bpffs, deletes the namespace
 /// and the state directory, in that order (field order).
 #[derive(Debug)]

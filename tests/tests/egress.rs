@@ -33,7 +33,8 @@ dataplane_tests!(
     changes_fall_back_to_masquerade_and_clean_the_node,
     rp_filter_drift_is_restored,
     invalid_pool_is_reported_and_changes_nothing,
-    restart_reconciles_without_duplicates
+    restart_reconciles_without_duplicates,
+    the_ip_moves_with_the_node_selector
 );
 
 fn seed_manifests_give_selected_pods_the_egress_ip_on_vlan_100(dp: Dataplane) {
@@ -311,4 +312,68 @@ fn ferrea_rules(ns: &NetNs) -> anyhow::Result<String> {
         .filter(|l| l.contains("proto 71"))
         .map(|l| format!("{l}\n"))
         .collect())
+}
+
+/// The pool's `nodeSelector` (the seed's commented-out variant) admits only the node labelled
+/// `network-role: egress-gateway`; moving the label moves the IP, its sub-interface and the
+/// SNAT, and pods on both nodes follow.
+fn the_ip_moves_with_the_node_selector(dp: Dataplane) {
+    let s = setup(dp);
+    let (a, b) = (s.egress_node, s.other_node);
+    let pool = ferrea_tests::egress::SEED_POOL.replace(
+        "  nodeSelector: {}\n",
+        "  nodeSelector:\n    matchLabels:\n      network-role: egress-gateway\n",
+    );
+    let role = [("network-role", "egress-gateway")];
+    // Label the current holder first, then narrow the pool: nothing moves.
+    s.c.label_node(a, &role).unwrap();
+    publish_all(&s.c, "pool.yaml", &pool);
+    wait_source(
+        &s.selected[b],
+        &s.listener,
+        s.ip,
+        "with the holder labelled",
+    );
+    // Move the label: the other node takes the IP.
+    let t = std::time::Instant::now();
+    s.c.label_node(a, &[]).unwrap();
+    s.c.label_node(b, &role).unwrap();
+    let moved = wait_for(SETTLE, || {
+        let st = egress_status(&s.c.nodes()[b])?;
+        (st["egressNode"] == s.c.nodes()[b].name() && condition(&st, "IPAssigned") == "True")
+            .then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "the IP did not move: {:?}",
+        egress_status(&s.c.nodes()[b])
+    );
+    wait_source(
+        &s.selected[a],
+        &s.listener,
+        s.ip,
+        "after the move, from the old holder",
+    );
+    wait_source(
+        &s.selected[b],
+        &s.listener,
+        s.ip,
+        "after the move, on the new holder",
+    );
+    eprintln!("egress IP moved and both pods served in {:?}", t.elapsed());
+    let old = &s.c.nodes()[a];
+    let gone = wait_for(SETTLE, || {
+        old.links_with_prefix("ferrea-ext")
+            .ok()?
+            .is_empty()
+            .then_some(())
+    });
+    assert!(gone.is_some(), "the old holder kept its sub-interface");
+    assert!(!old.nft_ruleset().unwrap().contains("snat to"));
+    assert!(
+        s.c.nodes()[b]
+            .links_with_prefix("ferrea-ext")
+            .unwrap()
+            .contains(&"ferrea-ext.100".to_owned())
+    );
 }

@@ -23,7 +23,9 @@
 //!
 //! [`run`] is the controller: it recomputes the plan whenever the desired state or the node's
 //! attachments change and applies it when it differs (node, then nftables, then dataplane),
-//! retries a failed apply every second, checks `rp_filter` every second and writes the status
+//! retries a failed apply every second, converges again every 10 s even without a change (so a
+//! rule or sub-interface an outsider removed comes back), checks `rp_filter` every second and
+//! writes the status
 //! view `<stateDir>/status/egresses.json` (an `EgressList` with Antrea's status fields, plus
 //! the `rp_filter` values ferrea wants and finds). After a restart the first apply reconciles
 //! whatever the previous process left: it converges on the plan and removes the rest.
@@ -106,6 +108,10 @@ impl node::VlanTagging for crate::vlan::VlanTagger {
     }
 }
 
+/// How often the node is converged on the plan even when nothing changed, so that what an
+/// outsider removed (a rule, the sub-interface, an address) comes back.
+const RESYNC: Duration = Duration::from_secs(10);
+
 /// The controller loop.
 pub async fn run(
     ctx: EgressContext,
@@ -124,6 +130,7 @@ pub async fn run(
     let mut failure: Option<String> = None;
     let mut reported: Vec<String> = Vec::new();
     let mut written: Option<(Value, Value)> = None;
+    let mut last_apply = std::time::Instant::now();
     loop {
         let st = state.borrow_and_update().clone();
         let plan = plan::plan(
@@ -133,8 +140,10 @@ pub async fn run(
             &ctx.cluster,
             ctx.encap,
         );
-        if applied.as_ref() != Some(&plan) || failure.is_some() {
+        let changed = applied.as_ref() != Some(&plan);
+        if changed || failure.is_some() || last_apply.elapsed() >= RESYNC {
             let t = std::time::Instant::now();
+            last_apply = t;
             match apply(&mut node, &nat, &pods, &plan).await {
                 Ok(o) => {
                     if failure.take().is_some() {
