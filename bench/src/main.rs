@@ -29,7 +29,7 @@
 //!   for both dataplanes: a selected pod on the node holding the egress IP (`egress`), a
 //!   selected pod on the other node, whose traffic is tunnelled to the holder first
 //!   (`egress_remote`), and an unselected pod leaving through the node's plain masquerade
-//!   (`masquerade`), interleaved over 3 rounds; `egress_tcp_gbps_vs_masquerade` is the median
+//!   (`masquerade`), interleaved over 5 rounds; `egress_tcp_gbps_vs_masquerade` is the median
 //!   of same-round ratios (goal: at least 0.95). OVS figures carry the `ovs_` prefix.
 
 use std::collections::BTreeMap;
@@ -595,7 +595,7 @@ fn throughput_cross_node(fig: &mut Figures) -> anyhow::Result<()> {
 }
 
 /// Rounds of the `egress` comparison.
-const EGRESS_ROUNDS: usize = 3;
+const EGRESS_ROUNDS: usize = 5;
 
 fn egress(fig: &mut Figures) -> anyhow::Result<()> {
     use ferrea_tests::egress::EgressCluster;

@@ -137,8 +137,10 @@ pub fn source_seen(p: &Pod, l: &TcpPeers) -> Ipv4Addr {
     }
 }
 
-/// Waits until `p`'s connections arrive from `want`; panics naming `what` otherwise.
+/// Waits until `p`'s connections arrive from `want`; panics naming `what` otherwise. Prints
+/// how long it took (from the call: tests call it right after making a change).
 pub fn wait_source(p: &Pod, l: &TcpPeers, want: Ipv4Addr, what: &str) {
+    let t = std::time::Instant::now();
     let mut last = None;
     let ok = wait_for(SETTLE, || {
         let got = tcp_seen_source(p.ns(), l.addr()).ok().map(|a| a.ip());
@@ -149,6 +151,11 @@ pub fn wait_source(p: &Pod, l: &TcpPeers, want: Ipv4Addr, what: &str) {
         ok.is_some(),
         "{what}: pod {} should leave as {want}; the external host last saw {last:?}",
         p.ip()
+    );
+    eprintln!(
+        "{what}: pod {} leaves as {want} after {:?}",
+        p.ip(),
+        t.elapsed()
     );
 }
 

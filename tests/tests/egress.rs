@@ -221,6 +221,21 @@ fn rp_filter_drift_is_restored(dp: Dataplane) {
         s.ip,
         "after the reset",
     );
+    // An outsider deletes the policy rule: the periodic resync (10 s) puts it back.
+    holder
+        .ns()
+        .ip(&["rule", "del", "priority", "20100"])
+        .unwrap();
+    assert!(ferrea_rules(holder.ns()).unwrap().is_empty());
+    let t = std::time::Instant::now();
+    let back = wait_for(Duration::from_secs(15), || {
+        ferrea_rules(holder.ns())
+            .ok()
+            .filter(|r| r.contains("lookup 20100"))
+    });
+    assert!(back.is_some(), "the deleted rule did not come back");
+    eprintln!("deleted rule restored after {:?}", t.elapsed());
+    wait_source(on_other, &s.listener, s.ip, "after the rule came back");
 }
 
 fn invalid_pool_is_reported_and_changes_nothing(dp: Dataplane) {

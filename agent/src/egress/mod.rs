@@ -144,7 +144,8 @@ pub async fn run(
         if changed || failure.is_some() || last_apply.elapsed() >= RESYNC {
             let t = std::time::Instant::now();
             last_apply = t;
-            match apply(&mut node, &nat, &pods, &plan).await {
+            let previous = applied.as_ref().map(|p| p.held.clone()).unwrap_or_default();
+            match apply(&mut node, &nat, &pods, &plan, &previous).await {
                 Ok(o) => {
                     if failure.take().is_some() {
                         tracing::info!("Egress applied again after a failure");
@@ -208,13 +209,30 @@ pub async fn run(
     }
 }
 
+/// Applies `plan` after `previous` (what the node held before): make before break. IPs, routes
+/// and rules of both are in place while the marking and SNAT switch over, and what only the
+/// previous plan held goes last, so no packet is ever marked or SNATed towards an IP the node
+/// no longer has (it would vanish: its reply has nowhere to go).
 async fn apply(
     node: &mut EgressNode,
     nat: &NatTable,
     pods: &PodManager,
     plan: &NodePlan,
+    previous: &[plan::HeldIp],
 ) -> Result<Vec<IpOutcome>, String> {
-    let outcomes = node.apply(&plan.held).await?;
+    let mut both: Vec<plan::HeldIp> = plan.held.clone();
+    both.extend(
+        previous
+            .iter()
+            .filter(|p| !plan.held.iter().any(|h| h.ip == p.ip || h.id == p.id))
+            .cloned(),
+    );
+    let removing = both.len() > plan.held.len();
+    let outcomes = node.apply(&both).await?;
+    let outcomes: Vec<IpOutcome> = outcomes
+        .into_iter()
+        .filter(|o| plan.held.iter().any(|h| h.ip == o.ip))
+        .collect();
     let assigned = |ip| outcomes.iter().any(|o| o.ip == ip && o.result.is_ok());
     let rules = EgressRules {
         exempt: plan.dataplane.exempt.clone(),
@@ -242,6 +260,9 @@ async fn apply(
         .set_egress(&dp)
         .await
         .map_err(|e| e.to_string())?;
+    if removing {
+        node.apply(&plan.held).await?;
+    }
     Ok(outcomes)
 }
 
