@@ -423,6 +423,17 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
     if u16::from_be(load_u16(ctx, OFF_ETH_PROTO)?) != ETH_P_IP {
         return Some(TC_ACT_SHOT as i32);
     }
+    let dst_ip = load_u32(ctx, OFF_IP_DST)?;
+    // Local pods first, whatever the VNI: the overlay's hot path costs one map lookup, as
+    // before Egress. (A steered packet is for an address outside the cluster, never a pod.)
+    // SAFETY: copied out at once; the agent replaces entries whole.
+    if let Some(dst) = unsafe { FERREA_EP_IP.get(dst_ip) }.copied() {
+        store_mac(ctx, OFF_ETH_SRC, &dst.host_mac)?;
+        store_mac(ctx, OFF_ETH_DST, &dst.pod_mac)?;
+        count(dst.ifindex, Dir::Rx, ctx.len());
+        // SAFETY: plain helper call; valid from TC ingress.
+        return Some(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);
+    }
     // The VNI: 0 for the overlay, an Egress id for a steered pod's traffic. One helper call
     // that copies the tunnel metadata the device attached; no packet access. The key is left
     // uninitialised (the helper's argument is "uninit memory" to the verifier): zeroing 44
@@ -447,23 +458,14 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
     if tunnel_id != 0 {
         return egress_in(ctx, tunnel_id);
     }
-    let dst_ip = load_u32(ctx, OFF_IP_DST)?;
-    // SAFETY: copied out at once; the agent replaces entries whole.
-    if let Some(dst) = unsafe { FERREA_EP_IP.get(dst_ip) }.copied() {
-        store_mac(ctx, OFF_ETH_SRC, &dst.host_mac)?;
-        store_mac(ctx, OFF_ETH_DST, &dst.pod_mac)?;
-        count(dst.ifindex, Dir::Rx, ctx.len());
-        // SAFETY: plain helper call; valid from TC ingress.
-        return Some(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);
-    }
     // For the node (its gateway address, say): the inner destination MAC is the sending
     // node's tunnel MAC, so tell the stack the packet is ours.
     ctx.change_type(PACKET_HOST).ok()?;
     Some(TC_ACT_OK as i32)
 }
 
-/// A packet another node steered here for Egress `id`: to the node's stack with the id as
-/// fwmark if this node holds that Egress IP, else dropped. Never delivered to a local pod.
+/// A packet another node steered here for Egress `id` (its destination is no local pod): to
+/// the node's stack with the id as fwmark if this node holds that Egress IP, else dropped.
 #[inline(always)]
 fn egress_in(ctx: &TcContext, id: u32) -> Option<i32> {
     // Array lookup: ids above 255 are out of range and miss, so they are dropped too.
