@@ -269,3 +269,94 @@ fn ferrea_rules(ns: &NetNs) -> anyhow::Result<String> {
         .map(|l| format!("{l}\n"))
         .collect())
 }
+
+/// Whether this kernel creates links of `kind` (tried in a scratch namespace).
+fn kernel_has(kind: &str) -> bool {
+    let ns = NetNs::new("egk").unwrap();
+    ns.ip(&["link", "add", "probe0", "type", kind]).is_ok()
+}
+
+/// Where the kernel has 802.1Q devices, the sub-interface is a real VLAN device (no BPF
+/// tagger); on kernels without them (this machine) the test says so and skips.
+#[test]
+fn real_vlan_device_where_the_kernel_has_8021q() {
+    const NAME: &str = "real_vlan_device_where_the_kernel_has_8021q";
+    if !skip_unless_root(NAME) {
+        return;
+    }
+    let probe = NetNs::new("egv").unwrap();
+    probe
+        .ip(&["link", "add", "p0", "type", "veth", "peer", "name", "p1"])
+        .unwrap();
+    if probe
+        .ip(&[
+            "link", "add", "link", "p0", "name", "p0.7", "type", "vlan", "id", "7",
+        ])
+        .is_err()
+    {
+        ferrea_tests::skip(NAME, "this kernel has no 802.1Q VLAN devices (8021q)");
+        return;
+    }
+    let node = NetNs::new("egn").unwrap();
+    let peer = NetNs::new("egp").unwrap();
+    node.add_veth("eth0", &peer, "eth0").unwrap();
+    node.ip(&["link", "set", "eth0", "up"]).unwrap();
+    node.ip(&[
+        "link",
+        "add",
+        "ferrea-gw0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "gwp",
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let outcomes = with_node(&node, dir.path().to_owned(), async |n| {
+        n.apply(&held()).await
+    })
+    .unwrap();
+    assert!(outcomes.iter().all(|o| o.result.is_ok()), "{outcomes:?}");
+    let d = node.ip(&["-d", "link", "show", "ferrea-ext.100"]).unwrap();
+    assert!(d.contains("vlan protocol 802.1Q id 100"), "{d}");
+    with_node(&node, dir.path().to_owned(), async |n| n.apply(&[]).await).unwrap();
+    assert!(node.ip(&["link", "show", "ferrea-ext.100"]).is_err());
+}
+
+/// Where the kernel has dummy devices, an IP without `subnetInfo` lives on `ferrea-egress0`
+/// (as Antrea puts it on a dummy); on kernels without them (this machine) the test says so
+/// and skips (the transport fallback is covered above).
+#[test]
+fn dummy_device_where_the_kernel_has_it() {
+    const NAME: &str = "dummy_device_where_the_kernel_has_it";
+    if !skip_unless_root(NAME) {
+        return;
+    }
+    if !kernel_has("dummy") {
+        ferrea_tests::skip(NAME, "this kernel has no dummy devices");
+        return;
+    }
+    let node = NetNs::new("egn").unwrap();
+    let peer = NetNs::new("egp").unwrap();
+    node.add_veth("eth0", &peer, "eth0").unwrap();
+    node.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let only = vec![held().remove(1)];
+    let outcomes = with_node(&node, dir.path().to_owned(), async move |n| {
+        n.apply(&only).await
+    })
+    .unwrap();
+    assert_eq!(
+        outcomes[0].result.as_deref(),
+        Ok("ferrea-egress0"),
+        "{outcomes:?}"
+    );
+    assert!(
+        node.ip(&["addr", "show", "ferrea-egress0"])
+            .unwrap()
+            .contains("192.0.2.9/32")
+    );
+    with_node(&node, dir.path().to_owned(), async |n| n.apply(&[]).await).unwrap();
+    assert!(node.ip(&["link", "show", "ferrea-egress0"]).is_err());
+}

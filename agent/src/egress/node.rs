@@ -23,8 +23,9 @@
 //!   (OpenShift's node tuning does, Antrea issue 6546), so [`EgressNode::check_rp_filter`]
 //!   compares and restores it every second and reports what it found.
 //!
-//! An IP without `subnetInfo` is a /32 on the transport interface (Antrea uses a dummy
-//! device; kernels without the dummy module have none) and leaves through the main table.
+//! An IP without `subnetInfo` is a /32 on the dummy device [`DUMMY_IFNAME`], as in Antrea, and
+//! leaves through the main table. Kernels without the dummy module (the machine ferrea is
+//! tested on) get it as a /32 on the transport interface instead.
 //!
 //! Routes and rules carry `rtm_protocol` [`RTPROT_FERREA_EGRESS`], so a restarted agent finds
 //! exactly its own and removes what no held IP needs. Addresses ferrea put on the transport
@@ -54,6 +55,8 @@ pub const RULE_PRIORITY: u32 = 20100;
 pub const ALIAS: &str = "ferrea: egress sub-interface";
 /// Name prefix of the sub-interfaces.
 pub const SUBIF_PREFIX: &str = "ferrea-ext.";
+/// The dummy device holding egress IPs without `subnetInfo` (where the kernel has dummies).
+pub const DUMMY_IFNAME: &str = "ferrea-egress0";
 
 /// The route table of a subnet: `20000 + vlan` for VLAN subnets; subnets on the transport
 /// interface itself (`vlan: 0`) get one of 25000..30000 by their network address.
@@ -116,6 +119,8 @@ pub struct EgressNode {
     load_tagger: Box<dyn Fn() -> Result<Box<dyn VlanTagging>, String> + Send + Sync>,
     /// Whether the kernel makes VLAN devices (`None`: not tried yet).
     has_8021q: Option<bool>,
+    /// Whether the kernel makes dummy devices (`None`: not tried yet).
+    has_dummy: Option<bool>,
     record: PathBuf,
     /// IPs already announced by gratuitous ARP while held.
     announced: BTreeSet<Ipv4Addr>,
@@ -148,6 +153,7 @@ impl EgressNode {
             tagger: None,
             load_tagger,
             has_8021q: None,
+            has_dummy: None,
             record: state_dir.join("egress-addresses.json"),
             announced: BTreeSet::new(),
             rp: BTreeMap::new(),
@@ -188,7 +194,8 @@ impl EgressNode {
         let mut s = self.handle.link().get().execute();
         while let Some(m) = s.try_next().await.map_err(|e| nl("listing links", e))? {
             if Self::alias(&m) == Some(ALIAS)
-                && let Some(n) = Self::name(&m).filter(|n| n.starts_with(SUBIF_PREFIX))
+                && let Some(n) =
+                    Self::name(&m).filter(|n| n.starts_with(SUBIF_PREFIX) || *n == DUMMY_IFNAME)
             {
                 out.insert(n.to_owned(), m);
             }
@@ -257,19 +264,58 @@ impl EgressNode {
             .link(&name)
             .await?
             .ok_or_else(|| format!("{name} vanished right after creation"))?;
+        self.set_alias(m.header.index, &name).await?;
+        tracing::info!(interface = %name, vlan, parent = %self.parent, "egress sub-interface created");
+        Ok(m.header.index)
+    }
+
+    /// The dummy device for IPs without `subnetInfo`, created if needed; `None` when the kernel
+    /// has no dummy devices.
+    async fn ensure_dummy(&mut self) -> Result<Option<u32>, String> {
+        if self.has_dummy == Some(false) {
+            return Ok(None);
+        }
+        if let Some(m) = self.link(DUMMY_IFNAME).await? {
+            if Self::alias(&m) != Some(ALIAS) {
+                return Err(format!(
+                    "{DUMMY_IFNAME} exists and was not created by ferrea; not touching it"
+                ));
+            }
+            self.has_dummy = Some(true);
+            return Ok(Some(m.header.index));
+        }
+        let b = rtnetlink::LinkDummy::new(DUMMY_IFNAME).up();
+        match self.handle.link().add(b.build()).execute().await {
+            Ok(()) => self.has_dummy = Some(true),
+            Err(e) if is_errno(&e, libc::EOPNOTSUPP) => {
+                tracing::info!(
+                    "this kernel has no dummy devices; egress IPs without subnetInfo go on the transport interface"
+                );
+                self.has_dummy = Some(false);
+                return Ok(None);
+            }
+            Err(e) => return Err(nl(format!("creating {DUMMY_IFNAME}"), e)),
+        }
+        let m = self
+            .link(DUMMY_IFNAME)
+            .await?
+            .ok_or_else(|| format!("{DUMMY_IFNAME} vanished right after creation"))?;
+        self.set_alias(m.header.index, DUMMY_IFNAME).await?;
+        Ok(Some(m.header.index))
+    }
+
+    async fn set_alias(&self, index: u32, name: &str) -> Result<(), String> {
         // The kernel ignores IFLA_IFALIAS when it creates a link: set it on the new link.
         self.handle
             .link()
             .set(
-                LinkUnspec::new_with_index(m.header.index)
+                LinkUnspec::new_with_index(index)
                     .append_extra_attribute(LinkAttribute::IfAlias(ALIAS.to_owned()))
                     .build(),
             )
             .execute()
             .await
-            .map_err(|e| nl(format!("naming {name} as ferrea's"), e))?;
-        tracing::info!(interface = %name, vlan, parent = %self.parent, "egress sub-interface created");
-        Ok(m.header.index)
+            .map_err(|e| nl(format!("naming {name} as ferrea's"), e))
     }
 
     fn is_macvlan(&self, m: &LinkMessage) -> bool {
@@ -377,6 +423,12 @@ impl EgressNode {
         for v in &vlans {
             subif.insert(*v, self.ensure_subif(*v).await);
         }
+        let wants_dummy = held.iter().any(|h| h.subnet.is_none());
+        let dummy = if wants_dummy {
+            Some(self.ensure_dummy().await)
+        } else {
+            None
+        };
         // Where each IP goes: (ifindex, ifname, prefix).
         let mut want_on: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
         let mut on_transport: BTreeSet<(Ipv4Addr, u8)> = BTreeSet::new();
@@ -394,7 +446,17 @@ impl EgressNode {
                     }
                 },
                 Some(s) => (parent_index, self.parent.clone(), s.prefix_len),
-                None => (parent_index, self.parent.clone(), 32),
+                None => match &dummy {
+                    Some(Ok(Some(i))) => (*i, DUMMY_IFNAME.to_owned(), 32),
+                    Some(Err(e)) => {
+                        outcomes.push(IpOutcome {
+                            ip: h.ip,
+                            result: Err(e.clone()),
+                        });
+                        continue;
+                    }
+                    _ => (parent_index, self.parent.clone(), 32),
+                },
             };
             want_on.entry(idx).or_default().insert((h.ip, prefix));
             if idx == parent_index {
@@ -458,12 +520,15 @@ impl EgressNode {
         }
         self.announced
             .retain(|ip| placed.iter().any(|(h, _, _)| h.ip == *ip));
-        // Sub-interfaces no held IP needs.
+        // Sub-interfaces (and the dummy) no held IP needs.
         for (name, m) in &own {
-            let keep = name
-                .strip_prefix(SUBIF_PREFIX)
-                .and_then(|v| v.parse::<u16>().ok())
-                .is_some_and(|v| vlans.contains(&v));
+            let keep = if name == DUMMY_IFNAME {
+                wants_dummy
+            } else {
+                name.strip_prefix(SUBIF_PREFIX)
+                    .and_then(|v| v.parse::<u16>().ok())
+                    .is_some_and(|v| vlans.contains(&v))
+            };
             if !keep {
                 match self.handle.link().del(m.header.index).execute().await {
                     Ok(()) => tracing::info!(interface = %name, "egress sub-interface removed"),
