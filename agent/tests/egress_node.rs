@@ -193,6 +193,31 @@ fn egress_node_holds_ips_and_cleans_up_only_its_own() {
         peer.name(),
         Ipv4Addr::new(10, 172, 170, 5)
     ));
+    // No VLAN hopping: a frame tagged 100 addressed to the parent's own MAC (and its untagged
+    // address) goes to the sub-interface, which drops it as not its own; the parent never
+    // sees it untagged, so it never answers.
+    let brief = node.ip(&["-br", "link", "show", "eth0"]).unwrap();
+    let mac = brief.split_whitespace().nth(2).unwrap().to_owned();
+    peer.ip(&["route", "add", "10.0.0.2/32", "dev", "v100"])
+        .unwrap();
+    peer.ip(&[
+        "neigh",
+        "replace",
+        "10.0.0.2",
+        "lladdr",
+        &mac,
+        "dev",
+        "v100",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    assert!(
+        !ferrea_tests::fabric::ping(peer.name(), Ipv4Addr::new(10, 0, 0, 2)),
+        "a frame tagged 100 reached the parent's untagged address"
+    );
+    peer.ip(&["route", "del", "10.0.0.2/32", "dev", "v100"])
+        .unwrap();
 
     // Drift: an outsider sets strict mode; the check restores it and counts it.
     node.sh(&[

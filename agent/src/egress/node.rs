@@ -538,7 +538,9 @@ impl EgressNode {
                 self.rp.remove(name);
             }
         }
-        if self.has_8021q != Some(true) && (self.tagger.is_some() || !own.is_empty()) {
+        if self.has_8021q != Some(true)
+            && (self.tagger.is_some() || own.keys().any(|n| n.starts_with(SUBIF_PREFIX)))
+        {
             let parent = self.parent.clone();
             let keep: Vec<u16> = vlans.iter().copied().collect();
             self.tagger()?.retain(&parent, &keep)?;
