@@ -860,33 +860,8 @@ async fn sync_once(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::manifest;
 
-    fn state(yaml: &str) -> DesiredState {
-        let (objs, errs) = manifest::decode(yaml).unwrap();
-        assert!(errs.is_empty(), "{errs:?}");
-        let mut st = DesiredState::default();
-        for o in objs {
-            st.insert(o);
-        }
-        st
-    }
-
-    fn rec(ns: &str, name: &str, ip: [u8; 4]) -> PodRecord {
-        PodRecord {
-            container_id: format!("c-{name}"),
-            ifname: "eth0".into(),
-            ip: ip.into(),
-            prefix_len: 24,
-            gateway: [10, 244, 1, 1].into(),
-            netns: format!("/run/netns/{name}"),
-            host_ifname: "fe0".into(),
-            host_mac: [0; 6],
-            pod_mac: [0; 6],
-            pod_namespace: ns.into(),
-            pod_name: name.into(),
-        }
-    }
+    use crate::testing::{pod_record as rec, state};
 
     const PODS: &str = "\
 kind: Pod

@@ -154,3 +154,31 @@ impl Dataplane for FakeDataplane {
         Ok(None)
     }
 }
+
+/// The desired state of a manifest stream that must decode without errors.
+pub fn state(yaml: &str) -> crate::source::DesiredState {
+    let (objs, errs) = crate::source::manifest::decode(yaml).unwrap();
+    assert!(errs.is_empty(), "{errs:?}");
+    let mut st = crate::source::DesiredState::default();
+    for o in objs {
+        st.insert(o);
+    }
+    st
+}
+
+/// An attachment of pod `ns/name` (empty `ns`: as CNI_ARGS without a namespace) with `ip`.
+pub fn pod_record(ns: &str, name: &str, ip: [u8; 4]) -> crate::store::PodRecord {
+    crate::store::PodRecord {
+        container_id: format!("c-{name}"),
+        ifname: "eth0".into(),
+        ip: ip.into(),
+        prefix_len: 24,
+        gateway: [10, 244, 1, 1].into(),
+        netns: format!("/run/netns/{name}"),
+        host_ifname: "fe0".into(),
+        host_mac: [0; 6],
+        pod_mac: [0; 6],
+        pod_namespace: ns.into(),
+        pod_name: name.into(),
+    }
+}

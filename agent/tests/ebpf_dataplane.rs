@@ -13,10 +13,10 @@
 
 mod common;
 
-use common::endpoint;
+use common::{BpffsGuard, endpoint, veth_pod};
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -27,47 +27,10 @@ use ferrea_agent::dataplane::{Dataplane, NodeNetwork, PodEndpoint};
 use ferrea_tests::fabric::{ping, ping_from};
 use ferrea_tests::netns::NetNs;
 use ferrea_tests::skip_unless_root;
-use ferrea_tests::vethpod::{self, VethPod, VethPodSpec};
-
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
-
-/// The bpffs the dataplane mounts at a path under a temporary directory; unmounted on drop.
-/// (The harness's `BpfFs` mounts one itself; here mounting is the code under test.)
-struct BpffsGuard {
-    path: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Drop for BpffsGuard {
-    fn drop(&mut self) {
-        // Lazy unmount, repeated in case the dataplane was initialised twice on the same path
-        // (it must not be, but a failing test must not leave a mount behind either).
-        for _ in 0..3 {
-            if nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH).is_err() {
-                break;
-            }
-        }
-    }
-}
+use ferrea_tests::vethpod::{self, VethPod};
 
 /// A pod with MACs 02:fe:0:0:0:n (host) and 02:00:0:0:0:n (pod), address /24, default route
 /// via the gateway.
-fn make_pod(node: &NetNs, host_ifname: &str, n: u8, ip: Ipv4Addr) -> VethPod {
-    VethPod::create(
-        node,
-        "p",
-        VethPodSpec {
-            host_ifname: host_ifname.into(),
-            ip,
-            prefix: 24,
-            gateway: GATEWAY,
-            host_mac: [0x02, 0xfe, 0, 0, 0, n],
-            pod_mac: [0x02, 0x00, 0, 0, 0, n],
-        },
-    )
-    .unwrap()
-}
-
 /// `ip -n <ns> <args>`, panicking with its output if it fails.
 fn ip(ns: &str, args: &[&str]) -> String {
     ferrea_tests::netns::run_ok(Command::new("ip").args(["-n", ns]).args(args)).unwrap()
@@ -115,17 +78,25 @@ fn ebpf_dataplane_end_to_end() {
         return;
     }
     let node = NetNs::new("ebpfn").unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let bpffs = BpffsGuard {
-        path: tmp.path().join("bpf"),
-        _tmp: tmp,
-    };
+    let bpffs = BpffsGuard::new();
     // Forwarding inside the simulated node only, never in the root namespace.
     node.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         .unwrap();
     let pid = std::process::id() % 100_000;
-    let a = make_pod(&node, &format!("fea{pid}"), 5, Ipv4Addr::new(10, 244, 1, 5));
-    let b = make_pod(&node, &format!("feb{pid}"), 6, Ipv4Addr::new(10, 244, 1, 6));
+    let a = veth_pod(
+        &node,
+        "p",
+        &format!("fea{pid}"),
+        5,
+        Ipv4Addr::new(10, 244, 1, 5),
+    );
+    let b = veth_pod(
+        &node,
+        "p",
+        &format!("feb{pid}"),
+        6,
+        Ipv4Addr::new(10, 244, 1, 6),
+    );
     // A third endpoint whose "pod" is gone after a restart: both veth ends stay in the node.
     let c_if = format!("fec{pid}");
     let c = PodEndpoint {

@@ -16,11 +16,11 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
-use common::endpoint;
+use common::{BpffsGuard, GATEWAY, endpoint, veth_pod};
 use ferrea_agent::config::TunnelType;
 use ferrea_agent::dataplane::ebpf::{EbpfDataplane, PinLayout};
 use ferrea_agent::dataplane::{
@@ -30,9 +30,8 @@ use ferrea_common::EgressSteer as SteerEntry;
 use ferrea_tests::capture::Tcpdump;
 use ferrea_tests::netns::NetNs;
 use ferrea_tests::skip_unless_root;
-use ferrea_tests::vethpod::{VethPod, VethPodSpec};
+use ferrea_tests::vethpod::VethPod;
 
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
 const PEER_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 12);
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
@@ -46,44 +45,12 @@ const EXT_VNI0: &str = "198.51.100.3";
 const STEER_ID: u8 = 7;
 const HELD_ID: u8 = 9;
 
-/// The bpffs the dataplane mounts under a temporary directory; unmounted on drop.
-struct BpffsGuard {
-    path: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Drop for BpffsGuard {
-    fn drop(&mut self) {
-        for _ in 0..3 {
-            if nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH).is_err() {
-                break;
-            }
-        }
-    }
-}
-
 struct Lab {
     n: NetNs,
     u: NetNs,
     x: NetNs,
     a: VethPod,
     b: VethPod,
-}
-
-fn pod(node: &NetNs, ifname: &str, n: u8, ip: Ipv4Addr) -> VethPod {
-    VethPod::create(
-        node,
-        "egp",
-        VethPodSpec {
-            host_ifname: ifname.into(),
-            ip,
-            prefix: 24,
-            gateway: GATEWAY,
-            host_mac: [0x02, 0xfe, 0, 0, 0, n],
-            pod_mac: [0x02, 0x00, 0, 0, 0, n],
-        },
-    )
-    .unwrap()
 }
 
 fn lab() -> Lab {
@@ -202,8 +169,8 @@ fn lab() -> Lab {
     }
 
     let pid = std::process::id() % 100_000;
-    let a = pod(&n, &format!("fga{pid}"), 5, POD_A);
-    let b = pod(&n, &format!("fgb{pid}"), 6, POD_B);
+    let a = veth_pod(&n, "egp", &format!("fga{pid}"), 5, POD_A);
+    let b = veth_pod(&n, "egp", &format!("fgb{pid}"), 6, POD_B);
     Lab { n, u, x, a, b }
 }
 
@@ -385,11 +352,7 @@ fn ebpf_egress_steer_and_hold() {
         return;
     }
     let l = lab();
-    let tmp = tempfile::tempdir().unwrap();
-    let bpffs = BpffsGuard {
-        path: tmp.path().join("bpf"),
-        _tmp: tmp,
-    };
+    let bpffs = BpffsGuard::new();
     let transport = l.n.ip(&["-o", "link", "show", "eth0"]).unwrap();
     let transport_ifindex: u32 = transport.split(':').next().unwrap().trim().parse().unwrap();
     let pin = bpffs.path.clone();

@@ -11,30 +11,13 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ferrea_agent::egress::model::SubnetInfo;
-use ferrea_agent::egress::node::{EgressNode, VlanTagging};
+use ferrea_agent::egress::node::{EgressNode, load_vlan_tagger};
 use ferrea_agent::egress::plan::HeldIp;
 use ferrea_tests::capture::Tcpdump;
+use ferrea_tests::egress::ferrea_rules;
+use ferrea_tests::fabric::VlanGateway;
 use ferrea_tests::netns::NetNs;
 use ferrea_tests::skip_unless_root;
-
-struct Tagger(ferrea_agent::vlan::VlanTagger);
-
-impl VlanTagging for Tagger {
-    fn attach(&mut self, parent: &str, child: &str, vid: u16) -> Result<(), String> {
-        self.0.attach(parent, child, vid).map_err(|e| e.to_string())
-    }
-    fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), String> {
-        let want: Vec<_> = keep
-            .iter()
-            .map(|v| ferrea_agent::vlan::VlanSub {
-                parent: parent.into(),
-                child: format!("ferrea-ext.{v}"),
-                vid: *v,
-            })
-            .collect();
-        self.0.sync(&want).map_err(|e| e.to_string())
-    }
-}
 
 fn held() -> Vec<HeldIp> {
     vec![
@@ -77,15 +60,34 @@ fn with_node<T: Send + 'static>(
                     "eth0".into(),
                     "ferrea-gw0".into(),
                     &state,
-                    Box::new(|| {
-                        ferrea_agent::vlan::VlanTagger::load()
-                            .map(|t| Box::new(Tagger(t)) as Box<dyn VlanTagging>)
-                            .map_err(|e| e.to_string())
-                    }),
+                    Box::new(load_vlan_tagger),
                 );
                 f(&mut n).await
             })
     })
+}
+
+/// NODE and PEER joined by a veth (`eth0` on both, up), and the pods' gateway stand-in
+/// `ferrea-gw0` in NODE.
+fn node_and_peer() -> (NetNs, NetNs) {
+    let node = NetNs::new("egn").unwrap();
+    let peer = NetNs::new("egp").unwrap();
+    node.add_veth("eth0", &peer, "eth0").unwrap();
+    node.ip(&["link", "set", "eth0", "up"]).unwrap();
+    peer.ip(&["link", "set", "eth0", "up"]).unwrap();
+    node.ip(&[
+        "link",
+        "add",
+        "ferrea-gw0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "gwp",
+    ])
+    .unwrap();
+    node.ip(&["link", "set", "ferrea-gw0", "up"]).unwrap();
+    (node, peer)
 }
 
 fn rp(ns: &NetNs, ifname: &str) -> String {
@@ -103,27 +105,11 @@ fn egress_node_holds_ips_and_cleans_up_only_its_own() {
     if !skip_unless_root("egress_node_holds_ips_and_cleans_up_only_its_own") {
         return;
     }
-    let node = NetNs::new("egn").unwrap();
-    let peer = NetNs::new("egp").unwrap();
-    node.add_veth("eth0", &peer, "eth0").unwrap();
+    let (node, peer) = node_and_peer();
     node.ip(&["addr", "add", "10.0.0.2/24", "dev", "eth0"])
         .unwrap();
-    node.ip(&["link", "set", "eth0", "up"]).unwrap();
     peer.ip(&["addr", "add", "10.0.0.1/24", "dev", "eth0"])
         .unwrap();
-    peer.ip(&["link", "set", "eth0", "up"]).unwrap();
-    node.ip(&[
-        "link",
-        "add",
-        "ferrea-gw0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "gwp",
-    ])
-    .unwrap();
-    node.ip(&["link", "set", "ferrea-gw0", "up"]).unwrap();
     node.ip(&[
         "link",
         "add",
@@ -141,7 +127,7 @@ fn egress_node_holds_ips_and_cleans_up_only_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().to_owned();
 
-    let mut cap = Tcpdump::start(&peer, "eth0", "-e vlan 100 and arp").unwrap();
+    let mut cap = Tcpdump::start_link_level(&peer, "eth0", "vlan 100 and arp").unwrap();
     let outcomes = with_node(&node, state.clone(), async |n| n.apply(&held()).await).unwrap();
     assert!(outcomes.iter().all(|o| o.result.is_ok()), "{outcomes:?}");
     // The gratuitous ARP left tagged 100, announcing the egress IP.
@@ -177,18 +163,7 @@ fn egress_node_holds_ips_and_cleans_up_only_its_own() {
     assert_eq!(rp(&node, "ferrea-ext.100"), "2");
     assert_eq!(rp(&node, "ferrea-gw0"), "2");
     // The sub-interface works: the peer, terminating VLAN 100 the same way, reaches it.
-    peer.ip(&[
-        "link", "add", "v100", "link", "eth0", "type", "macvlan", "mode", "bridge",
-    ])
-    .unwrap();
-    peer.ip(&["addr", "add", "10.172.170.254/24", "dev", "v100"])
-        .unwrap();
-    peer.ip(&["link", "set", "v100", "up"]).unwrap();
-    let _peer_tagger = peer.run(|| {
-        let mut t = ferrea_agent::vlan::VlanTagger::load().unwrap();
-        t.attach("eth0", "v100", 100).unwrap();
-        t
-    });
+    let _gw = VlanGateway::start(&peer, 100, "10.172.170.254/24".parse().unwrap()).unwrap();
     assert!(ferrea_tests::fabric::ping(
         peer.name(),
         Ipv4Addr::new(10, 172, 170, 5)
@@ -284,17 +259,6 @@ fn egress_node_holds_ips_and_cleans_up_only_its_own() {
     );
 }
 
-/// The policy rules ferrea's Egress made (`proto 71`; this iproute2 does not filter rules by
-/// protocol itself).
-fn ferrea_rules(ns: &NetNs) -> anyhow::Result<String> {
-    Ok(ns
-        .ip(&["rule", "show"])?
-        .lines()
-        .filter(|l| l.contains("proto 71"))
-        .map(|l| format!("{l}\n"))
-        .collect())
-}
-
 /// Whether this kernel creates links of `kind` (tried in a scratch namespace).
 fn kernel_has(kind: &str) -> bool {
     let ns = NetNs::new("egk").unwrap();
@@ -322,21 +286,7 @@ fn real_vlan_device_where_the_kernel_has_8021q() {
         ferrea_tests::skip(NAME, "this kernel has no 802.1Q VLAN devices (8021q)");
         return;
     }
-    let node = NetNs::new("egn").unwrap();
-    let peer = NetNs::new("egp").unwrap();
-    node.add_veth("eth0", &peer, "eth0").unwrap();
-    node.ip(&["link", "set", "eth0", "up"]).unwrap();
-    node.ip(&[
-        "link",
-        "add",
-        "ferrea-gw0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "gwp",
-    ])
-    .unwrap();
+    let (node, _peer) = node_and_peer();
     let dir = tempfile::tempdir().unwrap();
     let outcomes = with_node(&node, dir.path().to_owned(), async |n| {
         n.apply(&held()).await
@@ -362,10 +312,7 @@ fn dummy_device_where_the_kernel_has_it() {
         ferrea_tests::skip(NAME, "this kernel has no dummy devices");
         return;
     }
-    let node = NetNs::new("egn").unwrap();
-    let peer = NetNs::new("egp").unwrap();
-    node.add_veth("eth0", &peer, "eth0").unwrap();
-    node.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let (node, _peer) = node_and_peer();
     let dir = tempfile::tempdir().unwrap();
     let only = vec![held().remove(1)];
     let outcomes = with_node(&node, dir.path().to_owned(), async move |n| {

@@ -20,37 +20,10 @@ use crate::pod::Pod;
 use crate::{Cluster, Dataplane, NodeOptions, wait_for};
 
 /// Seed 000's `ExternalIPPool`, verbatim.
-pub const SEED_POOL: &str = "apiVersion: crd.antrea.io/v1beta1
-kind: ExternalIPPool
-metadata:
-  name: child-egress-ippool
-spec:
-  ipRanges:
-    - start: 10.172.170.1
-      end: 10.172.170.199
-  subnetInfo:
-    gateway: 10.172.170.254
-    prefixLength: 24
-    vlan: 100 # VLAN ID welche beim Binding angegeben wurde
-  nodeSelector: {}
-  # Uncomment and modify below to limit which nodes are eligible
-  # nodeSelector:
-  #   matchLabels:
-  #     network-role: egress-gateway
-";
+pub const SEED_POOL: &str = include_str!("../../agent/src/egress/testdata/seed000-pool.yaml");
 
 /// Seed 000's `Egress`, verbatim.
-pub const SEED_EGRESS: &str = "apiVersion: crd.antrea.io/v1beta1
-kind: Egress
-metadata:
-  name: child-egress-hello-world1
-spec:
-  appliedTo:
-    podSelector:
-      matchLabels:
-        app: hello-world1
-  externalIPPool: child-egress-ippool
-";
+pub const SEED_EGRESS: &str = include_str!("../../agent/src/egress/testdata/seed000-egress.yaml");
 
 /// The seed Egress's name.
 pub const EGRESS: &str = "child-egress-hello-world1";
@@ -157,6 +130,17 @@ pub fn wait_source(p: &Pod, l: &TcpPeers, want: Ipv4Addr, what: &str) {
         p.ip(),
         t.elapsed()
     );
+}
+
+/// The policy rules ferrea's Egress made in `ns` (`proto 71`; this iproute2 does not filter
+/// rules by protocol itself), one per line.
+pub fn ferrea_rules(ns: &crate::netns::NetNs) -> anyhow::Result<String> {
+    Ok(ns
+        .ip(&["rule", "show"])?
+        .lines()
+        .filter(|l| l.contains("proto 71"))
+        .map(|l| format!("{l}\n"))
+        .collect())
 }
 
 impl EgressCluster {

@@ -141,6 +141,32 @@ pub fn tcp_transfer(from: &NetNs, to: &NetNs, dst: Ipv4Addr, len: usize) -> usiz
     server.join().unwrap()
 }
 
+/// Pings every (pod, destination, what) triple, 8 at a time; returns the failures, each
+/// naming the pod, `what` and the destination.
+pub fn ping_all(pairs: &[(&crate::pod::Pod, Ipv4Addr, String)]) -> Vec<String> {
+    let failures = std::sync::Mutex::new(Vec::new());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((p, dst, what)) = pairs.get(i) else {
+                        break;
+                    };
+                    if !p.ping(*dst) {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("pod {} -> {what} ({dst}): no reply", p.ip()));
+                    }
+                }
+            });
+        }
+    });
+    failures.into_inner().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

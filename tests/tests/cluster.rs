@@ -4,14 +4,14 @@
 //! followed within a second, without disturbing the others.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Mutex;
+
 use std::time::{Duration, Instant};
 
 use ferrea_tests::capture::{TcpPeers, tcp_seen_source};
 use ferrea_tests::fabric::INTERNET_IP;
 use ferrea_tests::netns::NetNs;
 use ferrea_tests::pod::Pod;
-use ferrea_tests::traffic::BackgroundPing;
+use ferrea_tests::traffic::{BackgroundPing, ping_all};
 use ferrea_tests::{Cluster, Dataplane, NodeOptions, dataplane_tests, wait_for};
 
 const NODES: usize = 3;
@@ -45,31 +45,6 @@ fn cluster_with(opts: NodeOptions, n: usize, pods: usize) -> (Cluster, Vec<Vec<P
         })
         .collect();
     (c, pods)
-}
-
-/// Pings every (from, to) pair, 8 at a time; returns the failures.
-fn ping_all(pairs: &[(&Pod, Ipv4Addr, String)]) -> Vec<String> {
-    let failures = Mutex::new(Vec::new());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..8 {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((p, dst, what)) = pairs.get(i) else {
-                        break;
-                    };
-                    if !p.ping(*dst) {
-                        failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("pod {} -> {what} ({dst}): no reply", p.ip()));
-                    }
-                }
-            });
-        }
-    });
-    failures.into_inner().unwrap()
 }
 
 /// Waits until `p` can ping `dst` (the other nodes learn a new node through their source).

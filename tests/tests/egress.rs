@@ -15,11 +15,10 @@ use std::time::Duration;
 
 use ferrea_tests::capture::Tcpdump;
 use ferrea_tests::egress::{
-    EgressCluster, OTHER, SEED_EGRESS, SELECTED, SETTLE, condition, egress_status, node_status,
-    publish_all, remove_all, source_seen, wait_source,
+    EgressCluster, OTHER, SEED_EGRESS, SELECTED, SETTLE, condition, egress_status, ferrea_rules,
+    node_status, publish_all, remove_all, source_seen, wait_source,
 };
 use ferrea_tests::manifests as m;
-use ferrea_tests::netns::NetNs;
 use ferrea_tests::node::Node;
 use ferrea_tests::{Dataplane, dataplane_tests, wait_for};
 use serde_json::Value;
@@ -42,10 +41,10 @@ fn seed_manifests_give_selected_pods_the_egress_ip_on_vlan_100(dp: Dataplane) {
     let holder = &s.c.nodes()[s.egress_node];
     // Tagged frames on the holder's fabric port.
     let port = format!("n{}", s.egress_node + 1);
-    let mut cap = Tcpdump::start(
+    let mut cap = Tcpdump::start_link_level(
         s.c.fabric().fabric(),
         &port,
-        &format!("-e vlan 100 and src host {}", s.ip),
+        &format!("vlan 100 and src host {}", s.ip),
     )
     .unwrap();
     for (i, p) in s.selected.iter().enumerate() {
@@ -316,17 +315,6 @@ fn restart_reconciles_without_duplicates(dp: Dataplane) {
     remove_all(&s.c, "egress.yaml");
     s.c.nodes_mut()[e].agent().restart().unwrap();
     assert_clean(&s.c.nodes()[e]);
-}
-
-/// The policy rules ferrea's Egress made (`proto 71`; this iproute2 does not filter rules by
-/// protocol itself).
-fn ferrea_rules(ns: &NetNs) -> anyhow::Result<String> {
-    Ok(ns
-        .ip(&["rule", "show"])?
-        .lines()
-        .filter(|l| l.contains("proto 71"))
-        .map(|l| format!("{l}\n"))
-        .collect())
 }
 
 /// The pool's `nodeSelector` (the seed's commented-out variant) admits only the node labelled

@@ -3,10 +3,11 @@
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Mutex;
 
 use ferrea_tests::capture::{TcpPeers, tcp_seen_source};
 use ferrea_tests::fabric::INTERNET_IP;
+use ferrea_tests::pod::Pod;
+use ferrea_tests::traffic::ping_all;
 use ferrea_tests::{Dataplane, NodeOptions, SimNode, dataplane_tests};
 
 const PODS: usize = 50;
@@ -69,37 +70,16 @@ fn fifty_pods_get_unique_ips_and_full_connectivity(dp: Dataplane) {
             others
         })
         .collect();
-    let failures = Mutex::new(Vec::<String>::new());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..8 {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= PODS {
-                        break;
-                    }
-                    let p = &pods[i];
-                    let mut targets: Vec<(String, Ipv4Addr)> = plan[i]
-                        .iter()
-                        .map(|&j| (format!("pod {}", pods[j].ip()), pods[j].ip()))
-                        .collect();
-                    targets.push(("node".into(), node.ip()));
-                    targets.push(("gateway".into(), node.gateway()));
-                    targets.push(("external".into(), INTERNET_IP));
-                    for (what, dst) in targets {
-                        if !p.ping(dst) {
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("pod {} -> {what} ({dst}): no reply", p.ip()));
-                        }
-                    }
-                }
-            });
+    let mut pairs: Vec<(&Pod, Ipv4Addr, String)> = Vec::new();
+    for (i, p) in pods.iter().enumerate() {
+        for &j in &plan[i] {
+            pairs.push((p, pods[j].ip(), format!("pod {}", pods[j].ip())));
         }
-    });
-    let failures = failures.into_inner().unwrap();
+        pairs.push((p, node.ip(), "node".into()));
+        pairs.push((p, node.gateway(), "gateway".into()));
+        pairs.push((p, INTERNET_IP, "external".into()));
+    }
+    let failures = ping_all(&pairs);
     assert!(
         failures.is_empty(),
         "{} ping failures:\n{}",

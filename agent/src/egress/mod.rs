@@ -80,32 +80,10 @@ pub fn start(
         ctx.transport.clone(),
         ctx.gateway_if.clone(),
         &ctx.state_dir,
-        Box::new(|| {
-            crate::vlan::VlanTagger::load()
-                .map(|t| Box::new(t) as Box<dyn node::VlanTagging>)
-                .map_err(|e| e.to_string())
-        }),
+        Box::new(node::load_vlan_tagger),
     );
     tokio::spawn(run(ctx, node, pods, nat, state));
     Ok(())
-}
-
-impl node::VlanTagging for crate::vlan::VlanTagger {
-    fn attach(&mut self, parent: &str, child: &str, vid: u16) -> Result<(), String> {
-        crate::vlan::VlanTagger::attach(self, parent, child, vid).map_err(|e| e.to_string())
-    }
-
-    fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), String> {
-        let want: Vec<crate::vlan::VlanSub> = keep
-            .iter()
-            .map(|v| crate::vlan::VlanSub {
-                parent: parent.to_owned(),
-                child: node::subif_name(*v),
-                vid: *v,
-            })
-            .collect();
-        self.sync(&want).map_err(|e| e.to_string())
-    }
 }
 
 /// How often the node is converged on the plan even when nothing changed, so that what an
@@ -132,14 +110,25 @@ pub async fn run(
     let mut written: Option<(Value, Value)> = None;
     let mut last_apply = std::time::Instant::now();
     loop {
-        let st = state.borrow_and_update().clone();
-        let plan = plan::plan(
-            &st,
-            &pods.records(),
-            &ctx.node_name,
-            &ctx.cluster,
-            ctx.encap,
-        );
+        // Computed under the borrow: the desired state is not copied on every wake-up.
+        let (plan, source_problems) = {
+            let st = state.borrow_and_update();
+            let plan = plan::plan(
+                &st,
+                &pods.records(),
+                &ctx.node_name,
+                &ctx.cluster,
+                ctx.encap,
+            );
+            let problems: Vec<String> = st
+                .errors
+                .iter()
+                // The source prefixes each with the file it came from.
+                .filter(|e| e.contains(": Egress ") || e.contains(": ExternalIPPool "))
+                .cloned()
+                .collect();
+            (plan, problems)
+        };
         let changed = applied.as_ref() != Some(&plan);
         if changed || failure.is_some() || last_apply.elapsed() >= RESYNC {
             let t = std::time::Instant::now();
@@ -150,13 +139,16 @@ pub async fn run(
                     if failure.take().is_some() {
                         tracing::info!("Egress applied again after a failure");
                     }
-                    tracing::info!(
-                        held = plan.held.len(),
-                        marked = plan.local_marks.len(),
-                        steered = plan.dataplane.steer.len(),
-                        took_ms = t.elapsed().as_millis() as u64,
-                        "Egress applied"
-                    );
+                    // The periodic resync of an unchanged plan is not news.
+                    if changed {
+                        tracing::info!(
+                            held = plan.held.len(),
+                            marked = plan.local_marks.len(),
+                            steered = plan.dataplane.steer.len(),
+                            took_ms = t.elapsed().as_millis() as u64,
+                            "Egress applied"
+                        );
+                    }
                     for o in &o {
                         if let Err(e) = &o.result {
                             tracing::error!(ip = %o.ip, error = %e, "egress IP not assigned");
@@ -173,12 +165,8 @@ pub async fn run(
                 }
             }
         }
-        let warnings: Vec<String> = st
-            .errors
-            .iter()
-            // The source prefixes each with the file it came from.
-            .filter(|e| e.contains(": Egress ") || e.contains(": ExternalIPPool "))
-            .cloned()
+        let warnings: Vec<String> = source_problems
+            .into_iter()
             .chain(plan.warnings.iter().cloned())
             .collect();
         if warnings != reported {

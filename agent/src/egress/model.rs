@@ -441,36 +441,9 @@ mod tests {
     }
 
     /// Seed 000's manifests, verbatim (comments included).
-    const SEED_POOL: &str = "apiVersion: crd.antrea.io/v1beta1
-kind: ExternalIPPool
-metadata:
-  name: child-egress-ippool
-spec:
-  ipRanges:
-    - start: 10.172.170.1
-      end: 10.172.170.199
-  subnetInfo:
-    gateway: 10.172.170.254
-    prefixLength: 24
-    vlan: 100 # VLAN ID welche beim Binding angegeben wurde
-  nodeSelector: {}
-  # Uncomment and modify below to limit which nodes are eligible
-  # nodeSelector:
-  #   matchLabels:
-  #     network-role: egress-gateway
-";
-    const SEED_EGRESS: &str = "apiVersion: crd.antrea.io/v1beta1
-kind: Egress
-metadata:
-  name: child-egress-hello-world1
-spec:
-  appliedTo:
-    podSelector:
-      matchLabels:
-        app: hello-world1
-  externalIPPool: child-egress-ippool
-";
-
+    /// Seed 000's manifests, verbatim (one copy, shared with the plan tests and the harness).
+    const SEED_POOL: &str = include_str!("testdata/seed000-pool.yaml");
+    const SEED_EGRESS: &str = include_str!("testdata/seed000-egress.yaml");
     #[test]
     fn seed_manifests_are_accepted_verbatim() {
         let p = parse_pool(&yaml(SEED_POOL)).unwrap();

@@ -82,6 +82,31 @@ pub trait VlanTagging: Send + Sync {
     fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), String>;
 }
 
+impl VlanTagging for crate::vlan::VlanTagger {
+    fn attach(&mut self, parent: &str, child: &str, vid: u16) -> Result<(), String> {
+        crate::vlan::VlanTagger::attach(self, parent, child, vid).map_err(|e| e.to_string())
+    }
+
+    fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), String> {
+        let want: Vec<crate::vlan::VlanSub> = keep
+            .iter()
+            .map(|v| crate::vlan::VlanSub {
+                parent: parent.to_owned(),
+                child: subif_name(*v),
+                vid: *v,
+            })
+            .collect();
+        self.sync(&want).map_err(|e| e.to_string())
+    }
+}
+
+/// Loads the BPF VLAN tagger ([`crate::vlan`]), for kernels without 802.1Q devices.
+pub fn load_vlan_tagger() -> Result<Box<dyn VlanTagging>, String> {
+    crate::vlan::VlanTagger::load()
+        .map(|t| Box::new(t) as Box<dyn VlanTagging>)
+        .map_err(|e| e.to_string())
+}
+
 /// How one held IP fared.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IpOutcome {
@@ -122,6 +147,8 @@ pub struct EgressNode {
     /// Whether the kernel makes dummy devices (`None`: not tried yet).
     has_dummy: Option<bool>,
     record: PathBuf,
+    /// What `record` holds, once read (it is written only when this changes).
+    on_transport: Option<BTreeSet<(Ipv4Addr, u8)>>,
     /// IPs already announced by gratuitous ARP while held.
     announced: BTreeSet<Ipv4Addr>,
     rp: BTreeMap<String, RpFilterStatus>,
@@ -155,6 +182,7 @@ impl EgressNode {
             has_8021q: None,
             has_dummy: None,
             record: state_dir.join("egress-addresses.json"),
+            on_transport: None,
             announced: BTreeSet::new(),
             rp: BTreeMap::new(),
         }
@@ -204,19 +232,15 @@ impl EgressNode {
     }
 
     /// Creates (or finds) the sub-interface for `vlan`; returns its index.
-    async fn ensure_subif(&mut self, vlan: u16) -> Result<u32, String> {
+    async fn ensure_subif(&mut self, parent: &LinkMessage, vlan: u16) -> Result<u32, String> {
         let name = subif_name(vlan);
-        let parent = self
-            .link(&self.parent)
-            .await?
-            .ok_or_else(|| format!("transport interface {} not found", self.parent))?;
         if let Some(m) = self.link(&name).await? {
             if Self::alias(&m) != Some(ALIAS) {
                 return Err(format!(
                     "{name} exists and was not created by ferrea (no alias {ALIAS:?}); not touching it"
                 ));
             }
-            if self.has_8021q != Some(true) && self.is_macvlan(&m) {
+            if self.has_8021q != Some(true) && Self::is_macvlan(&m) {
                 let parent = self.parent.clone();
                 self.tagger()?.attach(&parent, &name, vlan)?;
             }
@@ -318,7 +342,7 @@ impl EgressNode {
             .map_err(|e| nl(format!("naming {name} as ferrea's"), e))
     }
 
-    fn is_macvlan(&self, m: &LinkMessage) -> bool {
+    fn is_macvlan(m: &LinkMessage) -> bool {
         use netlink_packet_route::link::{InfoKind, LinkInfo};
         m.attributes.iter().any(|a| match a {
             LinkAttribute::LinkInfo(i) => i
@@ -407,12 +431,11 @@ impl EgressNode {
     /// Returns per IP where it is (or why not). An error is a failure that concerns all IPs.
     pub async fn apply(&mut self, held: &[HeldIp]) -> Result<Vec<IpOutcome>, String> {
         let mut outcomes = Vec::new();
-        let parent_index = self
+        let parent = self
             .link(&self.parent)
             .await?
-            .ok_or_else(|| format!("transport interface {} not found", self.parent))?
-            .header
-            .index;
+            .ok_or_else(|| format!("transport interface {} not found", self.parent))?;
+        let parent_index = parent.header.index;
         // Sub-interfaces: one per VLAN in use.
         let vlans: BTreeSet<u16> = held
             .iter()
@@ -421,7 +444,7 @@ impl EgressNode {
             .collect();
         let mut subif: BTreeMap<u16, Result<u32, String>> = BTreeMap::new();
         for v in &vlans {
-            subif.insert(*v, self.ensure_subif(*v).await);
+            subif.insert(*v, self.ensure_subif(&parent, *v).await);
         }
         let wants_dummy = held.iter().any(|h| h.subnet.is_none());
         let dummy = if wants_dummy {
@@ -477,16 +500,18 @@ impl EgressNode {
             }
         }
         // Addresses on the transport interface: only those ferrea recorded.
-        let mut record = self.recorded();
-        for (ip, p) in record.clone() {
-            if !on_transport.contains(&(ip, p)) {
-                self.del_address(parent_index, ip, p).await?;
-                record.remove(&(ip, p));
-                tracing::info!(%ip, interface = %self.parent, "egress IP removed");
-            }
+        let recorded = match &self.on_transport {
+            Some(r) => r.clone(),
+            None => self.recorded(),
+        };
+        for (ip, p) in recorded.difference(&on_transport) {
+            self.del_address(parent_index, *ip, *p).await?;
+            tracing::info!(%ip, interface = %self.parent, "egress IP removed");
         }
-        record.extend(on_transport.iter().copied());
-        self.save_record(&record)?;
+        if recorded != on_transport {
+            self.save_record(&on_transport)?;
+        }
+        self.on_transport = Some(on_transport);
         for (h, idx, ifname) in &placed {
             let prefix = h.subnet.map_or(32, |s| s.prefix_len);
             let r = self.add_address(*idx, h.ip, prefix).await;

@@ -171,61 +171,21 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::manifest;
 
-    fn state(yaml: &str) -> DesiredState {
-        let (objs, errs) = manifest::decode(yaml).unwrap();
-        assert!(errs.is_empty(), "{errs:?}");
-        let mut st = DesiredState::default();
-        for o in objs {
-            st.insert(o);
-        }
-        st
+    use crate::testing::{pod_record as rec, state};
+
+    /// Seed 000's manifests, the pool limited to nodes labelled `network-role:
+    /// egress-gateway` (the seed's commented-out variant), with two nodes and three pods.
+    fn seed() -> String {
+        let pool = include_str!("testdata/seed000-pool.yaml").replace(
+            "  nodeSelector: {}\n",
+            "  nodeSelector:\n    matchLabels:\n      network-role: egress-gateway\n",
+        );
+        let egress = include_str!("testdata/seed000-egress.yaml");
+        [pool.as_str(), egress, NODES_AND_PODS].join("---\n")
     }
 
-    fn rec(ns: &str, name: &str, ip: [u8; 4]) -> PodRecord {
-        PodRecord {
-            container_id: format!("c-{name}"),
-            ifname: "eth0".into(),
-            ip: Ipv4Addr::from(ip),
-            prefix_len: 24,
-            gateway: Ipv4Addr::new(10, 244, 1, 1),
-            netns: "/run/netns/x".into(),
-            host_ifname: "fe0".into(),
-            host_mac: [0; 6],
-            pod_mac: [0; 6],
-            pod_namespace: ns.into(),
-            pod_name: name.into(),
-        }
-    }
-
-    const SEED: &str = "apiVersion: crd.antrea.io/v1beta1
-kind: ExternalIPPool
-metadata:
-  name: child-egress-ippool
-spec:
-  ipRanges:
-    - start: 10.172.170.1
-      end: 10.172.170.199
-  subnetInfo:
-    gateway: 10.172.170.254
-    prefixLength: 24
-    vlan: 100
-  nodeSelector:
-    matchLabels:
-      network-role: egress-gateway
----
-apiVersion: crd.antrea.io/v1beta1
-kind: Egress
-metadata:
-  name: child-egress-hello-world1
-spec:
-  appliedTo:
-    podSelector:
-      matchLabels:
-        app: hello-world1
-  externalIPPool: child-egress-ippool
----
+    const NODES_AND_PODS: &str = "\
 kind: Node
 metadata: {name: n1, labels: {network-role: egress-gateway}}
 spec: {podCIDR: 10.244.1.0/24}
@@ -258,7 +218,7 @@ spec: {nodeName: n2}
 
     #[test]
     fn egress_node_holds_the_ip_and_marks_its_selected_pods() {
-        let st = state(SEED);
+        let st = state(&seed());
         let p = plan(
             &st,
             &[
@@ -288,7 +248,7 @@ spec: {nodeName: n2}
 
     #[test]
     fn other_nodes_steer_their_selected_pods_to_the_egress_node() {
-        let st = state(SEED);
+        let st = state(&seed());
         let p = plan(
             &st,
             &[rec("", "sel2", [10, 244, 2, 7])],
@@ -325,7 +285,7 @@ spec: {nodeName: n2}
     #[test]
     fn namespace_selector_and_oldest_egress_decide() {
         let yaml = format!(
-            "{SEED}---
+            "{}---
 apiVersion: crd.antrea.io/v1beta1
 kind: Egress
 metadata: {{name: aaa-newer, creationTimestamp: '2026-06-01T00:00:00Z'}}
@@ -341,7 +301,8 @@ spec:
   appliedTo:
     namespaceSelector: {{matchLabels: {{env: prod}}}}
   externalIPPool: child-egress-ippool
-"
+",
+            seed()
         );
         let mut st = state(&yaml);
         // Timestamps sort before none: give the seed's Egress the oldest one.

@@ -243,10 +243,10 @@ fn show_egress(cluster: &Cluster, pods: &[Vec<ferrea_tests::Pod>]) -> anyhow::Re
         .iter()
         .position(|n| n.name() == holder)
         .unwrap_or(0);
-    let mut cap = ferrea_tests::capture::Tcpdump::start(
+    let mut cap = ferrea_tests::capture::Tcpdump::start_link_level(
         cluster.fabric().fabric(),
         &format!("n{}", idx + 1),
-        &format!("-e vlan 100 and tcp and src host {ip}"),
+        &format!("vlan 100 and tcp and src host {ip}"),
     )?;
     let rec = TcpPeers::start(cluster.external(), SocketAddr::from((INTERNET_IP, 8081)))?;
     for (node, mine) in cluster.nodes().iter().zip(pods) {

@@ -221,6 +221,22 @@ fn goto(t: Table) -> Instruction {
 
 /// ARP reply actions turning a request into a reply from `mac` for whatever address was
 /// asked (`arp_tpa` and `arp_spa` swapped through reg0), sent back where it came from.
+/// One instruction: apply `a`.
+fn apply(a: Vec<Action>) -> Vec<Instruction> {
+    vec![Instruction::ApplyActions(a)]
+}
+
+/// The node (through the gateway port) asking who has `ip`: answered with `mac`.
+fn answer_gateway_arp(n: &NodeFacts, c: u64, ip: Ipv4Addr, mac: [u8; 6]) -> FlowMod {
+    FlowMod::add(
+        Table::ArpResponder as u8,
+        prio::POD,
+        c,
+        Match::new().in_port(n.gw_port).arp().arp_op(1).arp_tpa(ip),
+        apply(arp_reply(mac, Some(ip))),
+    )
+}
+
 fn arp_reply(mac: [u8; 6], spa: Option<Ipv4Addr>) -> Vec<Action> {
     let mut a = vec![
         Action::move_field(Field::EthSrc, Field::EthDst),
@@ -247,7 +263,6 @@ fn arp_reply(mac: [u8; 6], spa: Option<Ipv4Addr>) -> Vec<Action> {
 /// The node-wide flows of `round`.
 pub fn node_flows(round: u16, n: &NodeFacts) -> Vec<FlowMod> {
     let c = cookie::make(round, cookie::KIND_NODE, 0);
-    let apply = |a: Vec<Action>| vec![Instruction::ApplyActions(a)];
     vec![
         // Classifier: the gateway's ARP to the responder, its IP to L3; anything else drops.
         FlowMod::add(
@@ -328,7 +343,6 @@ pub fn node_flows(round: u16, n: &NodeFacts) -> Vec<FlowMod> {
 /// The node-wide flows of the tunnel to other nodes (encap mode) in `round`.
 pub fn tunnel_flows(round: u16, n: &NodeFacts, t: &TunnelFacts) -> Vec<FlowMod> {
     let c = cookie::make(round, cookie::KIND_NODE, 0);
-    let apply = |a: Vec<Action>| vec![Instruction::ApplyActions(a)];
     let tun = t.port;
     vec![
         // From other nodes: IPv4 with our key straight to L3 (a local pod, or the gateway);
@@ -378,7 +392,6 @@ pub fn egress_flows(
     t: &TunnelFacts,
     plan: &crate::dataplane::EgressPlan,
 ) -> Vec<FlowMod> {
-    let apply = |a: Vec<Action>| vec![Instruction::ApplyActions(a)];
     let mut out = Vec::new();
     if !plan.steer.is_empty() {
         let mut exempt: Vec<Ipv4Network> = plan.exempt.clone();
@@ -467,20 +480,7 @@ pub fn remote_flows(round: u16, n: &NodeFacts, r: &RemoteFacts) -> Vec<FlowMod> 
         ),
         // The node's route to the remote pods is `via <remote gateway> onlink` on the gateway
         // device: answer its ARP for that next hop with the virtual MAC.
-        FlowMod::add(
-            Table::ArpResponder as u8,
-            prio::POD,
-            c,
-            Match::new()
-                .in_port(n.gw_port)
-                .arp()
-                .arp_op(1)
-                .arp_tpa(r.gateway),
-            vec![Instruction::ApplyActions(arp_reply(
-                GLOBAL_VIRTUAL_MAC,
-                Some(r.gateway),
-            ))],
-        ),
+        answer_gateway_arp(n, c, r.gateway, GLOBAL_VIRTUAL_MAC),
     ]
 }
 
@@ -544,28 +544,18 @@ pub fn pod_flows(round: u16, n: &NodeFacts, p: &PodFacts) -> Vec<FlowMod> {
             vec![],
         ),
         // The node asking for the pod: answer with the pod's own MAC.
-        FlowMod::add(
-            Table::ArpResponder as u8,
-            prio::POD,
-            c,
-            Match::new()
-                .in_port(n.gw_port)
-                .arp()
-                .arp_op(1)
-                .arp_tpa(p.ip),
-            vec![Instruction::ApplyActions(arp_reply(p.mac, Some(p.ip)))],
-        ),
+        answer_gateway_arp(n, c, p.ip, p.mac),
         // Delivery: the pod sees frames from the gateway MAC to its own MAC.
         FlowMod::add(
             Table::L3Forwarding as u8,
             prio::POD,
             c,
             Match::new().ip().ipv4_dst(p.ip, 32),
-            vec![Instruction::ApplyActions(vec![
+            apply(vec![
                 Action::set_mac(Field::EthSrc, n.gw_mac),
                 Action::set_mac(Field::EthDst, p.mac),
                 Action::Output(p.port),
-            ])],
+            ]),
         ),
     ]
 }
