@@ -317,13 +317,16 @@ fn packets(lines: Vec<String>) -> Vec<String> {
 }
 
 /// The overlay (VNI 0) both ways: U's pod pings pod A; A's reply must come back to U in
-/// VXLAN with VNI 0 (a steered pod's traffic to another node's pod is not Egress traffic).
+/// VXLAN with VNI 0 (a steered pod's traffic to another node's pod is not Egress traffic),
+/// its outer UDP checksum zero (RFC 7348's recommendation for IPv4, as Antrea's tunnel ports).
 fn overlay_reply_seen(l: &Lab) -> Result<(), Vec<String>> {
-    let mut cap = Tcpdump::start(&l.u, "eth0", "udp port 4789").unwrap();
+    let mut cap = Tcpdump::start_with(&l.u, "eth0", &["-vv"], "udp port 4789").unwrap();
     ping1(l.u.name(), &POD_A.to_string());
     let lines = packets(cap.stop());
     if lines.iter().any(|x| {
-        x.contains("vni 0") && x.contains(&format!("{POD_A} > {REMOTE_POD}: ICMP echo reply"))
+        x.contains("vni 0")
+            && x.contains("[no cksum]")
+            && x.contains(&format!("{POD_A} > {REMOTE_POD}: ICMP echo reply"))
     }) {
         Ok(())
     } else {

@@ -44,7 +44,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
+    bindings::{BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
     helpers::{
         bpf_redirect, bpf_redirect_peer, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
         bpf_skb_vlan_pop, bpf_skb_vlan_push,
@@ -397,13 +397,15 @@ fn to_tunnel(ctx: &TcContext) -> Option<i32> {
     key.tunnel_id = vni;
     key.__bindgen_anon_1.remote_ipv4 = u32::from_be(node_ip);
     key.tunnel_ttl = TUNNEL_TTL;
+    // Outer UDP checksum zero, as RFC 7348 recommends for VXLAN over IPv4 (the inner packet
+    // carries its own); the receiver's VXLAN socket accepts it.
     // SAFETY: plain helper call on the program's own skb with a key of the size passed.
     let r = unsafe {
         bpf_skb_set_tunnel_key(
             ctx.skb.skb,
             &mut key,
             core::mem::size_of::<bpf_tunnel_key>() as u32,
-            0,
+            BPF_F_ZERO_CSUM_TX as u64,
         )
     };
     if r != 0 {
