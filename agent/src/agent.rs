@@ -98,7 +98,7 @@ pub async fn run(
                 cluster,
                 encap: pm.node().tunnel.is_some(),
                 transport: pm.node().transport.ifname.clone(),
-                gateway_if: crate::dataplane::ebpf::GATEWAY_IFNAME.to_owned(),
+                gateway_if: crate::dataplane::GATEWAY_IFNAME.to_owned(),
                 state_dir: cfg.state_dir.clone(),
             },
             pm.clone(),

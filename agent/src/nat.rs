@@ -294,12 +294,7 @@ impl NatTable {
     pub async fn set_npl(&self, npl: Option<NplRules>) -> Result<bool, NatError> {
         let mut st = self.state.lock().await;
         st.npl = npl;
-        Self::apply_changed(
-            &self.render(st.npl.as_ref(), st.egress.as_ref()),
-            &mut st,
-            &self.base.table,
-        )
-        .await
+        self.apply_changed(&mut st).await
     }
 
     /// Replaces the Egress rules (`None`: no Egress chains) and applies the table if its text
@@ -307,22 +302,18 @@ impl NatTable {
     pub async fn set_egress(&self, egress: Option<EgressRules>) -> Result<bool, NatError> {
         let mut st = self.state.lock().await;
         st.egress = egress;
-        Self::apply_changed(
-            &self.render(st.npl.as_ref(), st.egress.as_ref()),
-            &mut st,
-            &self.base.table,
-        )
-        .await
+        self.apply_changed(&mut st).await
     }
 
-    async fn apply_changed(text: &str, st: &mut TableState, table: &str) -> Result<bool, NatError> {
-        if st.applied.as_deref() == Some(text) {
+    async fn apply_changed(&self, st: &mut TableState) -> Result<bool, NatError> {
+        let text = self.render(st.npl.as_ref(), st.egress.as_ref());
+        if st.applied.as_deref() == Some(text.as_str()) {
             return Ok(false);
         }
         // A failed run leaves `applied` as it was: the next call differs and tries again.
         st.applied = None;
-        run_nft(text, table).await?;
-        st.applied = Some(text.to_owned());
+        run_nft(&text, &self.base.table).await?;
+        st.applied = Some(text);
         Ok(true)
     }
 }

@@ -569,12 +569,8 @@ impl StatusSink for LocalStatusView {
         text.push(b'\n');
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let dir = path.parent().expect("status file has a directory");
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+            crate::store::write_file_atomic(&path, &text)
+                .with_context(|| format!("writing {}", path.display()))
         })
         .await?
     }

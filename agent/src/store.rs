@@ -12,6 +12,20 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+/// Writes `bytes` to `path` so that a reader (or a crash) sees the old file or the new one,
+/// never a part: a temporary file beside it, then a rename. Creates the directory. For the
+/// small JSON files kept next to the database (status views, records of addresses).
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Attachments keyed by `<container_id>/<ifname>`; values are JSON [`PodRecord`]s.
 const PODS: TableDefinition<&str, &[u8]> = TableDefinition::new("pods/v1");
 

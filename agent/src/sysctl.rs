@@ -16,8 +16,23 @@ pub struct SysctlError {
     pub source: std::io::Error,
 }
 
+/// The file of a dotted key. As with sysctl(8), a `/` in the key stands for a dot inside one
+/// component (an interface name such as `ferrea-ext.100`, see [`conf_key`]).
 fn path(key: &str) -> PathBuf {
-    PathBuf::from("/proc/sys").join(key.replace('.', "/"))
+    let rel: String = key
+        .chars()
+        .map(|c| match c {
+            '.' => '/',
+            '/' => '.',
+            c => c,
+        })
+        .collect();
+    PathBuf::from("/proc/sys").join(rel)
+}
+
+/// The key of `net.ipv4.conf.<ifname>.<name>`, for any interface name (dots included).
+pub fn conf_key(ifname: &str, name: &str) -> String {
+    format!("net.ipv4.conf.{}.{name}", ifname.replace('.', "/"))
 }
 
 /// Reads a sysctl's value, trimmed.
@@ -30,16 +45,21 @@ pub fn get(key: &str) -> Result<String, SysctlError> {
         })
 }
 
+/// Writes a sysctl.
+pub fn set(key: &str, value: &str) -> Result<(), SysctlError> {
+    std::fs::write(path(key), value).map_err(|source| SysctlError {
+        key: key.to_owned(),
+        source,
+    })
+}
+
 /// Sets a sysctl if it differs; returns the previous value when it changed something.
 pub fn ensure(key: &str, value: &str) -> Result<Option<String>, SysctlError> {
     let cur = get(key)?;
     if cur == value {
         return Ok(None);
     }
-    std::fs::write(path(key), value).map_err(|source| SysctlError {
-        key: key.to_owned(),
-        source,
-    })?;
+    set(key, value)?;
     Ok(Some(cur))
 }
 
@@ -52,5 +72,9 @@ mod tests {
             Some("/proc/sys/net/ipv4/ip_forward")
         );
         assert!(super::get("net.ipv4.ip_forward").is_ok());
+        assert_eq!(
+            super::path(&super::conf_key("ferrea-ext.100", "rp_filter")).to_str(),
+            Some("/proc/sys/net/ipv4/conf/ferrea-ext.100/rp_filter")
+        );
     }
 }

@@ -54,7 +54,7 @@
 use std::collections::HashSet;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
+use aya::programs::tc::{SchedClassifierLink, TcError, TcHandle};
 use aya::programs::{Link, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ferrea_common::{
@@ -205,29 +205,10 @@ fn attach_filter(
     ifname: &str,
     t: TcAttachType,
 ) -> Result<(), VlanError> {
-    let err = |m: String| filter_err("attaching the VLAN filter", ifname)(m);
     // EEXIST when the qdisc is there already; a real failure shows up in the attach below.
     let _ = aya::programs::tc::qdisc_add_clsact(ifname);
-    let opts = NlOptions {
-        priority: VLAN_TC_PRIORITY,
-        handle: VLAN_TC_HANDLE,
-        classid: None,
-    };
-    let id = match prog.attach_with_options(ifname, t, TcAttachOptions::Netlink(opts)) {
-        Ok(id) => id,
-        Err(first) => {
-            let old =
-                SchedClassifierLink::attached(ifname, t, VLAN_TC_PRIORITY, VLAN_TC_HANDLE, None)
-                    .map_err(|e| err(e.to_string()))?;
-            prog.attach_to_link(old)
-                .map_err(|e| err(format!("{first}; replacing: {e}")))?
-        }
-    };
-    let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
-    // Dropping a netlink link deletes the filter; the filter must outlive this value and the
-    // process (tagging goes on while the agent restarts). It holds only integers.
-    std::mem::forget(link);
-    Ok(())
+    crate::dataplane::ebpf::attach_tc_filter(prog, ifname, t, VLAN_TC_PRIORITY, VLAN_TC_HANDLE)
+        .map_err(filter_err("attaching the VLAN filter", ifname))
 }
 
 impl VlanTagger {

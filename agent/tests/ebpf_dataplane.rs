@@ -25,7 +25,7 @@ use ferrea_agent::dataplane::ebpf::{
 };
 use ferrea_agent::dataplane::{Dataplane, NodeNetwork, PodEndpoint};
 use ferrea_tests::fabric::{ping, ping_from};
-use ferrea_tests::netns::NetNs;
+use ferrea_tests::netns::{NetNs, tc_filters};
 use ferrea_tests::skip_unless_root;
 use ferrea_tests::vethpod::{self, VethPod};
 
@@ -47,12 +47,8 @@ fn filter_count(ns: &str, ifname: &str, d: Direction) -> usize {
         Direction::Ingress => "ingress",
         Direction::Egress => "egress",
     };
-    let out = Command::new("tc")
-        .args(["-n", ns, "filter", "show", "dev", ifname, hook])
-        .output()
-        .expect("spawn tc");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    tc_filters(ns, ifname, hook)
+        .iter()
         .filter(|l| l.contains(" bpf ") && l.contains("direct-action"))
         .count()
 }
@@ -238,14 +234,7 @@ async fn run(node: &str, pin: &Path, a: PodInfo, b: PodInfo, c: PodEndpoint) {
     // Upgrade: pretend the attached programs are of another build. A new process loads its
     // own build, swaps the program of every pod's filters in place, and drops the old pins.
     drop(dp);
-    let old = layout.progs_root().join("0000000000000000");
-    let cur = std::fs::read_dir(layout.progs_root())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    std::fs::rename(&cur, &old).unwrap();
+    let (cur, old) = common::pretend_programs_of_another_build(&layout);
     let dp = EbpfDataplane::new(pin).unwrap();
     let t = Instant::now();
     dp.init_node(&net).await.unwrap();

@@ -469,13 +469,7 @@ async fn run(l: &Lab, pin: &Path, dp: EbpfDataplane, net: NodeNetwork, tun: u32)
     ] {
         std::fs::remove_file(layout.maps_dir().join(m)).unwrap();
     }
-    let cur = std::fs::read_dir(layout.progs_root())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    std::fs::rename(&cur, layout.progs_root().join("0000000000000000")).unwrap();
+    common::pretend_programs_of_another_build(&layout);
     let dp = EbpfDataplane::new(pin).unwrap();
     dp.init_node(&net).await.unwrap();
     let empty = MapView {

@@ -11,14 +11,13 @@
 //! Needs root; without it the test prints `SKIP: <reason>` and passes.
 
 use std::net::Ipv4Addr;
-use std::process::Command;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use ferrea_agent::vlan::{VLAN_TC_PRIORITY, VlanSub, VlanTagger};
 use ferrea_tests::capture::Tcpdump;
 use ferrea_tests::fabric::ping;
-use ferrea_tests::netns::NetNs;
+use ferrea_tests::netns::{NetNs, tc_filters};
 use ferrea_tests::skip_unless_root;
 
 type Job = Box<dyn FnOnce(&mut Option<VlanTagger>) + Send>;
@@ -93,14 +92,9 @@ impl Drop for Host {
 
 /// The tagger's filters at one hook of an interface (`tc filter show` lines at its priority).
 fn tagger_filters(ns: &str, ifname: &str, hook: &str) -> Vec<String> {
-    let out = Command::new("tc")
-        .args(["-n", ns, "filter", "show", "dev", ifname, hook])
-        .output()
-        .expect("spawn tc");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    tc_filters(ns, ifname, hook)
+        .into_iter()
         .filter(|l| l.contains(&format!("pref {VLAN_TC_PRIORITY} ")) && l.contains("direct-action"))
-        .map(str::to_owned)
         .collect()
 }
 
@@ -267,16 +261,10 @@ fn vlan_tagger_restart() {
     ])
     .expect("adding a foreign filter");
     let foreign = |h: &Host| {
-        String::from_utf8_lossy(
-            &Command::new("tc")
-                .args(["-n", h.name(), "filter", "show", "dev", "eth0", "ingress"])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .lines()
-        .filter(|x| x.contains("pref 100 "))
-        .count()
+        tc_filters(h.name(), "eth0", "ingress")
+            .iter()
+            .filter(|x| x.contains("pref 100 "))
+            .count()
     };
     let foreign_before = foreign(a);
     assert!(foreign_before > 0);

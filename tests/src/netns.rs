@@ -187,6 +187,21 @@ pub fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The lines of `tc filter show dev <ifname> <hook>` in namespace `ns` (`hook`: `ingress` or
+/// `egress`); none when the device or its clsact qdisc is not there.
+pub fn tc_filters(ns: &str, ifname: &str, hook: &str) -> Vec<String> {
+    Command::new("tc")
+        .args(["-n", ns, "filter", "show", "dev", ifname, hook])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Names in `ip netns list` that start with `prefix`.
 pub fn list_with_prefix(prefix: &str) -> Vec<String> {
     let out = Command::new("ip")

@@ -75,6 +75,10 @@ pub struct Tunnel {
     pub port: u16,
 }
 
+/// The node's gateway device, which carries the pod CIDR's gateway address (both backends:
+/// a veth end for eBPF, OVS's internal port for OVS).
+pub const GATEWAY_IFNAME: &str = "ferrea-gw0";
+
 /// Name of the tunnel device (eBPF) or tunnel port (OVS) on every node.
 pub const TUNNEL_IFNAME: &str = "ferrea-tun0";
 
@@ -140,6 +144,64 @@ pub struct EgressPlan {
     /// source MAC [`egress_marker_mac`]); a tunnelled packet with any other non-zero VNI is
     /// dropped, so a stale assignment never lets a pod address leave un-NATed.
     pub held: Vec<u8>,
+}
+
+impl EgressPlan {
+    /// Checks an Egress plan and puts it in a canonical form (sorted, deduplicated), so equal
+    /// plans compare equal. Refuses id 0 (the cluster's own VNI), a pod steered to two places,
+    /// a pod steered to this node itself, and steered pods without a tunnel (`noEncap`). Held
+    /// ids without a tunnel are accepted: nothing arrives tunnelled, so they need no flows.
+    pub fn normalised(&self, encap: bool, own_ip: Ipv4Addr) -> Result<EgressPlan, String> {
+        if !encap && !self.steer.is_empty() {
+            return Err(format!(
+                "{} pod(s) to steer to other nodes, but this node runs in noEncap mode and has no \
+                 tunnel to carry them",
+                self.steer.len()
+            ));
+        }
+        let mut steer = self.steer.clone();
+        steer.sort();
+        steer.dedup();
+        for w in steer.windows(2) {
+            if w[0].pod_ip == w[1].pod_ip {
+                return Err(format!(
+                    "pod {} steered twice (Egress {} to {} and Egress {} to {})",
+                    w[0].pod_ip, w[0].id, w[0].node_ip, w[1].id, w[1].node_ip
+                ));
+            }
+        }
+        if let Some(s) = steer.iter().find(|s| s.id == 0) {
+            return Err(format!(
+                "pod {}: Egress id 0 is the cluster's VNI, not an Egress",
+                s.pod_ip
+            ));
+        }
+        if let Some(s) = steer.iter().find(|s| s.node_ip == own_ip) {
+            return Err(format!(
+                "pod {} steered to this node's own address {own_ip}; a pod whose Egress IP this \
+                 node holds is marked by the node, not steered",
+                s.pod_ip
+            ));
+        }
+        let mut held = self.held.clone();
+        held.sort_unstable();
+        held.dedup();
+        if held.first() == Some(&0) {
+            return Err("held Egress id 0 is the cluster's VNI".into());
+        }
+        let mut exempt: Vec<Ipv4Network> = self
+            .exempt
+            .iter()
+            .map(|n| Ipv4Network::new(n.network(), n.prefix()).expect("valid prefix"))
+            .collect();
+        exempt.sort();
+        exempt.dedup();
+        Ok(EgressPlan {
+            steer,
+            exempt,
+            held,
+        })
+    }
 }
 
 /// One local pod's endpoint as the agent core created it.
@@ -285,4 +347,102 @@ pub trait Dataplane: Send + Sync {
 
     /// Counters of one pod, if the backend keeps them.
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError>;
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+
+    fn steer(pod: &str, node: &str, id: u8) -> EgressSteer {
+        EgressSteer {
+            pod_ip: pod.parse().unwrap(),
+            node_ip: node.parse().unwrap(),
+            id,
+        }
+    }
+
+    const OWN: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
+
+    #[test]
+    fn plans_are_canonical() {
+        let a = EgressPlan {
+            steer: vec![
+                steer("10.244.1.6", "172.18.0.12", 3),
+                steer("10.244.1.5", "172.18.0.12", 3),
+                steer("10.244.1.6", "172.18.0.12", 3),
+            ],
+            exempt: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "10.244.7.9/16".parse().unwrap(),
+            ],
+            held: vec![4, 2, 4],
+        };
+        let n = a.normalised(true, OWN).unwrap();
+        assert_eq!(
+            n.steer,
+            vec![
+                steer("10.244.1.5", "172.18.0.12", 3),
+                steer("10.244.1.6", "172.18.0.12", 3)
+            ]
+        );
+        assert_eq!(
+            n.exempt,
+            vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "10.244.0.0/16".parse().unwrap()
+            ]
+        );
+        assert_eq!(n.held, vec![2, 4]);
+        assert_eq!(n.normalised(true, OWN).unwrap(), n);
+    }
+
+    #[test]
+    fn bad_plans_are_refused() {
+        let err = |p: EgressPlan, encap: bool| p.normalised(encap, OWN).unwrap_err();
+        let one = EgressPlan {
+            steer: vec![steer("10.244.1.5", "172.18.0.12", 3)],
+            ..Default::default()
+        };
+        assert!(err(one.clone(), false).contains("noEncap"));
+        // Without a tunnel, held ids and exemptions alone are fine.
+        let held = EgressPlan {
+            held: vec![3],
+            exempt: vec!["10.96.0.0/12".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(held.normalised(false, OWN).is_ok());
+        let mut twice = one.clone();
+        twice.steer.push(steer("10.244.1.5", "172.18.0.13", 4));
+        assert!(err(twice, true).contains("steered twice"));
+        assert!(
+            err(
+                EgressPlan {
+                    steer: vec![steer("10.244.1.5", "172.18.0.12", 0)],
+                    ..Default::default()
+                },
+                true
+            )
+            .contains("id 0")
+        );
+        assert!(
+            err(
+                EgressPlan {
+                    steer: vec![steer("10.244.1.5", "172.18.0.11", 3)],
+                    ..Default::default()
+                },
+                true
+            )
+            .contains("own address")
+        );
+        assert!(
+            err(
+                EgressPlan {
+                    held: vec![0, 5],
+                    ..Default::default()
+                },
+                true
+            )
+            .contains("id 0")
+        );
+    }
 }

@@ -362,10 +362,5 @@ fn node_view(me: &str, plan: &NodePlan, node: &EgressNode, warnings: &[String]) 
 }
 
 fn write_atomic(path: &Path, v: &Value) -> std::io::Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(v).expect("serialisable"))?;
-    std::fs::rename(&tmp, path)
+    crate::store::write_file_atomic(path, &serde_json::to_vec_pretty(v).expect("serialisable"))
 }

@@ -421,10 +421,11 @@ impl EgressNode {
     }
 
     fn save_record(&self, set: &BTreeSet<(Ipv4Addr, u8)>) -> Result<(), String> {
-        let tmp = self.record.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(set).expect("serialisable"))
-            .and_then(|()| std::fs::rename(&tmp, &self.record))
-            .map_err(|e| format!("writing {}: {e}", self.record.display()))
+        crate::store::write_file_atomic(
+            &self.record,
+            &serde_json::to_vec(set).expect("serialisable"),
+        )
+        .map_err(|e| format!("writing {}: {e}", self.record.display()))
     }
 
     /// Makes the node hold exactly `held`: interfaces, addresses, tables, rules, `rp_filter`.
@@ -748,11 +749,11 @@ impl EgressNode {
     pub fn check_rp_filter(&mut self) -> Vec<String> {
         let mut restored = Vec::new();
         for st in self.rp.values_mut() {
-            let path = format!("/proc/sys/net/ipv4/conf/{}/rp_filter", st.interface);
-            let found = match std::fs::read_to_string(&path) {
-                Ok(v) => v.trim().to_owned(),
+            let key = crate::sysctl::conf_key(&st.interface, "rp_filter");
+            let found = match crate::sysctl::get(&key) {
+                Ok(v) => v,
                 Err(e) => {
-                    st.found = format!("unreadable: {e}");
+                    st.found = format!("unreadable: {}", e.source);
                     continue;
                 }
             };
@@ -761,7 +762,7 @@ impl EgressNode {
                 st.set = true;
                 continue;
             }
-            match std::fs::write(&path, &st.want) {
+            match crate::sysctl::set(&key, &st.want) {
                 Ok(()) => {
                     // The first setting is not drift; a later difference is.
                     if st.set {

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ferrea_agent::dataplane::PodEndpoint;
+use ferrea_agent::dataplane::ebpf::PinLayout;
 use ferrea_tests::netns::NetNs;
 use ferrea_tests::vethpod::{VethPod, VethPodSpec};
 
@@ -72,4 +73,19 @@ pub fn endpoint(pod: &VethPod) -> PodEndpoint {
         pod_mac: s.pod_mac,
         ip: s.ip,
     }
+}
+
+/// Makes the pinned programs under `layout` look like another build's: renames the one
+/// `progs/<digest>/` directory to an all-zero digest. Returns (the build's directory as it
+/// was, the directory it is now).
+pub fn pretend_programs_of_another_build(layout: &PinLayout) -> (PathBuf, PathBuf) {
+    let cur = std::fs::read_dir(layout.progs_root())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let old = layout.progs_root().join("0000000000000000");
+    std::fs::rename(&cur, &old).unwrap();
+    (cur, old)
 }

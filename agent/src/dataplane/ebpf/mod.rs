@@ -70,8 +70,7 @@ pub use pins::{Direction, PinLayout};
 /// The BPF object built from `ebpf/` by `agent/build.rs`.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferrea.bpf.o"));
 
-/// Name of the gateway device that carries the pod CIDR's gateway address.
-pub const GATEWAY_IFNAME: &str = "ferrea-gw0";
+pub use super::GATEWAY_IFNAME;
 /// Name of the gateway device's peer (up, no address; it only keeps `ferrea-gw0` up).
 pub const GATEWAY_PEER_IFNAME: &str = "ferrea-gw0p";
 
@@ -490,25 +489,38 @@ impl EbpfDataplane {
 /// Loads both programs of a freshly loaded object and pins them under `dir`.
 /// Attaches `prog` to `ifname` at `t`, or replaces the program of ferrea's filter there.
 fn attach_prog(prog: &mut SchedClassifier, ifname: &str, t: TcAttachType) -> Result<(), String> {
+    attach_tc_filter(prog, ifname, t, TC_PRIORITY, TC_HANDLE)
+}
+
+/// Attaches `prog` at `t` of `ifname` as the cls_bpf filter `priority`/`handle`, or, when a
+/// filter is there already (a re-add, or another build's or process's), replaces its program
+/// in place, which cls_bpf does atomically. The filter outlives this process. Shared with the
+/// VLAN tagger ([`crate::vlan`]), which has its own slot.
+pub(crate) fn attach_tc_filter(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    t: TcAttachType,
+    priority: u16,
+    handle: TcHandle,
+) -> Result<(), String> {
     let opts = NlOptions {
-        priority: TC_PRIORITY,
-        handle: TC_HANDLE,
+        priority,
+        handle,
         classid: None,
     };
     let id = match prog.attach_with_options(ifname, t, TcAttachOptions::Netlink(opts)) {
         Ok(id) => id,
-        // Our filter is there already (re-add, or a filter of another build): replace its
-        // program in place, which cls_bpf does atomically.
-        Err(_) => {
-            let old = SchedClassifierLink::attached(ifname, t, TC_PRIORITY, TC_HANDLE, None)
+        Err(first) => {
+            let old = SchedClassifierLink::attached(ifname, t, priority, handle, None)
                 .map_err(|e| e.to_string())?;
-            prog.attach_to_link(old).map_err(|e| e.to_string())?
+            prog.attach_to_link(old)
+                .map_err(|e| format!("{first}; replacing: {e}"))?
         }
     };
     let link = prog.take_link(id).map_err(|e| e.to_string())?;
     // Dropping a netlink link deletes the filter; the filter must outlive this process
-    // (that is what keeps pods connected when the agent dies). The value holds only
-    // integers (ifindex, priority, handle), so forgetting it leaks nothing.
+    // (that is what keeps pods connected, and VLANs tagged, while the agent is down). The
+    // value holds only integers (ifindex, priority, handle), so forgetting it leaks nothing.
     std::mem::forget(link);
     Ok(())
 }
@@ -900,36 +912,21 @@ impl Dataplane for EbpfDataplane {
 
     async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
         let err = |msg: String| other_err("set_egress", msg);
-        if let Some(s) = plan.steer.iter().find(|s| s.id == 0) {
-            return Err(err(format!(
-                "pod {} is steered with Egress id 0 (ids are 1..=255)",
-                s.pod_ip
-            )));
-        }
-        if plan.held.contains(&0) {
-            return Err(err("Egress id 0 cannot be held (ids are 1..=255)".into()));
-        }
-        let tunnel = {
+        let (tunnel, own_ip) = {
             let g = self.lock();
             let st = g
                 .as_ref()
                 .ok_or_else(|| err("init_node was not called".into()))?;
-            st.node.tunnel
+            (st.node.tunnel, st.node.transport.ip)
         };
-        let tun_ifindex = match (tunnel, plan.steer.first()) {
-            (_, None) => 0,
-            (None, Some(s)) => {
-                return Err(err(format!(
-                    "pod {} cannot be steered to egress node {}: this node runs in noEncap \
-                     mode and has no tunnel to carry it",
-                    s.pod_ip, s.node_ip
-                )));
-            }
-            (Some(_), Some(_)) => self
-                .link_index(TUNNEL_IFNAME)
+        let plan = &plan.normalised(tunnel.is_some(), own_ip).map_err(err)?;
+        let tun_ifindex = if plan.steer.is_empty() {
+            0
+        } else {
+            self.link_index(TUNNEL_IFNAME)
                 .await
                 .map_err(|e| err(format!("get {TUNNEL_IFNAME}: {e}")))?
-                .ok_or_else(|| err(format!("{TUNNEL_IFNAME} is missing")))?,
+                .ok_or_else(|| err(format!("{TUNNEL_IFNAME} is missing")))?
         };
         self.lock()
             .as_mut()

@@ -88,8 +88,7 @@ use ovsdb::{Ovsdb, map, named_uuid, parse_map, parse_uuid};
 use pipeline::{Counter, NodeFacts, PodFacts, RemoteFacts, TunnelFacts, cookie};
 use uplink::{PHY_BRIDGE, UplinkConfig};
 
-/// Name of the gateway internal port (and its kernel device).
-pub const GATEWAY_IFNAME: &str = "ferrea-gw0";
+pub use super::GATEWAY_IFNAME;
 const BACKEND: &str = "ovs";
 /// `external_ids` key marking what ferrea created, and its values.
 const TYPE_KEY: &str = "ferrea-type";
@@ -1384,7 +1383,9 @@ impl Dataplane for OvsDataplane {
         let s = self
             .node_state()
             .ok_or_else(|| other_err("set_egress", "init_node has not run"))?;
-        let plan = normalise_egress(plan, s.tunnel.is_some(), s.node.transport.ip)?;
+        let plan = plan
+            .normalised(s.tunnel.is_some(), s.node.transport.ip)
+            .map_err(|m| other_err("set_egress", m))?;
         let want = match &s.tunnel {
             Some(t) => pipeline::egress_flows(s.round, &s.facts, t, &plan),
             None => Vec::new(),
@@ -1477,67 +1478,6 @@ fn requested_ofport(node: &NodeNetwork, ip: Ipv4Addr) -> Option<u32> {
     (port < 0xff00).then_some(port)
 }
 
-/// Checks an Egress plan and puts it in a canonical form (sorted, deduplicated), so equal
-/// plans compare equal. Refuses id 0 (the cluster's own VNI), a pod steered to two places,
-/// a pod steered to this node itself, and steered pods without a tunnel (`noEncap`). Held
-/// ids without a tunnel are accepted: nothing arrives tunnelled, so they need no flows.
-fn normalise_egress(
-    plan: &EgressPlan,
-    encap: bool,
-    own_ip: Ipv4Addr,
-) -> Result<EgressPlan, DataplaneError> {
-    let bad = |msg: String| other_err("set_egress", msg);
-    if !encap && !plan.steer.is_empty() {
-        return Err(bad(format!(
-            "{} pod(s) to steer to other nodes, but this node runs in noEncap mode: the OVS \
-             backend steers Egress traffic only through the tunnel",
-            plan.steer.len()
-        )));
-    }
-    let mut steer = plan.steer.clone();
-    steer.sort();
-    steer.dedup();
-    for w in steer.windows(2) {
-        if w[0].pod_ip == w[1].pod_ip {
-            return Err(bad(format!(
-                "pod {} steered twice (Egress {} to {} and Egress {} to {})",
-                w[0].pod_ip, w[0].id, w[0].node_ip, w[1].id, w[1].node_ip
-            )));
-        }
-    }
-    if let Some(s) = steer.iter().find(|s| s.id == 0) {
-        return Err(bad(format!(
-            "pod {}: Egress id 0 is the cluster's VNI, not an Egress",
-            s.pod_ip
-        )));
-    }
-    if let Some(s) = steer.iter().find(|s| s.node_ip == own_ip) {
-        return Err(bad(format!(
-            "pod {} steered to this node's own address {own_ip}; a pod whose Egress IP this \
-             node holds is marked by the node, not steered",
-            s.pod_ip
-        )));
-    }
-    let mut held = plan.held.clone();
-    held.sort_unstable();
-    held.dedup();
-    if held.first() == Some(&0) {
-        return Err(bad("held Egress id 0 is the cluster's VNI".into()));
-    }
-    let mut exempt: Vec<ipnetwork::Ipv4Network> = plan
-        .exempt
-        .iter()
-        .map(|n| ipnetwork::Ipv4Network::new(n.network(), n.prefix()).expect("valid prefix"))
-        .collect();
-    exempt.sort();
-    exempt.dedup();
-    Ok(EgressPlan {
-        steer,
-        exempt,
-        held,
-    })
-}
-
 /// Sends one UDP datagram to the discard port of each address, so the node's stack resolves
 /// their MACs (best effort: a failure only means the first packet waits for ARP).
 fn resolve_neighbours(ips: impl Iterator<Item = Ipv4Addr>) {
@@ -1566,106 +1506,6 @@ fn isolate_from_host_stack(ep: &PodEndpoint) -> Result<(), DataplaneError> {
         crate::sysctl::ensure(&key, value).map_err(|e| pod_err("isolate", ep, e))?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod egress_tests {
-    use super::*;
-    use crate::dataplane::EgressSteer;
-
-    fn steer(pod: &str, node: &str, id: u8) -> EgressSteer {
-        EgressSteer {
-            pod_ip: pod.parse().unwrap(),
-            node_ip: node.parse().unwrap(),
-            id,
-        }
-    }
-
-    const OWN: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
-
-    #[test]
-    fn plans_are_canonical() {
-        let a = EgressPlan {
-            steer: vec![
-                steer("10.244.1.6", "172.18.0.12", 3),
-                steer("10.244.1.5", "172.18.0.12", 3),
-                steer("10.244.1.6", "172.18.0.12", 3),
-            ],
-            exempt: vec![
-                "10.96.0.0/12".parse().unwrap(),
-                "10.244.7.9/16".parse().unwrap(),
-            ],
-            held: vec![4, 2, 4],
-        };
-        let n = normalise_egress(&a, true, OWN).unwrap();
-        assert_eq!(
-            n.steer,
-            vec![
-                steer("10.244.1.5", "172.18.0.12", 3),
-                steer("10.244.1.6", "172.18.0.12", 3)
-            ]
-        );
-        assert_eq!(
-            n.exempt,
-            vec![
-                "10.96.0.0/12".parse().unwrap(),
-                "10.244.0.0/16".parse().unwrap()
-            ]
-        );
-        assert_eq!(n.held, vec![2, 4]);
-        assert_eq!(normalise_egress(&n, true, OWN).unwrap(), n);
-    }
-
-    #[test]
-    fn bad_plans_are_refused() {
-        let err =
-            |p: EgressPlan, encap: bool| normalise_egress(&p, encap, OWN).unwrap_err().to_string();
-        let one = EgressPlan {
-            steer: vec![steer("10.244.1.5", "172.18.0.12", 3)],
-            ..Default::default()
-        };
-        assert!(err(one.clone(), false).contains("noEncap"));
-        // Without a tunnel, held ids and exemptions alone are fine.
-        let held = EgressPlan {
-            held: vec![3],
-            exempt: vec!["10.96.0.0/12".parse().unwrap()],
-            ..Default::default()
-        };
-        assert!(normalise_egress(&held, false, OWN).is_ok());
-        let mut twice = one.clone();
-        twice.steer.push(steer("10.244.1.5", "172.18.0.13", 4));
-        assert!(err(twice, true).contains("steered twice"));
-        assert!(
-            err(
-                EgressPlan {
-                    steer: vec![steer("10.244.1.5", "172.18.0.12", 0)],
-                    ..Default::default()
-                },
-                true
-            )
-            .contains("id 0")
-        );
-        assert!(
-            err(
-                EgressPlan {
-                    steer: vec![steer("10.244.1.5", "172.18.0.11", 3)],
-                    ..Default::default()
-                },
-                true
-            )
-            .contains("own address")
-        );
-        assert!(
-            err(
-                EgressPlan {
-                    held: vec![0, 5],
-                    ..Default::default()
-                },
-                true
-            )
-            .contains("id 0")
-        );
-    }
 }
 
 #[cfg(test)]

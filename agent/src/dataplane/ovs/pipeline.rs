@@ -53,6 +53,7 @@
 //! Packets the source node's stack sends into the bridge, and packets from the tunnel, never
 //! carry a local pod's source address in practice, so the steer flows need no port match.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -394,12 +395,12 @@ pub fn egress_flows(
 ) -> Vec<FlowMod> {
     let mut out = Vec::new();
     if !plan.steer.is_empty() {
-        let mut exempt: Vec<Ipv4Network> = plan.exempt.clone();
-        exempt.push(n.pod_cidr);
-        let mut nets: Vec<(Ipv4Addr, u8)> =
-            exempt.iter().map(|e| (e.network(), e.prefix())).collect();
-        nets.sort();
-        nets.dedup();
+        let nets: BTreeSet<(Ipv4Addr, u8)> = plan
+            .exempt
+            .iter()
+            .chain([&n.pod_cidr])
+            .map(|e| (e.network(), e.prefix()))
+            .collect();
         for (net, prefix) in nets {
             out.push(FlowMod::add(
                 Table::L3Forwarding as u8,
@@ -412,7 +413,7 @@ pub fn egress_flows(
                 ]),
             ));
         }
-        let mut ids: Vec<u8> = Vec::new();
+        let mut ids = BTreeSet::new();
         for s in &plan.steer {
             out.push(FlowMod::add(
                 Table::L3Forwarding as u8,
@@ -427,10 +428,8 @@ pub fn egress_flows(
                     goto(Table::TunnelOutput),
                 ],
             ));
-            ids.push(s.id);
+            ids.insert(s.id);
         }
-        ids.sort_unstable();
-        ids.dedup();
         for id in ids {
             out.push(FlowMod::add(
                 Table::TunnelOutput as u8,
@@ -441,9 +440,7 @@ pub fn egress_flows(
             ));
         }
     }
-    let mut held = plan.held.clone();
-    held.sort_unstable();
-    held.dedup();
+    let held: BTreeSet<u8> = plan.held.iter().copied().collect();
     for id in held {
         out.push(FlowMod::add(
             Table::Classifier as u8,
