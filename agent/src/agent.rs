@@ -9,8 +9,8 @@
 //!    CNI server answers `TRY_AGAIN_LATER` naming the failure.
 //! 4. Reconciliation of the state store against the kernel and the dataplane.
 //! 5. Ready: CNI requests are served; desired-state changes are applied as they come. The
-//!    NodePortLocal controller ([`crate::npl`]) starts here and follows the desired state and
-//!    the node's attachments on its own, and so does the Egress controller ([`crate::egress`]).
+//!    NodePortLocal controller ([`crate::controllers::npl`]) starts here and follows the desired state and
+//!    the node's attachments on its own, and so does the Egress controller ([`crate::controllers::egress`]).
 //!
 //! Stopping (SIGTERM/SIGINT) closes the socket and leaves the dataplane in place, so running
 //! pods keep their traffic while the agent is down or being upgraded.
@@ -25,15 +25,15 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::cni_server::{CniService, Readiness};
+use crate::cni::server::{CniService, Readiness};
 use crate::config::{Config, DataplaneKind, SourceConfig};
 use crate::dataplane::{Dataplane, NodeNetwork, RemoteNode};
-use crate::nat::{NatSpec, NatTable};
-use crate::podnet::NetlinkPodNet;
+use crate::kernel::nftables::{NatSpec, NatTable};
+use crate::kernel::sysctl;
 use crate::pods::PodManager;
+use crate::pods::podnet::NetlinkPodNet;
+use crate::pods::store::Store;
 use crate::source::{DesiredState, NodeInfo, files};
-use crate::store::Store;
-use crate::sysctl;
 
 /// Sysctls the node needs for the routed pod network, set in the agent's own namespace.
 const NODE_SYSCTLS: &[(&str, &str)] = &[("net.ipv4.ip_forward", "1")];
@@ -82,7 +82,7 @@ pub async fn run(
         };
         ready_tx.send_replace(Readiness::Ready(pm.clone()));
         tracing::info!(node = %node.name, pod_cidr = ?node.pod_cidr, "agent ready");
-        crate::npl::start(
+        crate::controllers::npl::start(
             &cfg.node_port_local,
             &cfg.state_dir,
             cfg.node_name(),
@@ -92,13 +92,13 @@ pub async fn run(
         );
         let mut cluster = cfg.cluster_cidrs.clone();
         cluster.push(cfg.service_cidr);
-        crate::egress::start(
-            crate::egress::EgressContext {
+        crate::controllers::egress::start(
+            crate::controllers::egress::EgressContext {
                 node_name: cfg.node_name().to_owned(),
                 cluster,
                 encap: pm.node().tunnel.is_some(),
                 transport: pm.node().transport.ifname.clone(),
-                gateway_if: crate::dataplane::GATEWAY_IFNAME.to_owned(),
+                gateway_if: crate::net::GATEWAY_IFNAME.to_owned(),
                 state_dir: cfg.state_dir.clone(),
             },
             pm.clone(),
@@ -215,16 +215,16 @@ async fn start_node(
     let discover = || async {
         let (conn, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
         let task = tokio::spawn(conn);
-        let t = crate::transport::discover(&handle, cfg, node.internal_ip).await;
+        let t = crate::kernel::transport::discover(&handle, cfg, node.internal_ip).await;
         task.abort();
         anyhow::Ok(t?)
     };
     let transport = discover().await?;
-    let tunnel = crate::transport::tunnel(cfg);
+    let tunnel = crate::kernel::transport::tunnel(cfg);
     let mut net = NodeNetwork {
         pod_cidr,
-        gateway: crate::ipam::gateway_of(pod_cidr),
-        mtu: crate::transport::pod_mtu(cfg, transport.mtu, tunnel),
+        gateway: crate::pods::ipam::gateway_of(pod_cidr),
+        mtu: crate::kernel::transport::pod_mtu(cfg, transport.mtu, tunnel),
         transport,
         tunnel,
     };
@@ -252,7 +252,7 @@ async fn start_node(
     let store = Store::open(&cfg.state_dir).context("opening the state store")?;
     // NodePortLocal rules of the previous run go in with the table, so running pods keep
     // their node ports across the restart; the NPL controller reconciles them right after.
-    let npl = crate::npl::restored_rules(&cfg.node_port_local, &store, node);
+    let npl = crate::controllers::npl::restored_rules(&cfg.node_port_local, &store, node);
     let nat = Arc::new(NatTable::new(nat_spec(cfg, &net), npl));
     nat.apply()
         .await

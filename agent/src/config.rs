@@ -115,7 +115,7 @@ pub struct Config {
     /// `/var/run/openvswitch/db.sock`), `runDir` (default `/var/run/openvswitch`), `bridge`
     /// (default `br-int`), `datapathType` (`auto`, `system` or `netdev`; default `auto`).
     #[serde(default)]
-    pub ovs: crate::dataplane::ovs::OvsConfig,
+    pub ovs: OvsConfig,
     /// Desired-state source. Default: `files` at `/etc/ferrea/manifests`.
     #[serde(
         default = "default_source",
@@ -173,7 +173,7 @@ pub struct Config {
     pub veth_prefix: String,
     /// NodePortLocal: `enable` (default `false`), `portRange` (default `61000-62000`).
     #[serde(default)]
-    pub node_port_local: crate::npl::NplConfig,
+    pub node_port_local: NplConfig,
 }
 
 fn default_source() -> SourceConfig {
@@ -428,5 +428,138 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("vpp"), "{e}");
+    }
+}
+
+/// Datapath of the bridge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathType {
+    /// `system` if the openvswitch kernel module is loaded, else `netdev`.
+    #[default]
+    Auto,
+    /// The kernel datapath.
+    System,
+    /// The userspace datapath.
+    Netdev,
+}
+
+impl DatapathType {
+    /// The OVSDB `datapath_type` value this resolves to on this machine.
+    pub fn resolve(self) -> &'static str {
+        match self {
+            DatapathType::System => "system",
+            DatapathType::Netdev => "netdev",
+            DatapathType::Auto if Path::new("/sys/module/openvswitch").exists() => "system",
+            DatapathType::Auto => "netdev",
+        }
+    }
+}
+
+/// Configuration of the OVS backend.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct OvsConfig {
+    /// ovsdb-server's unix socket. Default `/var/run/openvswitch/db.sock`.
+    pub ovsdb_socket: PathBuf,
+    /// ovs-vswitchd's run directory, where `<bridge>.mgmt` lives. Default
+    /// `/var/run/openvswitch`.
+    pub run_dir: PathBuf,
+    /// The integration bridge. Default `br-int`.
+    pub bridge: String,
+    /// Datapath type. Default `auto`.
+    pub datapath_type: DatapathType,
+}
+
+impl Default for OvsConfig {
+    fn default() -> Self {
+        Self {
+            ovsdb_socket: PathBuf::from("/var/run/openvswitch/db.sock"),
+            run_dir: PathBuf::from("/var/run/openvswitch"),
+            bridge: "br-int".into(),
+            datapath_type: DatapathType::Auto,
+        }
+    }
+}
+
+/// The default NodePortLocal port range (Antrea's on Linux).
+pub const DEFAULT_PORT_RANGE: &str = "61000-62000";
+
+/// `nodePortLocal` in the agent configuration (Antrea's spelling).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NplConfig {
+    /// Whether NPL runs. Default `false`, as in Antrea.
+    #[serde(default)]
+    pub enable: bool,
+    /// `<first>-<last>`, inclusive. Default `61000-62000`.
+    #[serde(default = "default_port_range")]
+    pub port_range: String,
+}
+
+fn default_port_range() -> String {
+    DEFAULT_PORT_RANGE.into()
+}
+
+impl Default for NplConfig {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            port_range: default_port_range(),
+        }
+    }
+}
+
+impl NplConfig {
+    /// The parsed port range (validated at config load).
+    pub fn range(&self) -> Result<PortRange, String> {
+        self.port_range.parse()
+    }
+}
+
+/// An inclusive range of node ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port.
+    pub first: u16,
+    /// Last port (inclusive).
+    pub last: u16,
+}
+
+impl PortRange {
+    /// Whether `p` is in the range.
+    pub fn contains(&self, p: u16) -> bool {
+        (self.first..=self.last).contains(&p)
+    }
+
+    /// Number of ports.
+    pub fn len(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    /// Never true (a range has at least one port); for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not of the form <first>-<last>, e.g. 61000-62000"))?;
+        let parse = |x: &str| {
+            x.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{x:?} in {s:?} is not a port (1-65535)"))
+        };
+        let (first, last) = (parse(a)?, parse(b)?);
+        if first > last {
+            return Err(format!("{s:?}: the first port is above the last"));
+        }
+        Ok(PortRange { first, last })
     }
 }

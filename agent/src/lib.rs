@@ -1,30 +1,35 @@
 //! ferrea-agent: the per-node daemon of ferrea.
 //!
-//! It serves the CNI gRPC API that `ferrea-cni` calls ([`cni_server`]), allocates pod IPs from
-//! the node's pod CIDR ([`ipam`], persisted in [`store`]), plumbs pod interfaces ([`podnet`]),
-//! masquerades traffic leaving the cluster and DNATs NodePortLocal node ports to pods
-//! ([`nat`], [`npl`], [`conntrack`]) and programs the packet path through the
-//! [`dataplane::Dataplane`] trait. Desired state (this node's pod CIDR, Pods and Services,
-//! later Egress and policy objects) comes from a [`source`]; the reconcilers never know which
-//! source fed them. [`agent`] wires it all together.
+//! The crate is layered; a module only uses the ones above it in this list (a test,
+//! `tests/architecture.rs`, fails on a cycle):
+//!
+//! - [`config`]: the typed configuration document.
+//! - [`net`]: the node's packet-path contracts every part agrees on (gateway device, tunnel
+//!   key, Egress marks, the transport and tunnel facts).
+//! - [`source`]: the desired state (Nodes, Pods, Services, Egress, ExternalIPPool) and the
+//!   sources that fill it; the object decoders, Antrea's CRD types included.
+//! - [`kernel`]: one trait per kind of kernel side effect (links, addresses, routes, rules,
+//!   nftables, sysctls, conntrack, TC, VLAN tagging) with its Linux implementation.
+//! - [`dataplane`]: the [`dataplane::Dataplane`] trait and its two backends, eBPF and Open
+//!   vSwitch. Nothing outside this module and the wiring names a backend.
+//! - [`pods`]: the pod manager (ADD, DEL, CHECK, GC, reconciliation), IPAM, the state store
+//!   and the pod interface plumbing.
+//! - [`cni`]: the CNI gRPC server and the mapping of errors to CNI codes.
+//! - [`controllers`]: the reconcile runner and the controllers it drives (node changes,
+//!   NodePortLocal, Egress).
+//! - [`agent`]: the wiring: the order in which the parts start, and how they stop.
+//!
+//! `docs/architecture.md` in the repository walks through a CNI ADD and a desired-state
+//! change, and says where a new controller or backend goes.
 
 pub mod agent;
-pub mod cni_server;
+pub mod cni;
 pub mod config;
-pub mod conntrack;
+pub mod controllers;
 pub mod dataplane;
-pub mod egress;
-pub mod error;
-pub mod ipam;
-pub mod nat;
-pub mod npl;
-pub mod offload;
-pub mod podnet;
+pub mod kernel;
+pub mod net;
 pub mod pods;
 pub mod source;
-pub mod store;
-pub mod sysctl;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
-pub mod transport;
-pub mod vlan;

@@ -10,9 +10,9 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use ferrea_agent::egress::model::SubnetInfo;
-use ferrea_agent::egress::node::{EgressNode, load_vlan_tagger};
-use ferrea_agent::egress::plan::HeldIp;
+use ferrea_agent::controllers::egress::node::{EgressNode, load_vlan_tagger};
+use ferrea_agent::controllers::egress::plan::HeldIp;
+use ferrea_agent::source::crd::SubnetInfo;
 use ferrea_tests::capture::Tcpdump;
 use ferrea_tests::egress::ferrea_rules;
 use ferrea_tests::fabric::VlanGateway;

@@ -223,15 +223,15 @@ impl TNode {
             let cfg = Config::parse(&yaml, Path::new("test.yaml")).unwrap();
             let (conn, h, _) = rtnetlink::new_connection().unwrap();
             let task = tokio::spawn(conn);
-            let transport = ferrea_agent::transport::discover(&h, &cfg, Some(ip))
+            let transport = ferrea_agent::kernel::transport::discover(&h, &cfg, Some(ip))
                 .await
                 .unwrap();
             task.abort();
-            let tunnel = ferrea_agent::transport::tunnel(&cfg);
+            let tunnel = ferrea_agent::kernel::transport::tunnel(&cfg);
             NodeNetwork {
                 pod_cidr: cidr,
-                gateway: ferrea_agent::ipam::gateway_of(cidr),
-                mtu: ferrea_agent::transport::pod_mtu(&cfg, transport.mtu, tunnel),
+                gateway: ferrea_agent::pods::ipam::gateway_of(cidr),
+                mtu: ferrea_agent::kernel::transport::pod_mtu(&cfg, transport.mtu, tunnel),
                 transport,
                 tunnel,
             }
@@ -251,7 +251,7 @@ impl TNode {
         if !offload {
             self.pod
                 .ns()
-                .run(|| ferrea_agent::offload::disable_tx_checksum("eth0"))
+                .run(|| ferrea_agent::kernel::offload::disable_tx_checksum("eth0"))
                 .unwrap();
         }
         self.agent.call(move |dp| async move {

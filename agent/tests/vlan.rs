@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use ferrea_agent::vlan::{VLAN_TC_PRIORITY, VlanSub, VlanTagger};
+use ferrea_agent::kernel::vlan::{VLAN_TC_PRIORITY, VlanSub, VlanTagger};
 use ferrea_tests::capture::Tcpdump;
 use ferrea_tests::fabric::ping;
 use ferrea_tests::netns::{NetNs, tc_filters};

@@ -20,10 +20,10 @@ use crate::pod::Pod;
 use crate::{Cluster, Dataplane, NodeOptions, wait_for};
 
 /// Seed 000's `ExternalIPPool`, verbatim.
-pub const SEED_POOL: &str = include_str!("../../agent/src/egress/testdata/seed000-pool.yaml");
+pub const SEED_POOL: &str = include_str!("../../agent/testdata/seed000-pool.yaml");
 
 /// Seed 000's `Egress`, verbatim.
-pub const SEED_EGRESS: &str = include_str!("../../agent/src/egress/testdata/seed000-egress.yaml");
+pub const SEED_EGRESS: &str = include_str!("../../agent/testdata/seed000-egress.yaml");
 
 /// The seed Egress's name.
 pub const EGRESS: &str = "child-egress-hello-world1";

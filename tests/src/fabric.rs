@@ -110,11 +110,11 @@ impl Fabric {
 
 /// The external host's end of a VLAN: a macvlan `v<vid>` on its fabric interface, tagged and
 /// untagged by the same BPF tagger a node uses on kernels without 802.1Q devices
-/// (`ferrea_agent::vlan`), with an address on the VLAN's subnet (the pool's gateway, say).
+/// (`ferrea_agent::kernel::vlan`), with an address on the VLAN's subnet (the pool's gateway, say).
 /// A real switch port would do the same; this kernel has neither VLAN devices nor a
 /// VLAN-filtering bridge. The filters go with the namespace.
 pub struct VlanGateway {
-    _tagger: ferrea_agent::vlan::VlanTagger,
+    _tagger: ferrea_agent::kernel::vlan::VlanTagger,
 }
 
 impl std::fmt::Debug for VlanGateway {
@@ -133,7 +133,7 @@ impl VlanGateway {
         ns.ip(&["addr", "add", &addr.to_string(), "dev", &child])?;
         ns.ip(&["link", "set", &child, "up"])?;
         let tagger = ns.run(move || -> anyhow::Result<_> {
-            let mut t = ferrea_agent::vlan::VlanTagger::load()?;
+            let mut t = ferrea_agent::kernel::vlan::VlanTagger::load()?;
             t.attach("eth0", &child, vid)?;
             Ok(t)
         })?;

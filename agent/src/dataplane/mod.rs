@@ -14,7 +14,11 @@ use ipnetwork::Ipv4Network;
 
 pub mod ebpf;
 pub mod ovs;
-pub mod routes;
+
+pub use crate::net::{
+    EGRESS_MARK_MASK, GATEWAY_IFNAME, TUNNEL_IFNAME, TUNNEL_VNI, Transport, Tunnel,
+    egress_marker_mac,
+};
 
 /// Node-wide facts a backend needs to build its packet path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +41,7 @@ impl NodeNetwork {
     pub fn standalone(pod_cidr: Ipv4Network, mtu: u32) -> Self {
         NodeNetwork {
             pod_cidr,
-            gateway: crate::ipam::gateway_of(pod_cidr),
+            gateway: crate::net::gateway_of(pod_cidr),
             mtu,
             transport: Transport {
                 ifname: "lo".into(),
@@ -50,41 +54,6 @@ impl NodeNetwork {
         }
     }
 }
-
-/// The transport interface: where this node's traffic to other nodes leaves.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transport {
-    /// Interface name.
-    pub ifname: String,
-    /// Interface index.
-    pub ifindex: u32,
-    /// This node's address on it: the tunnel's outer source.
-    pub ip: Ipv4Addr,
-    /// Its prefix length.
-    pub prefix_len: u8,
-    /// Its MTU.
-    pub mtu: u32,
-}
-
-/// The encapsulation between nodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tunnel {
-    /// VXLAN or Geneve.
-    pub kind: crate::config::TunnelType,
-    /// UDP destination port.
-    pub port: u16,
-}
-
-/// The node's gateway device, which carries the pod CIDR's gateway address (both backends:
-/// a veth end for eBPF, OVS's internal port for OVS).
-pub const GATEWAY_IFNAME: &str = "ferrea-gw0";
-
-/// Name of the tunnel device (eBPF) or tunnel port (OVS) on every node.
-pub const TUNNEL_IFNAME: &str = "ferrea-tun0";
-
-/// The virtual network identifier on the wire. One overlay per cluster, so one VNI; flows and
-/// programs set the remote per packet.
-pub const TUNNEL_VNI: u32 = 0;
 
 /// Another node of the cluster, as the packet path needs it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -101,20 +70,8 @@ pub struct RemoteNode {
 impl RemoteNode {
     /// The remote node's pod gateway (first address of its pod CIDR).
     pub fn gateway(&self) -> Ipv4Addr {
-        crate::ipam::gateway_of(self.pod_cidr)
+        crate::net::gateway_of(self.pod_cidr)
     }
-}
-
-/// The mask of the fwmark bits ferrea's Egress uses: the low 8 bits carry an Egress id
-/// (1..=255), so marks other software sets in higher bits (kube-proxy's 0x4000/0x8000, say)
-/// neither disturb nor are disturbed.
-pub const EGRESS_MARK_MASK: u32 = 0xff;
-
-/// The source MAC by which the OVS backend tells the node's stack that a packet it hands to
-/// the gateway port belongs to Egress `id` (the userspace datapath cannot pass a packet mark
-/// through a tap device). ferrea's nftables table turns it into the fwmark `id`.
-pub fn egress_marker_mac(id: u8) -> [u8; 6] {
-    [0x0a, 0xfe, 0x00, 0x00, 0x00, id]
 }
 
 /// A local pod whose Egress IP another node holds: its packets to destinations outside the
@@ -131,7 +88,7 @@ pub struct EgressSteer {
 
 /// What the packet path does for Egress on this node. The node-side half (egress IPs,
 /// sub-interfaces, policy routing, SNAT and the marking of local pods' packets in the node's
-/// prerouting hook) belongs to the agent core ([`crate::egress`]).
+/// prerouting hook) belongs to the agent core ([`crate::controllers::egress`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EgressPlan {
     /// Local pods steered to other nodes (sorted by pod IP).

@@ -22,9 +22,9 @@ pub enum Object {
     /// A `v1/Namespace`: its name and labels.
     Namespace(String, BTreeMap<String, String>),
     /// A `crd.antrea.io/v1beta1` `Egress`.
-    Egress(crate::egress::model::Egress),
+    Egress(crate::source::crd::Egress),
     /// A `crd.antrea.io/v1beta1` `ExternalIPPool`.
-    ExternalIpPool(crate::egress::model::ExternalIpPool),
+    ExternalIpPool(crate::source::crd::ExternalIpPool),
     /// A kind the agent does not use (kept out of the state, not an error).
     Ignored {
         /// `kind`.
@@ -126,9 +126,9 @@ fn decode_object(v: &Value) -> Result<Object, String> {
                 ));
             }
             if kind == "Egress" {
-                crate::egress::model::parse_egress(v).map(Object::Egress)
+                crate::source::crd::parse_egress(v).map(Object::Egress)
             } else {
-                crate::egress::model::parse_pool(v).map(Object::ExternalIpPool)
+                crate::source::crd::parse_pool(v).map(Object::ExternalIpPool)
             }
         }
         "Pod" => decode_pod(v, name).map(Object::Pod),

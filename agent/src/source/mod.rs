@@ -13,6 +13,7 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
+pub mod crd;
 pub mod files;
 pub mod manifest;
 
@@ -179,9 +180,9 @@ pub struct DesiredState {
     /// `kubernetes.io/metadata.name` label: see [`DesiredState::namespace_labels`].
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// `Egress` objects (`crd.antrea.io/v1beta1`), by name (cluster-scoped).
-    pub egresses: BTreeMap<String, crate::egress::model::Egress>,
+    pub egresses: BTreeMap<String, crate::source::crd::Egress>,
     /// `ExternalIPPool` objects (`crd.antrea.io/v1beta1`), by name (cluster-scoped).
-    pub pools: BTreeMap<String, crate::egress::model::ExternalIpPool>,
+    pub pools: BTreeMap<String, crate::source::crd::ExternalIpPool>,
     /// Objects the source could not accept, each with a message naming the object and field.
     /// They are left out of the state; the previous good version of a broken file is kept.
     pub errors: Vec<String>,

@@ -45,7 +45,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues};
-use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::tc::{SchedClassifierLink, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ferrea_common::{Counters, EgressSteer as SteerEntry, Endpoint, RemoteNode as RemoteEntry};
@@ -56,12 +56,12 @@ use netlink_packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 use sha2::{Digest, Sha256};
 
-use super::routes::{self, NodeRoute};
 use super::{
     Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
     TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
 };
 use crate::config::TunnelType;
+use crate::kernel::routes::{self, NodeRoute};
 
 mod pins;
 
@@ -489,40 +489,8 @@ impl EbpfDataplane {
 /// Loads both programs of a freshly loaded object and pins them under `dir`.
 /// Attaches `prog` to `ifname` at `t`, or replaces the program of ferrea's filter there.
 fn attach_prog(prog: &mut SchedClassifier, ifname: &str, t: TcAttachType) -> Result<(), String> {
-    attach_tc_filter(prog, ifname, t, TC_PRIORITY, TC_HANDLE)
-}
-
-/// Attaches `prog` at `t` of `ifname` as the cls_bpf filter `priority`/`handle`, or, when a
-/// filter is there already (a re-add, or another build's or process's), replaces its program
-/// in place, which cls_bpf does atomically. The filter outlives this process. Shared with the
-/// VLAN tagger ([`crate::vlan`]), which has its own slot.
-pub(crate) fn attach_tc_filter(
-    prog: &mut SchedClassifier,
-    ifname: &str,
-    t: TcAttachType,
-    priority: u16,
-    handle: TcHandle,
-) -> Result<(), String> {
-    let opts = NlOptions {
-        priority,
-        handle,
-        classid: None,
-    };
-    let id = match prog.attach_with_options(ifname, t, TcAttachOptions::Netlink(opts)) {
-        Ok(id) => id,
-        Err(first) => {
-            let old = SchedClassifierLink::attached(ifname, t, priority, handle, None)
-                .map_err(|e| e.to_string())?;
-            prog.attach_to_link(old)
-                .map_err(|e| format!("{first}; replacing: {e}"))?
-        }
-    };
-    let link = prog.take_link(id).map_err(|e| e.to_string())?;
-    // Dropping a netlink link deletes the filter; the filter must outlive this process
-    // (that is what keeps pods connected, and VLANs tagged, while the agent is down). The
-    // value holds only integers (ifindex, priority, handle), so forgetting it leaks nothing.
-    std::mem::forget(link);
-    Ok(())
+    crate::kernel::tc::attach_filter(prog, ifname, t, TC_PRIORITY, TC_HANDLE)
+        .map_err(|e| e.to_string())
 }
 
 fn load_and_pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {

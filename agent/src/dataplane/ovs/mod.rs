@@ -63,19 +63,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use serde::Deserialize;
 use serde_json::json;
 
-use super::routes::{self, NodeRoute};
 use super::{
     Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
     TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
 };
+use crate::kernel::routes::{self, NodeRoute};
 
 pub mod openflow;
 pub mod ovsdb;
@@ -101,56 +100,7 @@ pub const TUNNEL_OFPORT: u32 = 10;
 /// How long to wait for vswitchd to assign an ofport or create the management socket.
 const VSWITCHD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Datapath of the bridge.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DatapathType {
-    /// `system` if the openvswitch kernel module is loaded, else `netdev`.
-    #[default]
-    Auto,
-    /// The kernel datapath.
-    System,
-    /// The userspace datapath.
-    Netdev,
-}
-
-impl DatapathType {
-    /// The OVSDB `datapath_type` value this resolves to on this machine.
-    pub fn resolve(self) -> &'static str {
-        match self {
-            DatapathType::System => "system",
-            DatapathType::Netdev => "netdev",
-            DatapathType::Auto if Path::new("/sys/module/openvswitch").exists() => "system",
-            DatapathType::Auto => "netdev",
-        }
-    }
-}
-
-/// Configuration of the OVS backend.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
-pub struct OvsConfig {
-    /// ovsdb-server's unix socket. Default `/var/run/openvswitch/db.sock`.
-    pub ovsdb_socket: PathBuf,
-    /// ovs-vswitchd's run directory, where `<bridge>.mgmt` lives. Default
-    /// `/var/run/openvswitch`.
-    pub run_dir: PathBuf,
-    /// The integration bridge. Default `br-int`.
-    pub bridge: String,
-    /// Datapath type. Default `auto`.
-    pub datapath_type: DatapathType,
-}
-
-impl Default for OvsConfig {
-    fn default() -> Self {
-        Self {
-            ovsdb_socket: PathBuf::from("/var/run/openvswitch/db.sock"),
-            run_dir: PathBuf::from("/var/run/openvswitch"),
-            bridge: "br-int".into(),
-            datapath_type: DatapathType::Auto,
-        }
-    }
-}
+pub use crate::config::{DatapathType, OvsConfig};
 
 /// What exists after `init_node`.
 #[derive(Clone)]
@@ -769,7 +719,7 @@ impl OvsDataplane {
                 .map_err(init_err)?;
             // The uplink's own IP stack stays out of what OVS carries over it.
             for (key, value) in [("arp_ignore", "8"), ("forwarding", "0"), ("rp_filter", "1")] {
-                crate::sysctl::ensure(&format!("net.ipv4.conf.{name}.{key}"), value)
+                crate::kernel::sysctl::ensure(&format!("net.ipv4.conf.{name}.{key}"), value)
                     .map_err(init_err)?;
             }
             let idx = wait_link(PHY_BRIDGE).await?;
@@ -844,7 +794,7 @@ impl OvsDataplane {
     ) -> Result<(), DataplaneError> {
         let idx = wait_link(GATEWAY_IFNAME).await?;
         if tx_checksum_off {
-            match crate::offload::disable_tx_checksum(GATEWAY_IFNAME) {
+            match crate::kernel::offload::disable_tx_checksum(GATEWAY_IFNAME) {
                 Ok(true) => tracing::info!(
                     device = GATEWAY_IFNAME,
                     "TX checksum offload off (userspace tunnels)"
@@ -1503,7 +1453,7 @@ fn resolve_neighbours(ips: impl Iterator<Item = Ipv4Addr>) {
 fn isolate_from_host_stack(ep: &PodEndpoint) -> Result<(), DataplaneError> {
     for (key, value) in [("arp_ignore", "8"), ("forwarding", "0"), ("rp_filter", "1")] {
         let key = format!("net.ipv4.conf.{}.{key}", ep.host_ifname);
-        crate::sysctl::ensure(&key, value).map_err(|e| pod_err("isolate", ep, e))?;
+        crate::kernel::sysctl::ensure(&key, value).map_err(|e| pod_err("isolate", ep, e))?;
     }
     Ok(())
 }

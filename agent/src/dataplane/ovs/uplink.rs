@@ -34,7 +34,7 @@ use netlink_packet_route::route::{
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::routes::RTPROT_FERREA;
+use crate::kernel::routes::RTPROT_FERREA;
 
 /// Name of the physical bridge and of its internal port, which carries the node's address
 /// (at most 15 characters: it is also a kernel interface name).

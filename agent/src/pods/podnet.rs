@@ -165,7 +165,7 @@ impl NetlinkPodNet {
                 nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(std::io::Error::from)?;
                 if let Some(ifname) = &csum_off {
-                    crate::offload::disable_tx_checksum(ifname)?;
+                    crate::kernel::offload::disable_tx_checksum(ifname)?;
                 }
                 // Registering the socket with the reactor needs the runtime's context.
                 let _guard = rt.enter();

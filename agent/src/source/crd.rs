@@ -442,8 +442,8 @@ mod tests {
 
     /// Seed 000's manifests, verbatim (comments included).
     /// Seed 000's manifests, verbatim (one copy, shared with the plan tests and the harness).
-    const SEED_POOL: &str = include_str!("testdata/seed000-pool.yaml");
-    const SEED_EGRESS: &str = include_str!("testdata/seed000-egress.yaml");
+    const SEED_POOL: &str = include_str!("../../testdata/seed000-pool.yaml");
+    const SEED_EGRESS: &str = include_str!("../../testdata/seed000-egress.yaml");
     #[test]
     fn seed_manifests_are_accepted_verbatim() {
         let p = parse_pool(&yaml(SEED_POOL)).unwrap();

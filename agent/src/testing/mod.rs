@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use crate::dataplane::{
     Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
 };
-use crate::podnet::{PodNet, PodNetError, PodNetSpec};
+use crate::pods::podnet::{PodNet, PodNetError, PodNetSpec};
 
 /// A fake [`PodNet`]: a map of host interface name to (ifindex, spec).
 #[derive(Default)]
@@ -167,8 +167,8 @@ pub fn state(yaml: &str) -> crate::source::DesiredState {
 }
 
 /// An attachment of pod `ns/name` (empty `ns`: as CNI_ARGS without a namespace) with `ip`.
-pub fn pod_record(ns: &str, name: &str, ip: [u8; 4]) -> crate::store::PodRecord {
-    crate::store::PodRecord {
+pub fn pod_record(ns: &str, name: &str, ip: [u8; 4]) -> crate::pods::store::PodRecord {
+    crate::pods::store::PodRecord {
         container_id: format!("c-{name}"),
         ifname: "eth0".into(),
         ip: ip.into(),

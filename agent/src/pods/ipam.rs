@@ -3,7 +3,7 @@
 //! The gateway is the first host address; the network and broadcast addresses are never handed
 //! out. Allocation is round-robin from the last address handed out, so an address that was just
 //! released is not reused at once (late packets for a deleted pod do not reach a new one). The
-//! allocations themselves live in the [`crate::store::Store`] (the record of each attachment
+//! allocations themselves live in the [`crate::pods::store::Store`] (the record of each attachment
 //! carries its IP); this type is the in-memory index, rebuilt from the store at start.
 
 use std::collections::HashMap;
@@ -28,10 +28,7 @@ pub enum IpamError {
     },
 }
 
-/// The pods' gateway in `cidr`: its first host address.
-pub fn gateway_of(cidr: Ipv4Network) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(cidr.network()) + 1)
-}
+pub use crate::net::gateway_of;
 
 /// The in-memory allocation index of one pod CIDR.
 #[derive(Debug)]

@@ -35,9 +35,9 @@
 //!   port range is read from the configuration file at start, so "the range changed" means a
 //!   restart with a new range: mappings outside it get new ports within a second of start,
 //!   mappings inside it keep theirs.
-//! - The DNAT rules live in ferrea's one nftables table ([`crate::nat::NatTable`]), re-rendered
+//! - The DNAT rules live in ferrea's one nftables table ([`crate::kernel::nftables::NatTable`]), re-rendered
 //!   whole on every change, so no rule of a removed mapping survives. Once the rules are in,
-//!   UDP conntrack entries of removed or moved mappings are deleted ([`crate::conntrack`]), so
+//!   UDP conntrack entries of removed or moved mappings are deleted ([`crate::kernel::conntrack`]), so
 //!   a client that keeps sending does not keep reaching the old pod.
 //! - The annotations are written back through a [`StatusSink`]: in `files` mode the
 //!   [`LocalStatusView`] (`<stateDir>/status/pods.json`, a `PodList`); the Kubernetes source
@@ -54,99 +54,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::nat::{NatTable, NplDnat, NplRules};
+use crate::kernel::nftables::{NatTable, NplDnat, NplRules};
 use crate::pods::PodManager;
+use crate::pods::store::{NplMapping, PodRecord, Store};
 use crate::source::{DesiredState, NodeInfo, Protocol, TargetPort, object_key};
-use crate::store::{NplMapping, PodRecord, Store};
 
 /// The Service annotation that enables NPL for the pods it selects.
 pub const ENABLED_ANNOTATION: &str = "nodeportlocal.antrea.io/enabled";
 /// The pod annotation that publishes the mappings.
 pub const POD_ANNOTATION: &str = "nodeportlocal.antrea.io";
-/// The default port range (Antrea's on Linux).
-pub const DEFAULT_PORT_RANGE: &str = "61000-62000";
 
-/// `nodePortLocal` in the agent configuration (Antrea's spelling).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NplConfig {
-    /// Whether NPL runs. Default `false`, as in Antrea.
-    #[serde(default)]
-    pub enable: bool,
-    /// `<first>-<last>`, inclusive. Default `61000-62000`.
-    #[serde(default = "default_port_range")]
-    pub port_range: String,
-}
-
-fn default_port_range() -> String {
-    DEFAULT_PORT_RANGE.into()
-}
-
-impl Default for NplConfig {
-    fn default() -> Self {
-        Self {
-            enable: false,
-            port_range: default_port_range(),
-        }
-    }
-}
-
-impl NplConfig {
-    /// The parsed port range (validated at config load).
-    pub fn range(&self) -> Result<PortRange, String> {
-        self.port_range.parse()
-    }
-}
-
-/// An inclusive range of node ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    /// First port.
-    pub first: u16,
-    /// Last port (inclusive).
-    pub last: u16,
-}
-
-impl PortRange {
-    /// Whether `p` is in the range.
-    pub fn contains(&self, p: u16) -> bool {
-        (self.first..=self.last).contains(&p)
-    }
-
-    /// Number of ports.
-    pub fn len(&self) -> u32 {
-        u32::from(self.last) - u32::from(self.first) + 1
-    }
-
-    /// Never true (a range has at least one port); for clippy's `len_without_is_empty`.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-}
-
-impl std::str::FromStr for PortRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?} is not of the form <first>-<last>, e.g. 61000-62000"))?;
-        let parse = |x: &str| {
-            x.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| format!("{x:?} in {s:?} is not a port (1-65535)"))
-        };
-        let (first, last) = (parse(a)?, parse(b)?);
-        if first > last {
-            return Err(format!("{s:?}: the first port is above the last"));
-        }
-        Ok(PortRange { first, last })
-    }
-}
+pub use crate::config::{DEFAULT_PORT_RANGE, NplConfig, PortRange};
 
 impl std::fmt::Display for PortRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -569,7 +490,7 @@ impl StatusSink for LocalStatusView {
         text.push(b'\n');
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            crate::store::write_file_atomic(&path, &text)
+            crate::pods::store::write_file_atomic(&path, &text)
                 .with_context(|| format!("writing {}", path.display()))
         })
         .await?
@@ -831,8 +752,10 @@ async fn sync_once(
         .await?;
     if !flush.is_empty() {
         let ports: Vec<u16> = std::mem::take(flush).into_iter().collect();
-        match tokio::task::spawn_blocking(move || crate::conntrack::delete_udp_to(node_ip, &ports))
-            .await?
+        match tokio::task::spawn_blocking(move || {
+            crate::kernel::conntrack::delete_udp_to(node_ip, &ports)
+        })
+        .await?
         {
             Ok(n) => tracing::debug!(
                 entries = n,

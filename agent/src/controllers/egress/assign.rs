@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 
 use sha2::{Digest, Sha256};
 
-use super::model::{Egress, ExternalIpPool};
+use crate::source::crd::{Egress, ExternalIpPool};
 
 /// A node as the assignment sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,7 +182,7 @@ pub fn assign(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::egress::model::{IpRange, LabelSelector, SubnetInfo};
+    use crate::source::crd::{IpRange, LabelSelector, SubnetInfo};
 
     fn pool(name: &str, start: &str, end: &str, gw: Option<&str>) -> ExternalIpPool {
         ExternalIpPool {

@@ -9,7 +9,7 @@
 //!   the local pods it steers through the tunnel to another node.
 //! - [`node`] holds IPs: sub-interface per VLAN, addresses, route table per subnet, fwmark
 //!   rule per IP, gratuitous ARP, `rp_filter` (set and watched).
-//! - ferrea's nftables table ([`crate::nat::EgressRules`]) marks local pods' packets in
+//! - ferrea's nftables table ([`crate::kernel::nftables::EgressRules`]) marks local pods' packets in
 //!   prerouting and SNATs by mark before masquerade.
 //! - The dataplane ([`crate::dataplane::Dataplane::set_egress`]) steers pods whose IP is on
 //!   another node through the tunnel with the id as VNI, and marks what arrives that way.
@@ -31,7 +31,6 @@
 //! whatever the previous process left: it converges on the plan and removes the rest.
 
 pub mod assign;
-pub mod model;
 pub mod node;
 pub mod plan;
 
@@ -44,7 +43,7 @@ use ipnetwork::Ipv4Network;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::nat::{EgressRules, NatTable};
+use crate::kernel::nftables::{EgressRules, NatTable};
 use crate::pods::PodManager;
 use crate::source::DesiredState;
 use node::{EgressNode, IpOutcome};
@@ -362,5 +361,8 @@ fn node_view(me: &str, plan: &NodePlan, node: &EgressNode, warnings: &[String]) 
 }
 
 fn write_atomic(path: &Path, v: &Value) -> std::io::Result<()> {
-    crate::store::write_file_atomic(path, &serde_json::to_vec_pretty(v).expect("serialisable"))
+    crate::pods::store::write_file_atomic(
+        path,
+        &serde_json::to_vec_pretty(v).expect("serialisable"),
+    )
 }

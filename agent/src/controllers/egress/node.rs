@@ -7,7 +7,7 @@
 //!   not (no `8021q`, as on the machine ferrea is tested on) it is a macvlan of the transport
 //!   interface whose frames a BPF program tags on the way out and whose tagged frames a BPF
 //!   program on the transport interface untags and hands to it on the way in
-//!   ([`crate::vlan`]): the same frames on the wire, with a device the stack routes through like
+//!   ([`crate::kernel::vlan`]): the same frames on the wire, with a device the stack routes through like
 //!   a VLAN device. `vlan: 0` puts the IPs on the transport interface itself. Every
 //!   sub-interface ferrea creates carries the alias [`ALIAS`]; interfaces without it are never
 //!   touched, whatever their name;
@@ -43,9 +43,9 @@ use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
 use netlink_packet_route::rule::{RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, LinkMacVlan, LinkUnspec, LinkVlan, RouteMessageBuilder};
 
-use super::model::SubnetInfo;
 use super::plan::HeldIp;
-use crate::dataplane::EGRESS_MARK_MASK;
+use crate::net::EGRESS_MARK_MASK;
+use crate::source::crd::SubnetInfo;
 
 /// `rtm_protocol` of ferrea's Egress routes and rules (`ip rule show proto 71`).
 pub const RTPROT_FERREA_EGRESS: u8 = 71;
@@ -73,7 +73,7 @@ pub fn subif_name(vlan: u16) -> String {
     format!("{SUBIF_PREFIX}{vlan}")
 }
 
-/// Makes a macvlan behave as an 802.1Q sub-interface of its parent (see [`crate::vlan`]).
+/// Makes a macvlan behave as an 802.1Q sub-interface of its parent (see [`crate::kernel::vlan`]).
 pub trait VlanTagging: Send + Sync {
     /// Frames leaving `child` are tagged `vid`; frames arriving on `parent` tagged `vid` go
     /// to `child` untagged. Idempotent.
@@ -82,15 +82,15 @@ pub trait VlanTagging: Send + Sync {
     fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), String>;
 }
 
-impl VlanTagging for crate::vlan::VlanTagger {
+impl VlanTagging for crate::kernel::vlan::VlanTagger {
     fn attach(&mut self, parent: &str, child: &str, vid: u16) -> Result<(), String> {
-        crate::vlan::VlanTagger::attach(self, parent, child, vid).map_err(|e| e.to_string())
+        crate::kernel::vlan::VlanTagger::attach(self, parent, child, vid).map_err(|e| e.to_string())
     }
 
     fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), String> {
-        let want: Vec<crate::vlan::VlanSub> = keep
+        let want: Vec<crate::kernel::vlan::VlanSub> = keep
             .iter()
-            .map(|v| crate::vlan::VlanSub {
+            .map(|v| crate::kernel::vlan::VlanSub {
                 parent: parent.to_owned(),
                 child: subif_name(*v),
                 vid: *v,
@@ -100,9 +100,9 @@ impl VlanTagging for crate::vlan::VlanTagger {
     }
 }
 
-/// Loads the BPF VLAN tagger ([`crate::vlan`]), for kernels without 802.1Q devices.
+/// Loads the BPF VLAN tagger ([`crate::kernel::vlan`]), for kernels without 802.1Q devices.
 pub fn load_vlan_tagger() -> Result<Box<dyn VlanTagging>, String> {
-    crate::vlan::VlanTagger::load()
+    crate::kernel::vlan::VlanTagger::load()
         .map(|t| Box::new(t) as Box<dyn VlanTagging>)
         .map_err(|e| e.to_string())
 }
@@ -421,7 +421,7 @@ impl EgressNode {
     }
 
     fn save_record(&self, set: &BTreeSet<(Ipv4Addr, u8)>) -> Result<(), String> {
-        crate::store::write_file_atomic(
+        crate::pods::store::write_file_atomic(
             &self.record,
             &serde_json::to_vec(set).expect("serialisable"),
         )
@@ -749,8 +749,8 @@ impl EgressNode {
     pub fn check_rp_filter(&mut self) -> Vec<String> {
         let mut restored = Vec::new();
         for st in self.rp.values_mut() {
-            let key = crate::sysctl::conf_key(&st.interface, "rp_filter");
-            let found = match crate::sysctl::get(&key) {
+            let key = crate::kernel::sysctl::conf_key(&st.interface, "rp_filter");
+            let found = match crate::kernel::sysctl::get(&key) {
                 Ok(v) => v,
                 Err(e) => {
                     st.found = format!("unreadable: {}", e.source);
@@ -762,7 +762,7 @@ impl EgressNode {
                 st.set = true;
                 continue;
             }
-            match crate::sysctl::set(&key, &st.want) {
+            match crate::kernel::sysctl::set(&key, &st.want) {
                 Ok(()) => {
                     // The first setting is not drift; a later difference is.
                     if st.set {

@@ -2,7 +2,7 @@
 //!
 //! It decodes what the runtime handed `ferrea-cni` (the CNI_* values and the network
 //! configuration bytes), hands the work to the [`PodManager`], and encodes the result as a CNI
-//! 1.1.0 result, or the error with its CNI code ([`AgentError::cni_code`]).
+//! 1.1.0 result, or the error with its CNI code ([`RequestError::cni_code`]).
 //!
 //! Every operation runs in its own task, so a runtime that gives up on a request (the binary's
 //! timeout, a killed kubelet) cannot cancel it half-way: ADD either completes or rolls back.
@@ -18,10 +18,10 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::error::AgentError;
-use crate::podnet::fmt_mac;
+use crate::cni::error::RequestError;
+use crate::pods::podnet::fmt_mac;
+use crate::pods::store::PodRecord;
 use crate::pods::{AddArgs, PodManager};
-use crate::store::PodRecord;
 
 /// The versions of the CNI spec whose configurations the agent accepts.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -48,10 +48,10 @@ impl CniService {
         Self { ready }
     }
 
-    fn manager(&self) -> Result<Arc<PodManager>, AgentError> {
+    fn manager(&self) -> Result<Arc<PodManager>, RequestError> {
         match &*self.ready.borrow() {
             Readiness::Ready(pm) => Ok(pm.clone()),
-            Readiness::Starting(why) => Err(AgentError::NotReady(why.clone())),
+            Readiness::Starting(why) => Err(RequestError::NotReady(why.clone())),
         }
     }
 }
@@ -62,17 +62,17 @@ struct NetConf {
     raw: Value,
 }
 
-fn parse_netconf(bytes: &[u8]) -> Result<NetConf, AgentError> {
+fn parse_netconf(bytes: &[u8]) -> Result<NetConf, RequestError> {
     let raw: Value =
-        serde_json::from_slice(bytes).map_err(|e| AgentError::Decoding(e.to_string()))?;
+        serde_json::from_slice(bytes).map_err(|e| RequestError::Decoding(e.to_string()))?;
     if !raw.is_object() {
-        return Err(AgentError::Decoding(
+        return Err(RequestError::Decoding(
             "the network configuration must be a JSON object".into(),
         ));
     }
     let version = raw.get("cniVersion").and_then(Value::as_str).unwrap_or("");
     if !SUPPORTED_VERSIONS.contains(&version) {
-        return Err(AgentError::IncompatibleVersion(format!(
+        return Err(RequestError::IncompatibleVersion(format!(
             "field `cniVersion`: {version:?} is not one of {SUPPORTED_VERSIONS:?}"
         )));
     }
@@ -80,7 +80,7 @@ fn parse_netconf(bytes: &[u8]) -> Result<NetConf, AgentError> {
         match raw.get(f) {
             Some(Value::String(s)) if !s.is_empty() => {}
             _ => {
-                return Err(AgentError::InvalidConfig(format!(
+                return Err(RequestError::InvalidConfig(format!(
                     "field `{f}` must be a non-empty string"
                 )));
             }
@@ -89,7 +89,7 @@ fn parse_netconf(bytes: &[u8]) -> Result<NetConf, AgentError> {
     if let Some(s) = raw.get("agentSocket")
         && !s.is_string()
     {
-        return Err(AgentError::InvalidConfig(
+        return Err(RequestError::InvalidConfig(
             "field `agentSocket` must be a string".into(),
         ));
     }
@@ -97,7 +97,7 @@ fn parse_netconf(bytes: &[u8]) -> Result<NetConf, AgentError> {
 }
 
 /// Validates CNI_CONTAINERID and CNI_IFNAME as the spec defines them.
-fn validate_ids(container_id: &str, ifname: &str) -> Result<(), AgentError> {
+fn validate_ids(container_id: &str, ifname: &str) -> Result<(), RequestError> {
     if container_id.is_empty()
         || !container_id
             .chars()
@@ -107,7 +107,7 @@ fn validate_ids(container_id: &str, ifname: &str) -> Result<(), AgentError> {
             .next()
             .is_some_and(|c| c.is_ascii_alphanumeric())
     {
-        return Err(AgentError::InvalidEnv(format!(
+        return Err(RequestError::InvalidEnv(format!(
             "CNI_CONTAINERID {container_id:?} must start with a letter or digit and contain only letters, digits, '_', '.' and '-'"
         )));
     }
@@ -119,7 +119,7 @@ fn validate_ids(container_id: &str, ifname: &str) -> Result<(), AgentError> {
             .chars()
             .any(|c| c == '/' || c == ':' || c.is_whitespace())
     {
-        return Err(AgentError::InvalidEnv(format!(
+        return Err(RequestError::InvalidEnv(format!(
             "CNI_IFNAME {ifname:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
         )));
     }
@@ -156,7 +156,7 @@ pub fn cni_result(rec: &PodRecord) -> Value {
     })
 }
 
-fn respond(res: Result<Option<Value>, AgentError>) -> Response<CniResponse> {
+fn respond(res: Result<Option<Value>, RequestError>) -> Response<CniResponse> {
     match res {
         Ok(v) => Response::new(CniResponse {
             result: v
@@ -182,14 +182,14 @@ fn respond(res: Result<Option<Value>, AgentError>) -> Response<CniResponse> {
 }
 
 /// Runs `f` in its own task so that a cancelled RPC cannot interrupt it half-way.
-async fn detached<F>(span: tracing::Span, f: F) -> Result<Option<Value>, AgentError>
+async fn detached<F>(span: tracing::Span, f: F) -> Result<Option<Value>, RequestError>
 where
-    F: std::future::Future<Output = Result<Option<Value>, AgentError>> + Send + 'static,
+    F: std::future::Future<Output = Result<Option<Value>, RequestError>> + Send + 'static,
 {
     let start = std::time::Instant::now();
     let res = tokio::spawn(f.instrument(span.clone()))
         .await
-        .unwrap_or_else(|e| Err(AgentError::Internal(format!("request task failed: {e}"))));
+        .unwrap_or_else(|e| Err(RequestError::Internal(format!("request task failed: {e}"))));
     let _e = span.enter();
     match &res {
         Ok(_) => tracing::info!(elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "done"),
@@ -201,12 +201,12 @@ where
 }
 
 /// Parses `cni.dev/valid-attachments` (GC): the (container ID, ifname) pairs to keep.
-fn valid_attachments(conf: &NetConf) -> Result<HashSet<(String, String)>, AgentError> {
+fn valid_attachments(conf: &NetConf) -> Result<HashSet<(String, String)>, RequestError> {
     let list = match conf.raw.get("cni.dev/valid-attachments") {
         None | Some(Value::Null) => return Ok(HashSet::new()),
         Some(Value::Array(a)) => a,
         Some(_) => {
-            return Err(AgentError::InvalidConfig(
+            return Err(RequestError::InvalidConfig(
                 "field `cni.dev/valid-attachments` must be a list".into(),
             ));
         }
@@ -218,7 +218,7 @@ fn valid_attachments(conf: &NetConf) -> Result<HashSet<(String, String)>, AgentE
             let ifn = att.get("ifname").and_then(Value::as_str);
             match (cid, ifn) {
                 (Some(c), Some(f)) => Ok((c.to_owned(), f.to_owned())),
-                _ => Err(AgentError::InvalidConfig(format!(
+                _ => Err(RequestError::InvalidConfig(format!(
                     "field `cni.dev/valid-attachments[{i}]` needs string `containerID` and `ifname`"
                 ))),
             }
@@ -237,7 +237,7 @@ impl CniService {
     ) -> Result<Response<CniResponse>, Status>
     where
         F: FnOnce(Self, NetConf, CniRequest) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<Option<Value>, AgentError>> + Send + 'static,
+        Fut: std::future::Future<Output = Result<Option<Value>, RequestError>> + Send + 'static,
     {
         let span = tracing::info_span!("cni", op, container_id = %r.container_id, netns = %r.netns, ifname = %r.ifname);
         let this = self.clone();
@@ -255,7 +255,7 @@ impl Cni for CniService {
         self.serve("ADD", req.into_inner(), |this, _, r| async move {
             validate_ids(&r.container_id, &r.ifname)?;
             if r.netns.is_empty() {
-                return Err(AgentError::InvalidEnv(
+                return Err(RequestError::InvalidEnv(
                     "CNI_NETNS is required for ADD".into(),
                 ));
             }
@@ -296,7 +296,7 @@ impl Cni for CniService {
     async fn status(&self, req: Request<CniRequest>) -> Result<Response<CniResponse>, Status> {
         self.serve("STATUS", req.into_inner(), |this, _, _| async move {
             this.manager().map_err(|e| match e {
-                AgentError::NotReady(why) => AgentError::NotAvailable(why),
+                RequestError::NotReady(why) => RequestError::NotAvailable(why),
                 other => other,
             })?;
             Ok(None)

@@ -24,10 +24,10 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 
 use super::assign::{Assignment, NodeLabels, assign};
-use super::model::SubnetInfo;
 use crate::dataplane::{EgressPlan, EgressSteer};
+use crate::pods::store::PodRecord;
 use crate::source::DesiredState;
-use crate::store::PodRecord;
+use crate::source::crd::SubnetInfo;
 
 /// An egress IP this node holds.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -177,11 +177,11 @@ mod tests {
     /// Seed 000's manifests, the pool limited to nodes labelled `network-role:
     /// egress-gateway` (the seed's commented-out variant), with two nodes and three pods.
     fn seed() -> String {
-        let pool = include_str!("testdata/seed000-pool.yaml").replace(
+        let pool = include_str!("../../../testdata/seed000-pool.yaml").replace(
             "  nodeSelector: {}\n",
             "  nodeSelector:\n    matchLabels:\n      network-role: egress-gateway\n",
         );
-        let egress = include_str!("testdata/seed000-egress.yaml");
+        let egress = include_str!("../../../testdata/seed000-egress.yaml");
         [pool.as_str(), egress, NODES_AND_PODS].join("---\n")
     }
 

@@ -207,7 +207,8 @@ fn attach_filter(
 ) -> Result<(), VlanError> {
     // EEXIST when the qdisc is there already; a real failure shows up in the attach below.
     let _ = aya::programs::tc::qdisc_add_clsact(ifname);
-    crate::dataplane::ebpf::attach_tc_filter(prog, ifname, t, VLAN_TC_PRIORITY, VLAN_TC_HANDLE)
+    crate::kernel::tc::attach_filter(prog, ifname, t, VLAN_TC_PRIORITY, VLAN_TC_HANDLE)
+        .map_err(|e| e.to_string())
         .map_err(filter_err("attaching the VLAN filter", ifname))
 }
 

@@ -15,7 +15,7 @@ use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::Handle;
 
 use crate::config::{Config, EncapMode};
-use crate::dataplane::{Transport, Tunnel};
+use crate::net::{Transport, Tunnel};
 
 /// Why no transport interface could be chosen.
 #[derive(Debug, thiserror::Error)]

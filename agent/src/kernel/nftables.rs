@@ -161,7 +161,7 @@ impl NplRules {
 /// - `egress_mark` (filter, prerouting, priority mangle): packets to cluster destinations
 ///   return at once; packets from local pods whose Egress IP this node holds get the fwmark
 ///   of its id (one map lookup by source); packets the OVS backend hands over with a marker
-///   source MAC ([`crate::dataplane::egress_marker_mac`]) get the id it carries. The eBPF
+///   source MAC ([`crate::net::egress_marker_mac`]) get the id it carries. The eBPF
 ///   backend marks tunnelled packets itself. Routing then sees the mark, and the policy rule
 ///   of the id sends the packet to the egress subnet's table.
 /// - `egress_snat` (nat, postrouting, priority srcnat - 10, so before masquerade): a packet
@@ -180,7 +180,7 @@ impl EgressRules {
     /// The nft block adding the Egress chains to `table`.
     pub fn render(&self, table: &str) -> String {
         use std::fmt::Write;
-        let mask = crate::dataplane::EGRESS_MARK_MASK;
+        let mask = crate::net::EGRESS_MARK_MASK;
         let mut s = format!(
             "table ip {table} {{\n  chain egress_mark {{\n    type filter hook prerouting priority mangle; policy accept;\n"
         );
@@ -215,7 +215,7 @@ impl EgressRules {
             );
         }
         for (id, _) in &self.snat {
-            let mac = crate::dataplane::egress_marker_mac(*id)
+            let mac = crate::net::egress_marker_mac(*id)
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect::<Vec<_>>()

@@ -15,11 +15,17 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
+pub mod error;
+pub mod ipam;
+pub mod podnet;
+pub mod store;
+
+pub use error::PodError;
+
 use crate::dataplane::{Dataplane, NodeNetwork, PodEndpoint};
-use crate::error::AgentError;
-use crate::ipam::Ipam;
-use crate::podnet::{self, PodNet, PodNetSpec};
-use crate::store::{self, PodRecord, Store};
+use ipam::Ipam;
+use podnet::{PodNet, PodNetSpec};
+use store::{PodRecord, Store};
 
 /// What an ADD needs besides the attachment's identity.
 #[derive(Clone, Debug, Default)]
@@ -73,7 +79,7 @@ impl PodManager {
         dataplane: Arc<dyn Dataplane>,
         node: NodeNetwork,
         veth_prefix: String,
-    ) -> Result<Self, AgentError> {
+    ) -> Result<Self, PodError> {
         let ipam = Ipam::new(node.pod_cidr)?;
         Ok(Self {
             store: Arc::new(store),
@@ -163,7 +169,7 @@ impl PodManager {
     }
 
     /// CNI ADD. See the module doc for the contract.
-    pub async fn add(&self, args: &AddArgs) -> Result<PodRecord, AgentError> {
+    pub async fn add(&self, args: &AddArgs) -> Result<PodRecord, PodError> {
         let lock = self.lock_for(&args.container_id);
         let _held = lock.lock().await;
         let key = store::key(&args.container_id, &args.ifname);
@@ -207,7 +213,7 @@ impl PodManager {
     /// (the store's fsync overlaps the netlink work, the two slowest steps of an ADD). Either
     /// order is crash-safe: reconciliation removes a veth without a record and a record without
     /// a veth. On any failure everything is undone and the IP released.
-    async fn store_and_plumb(&self, rec: PodRecord) -> Result<PodRecord, AgentError> {
+    async fn store_and_plumb(&self, rec: PodRecord) -> Result<PodRecord, PodError> {
         self.records
             .lock()
             .expect("records lock")
@@ -225,7 +231,7 @@ impl PodManager {
         });
         let plumbed = self.plumb(&rec).await;
         let stored = put.await.unwrap_or_else(|e| {
-            Err(crate::store::StoreError::Io {
+            Err(crate::pods::store::StoreError::Io {
                 op: "put",
                 msg: e.to_string(),
             })
@@ -237,7 +243,7 @@ impl PodManager {
             }
             (Ok(()), Err(e)) => {
                 self.undo_plumb(&rec).await;
-                AgentError::from(e)
+                PodError::from(e)
             }
             (Err(e), _) => e,
         };
@@ -247,14 +253,14 @@ impl PodManager {
     }
 
     /// Creates the interfaces and dataplane entries of an attachment; undoes them on failure.
-    async fn plumb(&self, rec: &PodRecord) -> Result<(), AgentError> {
+    async fn plumb(&self, rec: &PodRecord) -> Result<(), PodError> {
         let t = std::time::Instant::now();
         // The backend's preparation (OVS: the pod's flows) goes first: creating the veth makes
         // ovs-vswitchd reconfigure its bridges (it follows every link change in the node's
         // namespace), and flows sent after that wait behind the whole reconfiguration.
         let created = async {
             self.dataplane.prepare_pod(&Self::endpoint(rec, 0)).await?;
-            Ok::<_, AgentError>(self.podnet.create(&self.spec(rec)).await?)
+            Ok::<_, PodError>(self.podnet.create(&self.spec(rec)).await?)
         }
         .await;
         tracing::debug!(
@@ -291,7 +297,7 @@ impl PodManager {
     }
 
     /// Removes the record and releases the IP.
-    fn forget(&self, rec: &PodRecord) -> Result<(), AgentError> {
+    fn forget(&self, rec: &PodRecord) -> Result<(), PodError> {
         self.store.delete(&[rec.key()])?;
         self.release(rec);
         Ok(())
@@ -308,7 +314,7 @@ impl PodManager {
     }
 
     /// Removes dataplane entries and the veth of an attachment (not its record).
-    async fn teardown(&self, rec: &PodRecord) -> Result<(), AgentError> {
+    async fn teardown(&self, rec: &PodRecord) -> Result<(), PodError> {
         let idx = self
             .podnet
             .host_ifindex(&rec.host_ifname)
@@ -320,7 +326,7 @@ impl PodManager {
     }
 
     /// CNI DEL: idempotent; works without the record and without the netns.
-    pub async fn del(&self, container_id: &str, ifname: &str) -> Result<(), AgentError> {
+    pub async fn del(&self, container_id: &str, ifname: &str) -> Result<(), PodError> {
         let lock = self.lock_for(container_id);
         let _held = lock.lock().await;
         let key = store::key(container_id, ifname);
@@ -335,7 +341,7 @@ impl PodManager {
                 let unstore = tokio::task::spawn_blocking(move || store.delete(&[key]));
                 let torn = self.teardown(&rec).await;
                 let unstored = unstore.await.unwrap_or_else(|e| {
-                    Err(crate::store::StoreError::Io {
+                    Err(crate::pods::store::StoreError::Io {
                         op: "delete",
                         msg: e.to_string(),
                     })
@@ -360,13 +366,13 @@ impl PodManager {
     }
 
     /// CNI CHECK: the attachment must be recorded and its interfaces as configured.
-    pub async fn check(&self, container_id: &str, ifname: &str) -> Result<PodRecord, AgentError> {
+    pub async fn check(&self, container_id: &str, ifname: &str) -> Result<PodRecord, PodError> {
         let lock = self.lock_for(container_id);
         let _held = lock.lock().await;
         let key = store::key(container_id, ifname);
         let rec = self
             .record(&key)
-            .ok_or_else(|| AgentError::UnknownContainer {
+            .ok_or_else(|| PodError::UnknownContainer {
                 container_id: container_id.into(),
                 ifname: ifname.into(),
             })?;
@@ -376,7 +382,7 @@ impl PodManager {
 
     /// CNI GC: removes every attachment not listed in `valid` (pairs of container ID and
     /// ifname). Returns the keys removed.
-    pub async fn gc(&self, valid: &HashSet<(String, String)>) -> Result<Vec<String>, AgentError> {
+    pub async fn gc(&self, valid: &HashSet<(String, String)>) -> Result<Vec<String>, PodError> {
         let stale: Vec<PodRecord> = self
             .records()
             .into_iter()
@@ -393,7 +399,7 @@ impl PodManager {
     /// Reconciles the store, the kernel and the dataplane after a (re)start: keeps attachments
     /// whose veth and netns still exist (re-asserting their dataplane entries), removes records
     /// whose pod is gone, veths no record owns, and dataplane entries no record owns.
-    pub async fn reconcile(&self) -> Result<ReconcileReport, AgentError> {
+    pub async fn reconcile(&self) -> Result<ReconcileReport, PodError> {
         let mut report = ReconcileReport::default();
         let mut keep_ips = HashSet::new();
         let mut keep_links = HashSet::new();
@@ -582,7 +588,7 @@ mod tests {
         let fx = Fx::new();
         let pm = fx.manager();
         let e = pm.check("x", "eth0").await.unwrap_err();
-        assert_eq!(e.cni_code() as i32, 3);
+        assert!(matches!(e, PodError::UnknownContainer { .. }), "{e}");
         let a = pm.add(&args("a", "/ns/a")).await.unwrap();
         pm.check("a", "eth0").await.unwrap();
         fx.pn.links.lock().unwrap().remove(&a.host_ifname);

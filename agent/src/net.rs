@@ -1,0 +1,61 @@
+//! The node's packet-path contracts that every part of the agent agrees on: the names of
+//! the gateway and tunnel devices, the overlay's tunnel key, how Egress marks packets, and the
+//! facts of the transport interface and tunnel. A leaf: it depends on nothing but
+//! [`crate::config`], so the kernel adapters, the dataplanes and the controllers can all share
+//! it without depending on each other.
+
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+
+/// The pods' gateway in `cidr`: its first host address.
+pub fn gateway_of(cidr: Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(cidr.network()) + 1)
+}
+
+/// The transport interface: where this node's traffic to other nodes leaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transport {
+    /// Interface name.
+    pub ifname: String,
+    /// Interface index.
+    pub ifindex: u32,
+    /// This node's address on it: the tunnel's outer source.
+    pub ip: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+    /// Its MTU.
+    pub mtu: u32,
+}
+
+/// The encapsulation between nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    /// VXLAN or Geneve.
+    pub kind: crate::config::TunnelType,
+    /// UDP destination port.
+    pub port: u16,
+}
+
+/// The node's gateway device, which carries the pod CIDR's gateway address (both backends:
+/// a veth end for eBPF, OVS's internal port for OVS).
+pub const GATEWAY_IFNAME: &str = "ferrea-gw0";
+
+/// Name of the tunnel device (eBPF) or tunnel port (OVS) on every node.
+pub const TUNNEL_IFNAME: &str = "ferrea-tun0";
+
+/// The virtual network identifier on the wire. One overlay per cluster, so one VNI; flows and
+/// programs set the remote per packet.
+pub const TUNNEL_VNI: u32 = 0;
+
+/// The mask of the fwmark bits ferrea's Egress uses: the low 8 bits carry an Egress id
+/// (1..=255), so marks other software sets in higher bits (kube-proxy's 0x4000/0x8000, say)
+/// neither disturb nor are disturbed.
+pub const EGRESS_MARK_MASK: u32 = 0xff;
+
+/// The source MAC by which the OVS backend tells the node's stack that a packet it hands to
+/// the gateway port belongs to Egress `id` (the userspace datapath cannot pass a packet mark
+/// through a tap device). ferrea's nftables table turns it into the fwmark `id`.
+pub fn egress_marker_mac(id: u8) -> [u8; 6] {
+    [0x0a, 0xfe, 0x00, 0x00, 0x00, id]
+}
