@@ -10,3 +10,4 @@
 
 pub mod egress;
 pub mod npl;
+pub mod runner;

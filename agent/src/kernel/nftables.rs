@@ -26,7 +26,9 @@
 
 use std::net::Ipv4Addr;
 use std::process::Stdio;
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
 use tokio::io::AsyncWriteExt;
 
@@ -46,6 +48,29 @@ pub enum NatError {
         /// nft's message.
         stderr: String,
     },
+}
+
+/// Loads nftables scripts: the one side effect of this module.
+///
+/// Contract: [`Nftables::load`] runs `script` as one nft transaction, so it is
+/// all-or-nothing (the kernel applies all of it or none); a script that starts with
+/// `table; delete table` replaces the table whether or not it existed. Safe to call
+/// concurrently (the kernel serialises transactions), though [`NatTable`] never does.
+#[async_trait]
+pub trait Nftables: Send + Sync {
+    /// Runs `script` (which concerns `table`, named in errors) as one transaction.
+    async fn load(&self, table: &str, script: &str) -> Result<(), NatError>;
+}
+
+/// [`Nftables`] through the `nft` binary (`nft -f -`), in the caller's network namespace.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NftCommand;
+
+#[async_trait]
+impl Nftables for NftCommand {
+    async fn load(&self, table: &str, script: &str) -> Result<(), NatError> {
+        run_nft(script, table).await
+    }
 }
 
 /// The desired content of ferrea's table.
@@ -241,6 +266,7 @@ impl EgressRules {
 /// Egress rules, rendered together and applied only when the text changed.
 pub struct NatTable {
     base: NatSpec,
+    nft: Arc<dyn Nftables>,
     state: tokio::sync::Mutex<TableState>,
 }
 
@@ -251,11 +277,17 @@ struct TableState {
 }
 
 impl NatTable {
-    /// An owner for `base` with these NodePortLocal rules (`None`: NPL is off). Nothing is
-    /// applied until [`NatTable::apply`].
+    /// An owner for `base` with these NodePortLocal rules (`None`: NPL is off), applied
+    /// with `nft`. Nothing is applied until [`NatTable::apply`].
     pub fn new(base: NatSpec, npl: Option<NplRules>) -> Self {
+        Self::with_nftables(base, npl, Arc::new(NftCommand))
+    }
+
+    /// [`NatTable::new`] applying through `nft` (a fake in unit tests).
+    pub fn with_nftables(base: NatSpec, npl: Option<NplRules>, nft: Arc<dyn Nftables>) -> Self {
         Self {
             base,
+            nft,
             state: tokio::sync::Mutex::new(TableState {
                 npl,
                 egress: None,
@@ -284,7 +316,7 @@ impl NatTable {
     pub async fn apply(&self) -> Result<(), NatError> {
         let mut st = self.state.lock().await;
         let text = self.render(st.npl.as_ref(), st.egress.as_ref());
-        run_nft(&text, &self.base.table).await?;
+        self.nft.load(&self.base.table, &text).await?;
         st.applied = Some(text);
         Ok(())
     }
@@ -312,7 +344,7 @@ impl NatTable {
         }
         // A failed run leaves `applied` as it was: the next call differs and tries again.
         st.applied = None;
-        run_nft(&text, &self.base.table).await?;
+        self.nft.load(&self.base.table, &text).await?;
         st.applied = Some(text);
         Ok(true)
     }

@@ -1,4 +1,9 @@
-//! Recording fakes of the side-effect traits, for unit tests that need no root and no kernel.
+//! Recording fakes of the side-effect traits, for unit tests that need no root and no kernel,
+//! one module per trait, and small builders of test inputs.
+
+pub mod nftables;
+
+pub use nftables::FakeNftables;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
