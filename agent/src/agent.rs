@@ -8,9 +8,10 @@
 //!    A failure here (ovsdb-server not up yet, say) is retried with backoff while the
 //!    CNI server answers `TRY_AGAIN_LATER` naming the failure.
 //! 4. Reconciliation of the state store against the kernel and the dataplane.
-//! 5. Ready: CNI requests are served; desired-state changes are applied as they come. The
-//!    NodePortLocal controller ([`crate::controllers::npl`]) starts here and follows the desired state and
-//!    the node's attachments on its own, and so does the Egress controller ([`crate::controllers::egress`]).
+//! 5. Ready: CNI requests are served. The controllers start here, each on the reconcile
+//!    runner ([`crate::controllers::runner`]): the node controller
+//!    ([`crate::controllers::node`]: other nodes, dataplane upkeep), NodePortLocal
+//!    ([`crate::controllers::npl`]) and Egress ([`crate::controllers::egress`]).
 //!
 //! Stopping (SIGTERM/SIGINT) closes the socket and leaves the dataplane in place, so running
 //! pods keep their traffic while the agent is down or being upgraded.
@@ -19,7 +20,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use ferrea_proto::cni::v1::cni_server::CniServer;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
@@ -27,22 +27,102 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cni::server::{CniService, Readiness};
 use crate::config::{Config, DataplaneKind, SourceConfig};
-use crate::dataplane::{Dataplane, NodeNetwork, RemoteNode};
-use crate::kernel::nftables::{NatSpec, NatTable};
-use crate::kernel::sysctl;
-use crate::pods::PodManager;
+use crate::controllers::node::{NodeReconciler, remote_nodes};
+use crate::controllers::runner::{self, Wakers, error_chain};
+use crate::dataplane::{Dataplane, DataplaneError, NodeNetwork, RemoteNode};
+use crate::kernel::nftables::{NatError, NatSpec, NatTable};
+use crate::kernel::sysctl::{self, SysctlError};
+use crate::kernel::transport::TransportError;
 use crate::pods::podnet::NetlinkPodNet;
-use crate::pods::store::Store;
+use crate::pods::store::{Store, StoreError};
+use crate::pods::{PodError, PodManager};
 use crate::source::{DesiredState, NodeInfo, files};
 
 /// Sysctls the node needs for the routed pod network, set in the agent's own namespace.
 const NODE_SYSCTLS: &[(&str, &str)] = &[("net.ipv4.ip_forward", "1")];
 
+/// Why the agent stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Preparing the CNI socket failed.
+    #[error("{op} {}", path.display())]
+    Socket {
+        /// What was being done.
+        op: &'static str,
+        /// The socket or its directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CNI gRPC server failed.
+    #[error("CNI server")]
+    Server(#[source] tonic::transport::Error),
+    /// The CNI server's task died.
+    #[error("CNI server task")]
+    ServerTask(#[source] tokio::task::JoinError),
+    /// The desired-state source stopped; nothing can be reconciled any more.
+    #[error("the desired-state source stopped")]
+    SourceStopped,
+    /// A controller could not be started.
+    #[error("starting the {controller} controller")]
+    Controller {
+        /// Which controller.
+        controller: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// What bringing the node up failed at (retried with backoff while the CNI server answers
+/// `TRY_AGAIN_LATER` naming it).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A dataplane step failed.
+    #[error("{op}")]
+    Dataplane {
+        /// The step.
+        op: &'static str,
+        /// Why.
+        #[source]
+        source: DataplaneError,
+    },
+    /// A netlink socket could not be opened.
+    #[error("opening netlink")]
+    Netlink(#[source] std::io::Error),
+    /// The transport interface could not be found.
+    #[error("finding the transport interface")]
+    Transport(#[source] TransportError),
+    /// A node sysctl could not be set.
+    #[error("setting node sysctls")]
+    Sysctl(#[source] SysctlError),
+    /// The state store could not be opened.
+    #[error("opening the state store")]
+    Store(#[source] StoreError),
+    /// ferrea's nftables table could not be installed.
+    #[error("installing ferrea's nftables table")]
+    Nat(#[source] NatError),
+    /// The pod manager could not be built, or reconciling pods failed.
+    #[error("{op}")]
+    Pods {
+        /// The step.
+        op: &'static str,
+        /// Why.
+        #[source]
+        source: PodError,
+    },
+}
+
+fn dp_err(op: &'static str) -> impl FnOnce(DataplaneError) -> StartError {
+    move |source| StartError::Dataplane { op, source }
+}
+
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
     let (ready_tx, ready_rx) = watch::channel(Readiness::Starting(
         "waiting for this node's Node object".into(),
@@ -72,7 +152,10 @@ pub async fn run(
             match start_node(&cfg, &node, &remotes).await {
                 Ok(started) => break started,
                 Err(e) => {
-                    let why = format!("starting the node failed, retrying in {delay:?}: {e:#}");
+                    let why = format!(
+                        "starting the node failed, retrying in {delay:?}: {}",
+                        error_chain(&e)
+                    );
                     tracing::error!("{why}");
                     ready_tx.send_replace(Readiness::Starting(why));
                     tokio::time::sleep(delay).await;
@@ -105,12 +188,32 @@ pub async fn run(
             nat.clone(),
             state.clone(),
         )
-        .context("starting the Egress controller")?;
-        follow_changes(&cfg, &node, &pm, &mut state).await
+        .map_err(|e| AgentError::Controller {
+            controller: "Egress",
+            source: e.into(),
+        })?;
+        let applied = remote_nodes(&state.borrow(), cfg.node_name());
+        let node_ctl = NodeReconciler::new(
+            cfg.node_name(),
+            node.pod_cidr,
+            pm.dataplane().clone(),
+            applied,
+        );
+        runner::run(
+            node_ctl,
+            state.clone(),
+            Wakers::none(),
+            crate::controllers::node::runner_config(),
+        )
+        .await;
+        Err::<(), _>(AgentError::SourceStopped)
     };
     tokio::select! {
         r = main => { cleanup_socket(&cfg); r?; }
-        r = server => { cleanup_socket(&cfg); r.context("CNI server task")?.context("CNI server")?; }
+        r = server => {
+            cleanup_socket(&cfg);
+            r.map_err(AgentError::ServerTask)?.map_err(AgentError::Server)?;
+        }
         _ = shutdown => {
             tracing::info!("shutting down; pods keep their network");
             cleanup_socket(&cfg);
@@ -119,23 +222,24 @@ pub async fn run(
     Ok(())
 }
 
-fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+fn bind_socket(path: &std::path::Path) -> Result<UnixListener, AgentError> {
+    let err = |op, p: &std::path::Path| {
+        let path = p.to_owned();
+        move |source| AgentError::Socket { op, path, source }
+    };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(err("creating", dir))?;
     }
     // A socket file left by a killed agent would make bind fail with EADDRINUSE.
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
-        }
+        Err(e) => return Err(err("removing stale socket", path)(e)),
     }
-    let l = UnixListener::bind(path)
-        .with_context(|| format!("binding CNI socket {}", path.display()))?;
+    let l = UnixListener::bind(path).map_err(err("binding CNI socket", path))?;
     // Only root may talk to the agent: the API creates interfaces in arbitrary namespaces.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
+        .map_err(err("restricting", path))?;
     Ok(l)
 }
 
@@ -146,7 +250,7 @@ fn cleanup_socket(cfg: &Config) {
 async fn wait_for_node(
     cfg: &Config,
     state: &mut watch::Receiver<DesiredState>,
-) -> anyhow::Result<NodeInfo> {
+) -> Result<NodeInfo, AgentError> {
     let name = cfg.node_name();
     let mut warned = false;
     loop {
@@ -166,16 +270,16 @@ async fn wait_for_node(
             warned = true;
         }
         if state.changed().await.is_err() {
-            bail!("desired-state source stopped");
+            return Err(AgentError::SourceStopped);
         }
     }
 }
 
-fn new_dataplane(cfg: &Config) -> anyhow::Result<Arc<dyn Dataplane>> {
+fn new_dataplane(cfg: &Config) -> Result<Arc<dyn Dataplane>, StartError> {
     match cfg.dataplane {
         DataplaneKind::Ebpf => Ok(Arc::new(
             crate::dataplane::ebpf::EbpfDataplane::new(&cfg.bpf_pin_path)
-                .context("starting the eBPF dataplane")?,
+                .map_err(dp_err("starting the eBPF dataplane"))?,
         )),
         DataplaneKind::Ovs => Ok(Arc::new(crate::dataplane::ovs::OvsDataplane::new(
             cfg.ovs.clone(),
@@ -183,27 +287,11 @@ fn new_dataplane(cfg: &Config) -> anyhow::Result<Arc<dyn Dataplane>> {
     }
 }
 
-/// The other nodes the packet path must reach: every `Node` but this one with both a pod CIDR
-/// and an `InternalIP` (a node without them has no pods to reach yet), sorted by name.
-pub fn remote_nodes(st: &DesiredState, me: &str) -> Vec<RemoteNode> {
-    st.nodes
-        .values()
-        .filter(|n| n.name != me)
-        .filter_map(|n| {
-            Some(RemoteNode {
-                name: n.name.clone(),
-                node_ip: n.internal_ip?,
-                pod_cidr: n.pod_cidr?,
-            })
-        })
-        .collect()
-}
-
 async fn start_node(
     cfg: &Config,
     node: &NodeInfo,
     remotes: &[RemoteNode],
-) -> anyhow::Result<(Arc<PodManager>, Arc<NatTable>)> {
+) -> Result<(Arc<PodManager>, Arc<NatTable>), StartError> {
     let pod_cidr = node.pod_cidr.expect("checked by wait_for_node");
     let dp = new_dataplane(cfg)?;
     // What the backend moved off the transport interface earlier and a reboot lost (OVS
@@ -211,13 +299,13 @@ async fn start_node(
     // discovery finds the node's address.
     dp.restore_transport()
         .await
-        .context("restoring the transport interface")?;
+        .map_err(dp_err("restoring the transport interface"))?;
     let discover = || async {
-        let (conn, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(StartError::Netlink)?;
         let task = tokio::spawn(conn);
         let t = crate::kernel::transport::discover(&handle, cfg, node.internal_ip).await;
         task.abort();
-        anyhow::Ok(t?)
+        t.map_err(StartError::Transport)
     };
     let transport = discover().await?;
     let tunnel = crate::kernel::transport::tunnel(cfg);
@@ -232,13 +320,13 @@ async fn start_node(
         tunnel = ?net.tunnel, pod_mtu = net.mtu, "node network");
 
     for (k, v) in NODE_SYSCTLS {
-        if let Some(old) = sysctl::ensure(k, v).context("setting node sysctls")? {
+        if let Some(old) = sysctl::ensure(k, v).map_err(StartError::Sysctl)? {
             tracing::info!(key = k, from = %old, to = v, "sysctl set");
         }
     }
     dp.init_node(&net)
         .await
-        .context("initialising the dataplane")?;
+        .map_err(dp_err("initialising the dataplane"))?;
     // The backend may have moved the node's address (OVS userspace datapath in encap mode:
     // onto its physical bridge's port): later users of the transport see where it is now.
     let moved = discover().await?;
@@ -248,27 +336,26 @@ async fn start_node(
     }
     dp.set_remote_nodes(remotes)
         .await
-        .context("connecting the other nodes")?;
-    let store = Store::open(&cfg.state_dir).context("opening the state store")?;
+        .map_err(dp_err("connecting the other nodes"))?;
+    let store = Store::open(&cfg.state_dir).map_err(StartError::Store)?;
     // NodePortLocal rules of the previous run go in with the table, so running pods keep
     // their node ports across the restart; the NPL controller reconciles them right after.
     let npl = crate::controllers::npl::restored_rules(&cfg.node_port_local, &store, node);
     let nat = Arc::new(NatTable::new(nat_spec(cfg, &net), npl));
-    nat.apply()
-        .await
-        .context("installing ferrea's nftables table")?;
-    let podnet = Arc::new(NetlinkPodNet::new().context("opening netlink")?);
-    let pm = Arc::new(PodManager::new(
-        store,
-        podnet,
-        dp,
-        net,
-        cfg.veth_prefix.clone(),
-    )?);
-    let report = pm
-        .reconcile()
-        .await
-        .context("reconciling pods with the kernel and dataplane")?;
+    nat.apply().await.map_err(StartError::Nat)?;
+    let podnet = Arc::new(NetlinkPodNet::new().map_err(StartError::Netlink)?);
+    let pm = Arc::new(
+        PodManager::new(store, podnet, dp, net, cfg.veth_prefix.clone()).map_err(|source| {
+            StartError::Pods {
+                op: "loading the pod records",
+                source,
+            }
+        })?,
+    );
+    let report = pm.reconcile().await.map_err(|source| StartError::Pods {
+        op: "reconciling pods with the kernel and dataplane",
+        source,
+    })?;
     tracing::info!(
         kept = report.kept,
         stale_records = ?report.stale_records,
@@ -288,76 +375,5 @@ fn nat_spec(cfg: &Config, net: &NodeNetwork) -> NatSpec {
         no_masquerade: no_masq,
         masquerade: cfg.masquerade,
         gateway: net.gateway,
-    }
-}
-
-/// Applies desired-state changes after start: the list of other nodes goes to the dataplane
-/// (retried every second after a failure). A pod CIDR change cannot be applied to running
-/// pods (they hold addresses from the old one); it is reported, not applied, until restart.
-async fn follow_changes(
-    cfg: &Config,
-    node: &NodeInfo,
-    pm: &PodManager,
-    state: &mut watch::Receiver<DesiredState>,
-) -> anyhow::Result<()> {
-    let mut reported_cidr = node.pod_cidr;
-    // What the dataplane was last given; `None` after a failure, so the next tick retries.
-    let mut applied: Option<Vec<RemoteNode>> = Some(remote_nodes(&state.borrow(), cfg.node_name()));
-    // Dataplane upkeep once a second: a restarted ovs-vswitchd has its flows back within that.
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut healthy = true;
-    loop {
-        tokio::select! {
-            r = state.changed() => {
-                if r.is_err() {
-                    bail!("desired-state source stopped");
-                }
-                let st = state.borrow_and_update().clone();
-                let now = st.nodes.get(cfg.node_name()).and_then(|n| n.pod_cidr);
-                if now != reported_cidr {
-                    tracing::error!(node = cfg.node_name(), running = ?node.pod_cidr, desired = ?now,
-                        "spec.podCIDR of this node changed; drain the node and restart the agent to apply it");
-                    reported_cidr = now;
-                }
-                let want = remote_nodes(&st, cfg.node_name());
-                if applied.as_ref() != Some(&want) {
-                    applied = apply_remote_nodes(pm, want).await;
-                }
-            }
-            _ = tick.tick() => {
-                if applied.is_none() {
-                    applied = apply_remote_nodes(pm, remote_nodes(&state.borrow(), cfg.node_name())).await;
-                }
-                match pm.dataplane().maintain().await {
-                    Ok(()) if !healthy => {
-                        tracing::info!(dataplane = pm.dataplane().name(), "dataplane healthy again");
-                        healthy = true;
-                    }
-                    Ok(()) => {}
-                    // Logged once per outage, not every second.
-                    Err(e) if healthy => {
-                        tracing::error!(dataplane = pm.dataplane().name(), error = %e, "dataplane upkeep failed; retrying every second");
-                        healthy = false;
-                    }
-                    Err(_) => {}
-                }
-            }
-        }
-    }
-}
-
-/// Gives the dataplane the new list of remote nodes; returns what was applied, or `None` (to
-/// retry) after logging the failure.
-async fn apply_remote_nodes(pm: &PodManager, want: Vec<RemoteNode>) -> Option<Vec<RemoteNode>> {
-    match pm.dataplane().set_remote_nodes(&want).await {
-        Ok(()) => {
-            tracing::info!(nodes = ?want.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), "remote nodes applied");
-            Some(want)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "applying remote nodes failed; retrying");
-            None
-        }
     }
 }

@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(ferrea_agent::agent::run(cfg, shutdown_signal()))
+    Ok(rt.block_on(ferrea_agent::agent::run(cfg, shutdown_signal()))?)
 }
 
 async fn shutdown_signal() {

@@ -69,7 +69,12 @@ impl Trigger {
 /// awaiting (the source cannot publish while a borrow is held).
 pub struct Desired<'a>(&'a watch::Receiver<DesiredState>);
 
-impl Desired<'_> {
+impl<'a> Desired<'a> {
+    /// A view of what `rx` holds (the runner makes one per pass; tests make their own).
+    pub fn new(rx: &'a watch::Receiver<DesiredState>) -> Self {
+        Desired(rx)
+    }
+
     /// The latest desired state.
     pub fn get(&self) -> watch::Ref<'_, DesiredState> {
         self.0.borrow()

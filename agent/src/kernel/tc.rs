@@ -30,7 +30,7 @@ pub enum TcError {
         first: String,
         /// Why the replacement failed.
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// aya gave no link for an attachment it reported done (a bug).
     #[error("taking the link of a classifier on {ifname}: {source}")]
@@ -71,7 +71,7 @@ pub fn attach_filter(
                 priority,
                 handle,
                 first: first.to_string(),
-                source,
+                source: Box::new(source),
             })?
         }
     };

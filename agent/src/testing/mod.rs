@@ -100,6 +100,10 @@ pub struct FakeDataplane {
     pub remotes: Mutex<Vec<RemoteNode>>,
     /// The last plan given to `set_egress`.
     pub egress: Mutex<EgressPlan>,
+    /// When set, `set_remote_nodes` fails (and records nothing).
+    pub fail_remote_nodes: Mutex<bool>,
+    /// How many times `maintain` ran.
+    pub maintained: Mutex<u32>,
 }
 
 #[async_trait]
@@ -135,7 +139,18 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
     async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
+        if *self.fail_remote_nodes.lock().unwrap() {
+            return Err(DataplaneError::Other {
+                backend: "fake",
+                op: "set remote nodes",
+                msg: "injected".into(),
+            });
+        }
         *self.remotes.lock().unwrap() = nodes.to_vec();
+        Ok(())
+    }
+    async fn maintain(&self) -> Result<(), DataplaneError> {
+        *self.maintained.lock().unwrap() += 1;
         Ok(())
     }
     async fn del_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
