@@ -21,8 +21,14 @@ use crate::net::{Transport, Tunnel};
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// Netlink failed.
-    #[error("listing interfaces and addresses: {0}")]
-    Netlink(String),
+    #[error("listing {what}: {source}")]
+    Netlink {
+        /// Interfaces or addresses.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: rtnetlink::Error,
+    },
     /// Nothing matched the configuration or the node's address.
     #[error("no transport interface: {0}")]
     NotFound(String),
@@ -121,10 +127,10 @@ pub async fn discover(
     cfg: &Config,
     internal_ip: Option<Ipv4Addr>,
 ) -> Result<Transport, TransportError> {
-    let nl = |e: rtnetlink::Error| TransportError::Netlink(e.to_string());
+    let nl = |what| move |source| TransportError::Netlink { what, source };
     let mut links = Vec::new();
     let mut stream = handle.link().get().execute();
-    while let Some(msg) = stream.try_next().await.map_err(nl)? {
+    while let Some(msg) = stream.try_next().await.map_err(nl("interfaces"))? {
         let name = msg.attributes.iter().find_map(|a| match a {
             LinkAttribute::IfName(n) => Some(n.clone()),
             _ => None,
@@ -141,7 +147,7 @@ pub async fn discover(
     }
     let mut addrs = Vec::new();
     let mut stream = handle.address().get().execute();
-    while let Some(msg) = stream.try_next().await.map_err(nl)? {
+    while let Some(msg) = stream.try_next().await.map_err(nl("addresses"))? {
         let ip = msg.attributes.iter().find_map(|a| match a {
             AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
             _ => None,

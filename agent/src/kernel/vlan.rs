@@ -75,8 +75,17 @@ pub const VLAN_TC_HANDLE: TcHandle = TcHandle::new(0, 0xfe7a);
 #[derive(Debug, thiserror::Error)]
 pub enum VlanError {
     /// Loading the programs or creating their maps failed.
-    #[error("vlan tagger: loading the programs: {0}")]
-    Load(String),
+    #[error("vlan tagger: loading {what}: {source}")]
+    Load {
+        /// The object, program or map.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The embedded object lacks a program or map (a build problem).
+    #[error("vlan tagger: {0} missing from the object")]
+    Missing(String),
     /// A VLAN id outside 1..=4094.
     #[error("vlan tagger: VLAN id {0} is out of range (1..=4094)")]
     BadVid(u16),
@@ -87,22 +96,24 @@ pub enum VlanError {
     #[error("vlan tagger: {0} cannot be its own VLAN child")]
     SameInterface(String),
     /// A map update failed.
-    #[error("vlan tagger: map {map}: {msg}")]
+    #[error("vlan tagger: map {map}: {source}")]
     Map {
         /// Which map.
         map: &'static str,
         /// What went wrong.
-        msg: String,
+        #[source]
+        source: aya::maps::MapError,
     },
     /// Attaching or removing a TC filter failed.
-    #[error("vlan tagger: {op} on {ifname}: {msg}")]
+    #[error("vlan tagger: {op} on {ifname}: {source}")]
     Filter {
         /// What was being done.
         op: &'static str,
         /// The interface.
         ifname: String,
         /// What went wrong.
-        msg: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -131,11 +142,8 @@ fn ifindex(name: &str) -> Result<u32, VlanError> {
 /// The MAC of `name` in this network namespace (getifaddrs: netlink, so the calling thread's
 /// namespace, unlike `/sys/class/net` which shows the mount's).
 fn mac_of(name: &str) -> Result<[u8; 6], VlanError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| VlanError::Filter {
-        op: "reading interface addresses",
-        ifname: name.to_owned(),
-        msg: e.to_string(),
-    })?;
+    let addrs =
+        nix::ifaddrs::getifaddrs().map_err(filter_err("reading interface addresses", name))?;
     addrs
         .filter(|a| a.interface_name == name)
         .find_map(|a| a.address?.as_link_addr()?.addr())
@@ -143,15 +151,29 @@ fn mac_of(name: &str) -> Result<[u8; 6], VlanError> {
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> VlanError {
-    move |e| VlanError::Map {
-        map,
-        msg: e.to_string(),
+    move |source| VlanError::Map { map, source }
+}
+
+fn filter_err<E: std::error::Error + Send + Sync + 'static>(
+    op: &'static str,
+    ifname: &str,
+) -> impl FnOnce(E) -> VlanError {
+    let ifname = ifname.to_owned();
+    move |e| VlanError::Filter {
+        op,
+        ifname,
+        source: Box::new(e),
     }
 }
 
-fn filter_err(op: &'static str, ifname: &str) -> impl FnOnce(String) -> VlanError {
-    let ifname = ifname.to_owned();
-    move |msg| VlanError::Filter { op, ifname, msg }
+fn load_err<E: std::error::Error + Send + Sync + 'static>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> VlanError {
+    let what = what.into();
+    move |e| VlanError::Load {
+        what,
+        source: Box::new(e),
+    }
 }
 
 fn check_vid(vid: u16) -> Result<(), VlanError> {
@@ -171,9 +193,7 @@ fn remove_filter(ifname: &str, t: TcAttachType) -> Result<(), VlanError> {
     match link.detach() {
         Ok(()) => Ok(()),
         Err(aya::programs::ProgramError::NetlinkError(e)) if is_absent(&e) => Ok(()),
-        Err(e) => Err(filter_err("removing the VLAN filter", ifname)(
-            e.to_string(),
-        )),
+        Err(e) => Err(filter_err("removing the VLAN filter", ifname)(e)),
     }
 }
 
@@ -192,9 +212,7 @@ fn remove_by_name(ifname: &str, t: TcAttachType, prog: &str) -> Result<(), VlanE
         Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         // The interface has no clsact qdisc (the dump fails with EINVAL) or vanished.
         Err(TcError::NetlinkError(e)) if is_absent(&e) => Ok(()),
-        Err(e) => Err(filter_err("removing the VLAN filter", ifname)(
-            e.to_string(),
-        )),
+        Err(e) => Err(filter_err("removing the VLAN filter", ifname)(e)),
     }
 }
 
@@ -208,7 +226,6 @@ fn attach_filter(
     // EEXIST when the qdisc is there already; a real failure shows up in the attach below.
     let _ = aya::programs::tc::qdisc_add_clsact(ifname);
     crate::kernel::tc::attach_filter(prog, ifname, t, VLAN_TC_PRIORITY, VLAN_TC_HANDLE)
-        .map_err(|e| e.to_string())
         .map_err(filter_err("attaching the VLAN filter", ifname))
 }
 
@@ -219,26 +236,26 @@ impl VlanTagger {
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .load(VLAN_OBJECT)
-            .map_err(|e| VlanError::Load(e.to_string()))?;
+            .map_err(load_err("the object"))?;
         for name in [PROG_VLAN_RX, PROG_VLAN_TX] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or_else(|| VlanError::Load(format!("program {name} missing from the object")))?
+                .ok_or_else(|| VlanError::Missing(format!("program {name}")))?
                 .try_into()
-                .map_err(|e| VlanError::Load(format!("program {name}: {e}")))?;
-            prog.load()
-                .map_err(|e| VlanError::Load(format!("program {name}: {e}")))?;
+                .map_err(load_err(format!("program {name}")))?;
+            prog.load().map_err(load_err(format!("program {name}")))?;
         }
         let mut take = |name: &str| {
             ebpf.take_map(name)
-                .ok_or_else(|| VlanError::Load(format!("map {name} missing from the object")))
+                .ok_or_else(|| VlanError::Missing(format!("map {name}")))
         };
         let by_parent = take(MAP_VLAN_BY_PARENT)?;
         let by_child = take(MAP_VLAN_BY_CHILD)?;
         Ok(VlanTagger {
             by_parent: BpfHashMap::try_from(by_parent)
-                .map_err(|e| VlanError::Load(e.to_string()))?,
-            by_child: BpfHashMap::try_from(by_child).map_err(|e| VlanError::Load(e.to_string()))?,
+                .map_err(load_err(format!("map {MAP_VLAN_BY_PARENT}")))?,
+            by_child: BpfHashMap::try_from(by_child)
+                .map_err(load_err(format!("map {MAP_VLAN_BY_CHILD}")))?,
             ebpf,
         })
     }
@@ -376,11 +393,8 @@ impl VlanTagger {
         }
         let parents: HashSet<&str> = keep.iter().map(|s| s.parent.as_str()).collect();
         let childs: HashSet<&str> = keep.iter().map(|s| s.child.as_str()).collect();
-        let ifaces = nix::net::if_::if_nameindex().map_err(|e| VlanError::Filter {
-            op: "listing interfaces",
-            ifname: "*".into(),
-            msg: e.to_string(),
-        })?;
+        let ifaces =
+            nix::net::if_::if_nameindex().map_err(filter_err("listing interfaces", "*"))?;
         for i in ifaces.iter() {
             let Ok(name) = i.name().to_str() else {
                 continue;
