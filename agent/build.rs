@@ -1,7 +1,8 @@
 //! Builds ferrea's kernel-side programs (`../ebpf`) into one BPF object the agent embeds.
 //!
-//! The recipe (see shared/DESIGN.md, "The machine we build and test on"): the `ebpf` crate is
-//! compiled for the *host* target as a staticlib of LLVM bitcode (`-C linker-plugin-lto`), with
+//! The recipe (it needs neither nightly nor rust-src, and bpf-linker must be built against the
+//! same LLVM as the rustc that compiles the bitcode: `scripts/setup.sh` does that): the `ebpf`
+//! crate is compiled for the *host* target as a staticlib of LLVM bitcode (`-C linker-plugin-lto`), with
 //! `panic = "abort"` from its own profile, and `bpf-linker` links that bitcode for `bpfel` with
 //! BTF, keeping only the program and map symbols. No nightly and no rust-src are needed.
 //!

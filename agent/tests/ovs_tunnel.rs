@@ -246,8 +246,9 @@ impl TNode {
             dp.init_node(&net).await.unwrap();
             dp.pod_tx_checksum_offload()
         });
-        // OVS 3.1's userspace tunnels need the pod's TX checksum offload off for TCP
-        // (DESIGN.md); the backend says so, and this test does what the agent core does.
+        // OVS 3.1's userspace tunnels do not complete checksums that a pod left to offload,
+        // so tunnelled TCP needs the pod's TX checksum offload off; the backend says so, and
+        // this test does what the agent core does.
         if !offload {
             self.pod
                 .ns()
