@@ -474,25 +474,26 @@ fn paths_in(code: &str, file_module: &[String]) -> Vec<PathRef> {
                     inline.push((name.clone(), depth));
                 }
             }
-            Tok::Ident(_) if i == 0 || toks[i - 1].0 != Tok::PathSep => {
-                if toks.get(i + 1).map(|t| &t.0) == Some(&Tok::PathSep) {
-                    let module: Vec<String> = file_module
-                        .iter()
-                        .cloned()
-                        .chain(inline.iter().map(|(m, _)| m.clone()))
-                        .collect();
-                    let line = toks[i].1;
-                    let mut found = Vec::new();
-                    let next = parse_tree(&toks, i, Vec::new(), &mut found);
-                    out.extend(found.into_iter().map(|path| PathRef {
-                        path,
-                        module: module.clone(),
-                        line,
-                    }));
-                    // Braces of a use group were consumed: skip over them (they balance).
-                    i = next;
-                    continue;
-                }
+            Tok::Ident(_)
+                if (i == 0 || toks[i - 1].0 != Tok::PathSep)
+                    && toks.get(i + 1).map(|t| &t.0) == Some(&Tok::PathSep) =>
+            {
+                let module: Vec<String> = file_module
+                    .iter()
+                    .cloned()
+                    .chain(inline.iter().map(|(m, _)| m.clone()))
+                    .collect();
+                let line = toks[i].1;
+                let mut found = Vec::new();
+                let next = parse_tree(&toks, i, Vec::new(), &mut found);
+                out.extend(found.into_iter().map(|path| PathRef {
+                    path,
+                    module: module.clone(),
+                    line,
+                }));
+                // Braces of a use group were consumed: skip over them (they balance).
+                i = next;
+                continue;
             }
             _ => {}
         }
