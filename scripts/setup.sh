@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what ferrea's build, demo and tests need on a Debian machine, idempotently:
-# Debian packages (iproute2, nftables, OVS, iperf3, tcpdump, reference CNI plugins, podman deps)
-# and bpf-linker built against the stable toolchain's own libLLVM (see shared/DESIGN.md).
+# Debian packages (iproute2, nftables, OVS, iperf3, tcpdump, reference CNI plugins, podman deps),
+# the toolchain's rustfmt and clippy components, cargo-nextest (the suite's test runner), and
+# bpf-linker built against the stable toolchain's own libLLVM: rustc emits LLVM bitcode for
+# the eBPF crate and only a linker built on the same LLVM major version can read it, which
+# needs no nightly toolchain and no rust-src.
 set -euo pipefail
 
 PKGS=(iproute2 nftables iptables iperf3 tcpdump ethtool openvswitch-switch
@@ -21,6 +24,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# rustfmt and clippy, for `cargo fmt --check` and `cargo clippy` in scripts/test.sh.
+installed_components=$(rustup component list --installed)
+for c in rustfmt clippy; do
+  if ! grep -q "^$c" <<<"$installed_components"; then
+    echo "setup: adding the rustup component $c" >&2
+    rustup component add "$c" >&2
+  fi
+done
+
+# cargo-nextest, the runner scripts/test.sh uses (one process per test).
+NEXTEST_VERSION=0.9.151
+if ! cargo nextest --version 2>/dev/null | grep -q "^cargo-nextest $NEXTEST_VERSION "; then
+  echo "setup: installing cargo-nextest $NEXTEST_VERSION (a few minutes, once)" >&2
+  cargo install cargo-nextest --locked --version "$NEXTEST_VERSION" >&2
 fi
 
 # bpf-linker, linked against rustc's own LLVM so it reads the bitcode that rustc emits.

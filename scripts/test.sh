@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests and the privileged integration tests on simulated nodes
 # (network namespaces this suite creates and deletes; the root namespace is never changed).
-# Installs what it needs first (Debian packages, bpf-linker), idempotently. Needs root.
+# Installs what it needs first (Debian packages, rustfmt, clippy, cargo-nextest, bpf-linker),
+# idempotently. Needs root. A test may skip only for lack of a kernel or machine feature, and
+# only if tests/expected-skips.txt lists it: any other skip fails the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,13 +18,36 @@ mkdir -p target && : > "$FERREA_SKIP_LOG"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The kernel-side programs are a workspace of their own (built by agent/build.rs); they are
+# checked for the host target, as agent/build.rs compiles them, in their own target dir.
+cargo fmt --manifest-path ebpf/Cargo.toml -- --check
+cargo clippy --manifest-path ebpf/Cargo.toml --locked -- -D warnings
 # The integration tests run the real binaries (the agent, the CNI plugin, the demo).
 cargo build --workspace --bins
 status=0
 cargo nextest run --workspace --no-fail-fast --test-threads 2 "$@" || status=$?
 
+# Each skip line is `SKIP: <id>: <reason>`; tests/expected-skips.txt lists `<id> <feature>`.
+allowlist=tests/expected-skips.txt
+expected_ids=$(grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$allowlist" | awk '{print $1}')
+unexpected=()
+while IFS= read -r line; do
+  [[ $line == SKIP:* ]] || continue
+  rest=${line#SKIP: }
+  id=${rest%%: *}
+  grep -qxF -- "$id" <<<"$expected_ids" || unexpected+=("$line")
+done < "$FERREA_SKIP_LOG"
+
 skips=$(grep -c '^SKIP' "$FERREA_SKIP_LOG" || true)
 echo
 echo "ferrea: ${skips} test(s) skipped for lack of a kernel or machine feature:"
 sed 's/^/  /' "$FERREA_SKIP_LOG"
+if [ "${#unexpected[@]}" -gt 0 ]; then
+  echo "ferrea: FAILED: ${#unexpected[@]} skip(s) not in $allowlist (a test skipped that must run here):"
+  for line in "${unexpected[@]}"; do
+    rest=${line#SKIP: }
+    echo "  test ${rest%%: *}: skipped because: ${rest#*: }"
+  done
+  [ "$status" != 0 ] || status=1
+fi
 exit "$status"

@@ -42,6 +42,12 @@
 //! `agent/build.rs`); hence `no_std`, `no_main` and a panic handler that cannot be reached.
 #![no_std]
 #![no_main]
+#![expect(
+    unsafe_code,
+    reason = "BPF programs read and write packet memory through raw pointers, call kernel \
+              helpers and access maps, all of which aya-ebpf exposes as unsafe; every block \
+              says why it is sound in its SAFETY comment"
+)]
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
@@ -254,7 +260,7 @@ pub fn ferrea_from_pod(ctx: TcContext) -> i32 {
     match from_pod(&ctx) {
         Some(action) => action,
         // Truncated frames and frames from interfaces without an endpoint.
-        None => TC_ACT_SHOT as i32,
+        None => TC_ACT_SHOT,
     }
 }
 
@@ -269,13 +275,13 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
     }
     if proto != ETH_P_IP {
         // IPv6 and everything else: not part of ferrea's IPv4-only pod network yet.
-        return Some(TC_ACT_SHOT as i32);
+        return Some(TC_ACT_SHOT);
     }
     let src_mac = load_mac(ctx, OFF_ETH_SRC)?;
     let src_ip = load_u32(ctx, OFF_IP_SRC)?;
     if src_ip != ep.ipv4 || src_mac != mac_parts(&ep.pod_mac) {
         count(ifindex, Dir::Spoofed, 0);
-        return Some(TC_ACT_SHOT as i32);
+        return Some(TC_ACT_SHOT);
     }
     let dst_ip = load_u32(ctx, OFF_IP_DST)?;
     let len = ctx.len();
@@ -314,7 +320,7 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
             return Some(unsafe { bpf_redirect(tun, 0) } as i32);
         }
     }
-    Some(TC_ACT_OK as i32)
+    Some(TC_ACT_OK)
 }
 
 #[inline(always)]
@@ -338,11 +344,11 @@ fn arp(ctx: &TcContext, ep: &Endpoint) -> Option<i32> {
     if spa != ep.ipv4 || sha != pod_mac || eth_src != pod_mac {
         // An ARP claiming another address (or a DAD probe from 0.0.0.0): spoofing.
         count(ep.ifindex, Dir::Spoofed, 0);
-        return Some(TC_ACT_SHOT as i32);
+        return Some(TC_ACT_SHOT);
     }
     if op != ARPOP_REQUEST || tpa == ep.ipv4 {
         // Replies and gratuitous ARP: nobody on the node needs them (neighbours are static).
-        return Some(TC_ACT_SHOT as i32);
+        return Some(TC_ACT_SHOT);
     }
     // Turn the request into the reply: "tpa is at host_mac", addressed to the pod.
     let opp: *mut u16 = ptr_at(ctx, OFF_ARP_OP)?;
@@ -363,20 +369,20 @@ fn arp(ctx: &TcContext, ep: &Endpoint) -> Option<i32> {
 #[classifier]
 pub fn ferrea_to_pod(ctx: TcContext) -> i32 {
     count(skb_ifindex(&ctx), Dir::Rx, ctx.len());
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// TC egress of the tunnel device: every packet the node routes to another node's pods (from
 /// a local pod or from the node itself). Sets the outer destination; drops what no node holds.
 #[classifier]
 pub fn ferrea_to_tunnel(ctx: TcContext) -> i32 {
-    to_tunnel(&ctx).unwrap_or(TC_ACT_SHOT as i32)
+    to_tunnel(&ctx).unwrap_or(TC_ACT_SHOT)
 }
 
 #[inline(always)]
 fn to_tunnel(ctx: &TcContext) -> Option<i32> {
     if u16::from_be(load_u16(ctx, OFF_ETH_PROTO)?) != ETH_P_IP {
-        return Some(TC_ACT_SHOT as i32);
+        return Some(TC_ACT_SHOT);
     }
     let dst_ip = load_u32(ctx, OFF_IP_DST)?;
     let (node_ip, vni) = match FERREA_REMOTE.get(Key::new(32, dst_ip)) {
@@ -409,21 +415,21 @@ fn to_tunnel(ctx: &TcContext) -> Option<i32> {
         )
     };
     if r != 0 {
-        return Some(TC_ACT_SHOT as i32);
+        return Some(TC_ACT_SHOT);
     }
-    Some(TC_ACT_OK as i32)
+    Some(TC_ACT_OK)
 }
 
 /// TC ingress of the tunnel device: every decapsulated packet from another node.
 #[classifier]
 pub fn ferrea_from_tunnel(ctx: TcContext) -> i32 {
-    from_tunnel(&ctx).unwrap_or(TC_ACT_SHOT as i32)
+    from_tunnel(&ctx).unwrap_or(TC_ACT_SHOT)
 }
 
 #[inline(always)]
 fn from_tunnel(ctx: &TcContext) -> Option<i32> {
     if u16::from_be(load_u16(ctx, OFF_ETH_PROTO)?) != ETH_P_IP {
-        return Some(TC_ACT_SHOT as i32);
+        return Some(TC_ACT_SHOT);
     }
     let dst_ip = load_u32(ctx, OFF_IP_DST)?;
     // Local pods first, whatever the VNI: the overlay's hot path costs one map lookup, as
@@ -453,7 +459,7 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
     };
     if r != 0 {
         // No tunnel metadata: not from a collect_md device. Carry nothing we cannot classify.
-        return Some(TC_ACT_SHOT as i32);
+        return Some(TC_ACT_SHOT);
     }
     // SAFETY: the helper succeeded, so it wrote the key.
     let tunnel_id = unsafe { key.assume_init_ref() }.tunnel_id;
@@ -463,7 +469,7 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
     // For the node (its gateway address, say): the inner destination MAC is the sending
     // node's tunnel MAC, so tell the stack the packet is ours.
     ctx.change_type(PACKET_HOST).ok()?;
-    Some(TC_ACT_OK as i32)
+    Some(TC_ACT_OK)
 }
 
 /// A packet another node steered here for Egress `id` (its destination is no local pod): to
@@ -473,7 +479,7 @@ fn egress_in(ctx: &TcContext, id: u32) -> Option<i32> {
     // Array lookup: ids above 255 are out of range and miss, so they are dropped too.
     match FERREA_EG_HELD.get(id) {
         Some(&held) if held != 0 => {}
-        _ => return Some(TC_ACT_SHOT as i32),
+        _ => return Some(TC_ACT_SHOT),
     }
     let skb = ctx.skb.skb;
     // SAFETY: context accesses the verifier rewrites to skb->mark. Volatile and 32 bits wide:
@@ -485,7 +491,7 @@ fn egress_in(ctx: &TcContext, id: u32) -> Option<i32> {
         p.write_volatile((mark & !EGRESS_MARK_MASK) | (id & EGRESS_MARK_MASK));
     }
     ctx.change_type(PACKET_HOST).ok()?;
-    Some(TC_ACT_OK as i32)
+    Some(TC_ACT_OK)
 }
 
 /// VLAN tagger, TC ingress of a parent interface: a frame tagged with a VLAN that has a child
@@ -498,15 +504,15 @@ pub fn ferrea_vlan_rx(ctx: TcContext) -> i32 {
     // SAFETY: context accesses the verifier rewrites to the skb's fields.
     let (present, tci, ifindex) = unsafe { ((*skb).vlan_present, (*skb).vlan_tci, (*skb).ifindex) };
     if present == 0 {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     let key = VlanKey {
         parent_ifindex: ifindex,
         vid: tci & VLAN_VID_MASK,
     };
     // SAFETY: copied out at once.
-    let Some(child) = (unsafe { FERREA_VLAN_PAR.get(&key) }).copied() else {
-        return TC_ACT_OK as i32;
+    let Some(child) = (unsafe { FERREA_VLAN_PAR.get(key) }).copied() else {
+        return TC_ACT_OK;
     };
     // Unicast for the child's own MAC: untag and let the parent's macvlan demultiplexing
     // (which runs after TC ingress, in the same pass) deliver it to the child. Everything
@@ -516,10 +522,10 @@ pub fn ferrea_vlan_rx(ctx: TcContext) -> i32 {
         .is_some_and(|(hi, lo)| hi == child.mac_hi && u32::from(lo) == child.mac_lo);
     // SAFETY: plain helper call on the program's own skb.
     if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     if to_child {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // SAFETY: plain helper call; BPF_F_INGRESS = into the child's receive path.
     unsafe { bpf_redirect(child.ifindex, BPF_F_INGRESS as u64) as i32 }
@@ -532,16 +538,16 @@ pub fn ferrea_vlan_tx(ctx: TcContext) -> i32 {
     // SAFETY: context access.
     let ifindex = unsafe { (*skb).ifindex };
     // SAFETY: copied out at once.
-    let Some(vid) = (unsafe { FERREA_VLAN_CHD.get(&ifindex) }).copied() else {
+    let Some(vid) = (unsafe { FERREA_VLAN_CHD.get(ifindex) }).copied() else {
         // A child without an entry (detached while its filter is still there): send nothing
         // untagged from a sub-interface.
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     };
     // SAFETY: plain helper call on the program's own skb.
     if unsafe { bpf_skb_vlan_push(skb, ETH_P_8021Q.to_be(), (vid & VLAN_VID_MASK) as u16) } != 0 {
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

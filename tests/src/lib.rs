@@ -1,7 +1,7 @@
 //! ferrea's simulated-node harness: the library that integration tests, benchmarks and the demo
 //! share to build small clusters out of network namespaces.
 //!
-//! The shape (see `DESIGN.md`, "The shape of a simulated cluster"):
+//! The shape of a simulated cluster:
 //!
 //! ```text
 //!   pod netns ──veth── node netns (agent) ──eth0── fabric netns (bridge br0) ── external netns
@@ -100,9 +100,9 @@ pub fn name_prefix() -> String {
     format!("fe{}-", std::process::id())
 }
 
-/// Returns `true` when the test may run; otherwise prints `SKIP: <test>: <reason>` (and appends
-/// it to `$FERREA_SKIP_LOG`) and returns `false`. The harness needs root for namespaces, veths
-/// and mounts; every other missing prerequisite is a failure, not a skip.
+/// Returns `true` when the test may run; otherwise prints `SKIP: <id>: <reason>` (and appends
+/// it to `$FERREA_SKIP_LOG`, see [`skip`]) and returns `false`. The harness needs root for
+/// namespaces, veths and mounts; every other missing prerequisite is a failure, not a skip.
 pub fn skip_unless_root(test: &str) -> bool {
     if nix::unistd::Uid::effective().is_root() {
         return true;
@@ -111,10 +111,12 @@ pub fn skip_unless_root(test: &str) -> bool {
     false
 }
 
-/// Records a skip: prints it and appends it to `$FERREA_SKIP_LOG` when set.
+/// Records a skip: prints `SKIP: <id>: <reason>` and appends that line to `$FERREA_SKIP_LOG`
+/// when set. `<id>` is [`skip_id`]`(test)`, the key `tests/expected-skips.txt` lists the
+/// skips `scripts/test.sh` accepts by; any other skip fails the suite.
 pub fn skip(test: &str, reason: &str) {
-    let line = format!("SKIP: {test}: {reason}");
-    eprintln!("{line}");
+    let line = format!("SKIP: {}: {reason}\n", skip_id(test));
+    eprint!("{line}");
     if let Some(path) = std::env::var_os(SKIP_LOG_ENV).filter(|p| !p.is_empty()) {
         use std::io::Write;
         if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -122,9 +124,42 @@ pub fn skip(test: &str, reason: &str) {
             .append(true)
             .open(path)
         {
-            let _ = writeln!(f, "{line}");
+            // One write of the whole line: tests in parallel processes append to one file.
+            let _ = f.write_all(line.as_bytes());
         }
     }
+}
+
+/// The stable identifier of a skipped test: `<package>::<test binary>::<test>`, for instance
+/// `ferrea-agent::egress_node::dummy_device_where_the_kernel_has_it` (nextest's binary id
+/// followed by the name the test passes). The package comes from `$CARGO_PKG_NAME`, which
+/// both `cargo test` and `cargo nextest` set when they run a test; the binary is the running
+/// executable's name without cargo's `-<hash>` suffix.
+pub fn skip_id(test: &str) -> String {
+    let exe = std::env::current_exe().ok();
+    let stem = exe
+        .as_deref()
+        .and_then(|p| p.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let package = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
+    format_skip_id(&package, &stem, test)
+}
+
+/// [`skip_id`] from its parts: `binary` may carry cargo's `-<16 hex digits>` suffix, and an
+/// empty part is left out.
+fn format_skip_id(package: &str, binary: &str, test: &str) -> String {
+    let binary = match binary.rsplit_once('-') {
+        Some((name, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            name
+        }
+        _ => binary,
+    };
+    [package, binary, test]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("::")
 }
 
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
@@ -189,5 +224,30 @@ mod tests {
         let ip = "10.244.1.4".parse().unwrap();
         let text = "10.244.1.40 dev x\n10.244.1.4 dev fe1\nelements = { 10.244.1.4, 10.244.1.5 }\n10.244.1.4/32 via y\nnothing";
         assert_eq!(super::lines_mentioning(text, ip).len(), 3);
+    }
+
+    #[test]
+    fn skip_ids_drop_the_hash_of_the_test_binary() {
+        assert_eq!(
+            super::format_skip_id("ferrea-agent", "egress_node-0123456789abcdef", "a::ebpf"),
+            "ferrea-agent::egress_node::a::ebpf"
+        );
+        assert_eq!(
+            super::format_skip_id("ferrea-tests", "ferrea-demo", "t"),
+            "ferrea-tests::ferrea-demo::t"
+        );
+        assert_eq!(super::format_skip_id("", "x", "t"), "x::t");
+    }
+
+    #[test]
+    fn skip_ids_name_package_and_binary_when_run_by_cargo() {
+        // The unit tests' binary is the library's: ferrea_tests-<hash>.
+        assert_eq!(
+            super::skip_id("t"),
+            "ferrea-tests::ferrea_tests::t",
+            "CARGO_PKG_NAME={:?} exe={:?}",
+            std::env::var("CARGO_PKG_NAME"),
+            std::env::current_exe()
+        );
     }
 }

@@ -157,7 +157,10 @@ pub fn exec(ns: &str, argv: &[&str]) -> Output {
 /// Makes `cmd`'s child join network namespace `ns` (by `setns` between fork and exec) while
 /// staying in the caller's mount namespace. The namespace file is opened now, before the
 /// fork, so the child only makes the one system call.
-#[allow(unsafe_code)]
+#[expect(
+    unsafe_code,
+    reason = "Command::pre_exec is unsafe: the closure runs between fork and exec (it only calls setns(2))"
+)]
 pub fn enter_on_spawn(cmd: &mut Command, ns: &str) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let path = path_of(ns);

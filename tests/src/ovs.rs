@@ -6,7 +6,7 @@
 //! inside the node's network namespace (entered with `setns`), so the userspace (`netdev`)
 //! datapath's tap devices appear there and nowhere else. Both daemons are stopped by PID on
 //! drop. Userspace TSO is enabled before `ovs-vswitchd` starts: without it TCP through the
-//! netdev datapath stalls (DESIGN.md).
+//! netdev datapath stalls.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -6,7 +6,7 @@
 //! restart adopts the physical bridge it made.
 //!
 //! Pods made by the CNI binary keep their TX checksum offload, which OVS 3.1's userspace
-//! tunnels cannot complete (DESIGN.md): this test uses ICMP only.
+//! tunnels cannot complete: this test uses ICMP only.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

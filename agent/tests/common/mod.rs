@@ -1,6 +1,11 @@
 //! Pieces shared by the backend tests (`ebpf_dataplane`, `ebpf_egress`, `ovs_dataplane`,
 //! `ovs_tunnel`): they drive a dataplane directly, with pods made by the harness without CNI.
-#![allow(dead_code)] // each test binary uses its own part
+//!
+//! Every test binary compiles this module, but only the eBPF ones use the bpffs, veth-pod and
+//! pinned-program helpers. An `#[expect(dead_code)]` would go unfulfilled in those binaries,
+//! so the eBPF-only items carry a scoped `allow` with that reason instead ([`GATEWAY`] is live
+//! through [`veth_pod`]); [`endpoint`], used by all four, carries none, so a helper nobody
+//! uses any more still warns.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -15,12 +20,20 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 
 /// A bpffs path under a temporary directory for the dataplane to mount (the harness's
 /// `BpfFs` mounts one itself; here mounting is the code under test); unmounted on drop.
+#[allow(
+    dead_code,
+    reason = "used by the eBPF test binaries only; the OVS ones compile this module too"
+)]
 pub struct BpffsGuard {
     /// Where the dataplane mounts bpffs.
     pub path: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
+#[allow(
+    dead_code,
+    reason = "used by the eBPF test binaries only; the OVS ones compile this module too"
+)]
 impl BpffsGuard {
     /// A fresh, not yet mounted path.
     pub fn new() -> Self {
@@ -46,6 +59,10 @@ impl Drop for BpffsGuard {
 
 /// A pod in its own namespace (role `role`) with host veth `host_ifname` in `node`, address
 /// `ip`/24 behind [`GATEWAY`], MACs 02:fe:..:n (host) and 02:00:..:n (pod).
+#[allow(
+    dead_code,
+    reason = "used by the eBPF test binaries only; the OVS ones compile this module too"
+)]
 pub fn veth_pod(node: &NetNs, role: &str, host_ifname: &str, n: u8, ip: Ipv4Addr) -> VethPod {
     VethPod::create(
         node,
@@ -78,6 +95,10 @@ pub fn endpoint(pod: &VethPod) -> PodEndpoint {
 /// Makes the pinned programs under `layout` look like another build's: renames the one
 /// `progs/<digest>/` directory to an all-zero digest. Returns (the build's directory as it
 /// was, the directory it is now).
+#[allow(
+    dead_code,
+    reason = "used by the eBPF test binaries only; the OVS ones compile this module too"
+)]
 pub fn pretend_programs_of_another_build(layout: &PinLayout) -> (PathBuf, PathBuf) {
     let cur = std::fs::read_dir(layout.progs_root())
         .unwrap()

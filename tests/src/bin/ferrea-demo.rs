@@ -304,7 +304,10 @@ extern "C" fn on_signal(_: nix::libc::c_int) {
     CANCELLED.store(true, Ordering::Relaxed);
 }
 
-#[allow(unsafe_code)]
+#[expect(
+    unsafe_code,
+    reason = "sigaction(2) is unsafe: the handler must be async-signal-safe (it only stores to an atomic)"
+)]
 fn install_cancel_handler() -> anyhow::Result<()> {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
     let act = SigAction::new(
