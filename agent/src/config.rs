@@ -21,22 +21,45 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The YAML is malformed or has unknown or mistyped fields.
-    #[error("parsing config file {path}: {msg}")]
+    /// The YAML is malformed or has unknown or mistyped fields (the parser's message names
+    /// the field, with line and column).
+    #[error("parsing config file {path}: {source}")]
     Parse {
         /// The file.
         path: PathBuf,
-        /// The parser's message, with line and column.
-        msg: String,
+        /// The parser's error.
+        #[source]
+        source: serde_yaml_ng::Error,
     },
     /// A field has a value that is not allowed.
-    #[error("config field `{field}`: {msg}")]
+    #[error("config field `{field}`: {reason}")]
     Invalid {
         /// The field, as a dotted path.
         field: &'static str,
         /// Why the value is not allowed.
-        msg: String,
+        reason: &'static str,
     },
+    /// `nodePortLocal.portRange` is not a port range.
+    #[error("config field `{field}`: {source}")]
+    PortRange {
+        /// The field, as a dotted path.
+        field: &'static str,
+        /// Why it is not a port range.
+        #[source]
+        source: PortRangeError,
+    },
+}
+
+impl ConfigError {
+    /// The field at fault, as a dotted path, when the error is about one field's value.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            ConfigError::Invalid { field, .. } | ConfigError::PortRange { field, .. } => {
+                Some(field)
+            }
+            ConfigError::Read { .. } | ConfigError::Parse { .. } => None,
+        }
+    }
 }
 
 /// Which packet path the agent programs.
@@ -224,9 +247,9 @@ impl Config {
         let mut cfg: Config = if text.trim().is_empty() {
             Config::default()
         } else {
-            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
                 path: path.to_owned(),
-                msg: e.to_string(),
+                source,
             })?
         };
         if cfg.node_name.is_none() {
@@ -245,12 +268,7 @@ impl Config {
 
     /// Checks values that the types alone do not constrain.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let inv = |field, msg: &str| {
-            Err(ConfigError::Invalid {
-                field,
-                msg: msg.to_owned(),
-            })
-        };
+        let inv = |field, reason| Err(ConfigError::Invalid { field, reason });
         match &self.node_name {
             None => {
                 return inv(
@@ -325,8 +343,11 @@ impl Config {
         if !path.is_absolute() {
             return inv("source.files.path", "must be an absolute path");
         }
-        if let Err(msg) = self.node_port_local.range() {
-            return inv("nodePortLocal.portRange", &msg);
+        if let Err(source) = self.node_port_local.range() {
+            return Err(ConfigError::PortRange {
+                field: "nodePortLocal.portRange",
+                source,
+            });
         }
         Ok(())
     }
@@ -394,6 +415,53 @@ mod tests {
     fn unknown_field_is_rejected_with_its_name() {
         let e = parse("nodeName: n1\nmtuu: 1400\n").unwrap_err().to_string();
         assert!(e.contains("mtuu"), "{e}");
+    }
+
+    #[test]
+    fn typed_errors_name_the_field() {
+        let e = parse("nodeName: n1\nnodePortLocal: {enable: true, portRange: 62000-61000}\n")
+            .unwrap_err();
+        assert_eq!(e.field(), Some("nodePortLocal.portRange"));
+        assert!(
+            matches!(
+                &e,
+                ConfigError::PortRange { source: PortRangeError::Reversed { value }, .. }
+                    if value == "62000-61000"
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "config field `nodePortLocal.portRange`: \"62000-61000\": the first port is above the last"
+        );
+        let e = parse("nodeName: n1\nnodePortLocal: {portRange: 61000-70000}\n").unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::PortRange { source: PortRangeError::Port { port, .. }, .. } if port == "70000"),
+            "{e:?}"
+        );
+        assert!(matches!(
+            "61000".parse::<PortRange>(),
+            Err(PortRangeError::Form { .. })
+        ));
+        // An unknown field: the parser's error (kept as the source) names it and its line.
+        let e = parse("nodeName: n1\nnodePortLocal: {enable: true}\nmtuu: 1400\n").unwrap_err();
+        assert_eq!(e.field(), None);
+        let ConfigError::Parse { path, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(path, Path::new("test.yaml"));
+        assert_eq!(source.location().map(|l| l.line()), Some(3), "{source}");
+        let m = e.to_string();
+        assert!(
+            m.starts_with("parsing config file test.yaml: ") && m.contains("unknown field `mtuu`"),
+            "{m}"
+        );
+        let e = parse("nodeName: n1\nvethPrefix: toolong\n").unwrap_err();
+        assert_eq!(e.field(), Some("vethPrefix"));
+        assert_eq!(
+            e.to_string(),
+            "config field `vethPrefix`: must be 1 to 4 characters"
+        );
     }
 
     #[test]
@@ -512,7 +580,7 @@ impl Default for NplConfig {
 
 impl NplConfig {
     /// The parsed port range (validated at config load).
-    pub fn range(&self) -> Result<PortRange, String> {
+    pub fn range(&self) -> Result<PortRange, PortRangeError> {
         self.port_range.parse()
     }
 }
@@ -543,22 +611,52 @@ impl PortRange {
     }
 }
 
+/// Why a string is not a [`PortRange`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PortRangeError {
+    /// No `-` between two ports.
+    #[error("{value:?} is not of the form <first>-<last>, e.g. 61000-62000")]
+    Form {
+        /// The string.
+        value: String,
+    },
+    /// One end is not a port number.
+    #[error("{port:?} in {value:?} is not a port (1-65535)")]
+    Port {
+        /// The string.
+        value: String,
+        /// The end that is not a port.
+        port: String,
+    },
+    /// The first port is above the last.
+    #[error("{value:?}: the first port is above the last")]
+    Reversed {
+        /// The string.
+        value: String,
+    },
+}
+
 impl std::str::FromStr for PortRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?} is not of the form <first>-<last>, e.g. 61000-62000"))?;
+    type Err = PortRangeError;
+    fn from_str(s: &str) -> Result<Self, PortRangeError> {
+        let (a, b) = s.split_once('-').ok_or_else(|| PortRangeError::Form {
+            value: s.to_owned(),
+        })?;
         let parse = |x: &str| {
             x.trim()
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| format!("{x:?} in {s:?} is not a port (1-65535)"))
+                .ok_or_else(|| PortRangeError::Port {
+                    value: s.to_owned(),
+                    port: x.to_owned(),
+                })
         };
         let (first, last) = (parse(a)?, parse(b)?);
         if first > last {
-            return Err(format!("{s:?}: the first port is above the last"));
+            return Err(PortRangeError::Reversed {
+                value: s.to_owned(),
+            });
         }
         Ok(PortRange { first, last })
     }

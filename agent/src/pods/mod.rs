@@ -231,9 +231,9 @@ impl PodManager {
         });
         let plumbed = self.plumb(&rec).await;
         let stored = put.await.unwrap_or_else(|e| {
-            Err(crate::pods::store::StoreError::Io {
+            Err(crate::pods::store::StoreError::Task {
                 op: "put",
-                msg: e.to_string(),
+                source: e,
             })
         });
         let err = match (plumbed, stored) {
@@ -341,9 +341,9 @@ impl PodManager {
                 let unstore = tokio::task::spawn_blocking(move || store.delete(&[key]));
                 let torn = self.teardown(&rec).await;
                 let unstored = unstore.await.unwrap_or_else(|e| {
-                    Err(crate::pods::store::StoreError::Io {
+                    Err(crate::pods::store::StoreError::Task {
                         op: "delete",
-                        msg: e.to_string(),
+                        source: e,
                     })
                 });
                 torn?;

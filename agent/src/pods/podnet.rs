@@ -41,24 +41,55 @@ pub enum PodNetError {
         netns: String,
     },
     /// A netlink operation failed.
-    #[error("{op} on {ifname}: {msg}")]
+    #[error("{op} on {ifname}: {source}")]
     Netlink {
         /// What was being done.
         op: &'static str,
-        /// The interface concerned.
+        /// The interface concerned (`*`: all of them).
         ifname: String,
-        /// The kernel's or library's message.
-        msg: String,
+        /// The kernel's or library's error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// An interface just created is not there.
+    #[error("{op} on {ifname}: not found after creation")]
+    NotFoundAfterCreation {
+        /// What was being done.
+        op: &'static str,
+        /// The interface.
+        ifname: String,
     },
     /// CHECK found the pod's interface not as the agent configured it.
-    #[error("pod interface {ifname} in {netns}: {msg}")]
+    #[error("pod interface {ifname} in {netns}: {what}")]
     Mismatch {
         /// The pod-side name.
         ifname: String,
         /// CNI_NETNS.
         netns: String,
         /// What differs.
-        msg: String,
+        what: Mismatch,
+    },
+}
+
+/// What CHECK found different from what the agent configured.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    /// The host side of the veth pair is gone.
+    #[error("host-side veth {host_ifname} is missing")]
+    HostVethMissing {
+        /// The host-side name.
+        host_ifname: String,
+    },
+    /// The pod-side interface is gone.
+    #[error("interface is missing")]
+    InterfaceMissing,
+    /// The pod-side interface lacks its address.
+    #[error("address {ip}/{prefix_len} is missing")]
+    AddressMissing {
+        /// The pod address.
+        ip: Ipv4Addr,
+        /// Its prefix length.
+        prefix_len: u8,
     },
 }
 
@@ -124,11 +155,7 @@ fn nl_code(e: &rtnetlink::Error) -> Option<i32> {
 
 fn nl_err(op: &'static str, ifname: &str) -> impl FnOnce(rtnetlink::Error) -> PodNetError {
     let ifname = ifname.to_owned();
-    move |e| PodNetError::Netlink {
-        op,
-        ifname,
-        msg: e.to_string(),
-    }
+    move |source| PodNetError::Netlink { op, ifname, source }
 }
 
 /// Pod plumbing over rtnetlink, in the namespace the agent runs in (the node's).
@@ -193,10 +220,9 @@ impl NetlinkPodNet {
         let ifn = &spec.ifname;
         let idx = link_index(h, ifn)
             .await?
-            .ok_or_else(|| PodNetError::Netlink {
+            .ok_or_else(|| PodNetError::NotFoundAfterCreation {
                 op: "find pod interface",
                 ifname: ifn.clone(),
-                msg: "not found after creation".into(),
             })?;
         if let Some(lo) = link_index(h, "lo").await? {
             h.link()
@@ -282,10 +308,9 @@ impl PodNet for NetlinkPodNet {
         let result = async {
             let host_idx = link_index(&self.node, &spec.host_ifname)
                 .await?
-                .ok_or_else(|| PodNetError::Netlink {
+                .ok_or_else(|| PodNetError::NotFoundAfterCreation {
                     op: "find host veth",
                     ifname: spec.host_ifname.clone(),
-                    msg: "not found after creation".into(),
                 })?;
             let h = self
                 .handle_in(
@@ -340,21 +365,20 @@ impl PodNet for NetlinkPodNet {
 
     async fn check(&self, spec: &PodNetSpec) -> Result<(), PodNetError> {
         let ns = open_netns(&spec.netns)?;
-        let mismatch = |msg: String| PodNetError::Mismatch {
+        let mismatch = |what| PodNetError::Mismatch {
             ifname: spec.ifname.clone(),
             netns: spec.netns.clone(),
-            msg,
+            what,
         };
         if link_index(&self.node, &spec.host_ifname).await?.is_none() {
-            return Err(mismatch(format!(
-                "host-side veth {} is missing",
-                spec.host_ifname
-            )));
+            return Err(mismatch(Mismatch::HostVethMissing {
+                host_ifname: spec.host_ifname.clone(),
+            }));
         }
         let h = self.handle_in(&ns, &spec.netns, None).await?;
         let idx = link_index(&h, &spec.ifname)
             .await?
-            .ok_or_else(|| mismatch("interface is missing".into()))?;
+            .ok_or_else(|| mismatch(Mismatch::InterfaceMissing))?;
         let mut addrs = h.address().get().set_link_index_filter(idx).execute();
         while let Some(a) = addrs
             .try_next()
@@ -371,10 +395,10 @@ impl PodNet for NetlinkPodNet {
                 }
             }
         }
-        Err(mismatch(format!(
-            "address {}/{} is missing",
-            spec.ip, spec.prefix_len
-        )))
+        Err(mismatch(Mismatch::AddressMissing {
+            ip: spec.ip,
+            prefix_len: spec.prefix_len,
+        }))
     }
 }
 

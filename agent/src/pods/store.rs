@@ -37,25 +37,62 @@ const NPL: TableDefinition<&str, &[u8]> = TableDefinition::new("npl/v1");
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened or created.
-    #[error("opening state store {path}: {msg}")]
+    #[error("opening state store {}: {source}", path.display())]
     Open {
         /// The database file.
         path: PathBuf,
-        /// What went wrong.
-        msg: String,
+        /// The database's (or the file system's) error.
+        #[source]
+        source: redb::Error,
     },
-    /// A read or write failed.
-    #[error("state store {op}: {msg}")]
-    Io {
+    /// A read or write of the database failed.
+    #[error("state store {op}: {source}")]
+    Db {
+        /// What was being done (`put`, `delete`, `list`, `npl list`, `npl update`).
+        op: &'static str,
+        /// The database's error.
+        #[source]
+        source: redb::Error,
+    },
+    /// An entry could not be encoded as JSON.
+    #[error("state store encode: {what} {key}: {source}")]
+    Encode {
+        /// The kind of entry (`record`, `NPL mapping`).
+        what: &'static str,
+        /// Its key.
+        key: String,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A stored entry does not decode (it is reported, not skipped).
+    #[error("state store decode: {what} {key}: {source}")]
+    Decode {
+        /// The kind of entry (`record`, `NPL mapping`).
+        what: &'static str,
+        /// Its key.
+        key: String,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The blocking task that ran the operation panicked or was cancelled.
+    #[error("state store {op}: {source}")]
+    Task {
         /// What was being done.
         op: &'static str,
-        /// What went wrong.
-        msg: String,
+        /// The task's error.
+        #[source]
+        source: tokio::task::JoinError,
     },
 }
 
-fn io_err(op: &'static str) -> impl FnOnce(String) -> StoreError {
-    move |msg| StoreError::Io { op, msg }
+/// Maps a database error of operation `op`.
+fn db_err<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::Db {
+        op,
+        source: e.into(),
+    }
 }
 
 /// What the agent holds for one pod attachment.
@@ -132,69 +169,61 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("ferrea.redb");
-        let open_err = |msg: String| StoreError::Open {
+        let open_err = |e: redb::Error| StoreError::Open {
             path: path.clone(),
-            msg,
+            source: e,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.into()))?;
+        let db = Database::create(&path).map_err(|e| open_err(e.into()))?;
         // Make sure the table exists so readers never see "table does not exist".
-        let tx = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-        tx.open_table(PODS).map_err(|e| open_err(e.to_string()))?;
-        tx.open_table(NPL).map_err(|e| open_err(e.to_string()))?;
-        tx.commit().map_err(|e| open_err(e.to_string()))?;
+        let tx = db.begin_write().map_err(|e| open_err(e.into()))?;
+        tx.open_table(PODS).map_err(|e| open_err(e.into()))?;
+        tx.open_table(NPL).map_err(|e| open_err(e.into()))?;
+        tx.commit().map_err(|e| open_err(e.into()))?;
         Ok(Self { db })
     }
 
     /// Inserts or replaces a record; durable when this returns.
     pub fn put(&self, rec: &PodRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(rec).map_err(|e| io_err("encode")(e.to_string()))?;
-        let tx = self
-            .db
-            .begin_write()
-            .map_err(|e| io_err("put")(e.to_string()))?;
+        let value = serde_json::to_vec(rec).map_err(|source| StoreError::Encode {
+            what: "record",
+            key: rec.key(),
+            source,
+        })?;
+        let tx = self.db.begin_write().map_err(db_err("put"))?;
         {
-            let mut t = tx
-                .open_table(PODS)
-                .map_err(|e| io_err("put")(e.to_string()))?;
+            let mut t = tx.open_table(PODS).map_err(db_err("put"))?;
             t.insert(rec.key().as_str(), value.as_slice())
-                .map_err(|e| io_err("put")(e.to_string()))?;
+                .map_err(db_err("put"))?;
         }
-        tx.commit().map_err(|e| io_err("put")(e.to_string()))
+        tx.commit().map_err(db_err("put"))
     }
 
     /// Removes the records with these keys in one transaction; absent keys are ignored.
     pub fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
-        let tx = self
-            .db
-            .begin_write()
-            .map_err(|e| io_err("delete")(e.to_string()))?;
+        let tx = self.db.begin_write().map_err(db_err("delete"))?;
         {
-            let mut t = tx
-                .open_table(PODS)
-                .map_err(|e| io_err("delete")(e.to_string()))?;
+            let mut t = tx.open_table(PODS).map_err(db_err("delete"))?;
             for k in keys {
-                t.remove(k.as_str())
-                    .map_err(|e| io_err("delete")(e.to_string()))?;
+                t.remove(k.as_str()).map_err(db_err("delete"))?;
             }
         }
-        tx.commit().map_err(|e| io_err("delete")(e.to_string()))
+        tx.commit().map_err(db_err("delete"))
     }
 
     /// All records. A record that does not decode is reported, not silently skipped.
     pub fn list(&self) -> Result<Vec<PodRecord>, StoreError> {
-        let tx = self
-            .db
-            .begin_read()
-            .map_err(|e| io_err("list")(e.to_string()))?;
-        let t = tx
-            .open_table(PODS)
-            .map_err(|e| io_err("list")(e.to_string()))?;
+        let tx = self.db.begin_read().map_err(db_err("list"))?;
+        let t = tx.open_table(PODS).map_err(db_err("list"))?;
         let mut out = Vec::new();
-        for item in t.iter().map_err(|e| io_err("list")(e.to_string()))? {
-            let (k, v) = item.map_err(|e| io_err("list")(e.to_string()))?;
-            let rec: PodRecord = serde_json::from_slice(v.value())
-                .map_err(|e| io_err("decode")(format!("record {}: {e}", k.value())))?;
+        for item in t.iter().map_err(db_err("list"))? {
+            let (k, v) = item.map_err(db_err("list"))?;
+            let rec: PodRecord =
+                serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                    what: "record",
+                    key: k.value().to_owned(),
+                    source,
+                })?;
             out.push(rec);
         }
         Ok(out)
@@ -204,14 +233,18 @@ impl Store {
 impl Store {
     /// All NodePortLocal mappings. One that does not decode is reported, not skipped.
     pub fn npl_list(&self) -> Result<Vec<NplMapping>, StoreError> {
-        let err = |e: &dyn std::fmt::Display| io_err("npl list")(e.to_string());
-        let tx = self.db.begin_read().map_err(|e| err(&e))?;
-        let t = tx.open_table(NPL).map_err(|e| err(&e))?;
+        const OP: &str = "npl list";
+        let tx = self.db.begin_read().map_err(db_err(OP))?;
+        let t = tx.open_table(NPL).map_err(db_err(OP))?;
         let mut out = Vec::new();
-        for item in t.iter().map_err(|e| err(&e))? {
-            let (k, v) = item.map_err(|e| err(&e))?;
-            let m: NplMapping = serde_json::from_slice(v.value())
-                .map_err(|e| io_err("decode")(format!("NPL mapping {}: {e}", k.value())))?;
+        for item in t.iter().map_err(db_err(OP))? {
+            let (k, v) = item.map_err(db_err(OP))?;
+            let m: NplMapping =
+                serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                    what: "NPL mapping",
+                    key: k.value().to_owned(),
+                    source,
+                })?;
             out.push(m);
         }
         Ok(out)
@@ -219,20 +252,24 @@ impl Store {
 
     /// Writes `put` and removes the mappings with keys `delete`, in one durable transaction.
     pub fn npl_update(&self, put: &[NplMapping], delete: &[String]) -> Result<(), StoreError> {
-        let err = |e: &dyn std::fmt::Display| io_err("npl update")(e.to_string());
-        let tx = self.db.begin_write().map_err(|e| err(&e))?;
+        const OP: &str = "npl update";
+        let tx = self.db.begin_write().map_err(db_err(OP))?;
         {
-            let mut t = tx.open_table(NPL).map_err(|e| err(&e))?;
+            let mut t = tx.open_table(NPL).map_err(db_err(OP))?;
             for k in delete {
-                t.remove(k.as_str()).map_err(|e| err(&e))?;
+                t.remove(k.as_str()).map_err(db_err(OP))?;
             }
             for m in put {
-                let v = serde_json::to_vec(m).map_err(|e| err(&e))?;
+                let v = serde_json::to_vec(m).map_err(|source| StoreError::Encode {
+                    what: "NPL mapping",
+                    key: m.key(),
+                    source,
+                })?;
                 t.insert(m.key().as_str(), v.as_slice())
-                    .map_err(|e| err(&e))?;
+                    .map_err(db_err(OP))?;
             }
         }
-        tx.commit().map_err(|e| err(&e))
+        tx.commit().map_err(db_err(OP))
     }
 }
 
@@ -297,5 +334,36 @@ mod tests {
         assert_eq!(s.npl_list().unwrap(), vec![m("default/a", 80, 61005)]);
         // Pod records are untouched by NPL updates.
         assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn undecodable_record_error_names_the_key_and_keeps_the_json_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let tx = s.db.begin_write().unwrap();
+        tx.open_table(PODS)
+            .unwrap()
+            .insert("c1/eth0", b"{not json".as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+        let e = s.list().unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Decode { what: "record", key, .. } if key == "c1/eth0"),
+            "{e:?}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(
+            e.to_string()
+                .starts_with("state store decode: record c1/eth0: "),
+            "{e}"
+        );
+        // A directory where the database file should be: the open error names the file.
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::create_dir(bad.path().join("ferrea.redb")).unwrap();
+        let e = Store::open(bad.path()).err().unwrap();
+        assert!(
+            matches!(&e, StoreError::Open { path, .. } if path.ends_with("ferrea.redb")),
+            "{e:?}"
+        );
     }
 }

@@ -2,13 +2,16 @@
 //!
 //! The manifests users already have (seed 000's pool with `subnetInfo.vlan: 100` and an
 //! Egress selecting pods by label) must be accepted verbatim, so the field names and
-//! semantics follow Antrea's CRDs; every rejection names the object and the field.
+//! semantics follow Antrea's CRDs; every rejection is an [`ObjectError`] naming the object and
+//! the field.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
+
+use super::error::{FieldProblem, ObjectError, ObjectRef};
 
 /// A Kubernetes label selector (`matchLabels` and `matchExpressions`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -143,71 +146,81 @@ pub struct Egress {
     pub pool: Option<String>,
 }
 
-fn err(kind: &str, name: &str, field: &str, msg: impl std::fmt::Display) -> String {
-    format!("{kind} {name}: field `{field}`: {msg}")
-}
-
-fn parse_ip(kind: &str, name: &str, field: &str, v: &Value) -> Result<Ipv4Addr, String> {
-    let s = v
-        .as_str()
-        .ok_or_else(|| err(kind, name, field, format!("must be a string, not {v}")))?;
-    s.parse().map_err(|e| {
-        err(
-            kind,
-            name,
+fn parse_ip(obj: &ObjectRef, field: &str, v: &Value) -> Result<Ipv4Addr, ObjectError> {
+    let s = v.as_str().ok_or_else(|| {
+        obj.field(
             field,
-            format!("{s:?} is not an IPv4 address: {e}"),
+            FieldProblem::WrongType {
+                expected: "a string",
+                found: v.clone(),
+            },
+        )
+    })?;
+    s.parse().map_err(|source| {
+        obj.field(
+            field,
+            FieldProblem::Ipv4 {
+                value: s.to_owned(),
+                source,
+            },
         )
     })
 }
 
 /// The object's `metadata.name` (required) and its `spec` (null if absent).
-fn name_and_spec<'a>(kind: &str, v: &'a Value) -> Result<(&'a str, &'a Value), String> {
+fn name_and_spec<'a>(kind: &str, v: &'a Value) -> Result<(ObjectRef, &'a Value), ObjectError> {
     let name = v
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| format!("{kind} without `metadata.name`"))?;
-    Ok((name, v.get("spec").unwrap_or(&Value::Null)))
+        .ok_or_else(|| ObjectError::NoName {
+            kind: kind.to_owned(),
+        })?;
+    Ok((
+        ObjectRef::cluster(kind, name),
+        v.get("spec").unwrap_or(&Value::Null),
+    ))
 }
 
-/// Decodes a label selector at `field`.
+fn wrong_type(expected: &'static str, found: &Value) -> FieldProblem {
+    FieldProblem::WrongType {
+        expected,
+        found: found.clone(),
+    }
+}
+
+/// Decodes a label selector at `field` of `obj`.
 pub fn parse_selector(
-    kind: &str,
-    name: &str,
+    obj: &ObjectRef,
     field: &str,
     v: &Value,
-) -> Result<LabelSelector, String> {
+) -> Result<LabelSelector, ObjectError> {
     let mut sel = LabelSelector::default();
     if v.is_null() {
         return Ok(sel);
     }
-    let obj = v
+    let map = v
         .as_object()
-        .ok_or_else(|| err(kind, name, field, "must be a label selector object"))?;
-    if let Some(m) = obj.get("matchLabels").filter(|m| !m.is_null()) {
+        .ok_or_else(|| obj.field(field, wrong_type("a label selector object", v)))?;
+    if let Some(m) = map.get("matchLabels").filter(|m| !m.is_null()) {
         let m = m
             .as_object()
-            .ok_or_else(|| err(kind, name, &format!("{field}.matchLabels"), "must be a map"))?;
+            .ok_or_else(|| obj.field(format!("{field}.matchLabels"), wrong_type("a map", m)))?;
         for (k, val) in m {
-            let val = val.as_str().ok_or_else(|| {
-                err(
-                    kind,
-                    name,
-                    &format!("{field}.matchLabels.{k}"),
-                    "must be a string",
+            let s = val.as_str().ok_or_else(|| {
+                obj.field(
+                    format!("{field}.matchLabels.{k}"),
+                    wrong_type("a string", val),
                 )
             })?;
-            sel.match_labels.insert(k.clone(), val.to_owned());
+            sel.match_labels.insert(k.clone(), s.to_owned());
         }
     }
-    if let Some(exprs) = obj.get("matchExpressions").filter(|m| !m.is_null()) {
+    if let Some(exprs) = map.get("matchExpressions").filter(|m| !m.is_null()) {
         let exprs = exprs.as_array().ok_or_else(|| {
-            err(
-                kind,
-                name,
-                &format!("{field}.matchExpressions"),
-                "must be a list",
+            obj.field(
+                format!("{field}.matchExpressions"),
+                wrong_type("a list", exprs),
             )
         })?;
         for (i, e) in exprs.iter().enumerate() {
@@ -215,18 +228,19 @@ pub fn parse_selector(
             let key = e
                 .get("key")
                 .and_then(Value::as_str)
-                .ok_or_else(|| err(kind, name, &format!("{f}.key"), "missing"))?;
+                .ok_or_else(|| obj.field(format!("{f}.key"), FieldProblem::Missing))?;
             let op = match e.get("operator").and_then(Value::as_str) {
                 Some("In") => SelectorOp::In,
                 Some("NotIn") => SelectorOp::NotIn,
                 Some("Exists") => SelectorOp::Exists,
                 Some("DoesNotExist") => SelectorOp::DoesNotExist,
-                other => {
-                    return Err(err(
-                        kind,
-                        name,
-                        &format!("{f}.operator"),
-                        format!("{other:?} is not In, NotIn, Exists or DoesNotExist"),
+                _ => {
+                    return Err(obj.field(
+                        format!("{f}.operator"),
+                        FieldProblem::NotAllowed {
+                            value: e.get("operator").cloned().unwrap_or(Value::Null),
+                            allowed: "In, NotIn, Exists or DoesNotExist",
+                        },
                     ));
                 }
             };
@@ -241,11 +255,9 @@ pub fn parse_selector(
                 })
                 .unwrap_or_default();
             if matches!(op, SelectorOp::In | SelectorOp::NotIn) && values.is_empty() {
-                return Err(err(
-                    kind,
-                    name,
-                    &format!("{f}.values"),
-                    "must not be empty for In and NotIn",
+                return Err(obj.field(
+                    format!("{f}.values"),
+                    FieldProblem::Rule("must not be empty for In and NotIn"),
                 ));
             }
             sel.match_expressions.push((key.to_owned(), op, values));
@@ -255,26 +267,31 @@ pub fn parse_selector(
 }
 
 /// Decodes and validates an `ExternalIPPool` object.
-pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, String> {
-    const K: &str = "ExternalIPPool";
-    let (name, spec) = name_and_spec(K, v)?;
+pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, ObjectError> {
+    let (obj, spec) = name_and_spec("ExternalIPPool", v)?;
     let ranges_v = spec
         .get("ipRanges")
         .and_then(Value::as_array)
         .filter(|a| !a.is_empty())
-        .ok_or_else(|| err(K, name, "spec.ipRanges", "must list at least one range"))?;
+        .ok_or_else(|| {
+            obj.field(
+                "spec.ipRanges",
+                FieldProblem::Rule("must list at least one range"),
+            )
+        })?;
     let mut ranges = Vec::new();
     for (i, r) in ranges_v.iter().enumerate() {
         let f = format!("spec.ipRanges[{i}]");
         let range = match (r.get("cidr"), r.get("start"), r.get("end")) {
             (Some(c), None, None) => {
                 let s = c.as_str().unwrap_or_default();
-                let net: Ipv4Network = s.parse().map_err(|e| {
-                    err(
-                        K,
-                        name,
-                        &format!("{f}.cidr"),
-                        format!("{s:?} is not an IPv4 CIDR: {e}"),
+                let net: Ipv4Network = s.parse().map_err(|source| {
+                    obj.field(
+                        format!("{f}.cidr"),
+                        FieldProblem::Cidr {
+                            value: s.to_owned(),
+                            source,
+                        },
                     )
                 })?;
                 IpRange {
@@ -283,24 +300,17 @@ pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, String> {
                 }
             }
             (None, Some(a), Some(b)) => {
-                let start = parse_ip(K, name, &format!("{f}.start"), a)?;
-                let end = parse_ip(K, name, &format!("{f}.end"), b)?;
+                let start = parse_ip(&obj, &format!("{f}.start"), a)?;
+                let end = parse_ip(&obj, &format!("{f}.end"), b)?;
                 if start > end {
-                    return Err(err(
-                        K,
-                        name,
-                        &f,
-                        format!("start {start} is after end {end}"),
-                    ));
+                    return Err(obj.field(f, FieldProblem::StartAfterEnd { start, end }));
                 }
                 IpRange { start, end }
             }
             _ => {
-                return Err(err(
-                    K,
-                    name,
-                    &f,
-                    "needs either `cidr` or both `start` and `end`",
+                return Err(obj.field(
+                    f,
+                    FieldProblem::Rule("needs either `cidr` or both `start` and `end`"),
                 ));
             }
         };
@@ -310,8 +320,7 @@ pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, String> {
         None => None,
         Some(si) => {
             let gateway = parse_ip(
-                K,
-                name,
+                &obj,
                 "spec.subnetInfo.gateway",
                 si.get("gateway").unwrap_or(&Value::Null),
             )?;
@@ -320,21 +329,20 @@ pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, String> {
                 .and_then(Value::as_u64)
                 .filter(|p| (1..=32).contains(p))
                 .ok_or_else(|| {
-                    err(
-                        K,
-                        name,
+                    obj.field(
                         "spec.subnetInfo.prefixLength",
-                        "must be an integer from 1 to 32",
+                        FieldProblem::Rule("must be an integer from 1 to 32"),
                     )
                 })?;
             let vlan = match si.get("vlan") {
                 None | Some(Value::Null) => 0,
                 Some(x) => x.as_u64().filter(|v| *v <= 4094).ok_or_else(|| {
-                    err(
-                        K,
-                        name,
+                    obj.field(
                         "spec.subnetInfo.vlan",
-                        format!("{x} is not a VLAN ID (0-4094)"),
+                        FieldProblem::NotAllowed {
+                            value: x.clone(),
+                            allowed: "a VLAN ID (0-4094)",
+                        },
                     )
                 })?,
             };
@@ -346,14 +354,15 @@ pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, String> {
             let net = s.network();
             for (i, r) in ranges.iter().enumerate() {
                 if !net.contains(r.start) || !net.contains(r.end) {
-                    return Err(err(
-                        K,
-                        name,
-                        &format!("spec.ipRanges[{i}]"),
-                        format!(
-                            "{}-{} is outside the subnet {net} of subnetInfo (gateway {gateway}/{prefix})",
-                            r.start, r.end
-                        ),
+                    return Err(obj.field(
+                        format!("spec.ipRanges[{i}]"),
+                        FieldProblem::OutsideSubnet {
+                            start: r.start,
+                            end: r.end,
+                            subnet: net,
+                            gateway,
+                            prefix_len: s.prefix_len,
+                        },
                     ));
                 }
             }
@@ -361,13 +370,12 @@ pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, String> {
         }
     };
     let node_selector = parse_selector(
-        K,
-        name,
+        &obj,
         "spec.nodeSelector",
         spec.get("nodeSelector").unwrap_or(&Value::Null),
     )?;
     Ok(ExternalIpPool {
-        name: name.to_owned(),
+        name: obj.name,
         ranges,
         subnet,
         node_selector,
@@ -375,28 +383,25 @@ pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, String> {
 }
 
 /// Decodes and validates an `Egress` object.
-pub fn parse_egress(v: &Value) -> Result<Egress, String> {
-    const K: &str = "Egress";
-    let (name, spec) = name_and_spec(K, v)?;
+pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
+    let (obj, spec) = name_and_spec("Egress", v)?;
     let applied = spec
         .get("appliedTo")
         .filter(|a| a.is_object())
-        .ok_or_else(|| err(K, name, "spec.appliedTo", "is required"))?;
-    let sel = |f: &str| -> Result<Option<LabelSelector>, String> {
+        .ok_or_else(|| obj.field("spec.appliedTo", FieldProblem::Missing))?;
+    let sel = |f: &str| -> Result<Option<LabelSelector>, ObjectError> {
         applied
             .get(f)
             .filter(|s| !s.is_null())
-            .map(|s| parse_selector(K, name, &format!("spec.appliedTo.{f}"), s))
+            .map(|s| parse_selector(&obj, &format!("spec.appliedTo.{f}"), s))
             .transpose()
     };
     let pod_selector = sel("podSelector")?;
     let namespace_selector = sel("namespaceSelector")?;
     if pod_selector.is_none() && namespace_selector.is_none() {
-        return Err(err(
-            K,
-            name,
+        return Err(obj.field(
             "spec.appliedTo",
-            "needs a podSelector or a namespaceSelector",
+            FieldProblem::Rule("needs a podSelector or a namespaceSelector"),
         ));
     }
     let egress_ip = match spec
@@ -404,7 +409,7 @@ pub fn parse_egress(v: &Value) -> Result<Egress, String> {
         .filter(|x| !x.is_null() && x != &&Value::from(""))
     {
         None => None,
-        Some(x) => Some(parse_ip(K, name, "spec.egressIP", x)?),
+        Some(x) => Some(parse_ip(&obj, "spec.egressIP", x)?),
     };
     let pool = spec
         .get("externalIPPool")
@@ -412,15 +417,13 @@ pub fn parse_egress(v: &Value) -> Result<Egress, String> {
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
     if egress_ip.is_none() && pool.is_none() {
-        return Err(err(
-            K,
-            name,
+        return Err(obj.field(
             "spec",
-            "needs egressIP or externalIPPool (or both)",
+            FieldProblem::Rule("needs egressIP or externalIPPool (or both)"),
         ));
     }
     Ok(Egress {
-        name: name.to_owned(),
+        name: obj.name,
         created: v
             .pointer("/metadata/creationTimestamp")
             .and_then(Value::as_str)
@@ -440,7 +443,6 @@ mod tests {
         serde_yaml_ng::from_str(s).unwrap()
     }
 
-    /// Seed 000's manifests, verbatim (comments included).
     /// Seed 000's manifests, verbatim (one copy, shared with the plan tests and the harness).
     const SEED_POOL: &str = include_str!("../../testdata/seed000-pool.yaml");
     const SEED_EGRESS: &str = include_str!("../../testdata/seed000-egress.yaml");
@@ -468,8 +470,11 @@ mod tests {
 
     #[test]
     fn invalid_pools_name_the_field() {
-        let bad =
-            |from: &str, to: &str| parse_pool(&yaml(&SEED_POOL.replace(from, to))).unwrap_err();
+        let bad = |from: &str, to: &str| {
+            parse_pool(&yaml(&SEED_POOL.replace(from, to)))
+                .unwrap_err()
+                .to_string()
+        };
         let e = bad("vlan: 100", "vlan: 5000");
         assert!(
             e.contains("spec.subnetInfo.vlan") && e.contains("5000"),
@@ -489,7 +494,8 @@ mod tests {
         let e = parse_pool(&yaml(
             "kind: ExternalIPPool\nmetadata: {name: p}\nspec: {ipRanges: []}\n",
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("spec.ipRanges"), "{e}");
     }
 
@@ -509,25 +515,26 @@ mod tests {
         let e = parse_egress(&yaml(
             "kind: Egress\nmetadata: {name: e}\nspec: {externalIPPool: p}\n",
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("spec.appliedTo"), "{e}");
         let e = parse_egress(&yaml(
             "kind: Egress\nmetadata: {name: e}\nspec: {appliedTo: {podSelector: {}}}\n",
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("egressIP or externalIPPool"), "{e}");
         let e = parse_egress(&yaml(
             "kind: Egress\nmetadata: {name: e}\nspec: {appliedTo: {podSelector: {matchExpressions: [{key: a, operator: Has}]}}, externalIPPool: p}\n",
         ))
-        .unwrap_err();
+        .unwrap_err().to_string();
         assert!(e.contains("matchExpressions[0].operator"), "{e}");
     }
 
     #[test]
     fn selector_expressions() {
         let s = parse_selector(
-            "X",
-            "x",
+            &ObjectRef::cluster("X", "x"),
             "s",
             &yaml("{matchExpressions: [{key: tier, operator: In, values: [web, api]}, {key: legacy, operator: DoesNotExist}]}"),
         )

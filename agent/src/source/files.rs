@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use super::DesiredState;
+use super::error::FileError;
 use super::manifest::{self, Object};
 
 const POLL: Duration = Duration::from_millis(200);
@@ -49,8 +50,8 @@ fn fingerprint(dir: &Path) -> Fingerprint {
 #[derive(Default)]
 pub struct FilesState {
     per_file: BTreeMap<PathBuf, Vec<Object>>,
-    file_errors: BTreeMap<PathBuf, String>,
-    object_errors: BTreeMap<PathBuf, Vec<String>>,
+    file_errors: BTreeMap<PathBuf, FileError>,
+    object_errors: BTreeMap<PathBuf, Vec<FileError>>,
 }
 
 impl FilesState {
@@ -62,9 +63,14 @@ impl FilesState {
         for p in fp.keys() {
             let text = match std::fs::read_to_string(p) {
                 Ok(t) => t,
-                Err(e) => {
-                    self.file_errors
-                        .insert(p.clone(), format!("{}: {e}", p.display()));
+                Err(source) => {
+                    self.file_errors.insert(
+                        p.clone(),
+                        FileError::Read {
+                            path: p.clone(),
+                            source,
+                        },
+                    );
                     continue;
                 }
             };
@@ -74,22 +80,33 @@ impl FilesState {
                     if !errs.is_empty() {
                         let errs = errs
                             .into_iter()
-                            .map(|e| format!("{}: {e}", p.display()))
+                            .map(|source| FileError::Object {
+                                path: p.clone(),
+                                source,
+                            })
                             .collect();
                         self.object_errors.insert(p.clone(), errs);
                     }
                 }
-                Err(e) => {
+                Err(source) => {
                     self.file_errors.insert(
                         p.clone(),
-                        format!(
-                            "{}: not valid YAML, keeping its previous content: {e}",
-                            p.display()
-                        ),
+                        FileError::Decode {
+                            path: p.clone(),
+                            source,
+                        },
                     );
                 }
             }
         }
+    }
+
+    /// The errors of the last [`FilesState::reload`]: files that could not be read or parsed
+    /// first, then rejected objects, each group in file order.
+    pub fn errors(&self) -> impl Iterator<Item = &FileError> {
+        self.file_errors
+            .values()
+            .chain(self.object_errors.values().flatten())
     }
 
     /// The desired state these files describe.
@@ -100,9 +117,7 @@ impl FilesState {
                 st.insert(o.clone());
             }
         }
-        st.errors.extend(self.file_errors.values().cloned());
-        st.errors
-            .extend(self.object_errors.values().flatten().cloned());
+        st.errors.extend(self.errors().map(ToString::to_string));
         st
     }
 }
@@ -182,5 +197,50 @@ mod tests {
         std::fs::remove_file(&f).unwrap();
         st.reload(&fingerprint(dir.path()));
         assert!(st.desired().nodes.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pool.yaml");
+        std::fs::write(
+            &f,
+            "apiVersion: crd.antrea.io/v1beta1\nkind: ExternalIPPool\nmetadata: {name: p}\n\
+             spec: {ipRanges: [{cidr: 10.9.0.0/33}]}\n---\n\
+             kind: Node\nmetadata: {name: n1}\n",
+        )
+        .unwrap();
+        let mut st = FilesState::default();
+        st.reload(&fingerprint(dir.path()));
+        let errs: Vec<&FileError> = st.errors().collect();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let FileError::Object { path, source } = errs[0] else {
+            panic!("{errs:?}")
+        };
+        assert_eq!(path, &f);
+        assert_eq!(source.field(), Some("spec.ipRanges[0].cidr"));
+        let d = st.desired();
+        assert!(d.nodes.contains_key("n1"));
+        assert_eq!(d.errors, vec![errs[0].to_string()]);
+        // What the Egress controller picks out of the list.
+        assert!(
+            d.errors[0].starts_with(&format!("{}: ExternalIPPool p: field ", f.display())),
+            "{:?}",
+            d.errors
+        );
+        std::fs::write(&f, "kind: Node\n  metadata: [\n").unwrap();
+        st.reload(&fingerprint(dir.path()));
+        let errs: Vec<&FileError> = st.errors().collect();
+        assert!(
+            matches!(errs[..], [FileError::Decode { path, .. }] if path == &f),
+            "{errs:?}"
+        );
+        assert!(
+            errs[0]
+                .to_string()
+                .contains("pool.yaml: not valid YAML, keeping its previous content: "),
+            "{}",
+            errs[0]
+        );
     }
 }

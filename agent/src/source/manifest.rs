@@ -1,6 +1,7 @@
 //! Decoding Kubernetes-style manifests (YAML or JSON, multi-document, `List` kinds) into the
-//! typed objects of [`super::DesiredState`]. Shared by the files source and, later, tests of
-//! the Kubernetes source.
+//! typed objects of [`super::DesiredState`]. Used by the [`super::files`] source and by the
+//! test helpers of `crate::testing`; an object that does not validate is returned as an
+//! [`ObjectError`] naming its kind, name and field, and the other objects are still used.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -8,6 +9,7 @@ use std::net::Ipv4Addr;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::error::{DecodeError, FieldProblem, ObjectError, ObjectRef};
 use super::{ContainerPort, NodeInfo, PodInfo, Protocol, ServiceInfo, ServicePort, TargetPort};
 
 /// One decoded object.
@@ -33,12 +35,13 @@ pub enum Object {
 }
 
 /// Splits a document stream into objects. Returns the objects that decoded and, separately,
-/// an error per object that did not (naming kind, name and field).
-pub fn decode(text: &str) -> Result<(Vec<Object>, Vec<String>), String> {
+/// an error per object that did not (naming kind, name and field). A stream that is not
+/// valid YAML or JSON is an error as a whole.
+pub fn decode(text: &str) -> Result<(Vec<Object>, Vec<ObjectError>), DecodeError> {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
     for doc in serde_yaml_ng::Deserializer::from_str(text) {
-        let v = Value::deserialize(doc).map_err(|e| e.to_string())?;
+        let v = Value::deserialize(doc).map_err(|source| DecodeError::Yaml { source })?;
         if v.is_null() {
             continue;
         }
@@ -60,11 +63,37 @@ pub fn decode(text: &str) -> Result<(Vec<Object>, Vec<String>), String> {
     Ok((objects, errors))
 }
 
-fn decode_object(v: &Value) -> Result<Object, String> {
+fn no_name(kind: &str) -> ObjectError {
+    ObjectError::NoName {
+        kind: kind.to_owned(),
+    }
+}
+
+fn wrong_type(expected: &'static str, found: &Value) -> FieldProblem {
+    FieldProblem::WrongType {
+        expected,
+        found: found.clone(),
+    }
+}
+
+/// An IPv4 address in string `s`, at `field` of `obj`.
+fn ipv4(obj: &ObjectRef, field: &str, s: &str) -> Result<Ipv4Addr, ObjectError> {
+    s.parse().map_err(|source| {
+        obj.field(
+            field,
+            FieldProblem::Ipv4 {
+                value: s.to_owned(),
+                source,
+            },
+        )
+    })
+}
+
+fn decode_object(v: &Value) -> Result<Object, ObjectError> {
     let kind = v
         .get("kind")
         .and_then(Value::as_str)
-        .ok_or("object without `kind`")?;
+        .ok_or(ObjectError::NoKind)?;
     let name = v
         .pointer("/metadata/name")
         .and_then(Value::as_str)
@@ -72,17 +101,22 @@ fn decode_object(v: &Value) -> Result<Object, String> {
     match kind {
         "Node" => {
             if name.is_empty() {
-                return Err("Node without `metadata.name`".into());
+                return Err(no_name(kind));
             }
+            let obj = ObjectRef::cluster(kind, name);
             let pod_cidr = match v.pointer("/spec/podCIDR") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.parse().map_err(|e| {
-                    format!("Node {name}: field `spec.podCIDR`: {s:?} is not an IPv4 CIDR: {e}")
+                Some(Value::String(s)) => Some(s.parse().map_err(|source| {
+                    obj.field(
+                        "spec.podCIDR",
+                        FieldProblem::Cidr {
+                            value: s.clone(),
+                            source,
+                        },
+                    )
                 })?),
                 Some(other) => {
-                    return Err(format!(
-                        "Node {name}: field `spec.podCIDR` must be a string, not {other}"
-                    ));
+                    return Err(obj.field("spec.podCIDR", wrong_type("a string", other)));
                 }
             };
             let internal_ip = v
@@ -93,24 +127,20 @@ fn decode_object(v: &Value) -> Result<Object, String> {
                         .find(|x| x.get("type").and_then(Value::as_str) == Some("InternalIP"))
                 })
                 .and_then(|x| x.get("address").and_then(Value::as_str))
-                .map(|s| {
-                    s.parse::<Ipv4Addr>().map_err(|e| {
-                        format!("Node {name}: field `status.addresses[InternalIP]`: {s:?}: {e}")
-                    })
-                })
+                .map(|s| ipv4(&obj, "status.addresses[InternalIP]", s))
                 .transpose()?;
             Ok(Object::Node(NodeInfo {
                 name: name.to_owned(),
                 pod_cidr,
                 internal_ip,
-                labels: string_map(v, "/metadata/labels", &format!("Node {name}"))?,
+                labels: string_map(v, "/metadata/labels", &obj)?,
             }))
         }
         "Namespace" => {
             if name.is_empty() {
-                return Err("Namespace without `metadata.name`".into());
+                return Err(no_name(kind));
             }
-            let labels = string_map(v, "/metadata/labels", &format!("Namespace {name}"))?;
+            let labels = string_map(v, "/metadata/labels", &ObjectRef::cluster(kind, name))?;
             Ok(Object::Namespace(name.to_owned(), labels))
         }
         "Egress" | "ExternalIPPool" => {
@@ -121,9 +151,8 @@ fn decode_object(v: &Value) -> Result<Object, String> {
                 });
             }
             if api != "crd.antrea.io/v1beta1" {
-                return Err(format!(
-                    "{kind} {name}: field `apiVersion`: {api:?} is not served; use crd.antrea.io/v1beta1"
-                ));
+                return Err(ObjectRef::cluster(kind, name)
+                    .field("apiVersion", FieldProblem::NotServed(api.to_owned())));
             }
             if kind == "Egress" {
                 crate::source::crd::parse_egress(v).map(Object::Egress)
@@ -140,18 +169,23 @@ fn decode_object(v: &Value) -> Result<Object, String> {
 }
 
 /// `metadata.namespace`, default `default`.
-fn namespace_of(v: &Value, kind: &str, name: &str) -> Result<String, String> {
+fn namespace_of(v: &Value, kind: &str, name: &str) -> Result<String, ObjectError> {
     match v.pointer("/metadata/namespace") {
         None | Some(Value::Null) => Ok("default".into()),
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-        Some(other) => Err(format!(
-            "{kind} {name}: field `metadata.namespace` must be a non-empty string, not {other}"
+        Some(other) => Err(ObjectRef::cluster(kind, name).field(
+            "metadata.namespace",
+            wrong_type("a non-empty string", other),
         )),
     }
 }
 
 /// A map of strings (labels, annotations, selector) at `ptr`; absent is empty.
-fn string_map(v: &Value, ptr: &str, who: &str) -> Result<BTreeMap<String, String>, String> {
+fn string_map(
+    v: &Value,
+    ptr: &str,
+    obj: &ObjectRef,
+) -> Result<BTreeMap<String, String>, ObjectError> {
     let field = ptr.trim_start_matches('/').replace('/', ".");
     match v.pointer(ptr) {
         None | Some(Value::Null) => Ok(BTreeMap::new()),
@@ -159,100 +193,107 @@ fn string_map(v: &Value, ptr: &str, who: &str) -> Result<BTreeMap<String, String
             .iter()
             .map(|(k, x)| match x {
                 Value::String(s) => Ok((k.clone(), s.clone())),
-                other => Err(format!(
-                    "{who}: field `{field}.{k}` must be a string, not {other}"
-                )),
+                other => Err(obj.field(format!("{field}.{k}"), wrong_type("a string", other))),
             })
             .collect(),
-        Some(other) => Err(format!("{who}: field `{field}` must be a map, not {other}")),
+        Some(other) => Err(obj.field(field, wrong_type("a map", other))),
     }
 }
 
 /// A port number field (1-65535).
-fn port_number(x: Option<&Value>, field: &str, who: &str) -> Result<u16, String> {
+fn port_number(x: Option<&Value>, field: &str, obj: &ObjectRef) -> Result<u16, ObjectError> {
     match x {
         Some(Value::Number(n)) => n
             .as_u64()
             .filter(|p| (1..=65535).contains(p))
             .map(|p| p as u16)
-            .ok_or_else(|| format!("{who}: field `{field}`: {n} is not a port (1-65535)")),
-        None | Some(Value::Null) => Err(format!("{who}: field `{field}` is required")),
-        Some(other) => Err(format!(
-            "{who}: field `{field}` must be a number, not {other}"
-        )),
+            .ok_or_else(|| {
+                obj.field(
+                    field,
+                    FieldProblem::NotAllowed {
+                        value: Value::Number(n.clone()),
+                        allowed: "a port (1-65535)",
+                    },
+                )
+            }),
+        None | Some(Value::Null) => Err(obj.field(field, FieldProblem::Missing)),
+        Some(other) => Err(obj.field(field, wrong_type("a number", other))),
     }
 }
 
 /// A `protocol` field: `TCP` (the default), `UDP` or `SCTP`.
-fn protocol(x: Option<&Value>, field: &str, who: &str) -> Result<Protocol, String> {
+fn protocol(x: Option<&Value>, field: &str, obj: &ObjectRef) -> Result<Protocol, ObjectError> {
     match x {
         None | Some(Value::Null) => Ok(Protocol::Tcp),
-        Some(Value::String(s)) => match s.as_str() {
+        Some(v @ Value::String(s)) => match s.as_str() {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
             "SCTP" => Ok(Protocol::Sctp),
-            _ => Err(format!(
-                "{who}: field `{field}`: {s:?} is not TCP, UDP or SCTP"
+            _ => Err(obj.field(
+                field,
+                FieldProblem::NotAllowed {
+                    value: v.clone(),
+                    allowed: "TCP, UDP or SCTP",
+                },
             )),
         },
-        Some(other) => Err(format!(
-            "{who}: field `{field}` must be a string, not {other}"
-        )),
+        Some(other) => Err(obj.field(field, wrong_type("a string", other))),
     }
 }
 
 /// An optional string field.
-fn opt_string(x: Option<&Value>, field: &str, who: &str) -> Result<Option<String>, String> {
+fn opt_string(
+    x: Option<&Value>,
+    field: &str,
+    obj: &ObjectRef,
+) -> Result<Option<String>, ObjectError> {
     match x {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(format!(
-            "{who}: field `{field}` must be a string, not {other}"
-        )),
+        Some(other) => Err(obj.field(field, wrong_type("a string", other))),
     }
 }
 
 /// An optional array field; absent is empty.
-fn array<'a>(x: Option<&'a Value>, field: &str, who: &str) -> Result<&'a [Value], String> {
+fn array<'a>(
+    x: Option<&'a Value>,
+    field: &str,
+    obj: &ObjectRef,
+) -> Result<&'a [Value], ObjectError> {
     match x {
         None | Some(Value::Null) => Ok(&[]),
         Some(Value::Array(a)) => Ok(a),
-        Some(other) => Err(format!(
-            "{who}: field `{field}` must be a list, not {other}"
-        )),
+        Some(other) => Err(obj.field(field, wrong_type("a list", other))),
     }
 }
 
-fn decode_pod(v: &Value, name: &str) -> Result<PodInfo, String> {
+fn decode_pod(v: &Value, name: &str) -> Result<PodInfo, ObjectError> {
     if name.is_empty() {
-        return Err("Pod without `metadata.name`".into());
+        return Err(no_name("Pod"));
     }
     let namespace = namespace_of(v, "Pod", name)?;
-    let who = format!("Pod {namespace}/{name}");
+    let obj = ObjectRef::namespaced("Pod", &namespace, name);
     let mut container_ports = Vec::new();
-    let containers = array(v.pointer("/spec/containers"), "spec.containers", &who)?;
+    let containers = array(v.pointer("/spec/containers"), "spec.containers", &obj)?;
     for (i, c) in containers.iter().enumerate() {
-        let ports = array(c.get("ports"), &format!("spec.containers[{i}].ports"), &who)?;
+        let ports = array(c.get("ports"), &format!("spec.containers[{i}].ports"), &obj)?;
         for (j, p) in ports.iter().enumerate() {
             let f = |k: &str| format!("spec.containers[{i}].ports[{j}].{k}");
             container_ports.push(ContainerPort {
-                name: opt_string(p.get("name"), &f("name"), &who)?,
-                port: port_number(p.get("containerPort"), &f("containerPort"), &who)?,
-                protocol: protocol(p.get("protocol"), &f("protocol"), &who)?,
+                name: opt_string(p.get("name"), &f("name"), &obj)?,
+                port: port_number(p.get("containerPort"), &f("containerPort"), &obj)?,
+                protocol: protocol(p.get("protocol"), &f("protocol"), &obj)?,
             });
         }
     }
-    let pod_ip = opt_string(v.pointer("/status/podIP"), "status.podIP", &who)?
-        .map(|s| {
-            s.parse::<Ipv4Addr>()
-                .map_err(|e| format!("{who}: field `status.podIP`: {s:?}: {e}"))
-        })
+    let pod_ip = opt_string(v.pointer("/status/podIP"), "status.podIP", &obj)?
+        .map(|s| ipv4(&obj, "status.podIP", &s))
         .transpose()?;
     Ok(PodInfo {
-        labels: string_map(v, "/metadata/labels", &who)?,
-        annotations: string_map(v, "/metadata/annotations", &who)?,
-        node_name: opt_string(v.pointer("/spec/nodeName"), "spec.nodeName", &who)?,
+        labels: string_map(v, "/metadata/labels", &obj)?,
+        annotations: string_map(v, "/metadata/annotations", &obj)?,
+        node_name: opt_string(v.pointer("/spec/nodeName"), "spec.nodeName", &obj)?,
         container_ports,
         pod_ip,
         namespace,
@@ -260,29 +301,33 @@ fn decode_pod(v: &Value, name: &str) -> Result<PodInfo, String> {
     })
 }
 
-fn decode_service(v: &Value, name: &str) -> Result<ServiceInfo, String> {
+fn decode_service(v: &Value, name: &str) -> Result<ServiceInfo, ObjectError> {
     if name.is_empty() {
-        return Err("Service without `metadata.name`".into());
+        return Err(no_name("Service"));
     }
     let namespace = namespace_of(v, "Service", name)?;
-    let who = format!("Service {namespace}/{name}");
-    let service_type = opt_string(v.pointer("/spec/type"), "spec.type", &who)?
+    let obj = ObjectRef::namespaced("Service", &namespace, name);
+    let service_type = opt_string(v.pointer("/spec/type"), "spec.type", &obj)?
         .unwrap_or_else(|| "ClusterIP".into());
     if !matches!(
         service_type.as_str(),
         "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
     ) {
-        return Err(format!(
-            "{who}: field `spec.type`: {service_type:?} is not ClusterIP, NodePort, LoadBalancer or ExternalName"
+        return Err(obj.field(
+            "spec.type",
+            FieldProblem::NotAllowed {
+                value: Value::String(service_type),
+                allowed: "ClusterIP, NodePort, LoadBalancer or ExternalName",
+            },
         ));
     }
     let mut ports = Vec::new();
-    for (i, p) in array(v.pointer("/spec/ports"), "spec.ports", &who)?
+    for (i, p) in array(v.pointer("/spec/ports"), "spec.ports", &obj)?
         .iter()
         .enumerate()
     {
         let f = |k: &str| format!("spec.ports[{i}].{k}");
-        let port = port_number(p.get("port"), &f("port"), &who)?;
+        let port = port_number(p.get("port"), &f("port"), &obj)?;
         let target_port = match p.get("targetPort") {
             None | Some(Value::Null) => TargetPort::Number(port),
             Some(Value::String(s)) if s.is_empty() => TargetPort::Number(port),
@@ -291,18 +336,18 @@ fn decode_service(v: &Value, name: &str) -> Result<ServiceInfo, String> {
                 Ok(n) if n > 0 => TargetPort::Number(n),
                 _ => TargetPort::Name(s.clone()),
             },
-            x @ Some(_) => TargetPort::Number(port_number(x, &f("targetPort"), &who)?),
+            x @ Some(_) => TargetPort::Number(port_number(x, &f("targetPort"), &obj)?),
         };
         ports.push(ServicePort {
-            name: opt_string(p.get("name"), &f("name"), &who)?,
+            name: opt_string(p.get("name"), &f("name"), &obj)?,
             port,
             target_port,
-            protocol: protocol(p.get("protocol"), &f("protocol"), &who)?,
+            protocol: protocol(p.get("protocol"), &f("protocol"), &obj)?,
         });
     }
     Ok(ServiceInfo {
-        annotations: string_map(v, "/metadata/annotations", &who)?,
-        selector: string_map(v, "/spec/selector", &who)?,
+        annotations: string_map(v, "/metadata/annotations", &obj)?,
+        selector: string_map(v, "/spec/selector", &obj)?,
         service_type,
         ports,
         namespace,
@@ -313,6 +358,11 @@ fn decode_service(v: &Value, name: &str) -> Result<ServiceInfo, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The messages of `decode`'s object errors.
+    fn messages(e: Vec<ObjectError>) -> Vec<String> {
+        e.iter().map(ToString::to_string).collect()
+    }
 
     #[test]
     fn decodes_egress_pools_namespaces_and_node_labels() {
@@ -327,6 +377,7 @@ mod tests {
              apiVersion: crd.antrea.io/v1alpha2\nkind: Egress\nmetadata: {name: old}\n",
         )
         .unwrap();
+        let e = messages(e);
         assert!(
             matches!(&o[0], Object::ExternalIpPool(p) if p.name == "p"),
             "{o:?}"
@@ -382,6 +433,7 @@ mod tests {
              kind: Node\nmetadata: {name: good}\n",
         )
         .unwrap();
+        let e = messages(e);
         assert_eq!(o.len(), 1);
         assert_eq!(e.len(), 1);
         assert!(
@@ -468,6 +520,7 @@ mod tests {
              kind: Pod\nmetadata: {name: ok}\n",
         )
         .unwrap();
+        let e = messages(e);
         assert_eq!(o.len(), 1, "{o:?}");
         assert_eq!(e.len(), 3, "{e:?}");
         assert!(
@@ -491,5 +544,124 @@ mod tests {
     #[test]
     fn malformed_yaml_is_an_error() {
         assert!(decode("kind: Node\n  metadata: [\n").is_err());
+    }
+
+    /// The single error of decoding `yaml`.
+    fn only_error(yaml: &str) -> ObjectError {
+        let (_, mut e) = decode(yaml).unwrap();
+        assert_eq!(e.len(), 1, "{e:?}");
+        e.remove(0)
+    }
+
+    #[test]
+    fn typed_error_of_an_invalid_pool_cidr_names_pool_field_and_value() {
+        let e = only_error(
+            "apiVersion: crd.antrea.io/v1beta1\nkind: ExternalIPPool\nmetadata: {name: pool-a}\n\
+             spec: {ipRanges: [{cidr: 10.9.0.0/33}]}\n",
+        );
+        assert_eq!(
+            e.object(),
+            Some(&ObjectRef::cluster("ExternalIPPool", "pool-a"))
+        );
+        assert_eq!(e.field(), Some("spec.ipRanges[0].cidr"));
+        let ObjectError::Field {
+            problem: FieldProblem::Cidr { value, .. },
+            ..
+        } = &e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(value, "10.9.0.0/33");
+        // The parser's error is the source of the problem, the problem that of the error.
+        let problem = std::error::Error::source(&e).unwrap();
+        assert!(std::error::Error::source(problem).is_some(), "{problem:?}");
+        let m = e.to_string();
+        assert!(
+            m.starts_with("ExternalIPPool pool-a: field `spec.ipRanges[0].cidr`: \"10.9.0.0/33\""),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn typed_error_of_an_unknown_selector_operator_names_egress_and_field() {
+        let e = only_error(
+            "apiVersion: crd.antrea.io/v1beta1\nkind: Egress\nmetadata: {name: eg}\n\
+             spec:\n  externalIPPool: p\n  appliedTo:\n    podSelector:\n      \
+             matchExpressions: [{key: app, operator: Has, values: [web]}]\n",
+        );
+        assert_eq!(e.object(), Some(&ObjectRef::cluster("Egress", "eg")));
+        assert_eq!(
+            e.field(),
+            Some("spec.appliedTo.podSelector.matchExpressions[0].operator")
+        );
+        assert!(
+            matches!(
+                &e,
+                ObjectError::Field { problem: FieldProblem::NotAllowed { value, .. }, .. }
+                    if value == "Has"
+            ),
+            "{e:?}"
+        );
+        let m = e.to_string();
+        assert!(
+            m.contains("Egress eg")
+                && m.contains("matchExpressions[0].operator")
+                && m.contains("\"Has\" is not In, NotIn, Exists or DoesNotExist"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn typed_errors_of_bad_pod_ports_name_the_pod_and_the_port_field() {
+        let e = only_error(
+            "kind: Pod\nmetadata: {name: web, namespace: shop}\n\
+             spec: {containers: [{ports: [{containerPort: 80}, {containerPort: 0}]}]}\n",
+        );
+        assert_eq!(
+            e.object(),
+            Some(&ObjectRef::namespaced("Pod", "shop", "web"))
+        );
+        assert_eq!(e.field(), Some("spec.containers[0].ports[1].containerPort"));
+        assert!(
+            e.to_string().ends_with(
+                "Pod shop/web: field `spec.containers[0].ports[1].containerPort`: \
+                 0 is not a port (1-65535)"
+            ),
+            "{e}"
+        );
+        let e = only_error(
+            "kind: Pod\nmetadata: {name: web}\nspec: {containers: [{ports: [{containerPort: http}]}]}\n",
+        );
+        assert_eq!(
+            e.object(),
+            Some(&ObjectRef::namespaced("Pod", "default", "web"))
+        );
+        assert!(
+            matches!(
+                &e,
+                ObjectError::Field {
+                    problem: FieldProblem::WrongType {
+                        expected: "a number",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = only_error("kind: Pod\nmetadata: {namespace: shop}\n");
+        assert!(
+            matches!(&e, ObjectError::NoName { kind } if kind == "Pod"),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), "Pod without `metadata.name`");
+    }
+
+    #[test]
+    fn typed_error_of_malformed_yaml_keeps_the_parser_error() {
+        let e = decode("kind: Node\n  metadata: [\n").unwrap_err();
+        let DecodeError::Yaml { source } = &e;
+        assert_eq!(e.to_string(), source.to_string());
+        assert!(source.location().is_some(), "{source}");
     }
 }

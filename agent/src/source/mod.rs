@@ -7,13 +7,20 @@
 //!
 //! A published state is complete: reconcilers may remove whatever it does not name (a
 //! Kubernetes source publishes only once its caches have synced).
+//!
+//! [`manifest`] decodes Kubernetes-style objects ([`crd`]: Antrea's `Egress` and
+//! `ExternalIPPool`); what they reject is typed in [`error`] and reaches users as
+//! [`DesiredState::errors`].
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
+pub use error::{DecodeError, FieldProblem, FileError, ObjectError, ObjectRef};
+
 pub mod crd;
+pub mod error;
 pub mod files;
 pub mod manifest;
 
@@ -183,7 +190,9 @@ pub struct DesiredState {
     pub egresses: BTreeMap<String, crate::source::crd::Egress>,
     /// `ExternalIPPool` objects (`crd.antrea.io/v1beta1`), by name (cluster-scoped).
     pub pools: BTreeMap<String, crate::source::crd::ExternalIpPool>,
-    /// Objects the source could not accept, each with a message naming the object and field.
-    /// They are left out of the state; the previous good version of a broken file is kept.
+    /// Objects (and files) the source could not accept: the `Display` of each
+    /// [`ObjectError`] or [`FileError`], naming the file, the object (`Kind name` or
+    /// `Kind namespace/name`) and the field. They are left out of the state; the previous
+    /// good version of a broken file is kept.
     pub errors: Vec<String>,
 }

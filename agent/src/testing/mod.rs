@@ -79,7 +79,7 @@ impl PodNet for FakePodNet {
             Err(PodNetError::Mismatch {
                 ifname: spec.ifname.clone(),
                 netns: spec.netns.clone(),
-                msg: "missing".into(),
+                what: crate::pods::podnet::Mismatch::InterfaceMissing,
             })
         }
     }
@@ -175,10 +175,12 @@ impl Dataplane for FakeDataplane {
     }
 }
 
-/// The desired state of a manifest stream that must decode without errors.
+/// The desired state of a manifest stream that must decode without errors (panics with the
+/// parser's or the rejected objects' messages otherwise).
 pub fn state(yaml: &str) -> crate::source::DesiredState {
-    let (objs, errs) = crate::source::manifest::decode(yaml).unwrap();
-    assert!(errs.is_empty(), "{errs:?}");
+    let (objs, errs) = crate::source::manifest::decode(yaml).unwrap_or_else(|e| panic!("{e}"));
+    let msgs: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert!(msgs.is_empty(), "{msgs:?}");
     let mut st = crate::source::DesiredState::default();
     for o in objs {
         st.insert(o);
