@@ -16,14 +16,89 @@
 //! netlink-packet-route) have no netfilter family. rust-netlink's `netlink-packet-netfilter`
 //! has since gained a conntrack module (0.4); it has not been evaluated against this
 //! workspace's netlink-packet-core yet, and moving to it is a follow-up.
+//!
+//! [`Conntrack`] is the side effect as a trait (the controllers hold an `Arc<dyn Conntrack>`;
+//! unit tests use the recording fake in `crate::testing::conntrack`); [`NetlinkConntrack`] is
+//! the Linux implementation, and [`delete_udp_to`] the same operation as a blocking function.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
+
+use async_trait::async_trait;
 
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
     socket,
 };
+
+/// Errors removing conntrack entries.
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    /// ctnetlink failed (socket, dump or delete).
+    #[error("deleting the UDP conntrack entries to {dst} on {ports} node ports")]
+    DeleteUdp {
+        /// The original destination address.
+        dst: Ipv4Addr,
+        /// How many destination ports were named.
+        ports: usize,
+        /// What the kernel said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blocking netlink task did not finish (it panicked or the runtime shut down).
+    #[error("deleting the UDP conntrack entries to {dst}: the netlink task failed")]
+    Task {
+        /// The original destination address.
+        dst: Ipv4Addr,
+        /// Why the task failed.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// Removes conntrack entries: the one side effect of this module.
+///
+/// Contract of [`Conntrack::delete_udp_to`]:
+/// - **Idempotent.** It deletes the IPv4 UDP entries whose *original* destination is `dst` on
+///   one of `ports`, whatever is there; calling it again deletes what arrived since, and an
+///   entry that vanished on its own between finding and deleting it is not an error.
+/// - **No entries is success.** No matching entry, or an empty `ports`, returns `Ok(0)` (an
+///   empty `ports` without asking the kernel at all). Entries of other protocols, addresses or
+///   ports are never touched; TCP in particular is left to finish.
+/// - **Safe concurrently.** Calls may overlap (each has its own netlink socket); two calls
+///   deleting the same entry both succeed.
+///
+/// Returns how many entries were deleted (an entry that vanished meanwhile included).
+#[async_trait]
+pub trait Conntrack: Send + Sync {
+    /// Deletes the IPv4 UDP entries to `dst` on one of `ports`, in the caller's network
+    /// namespace (see the trait doc).
+    async fn delete_udp_to(&self, dst: Ipv4Addr, ports: &[u16]) -> Result<usize, ConntrackError>;
+}
+
+/// [`Conntrack`] through ctnetlink, in the network namespace of the agent, on a blocking
+/// thread.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetlinkConntrack;
+
+#[async_trait]
+impl Conntrack for NetlinkConntrack {
+    async fn delete_udp_to(&self, dst: Ipv4Addr, ports: &[u16]) -> Result<usize, ConntrackError> {
+        if ports.is_empty() {
+            return Ok(0);
+        }
+        let owned = ports.to_vec();
+        let n = owned.len();
+        tokio::task::spawn_blocking(move || delete_udp_to(dst, &owned))
+            .await
+            .map_err(|source| ConntrackError::Task { dst, source })?
+            .map_err(|source| ConntrackError::DeleteUdp {
+                dst,
+                ports: n,
+                source,
+            })
+    }
+}
 
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
@@ -155,7 +230,8 @@ fn read_replies(
 }
 
 /// Deletes the IPv4 UDP conntrack entries, in the caller's network namespace, whose original
-/// destination is `dst` on one of `ports`. Returns how many were deleted.
+/// destination is `dst` on one of `ports`. Returns how many were deleted. Blocking; the
+/// contract is [`Conntrack`]'s.
 pub fn delete_udp_to(dst: Ipv4Addr, ports: &[u16]) -> std::io::Result<usize> {
     if ports.is_empty() {
         return Ok(0);

@@ -1,8 +1,11 @@
 //! Recording fakes of the side-effect traits, for unit tests that need no root and no kernel,
 //! one module per trait, and small builders of test inputs.
 
+pub mod conntrack;
 pub mod nftables;
+pub mod npl;
 
+pub use conntrack::FakeConntrack;
 pub use nftables::FakeNftables;
 
 use std::collections::{HashMap, HashSet};
