@@ -110,7 +110,7 @@ pub enum StartError {
         op: &'static str,
         /// Why.
         #[source]
-        source: PodError,
+        source: Box<PodError>,
     },
 }
 
@@ -348,13 +348,13 @@ async fn start_node(
         PodManager::new(store, podnet, dp, net, cfg.veth_prefix.clone()).map_err(|source| {
             StartError::Pods {
                 op: "loading the pod records",
-                source,
+                source: Box::new(source),
             }
         })?,
     );
     let report = pm.reconcile().await.map_err(|source| StartError::Pods {
         op: "reconciling pods with the kernel and dataplane",
-        source,
+        source: Box::new(source),
     })?;
     tracing::info!(
         kept = report.kept,

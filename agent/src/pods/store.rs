@@ -43,7 +43,7 @@ pub enum StoreError {
         path: PathBuf,
         /// The database's (or the file system's) error.
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     /// A read or write of the database failed.
     #[error("state store {op}: {source}")]
@@ -52,7 +52,7 @@ pub enum StoreError {
         op: &'static str,
         /// The database's error.
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     /// An entry could not be encoded as JSON.
     #[error("state store encode: {what} {key}: {source}")]
@@ -91,7 +91,7 @@ pub enum StoreError {
 fn db_err<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreError {
     move |e| StoreError::Db {
         op,
-        source: e.into(),
+        source: Box::new(e.into()),
     }
 }
 
@@ -171,7 +171,7 @@ impl Store {
         let path = dir.join("ferrea.redb");
         let open_err = |e: redb::Error| StoreError::Open {
             path: path.clone(),
-            source: e,
+            source: Box::new(e),
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.into()))?;
         let db = Database::create(&path).map_err(|e| open_err(e.into()))?;
