@@ -122,8 +122,8 @@ const RESYNC: Duration = Duration::from_secs(10);
 /// How often `rp_filter` is checked, and a failed apply retried.
 const TICK: Duration = Duration::from_secs(1);
 
-/// The runner's timing for Egress: no debounce, a resync every [`RESYNC`], a failed apply
-/// retried every [`TICK`].
+/// The runner's timing for Egress: no debounce, a resync every 10 s, a failed apply retried
+/// every second.
 pub const RUNNER: RunnerConfig = RunnerConfig {
     debounce: Duration::ZERO,
     resync: Some(RESYNC),
@@ -152,7 +152,7 @@ pub async fn run(
 
 /// The Egress controller as a [`Reconciler`]: each pass computes the plan, applies it when it
 /// changed or the runner asks to converge (start, retry, resync; and at the latest every
-/// [`RESYNC`], since the every-second upkeep keeps the runner's own resync from falling due),
+/// 10 s, since the every-second upkeep keeps the runner's own resync from falling due),
 /// checks `rp_filter` on the upkeep passes, logs new warnings once and writes the two status
 /// views when they changed. A failed apply is the pass's error: the runner retries it.
 pub struct EgressReconciler {

@@ -27,6 +27,10 @@
 //! leaves through the main table. Kernels without the dummy module (the machine ferrea is
 //! tested on) get it as a /32 on the transport interface instead.
 //!
+//! Every side effect goes through its trait in [`crate::kernel`] (links, addresses, table
+//! routes, rules, sysctls, gratuitous ARP; [`EgressKernel`]) and the VLAN tagger through
+//! [`VlanTagging`], so the whole of [`EgressNode::apply`] runs against fakes in unit tests.
+//!
 //! Routes and rules carry `rtm_protocol` [`RTPROT_FERREA_EGRESS`], so a restarted agent finds
 //! exactly its own and removes what no held IP needs. Addresses ferrea put on the transport
 //! interface (not its own device) are listed in `<stateDir>/egress-addresses.json`, so they
@@ -554,21 +558,16 @@ impl EgressNode {
             let r = self.kernel.addresses.add(*idx, h.ip, prefix).await;
             if r.is_ok() && !self.announced.contains(&h.ip) {
                 let mac = self.link(ifname).await?.and_then(|m| m.mac);
-                let sent = match mac {
-                    Some(mac) => self
-                        .kernel
-                        .garp
-                        .announce(*idx, mac, h.ip)
-                        .map_err(|e| error_chain(&e)),
-                    None => Err(format!("{ifname} has no MAC")),
-                };
-                match sent {
-                    Ok(()) => {
+                match mac.map(|mac| self.kernel.garp.announce(*idx, mac, h.ip)) {
+                    Some(Ok(())) => {
                         tracing::info!(ip = %h.ip, interface = %ifname, egress = %h.egress, "egress IP assigned; gratuitous ARP sent");
                         self.announced.insert(h.ip);
                     }
-                    Err(e) => {
-                        tracing::warn!(ip = %h.ip, interface = %ifname, error = %e, "gratuitous ARP failed")
+                    Some(Err(e)) => {
+                        tracing::warn!(ip = %h.ip, interface = %ifname, error = %error_chain(&e), "gratuitous ARP failed")
+                    }
+                    None => {
+                        tracing::warn!(ip = %h.ip, interface = %ifname, error = %format!("{ifname} has no MAC"), "gratuitous ARP failed")
                     }
                 }
             }
