@@ -63,6 +63,33 @@ pub fn ensure(key: &str, value: &str) -> Result<Option<String>, SysctlError> {
     Ok(Some(cur))
 }
 
+/// Reads and writes sysctls: the side effect of this module, as a trait so that its callers
+/// can be tested against a fake.
+///
+/// Contract: [`Sysctl::set`] is one write, all-or-nothing, and idempotent (setting the value
+/// already there changes nothing). Calls are safe concurrently, though two writers of one key
+/// race (the last write wins). A key that does not exist (a missing interface's `conf` entry)
+/// fails with `ENOENT`.
+pub trait Sysctl: Send + Sync {
+    /// The value of `key` (dotted, see [`conf_key`]), trimmed.
+    fn get(&self, key: &str) -> Result<String, SysctlError>;
+    /// Writes `value` to `key`.
+    fn set(&self, key: &str, value: &str) -> Result<(), SysctlError>;
+}
+
+/// [`Sysctl`] under /proc/sys, in the caller's network namespace ([`get`] and [`set`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcSysctl;
+
+impl Sysctl for ProcSysctl {
+    fn get(&self, key: &str) -> Result<String, SysctlError> {
+        get(key)
+    }
+    fn set(&self, key: &str, value: &str) -> Result<(), SysctlError> {
+        set(key, value)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

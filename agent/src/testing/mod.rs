@@ -1,12 +1,26 @@
 //! Recording fakes of the side-effect traits, for unit tests that need no root and no kernel,
 //! one module per trait, and small builders of test inputs.
 
+pub mod addresses;
 pub mod conntrack;
+pub mod events;
+pub mod garp;
+pub mod links;
 pub mod nftables;
 pub mod npl;
+pub mod rules;
+pub mod sysctl;
+pub mod tables;
 
+pub use addresses::FakeAddresses;
 pub use conntrack::FakeConntrack;
+pub use events::{EventLog, LoggedDataplane, LoggedNftables};
+pub use garp::FakeGarp;
+pub use links::FakeLinks;
 pub use nftables::FakeNftables;
+pub use rules::FakeRules;
+pub use sysctl::FakeSysctl;
+pub use tables::FakeTableRoutes;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;

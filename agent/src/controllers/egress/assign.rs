@@ -1,10 +1,15 @@
-//! Which egress IP each `Egress` gets and which node holds it, computed by every agent from
-//! the same desired state with the same answer, without a central controller.
+//! Which egress IP each `Egress` gets, its id, and which node holds it: computed by every
+//! agent from the same desired state with the same answer, without a central allocator. Pure:
+//! no I/O, so [`plan`](super::plan) and the tests call it with values.
 //!
-//! - IPs: an `egressIP` set by the user is taken as it is (it must be in the pool, if one is
-//!   named). Otherwise an address of the pool is chosen by a hash of the Egress name, probing
-//!   forward past taken addresses and the subnet's gateway. Egresses are served oldest first
-//!   (`creationTimestamp`, then name), so a new Egress never takes an older one's address.
+//! - Order: Egresses are served oldest first (`creationTimestamp`, then name; those without a
+//!   timestamp, as from the files source, after those with one, by name), so a new Egress
+//!   never takes an older one's address or id.
+//! - IPs: an `egressIP` set by the user is served first and taken as it is; it must be in the
+//!   pool, if one is named, and not already taken by an older Egress, or the Egress is
+//!   reported without an IP. Otherwise an address of the pool is chosen by a hash of the Egress
+//!   name, probing forward past taken addresses and the subnet's gateway; a full pool is
+//!   reported as exhausted.
 //! - Id: each allocated IP gets an id 1..=255 by a hash of the IP, probing forward past ids
 //!   taken by older Egresses. It is the fwmark of the IP's traffic on the egress node and the
 //!   VNI that carries a pod's traffic there from other nodes, so all nodes must agree on it.

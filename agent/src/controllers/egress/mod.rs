@@ -1,14 +1,15 @@
 //! Egress: per-workload egress IPs from `ExternalIPPool`s (Antrea's `crd.antrea.io/v1beta1`
 //! `Egress` and `ExternalIPPool`, accepted verbatim).
 //!
-//! - [`model`] decodes and validates the objects; a rejected object is reported naming the
-//!   field and changes nothing.
+//! - [`crate::source::crd`] decodes and validates the objects; a rejected object is reported
+//!   naming the field and changes nothing.
 //! - [`assign`] gives every Egress an IP, an id and a node. Every agent computes the same
-//!   answer from the same desired state, so no controller is needed.
+//!   answer from the same desired state, so no central allocator is needed.
 //! - [`plan`] turns that into what this node does: the IPs it holds, the local pods it marks,
 //!   the local pods it steers through the tunnel to another node.
 //! - [`node`] holds IPs: sub-interface per VLAN, addresses, route table per subnet, fwmark
-//!   rule per IP, gratuitous ARP, `rp_filter` (set and watched).
+//!   rule per IP, gratuitous ARP, `rp_filter` (set and watched), each through its trait in
+//!   [`crate::kernel`] ([`node::EgressKernel`]).
 //! - ferrea's nftables table ([`crate::kernel::nftables::EgressRules`]) marks local pods' packets in
 //!   prerouting and SNATs by mark before masquerade.
 //! - The dataplane ([`crate::dataplane::Dataplane::set_egress`]) steers pods whose IP is on
@@ -21,14 +22,16 @@
 //! the sub-interface, are un-SNATed by conntrack and routed to the pod (through the tunnel for
 //! B's pods). Loose `rp_filter` on the sub-interface lets them in.
 //!
-//! [`run`] is the controller: it recomputes the plan whenever the desired state or the node's
-//! attachments change and applies it when it differs (node, then nftables, then dataplane),
-//! retries a failed apply every second, converges again every 10 s even without a change (so a
-//! rule or sub-interface an outsider removed comes back), checks `rp_filter` every second and
-//! writes the status
-//! view `<stateDir>/status/egresses.json` (an `EgressList` with Antrea's status fields, plus
-//! the `rp_filter` values ferrea wants and finds). After a restart the first apply reconciles
-//! whatever the previous process left: it converges on the plan and removes the rest.
+//! [`run`] is the controller: [`EgressReconciler`] on the reconcile runner
+//! ([`crate::controllers::runner`]). It recomputes the plan whenever the desired state or the
+//! node's attachments change and applies it when it differs (node, then nftables, then
+//! dataplane), retries a failed apply every second, converges again every 10 s even without a
+//! change (so a rule or sub-interface an outsider removed comes back), checks `rp_filter` every
+//! second and writes the status view `<stateDir>/status/egresses.json` (an `EgressList` with
+//! Antrea's status fields) and `<stateDir>/status/egress-node.json` (what this node holds, its
+//! local pods' Egresses, the `rp_filter` values ferrea wants and finds, the problems). After a
+//! restart the first apply reconciles whatever the previous process left: it converges on the
+//! plan and removes the rest.
 
 pub mod assign;
 pub mod node;
@@ -43,10 +46,16 @@ use ipnetwork::Ipv4Network;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::kernel::nftables::{EgressRules, NatTable};
+use tokio::time::Instant;
+
+use crate::controllers::runner::{
+    self, Action, Desired, Reconciler, RunnerConfig, Trigger, Wakers, error_chain,
+};
+use crate::dataplane::DataplaneError;
+use crate::kernel::nftables::{EgressRules, NatError, NatTable};
 use crate::pods::PodManager;
 use crate::source::DesiredState;
-use node::{EgressNode, IpOutcome};
+use node::{EgressNode, IpOutcome, NodeError};
 use plan::NodePlan;
 
 /// What the controller needs to know about the node.
@@ -65,14 +74,36 @@ pub struct EgressContext {
     pub state_dir: PathBuf,
 }
 
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    /// The netlink connection the node side uses could not be opened.
+    #[error("opening a netlink connection for Egress")]
+    Netlink(#[source] std::io::Error),
+}
+
+/// Why applying a plan failed (what the status view reports as the failure of all IPs).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Holding the IPs on the node (interfaces, addresses, routes, rules).
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// Loading the marking and SNAT rules into ferrea's nftables table.
+    #[error(transparent)]
+    Nat(#[from] NatError),
+    /// Giving the dataplane its part of the plan.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
 /// Starts the controller (see the module doc).
 pub fn start(
     ctx: EgressContext,
     pods: Arc<PodManager>,
     nat: Arc<NatTable>,
     state: watch::Receiver<DesiredState>,
-) -> anyhow::Result<()> {
-    let (conn, handle, _) = rtnetlink::new_connection()?;
+) -> Result<(), EgressError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(EgressError::Netlink)?;
     tokio::spawn(conn);
     let node = EgressNode::new(
         handle,
@@ -88,36 +119,118 @@ pub fn start(
 /// How often the node is converged on the plan even when nothing changed, so that what an
 /// outsider removed (a rule, the sub-interface, an address) comes back.
 const RESYNC: Duration = Duration::from_secs(10);
+/// How often `rp_filter` is checked, and a failed apply retried.
+const TICK: Duration = Duration::from_secs(1);
 
-/// The controller loop.
+/// The runner's timing for Egress: no debounce, a resync every 10 s, a failed apply retried
+/// every second.
+pub const RUNNER: RunnerConfig = RunnerConfig {
+    debounce: Duration::ZERO,
+    resync: Some(RESYNC),
+    retry_min: TICK,
+    retry_max: TICK,
+};
+
+/// The controller loop: [`EgressReconciler`] on the reconcile runner, woken by the desired
+/// state and the node's attachments. Runs until the desired-state source stops.
 pub async fn run(
     ctx: EgressContext,
-    mut node: EgressNode,
+    node: EgressNode,
     pods: Arc<PodManager>,
     nat: Arc<NatTable>,
-    mut state: watch::Receiver<DesiredState>,
+    state: watch::Receiver<DesiredState>,
 ) {
-    let mut attachments = pods.subscribe();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let status_path = ctx.state_dir.join("status").join("egresses.json");
-    let node_status_path = ctx.state_dir.join("status").join("egress-node.json");
-    let mut applied: Option<NodePlan> = None;
-    let mut outcomes: Vec<IpOutcome> = Vec::new();
-    let mut failure: Option<String> = None;
-    let mut reported: Vec<String> = Vec::new();
-    let mut written: Option<(Value, Value)> = None;
-    let mut last_apply = std::time::Instant::now();
-    loop {
+    let wakers = Wakers::none().watch(pods.subscribe());
+    runner::run(
+        EgressReconciler::new(ctx, node, pods, nat),
+        state,
+        wakers,
+        RUNNER,
+    )
+    .await;
+}
+
+/// The Egress controller as a [`Reconciler`]: each pass computes the plan, applies it when it
+/// changed or the runner asks to converge (start, retry, resync; and at the latest every
+/// 10 s, since the every-second upkeep keeps the runner's own resync from falling due),
+/// checks `rp_filter` on the upkeep passes, logs new warnings once and writes the two status
+/// views when they changed. A failed apply is the pass's error: the runner retries it.
+pub struct EgressReconciler {
+    ctx: EgressContext,
+    node: EgressNode,
+    pods: Arc<PodManager>,
+    nat: Arc<NatTable>,
+    status_path: PathBuf,
+    node_status_path: PathBuf,
+    /// The plan last applied successfully.
+    applied: Option<NodePlan>,
+    outcomes: Vec<IpOutcome>,
+    /// The last apply's failure, as the status view reports it.
+    failure: Option<String>,
+    /// The warnings already logged.
+    reported: Vec<String>,
+    /// The status views last written.
+    written: Option<(Value, Value)>,
+    last_apply: Option<Instant>,
+    last_rp_check: Instant,
+}
+
+impl EgressReconciler {
+    /// The controller for `node`, marking and SNATing in `nat`, steering through `pods`'
+    /// dataplane.
+    pub fn new(
+        ctx: EgressContext,
+        node: EgressNode,
+        pods: Arc<PodManager>,
+        nat: Arc<NatTable>,
+    ) -> Self {
+        let status = ctx.state_dir.join("status");
+        Self {
+            status_path: status.join("egresses.json"),
+            node_status_path: status.join("egress-node.json"),
+            ctx,
+            node,
+            pods,
+            nat,
+            applied: None,
+            outcomes: Vec::new(),
+            failure: None,
+            reported: Vec::new(),
+            written: None,
+            last_apply: None,
+            last_rp_check: Instant::now(),
+        }
+    }
+}
+
+impl Reconciler for EgressReconciler {
+    type Error = ApplyError;
+
+    fn name(&self) -> &'static str {
+        "egress"
+    }
+
+    async fn reconcile(
+        &mut self,
+        desired: &Desired<'_>,
+        trigger: Trigger,
+    ) -> Result<Action, ApplyError> {
+        // The every-second upkeep (and the passes that stand in for it).
+        if !matches!(trigger, Trigger::Start | Trigger::Changed)
+            || self.last_rp_check.elapsed() >= TICK
+        {
+            self.node.check_rp_filter();
+            self.last_rp_check = Instant::now();
+        }
         // Computed under the borrow: the desired state is not copied on every wake-up.
         let (plan, source_problems) = {
-            let st = state.borrow_and_update();
+            let st = desired.get();
             let plan = plan::plan(
                 &st,
-                &pods.records(),
-                &ctx.node_name,
-                &ctx.cluster,
-                ctx.encap,
+                &self.pods.records(),
+                &self.ctx.node_name,
+                &self.ctx.cluster,
+                self.ctx.encap,
             );
             let problems: Vec<String> = st
                 .errors
@@ -128,14 +241,20 @@ pub async fn run(
                 .collect();
             (plan, problems)
         };
-        let changed = applied.as_ref() != Some(&plan);
-        if changed || failure.is_some() || last_apply.elapsed() >= RESYNC {
-            let t = std::time::Instant::now();
-            last_apply = t;
-            let previous = applied.as_ref().map(|p| p.held.clone()).unwrap_or_default();
-            match apply(&mut node, &nat, &pods, &plan, &previous).await {
+        let changed = self.applied.as_ref() != Some(&plan);
+        let resync_due = self.last_apply.is_none_or(|t| t.elapsed() >= RESYNC);
+        let mut error = None;
+        if changed || trigger.converge() || self.failure.is_some() || resync_due {
+            let t = Instant::now();
+            self.last_apply = Some(t);
+            let previous = self
+                .applied
+                .as_ref()
+                .map(|p| p.held.clone())
+                .unwrap_or_default();
+            match apply(&mut self.node, &self.nat, &self.pods, &plan, &previous).await {
                 Ok(o) => {
-                    if failure.take().is_some() {
+                    if self.failure.take().is_some() {
                         tracing::info!("Egress applied again after a failure");
                     }
                     // The periodic resync of an unchanged plan is not news.
@@ -150,17 +269,16 @@ pub async fn run(
                     }
                     for o in &o {
                         if let Err(e) = &o.result {
-                            tracing::error!(ip = %o.ip, error = %e, "egress IP not assigned");
+                            tracing::error!(ip = %o.ip, error = %error_chain(e), "egress IP not assigned");
                         }
                     }
-                    outcomes = o;
-                    applied = Some(plan.clone());
+                    self.outcomes = o;
+                    self.applied = Some(plan.clone());
                 }
                 Err(e) => {
-                    if failure.as_deref() != Some(e.as_str()) {
-                        tracing::error!(error = %e, "applying Egress failed; retrying every second");
-                    }
-                    failure = Some(e);
+                    // The runner logs the failure (once per cause) and retries.
+                    self.failure = Some(error_chain(&e));
+                    error = Some(e);
                 }
             }
         }
@@ -168,30 +286,32 @@ pub async fn run(
             .into_iter()
             .chain(plan.warnings.iter().cloned())
             .collect();
-        if warnings != reported {
-            for w in warnings.iter().filter(|w| !reported.contains(w)) {
+        if warnings != self.reported {
+            for w in warnings.iter().filter(|w| !self.reported.contains(w)) {
                 tracing::warn!("{w}");
             }
-            reported = warnings.clone();
+            self.reported = warnings.clone();
         }
         let view = (
-            status_view(&ctx.node_name, &plan, &outcomes, failure.as_deref()),
-            node_view(&ctx.node_name, &plan, &node, &warnings),
+            status_view(
+                &self.ctx.node_name,
+                &plan,
+                &self.outcomes,
+                self.failure.as_deref(),
+            ),
+            node_view(&self.ctx.node_name, &plan, &self.node, &warnings),
         );
-        if written.as_ref() != Some(&view) {
-            match write_atomic(&status_path, &view.0)
-                .and_then(|()| write_atomic(&node_status_path, &view.1))
+        if self.written.as_ref() != Some(&view) {
+            match write_atomic(&self.status_path, &view.0)
+                .and_then(|()| write_atomic(&self.node_status_path, &view.1))
             {
-                Ok(()) => written = Some(view),
+                Ok(()) => self.written = Some(view),
                 Err(e) => tracing::warn!(error = %e, "writing the Egress status view"),
             }
         }
-        tokio::select! {
-            r = state.changed() => if r.is_err() { return },
-            _ = attachments.changed() => {}
-            _ = tick.tick() => {
-                node.check_rp_filter();
-            }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(Action::Requeue(TICK)),
         }
     }
 }
@@ -206,7 +326,7 @@ async fn apply(
     pods: &PodManager,
     plan: &NodePlan,
     previous: &[plan::HeldIp],
-) -> Result<Vec<IpOutcome>, String> {
+) -> Result<Vec<IpOutcome>, ApplyError> {
     let mut both: Vec<plan::HeldIp> = plan.held.clone();
     both.extend(
         previous
@@ -237,16 +357,11 @@ async fn apply(
             .collect(),
     };
     let empty = rules.marks.is_empty() && rules.snat.is_empty();
-    nat.set_egress((!empty).then_some(rules))
-        .await
-        .map_err(|e| e.to_string())?;
+    nat.set_egress((!empty).then_some(rules)).await?;
     let mut dp = plan.dataplane.clone();
     dp.held
         .retain(|id| plan.held.iter().any(|h| h.id == *id && assigned(h.ip)));
-    pods.dataplane()
-        .set_egress(&dp)
-        .await
-        .map_err(|e| e.to_string())?;
+    pods.dataplane().set_egress(&dp).await?;
     if removing {
         node.apply(&plan.held).await?;
     }
@@ -294,9 +409,12 @@ fn status_view(me: &str, plan: &NodePlan, outcomes: &[IpOutcome], failure: Optio
                             "Assigned",
                             &format!("on {ifname}"),
                         ),
-                        (_, Some(IpOutcome { result: Err(e), .. })) => {
-                            condition("IPAssigned", Some(false), "AssignmentError", e)
-                        }
+                        (_, Some(IpOutcome { result: Err(e), .. })) => condition(
+                            "IPAssigned",
+                            Some(false),
+                            "AssignmentError",
+                            &error_chain(e),
+                        ),
                         (Some(f), None) => {
                             condition("IPAssigned", Some(false), "AssignmentError", f)
                         }
@@ -366,3 +484,6 @@ fn write_atomic(path: &Path, v: &Value) -> std::io::Result<()> {
         &serde_json::to_vec_pretty(v).expect("serialisable"),
     )
 }
+
+#[cfg(test)]
+mod tests;

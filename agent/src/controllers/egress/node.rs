@@ -27,23 +27,32 @@
 //! leaves through the main table. Kernels without the dummy module (the machine ferrea is
 //! tested on) get it as a /32 on the transport interface instead.
 //!
+//! Every side effect goes through its trait in [`crate::kernel`] (links, addresses, table
+//! routes, rules, sysctls, gratuitous ARP; [`EgressKernel`]) and the VLAN tagger through
+//! [`VlanTagging`], so the whole of [`EgressNode::apply`] runs against fakes in unit tests.
+//!
 //! Routes and rules carry `rtm_protocol` [`RTPROT_FERREA_EGRESS`], so a restarted agent finds
 //! exactly its own and removes what no held IP needs. Addresses ferrea put on the transport
 //! interface (not its own device) are listed in `<stateDir>/egress-addresses.json`, so they
 //! are removed too and nothing else is.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use futures::TryStreamExt;
-use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage, MacVlanMode};
-use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
-use netlink_packet_route::rule::{RuleAttribute, RuleMessage};
-use rtnetlink::{Handle, IpVersion, LinkMacVlan, LinkUnspec, LinkVlan, RouteMessageBuilder};
+use rtnetlink::Handle;
 
 use super::plan::HeldIp;
+use crate::controllers::runner::error_chain;
+use crate::kernel::addresses::{Addresses, NetlinkAddresses};
+use crate::kernel::garp::{Garp, RawSocketGarp};
+use crate::kernel::links::{Link, LinkKind, Links, NetlinkLinks, NewLink, NewLinkKind};
+use crate::kernel::netlink::NetlinkError;
+use crate::kernel::rules::{NetlinkRules, Rule, Rules};
+use crate::kernel::sysctl::{ProcSysctl, Sysctl};
+use crate::kernel::tables::{NetlinkTableRoutes, TableRoute, TableRoutes};
+use crate::kernel::vlan::VlanError;
 use crate::net::EGRESS_MARK_MASK;
 use crate::source::crd::SubnetInfo;
 
@@ -74,20 +83,24 @@ pub fn subif_name(vlan: u16) -> String {
 }
 
 /// Makes a macvlan behave as an 802.1Q sub-interface of its parent (see [`crate::kernel::vlan`]).
+///
+/// Contract: both calls are idempotent; neither is all-or-nothing across interfaces (a
+/// failure may leave some filters changed, and the next call converges). Called from one task
+/// (`&mut self`).
 pub trait VlanTagging: Send + Sync {
     /// Frames leaving `child` are tagged `vid`; frames arriving on `parent` tagged `vid` go
-    /// to `child` untagged. Idempotent.
-    fn attach(&mut self, parent: &str, child: &str, vid: u16) -> Result<(), String>;
+    /// to `child` untagged. Already attached: nothing changes.
+    fn attach(&mut self, parent: &str, child: &str, vid: u16) -> Result<(), VlanError>;
     /// Undoes [`Self::attach`] on `parent` for every VLAN not in `keep`.
-    fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), String>;
+    fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), VlanError>;
 }
 
 impl VlanTagging for crate::kernel::vlan::VlanTagger {
-    fn attach(&mut self, parent: &str, child: &str, vid: u16) -> Result<(), String> {
-        crate::kernel::vlan::VlanTagger::attach(self, parent, child, vid).map_err(|e| e.to_string())
+    fn attach(&mut self, parent: &str, child: &str, vid: u16) -> Result<(), VlanError> {
+        crate::kernel::vlan::VlanTagger::attach(self, parent, child, vid)
     }
 
-    fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), String> {
+    fn retain(&mut self, parent: &str, keep: &[u16]) -> Result<(), VlanError> {
         let want: Vec<crate::kernel::vlan::VlanSub> = keep
             .iter()
             .map(|v| crate::kernel::vlan::VlanSub {
@@ -96,16 +109,81 @@ impl VlanTagging for crate::kernel::vlan::VlanTagger {
                 vid: *v,
             })
             .collect();
-        self.sync(&want).map_err(|e| e.to_string())
+        self.sync(&want)
     }
 }
 
 /// Loads the BPF VLAN tagger ([`crate::kernel::vlan`]), for kernels without 802.1Q devices.
-pub fn load_vlan_tagger() -> Result<Box<dyn VlanTagging>, String> {
-    crate::kernel::vlan::VlanTagger::load()
-        .map(|t| Box::new(t) as Box<dyn VlanTagging>)
-        .map_err(|e| e.to_string())
+pub fn load_vlan_tagger() -> Result<Box<dyn VlanTagging>, VlanError> {
+    crate::kernel::vlan::VlanTagger::load().map(|t| Box::new(t) as Box<dyn VlanTagging>)
 }
+
+/// What loads the VLAN tagger when the first VLAN needs it ([`load_vlan_tagger`], or a fake).
+pub type TaggerLoader = Box<dyn Fn() -> Result<Box<dyn VlanTagging>, VlanError> + Send + Sync>;
+
+/// Why the node could not (fully) hold its egress IPs.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The transport interface does not exist.
+    #[error("transport interface {0} not found")]
+    NoTransport(String),
+    /// An interface with one of ferrea's names exists without ferrea's alias.
+    #[error("{0} exists and was not created by ferrea (no alias {ALIAS:?}); not touching it")]
+    Foreign(String),
+    /// An interface just created cannot be found.
+    #[error("{0} vanished right after creation")]
+    Vanished(String),
+    /// The VLAN tagger could not be loaded.
+    #[error("loading the VLAN tagger")]
+    LoadTagger(#[source] VlanError),
+    /// Attaching the VLAN tagger to a sub-interface failed.
+    #[error("tagging {interface} with VLAN {vid}")]
+    TagAttach {
+        /// The sub-interface.
+        interface: String,
+        /// The VLAN.
+        vid: u16,
+        /// The tagger's error.
+        #[source]
+        source: VlanError,
+    },
+    /// Removing the VLAN tagger of unused VLANs failed.
+    #[error("removing the VLAN tagging of unused VLANs on {parent}")]
+    TagRetain {
+        /// The transport interface.
+        parent: String,
+        /// The tagger's error.
+        #[source]
+        source: VlanError,
+    },
+    /// Writing the record of the addresses on the transport interface failed.
+    #[error("writing {}", path.display())]
+    Record {
+        /// The record's path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A netlink request failed (it names the operation and the interface, address, route or
+    /// rule).
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+}
+
+/// Why one held IP is not assigned: a [`NodeError`] shared by the IPs it concerns (all IPs of
+/// a sub-interface that could not be made, say). Compared by message.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct IpFailure(pub Arc<NodeError>);
+
+impl PartialEq for IpFailure {
+    fn eq(&self, other: &Self) -> bool {
+        error_chain(self) == error_chain(other)
+    }
+}
+
+impl Eq for IpFailure {}
 
 /// How one held IP fared.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,7 +191,7 @@ pub struct IpOutcome {
     /// The IP.
     pub ip: Ipv4Addr,
     /// The interface it is on, or the failure.
-    pub result: Result<String, String>,
+    pub result: Result<String, IpFailure>,
 }
 
 /// One `rp_filter` ferrea manages: what it wants, what it last found, how often it restored it.
@@ -133,15 +211,46 @@ pub struct RpFilterStatus {
     set: bool,
 }
 
+/// The kernel side effects of [`EgressNode`], one trait object per kind.
+#[derive(Clone)]
+pub struct EgressKernel {
+    /// Sub-interfaces and the dummy device.
+    pub links: Arc<dyn Links>,
+    /// The egress IPs on them.
+    pub addresses: Arc<dyn Addresses>,
+    /// The per-subnet route tables.
+    pub routes: Arc<dyn TableRoutes>,
+    /// The per-IP fwmark rules.
+    pub rules: Arc<dyn Rules>,
+    /// `rp_filter`.
+    pub sysctl: Arc<dyn Sysctl>,
+    /// Gratuitous ARP.
+    pub garp: Arc<dyn Garp>,
+}
+
+impl EgressKernel {
+    /// The Linux implementations, netlink through `handle`, in the caller's namespace.
+    pub fn linux(handle: Handle) -> Self {
+        Self {
+            links: Arc::new(NetlinkLinks::new(handle.clone())),
+            addresses: Arc::new(NetlinkAddresses::new(handle.clone())),
+            routes: Arc::new(NetlinkTableRoutes::new(handle.clone())),
+            rules: Arc::new(NetlinkRules::new(handle)),
+            sysctl: Arc::new(ProcSysctl),
+            garp: Arc::new(RawSocketGarp),
+        }
+    }
+}
+
 /// The node-side state of Egress.
 pub struct EgressNode {
-    handle: Handle,
+    kernel: EgressKernel,
     /// The transport interface: the parent of the sub-interfaces.
     parent: String,
     /// The pods' gateway interface (its `rp_filter` is managed too).
     gateway_if: String,
     tagger: Option<Box<dyn VlanTagging>>,
-    load_tagger: Box<dyn Fn() -> Result<Box<dyn VlanTagging>, String> + Send + Sync>,
+    load_tagger: TaggerLoader,
     /// Whether the kernel makes VLAN devices (`None`: not tried yet).
     has_8021q: Option<bool>,
     /// Whether the kernel makes dummy devices (`None`: not tried yet).
@@ -154,27 +263,39 @@ pub struct EgressNode {
     rp: BTreeMap<String, RpFilterStatus>,
 }
 
-fn nl(what: impl std::fmt::Display, e: rtnetlink::Error) -> String {
-    format!("{what}: {e}")
-}
-
-fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
-}
+/// A held IP placed on an interface: (IP, ifindex, ifname).
+type Placed = (HeldIp, u32, String);
 
 impl EgressNode {
     /// Egress for a node whose transport interface is `parent` and whose pods' gateway is
-    /// `gateway_if`. `load_tagger` loads the VLAN tagging programs when the first VLAN needs
-    /// them on a kernel without 802.1Q.
+    /// `gateway_if`, on the Linux kernel through `handle`. `load_tagger` loads the VLAN
+    /// tagging programs when the first VLAN needs them on a kernel without 802.1Q.
     pub fn new(
         handle: Handle,
         parent: String,
         gateway_if: String,
         state_dir: &std::path::Path,
-        load_tagger: Box<dyn Fn() -> Result<Box<dyn VlanTagging>, String> + Send + Sync>,
+        load_tagger: TaggerLoader,
+    ) -> Self {
+        Self::with_kernel(
+            EgressKernel::linux(handle),
+            parent,
+            gateway_if,
+            state_dir,
+            load_tagger,
+        )
+    }
+
+    /// [`EgressNode::new`] over any implementations of the side effects (fakes in tests).
+    pub fn with_kernel(
+        kernel: EgressKernel,
+        parent: String,
+        gateway_if: String,
+        state_dir: &std::path::Path,
+        load_tagger: TaggerLoader,
     ) -> Self {
         Self {
-            handle,
+            kernel,
             parent,
             gateway_if,
             tagger: None,
@@ -188,229 +309,140 @@ impl EgressNode {
         }
     }
 
-    async fn link(&self, name: &str) -> Result<Option<LinkMessage>, String> {
-        let mut s = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute();
-        match s.try_next().await {
-            Ok(m) => Ok(m),
-            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
-            Err(e) => Err(nl(format!("looking up {name}"), e)),
-        }
-    }
-
-    fn alias(m: &LinkMessage) -> Option<&str> {
-        m.attributes.iter().find_map(|a| match a {
-            LinkAttribute::IfAlias(s) => Some(s.as_str()),
-            _ => None,
-        })
-    }
-
-    fn name(m: &LinkMessage) -> Option<&str> {
-        m.attributes.iter().find_map(|a| match a {
-            LinkAttribute::IfName(s) => Some(s.as_str()),
-            _ => None,
-        })
+    async fn link(&self, name: &str) -> Result<Option<Link>, NodeError> {
+        Ok(self.kernel.links.get(name).await?)
     }
 
     /// Ferrea's sub-interfaces on this node, by name.
-    async fn own_links(&self) -> Result<BTreeMap<String, LinkMessage>, String> {
-        let mut out = BTreeMap::new();
-        let mut s = self.handle.link().get().execute();
-        while let Some(m) = s.try_next().await.map_err(|e| nl("listing links", e))? {
-            if Self::alias(&m) == Some(ALIAS)
-                && let Some(n) =
-                    Self::name(&m).filter(|n| n.starts_with(SUBIF_PREFIX) || *n == DUMMY_IFNAME)
-            {
-                out.insert(n.to_owned(), m);
-            }
-        }
-        Ok(out)
+    async fn own_links(&self) -> Result<BTreeMap<String, Link>, NodeError> {
+        Ok(self
+            .kernel
+            .links
+            .list()
+            .await?
+            .into_iter()
+            .filter(|l| {
+                l.alias.as_deref() == Some(ALIAS)
+                    && (l.name.starts_with(SUBIF_PREFIX) || l.name == DUMMY_IFNAME)
+            })
+            .map(|l| (l.name.clone(), l))
+            .collect())
+    }
+
+    fn attach_tagger(&mut self, child: &str, vid: u16) -> Result<(), NodeError> {
+        let parent = self.parent.clone();
+        self.tagger()?
+            .attach(&parent, child, vid)
+            .map_err(|source| NodeError::TagAttach {
+                interface: child.to_owned(),
+                vid,
+                source,
+            })
     }
 
     /// Creates (or finds) the sub-interface for `vlan`; returns its index.
-    async fn ensure_subif(&mut self, parent: &LinkMessage, vlan: u16) -> Result<u32, String> {
+    async fn ensure_subif(&mut self, parent: &Link, vlan: u16) -> Result<u32, NodeError> {
         let name = subif_name(vlan);
         if let Some(m) = self.link(&name).await? {
-            if Self::alias(&m) != Some(ALIAS) {
-                return Err(format!(
-                    "{name} exists and was not created by ferrea (no alias {ALIAS:?}); not touching it"
-                ));
+            if m.alias.as_deref() != Some(ALIAS) {
+                return Err(NodeError::Foreign(name));
             }
-            if self.has_8021q != Some(true) && Self::is_macvlan(&m) {
-                let parent = self.parent.clone();
-                self.tagger()?.attach(&parent, &name, vlan)?;
+            if self.has_8021q != Some(true) && m.kind == LinkKind::MacVlan {
+                self.attach_tagger(&name, vlan)?;
             }
-            return Ok(m.header.index);
+            return Ok(m.index);
         }
-        let mtu = parent.attributes.iter().find_map(|a| match a {
-            LinkAttribute::Mtu(m) => Some(*m),
-            _ => None,
-        });
         let mut made_vlan = false;
         if self.has_8021q != Some(false) {
-            let mut b = LinkVlan::new(&name, parent.header.index, vlan).up();
-            if let Some(m) = mtu {
-                b = b.mtu(m);
-            }
-            match self.handle.link().add(b.build()).execute().await {
+            let vlan_dev = NewLink {
+                name: name.clone(),
+                kind: NewLinkKind::Vlan {
+                    parent: parent.index,
+                    vid: vlan,
+                },
+                mtu: parent.mtu,
+            };
+            match self.kernel.links.add(&vlan_dev).await {
                 Ok(()) => {
                     self.has_8021q = Some(true);
                     made_vlan = true;
                 }
-                Err(e) if is_errno(&e, libc::EOPNOTSUPP) => {
+                Err(e) if e.is_not_supported() => {
                     tracing::info!(
                         "this kernel has no 802.1Q devices (8021q); VLAN sub-interfaces are macvlans tagged by BPF"
                     );
                     self.has_8021q = Some(false);
                 }
-                Err(e) => return Err(nl(format!("creating VLAN device {name}"), e)),
+                Err(e) => return Err(e.into()),
             }
         }
         if !made_vlan {
-            let mut b = LinkMacVlan::new(&name, parent.header.index, MacVlanMode::Bridge).up();
-            if let Some(m) = mtu {
-                b = b.mtu(m);
-            }
-            self.handle
-                .link()
-                .add(b.build())
-                .execute()
-                .await
-                .map_err(|e| nl(format!("creating macvlan {name} on {}", self.parent), e))?;
-            let parent = self.parent.clone();
-            self.tagger()?.attach(&parent, &name, vlan)?;
+            let macvlan = NewLink {
+                name: name.clone(),
+                kind: NewLinkKind::MacVlanBridge {
+                    parent: parent.index,
+                },
+                mtu: parent.mtu,
+            };
+            self.kernel.links.add(&macvlan).await?;
+            self.attach_tagger(&name, vlan)?;
         }
         let m = self
             .link(&name)
             .await?
-            .ok_or_else(|| format!("{name} vanished right after creation"))?;
-        self.set_alias(m.header.index, &name).await?;
+            .ok_or_else(|| NodeError::Vanished(name.clone()))?;
+        self.set_alias(m.index, &name).await?;
         tracing::info!(interface = %name, vlan, parent = %self.parent, "egress sub-interface created");
-        Ok(m.header.index)
+        Ok(m.index)
     }
 
     /// The dummy device for IPs without `subnetInfo`, created if needed; `None` when the kernel
     /// has no dummy devices.
-    async fn ensure_dummy(&mut self) -> Result<Option<u32>, String> {
+    async fn ensure_dummy(&mut self) -> Result<Option<u32>, NodeError> {
         if self.has_dummy == Some(false) {
             return Ok(None);
         }
         if let Some(m) = self.link(DUMMY_IFNAME).await? {
-            if Self::alias(&m) != Some(ALIAS) {
-                return Err(format!(
-                    "{DUMMY_IFNAME} exists and was not created by ferrea; not touching it"
-                ));
+            if m.alias.as_deref() != Some(ALIAS) {
+                return Err(NodeError::Foreign(DUMMY_IFNAME.to_owned()));
             }
             self.has_dummy = Some(true);
-            return Ok(Some(m.header.index));
+            return Ok(Some(m.index));
         }
-        let b = rtnetlink::LinkDummy::new(DUMMY_IFNAME).up();
-        match self.handle.link().add(b.build()).execute().await {
+        let dummy = NewLink {
+            name: DUMMY_IFNAME.to_owned(),
+            kind: NewLinkKind::Dummy,
+            mtu: None,
+        };
+        match self.kernel.links.add(&dummy).await {
             Ok(()) => self.has_dummy = Some(true),
-            Err(e) if is_errno(&e, libc::EOPNOTSUPP) => {
+            Err(e) if e.is_not_supported() => {
                 tracing::info!(
                     "this kernel has no dummy devices; egress IPs without subnetInfo go on the transport interface"
                 );
                 self.has_dummy = Some(false);
                 return Ok(None);
             }
-            Err(e) => return Err(nl(format!("creating {DUMMY_IFNAME}"), e)),
+            Err(e) => return Err(e.into()),
         }
         let m = self
             .link(DUMMY_IFNAME)
             .await?
-            .ok_or_else(|| format!("{DUMMY_IFNAME} vanished right after creation"))?;
-        self.set_alias(m.header.index, DUMMY_IFNAME).await?;
-        Ok(Some(m.header.index))
+            .ok_or_else(|| NodeError::Vanished(DUMMY_IFNAME.to_owned()))?;
+        self.set_alias(m.index, DUMMY_IFNAME).await?;
+        Ok(Some(m.index))
     }
 
-    async fn set_alias(&self, index: u32, name: &str) -> Result<(), String> {
+    async fn set_alias(&self, index: u32, name: &str) -> Result<(), NodeError> {
         // The kernel ignores IFLA_IFALIAS when it creates a link: set it on the new link.
-        self.handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .append_extra_attribute(LinkAttribute::IfAlias(ALIAS.to_owned()))
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| nl(format!("naming {name} as ferrea's"), e))
+        Ok(self.kernel.links.set_alias(index, name, ALIAS).await?)
     }
 
-    fn is_macvlan(m: &LinkMessage) -> bool {
-        use netlink_packet_route::link::{InfoKind, LinkInfo};
-        m.attributes.iter().any(|a| match a {
-            LinkAttribute::LinkInfo(i) => i
-                .iter()
-                .any(|x| matches!(x, LinkInfo::Kind(InfoKind::MacVlan))),
-            _ => false,
-        })
-    }
-
-    fn tagger(&mut self) -> Result<&mut Box<dyn VlanTagging>, String> {
+    fn tagger(&mut self) -> Result<&mut Box<dyn VlanTagging>, NodeError> {
         if self.tagger.is_none() {
-            self.tagger = Some((self.load_tagger)()?);
+            self.tagger = Some((self.load_tagger)().map_err(NodeError::LoadTagger)?);
         }
         Ok(self.tagger.as_mut().expect("just set"))
-    }
-
-    async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, String> {
-        let mut out = Vec::new();
-        let mut s = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        while let Some(m) = s.try_next().await.map_err(|e| nl("listing addresses", e))? {
-            if m.header.index != index {
-                continue;
-            }
-            for a in &m.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(ip)) = a {
-                    out.push((*ip, m.header.prefix_len));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), String> {
-        match self
-            .handle
-            .address()
-            .add(index, IpAddr::V4(ip), prefix)
-            .execute()
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
-            Err(e) => Err(nl(format!("adding {ip}/{prefix}"), e)),
-        }
-    }
-
-    async fn del_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), String> {
-        let mut s = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .set_address_filter(IpAddr::V4(ip))
-            .set_prefix_length_filter(prefix)
-            .execute();
-        while let Some(m) = s.try_next().await.map_err(|e| nl("listing addresses", e))? {
-            match self.handle.address().del(m).execute().await {
-                Ok(()) => {}
-                Err(e) if is_errno(&e, libc::EADDRNOTAVAIL) => {}
-                Err(e) => return Err(nl(format!("removing {ip}/{prefix}"), e)),
-            }
-        }
-        Ok(())
     }
 
     fn recorded(&self) -> BTreeSet<(Ipv4Addr, u8)> {
@@ -420,43 +452,51 @@ impl EgressNode {
             .unwrap_or_default()
     }
 
-    fn save_record(&self, set: &BTreeSet<(Ipv4Addr, u8)>) -> Result<(), String> {
+    fn save_record(&self, set: &BTreeSet<(Ipv4Addr, u8)>) -> Result<(), NodeError> {
         crate::pods::store::write_file_atomic(
             &self.record,
             &serde_json::to_vec(set).expect("serialisable"),
         )
-        .map_err(|e| format!("writing {}: {e}", self.record.display()))
+        .map_err(|source| NodeError::Record {
+            path: self.record.clone(),
+            source,
+        })
     }
 
     /// Makes the node hold exactly `held`: interfaces, addresses, tables, rules, `rp_filter`.
     /// Returns per IP where it is (or why not). An error is a failure that concerns all IPs.
-    pub async fn apply(&mut self, held: &[HeldIp]) -> Result<Vec<IpOutcome>, String> {
+    pub async fn apply(&mut self, held: &[HeldIp]) -> Result<Vec<IpOutcome>, NodeError> {
         let mut outcomes = Vec::new();
         let parent = self
             .link(&self.parent)
             .await?
-            .ok_or_else(|| format!("transport interface {} not found", self.parent))?;
-        let parent_index = parent.header.index;
+            .ok_or_else(|| NodeError::NoTransport(self.parent.clone()))?;
+        let parent_index = parent.index;
         // Sub-interfaces: one per VLAN in use.
         let vlans: BTreeSet<u16> = held
             .iter()
             .filter_map(|h| h.subnet.map(|s| s.vlan))
             .filter(|v| *v > 0)
             .collect();
-        let mut subif: BTreeMap<u16, Result<u32, String>> = BTreeMap::new();
+        let mut subif: BTreeMap<u16, Result<u32, IpFailure>> = BTreeMap::new();
         for v in &vlans {
-            subif.insert(*v, self.ensure_subif(&parent, *v).await);
+            let r = self.ensure_subif(&parent, *v).await;
+            subif.insert(*v, r.map_err(|e| IpFailure(Arc::new(e))));
         }
         let wants_dummy = held.iter().any(|h| h.subnet.is_none());
         let dummy = if wants_dummy {
-            Some(self.ensure_dummy().await)
+            Some(
+                self.ensure_dummy()
+                    .await
+                    .map_err(|e| IpFailure(Arc::new(e))),
+            )
         } else {
             None
         };
         // Where each IP goes: (ifindex, ifname, prefix).
         let mut want_on: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
         let mut on_transport: BTreeSet<(Ipv4Addr, u8)> = BTreeSet::new();
-        let mut placed: Vec<(HeldIp, u32, String)> = Vec::new();
+        let mut placed: Vec<Placed> = Vec::new();
         for h in held {
             let (idx, ifname, prefix) = match h.subnet {
                 Some(s) if s.vlan > 0 => match &subif[&s.vlan] {
@@ -491,11 +531,11 @@ impl EgressNode {
         // Addresses on ferrea's own sub-interfaces: exactly the wanted ones.
         let own = self.own_links().await?;
         for (name, m) in &own {
-            let idx = m.header.index;
+            let idx = m.index;
             let want = want_on.get(&idx).cloned().unwrap_or_default();
-            for (ip, p) in self.addresses(idx).await? {
+            for (ip, p) in self.kernel.addresses.list(idx).await? {
                 if !want.contains(&(ip, p)) {
-                    self.del_address(idx, ip, p).await?;
+                    self.kernel.addresses.delete(idx, ip, p).await?;
                     tracing::info!(%ip, interface = %name, "egress IP removed");
                 }
             }
@@ -506,7 +546,7 @@ impl EgressNode {
             None => self.recorded(),
         };
         for (ip, p) in recorded.difference(&on_transport) {
-            self.del_address(parent_index, *ip, *p).await?;
+            self.kernel.addresses.delete(parent_index, *ip, *p).await?;
             tracing::info!(%ip, interface = %self.parent, "egress IP removed");
         }
         if recorded != on_transport {
@@ -515,33 +555,27 @@ impl EgressNode {
         self.on_transport = Some(on_transport);
         for (h, idx, ifname) in &placed {
             let prefix = h.subnet.map_or(32, |s| s.prefix_len);
-            let r = self.add_address(*idx, h.ip, prefix).await;
+            let r = self.kernel.addresses.add(*idx, h.ip, prefix).await;
             if r.is_ok() && !self.announced.contains(&h.ip) {
-                let mac = self.link(ifname).await?.and_then(|m| {
-                    m.attributes.iter().find_map(|a| match a {
-                        LinkAttribute::Address(a) if a.len() == 6 => {
-                            Some(<[u8; 6]>::try_from(a.as_slice()).expect("6 bytes"))
-                        }
-                        _ => None,
-                    })
-                });
-                let sent = match mac {
-                    Some(mac) => send_garp(*idx, mac, h.ip),
-                    None => Err(format!("{ifname} has no MAC")),
-                };
-                match sent {
-                    Ok(()) => {
+                let mac = self.link(ifname).await?.and_then(|m| m.mac);
+                match mac.map(|mac| self.kernel.garp.announce(*idx, mac, h.ip)) {
+                    Some(Ok(())) => {
                         tracing::info!(ip = %h.ip, interface = %ifname, egress = %h.egress, "egress IP assigned; gratuitous ARP sent");
                         self.announced.insert(h.ip);
                     }
-                    Err(e) => {
-                        tracing::warn!(ip = %h.ip, interface = %ifname, error = %e, "gratuitous ARP failed")
+                    Some(Err(e)) => {
+                        tracing::warn!(ip = %h.ip, interface = %ifname, error = %error_chain(&e), "gratuitous ARP failed")
+                    }
+                    None => {
+                        tracing::warn!(ip = %h.ip, interface = %ifname, error = %format!("{ifname} has no MAC"), "gratuitous ARP failed")
                     }
                 }
             }
             outcomes.push(IpOutcome {
                 ip: h.ip,
-                result: r.map(|()| ifname.clone()),
+                result: r
+                    .map(|()| ifname.clone())
+                    .map_err(|e| IpFailure(Arc::new(e.into()))),
             });
         }
         self.announced
@@ -556,10 +590,8 @@ impl EgressNode {
                     .is_some_and(|v| vlans.contains(&v))
             };
             if !keep {
-                match self.handle.link().del(m.header.index).execute().await {
-                    Ok(()) => tracing::info!(interface = %name, "egress sub-interface removed"),
-                    Err(e) if is_errno(&e, libc::ENODEV) => {}
-                    Err(e) => return Err(nl(format!("removing {name}"), e)),
+                if self.kernel.links.delete(m.index, name).await? {
+                    tracing::info!(interface = %name, "egress sub-interface removed");
                 }
                 self.rp.remove(name);
             }
@@ -569,10 +601,12 @@ impl EgressNode {
         {
             let parent = self.parent.clone();
             let keep: Vec<u16> = vlans.iter().copied().collect();
-            self.tagger()?.retain(&parent, &keep)?;
+            self.tagger()?
+                .retain(&parent, &keep)
+                .map_err(|source| NodeError::TagRetain { parent, source })?;
         }
         // Routes and rules.
-        let ok: Vec<&(HeldIp, u32, String)> = placed
+        let ok: Vec<&Placed> = placed
             .iter()
             .filter(|(h, _, _)| outcomes.iter().any(|o| o.ip == h.ip && o.result.is_ok()))
             .collect();
@@ -601,8 +635,8 @@ impl EgressNode {
         Ok(outcomes)
     }
 
-    async fn sync_routes(&self, ok: &[&(HeldIp, u32, String)]) -> Result<(), String> {
-        let mut want: Vec<RouteMessage> = Vec::new();
+    async fn sync_routes(&self, ok: &[&Placed]) -> Result<(), NodeError> {
+        let mut want: Vec<TableRoute> = Vec::new();
         let mut seen = BTreeSet::new();
         for (h, idx, _) in ok {
             let Some(s) = h.subnet else { continue };
@@ -610,136 +644,62 @@ impl EgressNode {
             if !seen.insert(table) {
                 continue;
             }
-            let net = s.network();
-            want.push(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(net.network(), net.prefix())
-                    .output_interface(*idx)
-                    .pref_source(h.ip)
-                    .scope(RouteScope::Link)
-                    .table_id(table)
-                    .protocol(RouteProtocol::Other(RTPROT_FERREA_EGRESS))
-                    .build(),
-            );
-            want.push(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .output_interface(*idx)
-                    .gateway(s.gateway)
-                    .table_id(table)
-                    .protocol(RouteProtocol::Other(RTPROT_FERREA_EGRESS))
-                    .build(),
-            );
+            want.push(TableRoute {
+                table,
+                dst: Some(s.network()),
+                gateway: None,
+                oif: Some(*idx),
+                pref_src: Some(h.ip),
+                scope_link: true,
+            });
+            want.push(TableRoute {
+                table,
+                dst: None,
+                gateway: Some(s.gateway),
+                oif: Some(*idx),
+                pref_src: None,
+                scope_link: false,
+            });
         }
-        let key = |m: &RouteMessage| {
-            use netlink_packet_route::route::{RouteAddress, RouteAttribute};
-            let mut table = u32::from(m.header.table);
-            let mut dst = None;
-            let mut gw = None;
-            let mut oif = None;
-            for a in &m.attributes {
-                match a {
-                    RouteAttribute::Table(t) => table = *t,
-                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
-                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
-                    RouteAttribute::Oif(o) => oif = Some(*o),
-                    _ => {}
-                }
-            }
-            (table, dst, m.header.destination_prefix_length, gw, oif)
-        };
-        let want_keys: BTreeSet<_> = want.iter().map(key).collect();
-        let mut stale = Vec::new();
-        let mut s = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        while let Some(m) = s.try_next().await.map_err(|e| nl("listing routes", e))? {
-            if m.header.protocol == RouteProtocol::Other(RTPROT_FERREA_EGRESS)
-                && !want_keys.contains(&key(&m))
-            {
-                stale.push(m);
+        let want_keys: BTreeSet<_> = want.iter().map(TableRoute::key).collect();
+        let routes = &self.kernel.routes;
+        for r in routes.list(RTPROT_FERREA_EGRESS).await? {
+            if !want_keys.contains(&r.key()) {
+                routes.delete(RTPROT_FERREA_EGRESS, &r).await?;
             }
         }
-        for m in stale {
-            match self.handle.route().del(m).execute().await {
-                Ok(()) => {}
-                Err(e) if is_errno(&e, libc::ESRCH) => {}
-                Err(e) => return Err(nl("removing an egress route", e)),
-            }
-        }
-        for m in want {
-            self.handle
-                .route()
-                .add(m)
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| nl("adding an egress route", e))?;
+        for r in &want {
+            routes.replace(RTPROT_FERREA_EGRESS, r).await?;
         }
         Ok(())
     }
 
-    async fn sync_rules(&self, ok: &[&(HeldIp, u32, String)]) -> Result<(), String> {
+    async fn sync_rules(&self, ok: &[&Placed]) -> Result<(), NodeError> {
         // (mark, table) per IP with a subnet.
         let want: BTreeSet<(u32, u32)> = ok
             .iter()
             .filter_map(|(h, _, _)| h.subnet.map(|s| (u32::from(h.id), table_of(&s))))
             .collect();
-        let rule_key = |m: &RuleMessage| {
-            let mut mark = None;
-            let mut table = u32::from(m.header.table);
-            for a in &m.attributes {
-                match a {
-                    RuleAttribute::FwMark(x) => mark = Some(*x),
-                    RuleAttribute::Table(t) => table = *t,
-                    _ => {}
-                }
-            }
-            (mark, table)
-        };
+        let rules = &self.kernel.rules;
         let mut have = BTreeSet::new();
         let mut stale = Vec::new();
-        let mut s = self.handle.rule().get(IpVersion::V4).execute();
-        while let Some(m) = s.try_next().await.map_err(|e| nl("listing rules", e))? {
-            let ours = m.attributes.iter().any(|a| {
-                matches!(a, RuleAttribute::Protocol(p) if *p == RouteProtocol::Other(RTPROT_FERREA_EGRESS))
-            });
-            if !ours {
-                continue;
-            }
-            match rule_key(&m) {
-                (Some(mark), table)
-                    if want.contains(&(mark, table)) && have.insert((mark, table)) => {}
-                _ => stale.push(m),
+        for r in rules.list(RTPROT_FERREA_EGRESS).await? {
+            match r.fwmark {
+                Some(mark) if want.contains(&(mark, r.table)) && have.insert((mark, r.table)) => {}
+                _ => stale.push(r),
             }
         }
-        for m in stale {
-            match self.handle.rule().del(m).execute().await {
-                Ok(()) => {}
-                Err(e) if is_errno(&e, libc::ENOENT) => {}
-                Err(e) => return Err(nl("removing an egress rule", e)),
-            }
+        for r in &stale {
+            rules.delete(RTPROT_FERREA_EGRESS, r).await?;
         }
         for (mark, table) in want.difference(&have) {
-            let mut req = self
-                .handle
-                .rule()
-                .add()
-                .v4()
-                .fw_mark(*mark)
-                .table_id(*table)
-                .action(netlink_packet_route::rule::RuleAction::ToTable)
-                .priority(RULE_PRIORITY);
-            let msg = req.message_mut();
-            msg.attributes.push(RuleAttribute::FwMask(EGRESS_MARK_MASK));
-            msg.attributes
-                .push(RuleAttribute::Protocol(RouteProtocol::Other(
-                    RTPROT_FERREA_EGRESS,
-                )));
-            req.execute()
-                .await
-                .map_err(|e| nl(format!("adding rule fwmark {mark:#x} lookup {table}"), e))?;
+            let rule = Rule {
+                priority: Some(RULE_PRIORITY),
+                fwmark: Some(*mark),
+                fwmask: Some(EGRESS_MARK_MASK),
+                table: *table,
+            };
+            rules.add(RTPROT_FERREA_EGRESS, &rule).await?;
         }
         Ok(())
     }
@@ -748,9 +708,10 @@ impl EgressNode {
     /// the interfaces whose value was restored just now.
     pub fn check_rp_filter(&mut self) -> Vec<String> {
         let mut restored = Vec::new();
+        let sysctl = &self.kernel.sysctl;
         for st in self.rp.values_mut() {
             let key = crate::kernel::sysctl::conf_key(&st.interface, "rp_filter");
-            let found = match crate::kernel::sysctl::get(&key) {
+            let found = match sysctl.get(&key) {
                 Ok(v) => v,
                 Err(e) => {
                     st.found = format!("unreadable: {}", e.source);
@@ -762,7 +723,7 @@ impl EgressNode {
                 st.set = true;
                 continue;
             }
-            match crate::kernel::sysctl::set(&key, &st.want) {
+            match sysctl.set(&key, &st.want) {
                 Ok(()) => {
                     // The first setting is not drift; a later difference is.
                     if st.set {
@@ -787,65 +748,6 @@ impl EgressNode {
     pub fn rp_filter_status(&self) -> Vec<RpFilterStatus> {
         self.rp.values().cloned().collect()
     }
-}
-
-/// Sends one gratuitous ARP (a request for `ip` from `ip`, to broadcast) out of `ifindex`,
-/// with the interface's own MAC. A raw `AF_PACKET` socket: no crate does this small thing,
-/// and `arping` is not something a node agent should depend on.
-#[allow(unsafe_code)]
-fn send_garp(ifindex: u32, mac: [u8; 6], ip: Ipv4Addr) -> Result<(), String> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: plain socket(2); the fd is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            (libc::ETH_P_ARP as u16).to_be() as i32,
-        )
-    };
-    if fd < 0 {
-        return Err(format!(
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut frame = [0u8; 42];
-    frame[0..6].copy_from_slice(&[0xff; 6]);
-    frame[6..12].copy_from_slice(&mac);
-    frame[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    frame[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
-    frame[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
-    frame[18] = 6;
-    frame[19] = 4;
-    frame[20..22].copy_from_slice(&1u16.to_be_bytes()); // request
-    frame[22..28].copy_from_slice(&mac);
-    frame[28..32].copy_from_slice(&ip.octets());
-    frame[32..38].copy_from_slice(&[0; 6]);
-    frame[38..42].copy_from_slice(&ip.octets());
-    // SAFETY: sockaddr_ll is plain old data; zero is valid for every field.
-    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sa.sll_family = libc::AF_PACKET as u16;
-    sa.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
-    sa.sll_ifindex = ifindex as i32;
-    sa.sll_halen = 6;
-    sa.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-    // SAFETY: frame and sa outlive the call; lengths are theirs.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&sa as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if n < 0 {
-        return Err(format!("sending: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

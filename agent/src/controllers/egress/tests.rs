@@ -1,0 +1,501 @@
+//! The controller against the recording fakes of its side effects: no root, no kernel, time
+//! paused. One [`EventLog`] is shared by every fake, so the order of calls across links,
+//! addresses, routes, rules, nftables and the dataplane is asserted as it happened.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::node::{ALIAS, EgressKernel, EgressNode, RTPROT_FERREA_EGRESS as P, VlanTagging};
+use super::{EgressContext, run};
+use crate::dataplane::{Dataplane, NodeNetwork};
+use crate::kernel::links::LinkKind;
+use crate::kernel::nftables::{NatSpec, NatTable};
+use crate::kernel::rules::Rule;
+use crate::kernel::sysctl::conf_key;
+use crate::kernel::tables::TableRoute;
+use crate::kernel::vlan::VlanError;
+use crate::pods::PodManager;
+use crate::pods::store::Store;
+use crate::source::DesiredState;
+use crate::testing::{
+    EventLog, FakeAddresses, FakeDataplane, FakeGarp, FakeLinks, FakeNftables, FakePodNet,
+    FakeRules, FakeSysctl, FakeTableRoutes, LoggedDataplane, LoggedNftables, state,
+};
+
+/// The VLAN tagger, logging `vlan attach <child> <vid>` and `vlan retain <vids>`.
+struct FakeTagger(EventLog);
+
+impl VlanTagging for FakeTagger {
+    fn attach(&mut self, _parent: &str, child: &str, vid: u16) -> Result<(), VlanError> {
+        self.0.push(format!("vlan attach {child} {vid}"));
+        Ok(())
+    }
+    fn retain(&mut self, _parent: &str, keep: &[u16]) -> Result<(), VlanError> {
+        self.0.push(format!("vlan retain {keep:?}"));
+        Ok(())
+    }
+}
+
+struct Fx {
+    log: EventLog,
+    links: Arc<FakeLinks>,
+    addrs: Arc<FakeAddresses>,
+    routes: Arc<FakeTableRoutes>,
+    rules: Arc<FakeRules>,
+    sysctl: Arc<FakeSysctl>,
+    nft: Arc<FakeNftables>,
+    dp: Arc<FakeDataplane>,
+    dir: tempfile::TempDir,
+    eth0: u32,
+}
+
+impl Fx {
+    /// A node with `eth0` (the transport) and `ferrea-gw0`, whose fresh interfaces' rp_filter
+    /// reads as 1 (strict).
+    fn new() -> Self {
+        let log = EventLog::default();
+        let links = Arc::new(FakeLinks::new(log.clone()));
+        let eth0 = links.seed("eth0", LinkKind::Other, None);
+        links.seed("ferrea-gw0", LinkKind::Other, None);
+        Self {
+            links,
+            addrs: Arc::new(FakeAddresses::new(log.clone())),
+            routes: Arc::new(FakeTableRoutes::new(log.clone())),
+            rules: Arc::new(FakeRules::new(log.clone())),
+            sysctl: Arc::new(FakeSysctl::new(log.clone(), Some("1"))),
+            nft: Arc::new(FakeNftables::default()),
+            dp: Arc::new(FakeDataplane::default()),
+            dir: tempfile::tempdir().unwrap(),
+            eth0,
+            log,
+        }
+    }
+
+    /// Starts the controller (as `egress::start` does, over the fakes) on `st`.
+    fn start(
+        &self,
+        st: DesiredState,
+    ) -> (watch::Sender<DesiredState>, tokio::task::JoinHandle<()>) {
+        let kernel = EgressKernel {
+            links: self.links.clone(),
+            addresses: self.addrs.clone(),
+            routes: self.routes.clone(),
+            rules: self.rules.clone(),
+            sysctl: self.sysctl.clone(),
+            garp: Arc::new(FakeGarp::new(self.log.clone())),
+        };
+        let log = self.log.clone();
+        let node = EgressNode::with_kernel(
+            kernel,
+            "eth0".into(),
+            "ferrea-gw0".into(),
+            self.dir.path(),
+            Box::new(move || Ok(Box::new(FakeTagger(log.clone())) as Box<dyn VlanTagging>)),
+        );
+        let dp: Arc<dyn Dataplane> = Arc::new(LoggedDataplane {
+            inner: self.dp.clone(),
+            log: self.log.clone(),
+        });
+        let store = Store::open(&self.dir.path().join("store")).unwrap();
+        let node_net = NodeNetwork::standalone("10.244.1.0/24".parse().unwrap(), 1500);
+        let pods = Arc::new(
+            PodManager::new(
+                store,
+                Arc::new(FakePodNet::default()),
+                dp,
+                node_net,
+                "fe".into(),
+            )
+            .unwrap(),
+        );
+        let spec = NatSpec {
+            table: "ferrea".into(),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+            no_masquerade: vec!["10.244.0.0/16".parse().unwrap()],
+            masquerade: true,
+            gateway: Ipv4Addr::new(10, 244, 1, 1),
+        };
+        let nft = Arc::new(LoggedNftables {
+            inner: self.nft.clone(),
+            log: self.log.clone(),
+        });
+        let nat = Arc::new(NatTable::with_nftables(spec, None, nft));
+        let ctx = EgressContext {
+            node_name: "n1".into(),
+            cluster: vec!["10.244.0.0/16".parse().unwrap()],
+            encap: true,
+            transport: "eth0".into(),
+            gateway_if: "ferrea-gw0".into(),
+            state_dir: self.dir.path().to_owned(),
+        };
+        let (tx, rx) = watch::channel(st);
+        (tx, tokio::spawn(run(ctx, node, pods, nat, rx)))
+    }
+
+    fn view(&self, name: &str) -> Value {
+        let p = self.dir.path().join("status").join(name);
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+
+    fn index(&self, name: &str) -> u32 {
+        self.links.index(name).unwrap()
+    }
+}
+
+const NODE: &str = "kind: Node
+metadata: {name: n1}
+spec: {podCIDR: 10.244.1.0/24}
+status: {addresses: [{type: InternalIP, address: 172.18.0.11}]}
+";
+
+fn pool(vlan: u16) -> String {
+    format!(
+        "apiVersion: crd.antrea.io/v1beta1
+kind: ExternalIPPool
+metadata: {{name: pool{vlan}}}
+spec:
+  ipRanges: [{{start: 10.172.{vlan}.1, end: 10.172.{vlan}.199}}]
+  subnetInfo: {{gateway: 10.172.{vlan}.254, prefixLength: 24, vlan: {vlan}}}
+  nodeSelector: {{}}
+"
+    )
+}
+
+fn egress(name: &str, vlan: u16, ip: &str) -> String {
+    format!(
+        "apiVersion: crd.antrea.io/v1beta1
+kind: Egress
+metadata: {{name: {name}}}
+spec:
+  appliedTo: {{podSelector: {{matchLabels: {{app: {name}}}}}}}
+  egressIP: {ip}
+  externalIPPool: pool{vlan}
+"
+    )
+}
+
+fn desired(parts: &[String]) -> DesiredState {
+    let mut all = vec![NODE.to_owned()];
+    all.extend(parts.iter().cloned());
+    state(&all.join("---\n"))
+}
+
+/// The id the plan gives `egress`'s IP in `st`.
+fn id_of(st: &DesiredState, egress: &str) -> u8 {
+    super::plan::plan(st, &[], "n1", &[], true).assignments[egress]
+        .id
+        .unwrap()
+}
+
+fn pos(events: &[String], prefix: &str) -> usize {
+    events
+        .iter()
+        .position(|e| e.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no event {prefix:?} in {events:#?}"))
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ip_moving_between_egresses_is_made_before_the_old_one_breaks() {
+    let fx = Fx::new();
+    let before = desired(&[pool(100), pool(200), egress("old", 100, "10.172.100.5")]);
+    let after = desired(&[pool(100), pool(200), egress("new", 200, "10.172.200.6")]);
+    let (old_id, new_id) = (id_of(&before, "old"), id_of(&after, "new"));
+    assert_ne!(old_id, new_id, "the test needs two ids");
+    let (tx, task) = fx.start(before);
+    settle().await;
+    let old_if = fx.index("ferrea-ext.100");
+    assert!(
+        fx.addrs
+            .on(old_if)
+            .contains(&("10.172.100.5".parse().unwrap(), 24))
+    );
+    assert!(fx.nft.last().unwrap().contains("snat to 10.172.100.5"));
+    fx.log.take();
+
+    tx.send_replace(after);
+    settle().await;
+    let ev = fx.log.events();
+    let new_addr = pos(&ev, "addr add 10.172.200.6/24");
+    let new_route = pos(&ev, "route replace 10.172.200.0/24");
+    let new_default = pos(&ev, "route replace default via 10.172.200.254");
+    let new_rule = pos(
+        &ev,
+        &format!("rule add 20100: fwmark {new_id:#x}/0xff lookup 20200"),
+    );
+    let switch = pos(&ev, "nft load snat=10.172.200.6");
+    let dataplane = pos(&ev, &format!("dataplane egress held=[{new_id}]"));
+    let old_addr = pos(&ev, "addr del 10.172.100.5/24");
+    let old_route = pos(&ev, "route del 10.172.100.0/24");
+    let old_default = pos(&ev, "route del default via 10.172.100.254");
+    let old_rule = pos(
+        &ev,
+        &format!("rule del 20100: fwmark {old_id:#x}/0xff lookup 20100"),
+    );
+    let old_link = pos(&ev, "link del ferrea-ext.100");
+    for made in [new_addr, new_route, new_default, new_rule] {
+        assert!(made < switch, "made after the switch: {ev:#?}");
+    }
+    assert!(switch < dataplane, "{ev:#?}");
+    for broken in [old_addr, old_route, old_default, old_rule, old_link] {
+        assert!(dataplane < broken, "broken before the switch: {ev:#?}");
+    }
+    // One switch, straight from the old IP to the new one.
+    assert_eq!(
+        ev.iter().filter(|e| e.starts_with("nft load")).count(),
+        1,
+        "{ev:#?}"
+    );
+    assert!(fx.links.index("ferrea-ext.100").is_none());
+    assert_eq!(fx.rules.of(P).len(), 1);
+    assert_eq!(fx.routes.in_table(20100), vec![]);
+    assert_eq!(fx.routes.in_table(20200).len(), 2);
+    drop(tx);
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_keeps_what_is_still_wanted_and_removes_the_rest() {
+    let fx = Fx::new();
+    let st = desired(&[pool(100), egress("web", 100, "10.172.100.5")]);
+    let id = u32::from(id_of(&st, "web"));
+    // What the previous process left: its sub-interface for VLAN 100 (wanted) and 300 (not),
+    // their addresses, routes and rules, an address on the transport interface it recorded.
+    let kept_if = fx.links.seed("ferrea-ext.100", LinkKind::Vlan, Some(ALIAS));
+    let stale_if = fx.links.seed("ferrea-ext.300", LinkKind::Vlan, Some(ALIAS));
+    let foreign_if = fx.links.seed("ferrea-ext.200", LinkKind::MacVlan, None);
+    fx.addrs.seed(kept_if, "10.172.100.5".parse().unwrap(), 24);
+    fx.addrs.seed(stale_if, "10.172.30.9".parse().unwrap(), 24);
+    fx.addrs.seed(foreign_if, "10.200.0.2".parse().unwrap(), 24);
+    fx.addrs.seed(fx.eth0, "10.0.0.2".parse().unwrap(), 24);
+    fx.addrs.seed(fx.eth0, "192.0.2.50".parse().unwrap(), 32);
+    std::fs::write(
+        fx.dir.path().join("egress-addresses.json"),
+        r#"[["192.0.2.50",32]]"#,
+    )
+    .unwrap();
+    let route = |table, dst: Option<&str>, gw: Option<&str>, oif, src: Option<&str>| TableRoute {
+        table,
+        dst: dst.map(|d| d.parse().unwrap()),
+        gateway: gw.map(|g| g.parse().unwrap()),
+        oif: Some(oif),
+        pref_src: src.map(|s| s.parse().unwrap()),
+        scope_link: dst.is_some(),
+    };
+    let kept_routes = vec![
+        route(
+            20100,
+            Some("10.172.100.0/24"),
+            None,
+            kept_if,
+            Some("10.172.100.5"),
+        ),
+        route(20100, None, Some("10.172.100.254"), kept_if, None),
+    ];
+    for r in &kept_routes {
+        fx.routes.seed(P, r.clone());
+    }
+    fx.routes.seed(
+        P,
+        route(
+            20300,
+            Some("10.172.30.0/24"),
+            None,
+            stale_if,
+            Some("10.172.30.9"),
+        ),
+    );
+    fx.routes
+        .seed(P, route(20300, None, Some("10.172.30.254"), stale_if, None));
+    let foreign_route = route(100, None, Some("10.0.0.1"), fx.eth0, None);
+    fx.routes.seed(4, foreign_route.clone());
+    let rule = |mark, table| Rule {
+        priority: Some(20100),
+        fwmark: Some(mark),
+        fwmask: Some(0xff),
+        table,
+    };
+    fx.rules.seed(P, rule(id, 20100));
+    fx.rules.seed(P, rule(0x99, 20300));
+    fx.rules.seed(0, rule(0x5, 300));
+
+    let (tx, task) = fx.start(st);
+    settle().await;
+    let ev = fx.log.events();
+    // Kept: nothing about them was removed or made again.
+    for e in &ev {
+        assert!(!e.starts_with("link add"), "{ev:#?}");
+        assert!(!e.starts_with("rule add"), "{ev:#?}");
+        assert!(!e.contains("10.172.100.5/24"), "{ev:#?}");
+        assert!(
+            !(e.starts_with("route del") && e.contains("table 20100")),
+            "{ev:#?}"
+        );
+        assert!(
+            !e.contains("ferrea-ext.100") || e.starts_with("sysctl"),
+            "{ev:#?}"
+        );
+        assert!(
+            !e.contains("ferrea-ext.200"),
+            "the foreign interface was touched: {ev:#?}"
+        );
+    }
+    assert_eq!(fx.index("ferrea-ext.100"), kept_if);
+    assert_eq!(fx.routes.in_table(20100), kept_routes);
+    assert_eq!(fx.rules.of(P), vec![rule(id, 20100)]);
+    // Removed: the other sub-interface, its address, routes and rule, the recorded address.
+    pos(&ev, "addr del 10.172.30.9/24");
+    pos(&ev, "addr del 192.0.2.50/32");
+    pos(&ev, "link del ferrea-ext.300");
+    pos(&ev, "rule del 20100: fwmark 0x99/0xff lookup 20300");
+    assert_eq!(fx.routes.in_table(20300), vec![]);
+    // Not ferrea's: left as they were.
+    assert_eq!(
+        fx.addrs.on(foreign_if).into_iter().collect::<Vec<_>>(),
+        vec![("10.200.0.2".parse().unwrap(), 24)]
+    );
+    assert_eq!(
+        fx.addrs.on(fx.eth0).into_iter().collect::<Vec<_>>(),
+        vec![("10.0.0.2".parse().unwrap(), 24)]
+    );
+    assert_eq!(fx.routes.in_table(100), vec![foreign_route]);
+    assert_eq!(fx.rules.of(0), vec![rule(0x5, 300)]);
+    assert!(fx.nft.last().unwrap().contains("snat to 10.172.100.5"));
+    drop(tx);
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn rp_filter_changed_by_an_outsider_is_restored_and_reported() {
+    let fx = Fx::new();
+    let (tx, task) = fx.start(desired(&[pool(100), egress("web", 100, "10.172.100.5")]));
+    settle().await;
+    let key = conf_key("ferrea-ext.100", "rp_filter");
+    let gw_key = conf_key("ferrea-gw0", "rp_filter");
+    assert_eq!(fx.sysctl.value(&key).as_deref(), Some("2"));
+    assert_eq!(fx.sysctl.value(&gw_key).as_deref(), Some("2"));
+    let rp = |v: &Value, i: &str| {
+        v["rpFilter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["interface"] == i)
+            .cloned()
+            .unwrap()
+    };
+    // The first setting is not drift.
+    assert_eq!(
+        rp(&fx.view("egress-node.json"), "ferrea-ext.100")["restored"],
+        0
+    );
+
+    fx.sysctl.outsider_sets(&key, "1");
+    // Checked every second: restored at the next check.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(fx.sysctl.value(&key).as_deref(), Some("2"));
+    let s = rp(&fx.view("egress-node.json"), "ferrea-ext.100");
+    assert_eq!(
+        (s["found"].as_str(), s["restored"].as_u64()),
+        (Some("1"), Some(1)),
+        "{s}"
+    );
+    assert_eq!(
+        rp(&fx.view("egress-node.json"), "ferrea-gw0")["restored"],
+        0
+    );
+    // Left alone, it stays restored once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = rp(&fx.view("egress-node.json"), "ferrea-ext.100");
+    assert_eq!(
+        (s["found"].as_str(), s["restored"].as_u64()),
+        (Some("2"), Some(1)),
+        "{s}"
+    );
+    assert_eq!(
+        fx.log
+            .events()
+            .iter()
+            .filter(|e| e.starts_with(&format!("sysctl {key}=")))
+            .count(),
+        2
+    );
+    drop(tx);
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_netlink_step_is_retried_and_converges() {
+    let fx = Fx::new();
+    *fx.routes.fail.lock().unwrap() = 1;
+    let (tx, task) = fx.start(desired(&[pool(100), egress("web", 100, "10.172.100.5")]));
+    settle().await;
+    assert_eq!(fx.routes.in_table(20100), vec![]);
+    assert!(
+        fx.nft.last().is_none(),
+        "SNAT before the routes were in place"
+    );
+    let assigned = |v: &Value| v["items"][0]["status"]["conditions"][1].clone();
+    let c = assigned(&fx.view("egresses.json"));
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some("AssignmentError")),
+        "{c}"
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("adding route 10.172.100.0/24"),
+        "{c}"
+    );
+
+    // Retried a second later.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(fx.routes.in_table(20100).len(), 2);
+    assert_eq!(fx.rules.of(P).len(), 1);
+    assert!(fx.nft.last().unwrap().contains("snat to 10.172.100.5"));
+    let c = assigned(&fx.view("egresses.json"));
+    assert_eq!(
+        (c["status"].as_str(), c["message"].as_str()),
+        (Some("True"), Some("on ferrea-ext.100")),
+        "{c}"
+    );
+    drop(tx);
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn deleting_the_egress_releases_everything() {
+    let fx = Fx::new();
+    let (tx, task) = fx.start(desired(&[pool(100), egress("web", 100, "10.172.100.5")]));
+    settle().await;
+    let subif = fx.index("ferrea-ext.100");
+    assert_eq!(fx.addrs.on(subif).len(), 1);
+    assert_eq!(fx.dp.egress.lock().unwrap().held.len(), 1);
+
+    tx.send_replace(desired(&[pool(100)]));
+    settle().await;
+    assert!(fx.links.index("ferrea-ext.100").is_none());
+    assert!(fx.addrs.on(subif).is_empty());
+    assert!(fx.routes.routes.lock().unwrap().is_empty());
+    assert!(fx.rules.rules.lock().unwrap().is_empty());
+    let nft = fx.nft.last().unwrap();
+    assert!(
+        !nft.contains("egress_snat") && !nft.contains("egress_mark"),
+        "{nft}"
+    );
+    assert!(fx.dp.egress.lock().unwrap().held.is_empty());
+    let v = fx.view("egress-node.json");
+    assert_eq!(v["held"], serde_json::json!([]));
+    assert_eq!(v["rpFilter"], serde_json::json!([]));
+    assert_eq!(fx.view("egresses.json")["items"], serde_json::json!([]));
+    drop(tx);
+    task.await.unwrap();
+}
