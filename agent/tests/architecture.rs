@@ -238,6 +238,7 @@ fn sources() -> Vec<Source> {
         "no sources under {}",
         src_dir().display()
     );
+    let test_files = test_module_files(&paths);
     paths
         .into_iter()
         .map(|p| {
@@ -255,7 +256,12 @@ fn sources() -> Vec<Source> {
                 module.pop();
             }
             let code = clean(&text);
-            let test_start = test_module_start(&text);
+            // A file that is itself a `#[cfg(test)] mod x;` of its parent is test code whole.
+            let test_start = if test_files.contains(&p) {
+                0
+            } else {
+                test_module_start(&text)
+            };
             let refs = paths_in(&code, &module);
             Source {
                 rel: format!("src/{}", rel_src.display()),
@@ -286,6 +292,34 @@ fn top_level_modules() -> BTreeSet<String> {
         .filter_map(|l| l.trim().strip_prefix("pub mod "))
         .map(|m| m.trim_end_matches(';').trim().to_owned())
         .collect()
+}
+
+/// The files of modules declared `#[cfg(test)] mod x;` (out of line) in one of `paths`.
+fn test_module_files(paths: &[PathBuf]) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        // Children of `a/mod.rs` (and lib.rs, main.rs) live in `a/`; of `a/b.rs`, in `a/b/`.
+        let dir = match p.file_stem().and_then(|s| s.to_str()) {
+            Some("mod" | "lib" | "main") => p.parent().unwrap().to_path_buf(),
+            _ => p.with_extension(""),
+        };
+        for w in lines.windows(2) {
+            if w[0] != "#[cfg(test)]" {
+                continue;
+            }
+            let decl = ["mod ", "pub mod ", "pub(crate) mod "]
+                .iter()
+                .find_map(|pre| w[1].strip_prefix(pre))
+                .and_then(|rest| rest.strip_suffix(';'));
+            if let Some(name) = decl {
+                out.insert(dir.join(format!("{name}.rs")));
+                out.insert(dir.join(name).join("mod.rs"));
+            }
+        }
+    }
+    out
 }
 
 /// The first line of a `#[cfg(test)]` that precedes a `mod` item; the file's length if none.

@@ -12,8 +12,9 @@
 //! - **Retry with backoff.** After an error the controller is retried after what its error
 //!   policy says (by default doubling from [`RunnerConfig::retry_min`] up to
 //!   [`RunnerConfig::retry_max`]); a change in between is reconciled at once.
-//! - **Periodic resync.** Every [`RunnerConfig::resync`] after the last successful pass the
-//!   controller is called with [`Trigger::Resync`], so what an outsider removed comes back.
+//! - **Periodic resync.** Every [`RunnerConfig::resync`] after the last successful pass that
+//!   converged (start, retry or resync; requeues and changes do not count) the controller is
+//!   called with [`Trigger::Resync`], so what an outsider removed comes back.
 //! - **Logging.** One span per reconcile with fixed keys (`controller`, `trigger`,
 //!   `attempt`); an outage is logged once when it starts (and again only when its cause
 //!   changes), and once when it ends, with how long it lasted.
@@ -181,6 +182,7 @@ pub async fn run<R: Reconciler>(
     let mut trigger = Trigger::Start;
     let mut outage: Option<Outage> = None;
     let mut attempt: u64 = 0;
+    let mut last_converged = Instant::now();
     loop {
         desired.mark_unchanged();
         attempt += 1;
@@ -209,7 +211,12 @@ pub async fn run<R: Reconciler>(
                     Action::Await => None,
                     Action::Requeue(d) => Some((Instant::now() + d, Trigger::Requeue)),
                 };
-                (requeue, cfg.resync.map(|d| Instant::now() + d))
+                // The resync period counts from the last pass that converged the node, so a
+                // reconciler that requeues often is still resynced on time.
+                if trigger.converge() {
+                    last_converged = Instant::now();
+                }
+                (requeue, cfg.resync.map(|d| last_converged + d))
             }
             Err(e) => {
                 let msg = error_chain(&e);
@@ -405,6 +412,28 @@ mod tests {
         ptx.send_replace(1);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(calls.lock().unwrap().last(), Some(&Trigger::Changed));
+        drop(tx);
+        task.await.unwrap();
+
+        // A reconciler that requeues more often than the resync period is still resynced.
+        let (tx, rx) = watch::channel(DesiredState::default());
+        let (p, calls) = probe(0, Action::Requeue(Duration::from_millis(300)));
+        let c = RunnerConfig {
+            resync: Some(Duration::from_millis(1000)),
+            ..cfg()
+        };
+        let task = tokio::spawn(run(p, rx, Wakers::none(), c));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [
+                Trigger::Start,
+                Trigger::Requeue,
+                Trigger::Requeue,
+                Trigger::Requeue,
+                Trigger::Resync
+            ]
+        );
         drop(tx);
         task.await.unwrap();
 

@@ -171,7 +171,6 @@ pub struct EgressReconciler {
     reported: Vec<String>,
     /// The status views last written.
     written: Option<(Value, Value)>,
-    last_apply: Option<Instant>,
     last_rp_check: Instant,
 }
 
@@ -197,7 +196,6 @@ impl EgressReconciler {
             failure: None,
             reported: Vec::new(),
             written: None,
-            last_apply: None,
             last_rp_check: Instant::now(),
         }
     }
@@ -242,11 +240,10 @@ impl Reconciler for EgressReconciler {
             (plan, problems)
         };
         let changed = self.applied.as_ref() != Some(&plan);
-        let resync_due = self.last_apply.is_none_or(|t| t.elapsed() >= RESYNC);
         let mut error = None;
-        if changed || trigger.converge() || self.failure.is_some() || resync_due {
+        // The runner's resync (every 10 s) and retries arrive as converging triggers.
+        if changed || trigger.converge() || self.failure.is_some() {
             let t = Instant::now();
-            self.last_apply = Some(t);
             let previous = self
                 .applied
                 .as_ref()
