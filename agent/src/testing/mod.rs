@@ -116,7 +116,7 @@ impl Dataplane for FakeDataplane {
                 backend: "fake",
                 op: "prepare",
                 ifname: ep.host_ifname.clone(),
-                msg: "injected".into(),
+                source: Box::new(crate::dataplane::Cause::Unmet("injected".into())),
             });
         }
         self.prepared.lock().unwrap().insert(ep.ip);
@@ -129,7 +129,7 @@ impl Dataplane for FakeDataplane {
                 backend: "fake",
                 op: "add",
                 ifname: ep.host_ifname.clone(),
-                msg: "injected".into(),
+                source: Box::new(crate::dataplane::Cause::Unmet("injected".into())),
             });
         }
         Ok(())

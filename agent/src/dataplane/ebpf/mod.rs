@@ -48,7 +48,11 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValu
 use aya::programs::tc::{SchedClassifierLink, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ferrea_common::{Counters, EgressSteer as SteerEntry, Endpoint, RemoteNode as RemoteEntry};
+use ferrea_common::{
+    Counters, EgressSteer as SteerEntry, Endpoint, MAP_COUNTERS, MAP_EGRESS_EXEMPT,
+    MAP_EGRESS_HELD, MAP_EGRESS_STEER, MAP_ENDPOINTS_BY_IFINDEX, MAP_ENDPOINTS_BY_IP,
+    MAP_REMOTE_NODES, RemoteNode as RemoteEntry,
+};
 use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoData, InfoGeneve, InfoKind, InfoVeth};
 use netlink_packet_route::neighbour::NeighbourState;
@@ -57,7 +61,7 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, Rou
 use sha2::{Digest, Sha256};
 
 use super::{
-    Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
+    Cause, Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
     TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
 };
 use crate::config::TunnelType;
@@ -153,29 +157,52 @@ pub struct EbpfDataplane {
     loaded: Mutex<Option<Loaded>>,
 }
 
-fn init_err(msg: impl std::fmt::Display) -> DataplaneError {
-    DataplaneError::Init {
+fn init_err<E: Into<Cause>>(
+    op: &'static str,
+    object: impl std::fmt::Display,
+) -> impl FnOnce(E) -> DataplaneError {
+    let object = object.to_string();
+    move |e| DataplaneError::Init {
         backend: BACKEND,
-        msg: msg.to_string(),
+        op,
+        object,
+        source: Box::new(e.into()),
     }
 }
 
-fn pod_err(op: &'static str, ifname: &str) -> impl FnOnce(String) -> DataplaneError {
+fn pod_err<E: Into<Cause>>(op: &'static str, ifname: &str) -> impl FnOnce(E) -> DataplaneError {
     let ifname = ifname.to_owned();
-    move |msg| DataplaneError::Pod {
+    move |e| DataplaneError::Pod {
         backend: BACKEND,
         op,
         ifname,
-        msg,
+        source: Box::new(e.into()),
     }
 }
 
-fn other_err(op: &'static str, msg: impl std::fmt::Display) -> DataplaneError {
-    DataplaneError::Other {
+fn other_err<E: Into<Cause>>(
+    op: &'static str,
+    object: impl std::fmt::Display,
+) -> impl FnOnce(E) -> DataplaneError {
+    let object = object.to_string();
+    move |e| DataplaneError::Other {
         backend: BACKEND,
         op,
-        msg: msg.to_string(),
+        object,
+        source: Box::new(e.into()),
     }
+}
+
+fn not_init(op: &'static str) -> DataplaneError {
+    DataplaneError::NotInitialised {
+        backend: BACKEND,
+        op,
+    }
+}
+
+/// A condition found unmet, with no lower-layer error behind it.
+fn unmet(msg: impl Into<String>) -> Cause {
+    Cause::Unmet(msg.into())
 }
 
 fn nl_code(e: &rtnetlink::Error) -> Option<i32> {
@@ -210,7 +237,7 @@ impl EbpfDataplane {
     /// from a thread in the node's network namespace.
     pub fn new(pin_path: impl Into<PathBuf>) -> Result<Self, DataplaneError> {
         let (conn, nl, _) =
-            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+            rtnetlink::new_connection().map_err(init_err("open", "a netlink socket"))?;
         tokio::spawn(conn);
         Ok(Self {
             layout: PinLayout::new(pin_path.into()),
@@ -234,10 +261,9 @@ impl EbpfDataplane {
     fn load(&self, node: &NodeNetwork) -> Result<Loaded, DataplaneError> {
         let l = &self.layout;
         pins::ensure_bpffs(l.root())
-            .map_err(|e| init_err(format!("bpffs at {}: {e}", l.root().display())))?;
+            .map_err(init_err("mount or find a bpffs at", l.root().display()))?;
         for d in [l.maps_dir(), l.progs_root()] {
-            std::fs::create_dir_all(&d)
-                .map_err(|e| init_err(format!("mkdir {}: {e}", d.display())))?;
+            std::fs::create_dir_all(&d).map_err(init_err("create directory", d.display()))?;
         }
         // Maps are declared pinned by name: aya opens the pinned map if it exists (adoption)
         // and creates and pins it otherwise.
@@ -247,7 +273,7 @@ impl EbpfDataplane {
             .btf(None)
             .default_map_pin_directory(l.maps_dir())
             .load(BPF_OBJECT)
-            .map_err(|e| init_err(format!("loading the BPF object: {e}")))?;
+            .map_err(init_err("load", "the BPF object"))?;
         let digest = object_digest(BPF_OBJECT);
         let prog_dir = l.progs_dir(&digest);
         let same_build = PROGRAMS.iter().all(|p| prog_dir.join(p).exists());
@@ -256,11 +282,12 @@ impl EbpfDataplane {
         }
         let pinned = |name: &str| {
             SchedClassifier::from_pin(prog_dir.join(name))
-                .map_err(|e| init_err(format!("opening pinned program {name}: {e}")))
+                .map_err(init_err("open pinned", format!("program {name}")))
         };
         let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| init_err(format!("map {name} missing from the object")))
+            ebpf.take_map(name).ok_or_else(|| {
+                init_err("take", format!("map {name}"))(unmet("missing from the object"))
+            })
         };
         let ep_if = take(&mut ebpf, ferrea_common::MAP_ENDPOINTS_BY_IFINDEX)?;
         let ep_ip = take(&mut ebpf, ferrea_common::MAP_ENDPOINTS_BY_IP)?;
@@ -270,13 +297,13 @@ impl EbpfDataplane {
         let eg_exempt = take(&mut ebpf, ferrea_common::MAP_EGRESS_EXEMPT)?;
         let eg_held = take(&mut ebpf, ferrea_common::MAP_EGRESS_HELD)?;
         let mut loaded = Loaded {
-            ep_if: BpfHashMap::try_from(ep_if).map_err(init_err)?,
-            ep_ip: BpfHashMap::try_from(ep_ip).map_err(init_err)?,
-            counters: PerCpuHashMap::try_from(counters).map_err(init_err)?,
-            remote: LpmTrie::try_from(remote).map_err(init_err)?,
-            eg_steer: BpfHashMap::try_from(eg_steer).map_err(init_err)?,
-            eg_exempt: LpmTrie::try_from(eg_exempt).map_err(init_err)?,
-            eg_held: Array::try_from(eg_held).map_err(init_err)?,
+            ep_if: BpfHashMap::try_from(ep_if).map_err(map_type(MAP_ENDPOINTS_BY_IFINDEX))?,
+            ep_ip: BpfHashMap::try_from(ep_ip).map_err(map_type(MAP_ENDPOINTS_BY_IP))?,
+            counters: PerCpuHashMap::try_from(counters).map_err(map_type(MAP_COUNTERS))?,
+            remote: LpmTrie::try_from(remote).map_err(map_type(MAP_REMOTE_NODES))?,
+            eg_steer: BpfHashMap::try_from(eg_steer).map_err(map_type(MAP_EGRESS_STEER))?,
+            eg_exempt: LpmTrie::try_from(eg_exempt).map_err(map_type(MAP_EGRESS_EXEMPT))?,
+            eg_held: Array::try_from(eg_held).map_err(map_type(MAP_EGRESS_HELD))?,
             from_pod: pinned(ferrea_common::PROG_FROM_POD)?,
             to_pod: pinned(ferrea_common::PROG_TO_POD)?,
             from_tunnel: pinned(ferrea_common::PROG_FROM_TUNNEL)?,
@@ -315,7 +342,7 @@ impl EbpfDataplane {
         if self
             .link_index(TUNNEL_IFNAME)
             .await
-            .map_err(|e| init_err(format!("get {TUNNEL_IFNAME}: {e}")))?
+            .map_err(init_err("look up", format!("interface {TUNNEL_IFNAME}")))?
             .is_none()
         {
             let msg = match t.kind {
@@ -342,33 +369,40 @@ impl EbpfDataplane {
                 Ok(()) => {}
                 Err(e) if nl_code(&e) == Some(libc::EEXIST) => {}
                 Err(e) => {
-                    return Err(init_err(format!(
-                        "creating {TUNNEL_IFNAME} ({:?}, external mode): {e}{}",
+                    let object = format!(
+                        "interface {TUNNEL_IFNAME} ({:?}, external mode{})",
                         t.kind,
                         if matches!(t.kind, TunnelType::Geneve) {
-                            " (does this kernel have the geneve module?)"
+                            "; does this kernel have the geneve module?"
                         } else {
                             ""
                         }
-                    )));
+                    );
+                    return Err(init_err("create", object)(e));
                 }
             }
         }
         let idx = self
             .link_index(TUNNEL_IFNAME)
             .await
-            .map_err(|e| init_err(format!("get {TUNNEL_IFNAME}: {e}")))?
-            .ok_or_else(|| init_err(format!("{TUNNEL_IFNAME} vanished after creation")))?;
+            .map_err(init_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+            .ok_or_else(|| {
+                init_err("look up", format!("interface {TUNNEL_IFNAME}"))(unmet(
+                    "vanished after creation",
+                ))
+            })?;
         self.nl
             .link()
             .set(LinkUnspec::new_with_index(idx).mtu(node.mtu).up().build())
             .execute()
             .await
-            .map_err(|e| init_err(format!("set {TUNNEL_IFNAME} up: {e}")))?;
+            .map_err(init_err("set up", format!("interface {TUNNEL_IFNAME}")))?;
         let mut g = self.lock();
         let st = g.as_mut().expect("loaded by init_node");
-        st.attach_tunnel()
-            .map_err(|e| init_err(format!("attaching the tunnel programs: {e}")))
+        st.attach_tunnel().map_err(init_err(
+            "attach the tunnel programs to",
+            format!("interface {TUNNEL_IFNAME}"),
+        ))
     }
 
     /// Deletes the tunnel device if it exists (routes through it go with it).
@@ -376,12 +410,14 @@ impl EbpfDataplane {
         if let Some(idx) = self
             .link_index(TUNNEL_IFNAME)
             .await
-            .map_err(|e| init_err(format!("get {TUNNEL_IFNAME}: {e}")))?
+            .map_err(init_err("look up", format!("interface {TUNNEL_IFNAME}")))?
         {
             match self.nl.link().del(idx).execute().await {
                 Ok(()) => tracing::info!("noEncap: tunnel device removed"),
                 Err(e) if is_gone(&e) => {}
-                Err(e) => return Err(init_err(format!("deleting {TUNNEL_IFNAME}: {e}"))),
+                Err(e) => {
+                    return Err(init_err("delete", format!("interface {TUNNEL_IFNAME}"))(e));
+                }
             }
         }
         Ok(())
@@ -389,12 +425,11 @@ impl EbpfDataplane {
 
     /// Creates or adopts `ferrea-gw0` / `ferrea-gw0p`, up, with the gateway /32.
     async fn ensure_gateway(&self, node: &NodeNetwork) -> Result<(), DataplaneError> {
-        let gw_err =
-            |op: &str, e: rtnetlink::Error| init_err(format!("{op} {GATEWAY_IFNAME}: {e}"));
+        let gw = format!("interface {GATEWAY_IFNAME}");
         if self
             .link_index(GATEWAY_IFNAME)
             .await
-            .map_err(|e| gw_err("get", e))?
+            .map_err(init_err("look up", &gw))?
             .is_none()
         {
             let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -410,21 +445,25 @@ impl EbpfDataplane {
                 Ok(()) => {}
                 // Another init_node won the race: adopt its device.
                 Err(e) if nl_code(&e) == Some(libc::EEXIST) => {}
-                Err(e) => return Err(gw_err("create", e)),
+                Err(e) => return Err(init_err("create", &gw)(e)),
             }
         }
         for name in [GATEWAY_PEER_IFNAME, GATEWAY_IFNAME] {
             let idx = self
                 .link_index(name)
                 .await
-                .map_err(|e| gw_err("get", e))?
-                .ok_or_else(|| init_err(format!("{name} vanished after creation")))?;
+                .map_err(init_err("look up", format!("interface {name}")))?
+                .ok_or_else(|| {
+                    init_err("look up", format!("interface {name}"))(unmet(
+                        "vanished after creation",
+                    ))
+                })?;
             self.nl
                 .link()
                 .set(LinkUnspec::new_with_index(idx).up().build())
                 .execute()
                 .await
-                .map_err(|e| init_err(format!("set {name} up: {e}")))?;
+                .map_err(init_err("set up", format!("interface {name}")))?;
             if name == GATEWAY_IFNAME {
                 self.nl
                     .address()
@@ -432,7 +471,7 @@ impl EbpfDataplane {
                     .replace()
                     .execute()
                     .await
-                    .map_err(|e| gw_err("add gateway address to", e))?;
+                    .map_err(init_err("add the gateway address to", &gw))?;
             }
         }
         // Addresses of the pod CIDR that no pod holds are unreachable, rather than following
@@ -447,7 +486,10 @@ impl EbpfDataplane {
             .replace()
             .execute()
             .await
-            .map_err(|e| init_err(format!("add unreachable route for {}: {e}", node.pod_cidr)))?;
+            .map_err(init_err(
+                "add the unreachable route",
+                format!("route {}", node.pod_cidr),
+            ))?;
         Ok(())
     }
 
@@ -474,39 +516,49 @@ impl EbpfDataplane {
         match self.nl.route().del(route).execute().await {
             Ok(()) => {}
             Err(e) if is_gone(&e) => {}
-            Err(e) => return Err(pod_err("delete route", &ep.host_ifname)(e.to_string())),
+            Err(e) => return Err(pod_err("delete route", &ep.host_ifname)(e)),
         }
         let mut add = self.nl.neighbours().add(ep.host_ifindex, IpAddr::V4(ep.ip));
         let msg = add.message_mut().clone();
         match self.nl.neighbours().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_gone(&e) => Ok(()),
-            Err(e) => Err(pod_err("delete neighbour", &ep.host_ifname)(e.to_string())),
+            Err(e) => Err(pod_err("delete neighbour", &ep.host_ifname)(e)),
         }
     }
 }
 
 /// Loads both programs of a freshly loaded object and pins them under `dir`.
 /// Attaches `prog` to `ifname` at `t`, or replaces the program of ferrea's filter there.
-fn attach_prog(prog: &mut SchedClassifier, ifname: &str, t: TcAttachType) -> Result<(), String> {
+fn attach_prog(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    t: TcAttachType,
+) -> Result<(), crate::kernel::tc::TcError> {
     crate::kernel::tc::attach_filter(prog, ifname, t, TC_PRIORITY, TC_HANDLE)
-        .map_err(|e| e.to_string())
+}
+
+/// A map of the object that is not of the type this module expects (another build's layout).
+fn map_type(name: &str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    init_err("open", format!("map {name}"))
 }
 
 fn load_and_pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
     // A half-populated directory (crash between the two pins) is simply redone.
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).map_err(|e| init_err(format!("mkdir {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(init_err("create directory", dir.display()))?;
     for name in PROGRAMS {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
-            .ok_or_else(|| init_err(format!("program {name} missing from the object")))?
+            .ok_or_else(|| {
+                init_err("find", format!("program {name}"))(unmet("missing from the object"))
+            })?
             .try_into()
-            .map_err(|e| init_err(format!("program {name}: {e}")))?;
+            .map_err(init_err("open as a classifier", format!("program {name}")))?;
         prog.load()
-            .map_err(|e| init_err(format!("loading program {name}: {e}")))?;
+            .map_err(init_err("load", format!("program {name}")))?;
         prog.pin(dir.join(name))
-            .map_err(|e| init_err(format!("pinning program {name}: {e}")))?;
+            .map_err(init_err("pin", format!("program {name}")))?;
     }
     Ok(())
 }
@@ -520,12 +572,12 @@ impl Loaded {
     }
 
     /// Attaches (or replaces in place) ferrea's filter for one direction on `ifname`.
-    fn attach_one(&mut self, ifname: &str, d: Direction) -> Result<(), String> {
+    fn attach_one(&mut self, ifname: &str, d: Direction) -> Result<(), crate::kernel::tc::TcError> {
         attach_prog(self.prog(d), ifname, attach_type(d))
     }
 
     /// Attaches both tunnel programs to the tunnel device (adding `clsact` if needed).
-    fn attach_tunnel(&mut self) -> Result<(), String> {
+    fn attach_tunnel(&mut self) -> Result<(), crate::kernel::tc::TcError> {
         let _ = aya::programs::tc::qdisc_add_clsact(TUNNEL_IFNAME);
         attach_prog(&mut self.from_tunnel, TUNNEL_IFNAME, TcAttachType::Ingress)?;
         attach_prog(&mut self.to_tunnel, TUNNEL_IFNAME, TcAttachType::Egress)
@@ -566,7 +618,7 @@ impl Loaded {
         for (k, v) in &want {
             self.remote
                 .insert(k, *v, 0)
-                .map_err(|e| other_err("remote node map", e))?;
+                .map_err(other_err("insert into", format!("map {MAP_REMOTE_NODES}")))?;
         }
         Ok(())
     }
@@ -575,7 +627,6 @@ impl Loaded {
     /// rewritten). Order: new exempt prefixes first and stale ones last, so a steered pod never
     /// has a moment in which a destination that stays exempt is steered.
     fn sync_egress(&mut self, plan: &EgressPlan, tun_ifindex: u32) -> Result<(), DataplaneError> {
-        let err = |e: aya::maps::MapError| other_err("set_egress", e);
         let exempt: Vec<LpmKey<u32>> = plan
             .exempt
             .iter()
@@ -592,7 +643,9 @@ impl Loaded {
         };
         for k in &exempt {
             if !have_exempt.iter().any(|h| same(h, k)) {
-                self.eg_exempt.insert(k, 1, 0).map_err(err)?;
+                self.eg_exempt
+                    .insert(k, 1, 0)
+                    .map_err(other_err("insert into", format!("map {MAP_EGRESS_EXEMPT}")))?;
             }
         }
 
@@ -601,8 +654,16 @@ impl Loaded {
             held[usize::from(id)] = 1;
         }
         for (id, &want) in (0u32..).zip(held.iter()) {
-            if self.eg_held.get(&id, 0).map_err(err)? != want {
-                self.eg_held.set(id, want, 0).map_err(err)?;
+            let held_map = || format!("map {MAP_EGRESS_HELD}");
+            if self
+                .eg_held
+                .get(&id, 0)
+                .map_err(other_err("read", held_map()))?
+                != want
+            {
+                self.eg_held
+                    .set(id, want, 0)
+                    .map_err(other_err("set", held_map()))?;
             }
         }
 
@@ -628,7 +689,9 @@ impl Loaded {
         }
         for (k, v) in &want {
             if self.eg_steer.get(k, 0).ok().as_ref() != Some(v) {
-                self.eg_steer.insert(k, v, 0).map_err(err)?;
+                self.eg_steer
+                    .insert(k, v, 0)
+                    .map_err(other_err("insert into", format!("map {MAP_EGRESS_STEER}")))?;
             }
         }
 
@@ -690,7 +753,7 @@ impl Loaded {
 
     fn insert(&mut self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         let e = endpoint_of(ep);
-        let err = |op| pod_err(op, &ep.host_ifname);
+        let ifname = ep.host_ifname.as_str();
         // Re-adding an IP on another interface: drop the old interface's entry first.
         if let Ok(old) = self.ep_ip.get(&e.ipv4, 0)
             && old.ifindex != e.ifindex
@@ -698,19 +761,19 @@ impl Loaded {
             let _ = self.ep_if.remove(&old.ifindex);
         }
         if self.counters.get(&e.ifindex, 0).is_err() {
-            let ncpu = aya::util::nr_cpus().map_err(|(_, e)| err("count CPUs")(e.to_string()))?;
+            let ncpu = aya::util::nr_cpus().map_err(|(_, e)| pod_err("count CPUs", ifname)(e))?;
             let zero = PerCpuValues::try_from(vec![Counters::default(); ncpu])
-                .map_err(|e| err("init counters")(e.to_string()))?;
+                .map_err(pod_err("init counters", ifname))?;
             self.counters
                 .insert(e.ifindex, zero, 0)
-                .map_err(|e| err("init counters")(e.to_string()))?;
+                .map_err(pod_err("init counters", ifname))?;
         }
         self.ep_if
             .insert(e.ifindex, e, 0)
-            .map_err(|e| err("insert endpoint")(e.to_string()))?;
+            .map_err(pod_err("insert endpoint by ifindex", ifname))?;
         self.ep_ip
             .insert(e.ipv4, e, 0)
-            .map_err(|e| err("insert endpoint")(e.to_string()))?;
+            .map_err(pod_err("insert endpoint by IP", ifname))?;
         Ok(())
     }
 }
@@ -735,17 +798,17 @@ impl Dataplane for EbpfDataplane {
     async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
         let node = {
             let g = self.lock();
-            let st = g
-                .as_ref()
-                .ok_or_else(|| other_err("set_remote_nodes", "init_node was not called"))?;
+            let st = g.as_ref().ok_or_else(|| not_init("set_remote_nodes"))?;
             st.node.clone()
         };
         let dev = match node.tunnel {
             Some(_) => self
                 .link_index(TUNNEL_IFNAME)
                 .await
-                .map_err(|e| other_err("remote nodes", e))?
-                .ok_or_else(|| other_err("remote nodes", format!("{TUNNEL_IFNAME} is missing")))?,
+                .map_err(other_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+                .ok_or_else(|| {
+                    other_err("look up", format!("interface {TUNNEL_IFNAME}"))(unmet("missing"))
+                })?,
             None => node.transport.ifindex,
         };
         let tun_ifindex = if node.tunnel.is_some() { dev } else { 0 };
@@ -767,7 +830,7 @@ impl Dataplane for EbpfDataplane {
             .collect();
         let removed = routes::sync(&self.nl, &want)
             .await
-            .map_err(|e| other_err("remote node routes", e))?;
+            .map_err(other_err("sync", "remote node routes"))?;
         if removed > 0 {
             tracing::info!(removed, "routes of departed nodes removed");
         }
@@ -777,9 +840,7 @@ impl Dataplane for EbpfDataplane {
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         let gateway = {
             let mut g = self.lock();
-            let st = g
-                .as_mut()
-                .ok_or_else(|| other_err("add_pod", "init_node was not called"))?;
+            let st = g.as_mut().ok_or_else(|| not_init("add_pod"))?;
             // Map entries first: the program drops everything from an interface it has no
             // endpoint for, so attaching first would black-hole the pod's first packets.
             st.insert(ep)?;
@@ -792,7 +853,7 @@ impl Dataplane for EbpfDataplane {
             .replace()
             .execute()
             .await
-            .map_err(|e| pod_err("add route", &ep.host_ifname)(e.to_string()))?;
+            .map_err(pod_err("add route", &ep.host_ifname))?;
         self.nl
             .neighbours()
             .add(ep.host_ifindex, IpAddr::V4(ep.ip))
@@ -801,16 +862,14 @@ impl Dataplane for EbpfDataplane {
             .replace()
             .execute()
             .await
-            .map_err(|e| pod_err("add neighbour", &ep.host_ifname)(e.to_string()))?;
+            .map_err(pod_err("add neighbour", &ep.host_ifname))?;
         Ok(())
     }
 
     async fn del_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         let gateway = {
             let mut g = self.lock();
-            let st = g
-                .as_mut()
-                .ok_or_else(|| other_err("del_pod", "init_node was not called"))?;
+            let st = g.as_mut().ok_or_else(|| not_init("del_pod"))?;
             st.forget(ep.host_ifindex, ep.ip);
             st.gateway
         };
@@ -827,9 +886,7 @@ impl Dataplane for EbpfDataplane {
     async fn retain_pods(&self, keep: &HashSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, DataplaneError> {
         let (stale, gateway) = {
             let mut g = self.lock();
-            let st = g
-                .as_mut()
-                .ok_or_else(|| other_err("retain_pods", "init_node was not called"))?;
+            let st = g.as_mut().ok_or_else(|| not_init("retain_pods"))?;
             let by_ip: Vec<(u32, Endpoint)> = st.ep_ip.iter().filter_map(Result::ok).collect();
             let mut stale = Vec::new();
             for (key, e) in by_ip {
@@ -879,22 +936,23 @@ impl Dataplane for EbpfDataplane {
     }
 
     async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
-        let err = |msg: String| other_err("set_egress", msg);
         let (tunnel, own_ip) = {
             let g = self.lock();
-            let st = g
-                .as_ref()
-                .ok_or_else(|| err("init_node was not called".into()))?;
+            let st = g.as_ref().ok_or_else(|| not_init("set_egress"))?;
             (st.node.tunnel, st.node.transport.ip)
         };
-        let plan = &plan.normalised(tunnel.is_some(), own_ip).map_err(err)?;
+        let plan = &plan
+            .normalised(tunnel.is_some(), own_ip)
+            .map_err(other_err("set_egress", "egress plan"))?;
         let tun_ifindex = if plan.steer.is_empty() {
             0
         } else {
             self.link_index(TUNNEL_IFNAME)
                 .await
-                .map_err(|e| err(format!("get {TUNNEL_IFNAME}: {e}")))?
-                .ok_or_else(|| err(format!("{TUNNEL_IFNAME} is missing")))?
+                .map_err(other_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+                .ok_or_else(|| {
+                    other_err("look up", format!("interface {TUNNEL_IFNAME}"))(unmet("missing"))
+                })?
         };
         self.lock()
             .as_mut()
@@ -904,13 +962,11 @@ impl Dataplane for EbpfDataplane {
 
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
         let g = self.lock();
-        let st = g
-            .as_ref()
-            .ok_or_else(|| other_err("pod_stats", "init_node was not called"))?;
+        let st = g.as_ref().ok_or_else(|| not_init("pod_stats"))?;
         let per_cpu = match st.counters.get(&ep.host_ifindex, 0) {
             Ok(v) => v,
             Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(pod_err("read counters", &ep.host_ifname)(e.to_string())),
+            Err(e) => return Err(pod_err("read counters", &ep.host_ifname)(e)),
         };
         Ok(Some(sum_counters(per_cpu.iter())))
     }

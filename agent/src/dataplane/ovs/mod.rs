@@ -71,7 +71,7 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::{
-    Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
+    Cause, Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
     TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
 };
 use crate::kernel::routes::{self, NodeRoute};
@@ -139,36 +139,60 @@ pub struct OvsDataplane {
     state: Mutex<Option<NodeState>>,
 }
 
-fn init_err(msg: impl std::fmt::Display) -> DataplaneError {
-    DataplaneError::Init {
+fn init_err<E: Into<Cause>>(
+    op: &'static str,
+    object: impl std::fmt::Display,
+) -> impl FnOnce(E) -> DataplaneError {
+    let object = object.to_string();
+    move |e| DataplaneError::Init {
         backend: BACKEND,
-        msg: msg.to_string(),
+        op,
+        object,
+        source: Box::new(e.into()),
     }
 }
 
-fn pod_err(op: &'static str, ep: &PodEndpoint, msg: impl std::fmt::Display) -> DataplaneError {
-    DataplaneError::Pod {
+fn pod_err<E: Into<Cause>>(op: &'static str, ep: &PodEndpoint) -> impl FnOnce(E) -> DataplaneError {
+    let ifname = ep.host_ifname.clone();
+    move |e| DataplaneError::Pod {
         backend: BACKEND,
         op,
-        ifname: ep.host_ifname.clone(),
-        msg: msg.to_string(),
+        ifname,
+        source: Box::new(e.into()),
     }
 }
 
 /// Gives a node-level error (from the OpenFlow helpers) the pod's interface as context.
 fn for_pod(op: &'static str, ep: &PodEndpoint, e: DataplaneError) -> DataplaneError {
     match e {
-        DataplaneError::Other { op: inner, msg, .. } => pod_err(op, ep, format!("{inner}: {msg}")),
+        DataplaneError::Other { source, .. } => pod_err(op, ep)(*source),
         e => e,
     }
 }
 
-fn other_err(op: &'static str, msg: impl std::fmt::Display) -> DataplaneError {
-    DataplaneError::Other {
+fn other_err<E: Into<Cause>>(
+    op: &'static str,
+    object: impl std::fmt::Display,
+) -> impl FnOnce(E) -> DataplaneError {
+    let object = object.to_string();
+    move |e| DataplaneError::Other {
         backend: BACKEND,
         op,
-        msg: msg.to_string(),
+        object,
+        source: Box::new(e.into()),
     }
+}
+
+fn not_init(op: &'static str) -> DataplaneError {
+    DataplaneError::NotInitialised {
+        backend: BACKEND,
+        op,
+    }
+}
+
+/// A condition found unmet, with no lower-layer error behind it.
+fn unmet(msg: impl Into<String>) -> Cause {
+    Cause::Unmet(msg.into())
 }
 
 impl OvsDataplane {
@@ -259,7 +283,7 @@ impl OvsDataplane {
                     "columns": columns})],
             )
             .await
-            .map_err(|e| other_err(op, e))?;
+            .map_err(other_err(op, format!("{table} rows")))?;
         Ok(r[0]["rows"].as_array().cloned().unwrap_or_default())
     }
 
@@ -317,7 +341,7 @@ impl OvsDataplane {
                 Ok(c) => break c,
                 // vswitchd creates the socket shortly after the bridge row appears.
                 Err(e) if start.elapsed() > VSWITCHD_TIMEOUT => {
-                    return Err(other_err("openflow connect", e));
+                    return Err(other_err("openflow connect", path.display())(e));
                 }
                 Err(_) => {
                     tokio::time::sleep(delay).await;
@@ -336,7 +360,10 @@ impl OvsDataplane {
             tracing::info!(bridge = %self.cfg.bridge, "openflow reconnected, re-installing flows");
             c.bundle("resync flows", &Self::desired_flows(&s))
                 .await
-                .map_err(|e| other_err("resync flows", e))?;
+                .map_err(other_err(
+                    "resync flows",
+                    format!("bridge {}", self.cfg.bridge),
+                ))?;
         }
         *g = Some(c.clone());
         Ok(c)
@@ -349,9 +376,11 @@ impl OvsDataplane {
         match c.bundle(op, mods).await {
             Err(ConnError::Closed { .. } | ConnError::Io { .. }) => {
                 let c = self.of().await?;
-                c.bundle(op, mods).await.map_err(|e| other_err(op, e))
+                c.bundle(op, mods)
+                    .await
+                    .map_err(other_err(op, format!("bridge {}", self.cfg.bridge)))
             }
-            r => r.map_err(|e| other_err(op, e)),
+            r => r.map_err(other_err(op, format!("bridge {}", self.cfg.bridge))),
         }
     }
 
@@ -366,11 +395,15 @@ impl OvsDataplane {
         match c.dump_flows(table, cookie, mask).await {
             Err(ConnError::Closed { .. } | ConnError::Io { .. }) => {
                 let c = self.of().await?;
-                c.dump_flows(table, cookie, mask)
-                    .await
-                    .map_err(|e| other_err("dump flows", e))
+                c.dump_flows(table, cookie, mask).await.map_err(other_err(
+                    "dump flows",
+                    format!("bridge {}", self.cfg.bridge),
+                ))
             }
-            r => r.map_err(|e| other_err("dump flows", e)),
+            r => r.map_err(other_err(
+                "dump flows",
+                format!("bridge {}", self.cfg.bridge),
+            )),
         }
     }
 
@@ -393,7 +426,7 @@ impl OvsDataplane {
                 ],
             )
             .await
-            .map_err(init_err)?;
+            .map_err(init_err("read node state", format!("bridge {br}")))?;
         let root = r[0]["rows"].get(0).cloned();
         let bridge = r[1]["rows"].get(0).cloned();
         let have_gw = r[2]["rows"].get(0).is_some();
@@ -481,7 +514,7 @@ impl OvsDataplane {
         self.db
             .transact("create or adopt bridge", ops)
             .await
-            .map_err(init_err)?;
+            .map_err(init_err("create or adopt", format!("bridge {br}")))?;
         Ok((round, frw, datapath))
     }
 
@@ -529,7 +562,7 @@ impl OvsDataplane {
                         "where": [["name", "==", TUNNEL_IFNAME]], "columns": ["external_ids"]})],
                     )
                     .await
-                    .map_err(init_err)?;
+                    .map_err(init_err("read", format!("tunnel port {TUNNEL_IFNAME}")))?;
                 let ours = r[0]["rows"].get(0).is_some_and(|row| {
                     parse_map(&row["external_ids"])
                         .get(TYPE_KEY)
@@ -537,10 +570,12 @@ impl OvsDataplane {
                         == Some("tunnel")
                 });
                 if !ours {
-                    return Err(init_err(format!(
-                        "a port named {TUNNEL_IFNAME} exists that ferrea did not create; \
-                         remove it or rename it"
-                    )));
+                    return Err(init_err("adopt", format!("tunnel port {TUNNEL_IFNAME}"))(
+                        unmet(format!(
+                            "a port named {TUNNEL_IFNAME} exists that ferrea did not create; \
+                             remove it or rename it"
+                        )),
+                    ));
                 }
                 self.db
                     .transact(
@@ -550,21 +585,24 @@ impl OvsDataplane {
                         "row": {"type": kind, "options": map(&opts), "ofport_request": TUNNEL_OFPORT}})],
                     )
                     .await
-                    .map_err(init_err)?;
+                    .map_err(init_err("update", format!("tunnel port {TUNNEL_IFNAME}")))?;
             }
-            Err(e) => return Err(init_err(e)),
+            Err(e) => return Err(init_err("add", format!("tunnel port {TUNNEL_IFNAME}"))(e)),
         }
         let port = self
             .db
             .wait_ofport(TUNNEL_IFNAME, VSWITCHD_TIMEOUT)
             .await
-            .map_err(init_err)?
+            .map_err(init_err(
+                "wait for the port number of",
+                format!("tunnel port {TUNNEL_IFNAME}"),
+            ))?
             .ok_or_else(|| {
-                init_err(format!(
+                init_err("open", format!("tunnel port {TUNNEL_IFNAME}"))(unmet(format!(
                     "vswitchd could not open the {kind} tunnel port {TUNNEL_IFNAME} (UDP port {}); \
                      its log says why (with the kernel datapath: is the {kind} module loaded?)",
                     t.port
-                ))
+                )))
             })?;
         Ok(port as u32)
     }
@@ -580,7 +618,7 @@ impl OvsDataplane {
                 "columns": ["_uuid"]})],
             )
             .await
-            .map_err(init_err)?;
+            .map_err(init_err("find", format!("tunnel port {TUNNEL_IFNAME}")))?;
         let uuids: Vec<String> = r[0]["rows"]
             .as_array()
             .into_iter()
@@ -590,7 +628,7 @@ impl OvsDataplane {
         if !uuids.is_empty() {
             self.delete_ports("delete tunnel port", &uuids)
                 .await
-                .map_err(init_err)?;
+                .map_err(init_err("delete", format!("tunnel port {TUNNEL_IFNAME}")))?;
             tracing::info!("noEncap: tunnel port removed");
         }
         Ok(())
@@ -614,7 +652,7 @@ impl OvsDataplane {
                 ],
             )
             .await
-            .map_err(init_err)?;
+            .map_err(init_err("read", format!("bridge {PHY_BRIDGE}")))?;
         let bridge = r[0]["rows"].get(0).cloned();
         let saved: Option<UplinkConfig> = bridge.as_ref().and_then(|b| {
             serde_json::from_str(parse_map(&b["external_ids"]).get(UPLINK_KEY)?).ok()
@@ -628,44 +666,57 @@ impl OvsDataplane {
             port.clone()
                 .or_else(|| saved.as_ref().map(|s| s.uplink.clone()))
                 .ok_or_else(|| {
-                    init_err(format!(
+                    init_err("adopt", format!("bridge {PHY_BRIDGE}"))(unmet(format!(
                         "the transport interface is {PHY_BRIDGE}, but that bridge has no uplink \
                          port ferrea recorded; attach the physical interface to it or set \
                          transportInterface"
-                    ))
+                    )))
                 })?
         } else {
             node.transport.ifname.clone()
         };
         if let Some(p) = port.as_ref().filter(|p| **p != name) {
-            return Err(init_err(format!(
-                "{PHY_BRIDGE} already holds uplink {p}, but the transport interface is now \
-                 {name}; move the node's address back to {p} or delete the bridge"
+            return Err(init_err("adopt", format!("bridge {PHY_BRIDGE}"))(unmet(
+                format!(
+                    "{PHY_BRIDGE} already holds uplink {p}, but the transport interface is now \
+                     {name}; move the node's address back to {p} or delete the bridge"
+                ),
             )));
         }
-        let (conn, h, _) =
-            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+        let (conn, h, _) = rtnetlink::new_connection().map_err(init_err(
+            "open a netlink socket for",
+            format!("uplink {name}"),
+        ))?;
         let task = tokio::spawn(conn);
         let res = async {
             let (uidx, umac, umtu) = uplink::link(&h, &name)
                 .await
-                .map_err(init_err)?
-                .ok_or_else(|| init_err(format!("the uplink {name} does not exist")))?;
+                .map_err(init_err("read", format!("uplink {name}")))?
+                .ok_or_else(|| {
+                    init_err("read", format!("uplink {name}"))(unmet("no such interface"))
+                })?;
             let mut cfg = UplinkConfig {
                 uplink: name.clone(),
                 mac: openflow::codec::mac_str(&umac),
                 mtu: umtu,
-                addrs: uplink::addrs(&h, uidx).await.map_err(init_err)?,
-                routes: uplink::routes(&h, uidx).await.map_err(init_err)?,
+                addrs: uplink::addrs(&h, uidx)
+                    .await
+                    .map_err(init_err("read the addresses of", format!("uplink {name}")))?,
+                routes: uplink::routes(&h, uidx)
+                    .await
+                    .map_err(init_err("read the routes of", format!("uplink {name}")))?,
             };
             if let Some(s) = &saved {
                 cfg.merge(s);
             }
             if !cfg.addrs.iter().any(|a| a.ip() == node.transport.ip) {
-                return Err(init_err(format!(
-                    "the node address {} is neither on the uplink {name} nor recorded on {PHY_BRIDGE}",
-                    node.transport.ip
-                )));
+                return Err(init_err("find the node address on", format!("uplink {name}"))(
+                    unmet(format!(
+                        "the node address {} is neither on the uplink {name} nor recorded on \
+                         {PHY_BRIDGE}",
+                        node.transport.ip
+                    )),
+                ));
             }
             let cfg_json = serde_json::to_string(&cfg).expect("json");
             let ids = [(TYPE_KEY, "phy-bridge"), (UPLINK_KEY, cfg_json.as_str())];
@@ -716,15 +767,19 @@ impl OvsDataplane {
             self.db
                 .transact("create or adopt the physical bridge", ops)
                 .await
-                .map_err(init_err)?;
+                .map_err(init_err("create or adopt", format!("bridge {PHY_BRIDGE}")))?;
             // The uplink's own IP stack stays out of what OVS carries over it.
             for (key, value) in [("arp_ignore", "8"), ("forwarding", "0"), ("rp_filter", "1")] {
                 crate::kernel::sysctl::ensure(&format!("net.ipv4.conf.{name}.{key}"), value)
-                    .map_err(init_err)?;
+                    .map_err(init_err("isolate from the node's IP stack", format!("uplink {name}")))?;
             }
             let idx = wait_link(PHY_BRIDGE).await?;
-            uplink::apply(&h, idx, &cfg).await.map_err(init_err)?;
-            uplink::strip(&h, uidx).await.map_err(init_err)?;
+            uplink::apply(&h, idx, &cfg)
+                .await
+                .map_err(init_err("move the node's configuration to", format!("interface {PHY_BRIDGE}")))?;
+            uplink::strip(&h, uidx)
+                .await
+                .map_err(init_err("strip the node's configuration from", format!("uplink {name}")))?;
             Ok(cfg)
         }
         .await;
@@ -748,7 +803,7 @@ impl OvsDataplane {
                 ],
             )
             .await
-            .map_err(init_err)?;
+            .map_err(init_err("read", format!("bridge {PHY_BRIDGE}")))?;
         let Some(cfg) = r[0]["rows"].get(0).and_then(|b| {
             serde_json::from_str::<UplinkConfig>(parse_map(&b["external_ids"]).get(UPLINK_KEY)?)
                 .ok()
@@ -756,15 +811,21 @@ impl OvsDataplane {
             return Ok(false);
         };
         let idx = wait_link(PHY_BRIDGE).await?;
-        let (conn, h, _) =
-            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+        let (conn, h, _) = rtnetlink::new_connection().map_err(init_err(
+            "open a netlink socket for",
+            format!("interface {PHY_BRIDGE}"),
+        ))?;
         let task = tokio::spawn(conn);
         let res = async {
-            let have = uplink::addrs(&h, idx).await.map_err(init_err)?;
+            let have = uplink::addrs(&h, idx)
+                .await
+                .map_err(init_err("read the addresses of", format!("interface {PHY_BRIDGE}")))?;
             if cfg.addrs.iter().all(|a| have.contains(a)) {
                 return Ok(false);
             }
-            uplink::apply(&h, idx, &cfg).await.map_err(init_err)?;
+            uplink::apply(&h, idx, &cfg)
+                .await
+                .map_err(init_err("restore the node's configuration on", format!("interface {PHY_BRIDGE}")))?;
             tracing::warn!(bridge = PHY_BRIDGE, addrs = ?cfg.addrs, "the physical bridge's port had lost the node's address; restored");
             Ok(true)
         }
@@ -777,11 +838,17 @@ impl OvsDataplane {
     /// ovs-vswitchd recreated it).
     async fn restore_uplink(&self, cfg: &UplinkConfig) -> Result<(), DataplaneError> {
         let idx = wait_link(PHY_BRIDGE).await?;
-        let (conn, h, _) = rtnetlink::new_connection().map_err(|e| other_err("netlink", e))?;
+        let (conn, h, _) = rtnetlink::new_connection().map_err(other_err(
+            "open a netlink socket for",
+            format!("interface {PHY_BRIDGE}"),
+        ))?;
         let task = tokio::spawn(conn);
         let r = uplink::apply(&h, idx, cfg).await;
         task.abort();
-        r.map_err(|e| other_err("restore the physical bridge's address", e))
+        r.map_err(other_err(
+            "restore the node's address on",
+            format!("interface {PHY_BRIDGE}"),
+        ))
     }
 
     /// Puts `gateway/prefix` on the gateway device and sets it up (idempotent); with
@@ -801,33 +868,37 @@ impl OvsDataplane {
                 ),
                 Ok(false) => {}
                 Err(e) => {
-                    return Err(init_err(format!(
-                        "turning TX checksum offload off on {GATEWAY_IFNAME}: {e}"
-                    )));
+                    return Err(init_err(
+                        "turn TX checksum offload off on",
+                        format!("interface {GATEWAY_IFNAME}"),
+                    )(e));
                 }
             }
         }
-        let (conn, nl, _) =
-            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+        let (conn, nl, _) = rtnetlink::new_connection().map_err(init_err(
+            "open a netlink socket for",
+            format!("interface {GATEWAY_IFNAME}"),
+        ))?;
         let task = tokio::spawn(conn);
         let res = async {
             nl.link()
                 .set(rtnetlink::LinkUnspec::new_with_index(idx).up().build())
                 .execute()
                 .await
-                .map_err(|e| init_err(format!("set {GATEWAY_IFNAME} up: {e}")))?;
+                .map_err(init_err("set up", format!("interface {GATEWAY_IFNAME}")))?;
             nl.address()
                 .add(idx, IpAddr::V4(node.gateway), node.pod_cidr.prefix())
                 .replace()
                 .execute()
                 .await
-                .map_err(|e| {
-                    init_err(format!(
-                        "add {}/{} to {GATEWAY_IFNAME}: {e}",
+                .map_err(init_err(
+                    "add the gateway address to",
+                    format!(
+                        "interface {GATEWAY_IFNAME} ({}/{})",
                         node.gateway,
                         node.pod_cidr.prefix()
-                    ))
-                })
+                    ),
+                ))
         }
         .await;
         task.abort();
@@ -885,11 +956,15 @@ impl Dataplane for OvsDataplane {
             .db
             .wait_ofport(GATEWAY_IFNAME, VSWITCHD_TIMEOUT)
             .await
-            .map_err(init_err)?
+            .map_err(init_err(
+                "wait for the port number of",
+                format!("port {GATEWAY_IFNAME}"),
+            ))?
             .ok_or_else(|| {
-                init_err(format!(
-                    "vswitchd assigned no ofport to {GATEWAY_IFNAME} (is ovs-vswitchd running?)"
-                ))
+                init_err(
+                    "wait for the port number of",
+                    format!("port {GATEWAY_IFNAME}"),
+                )(unmet("vswitchd assigned none (is ovs-vswitchd running?)"))
             })?;
         let gw_tx_checksum_off = node.tunnel.is_some() && datapath == "netdev";
         self.configure_gateway_device(node, gw_tx_checksum_off)
@@ -970,7 +1045,7 @@ impl Dataplane for OvsDataplane {
     async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
         let s = self
             .node_state()
-            .ok_or_else(|| other_err("set_remote_nodes", "init_node has not run"))?;
+            .ok_or_else(|| not_init("set_remote_nodes"))?;
         let encap = s.tunnel.is_some();
         let mut remotes: Vec<RemoteFacts> = nodes
             .iter()
@@ -1034,7 +1109,7 @@ impl Dataplane for OvsDataplane {
         // the remote node over the transport interface.
         let want_routes: Vec<NodeRoute> = if encap {
             let gw_idx = nix::net::if_::if_nametoindex(GATEWAY_IFNAME)
-                .map_err(|e| other_err("remote node routes", format!("{GATEWAY_IFNAME}: {e}")))?;
+                .map_err(other_err("look up", format!("interface {GATEWAY_IFNAME}")))?;
             remotes
                 .iter()
                 .map(|r| NodeRoute {
@@ -1057,11 +1132,12 @@ impl Dataplane for OvsDataplane {
                 })
                 .collect()
         };
-        let (conn, h, _) = rtnetlink::new_connection().map_err(|e| other_err("netlink", e))?;
+        let (conn, h, _) = rtnetlink::new_connection()
+            .map_err(other_err("open a netlink socket for", "remote node routes"))?;
         let task = tokio::spawn(conn);
         let r = routes::sync(&h, &want_routes).await;
         task.abort();
-        let removed = r.map_err(|e| other_err("remote node routes", e))?;
+        let removed = r.map_err(other_err("sync", "remote node routes"))?;
         if s.gw_tx_checksum_off {
             // Userspace tunnelling needs the remote node's MAC in vswitchd's own neighbour
             // cache, which it fills by snooping ARP on the physical bridge; without it the
@@ -1110,9 +1186,7 @@ impl Dataplane for OvsDataplane {
     }
 
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
-        let s = self
-            .node_state()
-            .ok_or_else(|| pod_err("add", ep, "init_node has not run"))?;
+        let s = self.node_state().ok_or_else(|| not_init("add_pod"))?;
         let name = ep.host_ifname.as_str();
         isolate_from_host_stack(ep)?;
         let facts = |port| PodFacts {
@@ -1177,10 +1251,10 @@ impl Dataplane for OvsDataplane {
                         json!({"op": "update", "table": "Interface", "where": [["name", "==", name]], "row": {"external_ids": ids}}),
                     ])
                     .await
-                    .map_err(|e| pod_err("add", ep, e))?;
+                    .map_err(pod_err("update port", ep))?;
                 false
             }
-            Err(e) => return Err(pod_err("add", ep, e)),
+            Err(e) => return Err(pod_err("add port", ep)(e)),
         };
         tracing::debug!(
             elapsed_us = t_row.elapsed().as_micros() as u64,
@@ -1198,13 +1272,11 @@ impl Dataplane for OvsDataplane {
                 .db
                 .wait_ofport(name, VSWITCHD_TIMEOUT)
                 .await
-                .map_err(|e| pod_err("add", ep, e))?
+                .map_err(pod_err("wait for the port number", ep))?
                 .ok_or_else(|| {
-                    pod_err(
-                        "add",
-                        ep,
-                        "vswitchd assigned no ofport (interface missing?)",
-                    )
+                    pod_err("wait for the port number", ep)(unmet(
+                        "vswitchd assigned none (interface missing?)",
+                    ))
                 })?,
         };
         if preinstalled != Some(port as u32) {
@@ -1238,7 +1310,7 @@ impl Dataplane for OvsDataplane {
                 "where": [["name", "==", ep.host_ifname]], "columns": ["_uuid", "external_ids"]})],
             )
             .await
-            .map_err(|e| pod_err("del", ep, e))?;
+            .map_err(pod_err("find port", ep))?;
         let uuids: Vec<String> = r[0]["rows"]
             .as_array()
             .into_iter()
@@ -1254,13 +1326,11 @@ impl Dataplane for OvsDataplane {
             .collect();
         self.delete_ports("delete pod port", &uuids)
             .await
-            .map_err(|e| pod_err("del", ep, e))
+            .map_err(pod_err("delete port", ep))
     }
 
     async fn retain_pods(&self, keep: &HashSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, DataplaneError> {
-        let s = self
-            .node_state()
-            .ok_or_else(|| other_err("retain pods", "init_node has not run"))?;
+        let s = self.node_state().ok_or_else(|| not_init("retain_pods"))?;
         let mut removed: HashSet<Ipv4Addr> = HashSet::new();
         // Ports ferrea created for pods that are not kept.
         let rows = self
@@ -1307,7 +1377,7 @@ impl Dataplane for OvsDataplane {
         self.of_bundle("delete stale flows", &mods).await?;
         self.delete_ports("delete stale pod ports", &stale_ports)
             .await
-            .map_err(|e| other_err("retain pods", e))?;
+            .map_err(other_err("delete stale", "pod ports"))?;
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
             st.pods.retain(|ip, _| keep.contains(ip));
             st.unverified.retain(|ip| keep.contains(ip));
@@ -1322,7 +1392,7 @@ impl Dataplane for OvsDataplane {
                 .transact("clear flow-restore-wait", vec![json!({"op": "mutate", "table": "Open_vSwitch", "where": [],
                     "mutations": [["other_config", "delete", ovsdb::set(vec![json!("flow-restore-wait")])]]})])
                 .await
-                .map_err(|e| other_err("retain pods", e))?;
+                .map_err(other_err("clear flow-restore-wait", "table Open_vSwitch"))?;
         }
         let mut out: Vec<Ipv4Addr> = removed.into_iter().collect();
         out.sort();
@@ -1330,12 +1400,10 @@ impl Dataplane for OvsDataplane {
     }
 
     async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
-        let s = self
-            .node_state()
-            .ok_or_else(|| other_err("set_egress", "init_node has not run"))?;
+        let s = self.node_state().ok_or_else(|| not_init("set_egress"))?;
         let plan = plan
             .normalised(s.tunnel.is_some(), s.node.transport.ip)
-            .map_err(|m| other_err("set_egress", m))?;
+            .map_err(other_err("set_egress", "egress plan"))?;
         let want = match &s.tunnel {
             Some(t) => pipeline::egress_flows(s.round, &s.facts, t, &plan),
             None => Vec::new(),
@@ -1413,7 +1481,9 @@ async fn wait_link(name: &str) -> Result<u32, DataplaneError> {
             Err(_) if start.elapsed() < VSWITCHD_TIMEOUT => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            Err(e) => return Err(init_err(format!("{name} did not appear: {e}"))),
+            Err(e) => {
+                return Err(init_err("wait for", format!("interface {name}"))(e));
+            }
         }
     }
 }
@@ -1453,7 +1523,7 @@ fn resolve_neighbours(ips: impl Iterator<Item = Ipv4Addr>) {
 fn isolate_from_host_stack(ep: &PodEndpoint) -> Result<(), DataplaneError> {
     for (key, value) in [("arp_ignore", "8"), ("forwarding", "0"), ("rp_filter", "1")] {
         let key = format!("net.ipv4.conf.{}.{key}", ep.host_ifname);
-        crate::kernel::sysctl::ensure(&key, value).map_err(|e| pod_err("isolate", ep, e))?;
+        crate::kernel::sysctl::ensure(&key, value).map_err(pod_err("isolate", ep))?;
     }
     Ok(())
 }
