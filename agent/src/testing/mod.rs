@@ -2,6 +2,7 @@
 //! one module per trait, and small builders of test inputs.
 
 pub mod nftables;
+pub mod ovs;
 
 pub use nftables::FakeNftables;
 

@@ -62,9 +62,9 @@
 //! operation reconnects and re-installs every flow the agent knows.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -74,16 +74,18 @@ use super::{
     Cause, Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
     TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
 };
-use crate::kernel::routes::{self, NodeRoute};
+use crate::kernel::routes::NodeRoute;
 
+pub mod host;
 pub mod openflow;
 pub mod ovsdb;
 pub mod pipeline;
 pub mod uplink;
 
+use host::{LinuxHost, NodeKernel};
 use openflow::codec::TABLE_ALL;
-use openflow::{ConnError, FlowMod, OfConn};
-use ovsdb::{Ovsdb, map, named_uuid, parse_map, parse_uuid};
+use openflow::{ConnError, FlowMod, MgmtSocket, OpenFlow, OpenFlowConnector};
+use ovsdb::{Ovsdb, OvsdbClient, map, named_uuid, parse_map, parse_uuid};
 use pipeline::{Counter, NodeFacts, PodFacts, RemoteFacts, TunnelFacts, cookie};
 use uplink::{PHY_BRIDGE, UplinkConfig};
 
@@ -101,6 +103,11 @@ pub const TUNNEL_OFPORT: u32 = 10;
 const VSWITCHD_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub use crate::config::{DatapathType, OvsConfig};
+
+/// The management socket of `cfg`'s bridge.
+fn mgmt_socket(cfg: &OvsConfig) -> PathBuf {
+    cfg.run_dir.join(format!("{}.mgmt", cfg.bridge))
+}
 
 /// What exists after `init_node`.
 #[derive(Clone)]
@@ -132,10 +139,16 @@ struct NodeState {
 
 /// The OVS dataplane of one node. Create it anywhere; call it from a thread in the node's
 /// network namespace (the gateway address is set through netlink).
+///
+/// Its side effects go through three seams: [`Ovsdb`] (ovsdb-server), [`OpenFlow`] connections
+/// from an [`OpenFlowConnector`] (ovs-vswitchd) and [`NodeKernel`] (the node's kernel), so
+/// [`OvsDataplane::with_parts`] can run it on fakes.
 pub struct OvsDataplane {
     cfg: OvsConfig,
-    db: Ovsdb,
-    of: tokio::sync::Mutex<Option<OfConn>>,
+    db: Arc<dyn Ovsdb>,
+    connector: Arc<dyn OpenFlowConnector>,
+    host: Arc<dyn NodeKernel>,
+    of: tokio::sync::Mutex<Option<Arc<dyn OpenFlow>>>,
     state: Mutex<Option<NodeState>>,
 }
 
@@ -198,9 +211,23 @@ fn unmet(msg: impl Into<String>) -> Cause {
 impl OvsDataplane {
     /// A backend for `cfg` (no I/O until [`Dataplane::init_node`]).
     pub fn new(cfg: OvsConfig) -> Self {
+        let db = Arc::new(OvsdbClient::new(cfg.ovsdb_socket.clone()));
+        let connector = Arc::new(MgmtSocket(mgmt_socket(&cfg)));
+        Self::with_parts(cfg, db, connector, Arc::new(LinuxHost))
+    }
+
+    /// A backend for `cfg` on the given seams (tests pass fakes; [`Self::new`] the real ones).
+    pub fn with_parts(
+        cfg: OvsConfig,
+        db: Arc<dyn Ovsdb>,
+        connector: Arc<dyn OpenFlowConnector>,
+        host: Arc<dyn NodeKernel>,
+    ) -> Self {
         Self {
-            db: Ovsdb::new(cfg.ovsdb_socket.clone()),
             cfg,
+            db,
+            connector,
+            host,
             of: tokio::sync::Mutex::new(None),
             state: Mutex::new(None),
         }
@@ -208,7 +235,7 @@ impl OvsDataplane {
 
     /// The bridge's management socket.
     pub fn mgmt_socket(&self) -> PathBuf {
-        self.cfg.run_dir.join(format!("{}.mgmt", self.cfg.bridge))
+        mgmt_socket(&self.cfg)
     }
 
     /// The flow round this process installs (0 before `init_node`).
@@ -327,7 +354,7 @@ impl OvsDataplane {
         Ok(())
     }
 
-    async fn of(&self) -> Result<OfConn, DataplaneError> {
+    async fn of(&self) -> Result<Arc<dyn OpenFlow>, DataplaneError> {
         let mut g = self.of.lock().await;
         if let Some(c) = g.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
@@ -337,7 +364,7 @@ impl OvsDataplane {
         let start = Instant::now();
         let mut delay = Duration::from_millis(10);
         let c = loop {
-            match OfConn::connect(&path).await {
+            match self.connector.connect().await {
                 Ok(c) => break c,
                 // vswitchd creates the socket shortly after the bridge row appears.
                 Err(e) if start.elapsed() > VSWITCHD_TIMEOUT => {
@@ -355,7 +382,8 @@ impl OvsDataplane {
             if let Some(u) = &s.uplink {
                 self.restore_uplink(u).await?;
             }
-            self.configure_gateway_device(&s.node, s.gw_tx_checksum_off)
+            self.host
+                .configure_gateway(&s.node, s.gw_tx_checksum_off)
                 .await?;
             tracing::info!(bridge = %self.cfg.bridge, "openflow reconnected, re-installing flows");
             c.bundle("resync flows", &Self::desired_flows(&s))
@@ -851,60 +879,6 @@ impl OvsDataplane {
         ))
     }
 
-    /// Puts `gateway/prefix` on the gateway device and sets it up (idempotent); with
-    /// `tx_checksum_off`, also turns its TX checksum offload off (OVS's userspace tunnels
-    /// cannot complete the checksums of the node's own packets to remote pods).
-    async fn configure_gateway_device(
-        &self,
-        node: &NodeNetwork,
-        tx_checksum_off: bool,
-    ) -> Result<(), DataplaneError> {
-        let idx = wait_link(GATEWAY_IFNAME).await?;
-        if tx_checksum_off {
-            match crate::kernel::offload::disable_tx_checksum(GATEWAY_IFNAME) {
-                Ok(true) => tracing::info!(
-                    device = GATEWAY_IFNAME,
-                    "TX checksum offload off (userspace tunnels)"
-                ),
-                Ok(false) => {}
-                Err(e) => {
-                    return Err(init_err(
-                        "turn TX checksum offload off on",
-                        format!("interface {GATEWAY_IFNAME}"),
-                    )(e));
-                }
-            }
-        }
-        let (conn, nl, _) = rtnetlink::new_connection().map_err(init_err(
-            "open a netlink socket for",
-            format!("interface {GATEWAY_IFNAME}"),
-        ))?;
-        let task = tokio::spawn(conn);
-        let res = async {
-            nl.link()
-                .set(rtnetlink::LinkUnspec::new_with_index(idx).up().build())
-                .execute()
-                .await
-                .map_err(init_err("set up", format!("interface {GATEWAY_IFNAME}")))?;
-            nl.address()
-                .add(idx, IpAddr::V4(node.gateway), node.pod_cidr.prefix())
-                .replace()
-                .execute()
-                .await
-                .map_err(init_err(
-                    "add the gateway address to",
-                    format!(
-                        "interface {GATEWAY_IFNAME} ({}/{})",
-                        node.gateway,
-                        node.pod_cidr.prefix()
-                    ),
-                ))
-        }
-        .await;
-        task.abort();
-        res
-    }
-
     /// Deletes ports (by UUID) from the bridge; OVSDB garbage-collects Port and Interface.
     async fn delete_ports(
         &self,
@@ -967,7 +941,8 @@ impl Dataplane for OvsDataplane {
                 )(unmet("vswitchd assigned none (is ovs-vswitchd running?)"))
             })?;
         let gw_tx_checksum_off = node.tunnel.is_some() && datapath == "netdev";
-        self.configure_gateway_device(node, gw_tx_checksum_off)
+        self.host
+            .configure_gateway(node, gw_tx_checksum_off)
             .await?;
         let facts = NodeFacts {
             gw_port: gw_port as u32,
@@ -993,7 +968,7 @@ impl Dataplane for OvsDataplane {
         let mut node = node.clone();
         if uplink.is_some()
             && node.transport.ifname != PHY_BRIDGE
-            && let Ok(idx) = nix::net::if_::if_nametoindex(PHY_BRIDGE)
+            && let Ok(idx) = self.host.ifindex(PHY_BRIDGE)
         {
             node.transport.ifname = PHY_BRIDGE.into();
             node.transport.ifindex = idx;
@@ -1108,7 +1083,9 @@ impl Dataplane for OvsDataplane {
         // traffic leaves through the gateway port into the node's stack, which routes it to
         // the remote node over the transport interface.
         let want_routes: Vec<NodeRoute> = if encap {
-            let gw_idx = nix::net::if_::if_nametoindex(GATEWAY_IFNAME)
+            let gw_idx = self
+                .host
+                .ifindex(GATEWAY_IFNAME)
                 .map_err(other_err("look up", format!("interface {GATEWAY_IFNAME}")))?;
             remotes
                 .iter()
@@ -1132,23 +1109,19 @@ impl Dataplane for OvsDataplane {
                 })
                 .collect()
         };
-        let (conn, h, _) = rtnetlink::new_connection()
-            .map_err(other_err("open a netlink socket for", "remote node routes"))?;
-        let task = tokio::spawn(conn);
-        let r = routes::sync(&h, &want_routes).await;
-        task.abort();
-        let removed = r.map_err(other_err("sync", "remote node routes"))?;
+        let removed = self.host.sync_routes(&want_routes).await?;
         if s.gw_tx_checksum_off {
             // Userspace tunnelling needs the remote node's MAC in vswitchd's own neighbour
             // cache, which it fills by snooping ARP on the physical bridge; without it the
             // first tunnelled packet to a new node is dropped while vswitchd asks. One
             // datagram to the discard port makes the node's stack ARP for each new node now.
             let known: HashSet<Ipv4Addr> = s.remotes.iter().map(|r| r.node_ip).collect();
-            resolve_neighbours(
-                want.iter()
-                    .map(|r| r.node_ip)
-                    .filter(|ip| !known.contains(ip)),
-            );
+            let new: Vec<Ipv4Addr> = want
+                .iter()
+                .map(|r| r.node_ip)
+                .filter(|ip| !known.contains(ip))
+                .collect();
+            self.host.resolve_neighbours(&new);
         }
         if !departed.is_empty() || removed > 0 {
             tracing::info!(
@@ -1188,7 +1161,16 @@ impl Dataplane for OvsDataplane {
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         let s = self.node_state().ok_or_else(|| not_init("add_pod"))?;
         let name = ep.host_ifname.as_str();
-        isolate_from_host_stack(ep)?;
+        // With the userspace (`netdev`) datapath, OVS reads a veth through a packet socket and
+        // the kernel still processes every frame on it: it would answer the pod's ARP for the
+        // gateway with the veth's MAC and then forward the pod's packets itself, past the
+        // spoof guard and twice. So the host side answers no ARP, forwards nothing and drops
+        // what would be delivered locally by strict reverse-path filtering (the node routes
+        // pod addresses through the gateway port, not through this veth). With the kernel
+        // datapath these settings change nothing: OVS takes the frames before the IP stack.
+        self.host
+            .isolate_port(&ep.host_ifname)
+            .map_err(pod_err("isolate from the node's IP stack", ep))?;
         let facts = |port| PodFacts {
             port,
             mac: ep.pod_mac,
@@ -1498,36 +1480,6 @@ fn requested_ofport(node: &NodeNetwork, ip: Ipv4Addr) -> Option<u32> {
     (port < 0xff00).then_some(port)
 }
 
-/// Sends one UDP datagram to the discard port of each address, so the node's stack resolves
-/// their MACs (best effort: a failure only means the first packet waits for ARP).
-fn resolve_neighbours(ips: impl Iterator<Item = Ipv4Addr>) {
-    let Ok(sock) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
-        return;
-    };
-    for ip in ips {
-        if let Err(e) = sock.send_to(&[0], (ip, 9)) {
-            tracing::debug!(%ip, error = %e, "probing a remote node");
-        }
-    }
-}
-
-/// Keeps the node's own IP stack out of a pod port's traffic.
-///
-/// With the userspace (`netdev`) datapath, OVS reads a veth through a packet socket and the
-/// kernel still processes every frame on it: it would answer the pod's ARP for the gateway
-/// with the veth's MAC and then forward the pod's packets itself, past the spoof guard and
-/// twice. So on the host side: never answer ARP (`arp_ignore=8`), never forward what arrives
-/// (`forwarding=0`), and drop what would be delivered locally by strict reverse-path filtering
-/// (the node routes pod addresses through the gateway port, not through this veth). With the
-/// kernel datapath these settings change nothing: OVS takes the frames before the IP stack.
-fn isolate_from_host_stack(ep: &PodEndpoint) -> Result<(), DataplaneError> {
-    for (key, value) in [("arp_ignore", "8"), ("forwarding", "0"), ("rp_filter", "1")] {
-        let key = format!("net.ipv4.conf.{}.{key}", ep.host_ifname);
-        crate::kernel::sysctl::ensure(&key, value).map_err(pod_err("isolate", ep))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod ofport_tests {
     use super::*;
@@ -1556,6 +1508,455 @@ mod ofport_tests {
         assert_eq!(
             requested_ofport(&big, "10.0.1.0".parse().unwrap()),
             Some(356)
+        );
+    }
+}
+
+/// The backend's logic on fakes of OVSDB, the switch and the node's kernel (no root).
+#[cfg(test)]
+mod fake_tests {
+    use super::*;
+    use crate::config::{DatapathType, TunnelType};
+    use crate::dataplane::{EgressSteer, Transport};
+    use crate::testing::ovs::{FakeHost, FakeOvsdb, FakeSwitch};
+    use std::collections::BTreeMap;
+
+    struct Rig {
+        db: Arc<FakeOvsdb>,
+        sw: Arc<FakeSwitch>,
+        host: Arc<FakeHost>,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            Rig {
+                db: Arc::default(),
+                sw: Arc::default(),
+                host: Arc::default(),
+            }
+        }
+
+        /// A backend process on the rig's fakes (a second call plays an agent restart).
+        fn backend(&self) -> OvsDataplane {
+            let cfg = OvsConfig {
+                datapath_type: DatapathType::System,
+                ..OvsConfig::default()
+            };
+            OvsDataplane::with_parts(cfg, self.db.clone(), self.sw.clone(), self.host.clone())
+        }
+
+        fn cookies_of(&self, kind: u16) -> Vec<u64> {
+            self.sw
+                .flows()
+                .iter()
+                .map(|f| f.flow.cookie)
+                .filter(|c| cookie::kind(*c) == kind)
+                .collect()
+        }
+    }
+
+    fn node() -> NodeNetwork {
+        NodeNetwork::standalone("10.244.1.0/24".parse().unwrap(), 1450)
+    }
+
+    fn encap_node() -> NodeNetwork {
+        NodeNetwork {
+            transport: Transport {
+                ifname: "eth0".into(),
+                ifindex: 2,
+                ip: Ipv4Addr::new(172, 18, 0, 11),
+                prefix_len: 16,
+                mtu: 1500,
+            },
+            tunnel: Some(Tunnel {
+                kind: TunnelType::Vxlan,
+                port: 4789,
+            }),
+            ..node()
+        }
+    }
+
+    fn pod(n: u8) -> PodEndpoint {
+        PodEndpoint {
+            container_id: format!("c{n}"),
+            host_ifname: format!("fe-pod{n}"),
+            host_ifindex: 0,
+            host_mac: [2, 0, 0, 0, 1, n],
+            pod_mac: [2, 0, 0, 0, 2, n],
+            ip: Ipv4Addr::new(10, 244, 1, n),
+        }
+    }
+
+    fn facts(gw_port: u32) -> NodeFacts {
+        NodeFacts {
+            gw_port,
+            gw_mac: pipeline::gateway_mac(Ipv4Addr::new(10, 244, 1, 1)),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+        }
+    }
+
+    fn text(f: &[FlowMod]) -> Vec<String> {
+        let mut v: Vec<String> = f.iter().map(FlowMod::to_ofctl).collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn init_node_creates_bridge_gateway_and_node_flows() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        assert_eq!(dp.round(), 1);
+        let br = rig.db.external_ids("Bridge", "br-int").expect("bridge row");
+        assert_eq!(br["ferrea-type"], "bridge");
+        assert_eq!(br["ferrea-round"], "1");
+        let bridge = rig.db.row("Bridge", "br-int").unwrap();
+        assert_eq!(bridge["fail_mode"], "secure");
+        assert_eq!(bridge["datapath_type"], "system");
+        let gw = rig
+            .db
+            .row("Interface", GATEWAY_IFNAME)
+            .expect("gateway interface");
+        assert_eq!(gw["type"], "internal");
+        assert_eq!(gw["mtu_request"], 1450);
+        assert!(rig.db.row("Port", GATEWAY_IFNAME).is_some());
+        // noEncap: no tunnel port.
+        assert!(rig.db.row("Port", TUNNEL_IFNAME).is_none());
+        assert_eq!(
+            *rig.host.gateway.lock().unwrap(),
+            vec![(Ipv4Addr::new(10, 244, 1, 1), 24, false)]
+        );
+        // The fake numbers the gateway port 1: the node flows use it.
+        let want = text(&pipeline::node_flows(1, &facts(1)));
+        assert!(!want.is_empty());
+        assert_eq!(
+            rig.sw
+                .flows_text(cookie::make(1, cookie::KIND_NODE, 0), u64::MAX << 32),
+            want
+        );
+        assert_eq!(rig.sw.bundles().len(), 1, "node flows in one bundle");
+    }
+
+    #[tokio::test]
+    async fn add_pod_installs_flows_in_one_bundle_and_a_port_with_external_ids() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        let before = rig.sw.bundles().len();
+        let ep = pod(5);
+        dp.prepare_pod(&ep).await.unwrap();
+        dp.add_pod(&ep).await.unwrap();
+
+        let bundles = rig.sw.bundles();
+        assert_eq!(
+            bundles.len(),
+            before + 1,
+            "one bundle for the pod: {bundles:#?}"
+        );
+        let (name, mods) = bundles.last().unwrap();
+        assert_eq!(*name, "install pod flows");
+        let p = PodFacts {
+            port: 105,
+            mac: ep.pod_mac,
+            ip: ep.ip,
+        };
+        let want = pipeline::pod_flows(1, &facts(1), &p);
+        // A new pod: the bundle is a delete of anything under its cookie, then its flows.
+        assert_eq!(
+            mods[0],
+            FlowMod::delete_by_cookie(cookie::pod(0, ep.ip), cookie::POD_MASK)
+        );
+        assert_eq!(text(&mods[1..]), text(&want));
+        assert_eq!(
+            rig.sw.flows_text(cookie::pod(0, ep.ip), cookie::POD_MASK),
+            text(&want)
+        );
+
+        let ids = rig.db.external_ids("Port", "fe-pod5").expect("pod port");
+        let expect: BTreeMap<String, String> = [
+            ("ferrea-type", "pod"),
+            ("container-id", "c5"),
+            ("ip", "10.244.1.5"),
+            ("mac", "02:00:00:00:02:05"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(ids, expect);
+        assert_eq!(rig.db.external_ids("Interface", "fe-pod5").unwrap(), expect);
+        let iface = rig.db.row("Interface", "fe-pod5").unwrap();
+        assert_eq!(iface["ofport_request"], 105);
+        assert_eq!(
+            *rig.host.isolated.lock().unwrap(),
+            vec!["fe-pod5".to_owned()]
+        );
+        // The port is in the bridge.
+        let port_uuid = rig.db.row("Port", "fe-pod5").unwrap()["_uuid"].clone();
+        let bridge = rig.db.row("Bridge", "br-int").unwrap();
+        assert!(bridge["ports"][1].as_array().unwrap().contains(&port_uuid));
+
+        // A re-add with the same facts replaces the flows in place: no delete this time.
+        dp.add_pod(&ep).await.unwrap();
+        let (_, readd) = rig.sw.bundles().last().cloned().unwrap();
+        assert!(
+            readd
+                .iter()
+                .all(|m| m.command == openflow::codec::FlowModCommand::Add)
+        );
+        assert_eq!(
+            rig.sw.flows_text(cookie::pod(0, ep.ip), cookie::POD_MASK),
+            text(&want)
+        );
+    }
+
+    #[tokio::test]
+    async fn del_pod_removes_flows_and_port() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        let (a, b) = (pod(5), pod(6));
+        dp.add_pod(&a).await.unwrap();
+        dp.add_pod(&b).await.unwrap();
+        dp.del_pod(&a).await.unwrap();
+        assert!(
+            rig.sw
+                .flows_text(cookie::pod(0, a.ip), cookie::POD_MASK)
+                .is_empty()
+        );
+        assert!(rig.db.row("Port", "fe-pod5").is_none());
+        assert!(
+            rig.db.row("Interface", "fe-pod5").is_none(),
+            "garbage-collected"
+        );
+        // The other pod and the node are untouched.
+        assert!(rig.db.row("Port", "fe-pod6").is_some());
+        assert!(
+            !rig.sw
+                .flows_text(cookie::pod(0, b.ip), cookie::POD_MASK)
+                .is_empty()
+        );
+        assert!(!rig.cookies_of(cookie::KIND_NODE).is_empty());
+        // Deleting an unknown pod is not an error.
+        dp.del_pod(&pod(9)).await.unwrap();
+        assert_eq!(dp.pod_stats(&a).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn del_pod_leaves_ports_ferrea_did_not_create() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        rig.db
+            .transact(
+                "foreign port",
+                vec![
+                    json!({"op": "insert", "table": "Interface", "uuid-name": "i", "row": {"name": "fe-pod7"}}),
+                    json!({"op": "insert", "table": "Port", "uuid-name": "p",
+                        "row": {"name": "fe-pod7", "interfaces": named_uuid("i")}}),
+                    json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", "br-int"]],
+                        "mutations": [["ports", "insert", named_uuid("p")]]}),
+                ],
+            )
+            .await
+            .unwrap();
+        dp.del_pod(&pod(7)).await.unwrap();
+        assert!(rig.db.row("Port", "fe-pod7").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_restart_installs_a_new_round_and_deletes_the_old_one() {
+        let rig = Rig::new();
+        let old = rig.backend();
+        old.init_node(&node()).await.unwrap();
+        let (kept, gone) = (pod(5), pod(6));
+        old.add_pod(&kept).await.unwrap();
+        old.add_pod(&gone).await.unwrap();
+        drop(old);
+
+        // The new process: round 2; the core re-adds the kept pod, then reconciles.
+        let new = rig.backend();
+        new.init_node(&node()).await.unwrap();
+        assert_eq!(new.round(), 2);
+        assert_eq!(
+            rig.db.external_ids("Bridge", "br-int").unwrap()["ferrea-round"],
+            "2"
+        );
+        // The node flows were replaced in place (same match and priority: OpenFlow's add
+        // keeps the flow and its counters, and takes the new cookie); the pods' flows of
+        // round 1 stay until reconciliation, so no pod's packet sees a missing flow.
+        let rounds = |kind| -> HashSet<u16> {
+            rig.cookies_of(kind)
+                .into_iter()
+                .map(cookie::round)
+                .collect()
+        };
+        assert_eq!(rounds(cookie::KIND_NODE), HashSet::from([2]));
+        assert_eq!(rounds(cookie::KIND_POD), HashSet::from([1]));
+        new.add_pod(&kept).await.unwrap();
+        let removed = new.retain_pods(&HashSet::from([kept.ip])).await.unwrap();
+        assert_eq!(removed, vec![gone.ip]);
+
+        let all: Vec<u64> = rig.sw.flows().iter().map(|f| f.flow.cookie).collect();
+        assert!(all.iter().all(|c| cookie::round(*c) == 2), "{all:x?}");
+        assert_eq!(
+            text(
+                &rig.sw
+                    .flows()
+                    .iter()
+                    .map(|f| f.flow.clone())
+                    .collect::<Vec<_>>()
+            ),
+            {
+                let mut want = pipeline::node_flows(2, &facts(1));
+                want.extend(pipeline::pod_flows(
+                    2,
+                    &facts(1),
+                    &PodFacts {
+                        port: 105,
+                        mac: kept.pod_mac,
+                        ip: kept.ip,
+                    },
+                ));
+                text(&want)
+            }
+        );
+        assert!(rig.db.row("Port", "fe-pod5").is_some());
+        assert!(rig.db.row("Port", "fe-pod6").is_none());
+    }
+
+    #[tokio::test]
+    async fn set_egress_replaces_the_egress_flows_in_one_bundle() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&encap_node()).await.unwrap();
+        let tun = rig
+            .db
+            .row("Interface", TUNNEL_IFNAME)
+            .expect("tunnel interface");
+        assert_eq!(tun["type"], "vxlan");
+        assert_eq!(tun["ofport"], i64::from(TUNNEL_OFPORT));
+        let plan = EgressPlan {
+            steer: vec![EgressSteer {
+                pod_ip: Ipv4Addr::new(10, 244, 1, 5),
+                node_ip: Ipv4Addr::new(172, 18, 0, 12),
+                id: 3,
+            }],
+            exempt: vec!["10.244.0.0/16".parse().unwrap()],
+            held: vec![4],
+        };
+        dp.set_egress(&plan).await.unwrap();
+        let t = TunnelFacts {
+            port: TUNNEL_OFPORT,
+            vni: TUNNEL_VNI,
+        };
+        let want = pipeline::egress_flows(1, &facts(1), &t, &plan);
+        assert!(!want.is_empty());
+        let egress = cookie::make(0, cookie::KIND_EGRESS, 0);
+        assert_eq!(rig.sw.flows_text(egress, cookie::KIND_MASK), text(&want));
+        let (name, mods) = rig.sw.bundles().last().cloned().unwrap();
+        assert_eq!(name, "egress flows");
+        assert_eq!(
+            mods[0],
+            FlowMod::delete_by_cookie(egress, cookie::KIND_MASK)
+        );
+
+        // The same plan again: nothing to send.
+        let n = rig.sw.bundles().len();
+        dp.set_egress(&plan).await.unwrap();
+        assert_eq!(rig.sw.bundles().len(), n);
+
+        // An empty plan removes them all.
+        dp.set_egress(&EgressPlan::default()).await.unwrap();
+        assert!(rig.sw.flows_text(egress, cookie::KIND_MASK).is_empty());
+    }
+
+    #[tokio::test]
+    async fn set_egress_refuses_steering_without_a_tunnel() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        let plan = EgressPlan {
+            steer: vec![EgressSteer {
+                pod_ip: Ipv4Addr::new(10, 244, 1, 5),
+                node_ip: Ipv4Addr::new(172, 18, 0, 12),
+                id: 3,
+            }],
+            ..EgressPlan::default()
+        };
+        let e = dp.set_egress(&plan).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                DataplaneError::Other { source, .. }
+                    if matches!(**source, Cause::Egress(crate::dataplane::EgressPlanError::NoTunnel { steered: 1 }))
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("noEncap"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn methods_before_init_node_say_so() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        let e = dp.add_pod(&pod(5)).await.unwrap_err();
+        assert!(
+            matches!(e, DataplaneError::NotInitialised { op: "add_pod", .. }),
+            "{e:?}"
+        );
+        assert!(rig.db.log.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_vswitchd_restart_gets_every_flow_back() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        dp.add_pod(&pod(5)).await.unwrap();
+        let before = rig.sw.flows_text(0, 0);
+        rig.sw.restart();
+        assert!(rig.sw.flows().is_empty());
+        dp.maintain().await.unwrap();
+        assert_eq!(rig.sw.connects(), 2);
+        assert_eq!(rig.sw.flows_text(0, 0), before);
+        assert_eq!(
+            rig.host.gateway.lock().unwrap().len(),
+            2,
+            "gateway address put back"
+        );
+    }
+
+    #[tokio::test]
+    async fn pod_stats_sum_the_pods_counting_flows() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        let ep = pod(5);
+        dp.add_pod(&ep).await.unwrap();
+        let c = cookie::pod(1, ep.ip);
+        rig.sw.count(c, 7, 700);
+        let st = dp.pod_stats(&ep).await.unwrap().expect("known pod");
+        // Every flow of the pod carries its cookie; each counts in the direction its table
+        // and priority say.
+        let mut want = PodStats::default();
+        for f in rig.sw.flows().iter().filter(|f| f.flow.cookie == c) {
+            match pipeline::counter_of(f.flow.table, f.flow.priority) {
+                Counter::Tx => {
+                    want.tx_packets += 7;
+                    want.tx_bytes += 700;
+                }
+                Counter::Rx => {
+                    want.rx_packets += 7;
+                    want.rx_bytes += 700;
+                }
+                Counter::DropSpoofed => want.drop_spoofed += 7,
+                Counter::None => {}
+            }
+        }
+        assert_eq!(st, want);
+        assert!(
+            st.tx_packets > 0 && st.rx_packets > 0 && st.drop_spoofed > 0,
+            "{st:?}"
         );
     }
 }
