@@ -1,6 +1,7 @@
 //! Recording fakes of the side-effect traits, for unit tests that need no root and no kernel,
 //! one module per trait, and small builders of test inputs.
 
+pub mod bpf;
 pub mod nftables;
 pub mod ovs;
 

@@ -15,6 +15,9 @@
 //!   priority [`TC_PRIORITY`] handle [`TC_HANDLE`] on its host veth, the route `<ip>/32 dev
 //!   <host veth> scope link src <gateway>` and a permanent neighbour entry for the pod's MAC.
 //!
+//! The map bookkeeping (which entries a pod, a remote node or an Egress plan needs, in which
+//! order they are written) is in [`maps`], behind the [`maps::BpfMaps`] trait.
+//!
 //! It never touches other links, routes, neighbours or filters, and it never creates or deletes
 //! pod veths (the agent core does that).
 //!
@@ -43,15 +46,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues};
+use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::{Array, HashMap as BpfHashMap, PerCpuHashMap};
 use aya::programs::tc::{SchedClassifierLink, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ferrea_common::{
-    Counters, EgressSteer as SteerEntry, Endpoint, MAP_COUNTERS, MAP_EGRESS_EXEMPT,
-    MAP_EGRESS_HELD, MAP_EGRESS_STEER, MAP_ENDPOINTS_BY_IFINDEX, MAP_ENDPOINTS_BY_IP,
-    MAP_REMOTE_NODES, RemoteNode as RemoteEntry,
+    Counters, Endpoint, MAP_COUNTERS, MAP_EGRESS_EXEMPT, MAP_EGRESS_HELD, MAP_EGRESS_STEER,
+    MAP_ENDPOINTS_BY_IFINDEX, MAP_ENDPOINTS_BY_IP, MAP_REMOTE_NODES,
 };
 use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoData, InfoGeneve, InfoKind, InfoVeth};
@@ -67,8 +69,10 @@ use super::{
 use crate::config::TunnelType;
 use crate::kernel::routes::{self, NodeRoute};
 
+pub mod maps;
 mod pins;
 
+use maps::{AyaMaps, BpfMaps};
 pub use pins::{Direction, PinLayout};
 
 /// The BPF object built from `ebpf/` by `agent/build.rs`.
@@ -126,13 +130,8 @@ pub fn object_digest(object: &[u8]) -> String {
 
 /// Everything that exists only after [`Dataplane::init_node`].
 struct Loaded {
-    ep_if: BpfHashMap<MapData, u32, Endpoint>,
-    ep_ip: BpfHashMap<MapData, u32, Endpoint>,
-    counters: PerCpuHashMap<MapData, u32, Counters>,
-    remote: LpmTrie<MapData, u32, RemoteEntry>,
-    eg_steer: BpfHashMap<MapData, u32, SteerEntry>,
-    eg_exempt: LpmTrie<MapData, u32, u32>,
-    eg_held: Array<MapData, u32>,
+    /// The pinned maps ([`maps::AyaMaps`]).
+    maps: Box<dyn BpfMaps>,
     from_pod: SchedClassifier,
     to_pod: SchedClassifier,
     from_tunnel: SchedClassifier,
@@ -296,7 +295,7 @@ impl EbpfDataplane {
         let eg_steer = take(&mut ebpf, ferrea_common::MAP_EGRESS_STEER)?;
         let eg_exempt = take(&mut ebpf, ferrea_common::MAP_EGRESS_EXEMPT)?;
         let eg_held = take(&mut ebpf, ferrea_common::MAP_EGRESS_HELD)?;
-        let mut loaded = Loaded {
+        let maps = AyaMaps {
             ep_if: BpfHashMap::try_from(ep_if).map_err(map_type(MAP_ENDPOINTS_BY_IFINDEX))?,
             ep_ip: BpfHashMap::try_from(ep_ip).map_err(map_type(MAP_ENDPOINTS_BY_IP))?,
             counters: PerCpuHashMap::try_from(counters).map_err(map_type(MAP_COUNTERS))?,
@@ -304,6 +303,9 @@ impl EbpfDataplane {
             eg_steer: BpfHashMap::try_from(eg_steer).map_err(map_type(MAP_EGRESS_STEER))?,
             eg_exempt: LpmTrie::try_from(eg_exempt).map_err(map_type(MAP_EGRESS_EXEMPT))?,
             eg_held: Array::try_from(eg_held).map_err(map_type(MAP_EGRESS_HELD))?,
+        };
+        let mut loaded = Loaded {
+            maps: Box::new(maps),
             from_pod: pinned(ferrea_common::PROG_FROM_POD)?,
             to_pod: pinned(ferrea_common::PROG_TO_POD)?,
             from_tunnel: pinned(ferrea_common::PROG_FROM_TUNNEL)?,
@@ -583,126 +585,6 @@ impl Loaded {
         attach_prog(&mut self.to_tunnel, TUNNEL_IFNAME, TcAttachType::Egress)
     }
 
-    /// Makes the remote-node map exactly `nodes`; `tun_ifindex` is the tunnel device (0 in
-    /// noEncap mode).
-    fn sync_remote(
-        &mut self,
-        nodes: &[RemoteNode],
-        tun_ifindex: u32,
-    ) -> Result<(), DataplaneError> {
-        let want: Vec<(LpmKey<u32>, RemoteEntry)> = nodes
-            .iter()
-            .map(|n| {
-                (
-                    LpmKey::new(
-                        u32::from(n.pod_cidr.prefix()),
-                        u32::from_ne_bytes(n.pod_cidr.network().octets()),
-                    ),
-                    RemoteEntry {
-                        node_ip: u32::from_ne_bytes(n.node_ip.octets()),
-                        vni: TUNNEL_VNI,
-                        tun_ifindex,
-                    },
-                )
-            })
-            .collect();
-        let have: Vec<LpmKey<u32>> = self.remote.keys().filter_map(Result::ok).collect();
-        for k in have {
-            let wanted = want
-                .iter()
-                .any(|(w, _)| w.prefix_len() == k.prefix_len() && w.data() == k.data());
-            if !wanted {
-                let _ = self.remote.remove(&k);
-            }
-        }
-        for (k, v) in &want {
-            self.remote
-                .insert(k, *v, 0)
-                .map_err(other_err("insert into", format!("map {MAP_REMOTE_NODES}")))?;
-        }
-        Ok(())
-    }
-
-    /// Makes the three Egress maps exactly `plan` (entries that are already right are not
-    /// rewritten). Order: new exempt prefixes first and stale ones last, so a steered pod never
-    /// has a moment in which a destination that stays exempt is steered.
-    fn sync_egress(&mut self, plan: &EgressPlan, tun_ifindex: u32) -> Result<(), DataplaneError> {
-        let exempt: Vec<LpmKey<u32>> = plan
-            .exempt
-            .iter()
-            .map(|n| {
-                LpmKey::new(
-                    u32::from(n.prefix()),
-                    u32::from_ne_bytes(n.network().octets()),
-                )
-            })
-            .collect();
-        let have_exempt: Vec<LpmKey<u32>> = self.eg_exempt.keys().filter_map(Result::ok).collect();
-        let same = |a: &LpmKey<u32>, b: &LpmKey<u32>| {
-            a.prefix_len() == b.prefix_len() && a.data() == b.data()
-        };
-        for k in &exempt {
-            if !have_exempt.iter().any(|h| same(h, k)) {
-                self.eg_exempt
-                    .insert(k, 1, 0)
-                    .map_err(other_err("insert into", format!("map {MAP_EGRESS_EXEMPT}")))?;
-            }
-        }
-
-        let mut held = [0u32; ferrea_common::EGRESS_IDS as usize];
-        for &id in &plan.held {
-            held[usize::from(id)] = 1;
-        }
-        for (id, &want) in (0u32..).zip(held.iter()) {
-            let held_map = || format!("map {MAP_EGRESS_HELD}");
-            if self
-                .eg_held
-                .get(&id, 0)
-                .map_err(other_err("read", held_map()))?
-                != want
-            {
-                self.eg_held
-                    .set(id, want, 0)
-                    .map_err(other_err("set", held_map()))?;
-            }
-        }
-
-        let want: Vec<(u32, SteerEntry)> = plan
-            .steer
-            .iter()
-            .map(|s| {
-                (
-                    u32::from_ne_bytes(s.pod_ip.octets()),
-                    SteerEntry {
-                        node_ip: u32::from_ne_bytes(s.node_ip.octets()),
-                        id: u32::from(s.id),
-                        tun_ifindex,
-                    },
-                )
-            })
-            .collect();
-        let have: Vec<u32> = self.eg_steer.keys().filter_map(Result::ok).collect();
-        for k in have {
-            if !want.iter().any(|(w, _)| *w == k) {
-                let _ = self.eg_steer.remove(&k);
-            }
-        }
-        for (k, v) in &want {
-            if self.eg_steer.get(k, 0).ok().as_ref() != Some(v) {
-                self.eg_steer
-                    .insert(k, v, 0)
-                    .map_err(other_err("insert into", format!("map {MAP_EGRESS_STEER}")))?;
-            }
-        }
-
-        for k in have_exempt {
-            if !exempt.iter().any(|w| same(w, &k)) {
-                let _ = self.eg_exempt.remove(&k);
-            }
-        }
-        Ok(())
-    }
-
     /// Attaches both programs to a pod's host veth (adding `clsact` if needed).
     fn attach(&mut self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         // EEXIST is the common case after the first add; a real failure shows up below.
@@ -716,7 +598,7 @@ impl Loaded {
 
     /// After loading a new build: points the filters of every known pod to it.
     fn replace_all_filters(&mut self) -> usize {
-        let ifindexes: Vec<u32> = self.ep_if.keys().filter_map(Result::ok).collect();
+        let ifindexes = self.maps.endpoint_ifindexes();
         let mut n = 0;
         for ifname in ifindexes.into_iter().filter_map(ifname_of) {
             let ok = [Direction::Ingress, Direction::Egress]
@@ -731,50 +613,6 @@ impl Loaded {
             tracing::warn!("could not move the tunnel device's filters to the new programs");
         }
         n
-    }
-
-    /// Removes a pod's map entries, counters and link pins. Missing entries are fine.
-    fn forget(&mut self, ifindex: u32, ip: Ipv4Addr) {
-        let key = u32::from_ne_bytes(ip.octets());
-        // Only remove the IP entry if it still belongs to this interface (a re-add of the same
-        // IP on a new veth must not be undone by a late delete of the old one).
-        if let Ok(cur) = self.ep_ip.get(&key, 0)
-            && cur.ifindex == ifindex
-        {
-            let _ = self.ep_ip.remove(&key);
-        }
-        if let Ok(cur) = self.ep_if.get(&ifindex, 0)
-            && cur.ipv4 == key
-        {
-            let _ = self.ep_if.remove(&ifindex);
-        }
-        let _ = self.counters.remove(&ifindex);
-    }
-
-    fn insert(&mut self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
-        let e = endpoint_of(ep);
-        let ifname = ep.host_ifname.as_str();
-        // Re-adding an IP on another interface: drop the old interface's entry first.
-        if let Ok(old) = self.ep_ip.get(&e.ipv4, 0)
-            && old.ifindex != e.ifindex
-        {
-            let _ = self.ep_if.remove(&old.ifindex);
-        }
-        if self.counters.get(&e.ifindex, 0).is_err() {
-            let ncpu = aya::util::nr_cpus().map_err(|(_, e)| pod_err("count CPUs", ifname)(e))?;
-            let zero = PerCpuValues::try_from(vec![Counters::default(); ncpu])
-                .map_err(pod_err("init counters", ifname))?;
-            self.counters
-                .insert(e.ifindex, zero, 0)
-                .map_err(pod_err("init counters", ifname))?;
-        }
-        self.ep_if
-            .insert(e.ifindex, e, 0)
-            .map_err(pod_err("insert endpoint by ifindex", ifname))?;
-        self.ep_ip
-            .insert(e.ipv4, e, 0)
-            .map_err(pod_err("insert endpoint by IP", ifname))?;
-        Ok(())
     }
 }
 
@@ -812,10 +650,11 @@ impl Dataplane for EbpfDataplane {
             None => node.transport.ifindex,
         };
         let tun_ifindex = if node.tunnel.is_some() { dev } else { 0 };
-        self.lock()
-            .as_mut()
-            .expect("checked above")
-            .sync_remote(nodes, tun_ifindex)?;
+        maps::sync_remote(
+            self.lock().as_mut().expect("checked above").maps.as_mut(),
+            nodes,
+            tun_ifindex,
+        )?;
         let want: Vec<NodeRoute> = nodes
             .iter()
             .map(|n| NodeRoute {
@@ -843,7 +682,7 @@ impl Dataplane for EbpfDataplane {
             let st = g.as_mut().ok_or_else(|| not_init("add_pod"))?;
             // Map entries first: the program drops everything from an interface it has no
             // endpoint for, so attaching first would black-hole the pod's first packets.
-            st.insert(ep)?;
+            maps::insert(st.maps.as_mut(), ep)?;
             st.attach(ep)?;
             st.gateway
         };
@@ -870,7 +709,7 @@ impl Dataplane for EbpfDataplane {
         let gateway = {
             let mut g = self.lock();
             let st = g.as_mut().ok_or_else(|| not_init("del_pod"))?;
-            st.forget(ep.host_ifindex, ep.ip);
+            maps::forget(st.maps.as_mut(), ep.host_ifindex, ep.ip);
             st.gateway
         };
         // Only if the name still means the pod's interface. When the interface is gone (the
@@ -887,30 +726,7 @@ impl Dataplane for EbpfDataplane {
         let (stale, gateway) = {
             let mut g = self.lock();
             let st = g.as_mut().ok_or_else(|| not_init("retain_pods"))?;
-            let by_ip: Vec<(u32, Endpoint)> = st.ep_ip.iter().filter_map(Result::ok).collect();
-            let mut stale = Vec::new();
-            for (key, e) in by_ip {
-                let ip = ip_of_key(key);
-                if !keep.contains(&ip) {
-                    st.forget(e.ifindex, ip);
-                    stale.push(e);
-                }
-            }
-            // Orphans: interface entries and counters no kept endpoint refers to.
-            let live: HashSet<u32> = st
-                .ep_ip
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(_, e)| e.ifindex)
-                .collect();
-            let if_keys: Vec<u32> = st.ep_if.keys().filter_map(Result::ok).collect();
-            for k in if_keys.into_iter().filter(|k| !live.contains(k)) {
-                let _ = st.ep_if.remove(&k);
-            }
-            let c_keys: Vec<u32> = st.counters.keys().filter_map(Result::ok).collect();
-            for k in c_keys.into_iter().filter(|k| !live.contains(k)) {
-                let _ = st.counters.remove(&k);
-            }
+            let stale = maps::retain(st.maps.as_mut(), keep);
             (stale, st.gateway)
         };
         let mut removed = Vec::with_capacity(stale.len());
@@ -954,21 +770,17 @@ impl Dataplane for EbpfDataplane {
                     other_err("look up", format!("interface {TUNNEL_IFNAME}"))(unmet("missing"))
                 })?
         };
-        self.lock()
-            .as_mut()
-            .expect("checked above")
-            .sync_egress(plan, tun_ifindex)
+        maps::sync_egress(
+            self.lock().as_mut().expect("checked above").maps.as_mut(),
+            plan,
+            tun_ifindex,
+        )
     }
 
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
         let g = self.lock();
         let st = g.as_ref().ok_or_else(|| not_init("pod_stats"))?;
-        let per_cpu = match st.counters.get(&ep.host_ifindex, 0) {
-            Ok(v) => v,
-            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(pod_err("read counters", &ep.host_ifname)(e)),
-        };
-        Ok(Some(sum_counters(per_cpu.iter())))
+        maps::stats(st.maps.as_ref(), ep)
     }
 }
 
