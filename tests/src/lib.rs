@@ -195,8 +195,8 @@ pub fn lines_mentioning(text: &str, ip: std::net::Ipv4Addr) -> Vec<String> {
 }
 
 /// Generates one `#[test]` per dataplane backend for each named function `fn name(Dataplane)`:
-/// `name::ebpf` and `name::ovs`. Each skips (printed and logged) when not root. The `ovs`
-/// variants are ignored until the agent's OVS backend lands; remove the `ignore` here then.
+/// `name::ebpf` and `name::ovs`. Each skips (printed and logged) when not root; both run
+/// otherwise.
 #[macro_export]
 macro_rules! dataplane_tests {
     ($($name:ident),* $(,)?) => { $(

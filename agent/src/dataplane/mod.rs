@@ -1,6 +1,7 @@
-//! The dataplane abstraction: what the controllers (CNI server, and later egress, NodePortLocal
-//! and policy) ask of the packet path, independent of whether eBPF programs or an Open vSwitch
-//! pipeline carry the packets.
+//! The dataplane abstraction: what the pod manager (CNI ADD, DEL, CHECK and reconciliation)
+//! and the controllers (remote nodes, Egress) ask of the packet path, independent of whether
+//! eBPF programs or an Open vSwitch pipeline carry the packets. NodePortLocal needs nothing of
+//! it: its rules live in ferrea's nftables table, which the agent core owns.
 //!
 //! The agent core owns everything both backends share: IPAM, the pod's veth pair and its
 //! addresses inside the pod, masquerade in ferrea's nftables table, node sysctls. A backend owns
@@ -108,43 +109,37 @@ impl EgressPlan {
     /// plans compare equal. Refuses id 0 (the cluster's own VNI), a pod steered to two places,
     /// a pod steered to this node itself, and steered pods without a tunnel (`noEncap`). Held
     /// ids without a tunnel are accepted: nothing arrives tunnelled, so they need no flows.
-    pub fn normalised(&self, encap: bool, own_ip: Ipv4Addr) -> Result<EgressPlan, String> {
+    pub fn normalised(&self, encap: bool, own_ip: Ipv4Addr) -> Result<EgressPlan, EgressPlanError> {
         if !encap && !self.steer.is_empty() {
-            return Err(format!(
-                "{} pod(s) to steer to other nodes, but this node runs in noEncap mode and has no \
-                 tunnel to carry them",
-                self.steer.len()
-            ));
+            return Err(EgressPlanError::NoTunnel {
+                steered: self.steer.len(),
+            });
         }
         let mut steer = self.steer.clone();
         steer.sort();
         steer.dedup();
         for w in steer.windows(2) {
             if w[0].pod_ip == w[1].pod_ip {
-                return Err(format!(
-                    "pod {} steered twice (Egress {} to {} and Egress {} to {})",
-                    w[0].pod_ip, w[0].id, w[0].node_ip, w[1].id, w[1].node_ip
-                ));
+                return Err(EgressPlanError::SteeredTwice {
+                    first: w[0],
+                    second: w[1],
+                });
             }
         }
         if let Some(s) = steer.iter().find(|s| s.id == 0) {
-            return Err(format!(
-                "pod {}: Egress id 0 is the cluster's VNI, not an Egress",
-                s.pod_ip
-            ));
+            return Err(EgressPlanError::SteerIdZero { pod_ip: s.pod_ip });
         }
         if let Some(s) = steer.iter().find(|s| s.node_ip == own_ip) {
-            return Err(format!(
-                "pod {} steered to this node's own address {own_ip}; a pod whose Egress IP this \
-                 node holds is marked by the node, not steered",
-                s.pod_ip
-            ));
+            return Err(EgressPlanError::SteeredToSelf {
+                pod_ip: s.pod_ip,
+                own_ip,
+            });
         }
         let mut held = self.held.clone();
         held.sort_unstable();
         held.dedup();
         if held.first() == Some(&0) {
-            return Err("held Egress id 0 is the cluster's VNI".into());
+            return Err(EgressPlanError::HeldIdZero);
         }
         let mut exempt: Vec<Ipv4Network> = self
             .exempt
@@ -193,19 +188,131 @@ pub struct PodStats {
     pub drop_spoofed: u64,
 }
 
-/// Errors of a dataplane backend.
+/// Why [`EgressPlan::normalised`] refused a plan.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EgressPlanError {
+    /// Steered pods, but no tunnel to carry them (`noEncap`).
+    #[error(
+        "{steered} pod(s) to steer to other nodes, but this node runs in noEncap mode and has no \
+         tunnel to carry them"
+    )]
+    NoTunnel {
+        /// How many pods the plan steers.
+        steered: usize,
+    },
+    /// One pod steered to two places.
+    #[error(
+        "pod {} steered twice (Egress {} to {} and Egress {} to {})",
+        first.pod_ip, first.id, first.node_ip, second.id, second.node_ip
+    )]
+    SteeredTwice {
+        /// The first steering of the pod.
+        first: EgressSteer,
+        /// The second.
+        second: EgressSteer,
+    },
+    /// A pod steered with id 0.
+    #[error("pod {pod_ip}: Egress id 0 is the cluster's VNI, not an Egress")]
+    SteerIdZero {
+        /// The pod.
+        pod_ip: Ipv4Addr,
+    },
+    /// A pod steered to this node itself.
+    #[error(
+        "pod {pod_ip} steered to this node's own address {own_ip}; a pod whose Egress IP this \
+         node holds is marked by the node, not steered"
+    )]
+    SteeredToSelf {
+        /// The pod.
+        pod_ip: Ipv4Addr,
+        /// This node's transport address.
+        own_ip: Ipv4Addr,
+    },
+    /// Id 0 among the held ids.
+    #[error("held Egress id 0 is the cluster's VNI")]
+    HeldIdZero,
+}
+
+/// The typed cause of a [`DataplaneError`]: the error of the layer below (kernel, OVSDB,
+/// OpenFlow, aya), kept as the error's source.
+#[derive(Debug, thiserror::Error)]
+pub enum Cause {
+    /// A netlink request (links, addresses, routes, neighbours).
+    #[error(transparent)]
+    Netlink(#[from] rtnetlink::Error),
+    /// A file system or socket operation.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A system call through `nix` (interface lookups).
+    #[error(transparent)]
+    Errno(#[from] nix::errno::Errno),
+    /// A sysctl write.
+    #[error(transparent)]
+    Sysctl(#[from] crate::kernel::sysctl::SysctlError),
+    /// Keeping the node routes to other nodes in sync.
+    #[error(transparent)]
+    Routes(#[from] crate::kernel::routes::RouteError),
+    /// A TC attachment.
+    #[error(transparent)]
+    Tc(#[from] crate::kernel::tc::TcError),
+    /// A transaction with ovsdb-server.
+    #[error(transparent)]
+    Ovsdb(#[from] ovs::ovsdb::OvsdbError),
+    /// A request on the OpenFlow connection.
+    #[error(transparent)]
+    OpenFlow(#[from] ovs::openflow::ConnError),
+    /// Moving the node's configuration to the physical bridge (OVS userspace datapath).
+    #[error(transparent)]
+    Uplink(#[from] ovs::uplink::UplinkError),
+    /// A BPF map operation.
+    #[error(transparent)]
+    Map(#[from] aya::maps::MapError),
+    /// A BPF program operation (load, open from a pin).
+    #[error(transparent)]
+    Program(#[from] aya::programs::ProgramError),
+    /// Loading the BPF object.
+    #[error(transparent)]
+    Load(#[from] aya::EbpfError),
+    /// Pinning a BPF object.
+    #[error(transparent)]
+    Pin(#[from] aya::pin::PinError),
+    /// The Egress plan was refused.
+    #[error(transparent)]
+    Egress(#[from] EgressPlanError),
+    /// A condition the backend found unmet, with no error of a lower layer behind it (a port
+    /// ferrea did not create in the way, a device that vanished, no port number assigned).
+    #[error("{0}")]
+    Unmet(String),
+}
+
+/// Errors of a dataplane backend. Each names the backend, the operation and the object it
+/// was done to, and keeps the lower layer's error as its source (its text is also part of the
+/// message, for callers that print only the outermost error).
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
+    /// A method that needs the node's packet path ran before [`Dataplane::init_node`].
+    #[error("dataplane {backend}: {op}: init_node has not run")]
+    NotInitialised {
+        /// Which backend.
+        backend: &'static str,
+        /// The method called.
+        op: &'static str,
+    },
     /// The backend could not be initialised on this node.
-    #[error("dataplane {backend}: initialisation failed: {msg}")]
+    #[error("dataplane {backend}: initialisation failed: {op} {object}: {source}")]
     Init {
         /// Which backend.
         backend: &'static str,
-        /// What went wrong.
-        msg: String,
+        /// What was being done.
+        op: &'static str,
+        /// What it was done to (`bridge br-int`, `interface ferrea-gw0`, `map ...`).
+        object: String,
+        /// What went wrong (boxed: the lower layers' errors are large).
+        #[source]
+        source: Box<Cause>,
     },
     /// A per-pod operation failed.
-    #[error("dataplane {backend}: {op} for pod interface {ifname} failed: {msg}")]
+    #[error("dataplane {backend}: {op} for pod interface {ifname} failed: {source}")]
     Pod {
         /// Which backend.
         backend: &'static str,
@@ -213,22 +320,26 @@ pub enum DataplaneError {
         op: &'static str,
         /// The host-side interface.
         ifname: String,
-        /// What went wrong.
-        msg: String,
+        /// What went wrong (boxed: the lower layers' errors are large).
+        #[source]
+        source: Box<Cause>,
     },
     /// Any other backend failure.
-    #[error("dataplane {backend}: {op}: {msg}")]
+    #[error("dataplane {backend}: {op} {object}: {source}")]
     Other {
         /// Which backend.
         backend: &'static str,
         /// What was being done.
         op: &'static str,
-        /// What went wrong.
-        msg: String,
+        /// What it was done to.
+        object: String,
+        /// What went wrong (boxed: the lower layers' errors are large).
+        #[source]
+        source: Box<Cause>,
     },
 }
 
-/// The packet path of a node. Implementations: [`ebpf::EbpfDataplane`] (and the OVS backend).
+/// The packet path of a node. Implementations: [`ebpf::EbpfDataplane`] and [`ovs::OvsDataplane`].
 ///
 /// Contract for every method: idempotent (calling it twice with the same input leaves the same
 /// state as calling it once), safe to call concurrently for different pods, and it never touches
@@ -360,7 +471,11 @@ mod egress_tests {
             steer: vec![steer("10.244.1.5", "172.18.0.12", 3)],
             ..Default::default()
         };
-        assert!(err(one.clone(), false).contains("noEncap"));
+        assert_eq!(
+            err(one.clone(), false),
+            EgressPlanError::NoTunnel { steered: 1 }
+        );
+        assert!(err(one.clone(), false).to_string().contains("noEncap"));
         // Without a tunnel, held ids and exemptions alone are fine.
         let held = EgressPlan {
             held: vec![3],
@@ -370,7 +485,10 @@ mod egress_tests {
         assert!(held.normalised(false, OWN).is_ok());
         let mut twice = one.clone();
         twice.steer.push(steer("10.244.1.5", "172.18.0.13", 4));
-        assert!(err(twice, true).contains("steered twice"));
+        assert!(matches!(
+            err(twice, true),
+            EgressPlanError::SteeredTwice { .. }
+        ));
         assert!(
             err(
                 EgressPlan {
@@ -379,6 +497,7 @@ mod egress_tests {
                 },
                 true
             )
+            .to_string()
             .contains("id 0")
         );
         assert!(
@@ -389,17 +508,18 @@ mod egress_tests {
                 },
                 true
             )
+            .to_string()
             .contains("own address")
         );
-        assert!(
+        assert_eq!(
             err(
                 EgressPlan {
                     held: vec![0, 5],
                     ..Default::default()
                 },
                 true
-            )
-            .contains("id 0")
+            ),
+            EgressPlanError::HeldIdZero
         );
     }
 }

@@ -5,7 +5,8 @@
 //! checksum is left for the "hardware" to fill in. For a tap or veth read by ovs-vswitchd
 //! (netdev datapath) that hardware is OVS; Open vSwitch 3.1 completes such checksums for
 //! plain output, but not for a packet it encapsulates in VXLAN or Geneve: the inner checksum
-//! stays wrong and the receiving pod drops every TCP segment (DESIGN.md). So the senders must
+//! stays wrong and the receiving pod drops every TCP segment (seen with OVS 3.1: the
+//! segments arrive with a bad inner TCP checksum and the pod's stack discards them). So the senders must
 //! compute checksums themselves: for the node's own traffic to remote pods that is the
 //! gateway device, which the OVS backend owns; pods need the same on their `eth0`, which the
 //! agent core sets while it configures the pod side (see `podnet`).
@@ -29,7 +30,10 @@ struct EthtoolValue {
     data: u32,
 }
 
-#[allow(unsafe_code)]
+#[expect(
+    unsafe_code,
+    reason = "SIOCETHTOOL has no safe wrapper in nix or libc; each unsafe block says why it is sound"
+)]
 fn ethtool_value(ifname: &str, cmd: u32, data: u32) -> std::io::Result<u32> {
     let name = ifname.as_bytes();
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {

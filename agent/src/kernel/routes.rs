@@ -16,6 +16,36 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 /// The `rtm_protocol` of ferrea's node routes (unassigned in iproute2's `rt_protos`).
 pub const RTPROT_FERREA: u8 = 70;
 
+/// Errors of [`sync`], each naming the route.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// Reading the main table failed.
+    #[error("listing the routes: {source}")]
+    List {
+        /// What netlink said.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Removing a stale ferrea route failed.
+    #[error("removing route {dst}: {source}")]
+    Remove {
+        /// Its destination (empty if the kernel gave none).
+        dst: String,
+        /// What netlink said.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Adding (or replacing) a wanted route failed.
+    #[error("adding route {dst}: {source}")]
+    Add {
+        /// Its destination.
+        dst: Ipv4Network,
+        /// What netlink said.
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
 /// One route to a remote pod CIDR.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeRoute {
@@ -63,14 +93,18 @@ fn dst_of(m: &RouteMessage) -> Option<Ipv4Network> {
 
 /// Makes ferrea's node routes in the main table exactly `want`. Returns how many routes were
 /// removed.
-pub async fn sync(h: &Handle, want: &[NodeRoute]) -> Result<usize, String> {
+pub async fn sync(h: &Handle, want: &[NodeRoute]) -> Result<usize, RouteError> {
     let mut removed = 0;
     let mut stream = h
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
     let mut stale = Vec::new();
-    while let Some(m) = stream.try_next().await.map_err(|e| e.to_string())? {
+    while let Some(m) = stream
+        .try_next()
+        .await
+        .map_err(|source| RouteError::List { source })?
+    {
         if m.header.protocol != RouteProtocol::Other(RTPROT_FERREA) {
             continue;
         }
@@ -79,11 +113,11 @@ pub async fn sync(h: &Handle, want: &[NodeRoute]) -> Result<usize, String> {
         }
     }
     for m in stale {
-        let what = dst_of(&m).map(|d| d.to_string()).unwrap_or_default();
+        let dst = dst_of(&m).map(|d| d.to_string()).unwrap_or_default();
         match h.route().del(m).execute().await {
             Ok(()) => removed += 1,
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
-            Err(e) => return Err(format!("removing route {what}: {e}")),
+            Err(source) => return Err(RouteError::Remove { dst, source }),
         }
     }
     for r in want {
@@ -92,7 +126,7 @@ pub async fn sync(h: &Handle, want: &[NodeRoute]) -> Result<usize, String> {
             .replace()
             .execute()
             .await
-            .map_err(|e| format!("adding route {}: {e}", r.dst))?;
+            .map_err(|source| RouteError::Add { dst: r.dst, source })?;
     }
     Ok(removed)
 }

@@ -27,8 +27,8 @@ pub enum TcError {
         /// The filter's handle.
         handle: TcHandle,
         /// Why the fresh attach failed.
-        first: String,
-        /// Why the replacement failed.
+        first: Box<aya::programs::ProgramError>,
+        /// Why the replacement failed (boxed, as `first`: aya's errors are large).
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
@@ -39,7 +39,7 @@ pub enum TcError {
         ifname: String,
         /// What aya said.
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
 }
 
@@ -70,14 +70,14 @@ pub fn attach_filter(
                 direction: t,
                 priority,
                 handle,
-                first: first.to_string(),
+                first: Box::new(first),
                 source: Box::new(source),
             })?
         }
     };
     let link = prog.take_link(id).map_err(|source| TcError::Link {
         ifname: ifname.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     // The value holds only integers (ifindex, priority, handle), so forgetting it leaks
     // nothing but keeps the filter installed.

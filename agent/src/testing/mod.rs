@@ -2,12 +2,14 @@
 //! one module per trait, and small builders of test inputs.
 
 pub mod addresses;
+pub mod bpf;
 pub mod conntrack;
 pub mod events;
 pub mod garp;
 pub mod links;
 pub mod nftables;
 pub mod npl;
+pub mod ovs;
 pub mod rules;
 pub mod sysctl;
 pub mod tables;
@@ -137,7 +139,7 @@ impl Dataplane for FakeDataplane {
                 backend: "fake",
                 op: "prepare",
                 ifname: ep.host_ifname.clone(),
-                msg: "injected".into(),
+                source: Box::new(crate::dataplane::Cause::Unmet("injected".into())),
             });
         }
         self.prepared.lock().unwrap().insert(ep.ip);
@@ -150,7 +152,7 @@ impl Dataplane for FakeDataplane {
                 backend: "fake",
                 op: "add",
                 ifname: ep.host_ifname.clone(),
-                msg: "injected".into(),
+                source: Box::new(crate::dataplane::Cause::Unmet("injected".into())),
             });
         }
         Ok(())
@@ -160,7 +162,8 @@ impl Dataplane for FakeDataplane {
             return Err(DataplaneError::Other {
                 backend: "fake",
                 op: "set remote nodes",
-                msg: "injected".into(),
+                object: "the node list".into(),
+                source: Box::new(crate::dataplane::Cause::Unmet("injected".into())),
             });
         }
         *self.remotes.lock().unwrap() = nodes.to_vec();

@@ -15,6 +15,9 @@
 //!   priority [`TC_PRIORITY`] handle [`TC_HANDLE`] on its host veth, the route `<ip>/32 dev
 //!   <host veth> scope link src <gateway>` and a permanent neighbour entry for the pod's MAC.
 //!
+//! The map bookkeeping (which entries a pod, a remote node or an Egress plan needs, in which
+//! order they are written) is in [`maps`], behind the [`maps::BpfMaps`] trait.
+//!
 //! It never touches other links, routes, neighbours or filters, and it never creates or deletes
 //! pod veths (the agent core does that).
 //!
@@ -43,12 +46,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues};
+use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::{Array, HashMap as BpfHashMap, PerCpuHashMap};
 use aya::programs::tc::{SchedClassifierLink, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ferrea_common::{Counters, EgressSteer as SteerEntry, Endpoint, RemoteNode as RemoteEntry};
+use ferrea_common::{
+    Counters, Endpoint, MAP_COUNTERS, MAP_EGRESS_EXEMPT, MAP_EGRESS_HELD, MAP_EGRESS_STEER,
+    MAP_ENDPOINTS_BY_IFINDEX, MAP_ENDPOINTS_BY_IP, MAP_REMOTE_NODES,
+};
 use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoData, InfoGeneve, InfoKind, InfoVeth};
 use netlink_packet_route::neighbour::NeighbourState;
@@ -57,14 +63,16 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, Rou
 use sha2::{Digest, Sha256};
 
 use super::{
-    Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
+    Cause, Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
     TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
 };
 use crate::config::TunnelType;
 use crate::kernel::routes::{self, NodeRoute};
 
+pub mod maps;
 mod pins;
 
+use maps::{AyaMaps, BpfMaps};
 pub use pins::{Direction, PinLayout};
 
 /// The BPF object built from `ebpf/` by `agent/build.rs`.
@@ -122,13 +130,8 @@ pub fn object_digest(object: &[u8]) -> String {
 
 /// Everything that exists only after [`Dataplane::init_node`].
 struct Loaded {
-    ep_if: BpfHashMap<MapData, u32, Endpoint>,
-    ep_ip: BpfHashMap<MapData, u32, Endpoint>,
-    counters: PerCpuHashMap<MapData, u32, Counters>,
-    remote: LpmTrie<MapData, u32, RemoteEntry>,
-    eg_steer: BpfHashMap<MapData, u32, SteerEntry>,
-    eg_exempt: LpmTrie<MapData, u32, u32>,
-    eg_held: Array<MapData, u32>,
+    /// The pinned maps ([`maps::AyaMaps`]).
+    maps: Box<dyn BpfMaps>,
     from_pod: SchedClassifier,
     to_pod: SchedClassifier,
     from_tunnel: SchedClassifier,
@@ -153,29 +156,52 @@ pub struct EbpfDataplane {
     loaded: Mutex<Option<Loaded>>,
 }
 
-fn init_err(msg: impl std::fmt::Display) -> DataplaneError {
-    DataplaneError::Init {
+fn init_err<E: Into<Cause>>(
+    op: &'static str,
+    object: impl std::fmt::Display,
+) -> impl FnOnce(E) -> DataplaneError {
+    let object = object.to_string();
+    move |e| DataplaneError::Init {
         backend: BACKEND,
-        msg: msg.to_string(),
+        op,
+        object,
+        source: Box::new(e.into()),
     }
 }
 
-fn pod_err(op: &'static str, ifname: &str) -> impl FnOnce(String) -> DataplaneError {
+fn pod_err<E: Into<Cause>>(op: &'static str, ifname: &str) -> impl FnOnce(E) -> DataplaneError {
     let ifname = ifname.to_owned();
-    move |msg| DataplaneError::Pod {
+    move |e| DataplaneError::Pod {
         backend: BACKEND,
         op,
         ifname,
-        msg,
+        source: Box::new(e.into()),
     }
 }
 
-fn other_err(op: &'static str, msg: impl std::fmt::Display) -> DataplaneError {
-    DataplaneError::Other {
+fn other_err<E: Into<Cause>>(
+    op: &'static str,
+    object: impl std::fmt::Display,
+) -> impl FnOnce(E) -> DataplaneError {
+    let object = object.to_string();
+    move |e| DataplaneError::Other {
         backend: BACKEND,
         op,
-        msg: msg.to_string(),
+        object,
+        source: Box::new(e.into()),
     }
+}
+
+fn not_init(op: &'static str) -> DataplaneError {
+    DataplaneError::NotInitialised {
+        backend: BACKEND,
+        op,
+    }
+}
+
+/// A condition found unmet, with no lower-layer error behind it.
+fn unmet(msg: impl Into<String>) -> Cause {
+    Cause::Unmet(msg.into())
 }
 
 fn nl_code(e: &rtnetlink::Error) -> Option<i32> {
@@ -210,7 +236,7 @@ impl EbpfDataplane {
     /// from a thread in the node's network namespace.
     pub fn new(pin_path: impl Into<PathBuf>) -> Result<Self, DataplaneError> {
         let (conn, nl, _) =
-            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+            rtnetlink::new_connection().map_err(init_err("open", "a netlink socket"))?;
         tokio::spawn(conn);
         Ok(Self {
             layout: PinLayout::new(pin_path.into()),
@@ -234,10 +260,9 @@ impl EbpfDataplane {
     fn load(&self, node: &NodeNetwork) -> Result<Loaded, DataplaneError> {
         let l = &self.layout;
         pins::ensure_bpffs(l.root())
-            .map_err(|e| init_err(format!("bpffs at {}: {e}", l.root().display())))?;
+            .map_err(init_err("mount or find a bpffs at", l.root().display()))?;
         for d in [l.maps_dir(), l.progs_root()] {
-            std::fs::create_dir_all(&d)
-                .map_err(|e| init_err(format!("mkdir {}: {e}", d.display())))?;
+            std::fs::create_dir_all(&d).map_err(init_err("create directory", d.display()))?;
         }
         // Maps are declared pinned by name: aya opens the pinned map if it exists (adoption)
         // and creates and pins it otherwise.
@@ -247,7 +272,7 @@ impl EbpfDataplane {
             .btf(None)
             .default_map_pin_directory(l.maps_dir())
             .load(BPF_OBJECT)
-            .map_err(|e| init_err(format!("loading the BPF object: {e}")))?;
+            .map_err(init_err("load", "the BPF object"))?;
         let digest = object_digest(BPF_OBJECT);
         let prog_dir = l.progs_dir(&digest);
         let same_build = PROGRAMS.iter().all(|p| prog_dir.join(p).exists());
@@ -256,11 +281,12 @@ impl EbpfDataplane {
         }
         let pinned = |name: &str| {
             SchedClassifier::from_pin(prog_dir.join(name))
-                .map_err(|e| init_err(format!("opening pinned program {name}: {e}")))
+                .map_err(init_err("open pinned", format!("program {name}")))
         };
         let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| init_err(format!("map {name} missing from the object")))
+            ebpf.take_map(name).ok_or_else(|| {
+                init_err("take", format!("map {name}"))(unmet("missing from the object"))
+            })
         };
         let ep_if = take(&mut ebpf, ferrea_common::MAP_ENDPOINTS_BY_IFINDEX)?;
         let ep_ip = take(&mut ebpf, ferrea_common::MAP_ENDPOINTS_BY_IP)?;
@@ -269,14 +295,17 @@ impl EbpfDataplane {
         let eg_steer = take(&mut ebpf, ferrea_common::MAP_EGRESS_STEER)?;
         let eg_exempt = take(&mut ebpf, ferrea_common::MAP_EGRESS_EXEMPT)?;
         let eg_held = take(&mut ebpf, ferrea_common::MAP_EGRESS_HELD)?;
+        let maps = AyaMaps {
+            ep_if: BpfHashMap::try_from(ep_if).map_err(map_type(MAP_ENDPOINTS_BY_IFINDEX))?,
+            ep_ip: BpfHashMap::try_from(ep_ip).map_err(map_type(MAP_ENDPOINTS_BY_IP))?,
+            counters: PerCpuHashMap::try_from(counters).map_err(map_type(MAP_COUNTERS))?,
+            remote: LpmTrie::try_from(remote).map_err(map_type(MAP_REMOTE_NODES))?,
+            eg_steer: BpfHashMap::try_from(eg_steer).map_err(map_type(MAP_EGRESS_STEER))?,
+            eg_exempt: LpmTrie::try_from(eg_exempt).map_err(map_type(MAP_EGRESS_EXEMPT))?,
+            eg_held: Array::try_from(eg_held).map_err(map_type(MAP_EGRESS_HELD))?,
+        };
         let mut loaded = Loaded {
-            ep_if: BpfHashMap::try_from(ep_if).map_err(init_err)?,
-            ep_ip: BpfHashMap::try_from(ep_ip).map_err(init_err)?,
-            counters: PerCpuHashMap::try_from(counters).map_err(init_err)?,
-            remote: LpmTrie::try_from(remote).map_err(init_err)?,
-            eg_steer: BpfHashMap::try_from(eg_steer).map_err(init_err)?,
-            eg_exempt: LpmTrie::try_from(eg_exempt).map_err(init_err)?,
-            eg_held: Array::try_from(eg_held).map_err(init_err)?,
+            maps: Box::new(maps),
             from_pod: pinned(ferrea_common::PROG_FROM_POD)?,
             to_pod: pinned(ferrea_common::PROG_TO_POD)?,
             from_tunnel: pinned(ferrea_common::PROG_FROM_TUNNEL)?,
@@ -315,7 +344,7 @@ impl EbpfDataplane {
         if self
             .link_index(TUNNEL_IFNAME)
             .await
-            .map_err(|e| init_err(format!("get {TUNNEL_IFNAME}: {e}")))?
+            .map_err(init_err("look up", format!("interface {TUNNEL_IFNAME}")))?
             .is_none()
         {
             let msg = match t.kind {
@@ -342,33 +371,40 @@ impl EbpfDataplane {
                 Ok(()) => {}
                 Err(e) if nl_code(&e) == Some(libc::EEXIST) => {}
                 Err(e) => {
-                    return Err(init_err(format!(
-                        "creating {TUNNEL_IFNAME} ({:?}, external mode): {e}{}",
+                    let object = format!(
+                        "interface {TUNNEL_IFNAME} ({:?}, external mode{})",
                         t.kind,
                         if matches!(t.kind, TunnelType::Geneve) {
-                            " (does this kernel have the geneve module?)"
+                            "; does this kernel have the geneve module?"
                         } else {
                             ""
                         }
-                    )));
+                    );
+                    return Err(init_err("create", object)(e));
                 }
             }
         }
         let idx = self
             .link_index(TUNNEL_IFNAME)
             .await
-            .map_err(|e| init_err(format!("get {TUNNEL_IFNAME}: {e}")))?
-            .ok_or_else(|| init_err(format!("{TUNNEL_IFNAME} vanished after creation")))?;
+            .map_err(init_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+            .ok_or_else(|| {
+                init_err("look up", format!("interface {TUNNEL_IFNAME}"))(unmet(
+                    "vanished after creation",
+                ))
+            })?;
         self.nl
             .link()
             .set(LinkUnspec::new_with_index(idx).mtu(node.mtu).up().build())
             .execute()
             .await
-            .map_err(|e| init_err(format!("set {TUNNEL_IFNAME} up: {e}")))?;
+            .map_err(init_err("set up", format!("interface {TUNNEL_IFNAME}")))?;
         let mut g = self.lock();
         let st = g.as_mut().expect("loaded by init_node");
-        st.attach_tunnel()
-            .map_err(|e| init_err(format!("attaching the tunnel programs: {e}")))
+        st.attach_tunnel().map_err(init_err(
+            "attach the tunnel programs to",
+            format!("interface {TUNNEL_IFNAME}"),
+        ))
     }
 
     /// Deletes the tunnel device if it exists (routes through it go with it).
@@ -376,12 +412,14 @@ impl EbpfDataplane {
         if let Some(idx) = self
             .link_index(TUNNEL_IFNAME)
             .await
-            .map_err(|e| init_err(format!("get {TUNNEL_IFNAME}: {e}")))?
+            .map_err(init_err("look up", format!("interface {TUNNEL_IFNAME}")))?
         {
             match self.nl.link().del(idx).execute().await {
                 Ok(()) => tracing::info!("noEncap: tunnel device removed"),
                 Err(e) if is_gone(&e) => {}
-                Err(e) => return Err(init_err(format!("deleting {TUNNEL_IFNAME}: {e}"))),
+                Err(e) => {
+                    return Err(init_err("delete", format!("interface {TUNNEL_IFNAME}"))(e));
+                }
             }
         }
         Ok(())
@@ -389,12 +427,11 @@ impl EbpfDataplane {
 
     /// Creates or adopts `ferrea-gw0` / `ferrea-gw0p`, up, with the gateway /32.
     async fn ensure_gateway(&self, node: &NodeNetwork) -> Result<(), DataplaneError> {
-        let gw_err =
-            |op: &str, e: rtnetlink::Error| init_err(format!("{op} {GATEWAY_IFNAME}: {e}"));
+        let gw = format!("interface {GATEWAY_IFNAME}");
         if self
             .link_index(GATEWAY_IFNAME)
             .await
-            .map_err(|e| gw_err("get", e))?
+            .map_err(init_err("look up", &gw))?
             .is_none()
         {
             let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -410,21 +447,25 @@ impl EbpfDataplane {
                 Ok(()) => {}
                 // Another init_node won the race: adopt its device.
                 Err(e) if nl_code(&e) == Some(libc::EEXIST) => {}
-                Err(e) => return Err(gw_err("create", e)),
+                Err(e) => return Err(init_err("create", &gw)(e)),
             }
         }
         for name in [GATEWAY_PEER_IFNAME, GATEWAY_IFNAME] {
             let idx = self
                 .link_index(name)
                 .await
-                .map_err(|e| gw_err("get", e))?
-                .ok_or_else(|| init_err(format!("{name} vanished after creation")))?;
+                .map_err(init_err("look up", format!("interface {name}")))?
+                .ok_or_else(|| {
+                    init_err("look up", format!("interface {name}"))(unmet(
+                        "vanished after creation",
+                    ))
+                })?;
             self.nl
                 .link()
                 .set(LinkUnspec::new_with_index(idx).up().build())
                 .execute()
                 .await
-                .map_err(|e| init_err(format!("set {name} up: {e}")))?;
+                .map_err(init_err("set up", format!("interface {name}")))?;
             if name == GATEWAY_IFNAME {
                 self.nl
                     .address()
@@ -432,7 +473,7 @@ impl EbpfDataplane {
                     .replace()
                     .execute()
                     .await
-                    .map_err(|e| gw_err("add gateway address to", e))?;
+                    .map_err(init_err("add the gateway address to", &gw))?;
             }
         }
         // Addresses of the pod CIDR that no pod holds are unreachable, rather than following
@@ -447,7 +488,10 @@ impl EbpfDataplane {
             .replace()
             .execute()
             .await
-            .map_err(|e| init_err(format!("add unreachable route for {}: {e}", node.pod_cidr)))?;
+            .map_err(init_err(
+                "add the unreachable route",
+                format!("route {}", node.pod_cidr),
+            ))?;
         Ok(())
     }
 
@@ -474,39 +518,49 @@ impl EbpfDataplane {
         match self.nl.route().del(route).execute().await {
             Ok(()) => {}
             Err(e) if is_gone(&e) => {}
-            Err(e) => return Err(pod_err("delete route", &ep.host_ifname)(e.to_string())),
+            Err(e) => return Err(pod_err("delete route", &ep.host_ifname)(e)),
         }
         let mut add = self.nl.neighbours().add(ep.host_ifindex, IpAddr::V4(ep.ip));
         let msg = add.message_mut().clone();
         match self.nl.neighbours().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_gone(&e) => Ok(()),
-            Err(e) => Err(pod_err("delete neighbour", &ep.host_ifname)(e.to_string())),
+            Err(e) => Err(pod_err("delete neighbour", &ep.host_ifname)(e)),
         }
     }
 }
 
 /// Loads both programs of a freshly loaded object and pins them under `dir`.
 /// Attaches `prog` to `ifname` at `t`, or replaces the program of ferrea's filter there.
-fn attach_prog(prog: &mut SchedClassifier, ifname: &str, t: TcAttachType) -> Result<(), String> {
+fn attach_prog(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    t: TcAttachType,
+) -> Result<(), crate::kernel::tc::TcError> {
     crate::kernel::tc::attach_filter(prog, ifname, t, TC_PRIORITY, TC_HANDLE)
-        .map_err(|e| e.to_string())
+}
+
+/// A map of the object that is not of the type this module expects (another build's layout).
+fn map_type(name: &str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    init_err("open", format!("map {name}"))
 }
 
 fn load_and_pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
     // A half-populated directory (crash between the two pins) is simply redone.
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).map_err(|e| init_err(format!("mkdir {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(init_err("create directory", dir.display()))?;
     for name in PROGRAMS {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
-            .ok_or_else(|| init_err(format!("program {name} missing from the object")))?
+            .ok_or_else(|| {
+                init_err("find", format!("program {name}"))(unmet("missing from the object"))
+            })?
             .try_into()
-            .map_err(|e| init_err(format!("program {name}: {e}")))?;
+            .map_err(init_err("open as a classifier", format!("program {name}")))?;
         prog.load()
-            .map_err(|e| init_err(format!("loading program {name}: {e}")))?;
+            .map_err(init_err("load", format!("program {name}")))?;
         prog.pin(dir.join(name))
-            .map_err(|e| init_err(format!("pinning program {name}: {e}")))?;
+            .map_err(init_err("pin", format!("program {name}")))?;
     }
     Ok(())
 }
@@ -520,124 +574,15 @@ impl Loaded {
     }
 
     /// Attaches (or replaces in place) ferrea's filter for one direction on `ifname`.
-    fn attach_one(&mut self, ifname: &str, d: Direction) -> Result<(), String> {
+    fn attach_one(&mut self, ifname: &str, d: Direction) -> Result<(), crate::kernel::tc::TcError> {
         attach_prog(self.prog(d), ifname, attach_type(d))
     }
 
     /// Attaches both tunnel programs to the tunnel device (adding `clsact` if needed).
-    fn attach_tunnel(&mut self) -> Result<(), String> {
+    fn attach_tunnel(&mut self) -> Result<(), crate::kernel::tc::TcError> {
         let _ = aya::programs::tc::qdisc_add_clsact(TUNNEL_IFNAME);
         attach_prog(&mut self.from_tunnel, TUNNEL_IFNAME, TcAttachType::Ingress)?;
         attach_prog(&mut self.to_tunnel, TUNNEL_IFNAME, TcAttachType::Egress)
-    }
-
-    /// Makes the remote-node map exactly `nodes`; `tun_ifindex` is the tunnel device (0 in
-    /// noEncap mode).
-    fn sync_remote(
-        &mut self,
-        nodes: &[RemoteNode],
-        tun_ifindex: u32,
-    ) -> Result<(), DataplaneError> {
-        let want: Vec<(LpmKey<u32>, RemoteEntry)> = nodes
-            .iter()
-            .map(|n| {
-                (
-                    LpmKey::new(
-                        u32::from(n.pod_cidr.prefix()),
-                        u32::from_ne_bytes(n.pod_cidr.network().octets()),
-                    ),
-                    RemoteEntry {
-                        node_ip: u32::from_ne_bytes(n.node_ip.octets()),
-                        vni: TUNNEL_VNI,
-                        tun_ifindex,
-                    },
-                )
-            })
-            .collect();
-        let have: Vec<LpmKey<u32>> = self.remote.keys().filter_map(Result::ok).collect();
-        for k in have {
-            let wanted = want
-                .iter()
-                .any(|(w, _)| w.prefix_len() == k.prefix_len() && w.data() == k.data());
-            if !wanted {
-                let _ = self.remote.remove(&k);
-            }
-        }
-        for (k, v) in &want {
-            self.remote
-                .insert(k, *v, 0)
-                .map_err(|e| other_err("remote node map", e))?;
-        }
-        Ok(())
-    }
-
-    /// Makes the three Egress maps exactly `plan` (entries that are already right are not
-    /// rewritten). Order: new exempt prefixes first and stale ones last, so a steered pod never
-    /// has a moment in which a destination that stays exempt is steered.
-    fn sync_egress(&mut self, plan: &EgressPlan, tun_ifindex: u32) -> Result<(), DataplaneError> {
-        let err = |e: aya::maps::MapError| other_err("set_egress", e);
-        let exempt: Vec<LpmKey<u32>> = plan
-            .exempt
-            .iter()
-            .map(|n| {
-                LpmKey::new(
-                    u32::from(n.prefix()),
-                    u32::from_ne_bytes(n.network().octets()),
-                )
-            })
-            .collect();
-        let have_exempt: Vec<LpmKey<u32>> = self.eg_exempt.keys().filter_map(Result::ok).collect();
-        let same = |a: &LpmKey<u32>, b: &LpmKey<u32>| {
-            a.prefix_len() == b.prefix_len() && a.data() == b.data()
-        };
-        for k in &exempt {
-            if !have_exempt.iter().any(|h| same(h, k)) {
-                self.eg_exempt.insert(k, 1, 0).map_err(err)?;
-            }
-        }
-
-        let mut held = [0u32; ferrea_common::EGRESS_IDS as usize];
-        for &id in &plan.held {
-            held[usize::from(id)] = 1;
-        }
-        for (id, &want) in (0u32..).zip(held.iter()) {
-            if self.eg_held.get(&id, 0).map_err(err)? != want {
-                self.eg_held.set(id, want, 0).map_err(err)?;
-            }
-        }
-
-        let want: Vec<(u32, SteerEntry)> = plan
-            .steer
-            .iter()
-            .map(|s| {
-                (
-                    u32::from_ne_bytes(s.pod_ip.octets()),
-                    SteerEntry {
-                        node_ip: u32::from_ne_bytes(s.node_ip.octets()),
-                        id: u32::from(s.id),
-                        tun_ifindex,
-                    },
-                )
-            })
-            .collect();
-        let have: Vec<u32> = self.eg_steer.keys().filter_map(Result::ok).collect();
-        for k in have {
-            if !want.iter().any(|(w, _)| *w == k) {
-                let _ = self.eg_steer.remove(&k);
-            }
-        }
-        for (k, v) in &want {
-            if self.eg_steer.get(k, 0).ok().as_ref() != Some(v) {
-                self.eg_steer.insert(k, v, 0).map_err(err)?;
-            }
-        }
-
-        for k in have_exempt {
-            if !exempt.iter().any(|w| same(w, &k)) {
-                let _ = self.eg_exempt.remove(&k);
-            }
-        }
-        Ok(())
     }
 
     /// Attaches both programs to a pod's host veth (adding `clsact` if needed).
@@ -653,7 +598,7 @@ impl Loaded {
 
     /// After loading a new build: points the filters of every known pod to it.
     fn replace_all_filters(&mut self) -> usize {
-        let ifindexes: Vec<u32> = self.ep_if.keys().filter_map(Result::ok).collect();
+        let ifindexes = self.maps.endpoint_ifindexes();
         let mut n = 0;
         for ifname in ifindexes.into_iter().filter_map(ifname_of) {
             let ok = [Direction::Ingress, Direction::Egress]
@@ -668,50 +613,6 @@ impl Loaded {
             tracing::warn!("could not move the tunnel device's filters to the new programs");
         }
         n
-    }
-
-    /// Removes a pod's map entries, counters and link pins. Missing entries are fine.
-    fn forget(&mut self, ifindex: u32, ip: Ipv4Addr) {
-        let key = u32::from_ne_bytes(ip.octets());
-        // Only remove the IP entry if it still belongs to this interface (a re-add of the same
-        // IP on a new veth must not be undone by a late delete of the old one).
-        if let Ok(cur) = self.ep_ip.get(&key, 0)
-            && cur.ifindex == ifindex
-        {
-            let _ = self.ep_ip.remove(&key);
-        }
-        if let Ok(cur) = self.ep_if.get(&ifindex, 0)
-            && cur.ipv4 == key
-        {
-            let _ = self.ep_if.remove(&ifindex);
-        }
-        let _ = self.counters.remove(&ifindex);
-    }
-
-    fn insert(&mut self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
-        let e = endpoint_of(ep);
-        let err = |op| pod_err(op, &ep.host_ifname);
-        // Re-adding an IP on another interface: drop the old interface's entry first.
-        if let Ok(old) = self.ep_ip.get(&e.ipv4, 0)
-            && old.ifindex != e.ifindex
-        {
-            let _ = self.ep_if.remove(&old.ifindex);
-        }
-        if self.counters.get(&e.ifindex, 0).is_err() {
-            let ncpu = aya::util::nr_cpus().map_err(|(_, e)| err("count CPUs")(e.to_string()))?;
-            let zero = PerCpuValues::try_from(vec![Counters::default(); ncpu])
-                .map_err(|e| err("init counters")(e.to_string()))?;
-            self.counters
-                .insert(e.ifindex, zero, 0)
-                .map_err(|e| err("init counters")(e.to_string()))?;
-        }
-        self.ep_if
-            .insert(e.ifindex, e, 0)
-            .map_err(|e| err("insert endpoint")(e.to_string()))?;
-        self.ep_ip
-            .insert(e.ipv4, e, 0)
-            .map_err(|e| err("insert endpoint")(e.to_string()))?;
-        Ok(())
     }
 }
 
@@ -735,24 +636,25 @@ impl Dataplane for EbpfDataplane {
     async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
         let node = {
             let g = self.lock();
-            let st = g
-                .as_ref()
-                .ok_or_else(|| other_err("set_remote_nodes", "init_node was not called"))?;
+            let st = g.as_ref().ok_or_else(|| not_init("set_remote_nodes"))?;
             st.node.clone()
         };
         let dev = match node.tunnel {
             Some(_) => self
                 .link_index(TUNNEL_IFNAME)
                 .await
-                .map_err(|e| other_err("remote nodes", e))?
-                .ok_or_else(|| other_err("remote nodes", format!("{TUNNEL_IFNAME} is missing")))?,
+                .map_err(other_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+                .ok_or_else(|| {
+                    other_err("look up", format!("interface {TUNNEL_IFNAME}"))(unmet("missing"))
+                })?,
             None => node.transport.ifindex,
         };
         let tun_ifindex = if node.tunnel.is_some() { dev } else { 0 };
-        self.lock()
-            .as_mut()
-            .expect("checked above")
-            .sync_remote(nodes, tun_ifindex)?;
+        maps::sync_remote(
+            self.lock().as_mut().expect("checked above").maps.as_mut(),
+            nodes,
+            tun_ifindex,
+        )?;
         let want: Vec<NodeRoute> = nodes
             .iter()
             .map(|n| NodeRoute {
@@ -767,7 +669,7 @@ impl Dataplane for EbpfDataplane {
             .collect();
         let removed = routes::sync(&self.nl, &want)
             .await
-            .map_err(|e| other_err("remote node routes", e))?;
+            .map_err(other_err("sync", "remote node routes"))?;
         if removed > 0 {
             tracing::info!(removed, "routes of departed nodes removed");
         }
@@ -777,12 +679,10 @@ impl Dataplane for EbpfDataplane {
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         let gateway = {
             let mut g = self.lock();
-            let st = g
-                .as_mut()
-                .ok_or_else(|| other_err("add_pod", "init_node was not called"))?;
+            let st = g.as_mut().ok_or_else(|| not_init("add_pod"))?;
             // Map entries first: the program drops everything from an interface it has no
             // endpoint for, so attaching first would black-hole the pod's first packets.
-            st.insert(ep)?;
+            maps::insert(st.maps.as_mut(), ep)?;
             st.attach(ep)?;
             st.gateway
         };
@@ -792,7 +692,7 @@ impl Dataplane for EbpfDataplane {
             .replace()
             .execute()
             .await
-            .map_err(|e| pod_err("add route", &ep.host_ifname)(e.to_string()))?;
+            .map_err(pod_err("add route", &ep.host_ifname))?;
         self.nl
             .neighbours()
             .add(ep.host_ifindex, IpAddr::V4(ep.ip))
@@ -801,17 +701,15 @@ impl Dataplane for EbpfDataplane {
             .replace()
             .execute()
             .await
-            .map_err(|e| pod_err("add neighbour", &ep.host_ifname)(e.to_string()))?;
+            .map_err(pod_err("add neighbour", &ep.host_ifname))?;
         Ok(())
     }
 
     async fn del_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         let gateway = {
             let mut g = self.lock();
-            let st = g
-                .as_mut()
-                .ok_or_else(|| other_err("del_pod", "init_node was not called"))?;
-            st.forget(ep.host_ifindex, ep.ip);
+            let st = g.as_mut().ok_or_else(|| not_init("del_pod"))?;
+            maps::forget(st.maps.as_mut(), ep.host_ifindex, ep.ip);
             st.gateway
         };
         // Only if the name still means the pod's interface. When the interface is gone (the
@@ -827,33 +725,8 @@ impl Dataplane for EbpfDataplane {
     async fn retain_pods(&self, keep: &HashSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, DataplaneError> {
         let (stale, gateway) = {
             let mut g = self.lock();
-            let st = g
-                .as_mut()
-                .ok_or_else(|| other_err("retain_pods", "init_node was not called"))?;
-            let by_ip: Vec<(u32, Endpoint)> = st.ep_ip.iter().filter_map(Result::ok).collect();
-            let mut stale = Vec::new();
-            for (key, e) in by_ip {
-                let ip = ip_of_key(key);
-                if !keep.contains(&ip) {
-                    st.forget(e.ifindex, ip);
-                    stale.push(e);
-                }
-            }
-            // Orphans: interface entries and counters no kept endpoint refers to.
-            let live: HashSet<u32> = st
-                .ep_ip
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(_, e)| e.ifindex)
-                .collect();
-            let if_keys: Vec<u32> = st.ep_if.keys().filter_map(Result::ok).collect();
-            for k in if_keys.into_iter().filter(|k| !live.contains(k)) {
-                let _ = st.ep_if.remove(&k);
-            }
-            let c_keys: Vec<u32> = st.counters.keys().filter_map(Result::ok).collect();
-            for k in c_keys.into_iter().filter(|k| !live.contains(k)) {
-                let _ = st.counters.remove(&k);
-            }
+            let st = g.as_mut().ok_or_else(|| not_init("retain_pods"))?;
+            let stale = maps::retain(st.maps.as_mut(), keep);
             (stale, st.gateway)
         };
         let mut removed = Vec::with_capacity(stale.len());
@@ -879,40 +752,35 @@ impl Dataplane for EbpfDataplane {
     }
 
     async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
-        let err = |msg: String| other_err("set_egress", msg);
         let (tunnel, own_ip) = {
             let g = self.lock();
-            let st = g
-                .as_ref()
-                .ok_or_else(|| err("init_node was not called".into()))?;
+            let st = g.as_ref().ok_or_else(|| not_init("set_egress"))?;
             (st.node.tunnel, st.node.transport.ip)
         };
-        let plan = &plan.normalised(tunnel.is_some(), own_ip).map_err(err)?;
+        let plan = &plan
+            .normalised(tunnel.is_some(), own_ip)
+            .map_err(other_err("set_egress", "egress plan"))?;
         let tun_ifindex = if plan.steer.is_empty() {
             0
         } else {
             self.link_index(TUNNEL_IFNAME)
                 .await
-                .map_err(|e| err(format!("get {TUNNEL_IFNAME}: {e}")))?
-                .ok_or_else(|| err(format!("{TUNNEL_IFNAME} is missing")))?
+                .map_err(other_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+                .ok_or_else(|| {
+                    other_err("look up", format!("interface {TUNNEL_IFNAME}"))(unmet("missing"))
+                })?
         };
-        self.lock()
-            .as_mut()
-            .expect("checked above")
-            .sync_egress(plan, tun_ifindex)
+        maps::sync_egress(
+            self.lock().as_mut().expect("checked above").maps.as_mut(),
+            plan,
+            tun_ifindex,
+        )
     }
 
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
         let g = self.lock();
-        let st = g
-            .as_ref()
-            .ok_or_else(|| other_err("pod_stats", "init_node was not called"))?;
-        let per_cpu = match st.counters.get(&ep.host_ifindex, 0) {
-            Ok(v) => v,
-            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(pod_err("read counters", &ep.host_ifname)(e.to_string())),
-        };
-        Ok(Some(sum_counters(per_cpu.iter())))
+        let st = g.as_ref().ok_or_else(|| not_init("pod_stats"))?;
+        maps::stats(st.maps.as_ref(), ep)
     }
 }
 

@@ -62,28 +62,30 @@
 //! operation reconnects and re-installs every flow the agent knows.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::json;
 
 use super::{
-    Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
+    Cause, Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
     TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
 };
-use crate::kernel::routes::{self, NodeRoute};
+use crate::kernel::routes::NodeRoute;
 
+pub mod host;
 pub mod openflow;
 pub mod ovsdb;
 pub mod pipeline;
 pub mod uplink;
 
+use host::{LinuxHost, NodeKernel};
 use openflow::codec::TABLE_ALL;
-use openflow::{ConnError, FlowMod, OfConn};
-use ovsdb::{Ovsdb, map, named_uuid, parse_map, parse_uuid};
+use openflow::{ConnError, FlowMod, MgmtSocket, OpenFlow, OpenFlowConnector};
+use ovsdb::{Ovsdb, OvsdbClient, map, named_uuid, parse_map, parse_uuid};
 use pipeline::{Counter, NodeFacts, PodFacts, RemoteFacts, TunnelFacts, cookie};
 use uplink::{PHY_BRIDGE, UplinkConfig};
 
@@ -101,6 +103,11 @@ pub const TUNNEL_OFPORT: u32 = 10;
 const VSWITCHD_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub use crate::config::{DatapathType, OvsConfig};
+
+/// The management socket of `cfg`'s bridge.
+fn mgmt_socket(cfg: &OvsConfig) -> PathBuf {
+    cfg.run_dir.join(format!("{}.mgmt", cfg.bridge))
+}
 
 /// What exists after `init_node`.
 #[derive(Clone)]
@@ -132,51 +139,95 @@ struct NodeState {
 
 /// The OVS dataplane of one node. Create it anywhere; call it from a thread in the node's
 /// network namespace (the gateway address is set through netlink).
+///
+/// Its side effects go through three seams: [`Ovsdb`] (ovsdb-server), [`OpenFlow`] connections
+/// from an [`OpenFlowConnector`] (ovs-vswitchd) and [`NodeKernel`] (the node's kernel), so
+/// [`OvsDataplane::with_parts`] can run it on fakes.
 pub struct OvsDataplane {
     cfg: OvsConfig,
-    db: Ovsdb,
-    of: tokio::sync::Mutex<Option<OfConn>>,
+    db: Arc<dyn Ovsdb>,
+    connector: Arc<dyn OpenFlowConnector>,
+    host: Arc<dyn NodeKernel>,
+    of: tokio::sync::Mutex<Option<Arc<dyn OpenFlow>>>,
     state: Mutex<Option<NodeState>>,
 }
 
-fn init_err(msg: impl std::fmt::Display) -> DataplaneError {
-    DataplaneError::Init {
+fn init_err<E: Into<Cause>>(
+    op: &'static str,
+    object: impl std::fmt::Display,
+) -> impl FnOnce(E) -> DataplaneError {
+    let object = object.to_string();
+    move |e| DataplaneError::Init {
         backend: BACKEND,
-        msg: msg.to_string(),
+        op,
+        object,
+        source: Box::new(e.into()),
     }
 }
 
-fn pod_err(op: &'static str, ep: &PodEndpoint, msg: impl std::fmt::Display) -> DataplaneError {
-    DataplaneError::Pod {
+fn pod_err<E: Into<Cause>>(op: &'static str, ep: &PodEndpoint) -> impl FnOnce(E) -> DataplaneError {
+    let ifname = ep.host_ifname.clone();
+    move |e| DataplaneError::Pod {
         backend: BACKEND,
         op,
-        ifname: ep.host_ifname.clone(),
-        msg: msg.to_string(),
+        ifname,
+        source: Box::new(e.into()),
     }
 }
 
 /// Gives a node-level error (from the OpenFlow helpers) the pod's interface as context.
 fn for_pod(op: &'static str, ep: &PodEndpoint, e: DataplaneError) -> DataplaneError {
     match e {
-        DataplaneError::Other { op: inner, msg, .. } => pod_err(op, ep, format!("{inner}: {msg}")),
+        DataplaneError::Other { source, .. } => pod_err(op, ep)(*source),
         e => e,
     }
 }
 
-fn other_err(op: &'static str, msg: impl std::fmt::Display) -> DataplaneError {
-    DataplaneError::Other {
+fn other_err<E: Into<Cause>>(
+    op: &'static str,
+    object: impl std::fmt::Display,
+) -> impl FnOnce(E) -> DataplaneError {
+    let object = object.to_string();
+    move |e| DataplaneError::Other {
         backend: BACKEND,
         op,
-        msg: msg.to_string(),
+        object,
+        source: Box::new(e.into()),
     }
+}
+
+fn not_init(op: &'static str) -> DataplaneError {
+    DataplaneError::NotInitialised {
+        backend: BACKEND,
+        op,
+    }
+}
+
+/// A condition found unmet, with no lower-layer error behind it.
+fn unmet(msg: impl Into<String>) -> Cause {
+    Cause::Unmet(msg.into())
 }
 
 impl OvsDataplane {
     /// A backend for `cfg` (no I/O until [`Dataplane::init_node`]).
     pub fn new(cfg: OvsConfig) -> Self {
+        let db = Arc::new(OvsdbClient::new(cfg.ovsdb_socket.clone()));
+        let connector = Arc::new(MgmtSocket(mgmt_socket(&cfg)));
+        Self::with_parts(cfg, db, connector, Arc::new(LinuxHost))
+    }
+
+    /// A backend for `cfg` on the given seams (tests pass fakes; [`Self::new`] the real ones).
+    pub fn with_parts(
+        cfg: OvsConfig,
+        db: Arc<dyn Ovsdb>,
+        connector: Arc<dyn OpenFlowConnector>,
+        host: Arc<dyn NodeKernel>,
+    ) -> Self {
         Self {
-            db: Ovsdb::new(cfg.ovsdb_socket.clone()),
             cfg,
+            db,
+            connector,
+            host,
             of: tokio::sync::Mutex::new(None),
             state: Mutex::new(None),
         }
@@ -184,7 +235,7 @@ impl OvsDataplane {
 
     /// The bridge's management socket.
     pub fn mgmt_socket(&self) -> PathBuf {
-        self.cfg.run_dir.join(format!("{}.mgmt", self.cfg.bridge))
+        mgmt_socket(&self.cfg)
     }
 
     /// The flow round this process installs (0 before `init_node`).
@@ -259,7 +310,7 @@ impl OvsDataplane {
                     "columns": columns})],
             )
             .await
-            .map_err(|e| other_err(op, e))?;
+            .map_err(other_err(op, format!("{table} rows")))?;
         Ok(r[0]["rows"].as_array().cloned().unwrap_or_default())
     }
 
@@ -303,7 +354,7 @@ impl OvsDataplane {
         Ok(())
     }
 
-    async fn of(&self) -> Result<OfConn, DataplaneError> {
+    async fn of(&self) -> Result<Arc<dyn OpenFlow>, DataplaneError> {
         let mut g = self.of.lock().await;
         if let Some(c) = g.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
@@ -313,11 +364,11 @@ impl OvsDataplane {
         let start = Instant::now();
         let mut delay = Duration::from_millis(10);
         let c = loop {
-            match OfConn::connect(&path).await {
+            match self.connector.connect().await {
                 Ok(c) => break c,
                 // vswitchd creates the socket shortly after the bridge row appears.
                 Err(e) if start.elapsed() > VSWITCHD_TIMEOUT => {
-                    return Err(other_err("openflow connect", e));
+                    return Err(other_err("openflow connect", path.display())(e));
                 }
                 Err(_) => {
                     tokio::time::sleep(delay).await;
@@ -331,12 +382,16 @@ impl OvsDataplane {
             if let Some(u) = &s.uplink {
                 self.restore_uplink(u).await?;
             }
-            self.configure_gateway_device(&s.node, s.gw_tx_checksum_off)
+            self.host
+                .configure_gateway(&s.node, s.gw_tx_checksum_off)
                 .await?;
             tracing::info!(bridge = %self.cfg.bridge, "openflow reconnected, re-installing flows");
             c.bundle("resync flows", &Self::desired_flows(&s))
                 .await
-                .map_err(|e| other_err("resync flows", e))?;
+                .map_err(other_err(
+                    "resync flows",
+                    format!("bridge {}", self.cfg.bridge),
+                ))?;
         }
         *g = Some(c.clone());
         Ok(c)
@@ -349,9 +404,11 @@ impl OvsDataplane {
         match c.bundle(op, mods).await {
             Err(ConnError::Closed { .. } | ConnError::Io { .. }) => {
                 let c = self.of().await?;
-                c.bundle(op, mods).await.map_err(|e| other_err(op, e))
+                c.bundle(op, mods)
+                    .await
+                    .map_err(other_err(op, format!("bridge {}", self.cfg.bridge)))
             }
-            r => r.map_err(|e| other_err(op, e)),
+            r => r.map_err(other_err(op, format!("bridge {}", self.cfg.bridge))),
         }
     }
 
@@ -366,11 +423,15 @@ impl OvsDataplane {
         match c.dump_flows(table, cookie, mask).await {
             Err(ConnError::Closed { .. } | ConnError::Io { .. }) => {
                 let c = self.of().await?;
-                c.dump_flows(table, cookie, mask)
-                    .await
-                    .map_err(|e| other_err("dump flows", e))
+                c.dump_flows(table, cookie, mask).await.map_err(other_err(
+                    "dump flows",
+                    format!("bridge {}", self.cfg.bridge),
+                ))
             }
-            r => r.map_err(|e| other_err("dump flows", e)),
+            r => r.map_err(other_err(
+                "dump flows",
+                format!("bridge {}", self.cfg.bridge),
+            )),
         }
     }
 
@@ -393,7 +454,7 @@ impl OvsDataplane {
                 ],
             )
             .await
-            .map_err(init_err)?;
+            .map_err(init_err("read node state", format!("bridge {br}")))?;
         let root = r[0]["rows"].get(0).cloned();
         let bridge = r[1]["rows"].get(0).cloned();
         let have_gw = r[2]["rows"].get(0).is_some();
@@ -481,7 +542,7 @@ impl OvsDataplane {
         self.db
             .transact("create or adopt bridge", ops)
             .await
-            .map_err(init_err)?;
+            .map_err(init_err("create or adopt", format!("bridge {br}")))?;
         Ok((round, frw, datapath))
     }
 
@@ -529,7 +590,7 @@ impl OvsDataplane {
                         "where": [["name", "==", TUNNEL_IFNAME]], "columns": ["external_ids"]})],
                     )
                     .await
-                    .map_err(init_err)?;
+                    .map_err(init_err("read", format!("tunnel port {TUNNEL_IFNAME}")))?;
                 let ours = r[0]["rows"].get(0).is_some_and(|row| {
                     parse_map(&row["external_ids"])
                         .get(TYPE_KEY)
@@ -537,10 +598,12 @@ impl OvsDataplane {
                         == Some("tunnel")
                 });
                 if !ours {
-                    return Err(init_err(format!(
-                        "a port named {TUNNEL_IFNAME} exists that ferrea did not create; \
-                         remove it or rename it"
-                    )));
+                    return Err(init_err("adopt", format!("tunnel port {TUNNEL_IFNAME}"))(
+                        unmet(format!(
+                            "a port named {TUNNEL_IFNAME} exists that ferrea did not create; \
+                             remove it or rename it"
+                        )),
+                    ));
                 }
                 self.db
                     .transact(
@@ -550,21 +613,24 @@ impl OvsDataplane {
                         "row": {"type": kind, "options": map(&opts), "ofport_request": TUNNEL_OFPORT}})],
                     )
                     .await
-                    .map_err(init_err)?;
+                    .map_err(init_err("update", format!("tunnel port {TUNNEL_IFNAME}")))?;
             }
-            Err(e) => return Err(init_err(e)),
+            Err(e) => return Err(init_err("add", format!("tunnel port {TUNNEL_IFNAME}"))(e)),
         }
         let port = self
             .db
             .wait_ofport(TUNNEL_IFNAME, VSWITCHD_TIMEOUT)
             .await
-            .map_err(init_err)?
+            .map_err(init_err(
+                "wait for the port number of",
+                format!("tunnel port {TUNNEL_IFNAME}"),
+            ))?
             .ok_or_else(|| {
-                init_err(format!(
+                init_err("open", format!("tunnel port {TUNNEL_IFNAME}"))(unmet(format!(
                     "vswitchd could not open the {kind} tunnel port {TUNNEL_IFNAME} (UDP port {}); \
                      its log says why (with the kernel datapath: is the {kind} module loaded?)",
                     t.port
-                ))
+                )))
             })?;
         Ok(port as u32)
     }
@@ -580,7 +646,7 @@ impl OvsDataplane {
                 "columns": ["_uuid"]})],
             )
             .await
-            .map_err(init_err)?;
+            .map_err(init_err("find", format!("tunnel port {TUNNEL_IFNAME}")))?;
         let uuids: Vec<String> = r[0]["rows"]
             .as_array()
             .into_iter()
@@ -590,7 +656,7 @@ impl OvsDataplane {
         if !uuids.is_empty() {
             self.delete_ports("delete tunnel port", &uuids)
                 .await
-                .map_err(init_err)?;
+                .map_err(init_err("delete", format!("tunnel port {TUNNEL_IFNAME}")))?;
             tracing::info!("noEncap: tunnel port removed");
         }
         Ok(())
@@ -614,7 +680,7 @@ impl OvsDataplane {
                 ],
             )
             .await
-            .map_err(init_err)?;
+            .map_err(init_err("read", format!("bridge {PHY_BRIDGE}")))?;
         let bridge = r[0]["rows"].get(0).cloned();
         let saved: Option<UplinkConfig> = bridge.as_ref().and_then(|b| {
             serde_json::from_str(parse_map(&b["external_ids"]).get(UPLINK_KEY)?).ok()
@@ -628,44 +694,57 @@ impl OvsDataplane {
             port.clone()
                 .or_else(|| saved.as_ref().map(|s| s.uplink.clone()))
                 .ok_or_else(|| {
-                    init_err(format!(
+                    init_err("adopt", format!("bridge {PHY_BRIDGE}"))(unmet(format!(
                         "the transport interface is {PHY_BRIDGE}, but that bridge has no uplink \
                          port ferrea recorded; attach the physical interface to it or set \
                          transportInterface"
-                    ))
+                    )))
                 })?
         } else {
             node.transport.ifname.clone()
         };
         if let Some(p) = port.as_ref().filter(|p| **p != name) {
-            return Err(init_err(format!(
-                "{PHY_BRIDGE} already holds uplink {p}, but the transport interface is now \
-                 {name}; move the node's address back to {p} or delete the bridge"
+            return Err(init_err("adopt", format!("bridge {PHY_BRIDGE}"))(unmet(
+                format!(
+                    "{PHY_BRIDGE} already holds uplink {p}, but the transport interface is now \
+                     {name}; move the node's address back to {p} or delete the bridge"
+                ),
             )));
         }
-        let (conn, h, _) =
-            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+        let (conn, h, _) = rtnetlink::new_connection().map_err(init_err(
+            "open a netlink socket for",
+            format!("uplink {name}"),
+        ))?;
         let task = tokio::spawn(conn);
         let res = async {
             let (uidx, umac, umtu) = uplink::link(&h, &name)
                 .await
-                .map_err(init_err)?
-                .ok_or_else(|| init_err(format!("the uplink {name} does not exist")))?;
+                .map_err(init_err("read", format!("uplink {name}")))?
+                .ok_or_else(|| {
+                    init_err("read", format!("uplink {name}"))(unmet("no such interface"))
+                })?;
             let mut cfg = UplinkConfig {
                 uplink: name.clone(),
                 mac: openflow::codec::mac_str(&umac),
                 mtu: umtu,
-                addrs: uplink::addrs(&h, uidx).await.map_err(init_err)?,
-                routes: uplink::routes(&h, uidx).await.map_err(init_err)?,
+                addrs: uplink::addrs(&h, uidx)
+                    .await
+                    .map_err(init_err("read the addresses of", format!("uplink {name}")))?,
+                routes: uplink::routes(&h, uidx)
+                    .await
+                    .map_err(init_err("read the routes of", format!("uplink {name}")))?,
             };
             if let Some(s) = &saved {
                 cfg.merge(s);
             }
             if !cfg.addrs.iter().any(|a| a.ip() == node.transport.ip) {
-                return Err(init_err(format!(
-                    "the node address {} is neither on the uplink {name} nor recorded on {PHY_BRIDGE}",
-                    node.transport.ip
-                )));
+                return Err(init_err("find the node address on", format!("uplink {name}"))(
+                    unmet(format!(
+                        "the node address {} is neither on the uplink {name} nor recorded on \
+                         {PHY_BRIDGE}",
+                        node.transport.ip
+                    )),
+                ));
             }
             let cfg_json = serde_json::to_string(&cfg).expect("json");
             let ids = [(TYPE_KEY, "phy-bridge"), (UPLINK_KEY, cfg_json.as_str())];
@@ -716,15 +795,19 @@ impl OvsDataplane {
             self.db
                 .transact("create or adopt the physical bridge", ops)
                 .await
-                .map_err(init_err)?;
+                .map_err(init_err("create or adopt", format!("bridge {PHY_BRIDGE}")))?;
             // The uplink's own IP stack stays out of what OVS carries over it.
             for (key, value) in [("arp_ignore", "8"), ("forwarding", "0"), ("rp_filter", "1")] {
                 crate::kernel::sysctl::ensure(&format!("net.ipv4.conf.{name}.{key}"), value)
-                    .map_err(init_err)?;
+                    .map_err(init_err("isolate from the node's IP stack", format!("uplink {name}")))?;
             }
             let idx = wait_link(PHY_BRIDGE).await?;
-            uplink::apply(&h, idx, &cfg).await.map_err(init_err)?;
-            uplink::strip(&h, uidx).await.map_err(init_err)?;
+            uplink::apply(&h, idx, &cfg)
+                .await
+                .map_err(init_err("move the node's configuration to", format!("interface {PHY_BRIDGE}")))?;
+            uplink::strip(&h, uidx)
+                .await
+                .map_err(init_err("strip the node's configuration from", format!("uplink {name}")))?;
             Ok(cfg)
         }
         .await;
@@ -748,7 +831,7 @@ impl OvsDataplane {
                 ],
             )
             .await
-            .map_err(init_err)?;
+            .map_err(init_err("read", format!("bridge {PHY_BRIDGE}")))?;
         let Some(cfg) = r[0]["rows"].get(0).and_then(|b| {
             serde_json::from_str::<UplinkConfig>(parse_map(&b["external_ids"]).get(UPLINK_KEY)?)
                 .ok()
@@ -756,15 +839,21 @@ impl OvsDataplane {
             return Ok(false);
         };
         let idx = wait_link(PHY_BRIDGE).await?;
-        let (conn, h, _) =
-            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
+        let (conn, h, _) = rtnetlink::new_connection().map_err(init_err(
+            "open a netlink socket for",
+            format!("interface {PHY_BRIDGE}"),
+        ))?;
         let task = tokio::spawn(conn);
         let res = async {
-            let have = uplink::addrs(&h, idx).await.map_err(init_err)?;
+            let have = uplink::addrs(&h, idx)
+                .await
+                .map_err(init_err("read the addresses of", format!("interface {PHY_BRIDGE}")))?;
             if cfg.addrs.iter().all(|a| have.contains(a)) {
                 return Ok(false);
             }
-            uplink::apply(&h, idx, &cfg).await.map_err(init_err)?;
+            uplink::apply(&h, idx, &cfg)
+                .await
+                .map_err(init_err("restore the node's configuration on", format!("interface {PHY_BRIDGE}")))?;
             tracing::warn!(bridge = PHY_BRIDGE, addrs = ?cfg.addrs, "the physical bridge's port had lost the node's address; restored");
             Ok(true)
         }
@@ -777,61 +866,17 @@ impl OvsDataplane {
     /// ovs-vswitchd recreated it).
     async fn restore_uplink(&self, cfg: &UplinkConfig) -> Result<(), DataplaneError> {
         let idx = wait_link(PHY_BRIDGE).await?;
-        let (conn, h, _) = rtnetlink::new_connection().map_err(|e| other_err("netlink", e))?;
+        let (conn, h, _) = rtnetlink::new_connection().map_err(other_err(
+            "open a netlink socket for",
+            format!("interface {PHY_BRIDGE}"),
+        ))?;
         let task = tokio::spawn(conn);
         let r = uplink::apply(&h, idx, cfg).await;
         task.abort();
-        r.map_err(|e| other_err("restore the physical bridge's address", e))
-    }
-
-    /// Puts `gateway/prefix` on the gateway device and sets it up (idempotent); with
-    /// `tx_checksum_off`, also turns its TX checksum offload off (OVS's userspace tunnels
-    /// cannot complete the checksums of the node's own packets to remote pods).
-    async fn configure_gateway_device(
-        &self,
-        node: &NodeNetwork,
-        tx_checksum_off: bool,
-    ) -> Result<(), DataplaneError> {
-        let idx = wait_link(GATEWAY_IFNAME).await?;
-        if tx_checksum_off {
-            match crate::kernel::offload::disable_tx_checksum(GATEWAY_IFNAME) {
-                Ok(true) => tracing::info!(
-                    device = GATEWAY_IFNAME,
-                    "TX checksum offload off (userspace tunnels)"
-                ),
-                Ok(false) => {}
-                Err(e) => {
-                    return Err(init_err(format!(
-                        "turning TX checksum offload off on {GATEWAY_IFNAME}: {e}"
-                    )));
-                }
-            }
-        }
-        let (conn, nl, _) =
-            rtnetlink::new_connection().map_err(|e| init_err(format!("netlink: {e}")))?;
-        let task = tokio::spawn(conn);
-        let res = async {
-            nl.link()
-                .set(rtnetlink::LinkUnspec::new_with_index(idx).up().build())
-                .execute()
-                .await
-                .map_err(|e| init_err(format!("set {GATEWAY_IFNAME} up: {e}")))?;
-            nl.address()
-                .add(idx, IpAddr::V4(node.gateway), node.pod_cidr.prefix())
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| {
-                    init_err(format!(
-                        "add {}/{} to {GATEWAY_IFNAME}: {e}",
-                        node.gateway,
-                        node.pod_cidr.prefix()
-                    ))
-                })
-        }
-        .await;
-        task.abort();
-        res
+        r.map_err(other_err(
+            "restore the node's address on",
+            format!("interface {PHY_BRIDGE}"),
+        ))
     }
 
     /// Deletes ports (by UUID) from the bridge; OVSDB garbage-collects Port and Interface.
@@ -885,14 +930,19 @@ impl Dataplane for OvsDataplane {
             .db
             .wait_ofport(GATEWAY_IFNAME, VSWITCHD_TIMEOUT)
             .await
-            .map_err(init_err)?
+            .map_err(init_err(
+                "wait for the port number of",
+                format!("port {GATEWAY_IFNAME}"),
+            ))?
             .ok_or_else(|| {
-                init_err(format!(
-                    "vswitchd assigned no ofport to {GATEWAY_IFNAME} (is ovs-vswitchd running?)"
-                ))
+                init_err(
+                    "wait for the port number of",
+                    format!("port {GATEWAY_IFNAME}"),
+                )(unmet("vswitchd assigned none (is ovs-vswitchd running?)"))
             })?;
         let gw_tx_checksum_off = node.tunnel.is_some() && datapath == "netdev";
-        self.configure_gateway_device(node, gw_tx_checksum_off)
+        self.host
+            .configure_gateway(node, gw_tx_checksum_off)
             .await?;
         let facts = NodeFacts {
             gw_port: gw_port as u32,
@@ -918,7 +968,7 @@ impl Dataplane for OvsDataplane {
         let mut node = node.clone();
         if uplink.is_some()
             && node.transport.ifname != PHY_BRIDGE
-            && let Ok(idx) = nix::net::if_::if_nametoindex(PHY_BRIDGE)
+            && let Ok(idx) = self.host.ifindex(PHY_BRIDGE)
         {
             node.transport.ifname = PHY_BRIDGE.into();
             node.transport.ifindex = idx;
@@ -970,7 +1020,7 @@ impl Dataplane for OvsDataplane {
     async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
         let s = self
             .node_state()
-            .ok_or_else(|| other_err("set_remote_nodes", "init_node has not run"))?;
+            .ok_or_else(|| not_init("set_remote_nodes"))?;
         let encap = s.tunnel.is_some();
         let mut remotes: Vec<RemoteFacts> = nodes
             .iter()
@@ -1033,8 +1083,10 @@ impl Dataplane for OvsDataplane {
         // traffic leaves through the gateway port into the node's stack, which routes it to
         // the remote node over the transport interface.
         let want_routes: Vec<NodeRoute> = if encap {
-            let gw_idx = nix::net::if_::if_nametoindex(GATEWAY_IFNAME)
-                .map_err(|e| other_err("remote node routes", format!("{GATEWAY_IFNAME}: {e}")))?;
+            let gw_idx = self
+                .host
+                .ifindex(GATEWAY_IFNAME)
+                .map_err(other_err("look up", format!("interface {GATEWAY_IFNAME}")))?;
             remotes
                 .iter()
                 .map(|r| NodeRoute {
@@ -1057,22 +1109,19 @@ impl Dataplane for OvsDataplane {
                 })
                 .collect()
         };
-        let (conn, h, _) = rtnetlink::new_connection().map_err(|e| other_err("netlink", e))?;
-        let task = tokio::spawn(conn);
-        let r = routes::sync(&h, &want_routes).await;
-        task.abort();
-        let removed = r.map_err(|e| other_err("remote node routes", e))?;
+        let removed = self.host.sync_routes(&want_routes).await?;
         if s.gw_tx_checksum_off {
             // Userspace tunnelling needs the remote node's MAC in vswitchd's own neighbour
             // cache, which it fills by snooping ARP on the physical bridge; without it the
             // first tunnelled packet to a new node is dropped while vswitchd asks. One
             // datagram to the discard port makes the node's stack ARP for each new node now.
             let known: HashSet<Ipv4Addr> = s.remotes.iter().map(|r| r.node_ip).collect();
-            resolve_neighbours(
-                want.iter()
-                    .map(|r| r.node_ip)
-                    .filter(|ip| !known.contains(ip)),
-            );
+            let new: Vec<Ipv4Addr> = want
+                .iter()
+                .map(|r| r.node_ip)
+                .filter(|ip| !known.contains(ip))
+                .collect();
+            self.host.resolve_neighbours(&new);
         }
         if !departed.is_empty() || removed > 0 {
             tracing::info!(
@@ -1110,11 +1159,18 @@ impl Dataplane for OvsDataplane {
     }
 
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
-        let s = self
-            .node_state()
-            .ok_or_else(|| pod_err("add", ep, "init_node has not run"))?;
+        let s = self.node_state().ok_or_else(|| not_init("add_pod"))?;
         let name = ep.host_ifname.as_str();
-        isolate_from_host_stack(ep)?;
+        // With the userspace (`netdev`) datapath, OVS reads a veth through a packet socket and
+        // the kernel still processes every frame on it: it would answer the pod's ARP for the
+        // gateway with the veth's MAC and then forward the pod's packets itself, past the
+        // spoof guard and twice. So the host side answers no ARP, forwards nothing and drops
+        // what would be delivered locally by strict reverse-path filtering (the node routes
+        // pod addresses through the gateway port, not through this veth). With the kernel
+        // datapath these settings change nothing: OVS takes the frames before the IP stack.
+        self.host
+            .isolate_port(&ep.host_ifname)
+            .map_err(pod_err("isolate from the node's IP stack", ep))?;
         let facts = |port| PodFacts {
             port,
             mac: ep.pod_mac,
@@ -1177,10 +1233,10 @@ impl Dataplane for OvsDataplane {
                         json!({"op": "update", "table": "Interface", "where": [["name", "==", name]], "row": {"external_ids": ids}}),
                     ])
                     .await
-                    .map_err(|e| pod_err("add", ep, e))?;
+                    .map_err(pod_err("update port", ep))?;
                 false
             }
-            Err(e) => return Err(pod_err("add", ep, e)),
+            Err(e) => return Err(pod_err("add port", ep)(e)),
         };
         tracing::debug!(
             elapsed_us = t_row.elapsed().as_micros() as u64,
@@ -1198,13 +1254,11 @@ impl Dataplane for OvsDataplane {
                 .db
                 .wait_ofport(name, VSWITCHD_TIMEOUT)
                 .await
-                .map_err(|e| pod_err("add", ep, e))?
+                .map_err(pod_err("wait for the port number", ep))?
                 .ok_or_else(|| {
-                    pod_err(
-                        "add",
-                        ep,
-                        "vswitchd assigned no ofport (interface missing?)",
-                    )
+                    pod_err("wait for the port number", ep)(unmet(
+                        "vswitchd assigned none (interface missing?)",
+                    ))
                 })?,
         };
         if preinstalled != Some(port as u32) {
@@ -1238,7 +1292,7 @@ impl Dataplane for OvsDataplane {
                 "where": [["name", "==", ep.host_ifname]], "columns": ["_uuid", "external_ids"]})],
             )
             .await
-            .map_err(|e| pod_err("del", ep, e))?;
+            .map_err(pod_err("find port", ep))?;
         let uuids: Vec<String> = r[0]["rows"]
             .as_array()
             .into_iter()
@@ -1254,13 +1308,11 @@ impl Dataplane for OvsDataplane {
             .collect();
         self.delete_ports("delete pod port", &uuids)
             .await
-            .map_err(|e| pod_err("del", ep, e))
+            .map_err(pod_err("delete port", ep))
     }
 
     async fn retain_pods(&self, keep: &HashSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, DataplaneError> {
-        let s = self
-            .node_state()
-            .ok_or_else(|| other_err("retain pods", "init_node has not run"))?;
+        let s = self.node_state().ok_or_else(|| not_init("retain_pods"))?;
         let mut removed: HashSet<Ipv4Addr> = HashSet::new();
         // Ports ferrea created for pods that are not kept.
         let rows = self
@@ -1307,7 +1359,7 @@ impl Dataplane for OvsDataplane {
         self.of_bundle("delete stale flows", &mods).await?;
         self.delete_ports("delete stale pod ports", &stale_ports)
             .await
-            .map_err(|e| other_err("retain pods", e))?;
+            .map_err(other_err("delete stale", "pod ports"))?;
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
             st.pods.retain(|ip, _| keep.contains(ip));
             st.unverified.retain(|ip| keep.contains(ip));
@@ -1322,7 +1374,7 @@ impl Dataplane for OvsDataplane {
                 .transact("clear flow-restore-wait", vec![json!({"op": "mutate", "table": "Open_vSwitch", "where": [],
                     "mutations": [["other_config", "delete", ovsdb::set(vec![json!("flow-restore-wait")])]]})])
                 .await
-                .map_err(|e| other_err("retain pods", e))?;
+                .map_err(other_err("clear flow-restore-wait", "table Open_vSwitch"))?;
         }
         let mut out: Vec<Ipv4Addr> = removed.into_iter().collect();
         out.sort();
@@ -1330,12 +1382,10 @@ impl Dataplane for OvsDataplane {
     }
 
     async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
-        let s = self
-            .node_state()
-            .ok_or_else(|| other_err("set_egress", "init_node has not run"))?;
+        let s = self.node_state().ok_or_else(|| not_init("set_egress"))?;
         let plan = plan
             .normalised(s.tunnel.is_some(), s.node.transport.ip)
-            .map_err(|m| other_err("set_egress", m))?;
+            .map_err(other_err("set_egress", "egress plan"))?;
         let want = match &s.tunnel {
             Some(t) => pipeline::egress_flows(s.round, &s.facts, t, &plan),
             None => Vec::new(),
@@ -1413,7 +1463,9 @@ async fn wait_link(name: &str) -> Result<u32, DataplaneError> {
             Err(_) if start.elapsed() < VSWITCHD_TIMEOUT => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            Err(e) => return Err(init_err(format!("{name} did not appear: {e}"))),
+            Err(e) => {
+                return Err(init_err("wait for", format!("interface {name}"))(e));
+            }
         }
     }
 }
@@ -1426,36 +1478,6 @@ fn requested_ofport(node: &NodeNetwork, ip: Ipv4Addr) -> Option<u32> {
     let port = 100 + off;
     // OFPP_MAX (0xff00) and above are reserved port numbers.
     (port < 0xff00).then_some(port)
-}
-
-/// Sends one UDP datagram to the discard port of each address, so the node's stack resolves
-/// their MACs (best effort: a failure only means the first packet waits for ARP).
-fn resolve_neighbours(ips: impl Iterator<Item = Ipv4Addr>) {
-    let Ok(sock) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
-        return;
-    };
-    for ip in ips {
-        if let Err(e) = sock.send_to(&[0], (ip, 9)) {
-            tracing::debug!(%ip, error = %e, "probing a remote node");
-        }
-    }
-}
-
-/// Keeps the node's own IP stack out of a pod port's traffic.
-///
-/// With the userspace (`netdev`) datapath, OVS reads a veth through a packet socket and the
-/// kernel still processes every frame on it: it would answer the pod's ARP for the gateway
-/// with the veth's MAC and then forward the pod's packets itself, past the spoof guard and
-/// twice. So on the host side: never answer ARP (`arp_ignore=8`), never forward what arrives
-/// (`forwarding=0`), and drop what would be delivered locally by strict reverse-path filtering
-/// (the node routes pod addresses through the gateway port, not through this veth). With the
-/// kernel datapath these settings change nothing: OVS takes the frames before the IP stack.
-fn isolate_from_host_stack(ep: &PodEndpoint) -> Result<(), DataplaneError> {
-    for (key, value) in [("arp_ignore", "8"), ("forwarding", "0"), ("rp_filter", "1")] {
-        let key = format!("net.ipv4.conf.{}.{key}", ep.host_ifname);
-        crate::kernel::sysctl::ensure(&key, value).map_err(|e| pod_err("isolate", ep, e))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1486,6 +1508,455 @@ mod ofport_tests {
         assert_eq!(
             requested_ofport(&big, "10.0.1.0".parse().unwrap()),
             Some(356)
+        );
+    }
+}
+
+/// The backend's logic on fakes of OVSDB, the switch and the node's kernel (no root).
+#[cfg(test)]
+mod fake_tests {
+    use super::*;
+    use crate::config::{DatapathType, TunnelType};
+    use crate::dataplane::{EgressSteer, Transport};
+    use crate::testing::ovs::{FakeHost, FakeOvsdb, FakeSwitch};
+    use std::collections::BTreeMap;
+
+    struct Rig {
+        db: Arc<FakeOvsdb>,
+        sw: Arc<FakeSwitch>,
+        host: Arc<FakeHost>,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            Rig {
+                db: Arc::default(),
+                sw: Arc::default(),
+                host: Arc::default(),
+            }
+        }
+
+        /// A backend process on the rig's fakes (a second call plays an agent restart).
+        fn backend(&self) -> OvsDataplane {
+            let cfg = OvsConfig {
+                datapath_type: DatapathType::System,
+                ..OvsConfig::default()
+            };
+            OvsDataplane::with_parts(cfg, self.db.clone(), self.sw.clone(), self.host.clone())
+        }
+
+        fn cookies_of(&self, kind: u16) -> Vec<u64> {
+            self.sw
+                .flows()
+                .iter()
+                .map(|f| f.flow.cookie)
+                .filter(|c| cookie::kind(*c) == kind)
+                .collect()
+        }
+    }
+
+    fn node() -> NodeNetwork {
+        NodeNetwork::standalone("10.244.1.0/24".parse().unwrap(), 1450)
+    }
+
+    fn encap_node() -> NodeNetwork {
+        NodeNetwork {
+            transport: Transport {
+                ifname: "eth0".into(),
+                ifindex: 2,
+                ip: Ipv4Addr::new(172, 18, 0, 11),
+                prefix_len: 16,
+                mtu: 1500,
+            },
+            tunnel: Some(Tunnel {
+                kind: TunnelType::Vxlan,
+                port: 4789,
+            }),
+            ..node()
+        }
+    }
+
+    fn pod(n: u8) -> PodEndpoint {
+        PodEndpoint {
+            container_id: format!("c{n}"),
+            host_ifname: format!("fe-pod{n}"),
+            host_ifindex: 0,
+            host_mac: [2, 0, 0, 0, 1, n],
+            pod_mac: [2, 0, 0, 0, 2, n],
+            ip: Ipv4Addr::new(10, 244, 1, n),
+        }
+    }
+
+    fn facts(gw_port: u32) -> NodeFacts {
+        NodeFacts {
+            gw_port,
+            gw_mac: pipeline::gateway_mac(Ipv4Addr::new(10, 244, 1, 1)),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+        }
+    }
+
+    fn text(f: &[FlowMod]) -> Vec<String> {
+        let mut v: Vec<String> = f.iter().map(FlowMod::to_ofctl).collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn init_node_creates_bridge_gateway_and_node_flows() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        assert_eq!(dp.round(), 1);
+        let br = rig.db.external_ids("Bridge", "br-int").expect("bridge row");
+        assert_eq!(br["ferrea-type"], "bridge");
+        assert_eq!(br["ferrea-round"], "1");
+        let bridge = rig.db.row("Bridge", "br-int").unwrap();
+        assert_eq!(bridge["fail_mode"], "secure");
+        assert_eq!(bridge["datapath_type"], "system");
+        let gw = rig
+            .db
+            .row("Interface", GATEWAY_IFNAME)
+            .expect("gateway interface");
+        assert_eq!(gw["type"], "internal");
+        assert_eq!(gw["mtu_request"], 1450);
+        assert!(rig.db.row("Port", GATEWAY_IFNAME).is_some());
+        // noEncap: no tunnel port.
+        assert!(rig.db.row("Port", TUNNEL_IFNAME).is_none());
+        assert_eq!(
+            *rig.host.gateway.lock().unwrap(),
+            vec![(Ipv4Addr::new(10, 244, 1, 1), 24, false)]
+        );
+        // The fake numbers the gateway port 1: the node flows use it.
+        let want = text(&pipeline::node_flows(1, &facts(1)));
+        assert!(!want.is_empty());
+        assert_eq!(
+            rig.sw
+                .flows_text(cookie::make(1, cookie::KIND_NODE, 0), u64::MAX << 32),
+            want
+        );
+        assert_eq!(rig.sw.bundles().len(), 1, "node flows in one bundle");
+    }
+
+    #[tokio::test]
+    async fn add_pod_installs_flows_in_one_bundle_and_a_port_with_external_ids() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        let before = rig.sw.bundles().len();
+        let ep = pod(5);
+        dp.prepare_pod(&ep).await.unwrap();
+        dp.add_pod(&ep).await.unwrap();
+
+        let bundles = rig.sw.bundles();
+        assert_eq!(
+            bundles.len(),
+            before + 1,
+            "one bundle for the pod: {bundles:#?}"
+        );
+        let (name, mods) = bundles.last().unwrap();
+        assert_eq!(*name, "install pod flows");
+        let p = PodFacts {
+            port: 105,
+            mac: ep.pod_mac,
+            ip: ep.ip,
+        };
+        let want = pipeline::pod_flows(1, &facts(1), &p);
+        // A new pod: the bundle is a delete of anything under its cookie, then its flows.
+        assert_eq!(
+            mods[0],
+            FlowMod::delete_by_cookie(cookie::pod(0, ep.ip), cookie::POD_MASK)
+        );
+        assert_eq!(text(&mods[1..]), text(&want));
+        assert_eq!(
+            rig.sw.flows_text(cookie::pod(0, ep.ip), cookie::POD_MASK),
+            text(&want)
+        );
+
+        let ids = rig.db.external_ids("Port", "fe-pod5").expect("pod port");
+        let expect: BTreeMap<String, String> = [
+            ("ferrea-type", "pod"),
+            ("container-id", "c5"),
+            ("ip", "10.244.1.5"),
+            ("mac", "02:00:00:00:02:05"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(ids, expect);
+        assert_eq!(rig.db.external_ids("Interface", "fe-pod5").unwrap(), expect);
+        let iface = rig.db.row("Interface", "fe-pod5").unwrap();
+        assert_eq!(iface["ofport_request"], 105);
+        assert_eq!(
+            *rig.host.isolated.lock().unwrap(),
+            vec!["fe-pod5".to_owned()]
+        );
+        // The port is in the bridge.
+        let port_uuid = rig.db.row("Port", "fe-pod5").unwrap()["_uuid"].clone();
+        let bridge = rig.db.row("Bridge", "br-int").unwrap();
+        assert!(bridge["ports"][1].as_array().unwrap().contains(&port_uuid));
+
+        // A re-add with the same facts replaces the flows in place: no delete this time.
+        dp.add_pod(&ep).await.unwrap();
+        let (_, readd) = rig.sw.bundles().last().cloned().unwrap();
+        assert!(
+            readd
+                .iter()
+                .all(|m| m.command == openflow::codec::FlowModCommand::Add)
+        );
+        assert_eq!(
+            rig.sw.flows_text(cookie::pod(0, ep.ip), cookie::POD_MASK),
+            text(&want)
+        );
+    }
+
+    #[tokio::test]
+    async fn del_pod_removes_flows_and_port() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        let (a, b) = (pod(5), pod(6));
+        dp.add_pod(&a).await.unwrap();
+        dp.add_pod(&b).await.unwrap();
+        dp.del_pod(&a).await.unwrap();
+        assert!(
+            rig.sw
+                .flows_text(cookie::pod(0, a.ip), cookie::POD_MASK)
+                .is_empty()
+        );
+        assert!(rig.db.row("Port", "fe-pod5").is_none());
+        assert!(
+            rig.db.row("Interface", "fe-pod5").is_none(),
+            "garbage-collected"
+        );
+        // The other pod and the node are untouched.
+        assert!(rig.db.row("Port", "fe-pod6").is_some());
+        assert!(
+            !rig.sw
+                .flows_text(cookie::pod(0, b.ip), cookie::POD_MASK)
+                .is_empty()
+        );
+        assert!(!rig.cookies_of(cookie::KIND_NODE).is_empty());
+        // Deleting an unknown pod is not an error.
+        dp.del_pod(&pod(9)).await.unwrap();
+        assert_eq!(dp.pod_stats(&a).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn del_pod_leaves_ports_ferrea_did_not_create() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        rig.db
+            .transact(
+                "foreign port",
+                vec![
+                    json!({"op": "insert", "table": "Interface", "uuid-name": "i", "row": {"name": "fe-pod7"}}),
+                    json!({"op": "insert", "table": "Port", "uuid-name": "p",
+                        "row": {"name": "fe-pod7", "interfaces": named_uuid("i")}}),
+                    json!({"op": "mutate", "table": "Bridge", "where": [["name", "==", "br-int"]],
+                        "mutations": [["ports", "insert", named_uuid("p")]]}),
+                ],
+            )
+            .await
+            .unwrap();
+        dp.del_pod(&pod(7)).await.unwrap();
+        assert!(rig.db.row("Port", "fe-pod7").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_restart_installs_a_new_round_and_deletes_the_old_one() {
+        let rig = Rig::new();
+        let old = rig.backend();
+        old.init_node(&node()).await.unwrap();
+        let (kept, gone) = (pod(5), pod(6));
+        old.add_pod(&kept).await.unwrap();
+        old.add_pod(&gone).await.unwrap();
+        drop(old);
+
+        // The new process: round 2; the core re-adds the kept pod, then reconciles.
+        let new = rig.backend();
+        new.init_node(&node()).await.unwrap();
+        assert_eq!(new.round(), 2);
+        assert_eq!(
+            rig.db.external_ids("Bridge", "br-int").unwrap()["ferrea-round"],
+            "2"
+        );
+        // The node flows were replaced in place (same match and priority: OpenFlow's add
+        // keeps the flow and its counters, and takes the new cookie); the pods' flows of
+        // round 1 stay until reconciliation, so no pod's packet sees a missing flow.
+        let rounds = |kind| -> HashSet<u16> {
+            rig.cookies_of(kind)
+                .into_iter()
+                .map(cookie::round)
+                .collect()
+        };
+        assert_eq!(rounds(cookie::KIND_NODE), HashSet::from([2]));
+        assert_eq!(rounds(cookie::KIND_POD), HashSet::from([1]));
+        new.add_pod(&kept).await.unwrap();
+        let removed = new.retain_pods(&HashSet::from([kept.ip])).await.unwrap();
+        assert_eq!(removed, vec![gone.ip]);
+
+        let all: Vec<u64> = rig.sw.flows().iter().map(|f| f.flow.cookie).collect();
+        assert!(all.iter().all(|c| cookie::round(*c) == 2), "{all:x?}");
+        assert_eq!(
+            text(
+                &rig.sw
+                    .flows()
+                    .iter()
+                    .map(|f| f.flow.clone())
+                    .collect::<Vec<_>>()
+            ),
+            {
+                let mut want = pipeline::node_flows(2, &facts(1));
+                want.extend(pipeline::pod_flows(
+                    2,
+                    &facts(1),
+                    &PodFacts {
+                        port: 105,
+                        mac: kept.pod_mac,
+                        ip: kept.ip,
+                    },
+                ));
+                text(&want)
+            }
+        );
+        assert!(rig.db.row("Port", "fe-pod5").is_some());
+        assert!(rig.db.row("Port", "fe-pod6").is_none());
+    }
+
+    #[tokio::test]
+    async fn set_egress_replaces_the_egress_flows_in_one_bundle() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&encap_node()).await.unwrap();
+        let tun = rig
+            .db
+            .row("Interface", TUNNEL_IFNAME)
+            .expect("tunnel interface");
+        assert_eq!(tun["type"], "vxlan");
+        assert_eq!(tun["ofport"], i64::from(TUNNEL_OFPORT));
+        let plan = EgressPlan {
+            steer: vec![EgressSteer {
+                pod_ip: Ipv4Addr::new(10, 244, 1, 5),
+                node_ip: Ipv4Addr::new(172, 18, 0, 12),
+                id: 3,
+            }],
+            exempt: vec!["10.244.0.0/16".parse().unwrap()],
+            held: vec![4],
+        };
+        dp.set_egress(&plan).await.unwrap();
+        let t = TunnelFacts {
+            port: TUNNEL_OFPORT,
+            vni: TUNNEL_VNI,
+        };
+        let want = pipeline::egress_flows(1, &facts(1), &t, &plan);
+        assert!(!want.is_empty());
+        let egress = cookie::make(0, cookie::KIND_EGRESS, 0);
+        assert_eq!(rig.sw.flows_text(egress, cookie::KIND_MASK), text(&want));
+        let (name, mods) = rig.sw.bundles().last().cloned().unwrap();
+        assert_eq!(name, "egress flows");
+        assert_eq!(
+            mods[0],
+            FlowMod::delete_by_cookie(egress, cookie::KIND_MASK)
+        );
+
+        // The same plan again: nothing to send.
+        let n = rig.sw.bundles().len();
+        dp.set_egress(&plan).await.unwrap();
+        assert_eq!(rig.sw.bundles().len(), n);
+
+        // An empty plan removes them all.
+        dp.set_egress(&EgressPlan::default()).await.unwrap();
+        assert!(rig.sw.flows_text(egress, cookie::KIND_MASK).is_empty());
+    }
+
+    #[tokio::test]
+    async fn set_egress_refuses_steering_without_a_tunnel() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        let plan = EgressPlan {
+            steer: vec![EgressSteer {
+                pod_ip: Ipv4Addr::new(10, 244, 1, 5),
+                node_ip: Ipv4Addr::new(172, 18, 0, 12),
+                id: 3,
+            }],
+            ..EgressPlan::default()
+        };
+        let e = dp.set_egress(&plan).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                DataplaneError::Other { source, .. }
+                    if matches!(**source, Cause::Egress(crate::dataplane::EgressPlanError::NoTunnel { steered: 1 }))
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("noEncap"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn methods_before_init_node_say_so() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        let e = dp.add_pod(&pod(5)).await.unwrap_err();
+        assert!(
+            matches!(e, DataplaneError::NotInitialised { op: "add_pod", .. }),
+            "{e:?}"
+        );
+        assert!(rig.db.log.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_vswitchd_restart_gets_every_flow_back() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        dp.add_pod(&pod(5)).await.unwrap();
+        let before = rig.sw.flows_text(0, 0);
+        rig.sw.restart();
+        assert!(rig.sw.flows().is_empty());
+        dp.maintain().await.unwrap();
+        assert_eq!(rig.sw.connects(), 2);
+        assert_eq!(rig.sw.flows_text(0, 0), before);
+        assert_eq!(
+            rig.host.gateway.lock().unwrap().len(),
+            2,
+            "gateway address put back"
+        );
+    }
+
+    #[tokio::test]
+    async fn pod_stats_sum_the_pods_counting_flows() {
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        let ep = pod(5);
+        dp.add_pod(&ep).await.unwrap();
+        let c = cookie::pod(1, ep.ip);
+        rig.sw.count(c, 7, 700);
+        let st = dp.pod_stats(&ep).await.unwrap().expect("known pod");
+        // Every flow of the pod carries its cookie; each counts in the direction its table
+        // and priority say.
+        let mut want = PodStats::default();
+        for f in rig.sw.flows().iter().filter(|f| f.flow.cookie == c) {
+            match pipeline::counter_of(f.flow.table, f.flow.priority) {
+                Counter::Tx => {
+                    want.tx_packets += 7;
+                    want.tx_bytes += 700;
+                }
+                Counter::Rx => {
+                    want.rx_packets += 7;
+                    want.rx_bytes += 700;
+                }
+                Counter::DropSpoofed => want.drop_spoofed += 7,
+                Counter::None => {}
+            }
+        }
+        assert_eq!(st, want);
+        assert!(
+            st.tx_packets > 0 && st.rx_packets > 0 && st.drop_spoofed > 0,
+            "{st:?}"
         );
     }
 }

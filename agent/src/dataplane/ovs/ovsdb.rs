@@ -111,14 +111,72 @@ struct Conn {
     closed: AtomicBool,
 }
 
+/// What the OVS backend does on ovsdb-server: transactions on the `Open_vSwitch` database
+/// (the backend builds the RFC 7047 operations: selects to read the bridge, port and
+/// interface rows, inserts, updates and mutations to write them) and waiting for vswitchd to
+/// number an interface.
+///
+/// Contract:
+/// - a transaction is all-or-nothing: every operation takes effect or none does, and the
+///   first failed one is reported as [`OvsdbError::OpFailed`] (a `wait` whose condition does
+///   not hold fails with `timed out`, see [`OvsdbError::is_wait_timeout`]);
+/// - idempotence is the caller's: the backend writes its transactions so that a repeat
+///   converges (a `wait` for "no such row" guards each insert);
+/// - a broken connection fails the calls in flight ([`OvsdbError::Closed`]); the next call
+///   reconnects, with backoff, and is not replayed;
+/// - safe to call concurrently from several tasks; transactions are serialised by the server.
+///
+/// Implementations: [`OvsdbClient`] (the server's unix socket) and, for tests,
+/// `testing::ovs::FakeOvsdb` (an in-memory database that records every transaction).
+#[async_trait::async_trait]
+pub trait Ovsdb: Send + Sync {
+    /// Runs `ops` as one transaction on [`DB`]: all of them take effect or none does. Returns
+    /// one result object per operation. `op` names the transaction in errors.
+    async fn transact(&self, op: &'static str, ops: Vec<Value>) -> Result<Vec<Value>, OvsdbError>;
+
+    /// Waits until `Interface.ofport` of interface `name` is assigned by ovs-vswitchd and
+    /// returns it; `Ok(None)` if vswitchd gave up on the interface (`ofport` -1) or did not
+    /// assign one within `timeout`.
+    async fn wait_ofport(&self, name: &str, timeout: Duration) -> Result<Option<i64>, OvsdbError> {
+        // `wait` blocks server-side until the row no longer has an empty ofport, then the
+        // `select` of the same transaction reads it: one round trip, no polling.
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let r = self
+            .transact(
+                "wait for ofport",
+                vec![
+                    json!({"op": "wait", "table": "Interface", "timeout": ms,
+                        "where": [["name", "==", name]], "columns": ["ofport"],
+                        "until": "!=", "rows": [{"ofport": ["set", []]}]}),
+                    json!({"op": "select", "table": "Interface",
+                        "where": [["name", "==", name]], "columns": ["ofport"]}),
+                ],
+            )
+            .await;
+        let r = match r {
+            Err(e) if e.is_wait_timeout() => return Ok(None),
+            r => r?,
+        };
+        let ofport = r[1]["rows"][0]["ofport"].as_i64();
+        Ok(ofport.filter(|&p| p > 0))
+    }
+}
+
 /// An OVSDB client. Connects lazily; reconnects with exponential backoff when the socket
 /// broke (for instance ovsdb-server restarted). Safe to share between tasks.
-pub struct Ovsdb {
+pub struct OvsdbClient {
     path: PathBuf,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
 }
 
-impl Ovsdb {
+#[async_trait::async_trait]
+impl Ovsdb for OvsdbClient {
+    async fn transact(&self, op: &'static str, ops: Vec<Value>) -> Result<Vec<Value>, OvsdbError> {
+        OvsdbClient::transact(self, op, ops).await
+    }
+}
+
+impl OvsdbClient {
     /// A client of the server listening on `path` (no I/O yet).
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
@@ -270,37 +328,6 @@ impl Ovsdb {
             });
         }
         Ok(results)
-    }
-
-    /// Waits until `Interface.ofport` of interface `name` is assigned by ovs-vswitchd and
-    /// returns it; `Ok(None)` if vswitchd gave up on the interface (`ofport` -1) or did not
-    /// assign one within `timeout`.
-    pub async fn wait_ofport(
-        &self,
-        name: &str,
-        timeout: Duration,
-    ) -> Result<Option<i64>, OvsdbError> {
-        // `wait` blocks server-side until the row no longer has an empty ofport, then the
-        // `select` of the same transaction reads it: one round trip, no polling.
-        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let r = self
-            .transact(
-                "wait for ofport",
-                vec![
-                    json!({"op": "wait", "table": "Interface", "timeout": ms,
-                        "where": [["name", "==", name]], "columns": ["ofport"],
-                        "until": "!=", "rows": [{"ofport": ["set", []]}]}),
-                    json!({"op": "select", "table": "Interface",
-                        "where": [["name", "==", name]], "columns": ["ofport"]}),
-                ],
-            )
-            .await;
-        let r = match r {
-            Err(e) if e.is_wait_timeout() => return Ok(None),
-            r => r?,
-        };
-        let ofport = r[1]["rows"][0]["ofport"].as_i64();
-        Ok(ofport.filter(|&p| p > 0))
     }
 }
 
@@ -510,7 +537,7 @@ mod tests {
             println!("SKIP: ovsdb-server / ovsdb-tool not installed");
             return;
         };
-        let db = Ovsdb::new(srv.sock());
+        let db = OvsdbClient::new(srv.sock());
         db.echo().await.unwrap();
         // Initialise the root row and a bridge with a port in one transaction.
         let r = db

@@ -4,10 +4,11 @@
 //!
 //! Why: with `datapath_type=netdev`, ovs-vswitchd encapsulates tunnel packets itself. It
 //! looks the outer destination up in its own copy of the kernel's routing table, and the
-//! route's device must be the local port of an OVS bridge (OVS documentation,
-//! "Userspace Tunneling": the `br-phy` recipe). So the uplink becomes a port of that bridge,
-//! and the node's address, with the routes that used the uplink, moves to the bridge's
-//! internal port, which gets the uplink's MAC so that neighbours' ARP caches stay valid.
+//! route's device must be the local port of an OVS bridge that holds the physical interface
+//! as a port; through any other device vswitchd drops the packet. So the uplink becomes a
+//! port of that bridge, and the node's address, with the routes that used the uplink, moves
+//! to the bridge's internal port, which gets the uplink's MAC so that neighbours' ARP caches
+//! stay valid.
 //!
 //! This module does the netlink half: reading what the uplink carries, putting it on the
 //! bridge port, and stripping it from the uplink. The backend does the OVSDB half and keeps
@@ -35,6 +36,24 @@ use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::routes::RTPROT_FERREA;
+
+/// A netlink request of this module failed; names the operation and the object.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {object}: {source}")]
+pub struct UplinkError {
+    /// What was being done (`reading link`, `adding address`, ...).
+    pub op: &'static str,
+    /// What it was done to (an interface, an address, a route's destination).
+    pub object: String,
+    /// What netlink said.
+    #[source]
+    pub source: rtnetlink::Error,
+}
+
+fn err(op: &'static str, object: impl ToString) -> impl FnOnce(rtnetlink::Error) -> UplinkError {
+    let object = object.to_string();
+    move |source| UplinkError { op, object, source }
+}
 
 /// Name of the physical bridge and of its internal port, which carries the node's address
 /// (at most 15 characters: it is also a kernel interface name).
@@ -103,7 +122,7 @@ impl UplinkConfig {
 }
 
 /// Index, MAC and MTU of the link `name`, if it exists.
-pub async fn link(h: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>, u32)>, String> {
+pub async fn link(h: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>, u32)>, UplinkError> {
     let mut s = h.link().get().match_name(name.to_owned()).execute();
     match s.try_next().await {
         Ok(Some(m)) => {
@@ -123,15 +142,19 @@ pub async fn link(h: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>, u32)>,
         }
         Ok(None) => Ok(None),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(format!("reading link {name}: {e}")),
+        Err(e) => Err(err("reading link", name)(e)),
     }
 }
 
 /// The IPv4 addresses on link `idx`.
-pub async fn addrs(h: &Handle, idx: u32) -> Result<Vec<Ipv4Network>, String> {
+pub async fn addrs(h: &Handle, idx: u32) -> Result<Vec<Ipv4Network>, UplinkError> {
     let mut out = Vec::new();
     let mut s = h.address().get().set_link_index_filter(idx).execute();
-    while let Some(m) = s.try_next().await.map_err(|e| e.to_string())? {
+    while let Some(m) = s
+        .try_next()
+        .await
+        .map_err(err("listing the addresses of", format!("ifindex {idx}")))?
+    {
         if m.header.index != idx {
             continue;
         }
@@ -157,13 +180,17 @@ fn v4(a: &RouteAddress) -> Option<Ipv4Addr> {
 
 /// The main table's unicast routes through link `idx` that somebody configured (not the
 /// kernel's own, not ferrea's remote-node routes).
-pub async fn routes(h: &Handle, idx: u32) -> Result<Vec<SavedRoute>, String> {
+pub async fn routes(h: &Handle, idx: u32) -> Result<Vec<SavedRoute>, UplinkError> {
     let mut out = Vec::new();
     let mut s = h
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
-    while let Some(m) = s.try_next().await.map_err(|e| e.to_string())? {
+    while let Some(m) = s
+        .try_next()
+        .await
+        .map_err(err("listing the routes through", format!("ifindex {idx}")))?
+    {
         let table = m
             .attributes
             .iter()
@@ -241,7 +268,7 @@ fn route_message(r: &SavedRoute, dev: u32) -> RouteMessage {
 
 /// Puts `cfg` on the bridge port `idx`: MAC, MTU, up, addresses, then routes (replacing a
 /// route of the same destination and metric through another link). Idempotent.
-pub async fn apply(h: &Handle, idx: u32, cfg: &UplinkConfig) -> Result<(), String> {
+pub async fn apply(h: &Handle, idx: u32, cfg: &UplinkConfig) -> Result<(), UplinkError> {
     let mut link = LinkUnspec::new_with_index(idx).mtu(cfg.mtu).up();
     if let Some(mac) = parse_mac(&cfg.mac) {
         link = link.address(mac.to_vec());
@@ -250,14 +277,14 @@ pub async fn apply(h: &Handle, idx: u32, cfg: &UplinkConfig) -> Result<(), Strin
         .set(link.build())
         .execute()
         .await
-        .map_err(|e| format!("setting {PHY_BRIDGE} up with the uplink's MAC and MTU: {e}"))?;
+        .map_err(err("setting up with the uplink's MAC and MTU", PHY_BRIDGE))?;
     for a in &cfg.addrs {
         h.address()
             .add(idx, IpAddr::V4(a.ip()), a.prefix())
             .replace()
             .execute()
             .await
-            .map_err(|e| format!("adding {a} to {PHY_BRIDGE}: {e}"))?;
+            .map_err(err("adding an address to", format!("{PHY_BRIDGE} ({a})")))?;
     }
     // Routes with a next hop need its subnet connected first: plain ones go first.
     let mut rs: Vec<&SavedRoute> = cfg.routes.iter().collect();
@@ -268,29 +295,28 @@ pub async fn apply(h: &Handle, idx: u32, cfg: &UplinkConfig) -> Result<(), Strin
             .replace()
             .execute()
             .await
-            .map_err(|e| format!("moving the route to {} onto {PHY_BRIDGE}: {e}", r.dst))?;
+            .map_err(err("moving onto the physical bridge the route to", r.dst))?;
     }
     Ok(())
 }
 
 /// Removes `cfg`'s addresses and whatever configured routes are left on the uplink `idx`
 /// (the kernel drops the connected routes with the addresses). Idempotent.
-pub async fn strip(h: &Handle, idx: u32) -> Result<(), String> {
+pub async fn strip(h: &Handle, idx: u32) -> Result<(), UplinkError> {
     for r in routes(h, idx).await? {
         match h.route().del(route_message(&r, idx)).execute().await {
             Ok(()) => {}
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
-            Err(e) => {
-                return Err(format!(
-                    "removing the route to {} from the uplink: {e}",
-                    r.dst
-                ));
-            }
+            Err(e) => return Err(err("removing from the uplink the route to", r.dst)(e)),
         }
     }
     let mut s = h.address().get().set_link_index_filter(idx).execute();
     let mut msgs = Vec::new();
-    while let Some(m) = s.try_next().await.map_err(|e| e.to_string())? {
+    while let Some(m) = s
+        .try_next()
+        .await
+        .map_err(err("listing the addresses of", format!("ifindex {idx}")))?
+    {
         if m.header.index == idx && m.header.family == AddressFamily::Inet {
             msgs.push(m);
         }
@@ -299,7 +325,7 @@ pub async fn strip(h: &Handle, idx: u32) -> Result<(), String> {
         match h.address().del(m).execute().await {
             Ok(()) => {}
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {}
-            Err(e) => return Err(format!("removing an address from the uplink: {e}")),
+            Err(e) => return Err(err("removing an address from", format!("ifindex {idx}"))(e)),
         }
     }
     Ok(())

@@ -16,7 +16,10 @@ use std::net::Ipv4Addr;
 pub const OFP15_VERSION: u8 = 0x06;
 
 /// Message types (`enum ofp_type`) this codec speaks.
-#[allow(missing_docs)]
+#[expect(
+    missing_docs,
+    reason = "the constants carry the names of the OpenFlow 1.5 specification, which documents them"
+)]
 pub mod msg_type {
     pub const HELLO: u8 = 0;
     pub const ERROR: u8 = 1;
@@ -34,7 +37,10 @@ pub mod msg_type {
 }
 
 /// Reserved port numbers (`enum ofp_port_no`).
-#[allow(missing_docs)]
+#[expect(
+    missing_docs,
+    reason = "the constants carry the names of the OpenFlow 1.5 specification, which documents them"
+)]
 pub mod port {
     pub const IN_PORT: u32 = 0xffff_fff8;
     pub const NORMAL: u32 = 0xffff_fffa;
@@ -52,7 +58,10 @@ pub const MP_FLOW_DESC: u16 = 1;
 pub const BUNDLE_ATOMIC_ORDERED: u16 = 0x0003;
 
 /// Bundle control types (`enum ofp_bundle_ctrl_type`).
-#[allow(missing_docs)]
+#[expect(
+    missing_docs,
+    reason = "the constants carry the names of the OpenFlow 1.5 specification, which documents them"
+)]
 pub mod bundle_ctrl {
     pub const OPEN_REQUEST: u16 = 0;
     pub const OPEN_REPLY: u16 = 1;

@@ -41,6 +41,17 @@ pub enum ConnError {
         /// What went wrong.
         msg: String,
     },
+    /// The HELLO exchange failed on the socket.
+    #[error("openflow handshake with {path}: {step}: {source}")]
+    HandshakeIo {
+        /// The socket.
+        path: PathBuf,
+        /// `send hello` or `read hello`.
+        step: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Writing a request failed.
     #[error("openflow {op}: write: {source}")]
     Io {
@@ -130,13 +141,18 @@ impl OfConn {
         };
         let mut b = Vec::new();
         codec::hello(0, &mut b);
-        wr.write_all(&b)
-            .await
-            .map_err(|e| hs(format!("send hello: {e}")))?;
+        let hs_io = |step: &'static str| {
+            move |source| ConnError::HandshakeIo {
+                path: path.to_owned(),
+                step,
+                source,
+            }
+        };
+        wr.write_all(&b).await.map_err(hs_io("send hello"))?;
         let (hdr, body) = tokio::time::timeout(Duration::from_secs(5), read_msg(&mut rd))
             .await
             .map_err(|_| hs("no hello from the switch".into()))?
-            .map_err(|e| hs(format!("read hello: {e}")))?;
+            .map_err(hs_io("read hello"))?;
         if hdr[1] != msg_type::HELLO {
             return Err(hs(format!("expected HELLO, got type {}", hdr[1])));
         }

@@ -1,0 +1,150 @@
+//! An in-memory fake of the eBPF backend's maps ([`BpfMaps`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::MapError;
+use ferrea_common::{Counters, EgressSteer as SteerEntry, Endpoint, RemoteNode as RemoteEntry};
+
+use crate::dataplane::Cause;
+use crate::dataplane::ebpf::maps::{BpfMaps, Prefix};
+
+/// The maps as plain collections; counters have [`FakeBpfMaps::CPUS`] slots. `held` has the
+/// size of the real array ([`ferrea_common::EGRESS_IDS`]): ids past it fail as in the kernel.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FakeBpfMaps {
+    /// Endpoints by IP key.
+    pub ep_ip: BTreeMap<u32, Endpoint>,
+    /// Endpoints by ifindex.
+    pub ep_if: BTreeMap<u32, Endpoint>,
+    /// Per-CPU counters by ifindex.
+    pub counters: BTreeMap<u32, Vec<Counters>>,
+    /// Remote nodes by prefix.
+    pub remote: BTreeMap<Prefix, RemoteEntry>,
+    /// Exempt prefixes.
+    pub exempt: BTreeSet<Prefix>,
+    /// Held flags by id (absent: 0).
+    pub held: BTreeMap<u32, u32>,
+    /// Steered pods by IP key.
+    pub steer: BTreeMap<u32, SteerEntry>,
+    /// Every write (insert, set, remove of a present key), as `map key`, in order.
+    pub writes: Vec<String>,
+}
+
+impl FakeBpfMaps {
+    /// CPUs the fake counts on.
+    pub const CPUS: usize = 2;
+}
+
+fn held_bounds(id: u32) -> Result<(), MapError> {
+    if id >= ferrea_common::EGRESS_IDS {
+        return Err(MapError::OutOfBounds {
+            index: id,
+            max_entries: ferrea_common::EGRESS_IDS,
+        });
+    }
+    Ok(())
+}
+
+impl BpfMaps for FakeBpfMaps {
+    fn endpoint_by_ip(&self, ip: u32) -> Option<Endpoint> {
+        self.ep_ip.get(&ip).copied()
+    }
+    fn endpoint_by_ifindex(&self, ifindex: u32) -> Option<Endpoint> {
+        self.ep_if.get(&ifindex).copied()
+    }
+    fn endpoints_by_ip(&self) -> Vec<(u32, Endpoint)> {
+        self.ep_ip.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+    fn endpoint_ifindexes(&self) -> Vec<u32> {
+        self.ep_if.keys().copied().collect()
+    }
+    fn insert_endpoint_by_ip(&mut self, ip: u32, e: Endpoint) -> Result<(), MapError> {
+        self.writes.push(format!("ep_ip insert {ip:#x}"));
+        self.ep_ip.insert(ip, e);
+        Ok(())
+    }
+    fn insert_endpoint_by_ifindex(&mut self, ifindex: u32, e: Endpoint) -> Result<(), MapError> {
+        self.writes.push(format!("ep_if insert {ifindex}"));
+        self.ep_if.insert(ifindex, e);
+        Ok(())
+    }
+    fn remove_endpoint_by_ip(&mut self, ip: u32) {
+        if self.ep_ip.remove(&ip).is_some() {
+            self.writes.push(format!("ep_ip remove {ip:#x}"));
+        }
+    }
+    fn remove_endpoint_by_ifindex(&mut self, ifindex: u32) {
+        if self.ep_if.remove(&ifindex).is_some() {
+            self.writes.push(format!("ep_if remove {ifindex}"));
+        }
+    }
+    fn counters(&self, ifindex: u32) -> Result<Option<Vec<Counters>>, MapError> {
+        Ok(self.counters.get(&ifindex).cloned())
+    }
+    fn counter_ifindexes(&self) -> Vec<u32> {
+        self.counters.keys().copied().collect()
+    }
+    fn zero_counters(&mut self, ifindex: u32) -> Result<(), Cause> {
+        self.writes.push(format!("counters insert {ifindex}"));
+        self.counters
+            .insert(ifindex, vec![Counters::default(); Self::CPUS]);
+        Ok(())
+    }
+    fn remove_counters(&mut self, ifindex: u32) {
+        if self.counters.remove(&ifindex).is_some() {
+            self.writes.push(format!("counters remove {ifindex}"));
+        }
+    }
+    fn remote_prefixes(&self) -> Vec<Prefix> {
+        self.remote.keys().copied().collect()
+    }
+    fn insert_remote(&mut self, p: Prefix, v: RemoteEntry) -> Result<(), MapError> {
+        self.writes.push(format!("remote insert {p:?}"));
+        self.remote.insert(p, v);
+        Ok(())
+    }
+    fn remove_remote(&mut self, p: Prefix) {
+        if self.remote.remove(&p).is_some() {
+            self.writes.push(format!("remote remove {p:?}"));
+        }
+    }
+    fn exempt_prefixes(&self) -> Vec<Prefix> {
+        self.exempt.iter().copied().collect()
+    }
+    fn insert_exempt(&mut self, p: Prefix) -> Result<(), MapError> {
+        self.writes.push(format!("exempt insert {p:?}"));
+        self.exempt.insert(p);
+        Ok(())
+    }
+    fn remove_exempt(&mut self, p: Prefix) {
+        if self.exempt.remove(&p) {
+            self.writes.push(format!("exempt remove {p:?}"));
+        }
+    }
+    fn held(&self, id: u32) -> Result<u32, MapError> {
+        held_bounds(id)?;
+        Ok(self.held.get(&id).copied().unwrap_or(0))
+    }
+    fn set_held(&mut self, id: u32, v: u32) -> Result<(), MapError> {
+        held_bounds(id)?;
+        self.writes.push(format!("held set {id}={v}"));
+        self.held.insert(id, v);
+        Ok(())
+    }
+    fn steer(&self, pod: u32) -> Option<SteerEntry> {
+        self.steer.get(&pod).copied()
+    }
+    fn steered(&self) -> Vec<u32> {
+        self.steer.keys().copied().collect()
+    }
+    fn insert_steer(&mut self, pod: u32, v: SteerEntry) -> Result<(), MapError> {
+        self.writes.push(format!("steer insert {pod:#x}"));
+        self.steer.insert(pod, v);
+        Ok(())
+    }
+    fn remove_steer(&mut self, pod: u32) {
+        if self.steer.remove(&pod).is_some() {
+            self.writes.push(format!("steer remove {pod:#x}"));
+        }
+    }
+}
