@@ -31,6 +31,7 @@
 //! - [`udp`]: a UDP echo server in a namespace and a one-shot client.
 
 pub mod agent;
+pub mod apiserver;
 pub mod capture;
 pub mod cni;
 pub mod egress;
