@@ -16,26 +16,42 @@ use crate::kernel::nftables::{NatError, Nftables};
 
 use super::{FakeDataplane, FakeNftables};
 
-/// The shared log: one line per side effect, in call order. Clones share the log.
-#[derive(Clone, Debug, Default)]
-pub struct EventLog(Arc<Mutex<Vec<String>>>);
+/// The shared log: one entry per side effect, in call order. Clones share the log. The
+/// entries are lines of text by default; a test that wants typed events names its own type
+/// (NodePortLocal's tests log [`super::npl::Event`]s).
+#[derive(Debug)]
+pub struct EventLog<E = String>(Arc<Mutex<Vec<E>>>);
 
-impl EventLog {
+impl<E> Default for EventLog<E> {
+    fn default() -> Self {
+        EventLog(Arc::new(Mutex::new(Vec::new())))
+    }
+}
+
+impl<E> Clone for EventLog<E> {
+    fn clone(&self) -> Self {
+        EventLog(self.0.clone())
+    }
+}
+
+impl<E: Clone> EventLog<E> {
     /// Appends one event.
-    pub fn push(&self, event: impl Into<String>) {
+    pub fn push(&self, event: impl Into<E>) {
         self.0.lock().unwrap().push(event.into());
     }
 
     /// Every event so far.
-    pub fn events(&self) -> Vec<String> {
+    pub fn events(&self) -> Vec<E> {
         self.0.lock().unwrap().clone()
     }
 
     /// Every event so far, leaving the log empty.
-    pub fn take(&self) -> Vec<String> {
+    pub fn take(&self) -> Vec<E> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
+}
 
+impl EventLog<String> {
     /// The index of the first event that starts with `prefix`.
     pub fn position(&self, prefix: &str) -> Option<usize> {
         self.0

@@ -28,26 +28,8 @@ pub enum Event {
     Published(BTreeMap<String, String>),
 }
 
-/// A log of [`Event`]s shared by the fakes of one test (clones share the log).
-#[derive(Clone, Debug, Default)]
-pub struct EventLog(Arc<Mutex<Vec<Event>>>);
-
-impl EventLog {
-    /// Appends `e`.
-    pub fn push(&self, e: Event) {
-        self.0.lock().unwrap().push(e);
-    }
-
-    /// The events so far.
-    pub fn events(&self) -> Vec<Event> {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// The events so far, emptying the log.
-    pub fn take(&self) -> Vec<Event> {
-        std::mem::take(&mut *self.0.lock().unwrap())
-    }
-}
+/// The log of [`Event`]s shared by the fakes of one test (clones share the log).
+pub type EventLog = super::events::EventLog<Event>;
 
 /// Wraps a fake so that what it did successfully also goes to an [`EventLog`]
 /// ([`Nftables`]: [`Event::NftLoaded`]; [`Conntrack`]: [`Event::ConntrackDeleted`]).
