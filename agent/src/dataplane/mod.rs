@@ -339,6 +339,71 @@ pub enum DataplaneError {
     },
 }
 
+/// Builds a backend's errors, so that both backends describe a failure the same way: the
+/// backend, the operation, the object, and the lower-layer cause as the source.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ErrorsOf(pub(crate) &'static str);
+
+impl ErrorsOf {
+    /// An initialisation step `op` on `object` failed.
+    pub(crate) fn init<E: Into<Cause>>(
+        self,
+        op: &'static str,
+        object: impl std::fmt::Display,
+    ) -> impl FnOnce(E) -> DataplaneError {
+        let object = object.to_string();
+        move |e| DataplaneError::Init {
+            backend: self.0,
+            op,
+            object,
+            source: Box::new(e.into()),
+        }
+    }
+
+    /// A per-pod step `op` on the pod interface `ifname` failed.
+    pub(crate) fn pod<E: Into<Cause>>(
+        self,
+        op: &'static str,
+        ifname: &str,
+    ) -> impl FnOnce(E) -> DataplaneError {
+        let ifname = ifname.to_owned();
+        move |e| DataplaneError::Pod {
+            backend: self.0,
+            op,
+            ifname,
+            source: Box::new(e.into()),
+        }
+    }
+
+    /// Any other step `op` on `object` failed.
+    pub(crate) fn other<E: Into<Cause>>(
+        self,
+        op: &'static str,
+        object: impl std::fmt::Display,
+    ) -> impl FnOnce(E) -> DataplaneError {
+        let object = object.to_string();
+        move |e| DataplaneError::Other {
+            backend: self.0,
+            op,
+            object,
+            source: Box::new(e.into()),
+        }
+    }
+
+    /// `op` was called before `init_node`.
+    pub(crate) fn not_init(self, op: &'static str) -> DataplaneError {
+        DataplaneError::NotInitialised {
+            backend: self.0,
+            op,
+        }
+    }
+}
+
+/// A condition found unmet, with no lower-layer error behind it.
+pub(crate) fn unmet(msg: impl Into<String>) -> Cause {
+    Cause::Unmet(msg.into())
+}
+
 /// The packet path of a node. Implementations: [`ebpf::EbpfDataplane`] and [`ovs::OvsDataplane`].
 ///
 /// Contract for every method: idempotent (calling it twice with the same input leaves the same

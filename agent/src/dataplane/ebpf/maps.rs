@@ -11,7 +11,7 @@ use ferrea_common::{
     MAP_EGRESS_STEER, MAP_REMOTE_NODES, RemoteNode as RemoteEntry,
 };
 
-use super::{endpoint_of, ip_of_key, other_err, pod_err, sum_counters};
+use super::{ERR, endpoint_of, ip_of_key, sum_counters};
 use crate::dataplane::{
     Cause, DataplaneError, EgressPlan, PodEndpoint, PodStats, RemoteNode, TUNNEL_VNI,
 };
@@ -228,7 +228,7 @@ pub fn sync_remote(
     }
     for (k, v) in &want {
         m.insert_remote(*k, *v)
-            .map_err(other_err("insert into", format!("map {MAP_REMOTE_NODES}")))?;
+            .map_err(ERR.other("insert into", format!("map {MAP_REMOTE_NODES}")))?;
     }
     Ok(())
 }
@@ -246,7 +246,7 @@ pub fn sync_egress(
     for k in &exempt {
         if !have_exempt.contains(k) {
             m.insert_exempt(*k)
-                .map_err(other_err("insert into", format!("map {MAP_EGRESS_EXEMPT}")))?;
+                .map_err(ERR.other("insert into", format!("map {MAP_EGRESS_EXEMPT}")))?;
         }
     }
 
@@ -256,8 +256,8 @@ pub fn sync_egress(
     }
     let held_map = || format!("map {MAP_EGRESS_HELD}");
     for (id, &want) in (0u32..).zip(held.iter()) {
-        if m.held(id).map_err(other_err("read", held_map()))? != want {
-            m.set_held(id, want).map_err(other_err("set", held_map()))?;
+        if m.held(id).map_err(ERR.other("read", held_map()))? != want {
+            m.set_held(id, want).map_err(ERR.other("set", held_map()))?;
         }
     }
 
@@ -283,7 +283,7 @@ pub fn sync_egress(
     for (k, v) in &want {
         if m.steer(*k).as_ref() != Some(v) {
             m.insert_steer(*k, *v)
-                .map_err(other_err("insert into", format!("map {MAP_EGRESS_STEER}")))?;
+                .map_err(ERR.other("insert into", format!("map {MAP_EGRESS_STEER}")))?;
         }
     }
 
@@ -326,16 +326,16 @@ pub fn insert(m: &mut dyn BpfMaps, ep: &PodEndpoint) -> Result<(), DataplaneErro
     }
     let has_counters = m
         .counters(e.ifindex)
-        .map_err(pod_err("read counters", ifname))?
+        .map_err(ERR.pod("read counters", ifname))?
         .is_some();
     if !has_counters {
         m.zero_counters(e.ifindex)
-            .map_err(pod_err("init counters", ifname))?;
+            .map_err(ERR.pod("init counters", ifname))?;
     }
     m.insert_endpoint_by_ifindex(e.ifindex, e)
-        .map_err(pod_err("insert endpoint by ifindex", ifname))?;
+        .map_err(ERR.pod("insert endpoint by ifindex", ifname))?;
     m.insert_endpoint_by_ip(e.ipv4, e)
-        .map_err(pod_err("insert endpoint by IP", ifname))?;
+        .map_err(ERR.pod("insert endpoint by IP", ifname))?;
     Ok(())
 }
 
@@ -369,7 +369,7 @@ pub fn retain(m: &mut dyn BpfMaps, keep: &HashSet<Ipv4Addr>) -> Vec<Endpoint> {
 pub fn stats(m: &dyn BpfMaps, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
     let per_cpu = m
         .counters(ep.host_ifindex)
-        .map_err(pod_err("read counters", &ep.host_ifname))?;
+        .map_err(ERR.pod("read counters", &ep.host_ifname))?;
     Ok(per_cpu.map(|c| sum_counters(c.iter())))
 }
 

@@ -63,8 +63,8 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, Rou
 use sha2::{Digest, Sha256};
 
 use super::{
-    Cause, Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
-    TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
+    Dataplane, DataplaneError, EgressPlan, ErrorsOf, NodeNetwork, PodEndpoint, PodStats,
+    RemoteNode, TUNNEL_IFNAME, TUNNEL_VNI, Tunnel, unmet,
 };
 use crate::config::TunnelType;
 use crate::kernel::routes::{self, NodeRoute};
@@ -83,6 +83,8 @@ pub use super::GATEWAY_IFNAME;
 pub const GATEWAY_PEER_IFNAME: &str = "ferrea-gw0p";
 
 const BACKEND: &str = "ebpf";
+/// This backend\'s error builders.
+const ERR: ErrorsOf = ErrorsOf(BACKEND);
 
 /// Priority of ferrea's TC filters: first, so the spoof guard runs before any other filter.
 pub const TC_PRIORITY: u16 = 1;
@@ -156,54 +158,6 @@ pub struct EbpfDataplane {
     loaded: Mutex<Option<Loaded>>,
 }
 
-fn init_err<E: Into<Cause>>(
-    op: &'static str,
-    object: impl std::fmt::Display,
-) -> impl FnOnce(E) -> DataplaneError {
-    let object = object.to_string();
-    move |e| DataplaneError::Init {
-        backend: BACKEND,
-        op,
-        object,
-        source: Box::new(e.into()),
-    }
-}
-
-fn pod_err<E: Into<Cause>>(op: &'static str, ifname: &str) -> impl FnOnce(E) -> DataplaneError {
-    let ifname = ifname.to_owned();
-    move |e| DataplaneError::Pod {
-        backend: BACKEND,
-        op,
-        ifname,
-        source: Box::new(e.into()),
-    }
-}
-
-fn other_err<E: Into<Cause>>(
-    op: &'static str,
-    object: impl std::fmt::Display,
-) -> impl FnOnce(E) -> DataplaneError {
-    let object = object.to_string();
-    move |e| DataplaneError::Other {
-        backend: BACKEND,
-        op,
-        object,
-        source: Box::new(e.into()),
-    }
-}
-
-fn not_init(op: &'static str) -> DataplaneError {
-    DataplaneError::NotInitialised {
-        backend: BACKEND,
-        op,
-    }
-}
-
-/// A condition found unmet, with no lower-layer error behind it.
-fn unmet(msg: impl Into<String>) -> Cause {
-    Cause::Unmet(msg.into())
-}
-
 fn nl_code(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
@@ -236,7 +190,7 @@ impl EbpfDataplane {
     /// from a thread in the node's network namespace.
     pub fn new(pin_path: impl Into<PathBuf>) -> Result<Self, DataplaneError> {
         let (conn, nl, _) =
-            rtnetlink::new_connection().map_err(init_err("open", "a netlink socket"))?;
+            rtnetlink::new_connection().map_err(ERR.init("open", "a netlink socket"))?;
         tokio::spawn(conn);
         Ok(Self {
             layout: PinLayout::new(pin_path.into()),
@@ -260,9 +214,9 @@ impl EbpfDataplane {
     fn load(&self, node: &NodeNetwork) -> Result<Loaded, DataplaneError> {
         let l = &self.layout;
         pins::ensure_bpffs(l.root())
-            .map_err(init_err("mount or find a bpffs at", l.root().display()))?;
+            .map_err(ERR.init("mount or find a bpffs at", l.root().display()))?;
         for d in [l.maps_dir(), l.progs_root()] {
-            std::fs::create_dir_all(&d).map_err(init_err("create directory", d.display()))?;
+            std::fs::create_dir_all(&d).map_err(ERR.init("create directory", d.display()))?;
         }
         // Maps are declared pinned by name: aya opens the pinned map if it exists (adoption)
         // and creates and pins it otherwise.
@@ -272,7 +226,7 @@ impl EbpfDataplane {
             .btf(None)
             .default_map_pin_directory(l.maps_dir())
             .load(BPF_OBJECT)
-            .map_err(init_err("load", "the BPF object"))?;
+            .map_err(ERR.init("load", "the BPF object"))?;
         let digest = object_digest(BPF_OBJECT);
         let prog_dir = l.progs_dir(&digest);
         let same_build = PROGRAMS.iter().all(|p| prog_dir.join(p).exists());
@@ -281,11 +235,11 @@ impl EbpfDataplane {
         }
         let pinned = |name: &str| {
             SchedClassifier::from_pin(prog_dir.join(name))
-                .map_err(init_err("open pinned", format!("program {name}")))
+                .map_err(ERR.init("open pinned", format!("program {name}")))
         };
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name).ok_or_else(|| {
-                init_err("take", format!("map {name}"))(unmet("missing from the object"))
+                ERR.init("take", format!("map {name}"))(unmet("missing from the object"))
             })
         };
         let ep_if = take(&mut ebpf, ferrea_common::MAP_ENDPOINTS_BY_IFINDEX)?;
@@ -344,7 +298,7 @@ impl EbpfDataplane {
         if self
             .link_index(TUNNEL_IFNAME)
             .await
-            .map_err(init_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+            .map_err(ERR.init("look up", format!("interface {TUNNEL_IFNAME}")))?
             .is_none()
         {
             let msg = match t.kind {
@@ -380,16 +334,16 @@ impl EbpfDataplane {
                             ""
                         }
                     );
-                    return Err(init_err("create", object)(e));
+                    return Err(ERR.init("create", object)(e));
                 }
             }
         }
         let idx = self
             .link_index(TUNNEL_IFNAME)
             .await
-            .map_err(init_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+            .map_err(ERR.init("look up", format!("interface {TUNNEL_IFNAME}")))?
             .ok_or_else(|| {
-                init_err("look up", format!("interface {TUNNEL_IFNAME}"))(unmet(
+                ERR.init("look up", format!("interface {TUNNEL_IFNAME}"))(unmet(
                     "vanished after creation",
                 ))
             })?;
@@ -398,10 +352,10 @@ impl EbpfDataplane {
             .set(LinkUnspec::new_with_index(idx).mtu(node.mtu).up().build())
             .execute()
             .await
-            .map_err(init_err("set up", format!("interface {TUNNEL_IFNAME}")))?;
+            .map_err(ERR.init("set up", format!("interface {TUNNEL_IFNAME}")))?;
         let mut g = self.lock();
         let st = g.as_mut().expect("loaded by init_node");
-        st.attach_tunnel().map_err(init_err(
+        st.attach_tunnel().map_err(ERR.init(
             "attach the tunnel programs to",
             format!("interface {TUNNEL_IFNAME}"),
         ))
@@ -412,13 +366,13 @@ impl EbpfDataplane {
         if let Some(idx) = self
             .link_index(TUNNEL_IFNAME)
             .await
-            .map_err(init_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+            .map_err(ERR.init("look up", format!("interface {TUNNEL_IFNAME}")))?
         {
             match self.nl.link().del(idx).execute().await {
                 Ok(()) => tracing::info!("noEncap: tunnel device removed"),
                 Err(e) if is_gone(&e) => {}
                 Err(e) => {
-                    return Err(init_err("delete", format!("interface {TUNNEL_IFNAME}"))(e));
+                    return Err(ERR.init("delete", format!("interface {TUNNEL_IFNAME}"))(e));
                 }
             }
         }
@@ -431,7 +385,7 @@ impl EbpfDataplane {
         if self
             .link_index(GATEWAY_IFNAME)
             .await
-            .map_err(init_err("look up", &gw))?
+            .map_err(ERR.init("look up", &gw))?
             .is_none()
         {
             let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -447,16 +401,16 @@ impl EbpfDataplane {
                 Ok(()) => {}
                 // Another init_node won the race: adopt its device.
                 Err(e) if nl_code(&e) == Some(libc::EEXIST) => {}
-                Err(e) => return Err(init_err("create", &gw)(e)),
+                Err(e) => return Err(ERR.init("create", &gw)(e)),
             }
         }
         for name in [GATEWAY_PEER_IFNAME, GATEWAY_IFNAME] {
             let idx = self
                 .link_index(name)
                 .await
-                .map_err(init_err("look up", format!("interface {name}")))?
+                .map_err(ERR.init("look up", format!("interface {name}")))?
                 .ok_or_else(|| {
-                    init_err("look up", format!("interface {name}"))(unmet(
+                    ERR.init("look up", format!("interface {name}"))(unmet(
                         "vanished after creation",
                     ))
                 })?;
@@ -465,7 +419,7 @@ impl EbpfDataplane {
                 .set(LinkUnspec::new_with_index(idx).up().build())
                 .execute()
                 .await
-                .map_err(init_err("set up", format!("interface {name}")))?;
+                .map_err(ERR.init("set up", format!("interface {name}")))?;
             if name == GATEWAY_IFNAME {
                 self.nl
                     .address()
@@ -473,7 +427,7 @@ impl EbpfDataplane {
                     .replace()
                     .execute()
                     .await
-                    .map_err(init_err("add the gateway address to", &gw))?;
+                    .map_err(ERR.init("add the gateway address to", &gw))?;
             }
         }
         // Addresses of the pod CIDR that no pod holds are unreachable, rather than following
@@ -488,7 +442,7 @@ impl EbpfDataplane {
             .replace()
             .execute()
             .await
-            .map_err(init_err(
+            .map_err(ERR.init(
                 "add the unreachable route",
                 format!("route {}", node.pod_cidr),
             ))?;
@@ -518,14 +472,14 @@ impl EbpfDataplane {
         match self.nl.route().del(route).execute().await {
             Ok(()) => {}
             Err(e) if is_gone(&e) => {}
-            Err(e) => return Err(pod_err("delete route", &ep.host_ifname)(e)),
+            Err(e) => return Err(ERR.pod("delete route", &ep.host_ifname)(e)),
         }
         let mut add = self.nl.neighbours().add(ep.host_ifindex, IpAddr::V4(ep.ip));
         let msg = add.message_mut().clone();
         match self.nl.neighbours().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_gone(&e) => Ok(()),
-            Err(e) => Err(pod_err("delete neighbour", &ep.host_ifname)(e)),
+            Err(e) => Err(ERR.pod("delete neighbour", &ep.host_ifname)(e)),
         }
     }
 }
@@ -542,25 +496,25 @@ fn attach_prog(
 
 /// A map of the object that is not of the type this module expects (another build's layout).
 fn map_type(name: &str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
-    init_err("open", format!("map {name}"))
+    ERR.init("open", format!("map {name}"))
 }
 
 fn load_and_pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
     // A half-populated directory (crash between the two pins) is simply redone.
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).map_err(init_err("create directory", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(ERR.init("create directory", dir.display()))?;
     for name in PROGRAMS {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| {
-                init_err("find", format!("program {name}"))(unmet("missing from the object"))
+                ERR.init("find", format!("program {name}"))(unmet("missing from the object"))
             })?
             .try_into()
-            .map_err(init_err("open as a classifier", format!("program {name}")))?;
+            .map_err(ERR.init("open as a classifier", format!("program {name}")))?;
         prog.load()
-            .map_err(init_err("load", format!("program {name}")))?;
+            .map_err(ERR.init("load", format!("program {name}")))?;
         prog.pin(dir.join(name))
-            .map_err(init_err("pin", format!("program {name}")))?;
+            .map_err(ERR.init("pin", format!("program {name}")))?;
     }
     Ok(())
 }
@@ -591,7 +545,7 @@ impl Loaded {
         let _ = aya::programs::tc::qdisc_add_clsact(&ep.host_ifname);
         for d in [Direction::Ingress, Direction::Egress] {
             self.attach_one(&ep.host_ifname, d)
-                .map_err(pod_err("attach program", &ep.host_ifname))?;
+                .map_err(ERR.pod("attach program", &ep.host_ifname))?;
         }
         Ok(())
     }
@@ -636,16 +590,16 @@ impl Dataplane for EbpfDataplane {
     async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
         let node = {
             let g = self.lock();
-            let st = g.as_ref().ok_or_else(|| not_init("set_remote_nodes"))?;
+            let st = g.as_ref().ok_or_else(|| ERR.not_init("set_remote_nodes"))?;
             st.node.clone()
         };
         let dev = match node.tunnel {
             Some(_) => self
                 .link_index(TUNNEL_IFNAME)
                 .await
-                .map_err(other_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+                .map_err(ERR.other("look up", format!("interface {TUNNEL_IFNAME}")))?
                 .ok_or_else(|| {
-                    other_err("look up", format!("interface {TUNNEL_IFNAME}"))(unmet("missing"))
+                    ERR.other("look up", format!("interface {TUNNEL_IFNAME}"))(unmet("missing"))
                 })?,
             None => node.transport.ifindex,
         };
@@ -669,7 +623,7 @@ impl Dataplane for EbpfDataplane {
             .collect();
         let removed = routes::sync(&self.nl, &want)
             .await
-            .map_err(other_err("sync", "remote node routes"))?;
+            .map_err(ERR.other("sync", "remote node routes"))?;
         if removed > 0 {
             tracing::info!(removed, "routes of departed nodes removed");
         }
@@ -679,7 +633,7 @@ impl Dataplane for EbpfDataplane {
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         let gateway = {
             let mut g = self.lock();
-            let st = g.as_mut().ok_or_else(|| not_init("add_pod"))?;
+            let st = g.as_mut().ok_or_else(|| ERR.not_init("add_pod"))?;
             // Map entries first: the program drops everything from an interface it has no
             // endpoint for, so attaching first would black-hole the pod's first packets.
             maps::insert(st.maps.as_mut(), ep)?;
@@ -692,7 +646,7 @@ impl Dataplane for EbpfDataplane {
             .replace()
             .execute()
             .await
-            .map_err(pod_err("add route", &ep.host_ifname))?;
+            .map_err(ERR.pod("add route", &ep.host_ifname))?;
         self.nl
             .neighbours()
             .add(ep.host_ifindex, IpAddr::V4(ep.ip))
@@ -701,14 +655,14 @@ impl Dataplane for EbpfDataplane {
             .replace()
             .execute()
             .await
-            .map_err(pod_err("add neighbour", &ep.host_ifname))?;
+            .map_err(ERR.pod("add neighbour", &ep.host_ifname))?;
         Ok(())
     }
 
     async fn del_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
         let gateway = {
             let mut g = self.lock();
-            let st = g.as_mut().ok_or_else(|| not_init("del_pod"))?;
+            let st = g.as_mut().ok_or_else(|| ERR.not_init("del_pod"))?;
             maps::forget(st.maps.as_mut(), ep.host_ifindex, ep.ip);
             st.gateway
         };
@@ -725,7 +679,7 @@ impl Dataplane for EbpfDataplane {
     async fn retain_pods(&self, keep: &HashSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, DataplaneError> {
         let (stale, gateway) = {
             let mut g = self.lock();
-            let st = g.as_mut().ok_or_else(|| not_init("retain_pods"))?;
+            let st = g.as_mut().ok_or_else(|| ERR.not_init("retain_pods"))?;
             let stale = maps::retain(st.maps.as_mut(), keep);
             (stale, st.gateway)
         };
@@ -754,20 +708,20 @@ impl Dataplane for EbpfDataplane {
     async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
         let (tunnel, own_ip) = {
             let g = self.lock();
-            let st = g.as_ref().ok_or_else(|| not_init("set_egress"))?;
+            let st = g.as_ref().ok_or_else(|| ERR.not_init("set_egress"))?;
             (st.node.tunnel, st.node.transport.ip)
         };
         let plan = &plan
             .normalised(tunnel.is_some(), own_ip)
-            .map_err(other_err("set_egress", "egress plan"))?;
+            .map_err(ERR.other("set_egress", "egress plan"))?;
         let tun_ifindex = if plan.steer.is_empty() {
             0
         } else {
             self.link_index(TUNNEL_IFNAME)
                 .await
-                .map_err(other_err("look up", format!("interface {TUNNEL_IFNAME}")))?
+                .map_err(ERR.other("look up", format!("interface {TUNNEL_IFNAME}")))?
                 .ok_or_else(|| {
-                    other_err("look up", format!("interface {TUNNEL_IFNAME}"))(unmet("missing"))
+                    ERR.other("look up", format!("interface {TUNNEL_IFNAME}"))(unmet("missing"))
                 })?
         };
         maps::sync_egress(
@@ -779,7 +733,7 @@ impl Dataplane for EbpfDataplane {
 
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
         let g = self.lock();
-        let st = g.as_ref().ok_or_else(|| not_init("pod_stats"))?;
+        let st = g.as_ref().ok_or_else(|| ERR.not_init("pod_stats"))?;
         maps::stats(st.maps.as_ref(), ep)
     }
 }

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use async_trait::async_trait;
 
-use super::{GATEWAY_IFNAME, init_err, other_err, wait_link};
+use super::{ERR, GATEWAY_IFNAME, wait_link};
 use crate::dataplane::{DataplaneError, NodeNetwork};
 use crate::kernel::routes::{self, NodeRoute};
 use crate::kernel::sysctl::SysctlError;
@@ -67,14 +67,14 @@ impl NodeKernel for LinuxHost {
                 ),
                 Ok(false) => {}
                 Err(e) => {
-                    return Err(init_err(
+                    return Err(ERR.init(
                         "turn TX checksum offload off on",
                         format!("interface {GATEWAY_IFNAME}"),
                     )(e));
                 }
             }
         }
-        let (conn, nl, _) = rtnetlink::new_connection().map_err(init_err(
+        let (conn, nl, _) = rtnetlink::new_connection().map_err(ERR.init(
             "open a netlink socket for",
             format!("interface {GATEWAY_IFNAME}"),
         ))?;
@@ -84,13 +84,13 @@ impl NodeKernel for LinuxHost {
                 .set(rtnetlink::LinkUnspec::new_with_index(idx).up().build())
                 .execute()
                 .await
-                .map_err(init_err("set up", format!("interface {GATEWAY_IFNAME}")))?;
+                .map_err(ERR.init("set up", format!("interface {GATEWAY_IFNAME}")))?;
             nl.address()
                 .add(idx, IpAddr::V4(node.gateway), node.pod_cidr.prefix())
                 .replace()
                 .execute()
                 .await
-                .map_err(init_err(
+                .map_err(ERR.init(
                     "add the gateway address to",
                     format!(
                         "interface {GATEWAY_IFNAME} ({}/{})",
@@ -117,11 +117,11 @@ impl NodeKernel for LinuxHost {
 
     async fn sync_routes(&self, want: &[NodeRoute]) -> Result<usize, DataplaneError> {
         let (conn, h, _) = rtnetlink::new_connection()
-            .map_err(other_err("open a netlink socket for", "remote node routes"))?;
+            .map_err(ERR.other("open a netlink socket for", "remote node routes"))?;
         let task = tokio::spawn(conn);
         let r = routes::sync(&h, want).await;
         task.abort();
-        r.map_err(other_err("sync", "remote node routes"))
+        r.map_err(ERR.other("sync", "remote node routes"))
     }
 
     /// One UDP datagram to the discard port of each address (a failure only means the first

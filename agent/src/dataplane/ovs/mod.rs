@@ -71,8 +71,8 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::{
-    Cause, Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
-    TUNNEL_IFNAME, TUNNEL_VNI, Tunnel,
+    Cause, Dataplane, DataplaneError, EgressPlan, ErrorsOf, NodeNetwork, PodEndpoint, PodStats,
+    RemoteNode, TUNNEL_IFNAME, TUNNEL_VNI, Tunnel, unmet,
 };
 use crate::kernel::routes::NodeRoute;
 
@@ -91,6 +91,8 @@ use uplink::{PHY_BRIDGE, UplinkConfig};
 
 pub use super::GATEWAY_IFNAME;
 const BACKEND: &str = "ovs";
+/// This backend\'s error builders.
+const ERR: ErrorsOf = ErrorsOf(BACKEND);
 /// `external_ids` key marking what ferrea created, and its values.
 const TYPE_KEY: &str = "ferrea-type";
 const ROUND_KEY: &str = "ferrea-round";
@@ -152,27 +154,8 @@ pub struct OvsDataplane {
     state: Mutex<Option<NodeState>>,
 }
 
-fn init_err<E: Into<Cause>>(
-    op: &'static str,
-    object: impl std::fmt::Display,
-) -> impl FnOnce(E) -> DataplaneError {
-    let object = object.to_string();
-    move |e| DataplaneError::Init {
-        backend: BACKEND,
-        op,
-        object,
-        source: Box::new(e.into()),
-    }
-}
-
 fn pod_err<E: Into<Cause>>(op: &'static str, ep: &PodEndpoint) -> impl FnOnce(E) -> DataplaneError {
-    let ifname = ep.host_ifname.clone();
-    move |e| DataplaneError::Pod {
-        backend: BACKEND,
-        op,
-        ifname,
-        source: Box::new(e.into()),
-    }
+    ERR.pod(op, &ep.host_ifname)
 }
 
 /// Gives a node-level error (from the OpenFlow helpers) the pod's interface as context.
@@ -181,31 +164,6 @@ fn for_pod(op: &'static str, ep: &PodEndpoint, e: DataplaneError) -> DataplaneEr
         DataplaneError::Other { source, .. } => pod_err(op, ep)(*source),
         e => e,
     }
-}
-
-fn other_err<E: Into<Cause>>(
-    op: &'static str,
-    object: impl std::fmt::Display,
-) -> impl FnOnce(E) -> DataplaneError {
-    let object = object.to_string();
-    move |e| DataplaneError::Other {
-        backend: BACKEND,
-        op,
-        object,
-        source: Box::new(e.into()),
-    }
-}
-
-fn not_init(op: &'static str) -> DataplaneError {
-    DataplaneError::NotInitialised {
-        backend: BACKEND,
-        op,
-    }
-}
-
-/// A condition found unmet, with no lower-layer error behind it.
-fn unmet(msg: impl Into<String>) -> Cause {
-    Cause::Unmet(msg.into())
 }
 
 impl OvsDataplane {
@@ -310,7 +268,7 @@ impl OvsDataplane {
                     "columns": columns})],
             )
             .await
-            .map_err(other_err(op, format!("{table} rows")))?;
+            .map_err(ERR.other(op, format!("{table} rows")))?;
         Ok(r[0]["rows"].as_array().cloned().unwrap_or_default())
     }
 
@@ -368,7 +326,7 @@ impl OvsDataplane {
                 Ok(c) => break c,
                 // vswitchd creates the socket shortly after the bridge row appears.
                 Err(e) if start.elapsed() > VSWITCHD_TIMEOUT => {
-                    return Err(other_err("openflow connect", path.display())(e));
+                    return Err(ERR.other("openflow connect", path.display())(e));
                 }
                 Err(_) => {
                     tokio::time::sleep(delay).await;
@@ -388,10 +346,7 @@ impl OvsDataplane {
             tracing::info!(bridge = %self.cfg.bridge, "openflow reconnected, re-installing flows");
             c.bundle("resync flows", &Self::desired_flows(&s))
                 .await
-                .map_err(other_err(
-                    "resync flows",
-                    format!("bridge {}", self.cfg.bridge),
-                ))?;
+                .map_err(ERR.other("resync flows", format!("bridge {}", self.cfg.bridge)))?;
         }
         *g = Some(c.clone());
         Ok(c)
@@ -406,9 +361,9 @@ impl OvsDataplane {
                 let c = self.of().await?;
                 c.bundle(op, mods)
                     .await
-                    .map_err(other_err(op, format!("bridge {}", self.cfg.bridge)))
+                    .map_err(ERR.other(op, format!("bridge {}", self.cfg.bridge)))
             }
-            r => r.map_err(other_err(op, format!("bridge {}", self.cfg.bridge))),
+            r => r.map_err(ERR.other(op, format!("bridge {}", self.cfg.bridge))),
         }
     }
 
@@ -423,15 +378,11 @@ impl OvsDataplane {
         match c.dump_flows(table, cookie, mask).await {
             Err(ConnError::Closed { .. } | ConnError::Io { .. }) => {
                 let c = self.of().await?;
-                c.dump_flows(table, cookie, mask).await.map_err(other_err(
-                    "dump flows",
-                    format!("bridge {}", self.cfg.bridge),
-                ))
+                c.dump_flows(table, cookie, mask)
+                    .await
+                    .map_err(ERR.other("dump flows", format!("bridge {}", self.cfg.bridge)))
             }
-            r => r.map_err(other_err(
-                "dump flows",
-                format!("bridge {}", self.cfg.bridge),
-            )),
+            r => r.map_err(ERR.other("dump flows", format!("bridge {}", self.cfg.bridge))),
         }
     }
 
@@ -454,7 +405,7 @@ impl OvsDataplane {
                 ],
             )
             .await
-            .map_err(init_err("read node state", format!("bridge {br}")))?;
+            .map_err(ERR.init("read node state", format!("bridge {br}")))?;
         let root = r[0]["rows"].get(0).cloned();
         let bridge = r[1]["rows"].get(0).cloned();
         let have_gw = r[2]["rows"].get(0).is_some();
@@ -542,7 +493,7 @@ impl OvsDataplane {
         self.db
             .transact("create or adopt bridge", ops)
             .await
-            .map_err(init_err("create or adopt", format!("bridge {br}")))?;
+            .map_err(ERR.init("create or adopt", format!("bridge {br}")))?;
         Ok((round, frw, datapath))
     }
 
@@ -590,7 +541,7 @@ impl OvsDataplane {
                         "where": [["name", "==", TUNNEL_IFNAME]], "columns": ["external_ids"]})],
                     )
                     .await
-                    .map_err(init_err("read", format!("tunnel port {TUNNEL_IFNAME}")))?;
+                    .map_err(ERR.init("read", format!("tunnel port {TUNNEL_IFNAME}")))?;
                 let ours = r[0]["rows"].get(0).is_some_and(|row| {
                     parse_map(&row["external_ids"])
                         .get(TYPE_KEY)
@@ -598,7 +549,7 @@ impl OvsDataplane {
                         == Some("tunnel")
                 });
                 if !ours {
-                    return Err(init_err("adopt", format!("tunnel port {TUNNEL_IFNAME}"))(
+                    return Err(ERR.init("adopt", format!("tunnel port {TUNNEL_IFNAME}"))(
                         unmet(format!(
                             "a port named {TUNNEL_IFNAME} exists that ferrea did not create; \
                              remove it or rename it"
@@ -613,20 +564,20 @@ impl OvsDataplane {
                         "row": {"type": kind, "options": map(&opts), "ofport_request": TUNNEL_OFPORT}})],
                     )
                     .await
-                    .map_err(init_err("update", format!("tunnel port {TUNNEL_IFNAME}")))?;
+                    .map_err(ERR.init("update", format!("tunnel port {TUNNEL_IFNAME}")))?;
             }
-            Err(e) => return Err(init_err("add", format!("tunnel port {TUNNEL_IFNAME}"))(e)),
+            Err(e) => return Err(ERR.init("add", format!("tunnel port {TUNNEL_IFNAME}"))(e)),
         }
         let port = self
             .db
             .wait_ofport(TUNNEL_IFNAME, VSWITCHD_TIMEOUT)
             .await
-            .map_err(init_err(
+            .map_err(ERR.init(
                 "wait for the port number of",
                 format!("tunnel port {TUNNEL_IFNAME}"),
             ))?
             .ok_or_else(|| {
-                init_err("open", format!("tunnel port {TUNNEL_IFNAME}"))(unmet(format!(
+                ERR.init("open", format!("tunnel port {TUNNEL_IFNAME}"))(unmet(format!(
                     "vswitchd could not open the {kind} tunnel port {TUNNEL_IFNAME} (UDP port {}); \
                      its log says why (with the kernel datapath: is the {kind} module loaded?)",
                     t.port
@@ -646,7 +597,7 @@ impl OvsDataplane {
                 "columns": ["_uuid"]})],
             )
             .await
-            .map_err(init_err("find", format!("tunnel port {TUNNEL_IFNAME}")))?;
+            .map_err(ERR.init("find", format!("tunnel port {TUNNEL_IFNAME}")))?;
         let uuids: Vec<String> = r[0]["rows"]
             .as_array()
             .into_iter()
@@ -656,7 +607,7 @@ impl OvsDataplane {
         if !uuids.is_empty() {
             self.delete_ports("delete tunnel port", &uuids)
                 .await
-                .map_err(init_err("delete", format!("tunnel port {TUNNEL_IFNAME}")))?;
+                .map_err(ERR.init("delete", format!("tunnel port {TUNNEL_IFNAME}")))?;
             tracing::info!("noEncap: tunnel port removed");
         }
         Ok(())
@@ -680,7 +631,7 @@ impl OvsDataplane {
                 ],
             )
             .await
-            .map_err(init_err("read", format!("bridge {PHY_BRIDGE}")))?;
+            .map_err(ERR.init("read", format!("bridge {PHY_BRIDGE}")))?;
         let bridge = r[0]["rows"].get(0).cloned();
         let saved: Option<UplinkConfig> = bridge.as_ref().and_then(|b| {
             serde_json::from_str(parse_map(&b["external_ids"]).get(UPLINK_KEY)?).ok()
@@ -694,7 +645,7 @@ impl OvsDataplane {
             port.clone()
                 .or_else(|| saved.as_ref().map(|s| s.uplink.clone()))
                 .ok_or_else(|| {
-                    init_err("adopt", format!("bridge {PHY_BRIDGE}"))(unmet(format!(
+                    ERR.init("adopt", format!("bridge {PHY_BRIDGE}"))(unmet(format!(
                         "the transport interface is {PHY_BRIDGE}, but that bridge has no uplink \
                          port ferrea recorded; attach the physical interface to it or set \
                          transportInterface"
@@ -704,24 +655,22 @@ impl OvsDataplane {
             node.transport.ifname.clone()
         };
         if let Some(p) = port.as_ref().filter(|p| **p != name) {
-            return Err(init_err("adopt", format!("bridge {PHY_BRIDGE}"))(unmet(
+            return Err(ERR.init("adopt", format!("bridge {PHY_BRIDGE}"))(unmet(
                 format!(
                     "{PHY_BRIDGE} already holds uplink {p}, but the transport interface is now \
                      {name}; move the node's address back to {p} or delete the bridge"
                 ),
             )));
         }
-        let (conn, h, _) = rtnetlink::new_connection().map_err(init_err(
-            "open a netlink socket for",
-            format!("uplink {name}"),
-        ))?;
+        let (conn, h, _) = rtnetlink::new_connection()
+            .map_err(ERR.init("open a netlink socket for", format!("uplink {name}")))?;
         let task = tokio::spawn(conn);
         let res = async {
             let (uidx, umac, umtu) = uplink::link(&h, &name)
                 .await
-                .map_err(init_err("read", format!("uplink {name}")))?
+                .map_err(ERR.init("read", format!("uplink {name}")))?
                 .ok_or_else(|| {
-                    init_err("read", format!("uplink {name}"))(unmet("no such interface"))
+                    ERR.init("read", format!("uplink {name}"))(unmet("no such interface"))
                 })?;
             let mut cfg = UplinkConfig {
                 uplink: name.clone(),
@@ -729,16 +678,16 @@ impl OvsDataplane {
                 mtu: umtu,
                 addrs: uplink::addrs(&h, uidx)
                     .await
-                    .map_err(init_err("read the addresses of", format!("uplink {name}")))?,
+                    .map_err(ERR.init("read the addresses of", format!("uplink {name}")))?,
                 routes: uplink::routes(&h, uidx)
                     .await
-                    .map_err(init_err("read the routes of", format!("uplink {name}")))?,
+                    .map_err(ERR.init("read the routes of", format!("uplink {name}")))?,
             };
             if let Some(s) = &saved {
                 cfg.merge(s);
             }
             if !cfg.addrs.iter().any(|a| a.ip() == node.transport.ip) {
-                return Err(init_err("find the node address on", format!("uplink {name}"))(
+                return Err(ERR.init("find the node address on", format!("uplink {name}"))(
                     unmet(format!(
                         "the node address {} is neither on the uplink {name} nor recorded on \
                          {PHY_BRIDGE}",
@@ -795,19 +744,19 @@ impl OvsDataplane {
             self.db
                 .transact("create or adopt the physical bridge", ops)
                 .await
-                .map_err(init_err("create or adopt", format!("bridge {PHY_BRIDGE}")))?;
+                .map_err(ERR.init("create or adopt", format!("bridge {PHY_BRIDGE}")))?;
             // The uplink's own IP stack stays out of what OVS carries over it.
             for (key, value) in [("arp_ignore", "8"), ("forwarding", "0"), ("rp_filter", "1")] {
                 crate::kernel::sysctl::ensure(&format!("net.ipv4.conf.{name}.{key}"), value)
-                    .map_err(init_err("isolate from the node's IP stack", format!("uplink {name}")))?;
+                    .map_err(ERR.init("isolate from the node's IP stack", format!("uplink {name}")))?;
             }
             let idx = wait_link(PHY_BRIDGE).await?;
             uplink::apply(&h, idx, &cfg)
                 .await
-                .map_err(init_err("move the node's configuration to", format!("interface {PHY_BRIDGE}")))?;
+                .map_err(ERR.init("move the node's configuration to", format!("interface {PHY_BRIDGE}")))?;
             uplink::strip(&h, uidx)
                 .await
-                .map_err(init_err("strip the node's configuration from", format!("uplink {name}")))?;
+                .map_err(ERR.init("strip the node's configuration from", format!("uplink {name}")))?;
             Ok(cfg)
         }
         .await;
@@ -831,7 +780,7 @@ impl OvsDataplane {
                 ],
             )
             .await
-            .map_err(init_err("read", format!("bridge {PHY_BRIDGE}")))?;
+            .map_err(ERR.init("read", format!("bridge {PHY_BRIDGE}")))?;
         let Some(cfg) = r[0]["rows"].get(0).and_then(|b| {
             serde_json::from_str::<UplinkConfig>(parse_map(&b["external_ids"]).get(UPLINK_KEY)?)
                 .ok()
@@ -839,7 +788,7 @@ impl OvsDataplane {
             return Ok(false);
         };
         let idx = wait_link(PHY_BRIDGE).await?;
-        let (conn, h, _) = rtnetlink::new_connection().map_err(init_err(
+        let (conn, h, _) = rtnetlink::new_connection().map_err(ERR.init(
             "open a netlink socket for",
             format!("interface {PHY_BRIDGE}"),
         ))?;
@@ -847,13 +796,13 @@ impl OvsDataplane {
         let res = async {
             let have = uplink::addrs(&h, idx)
                 .await
-                .map_err(init_err("read the addresses of", format!("interface {PHY_BRIDGE}")))?;
+                .map_err(ERR.init("read the addresses of", format!("interface {PHY_BRIDGE}")))?;
             if cfg.addrs.iter().all(|a| have.contains(a)) {
                 return Ok(false);
             }
             uplink::apply(&h, idx, &cfg)
                 .await
-                .map_err(init_err("restore the node's configuration on", format!("interface {PHY_BRIDGE}")))?;
+                .map_err(ERR.init("restore the node's configuration on", format!("interface {PHY_BRIDGE}")))?;
             tracing::warn!(bridge = PHY_BRIDGE, addrs = ?cfg.addrs, "the physical bridge's port had lost the node's address; restored");
             Ok(true)
         }
@@ -866,14 +815,14 @@ impl OvsDataplane {
     /// ovs-vswitchd recreated it).
     async fn restore_uplink(&self, cfg: &UplinkConfig) -> Result<(), DataplaneError> {
         let idx = wait_link(PHY_BRIDGE).await?;
-        let (conn, h, _) = rtnetlink::new_connection().map_err(other_err(
+        let (conn, h, _) = rtnetlink::new_connection().map_err(ERR.other(
             "open a netlink socket for",
             format!("interface {PHY_BRIDGE}"),
         ))?;
         let task = tokio::spawn(conn);
         let r = uplink::apply(&h, idx, cfg).await;
         task.abort();
-        r.map_err(other_err(
+        r.map_err(ERR.other(
             "restore the node's address on",
             format!("interface {PHY_BRIDGE}"),
         ))
@@ -930,12 +879,12 @@ impl Dataplane for OvsDataplane {
             .db
             .wait_ofport(GATEWAY_IFNAME, VSWITCHD_TIMEOUT)
             .await
-            .map_err(init_err(
+            .map_err(ERR.init(
                 "wait for the port number of",
                 format!("port {GATEWAY_IFNAME}"),
             ))?
             .ok_or_else(|| {
-                init_err(
+                ERR.init(
                     "wait for the port number of",
                     format!("port {GATEWAY_IFNAME}"),
                 )(unmet("vswitchd assigned none (is ovs-vswitchd running?)"))
@@ -1020,7 +969,7 @@ impl Dataplane for OvsDataplane {
     async fn set_remote_nodes(&self, nodes: &[RemoteNode]) -> Result<(), DataplaneError> {
         let s = self
             .node_state()
-            .ok_or_else(|| not_init("set_remote_nodes"))?;
+            .ok_or_else(|| ERR.not_init("set_remote_nodes"))?;
         let encap = s.tunnel.is_some();
         let mut remotes: Vec<RemoteFacts> = nodes
             .iter()
@@ -1086,7 +1035,7 @@ impl Dataplane for OvsDataplane {
             let gw_idx = self
                 .host
                 .ifindex(GATEWAY_IFNAME)
-                .map_err(other_err("look up", format!("interface {GATEWAY_IFNAME}")))?;
+                .map_err(ERR.other("look up", format!("interface {GATEWAY_IFNAME}")))?;
             remotes
                 .iter()
                 .map(|r| NodeRoute {
@@ -1159,7 +1108,7 @@ impl Dataplane for OvsDataplane {
     }
 
     async fn add_pod(&self, ep: &PodEndpoint) -> Result<(), DataplaneError> {
-        let s = self.node_state().ok_or_else(|| not_init("add_pod"))?;
+        let s = self.node_state().ok_or_else(|| ERR.not_init("add_pod"))?;
         let name = ep.host_ifname.as_str();
         // With the userspace (`netdev`) datapath, OVS reads a veth through a packet socket and
         // the kernel still processes every frame on it: it would answer the pod's ARP for the
@@ -1312,7 +1261,9 @@ impl Dataplane for OvsDataplane {
     }
 
     async fn retain_pods(&self, keep: &HashSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, DataplaneError> {
-        let s = self.node_state().ok_or_else(|| not_init("retain_pods"))?;
+        let s = self
+            .node_state()
+            .ok_or_else(|| ERR.not_init("retain_pods"))?;
         let mut removed: HashSet<Ipv4Addr> = HashSet::new();
         // Ports ferrea created for pods that are not kept.
         let rows = self
@@ -1359,7 +1310,7 @@ impl Dataplane for OvsDataplane {
         self.of_bundle("delete stale flows", &mods).await?;
         self.delete_ports("delete stale pod ports", &stale_ports)
             .await
-            .map_err(other_err("delete stale", "pod ports"))?;
+            .map_err(ERR.other("delete stale", "pod ports"))?;
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
             st.pods.retain(|ip, _| keep.contains(ip));
             st.unverified.retain(|ip| keep.contains(ip));
@@ -1374,7 +1325,7 @@ impl Dataplane for OvsDataplane {
                 .transact("clear flow-restore-wait", vec![json!({"op": "mutate", "table": "Open_vSwitch", "where": [],
                     "mutations": [["other_config", "delete", ovsdb::set(vec![json!("flow-restore-wait")])]]})])
                 .await
-                .map_err(other_err("clear flow-restore-wait", "table Open_vSwitch"))?;
+                .map_err(ERR.other("clear flow-restore-wait", "table Open_vSwitch"))?;
         }
         let mut out: Vec<Ipv4Addr> = removed.into_iter().collect();
         out.sort();
@@ -1382,10 +1333,12 @@ impl Dataplane for OvsDataplane {
     }
 
     async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
-        let s = self.node_state().ok_or_else(|| not_init("set_egress"))?;
+        let s = self
+            .node_state()
+            .ok_or_else(|| ERR.not_init("set_egress"))?;
         let plan = plan
             .normalised(s.tunnel.is_some(), s.node.transport.ip)
-            .map_err(other_err("set_egress", "egress plan"))?;
+            .map_err(ERR.other("set_egress", "egress plan"))?;
         let want = match &s.tunnel {
             Some(t) => pipeline::egress_flows(s.round, &s.facts, t, &plan),
             None => Vec::new(),
@@ -1464,7 +1417,7 @@ async fn wait_link(name: &str) -> Result<u32, DataplaneError> {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(e) => {
-                return Err(init_err("wait for", format!("interface {name}"))(e));
+                return Err(ERR.init("wait for", format!("interface {name}"))(e));
             }
         }
     }
