@@ -2,7 +2,10 @@
 //!
 //! 1. The CNI server listens at once (root-only unix socket) and answers `TRY_AGAIN_LATER`
 //!    until step 5, so the runtime retries instead of failing pods during start-up.
-//! 2. The source delivers the desired state; the agent waits for its own `Node` with a pod CIDR.
+//! 2. The source (`files`, or `kubernetes`: watchers that publish only once every initial
+//!    list completed) delivers the desired state; the agent waits for its own `Node` with a
+//!    pod CIDR. Status goes back through the source's sink (NodePortLocal annotations: the
+//!    local status view, or patches of the Pod objects).
 //! 3. The transport interface and pod MTU, node sysctls, the dataplane (adopting what a
 //!    previous process left) with the other nodes of the source, ferrea's nftables table.
 //!    A failure here (ovsdb-server not up yet, say) is retried with backoff while the
@@ -28,6 +31,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::cni::server::{CniService, Readiness};
 use crate::config::{Config, DataplaneKind, SourceConfig};
 use crate::controllers::node::{NodeReconciler, remote_nodes};
+use crate::controllers::npl::{KubeStatusSink, LocalStatusView, StatusSink};
 use crate::controllers::runner::{self, Wakers, error_chain};
 use crate::dataplane::{Dataplane, DataplaneError, NodeNetwork, RemoteNode};
 use crate::kernel::nftables::{NatError, NatSpec, NatTable};
@@ -36,7 +40,7 @@ use crate::kernel::transport::TransportError;
 use crate::pods::podnet::NetlinkPodNet;
 use crate::pods::store::{Store, StoreError};
 use crate::pods::{PodError, PodManager};
-use crate::source::{DesiredState, NodeInfo, files};
+use crate::source::{DesiredState, NodeInfo, files, kubernetes};
 
 /// Sysctls the node needs for the routed pod network, set in the agent's own namespace.
 const NODE_SYSCTLS: &[(&str, &str)] = &[("net.ipv4.ip_forward", "1")];
@@ -61,6 +65,10 @@ pub enum AgentError {
     /// The CNI server's task died.
     #[error("CNI server task")]
     ServerTask(#[source] tokio::task::JoinError),
+    /// The Kubernetes client could not be built (the error names the kubeconfig path, or
+    /// `in-cluster`).
+    #[error("starting the Kubernetes source")]
+    Kubernetes(#[source] crate::source::kubernetes::ClientError),
     /// The desired-state source stopped; nothing can be reconciled any more.
     #[error("the desired-state source stopped")]
     SourceStopped,
@@ -135,9 +143,28 @@ pub async fn run(
     );
     tracing::info!(socket = %cfg.cni_socket.display(), node = cfg.node_name(), dataplane = ?cfg.dataplane, "CNI server listening");
 
-    let SourceConfig::Files { path } = &cfg.source;
-    let mut state = files::spawn(path.clone());
-    tracing::info!(path = %path.display(), "desired state from files");
+    // The source, and where status goes back: the same for both from here on.
+    let (mut state, kube_client) = match &cfg.source {
+        SourceConfig::Files { path } => {
+            tracing::info!(path = %path.display(), "desired state from files");
+            (files::spawn(path.clone()), None)
+        }
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = kubernetes::client(kubeconfig.as_deref())
+                .await
+                .map_err(AgentError::Kubernetes)?;
+            let src = kubernetes::spawn(client.clone(), cfg.node_name());
+            let origin = kubeconfig
+                .as_ref()
+                .map_or_else(|| "in-cluster".to_owned(), |p| p.display().to_string());
+            tracing::info!(config = %origin, "desired state from the Kubernetes API");
+            (src.state, Some(client))
+        }
+    };
+    let status_sink: Arc<dyn StatusSink> = match kube_client {
+        None => Arc::new(LocalStatusView::new(&cfg.state_dir)),
+        Some(client) => Arc::new(KubeStatusSink::new(client, cfg.node_name(), state.clone())),
+    };
 
     let main = async {
         let node = wait_for_node(&cfg, &mut state).await?;
@@ -172,6 +199,7 @@ pub async fn run(
             &pm,
             &nat,
             state.clone(),
+            status_sink.clone(),
         );
         let mut cluster = cfg.cluster_cidrs.clone();
         cluster.push(cfg.service_cidr);
