@@ -132,9 +132,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
-    let (ready_tx, ready_rx) = watch::channel(Readiness::Starting(
-        "waiting for this node's Node object".into(),
-    ));
+    let (ready_tx, ready_rx) = watch::channel(Readiness::Starting(WAITING_FOR_NODE.into()));
     let listener = bind_socket(&cfg.cni_socket)?;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -154,6 +152,7 @@ pub async fn run(
                 .await
                 .map_err(AgentError::Kubernetes)?;
             let src = kubernetes::spawn(client.clone(), cfg.node_name());
+            tokio::spawn(show_sync(src.sync, ready_tx.clone()));
             let origin = kubeconfig
                 .as_ref()
                 .map_or_else(|| "in-cluster".to_owned(), |p| p.display().to_string());
@@ -248,6 +247,40 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Why CNI requests wait before the node's `Node` object is known.
+const WAITING_FOR_NODE: &str = "waiting for this node's Node object";
+
+/// While the Kubernetes source has not completed its initial lists, the CNI server's
+/// `TRY_AGAIN_LATER` names the kinds still listing. Only the first readiness stage is
+/// rewritten (atomically under the channel's lock), never a later one.
+async fn show_sync(
+    mut sync: watch::Receiver<kubernetes::SyncState>,
+    ready: watch::Sender<Readiness>,
+) {
+    loop {
+        let why = match &*sync.borrow_and_update() {
+            kubernetes::SyncState::Synced => WAITING_FOR_NODE.to_owned(),
+            kubernetes::SyncState::Syncing { waiting } => {
+                let kinds: Vec<&str> = waiting.iter().map(|k| k.as_str()).collect();
+                format!(
+                    "{WAITING_FOR_NODE}: the Kubernetes API's initial lists are not complete ({})",
+                    kinds.join(", ")
+                )
+            }
+        };
+        ready.send_if_modified(|r| match r {
+            Readiness::Starting(cur) if cur.starts_with(WAITING_FOR_NODE) && *cur != why => {
+                *cur = why.clone();
+                true
+            }
+            _ => false,
+        });
+        if sync.borrow().is_synced() || sync.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 fn bind_socket(path: &std::path::Path) -> Result<UnixListener, AgentError> {
