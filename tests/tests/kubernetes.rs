@@ -524,6 +524,12 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
         .lines()
         .filter(|l| l.contains("watching the Kubernetes API failed"))
         .count();
+    eprintln!(
+        "{outage_logs} watch-failure log lines for the outage; recoveries: {}",
+        log.lines()
+            .filter(|l| l.contains("watching the Kubernetes API works again"))
+            .count()
+    );
     assert!(
         (1..=6).contains(&outage_logs),
         "watch errors are logged once per kind and outage, not per retry ({outage_logs} lines):\n{}",
