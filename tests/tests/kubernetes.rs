@@ -391,25 +391,9 @@ fn check_npl_annotation(node: &SimNode, value: &str) -> u16 {
     e.node_port
 }
 
-dataplane_tests!(kubernetes_source_serves_pods_and_writes_npl_annotations);
-
-fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
-    let t = Instant::now();
-    let mut o = NodeOptions::new(dp);
-    o.extra_config = m::npl_config(&format!("{}-{}", NPL_RANGE.0, NPL_RANGE.1));
-    o.start_agent = false;
-    let mut node = SimNode::start(o).unwrap();
-    // Declared after the node: dropped (processes stopped) before the node's namespace goes.
-    let mut api = ApiServer::start_in(node.ns());
-    install_crds(&api);
-    // What the controllers would make: the `default` service account (the ServiceAccount
-    // admission plugin wants it for pods), and this node's Node object with its status.
-    let sa = api.kubectl(&["create", "serviceaccount", "default", "-n", "default"]);
-    assert!(
-        sa.status.success() || String::from_utf8_lossy(&sa.stderr).contains("AlreadyExists"),
-        "{}",
-        String::from_utf8_lossy(&sa.stderr)
-    );
+/// The simulated node's `Node` object in the API: name, `spec.podCIDR`, and the `InternalIP`
+/// in `status.addresses` (through the status subresource, as a kubelet writes it).
+fn create_node_object(api: &ApiServer, node: &SimNode) {
     api.kubectl_stdin_ok(
         &["apply", "-f", "-"],
         &format!(
@@ -430,6 +414,28 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
             node.ip()
         ),
     ]);
+}
+
+dataplane_tests!(kubernetes_source_serves_pods_and_writes_npl_annotations);
+
+fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
+    let t = Instant::now();
+    let mut o = NodeOptions::new(dp);
+    o.extra_config = m::npl_config(&format!("{}-{}", NPL_RANGE.0, NPL_RANGE.1));
+    o.start_agent = false;
+    let mut node = SimNode::start(o).unwrap();
+    // Declared after the node: dropped (processes stopped) before the node's namespace goes.
+    let mut api = ApiServer::start_in(node.ns());
+    install_crds(&api);
+    // What the controllers would make: the `default` service account (the ServiceAccount
+    // admission plugin wants it for pods), and this node's Node object with its status.
+    let sa = api.kubectl(&["create", "serviceaccount", "default", "-n", "default"]);
+    assert!(
+        sa.status.success() || String::from_utf8_lossy(&sa.stderr).contains("AlreadyExists"),
+        "{}",
+        String::from_utf8_lossy(&sa.stderr)
+    );
+    create_node_object(&api, &node);
     node.use_kubernetes_source(api.kubeconfig_path()).unwrap();
     let started = Instant::now();
     node.agent().spawn().unwrap();
@@ -535,5 +541,41 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
         "watch errors are logged once per kind and outage, not per retry ({outage_logs} lines):\n{}",
         node.agent().log_tail(60)
     );
+    eprintln!("test took {:.1}s", t.elapsed().as_secs_f64());
+}
+
+/// Without Antrea's CRDs installed the agent still syncs and serves: Egress and
+/// ExternalIPPool are empty and said to be missing, once each.
+#[test]
+fn kubernetes_source_without_crds_still_serves() {
+    if !skip_unless_root("kubernetes_source_without_crds_still_serves") {
+        return;
+    }
+    let t = Instant::now();
+    let mut o = NodeOptions::new(Dataplane::Ebpf);
+    o.start_agent = false;
+    let mut node = SimNode::start(o).unwrap();
+    let api = ApiServer::start_in(node.ns());
+    create_node_object(&api, &node);
+    node.use_kubernetes_source(api.kubeconfig_path()).unwrap();
+    node.agent().spawn().unwrap();
+    node.agent()
+        .wait_ready(ferrea_tests::agent::READY_TIMEOUT)
+        .unwrap();
+    let p = node.add_pod().unwrap();
+    assert!(p.ping(node.gateway()), "the pod has no network");
+    let log = node.agent().log();
+    for kind in ["Egress", "ExternalIPPool"] {
+        let n = log
+            .lines()
+            .filter(|l| l.contains(&format!("does not serve {kind} ")))
+            .count();
+        assert_eq!(
+            n,
+            1,
+            "{kind} missing logged {n} times:\n{}",
+            node.agent().log_tail(40)
+        );
+    }
     eprintln!("test took {:.1}s", t.elapsed().as_secs_f64());
 }

@@ -123,17 +123,30 @@ struct Stores {
     pools: (Store<DynamicObject>, ApiResource),
 }
 
+/// What one watcher event tells the publishing loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// `Init`: a (re)list starts. Not a sign that the API works: the watcher says it before
+    /// every attempt, also before one that fails.
+    Relisting,
+    /// `InitApply`: an object of a list in progress (the store changes at `InitDone`).
+    Listing,
+    /// A list completed, or an object changed.
+    Signal(Signal),
+}
+
 /// One watcher event, as the publishing loop sees it.
-type Observed = (Kind, Result<Option<Signal>, watcher::Error>);
+type Observed = (Kind, Result<Step, watcher::Error>);
 type Observations = Pin<Box<dyn Stream<Item = Observed> + Send>>;
 
-/// The signal of an event of `kind` (`None` for `Init` and `InitApply`: a relist in progress
-/// changes nothing until its `InitDone`).
-fn signal<K>(kind: Kind, e: &Event<K>) -> Option<Signal> {
+/// The step of an event of `kind` (a relist in progress changes nothing until its
+/// `InitDone`).
+fn step<K>(kind: Kind, e: &Event<K>) -> Step {
     match e {
-        Event::Init | Event::InitApply(_) => None,
-        Event::InitDone => Some(Signal::Listed(kind)),
-        Event::Apply(_) | Event::Delete(_) => Some(Signal::Changed(kind)),
+        Event::Init => Step::Relisting,
+        Event::InitApply(_) => Step::Listing,
+        Event::InitDone => Step::Signal(Signal::Listed(kind)),
+        Event::Apply(_) | Event::Delete(_) => Step::Signal(Signal::Changed(kind)),
     }
 }
 
@@ -154,7 +167,7 @@ where
         .default_backoff()
         .modify(|o: &mut K| o.managed_fields_mut().clear())
         .reflect(writer)
-        .map(move |r| (kind, r.map(|e| signal(kind, &e))));
+        .map(move |r| (kind, r.map(|e| step(kind, &e))));
     (reader, Box::pin(stream))
 }
 
@@ -254,11 +267,11 @@ async fn publish_loop(
     let mut outages = Outages::default();
     let started = tokio::time::Instant::now();
     let mut handle = |gate: &mut SyncGate, (kind, r): Observed| match r {
-        Ok(s) => {
+        Ok(Step::Relisting) => {}
+        Ok(Step::Listing) => outages.ok(kind),
+        Ok(Step::Signal(s)) => {
             outages.ok(kind);
-            if let Some(s) = s {
-                gate.observe(s);
-            }
+            gate.observe(s);
         }
         Err(e) => {
             if is_not_found(&e) {

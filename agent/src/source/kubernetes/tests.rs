@@ -209,3 +209,17 @@ fn not_found_is_told_apart_from_other_watch_errors() {
     )));
     assert!(!is_not_found(&watcher::Error::WatchError(status(410))));
 }
+
+#[test]
+fn only_a_completed_list_or_a_change_is_a_signal() {
+    assert_eq!(step::<()>(Kind::Pod, &Event::Init), Step::Relisting);
+    assert_eq!(step(Kind::Pod, &Event::InitApply(())), Step::Listing);
+    assert_eq!(
+        step::<()>(Kind::Pod, &Event::InitDone),
+        Step::Signal(Signal::Listed(Kind::Pod))
+    );
+    assert_eq!(
+        step(Kind::Node, &Event::Delete(())),
+        Step::Signal(Signal::Changed(Kind::Node))
+    );
+}
