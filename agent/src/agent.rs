@@ -2,7 +2,10 @@
 //!
 //! 1. The CNI server listens at once (root-only unix socket) and answers `TRY_AGAIN_LATER`
 //!    until step 5, so the runtime retries instead of failing pods during start-up.
-//! 2. The source delivers the desired state; the agent waits for its own `Node` with a pod CIDR.
+//! 2. The source (`files`, or `kubernetes`: watchers that publish only once every initial
+//!    list completed) delivers the desired state; the agent waits for its own `Node` with a
+//!    pod CIDR. Status goes back through the source's sink (NodePortLocal annotations: the
+//!    local status view, or patches of the Pod objects).
 //! 3. The transport interface and pod MTU, node sysctls, the dataplane (adopting what a
 //!    previous process left) with the other nodes of the source, ferrea's nftables table.
 //!    A failure here (ovsdb-server not up yet, say) is retried with backoff while the
@@ -28,6 +31,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::cni::server::{CniService, Readiness};
 use crate::config::{Config, DataplaneKind, SourceConfig};
 use crate::controllers::node::{NodeReconciler, remote_nodes};
+use crate::controllers::npl::{KubeStatusSink, LocalStatusView, StatusSink};
 use crate::controllers::runner::{self, Wakers, error_chain};
 use crate::dataplane::{Dataplane, DataplaneError, NodeNetwork, RemoteNode};
 use crate::kernel::nftables::{NatError, NatSpec, NatTable};
@@ -36,7 +40,7 @@ use crate::kernel::transport::TransportError;
 use crate::pods::podnet::NetlinkPodNet;
 use crate::pods::store::{Store, StoreError};
 use crate::pods::{PodError, PodManager};
-use crate::source::{DesiredState, NodeInfo, files};
+use crate::source::{DesiredState, NodeInfo, files, kubernetes};
 
 /// Sysctls the node needs for the routed pod network, set in the agent's own namespace.
 const NODE_SYSCTLS: &[(&str, &str)] = &[("net.ipv4.ip_forward", "1")];
@@ -61,6 +65,10 @@ pub enum AgentError {
     /// The CNI server's task died.
     #[error("CNI server task")]
     ServerTask(#[source] tokio::task::JoinError),
+    /// The Kubernetes client could not be built (the error names the kubeconfig path, or
+    /// `in-cluster`).
+    #[error("starting the Kubernetes source")]
+    Kubernetes(#[source] crate::source::kubernetes::ClientError),
     /// The desired-state source stopped; nothing can be reconciled any more.
     #[error("the desired-state source stopped")]
     SourceStopped,
@@ -124,9 +132,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
-    let (ready_tx, ready_rx) = watch::channel(Readiness::Starting(
-        "waiting for this node's Node object".into(),
-    ));
+    let (ready_tx, ready_rx) = watch::channel(Readiness::Starting(WAITING_FOR_NODE.into()));
     let listener = bind_socket(&cfg.cni_socket)?;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -135,9 +141,29 @@ pub async fn run(
     );
     tracing::info!(socket = %cfg.cni_socket.display(), node = cfg.node_name(), dataplane = ?cfg.dataplane, "CNI server listening");
 
-    let SourceConfig::Files { path } = &cfg.source;
-    let mut state = files::spawn(path.clone());
-    tracing::info!(path = %path.display(), "desired state from files");
+    // The source, and where status goes back: the same for both from here on.
+    let (mut state, kube_client) = match &cfg.source {
+        SourceConfig::Files { path } => {
+            tracing::info!(path = %path.display(), "desired state from files");
+            (files::spawn(path.clone()), None)
+        }
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = kubernetes::client(kubeconfig.as_deref())
+                .await
+                .map_err(AgentError::Kubernetes)?;
+            let src = kubernetes::spawn(client.clone(), cfg.node_name());
+            tokio::spawn(show_sync(src.sync, ready_tx.clone()));
+            let origin = kubeconfig
+                .as_ref()
+                .map_or_else(|| "in-cluster".to_owned(), |p| p.display().to_string());
+            tracing::info!(config = %origin, "desired state from the Kubernetes API");
+            (src.state, Some(client))
+        }
+    };
+    let status_sink: Arc<dyn StatusSink> = match kube_client {
+        None => Arc::new(LocalStatusView::new(&cfg.state_dir)),
+        Some(client) => Arc::new(KubeStatusSink::new(client, cfg.node_name(), state.clone())),
+    };
 
     let main = async {
         let node = wait_for_node(&cfg, &mut state).await?;
@@ -172,6 +198,7 @@ pub async fn run(
             &pm,
             &nat,
             state.clone(),
+            status_sink.clone(),
         );
         let mut cluster = cfg.cluster_cidrs.clone();
         cluster.push(cfg.service_cidr);
@@ -220,6 +247,40 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Why CNI requests wait before the node's `Node` object is known.
+const WAITING_FOR_NODE: &str = "waiting for this node's Node object";
+
+/// While the Kubernetes source has not completed its initial lists, the CNI server's
+/// `TRY_AGAIN_LATER` names the kinds still listing. Only the first readiness stage is
+/// rewritten (atomically under the channel's lock), never a later one.
+async fn show_sync(
+    mut sync: watch::Receiver<kubernetes::SyncState>,
+    ready: watch::Sender<Readiness>,
+) {
+    loop {
+        let why = match &*sync.borrow_and_update() {
+            kubernetes::SyncState::Synced => WAITING_FOR_NODE.to_owned(),
+            kubernetes::SyncState::Syncing { waiting } => {
+                let kinds: Vec<&str> = waiting.iter().map(|k| k.as_str()).collect();
+                format!(
+                    "{WAITING_FOR_NODE}: the Kubernetes API's initial lists are not complete ({})",
+                    kinds.join(", ")
+                )
+            }
+        };
+        ready.send_if_modified(|r| match r {
+            Readiness::Starting(cur) if cur.starts_with(WAITING_FOR_NODE) && *cur != why => {
+                *cur = why.clone();
+                true
+            }
+            _ => false,
+        });
+        if sync.borrow().is_synced() || sync.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 fn bind_socket(path: &std::path::Path) -> Result<UnixListener, AgentError> {

@@ -112,15 +112,38 @@ impl TunnelType {
     }
 }
 
-/// Where the desired state comes from.
+/// Where the desired state comes from: `source: {files: {path: <dir>}}` or
+/// `source: {kubernetes: {kubeconfig: <file>}}` (`kubernetes: {}` for the in-cluster
+/// configuration).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum SourceConfig {
     /// A directory of Kubernetes-style YAML manifests, watched for changes.
     Files {
-        /// The directory.
+        /// The directory (absolute).
         path: PathBuf,
     },
+    /// The Kubernetes API: watches of Nodes, this node's Pods, Services, Namespaces and
+    /// Antrea's Egress and ExternalIPPool; NodePortLocal annotations are patched onto the Pods.
+    Kubernetes {
+        /// A kubeconfig file (absolute) to reach the API server with. Default: the in-cluster
+        /// configuration (the pod's service account token and `KUBERNETES_SERVICE_HOST`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+/// The source when the configuration names none: `kubernetes` (in-cluster) when the process
+/// runs in a pod (`in_pod`: `KUBERNETES_SERVICE_HOST` is set), else `files` at
+/// `/etc/ferrea/manifests`.
+pub fn default_source_for(in_pod: bool) -> SourceConfig {
+    if in_pod {
+        SourceConfig::Kubernetes { kubeconfig: None }
+    } else {
+        SourceConfig::Files {
+            path: PathBuf::from("/etc/ferrea/manifests"),
+        }
+    }
 }
 
 /// The agent configuration file.
@@ -139,7 +162,10 @@ pub struct Config {
     /// (default `br-int`), `datapathType` (`auto`, `system` or `netdev`; default `auto`).
     #[serde(default)]
     pub ovs: OvsConfig,
-    /// Desired-state source. Default: `files` at `/etc/ferrea/manifests`.
+    /// Desired-state source: `files: {path}` or `kubernetes: {kubeconfig}` (see
+    /// [`SourceConfig`]). Default: `kubernetes` with the in-cluster configuration when the
+    /// agent runs in a pod (`KUBERNETES_SERVICE_HOST` set), else `files` at
+    /// `/etc/ferrea/manifests`.
     #[serde(
         default = "default_source",
         with = "serde_yaml_ng::with::singleton_map"
@@ -200,9 +226,7 @@ pub struct Config {
 }
 
 fn default_source() -> SourceConfig {
-    SourceConfig::Files {
-        path: PathBuf::from("/etc/ferrea/manifests"),
-    }
+    default_source_for(std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty()))
 }
 fn default_cni_socket() -> PathBuf {
     PathBuf::from("/var/run/ferrea/cni.sock")
@@ -339,9 +363,16 @@ impl Config {
         if self.ovs.bridge.is_empty() || self.ovs.bridge.len() > 15 {
             return inv("ovs.bridge", "must be 1 to 15 characters");
         }
-        let SourceConfig::Files { path } = &self.source;
-        if !path.is_absolute() {
-            return inv("source.files.path", "must be an absolute path");
+        match &self.source {
+            SourceConfig::Files { path } if !path.is_absolute() => {
+                return inv("source.files.path", "must be an absolute path");
+            }
+            SourceConfig::Kubernetes {
+                kubeconfig: Some(p),
+            } if !p.is_absolute() => {
+                return inv("source.kubernetes.kubeconfig", "must be an absolute path");
+            }
+            _ => {}
         }
         if let Err(source) = self.node_port_local.range() {
             return Err(ConfigError::PortRange {
@@ -409,6 +440,42 @@ mod tests {
         assert_eq!(c.tunnel_port, Some(7000));
         assert_eq!(c.transport_interface.as_deref(), Some("eth1"));
         assert_eq!(c.transport_interface_cidrs.len(), 1);
+    }
+
+    #[test]
+    fn kubernetes_source_parses_and_is_validated() {
+        let c =
+            parse("nodeName: n1\nsource:\n  kubernetes:\n    kubeconfig: /etc/k.conf\n").unwrap();
+        assert_eq!(
+            c.source,
+            SourceConfig::Kubernetes {
+                kubeconfig: Some("/etc/k.conf".into())
+            }
+        );
+        let c = parse("nodeName: n1\nsource: {kubernetes: {}}\n").unwrap();
+        assert_eq!(c.source, SourceConfig::Kubernetes { kubeconfig: None });
+        let e = parse("nodeName: n1\nsource: {kubernetes: {kubeconfig: k.conf}}\n").unwrap_err();
+        assert_eq!(e.field(), Some("source.kubernetes.kubeconfig"));
+        assert_eq!(
+            e.to_string(),
+            "config field `source.kubernetes.kubeconfig`: must be an absolute path"
+        );
+        let e = parse("nodeName: n1\nsource: {kubernetes: {kubeConfig: /k}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kubeConfig"), "{e}");
+        let e = parse("nodeName: n1\nsource: {files: {path: m}}\n").unwrap_err();
+        assert_eq!(e.field(), Some("source.files.path"));
+        assert_eq!(
+            default_source_for(true),
+            SourceConfig::Kubernetes { kubeconfig: None }
+        );
+        assert_eq!(
+            default_source_for(false),
+            SourceConfig::Files {
+                path: "/etc/ferrea/manifests".into()
+            }
+        );
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //! apiserver, then etcd, by their PIDs (SIGTERM, then SIGKILL after [`STOP_GRACE`]), removes
 //! the temp dir and deletes the namespace, also while a failed assertion unwinds. Nothing is
 //! created in, or changed in, the root network namespace; nothing is killed by name.
+//!
+//! [`ApiServer::start_in`] runs them in a namespace the test made already (a simulated node's),
+//! so an agent there reaches the API at `https://127.0.0.1:6443` with [`ApiServer::kubeconfig_path`];
+//! that namespace stays the caller's. [`ApiServer::stop_apiserver`] and
+//! [`ApiServer::start_apiserver`] take the API server away and bring it back (etcd keeps the
+//! data), for tests of what clients do meanwhile.
 
 use std::fs::File;
 use std::net::TcpStream;
@@ -91,13 +97,16 @@ pub struct ApiServer {
     /// Certificates, etcd's data, logs, kubeconfig, kubectl's discovery cache. Dropped after
     /// the processes are stopped (Drop::drop runs before the fields are dropped).
     dir: tempfile::TempDir,
-    ns: NetNs,
+    /// The namespace, when the guard made it (and deletes it); `None` with
+    /// [`ApiServer::start_in`]. Held for its Drop only.
+    _own_ns: Option<NetNs>,
+    ns_name: String,
 }
 
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiServer")
-            .field("netns", &self.ns.name())
+            .field("netns", &self.ns_name)
             .field("pids", &self.pids)
             .field("dir", &self.dir.path())
             .finish()
@@ -108,10 +117,21 @@ impl ApiServer {
     /// Starts etcd and kube-apiserver and returns once `/readyz` says `ok`. Panics (with the
     /// logs' last lines) when something fails; whatever was started is stopped then.
     pub fn start() -> Self {
-        let etcd_bin = k8s_bin("etcd");
-        let apiserver_bin = k8s_bin("kube-apiserver");
-        let kubectl = k8s_bin("kubectl");
         let ns = NetNs::new("k8s").expect("creating the apiserver's network namespace");
+        let name = ns.name().to_owned();
+        Self::launch(Some(ns), name)
+    }
+
+    /// [`ApiServer::start`] inside `ns`, a namespace the caller made and keeps (it must have
+    /// `lo` up and nothing on 127.0.0.1 ports 2379, 2380 and 6443). The guard stops the
+    /// processes but leaves the namespace; drop the guard before the namespace.
+    pub fn start_in(ns: &NetNs) -> Self {
+        Self::launch(None, ns.name().to_owned())
+    }
+
+    fn launch(own_ns: Option<NetNs>, ns_name: String) -> Self {
+        let etcd_bin = k8s_bin("etcd");
+        let kubectl = k8s_bin("kubectl");
         let dir = tempfile::Builder::new()
             .prefix("ferrea-apiserver-")
             .tempdir()
@@ -124,7 +144,8 @@ impl ApiServer {
             kubectl,
             kubeconfig,
             dir,
-            ns,
+            _own_ns: own_ns,
+            ns_name,
         };
         let pki = s.dir.path().join("pki");
         make_pki(&pki);
@@ -145,7 +166,24 @@ impl ApiServer {
         );
         s.etcd = Some(etcd);
         s.wait_etcd();
+        s.start_apiserver();
+        s
+    }
 
+    /// Stops kube-apiserver (SIGTERM by its PID, then SIGKILL); etcd keeps running.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(mut c) = self.apiserver.take() {
+            stop("kube-apiserver", &mut c);
+        }
+    }
+
+    /// Starts kube-apiserver (again, after [`ApiServer::stop_apiserver`]) and waits until
+    /// `/readyz` says `ok`.
+    pub fn start_apiserver(&mut self) {
+        assert!(self.apiserver.is_none(), "kube-apiserver already runs");
+        let apiserver_bin = k8s_bin("kube-apiserver");
+        let pki = self.dir.path().join("pki");
+        let s = self;
         let p = |f: &str| pki.join(f).display().to_string();
         let apiserver = s.spawn(
             &apiserver_bin,
@@ -176,7 +214,6 @@ impl ApiServer {
         );
         s.apiserver = Some(apiserver);
         s.wait_ready();
-        s
     }
 
     /// Runs the cached kubectl with the admin kubeconfig inside the namespace; returns its
@@ -222,9 +259,9 @@ impl ApiServer {
         &self.kubeconfig
     }
 
-    /// The namespace etcd and the apiserver run in.
-    pub fn netns(&self) -> &NetNs {
-        &self.ns
+    /// The name of the namespace etcd and the apiserver run in.
+    pub fn netns_name(&self) -> &str {
+        &self.ns_name
     }
 
     /// The PIDs of etcd and kube-apiserver (the daemons' own).
@@ -260,7 +297,7 @@ impl ApiServer {
             .arg("--request-timeout=30s")
             .args(args)
             .env_remove("KUBECONFIG");
-        crate::netns::enter_on_spawn(&mut cmd, self.ns.name())
+        crate::netns::enter_on_spawn(&mut cmd, &self.ns_name)
             .expect("entering the apiserver's namespace");
         cmd
     }
@@ -279,7 +316,7 @@ impl ApiServer {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log);
-        crate::netns::enter_on_spawn(&mut cmd, self.ns.name())
+        crate::netns::enter_on_spawn(&mut cmd, &self.ns_name)
             .expect("entering the apiserver's namespace");
         let mut child = cmd
             .spawn()
@@ -314,10 +351,18 @@ impl ApiServer {
     fn wait_etcd(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let up = self.ns.run(|| {
+            let path = crate::netns::path_of(&self.ns_name);
+            let up = std::thread::spawn(move || {
+                use std::os::fd::AsFd;
+                // Only this short-lived thread enters the namespace.
+                let fd = File::open(&path).expect("opening the apiserver's namespace");
+                nix::sched::setns(fd.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("entering the apiserver's namespace");
                 TcpStream::connect_timeout(&([127, 0, 0, 1], 2379).into(), Duration::from_secs(1))
                     .is_ok()
-            });
+            })
+            .join()
+            .expect("the etcd probe thread");
             if up {
                 return;
             }
@@ -341,7 +386,7 @@ impl ApiServer {
                 eprintln!(
                     "harness: kube-apiserver ready after {:.1}s (netns {}, pids {:?})",
                     start.elapsed().as_secs_f64(),
-                    self.ns.name(),
+                    self.ns_name,
                     self.pids
                 );
                 return;
@@ -396,7 +441,8 @@ impl Drop for ApiServer {
                 stop(name, &mut c);
             }
         }
-        // Then the fields: the temp dir is removed and the namespace deleted.
+        // Then the fields: the temp dir is removed and the namespace (if it is the guard's)
+        // deleted.
     }
 }
 

@@ -305,6 +305,34 @@ impl Node {
         self.dir().join("manifests")
     }
 
+    /// The agent's configuration file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir().join("agent.yaml")
+    }
+
+    /// Switches the agent's configuration from the `files` source to
+    /// `source: {kubernetes: {kubeconfig}}`; takes effect at the agent's next start (create the
+    /// node with `start_agent: false`, then [`Agent::spawn`] it).
+    pub fn use_kubernetes_source(&self, kubeconfig: &Path) -> anyhow::Result<()> {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path)?;
+        let files = format!(
+            "source:\n  files:\n    path: {}\n",
+            self.manifests().display()
+        );
+        anyhow::ensure!(
+            text.contains(&files),
+            "{} has no files source",
+            path.display()
+        );
+        let kube = format!(
+            "source:\n  kubernetes:\n    kubeconfig: {}\n",
+            kubeconfig.display()
+        );
+        std::fs::write(&path, text.replacen(&files, &kube, 1))?;
+        Ok(())
+    }
+
     /// Adds one pod through the CNI binary.
     pub fn add_pod(&self) -> anyhow::Result<Pod> {
         Pod::add(&self.cni, "p")

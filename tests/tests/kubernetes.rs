@@ -5,13 +5,20 @@
 //!
 //! Each test starts its own etcd and kube-apiserver ([`ApiServer`], about 10 s) in a network
 //! namespace of its own, so the file keeps to a few tests that check several things each.
+//!
+//! The agent's `kubernetes` source: one simulated node whose agent watches a real API server
+//! (started inside the node's namespace, so `https://127.0.0.1:6443` is reachable from the
+//! agent and from nothing else), serves CNI ADDs, patches NodePortLocal annotations onto the
+//! Pod objects, and keeps serving while the API server is down.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferrea_tests::apiserver::{ApiServer, k8s_bin};
 use ferrea_tests::egress::{EGRESS, SEED_EGRESS, SEED_POOL};
-use ferrea_tests::skip_unless_root;
+use ferrea_tests::manifests::{self as m, NplEntry};
+use ferrea_tests::{Dataplane, NodeOptions, SimNode, dataplane_tests, skip_unless_root};
 
 /// The seed ExternalIPPool's name.
 const POOL: &str = "child-egress-ippool";
@@ -281,7 +288,7 @@ fn crds_refuse_what_antrea_refuses_naming_the_field() {
 
     // Nothing outlives the guard: its processes (by PID) and its namespace.
     let pids = api.pids().to_vec();
-    let ns = api.netns().name().to_owned();
+    let ns = api.netns_name().to_owned();
     assert_eq!(pids.len(), 2);
     drop(api);
     let bins = [k8s_bin("etcd"), k8s_bin("kube-apiserver")];
@@ -296,5 +303,279 @@ fn crds_refuse_what_antrea_refuses_naming_the_field() {
         !ferrea_tests::netns::list_with_prefix(&ns).contains(&ns),
         "netns {ns} still exists"
     );
+    eprintln!("test took {:.1}s", t.elapsed().as_secs_f64());
+}
+
+/// The NodePortLocal range of the Kubernetes-source node.
+const NPL_RANGE: (u16, u16) = (61000, 62000);
+
+/// The pod's annotations in the API (`kubectl get pod -o json`).
+fn pod_annotations(api: &ApiServer, name: &str) -> BTreeMap<String, String> {
+    let out = api.kubectl_ok(&["get", "pod", name, "-n", "default", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("kubectl -o json");
+    v["metadata"]["annotations"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls the pod's annotations every 100 ms until `accept` holds; panics with `what` after
+/// `timeout`. Returns them and the time it took.
+fn wait_pod_annotations(
+    api: &ApiServer,
+    pod: &str,
+    timeout: Duration,
+    what: &str,
+    accept: impl Fn(&BTreeMap<String, String>) -> bool,
+) -> (BTreeMap<String, String>, Duration) {
+    let t = Instant::now();
+    loop {
+        let a = pod_annotations(api, pod);
+        if accept(&a) {
+            return (a, t.elapsed());
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "{what}: not within {timeout:?}; annotations of pod {pod}: {a:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A Pod object for the attachment `name` made through the CNI: on this node, labelled
+/// `app: web`, an annotation of its own, container port `http` 8080/TCP.
+fn pod_object(name: &str, node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  \
+         labels: {{app: web}}\n  annotations: {{example.com/keep: me}}\nspec:\n  nodeName: {node}\n  \
+         containers:\n  - name: c\n    image: registry.invalid/web\n    \
+         ports: [{{name: http, containerPort: 8080, protocol: TCP}}]\n"
+    )
+}
+
+const NPL_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  \
+    annotations: {nodeportlocal.antrea.io/enabled: \"true\"}\nspec:\n  selector: {app: web}\n  \
+    ports: [{port: 80, targetPort: http, protocol: TCP}]\n";
+
+/// The node's NPL annotation, checked to be Antrea's exact JSON for port 8080/TCP; returns
+/// the node port.
+fn check_npl_annotation(node: &SimNode, value: &str) -> u16 {
+    let entries = m::parse_annotation(value).expect("the annotation parses");
+    assert_eq!(entries.len(), 1, "{value}");
+    let e = &entries[0];
+    assert!(
+        (NPL_RANGE.0..=NPL_RANGE.1).contains(&e.node_port),
+        "node port {} outside the range: {value}",
+        e.node_port
+    );
+    let want = NplEntry {
+        pod_port: 8080,
+        node_ip: node.ip().to_string(),
+        node_port: e.node_port,
+        protocol: "tcp".into(),
+        ip_family: "IPv4".into(),
+    };
+    assert_eq!(value, m::antrea_annotation(&[want]));
+    assert_eq!(
+        value,
+        format!(
+            r#"[{{"podPort":8080,"nodeIP":"{}","nodePort":{},"protocol":"tcp","ipFamily":"IPv4"}}]"#,
+            node.ip(),
+            e.node_port
+        )
+    );
+    e.node_port
+}
+
+/// The simulated node's `Node` object in the API: name, `spec.podCIDR`, and the `InternalIP`
+/// in `status.addresses` (through the status subresource, as a kubelet writes it).
+fn create_node_object(api: &ApiServer, node: &SimNode) {
+    api.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{podCIDR: {}}}\n",
+            node.name(),
+            node.pod_cidr()
+        ),
+    );
+    api.kubectl_ok(&[
+        "patch",
+        "node",
+        node.name(),
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &format!(
+            r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"{}"}}]}}}}"#,
+            node.ip()
+        ),
+    ]);
+}
+
+dataplane_tests!(kubernetes_source_serves_pods_and_writes_npl_annotations);
+
+fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
+    let t = Instant::now();
+    let mut o = NodeOptions::new(dp);
+    o.extra_config = m::npl_config(&format!("{}-{}", NPL_RANGE.0, NPL_RANGE.1));
+    o.start_agent = false;
+    let mut node = SimNode::start(o).unwrap();
+    // Declared after the node: dropped (processes stopped) before the node's namespace goes.
+    let mut api = ApiServer::start_in(node.ns());
+    install_crds(&api);
+    // What the controllers would make: the `default` service account (the ServiceAccount
+    // admission plugin wants it for pods), and this node's Node object with its status.
+    let sa = api.kubectl(&["create", "serviceaccount", "default", "-n", "default"]);
+    assert!(
+        sa.status.success() || String::from_utf8_lossy(&sa.stderr).contains("AlreadyExists"),
+        "{}",
+        String::from_utf8_lossy(&sa.stderr)
+    );
+    create_node_object(&api, &node);
+    node.use_kubernetes_source(api.kubeconfig_path()).unwrap();
+    let started = Instant::now();
+    node.agent().spawn().unwrap();
+    node.agent()
+        .wait_ready(ferrea_tests::agent::READY_TIMEOUT)
+        .unwrap();
+    eprintln!(
+        "agent ready on the kubernetes source after {:?}",
+        started.elapsed()
+    );
+    let log = node.agent().log();
+    assert!(
+        log.contains("desired state from the Kubernetes API")
+            && log.contains("Kubernetes source synced"),
+        "{}",
+        node.agent().log_tail(40)
+    );
+
+    // A pod through the real CNI binary before its Pod object exists: it gets its network.
+    let a = node.add_pod().unwrap();
+    assert!(a.ping(node.gateway()), "pod a cannot reach its gateway");
+    let a_name = a.attachment().pod_name.clone();
+
+    // Its Pod object and an NPL-enabled Service selecting it: the annotation appears on the Pod
+    // object in the API, exactly as Antrea writes it.
+    api.kubectl_stdin_ok(&["apply", "-f", "-"], &pod_object(&a_name, node.name()));
+    api.kubectl_stdin_ok(&["apply", "-f", "-"], NPL_SERVICE);
+    let (ann, took) = wait_pod_annotations(
+        &api,
+        &a_name,
+        Duration::from_secs(5),
+        "annotation of pod a",
+        |a| a.contains_key(m::NPL_ANNOTATION),
+    );
+    eprintln!("NPL annotation on the Pod object after {took:?}: {ann:?}");
+    let port = check_npl_annotation(&node, &ann[m::NPL_ANNOTATION]);
+    assert_eq!(ann["example.com/keep"], "me");
+    let rules = m::nft_table(&node).unwrap();
+    assert!(
+        rules.contains(&port.to_string()),
+        "no DNAT for node port {port} in:\n{rules}"
+    );
+
+    // Deleting the Service removes the annotation, and only it.
+    api.kubectl_ok(&["delete", "service", "web", "-n", "default"]);
+    let (ann, took) = wait_pod_annotations(
+        &api,
+        &a_name,
+        Duration::from_secs(5),
+        "annotation removed",
+        |a| !a.contains_key(m::NPL_ANNOTATION),
+    );
+    eprintln!("NPL annotation removed after {took:?}");
+    assert_eq!(
+        ann.get("example.com/keep").map(String::as_str),
+        Some("me"),
+        "{ann:?}"
+    );
+
+    // The API server goes away: running pods keep their network and CNI ADD still works.
+    api.stop_apiserver();
+    let down = Instant::now();
+    assert!(
+        a.ping(node.gateway()),
+        "pod a lost its network with the API server down"
+    );
+    let b = node.add_pod().unwrap();
+    assert!(
+        b.ping(node.gateway()),
+        "pod b (added with the API down) has no network"
+    );
+    assert!(b.ping(a.ip()), "pod b cannot reach pod a");
+    assert!(node.agent().is_running(), "{}", node.agent().log_tail(40));
+    api.start_apiserver();
+    eprintln!("API server back after {:?}", down.elapsed());
+
+    // The watchers relist: a Pod object and an NPL Service made now are followed again.
+    let b_name = b.attachment().pod_name.clone();
+    api.kubectl_stdin_ok(&["apply", "-f", "-"], &pod_object(&b_name, node.name()));
+    api.kubectl_stdin_ok(&["apply", "-f", "-"], NPL_SERVICE);
+    let (ann, took) = wait_pod_annotations(
+        &api,
+        &b_name,
+        Duration::from_secs(60),
+        "annotation of pod b after the API restart",
+        |a| a.contains_key(m::NPL_ANNOTATION),
+    );
+    eprintln!("NPL annotation of pod b {took:?} after the restart");
+    check_npl_annotation(&node, &ann[m::NPL_ANNOTATION]);
+    let log = node.agent().log();
+    let outage_logs = log
+        .lines()
+        .filter(|l| l.contains("watching the Kubernetes API failed"))
+        .count();
+    eprintln!(
+        "{outage_logs} watch-failure log lines for the outage; recoveries: {}",
+        log.lines()
+            .filter(|l| l.contains("watching the Kubernetes API works again"))
+            .count()
+    );
+    assert!(
+        (1..=6).contains(&outage_logs),
+        "watch errors are logged once per kind and outage, not per retry ({outage_logs} lines):\n{}",
+        node.agent().log_tail(60)
+    );
+    eprintln!("test took {:.1}s", t.elapsed().as_secs_f64());
+}
+
+/// Without Antrea's CRDs installed the agent still syncs and serves: Egress and
+/// ExternalIPPool are empty and said to be missing, once each.
+#[test]
+fn kubernetes_source_without_crds_still_serves() {
+    if !skip_unless_root("kubernetes_source_without_crds_still_serves") {
+        return;
+    }
+    let t = Instant::now();
+    let mut o = NodeOptions::new(Dataplane::Ebpf);
+    o.start_agent = false;
+    let mut node = SimNode::start(o).unwrap();
+    let api = ApiServer::start_in(node.ns());
+    create_node_object(&api, &node);
+    node.use_kubernetes_source(api.kubeconfig_path()).unwrap();
+    node.agent().spawn().unwrap();
+    node.agent()
+        .wait_ready(ferrea_tests::agent::READY_TIMEOUT)
+        .unwrap();
+    let p = node.add_pod().unwrap();
+    assert!(p.ping(node.gateway()), "the pod has no network");
+    let log = node.agent().log();
+    for kind in ["Egress", "ExternalIPPool"] {
+        let n = log
+            .lines()
+            .filter(|l| l.contains(&format!("does not serve {kind} ")))
+            .count();
+        assert_eq!(
+            n,
+            1,
+            "{kind} missing logged {n} times:\n{}",
+            node.agent().log_tail(40)
+        );
+    }
     eprintln!("test took {:.1}s", t.elapsed().as_secs_f64());
 }

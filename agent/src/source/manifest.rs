@@ -89,7 +89,10 @@ fn ipv4(obj: &ObjectRef, field: &str, s: &str) -> Result<Ipv4Addr, ObjectError> 
     })
 }
 
-fn decode_object(v: &Value) -> Result<Object, ObjectError> {
+/// Decodes one object (a JSON value with `kind`): what [`decode`] does for each item of a
+/// stream, and what the Kubernetes source does for each object its watchers hold, so both
+/// sources give the same state for the same objects.
+pub fn decode_object(v: &Value) -> Result<Object, ObjectError> {
     let kind = v
         .get("kind")
         .and_then(Value::as_str)

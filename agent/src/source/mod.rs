@@ -3,7 +3,8 @@
 //! A source fills a [`DesiredState`] and publishes every new version on a `watch` channel; the
 //! reconcilers only ever see `DesiredState`, never the source. Today's source is [`files`]: a
 //! directory of Kubernetes-style manifests (the embedded default, also used by tests and the
-//! demo). The Kubernetes source (kube-rs watchers) will publish the same type.
+//! demo). The [`kubernetes`] source (kube-rs watchers and reflectors) publishes the same type,
+//! decoding each object with the same decoder.
 //!
 //! A published state is complete: reconcilers may remove whatever it does not name (a
 //! Kubernetes source publishes only once its caches have synced).
@@ -22,6 +23,7 @@ pub use error::{DecodeError, FieldProblem, FileError, ObjectError, ObjectRef};
 pub mod crd;
 pub mod error;
 pub mod files;
+pub mod kubernetes;
 pub mod manifest;
 
 /// A node as the agent needs to know it.

@@ -41,8 +41,9 @@
 //!   [`Conntrack`](crate::kernel::conntrack::Conntrack), so a client that keeps sending does
 //!   not keep reaching the old pod.
 //! - The annotations are written back through a [`StatusSink`]: in `files` mode the
-//!   [`LocalStatusView`] (`<stateDir>/status/pods.json`, a `PodList`); the Kubernetes source
-//!   will implement it as pod annotation patches.
+//!   [`LocalStatusView`] (`<stateDir>/status/pods.json`, a `PodList`); with the Kubernetes
+//!   source the [`KubeStatusSink`] (merge patches of the Pod objects' annotation). The wiring
+//!   chooses the sink and passes it to [`start`].
 //! - [`NplReconciler`] is the controller, a [`Reconciler`](crate::controllers::runner::Reconciler)
 //!   driven by the reconcile runner ([`run`]): it reconciles whenever the desired state or the
 //!   node's attachments change (the [`PodManager`] notifies ADD, DEL and reconciliation),
@@ -53,6 +54,7 @@
 //! and their sinks), [`reconciler`] (the controller).
 
 pub mod allocator;
+pub mod kube_sink;
 pub mod reconciler;
 pub mod status;
 pub mod targets;
@@ -71,6 +73,7 @@ use crate::pods::store::{NplMapping, Store};
 use crate::source::{DesiredState, NodeInfo};
 
 pub use allocator::{AllocError, Allocator, Dropped, PortReserver, SocketReserver, Unallocated};
+pub use kube_sink::KubeStatusSink;
 pub use reconciler::{Controller, NplError, NplReconciler, run, runner_config};
 pub use status::{LocalStatusView, StatusError, StatusSink, annotations};
 pub use targets::{Desired, PodTarget, desired_targets};
@@ -127,6 +130,8 @@ pub fn restored_rules(cfg: &NplConfig, store: &Store, node: &NodeInfo) -> Option
 
 /// Starts NPL after the node is up: the controller when `cfg.enable`, otherwise a one-shot
 /// cleanup of what an earlier run with NPL on left (mappings in the store, annotations).
+/// Annotations are published through `sink` (the source's: [`LocalStatusView`] for `files`,
+/// [`KubeStatusSink`] for `kubernetes`).
 pub fn start(
     cfg: &NplConfig,
     state_dir: &std::path::Path,
@@ -134,8 +139,8 @@ pub fn start(
     pods: &Arc<PodManager>,
     nat: &Arc<NatTable>,
     state: watch::Receiver<DesiredState>,
+    sink: Arc<dyn StatusSink>,
 ) {
-    let sink: Arc<dyn StatusSink> = Arc::new(LocalStatusView::new(state_dir));
     if !cfg.enable {
         let store = pods.store().clone();
         let sink_path = state_dir.join("status").join("pods.json");
