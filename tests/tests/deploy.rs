@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ferrea_agent::config::{Config, DataplaneKind};
+use ferrea_agent::config::{Config, DataplaneKind, SourceConfig};
 use ferrea_tests::apiserver::ApiServer;
 use ferrea_tests::skip_unless_root;
 use serde_json::{Value, json};
@@ -103,27 +103,17 @@ fn can_i(api: &ApiServer, verb: &str, resource: &str) -> bool {
     answer == "yes"
 }
 
-/// Parses the ConfigMap's `agent.yaml` as the agent does. Until the agent has its Kubernetes
-/// source, `source: {kubernetes: ...}` is refused by name; then the rest of the document must
-/// still be accepted (with the `files` source in its place), so every other key exists.
+/// Parses the ConfigMap's `agent.yaml` as the agent does: it must be accepted whole, with the
+/// Kubernetes source and the in-cluster service account (no kubeconfig).
 fn agent_config(text: &str) -> Config {
-    let path = Path::new("agent.yaml");
-    match Config::parse(text, path) {
-        Ok(c) => c,
-        Err(e) => {
-            let msg = format!("{e}");
-            assert!(
-                msg.contains("unknown variant `kubernetes`"),
-                "agent.yaml refused for another reason than the Kubernetes source: {msg}\n{text}"
-            );
-            assert!(text.contains("  kubernetes: {}\n"), "{text}");
-            let files = text.replace(
-                "  kubernetes: {}\n",
-                "  files: {path: /etc/ferrea/manifests}\n",
-            );
-            Config::parse(&files, path).unwrap_or_else(|e| panic!("agent.yaml refused: {e:?}"))
-        }
-    }
+    let c = Config::parse(text, Path::new("agent.yaml"))
+        .unwrap_or_else(|e| panic!("agent.yaml refused: {e}\n{text}"));
+    assert_eq!(
+        c.source,
+        SourceConfig::Kubernetes { kubeconfig: None },
+        "{text}"
+    );
+    c
 }
 
 /// The ConfigMap's agent configuration and conflist.
