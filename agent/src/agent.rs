@@ -4,8 +4,9 @@
 //!    until step 5, so the runtime retries instead of failing pods during start-up.
 //! 2. The source (`files`, or `kubernetes`: watchers that publish only once every initial
 //!    list completed) delivers the desired state; the agent waits for its own `Node` with a
-//!    pod CIDR. Status goes back through the source's sink (NodePortLocal annotations: the
-//!    local status view, or patches of the Pod objects).
+//!    pod CIDR. Status goes back through the source's sinks (NodePortLocal annotations: the
+//!    local status view, or patches of the Pod objects; Egress status: the local status view,
+//!    or the `status` of the Egress objects this node holds).
 //! 3. The transport interface and pod MTU, node sysctls, the dataplane (adopting what a
 //!    previous process left) with the other nodes of the source, ferrea's nftables table.
 //!    A failure here (ovsdb-server not up yet, say) is retried with backoff while the
@@ -30,6 +31,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cni::server::{CniService, Readiness};
 use crate::config::{Config, DataplaneKind, SourceConfig};
+use crate::controllers::egress::{self, EgressStatusSink, KubeEgressStatusSink};
 use crate::controllers::node::{NodeReconciler, remote_nodes};
 use crate::controllers::npl::{KubeStatusSink, LocalStatusView, StatusSink};
 use crate::controllers::runner::{self, Wakers, error_chain};
@@ -160,10 +162,21 @@ pub async fn run(
             (src.state, Some(client))
         }
     };
-    let status_sink: Arc<dyn StatusSink> = match kube_client {
-        None => Arc::new(LocalStatusView::new(&cfg.state_dir)),
-        Some(client) => Arc::new(KubeStatusSink::new(client, cfg.node_name(), state.clone())),
-    };
+    let (status_sink, egress_sink): (Arc<dyn StatusSink>, Arc<dyn EgressStatusSink>) =
+        match kube_client {
+            None => (
+                Arc::new(LocalStatusView::new(&cfg.state_dir)),
+                Arc::new(egress::LocalStatusView::new(&cfg.state_dir)),
+            ),
+            Some(client) => (
+                Arc::new(KubeStatusSink::new(
+                    client.clone(),
+                    cfg.node_name(),
+                    state.clone(),
+                )),
+                Arc::new(KubeEgressStatusSink::new(client)),
+            ),
+        };
 
     let main = async {
         let node = wait_for_node(&cfg, &mut state).await?;
@@ -202,8 +215,8 @@ pub async fn run(
         );
         let mut cluster = cfg.cluster_cidrs.clone();
         cluster.push(cfg.service_cidr);
-        crate::controllers::egress::start(
-            crate::controllers::egress::EgressContext {
+        egress::start(
+            egress::EgressContext {
                 node_name: cfg.node_name().to_owned(),
                 cluster,
                 encap: pm.node().tunnel.is_some(),
@@ -214,6 +227,7 @@ pub async fn run(
             pm.clone(),
             nat.clone(),
             state.clone(),
+            egress_sink,
         )
         .map_err(|e| AgentError::Controller {
             controller: "Egress",

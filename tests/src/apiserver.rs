@@ -259,6 +259,34 @@ impl ApiServer {
         &self.kubeconfig
     }
 
+    /// A kubeconfig that authenticates as service account `ns/sa` (a bearer token from
+    /// `kubectl create token`, valid for an hour) with this server's CA, valid inside the
+    /// namespace; written next to the admin kubeconfig.
+    pub fn service_account_kubeconfig(&self, ns: &str, sa: &str) -> PathBuf {
+        let token = self.kubectl_ok(&["create", "token", sa, "-n", ns, "--duration=1h"]);
+        let token = token.trim();
+        assert!(
+            !token.is_empty(),
+            "kubectl create token {sa} -n {ns}: no token"
+        );
+        let ca = self.dir.path().join("pki").join("ca.crt");
+        let path = self.dir.path().join(format!("{ns}-{sa}.kubeconfig"));
+        let text = format!(
+            "apiVersion: v1\n\
+             kind: Config\n\
+             clusters:\n\
+             - name: ferrea-test\n  cluster:\n    server: https://127.0.0.1:{PORT}\n    certificate-authority: {ca}\n\
+             users:\n\
+             - name: {sa}\n  user:\n    token: {token}\n\
+             contexts:\n\
+             - name: ferrea-test\n  context: {{cluster: ferrea-test, user: {sa}}}\n\
+             current-context: ferrea-test\n",
+            ca = ca.display(),
+        );
+        std::fs::write(&path, text).expect("writing the service account's kubeconfig");
+        path
+    }
+
     /// The name of the namespace etcd and the apiserver run in.
     pub fn netns_name(&self) -> &str {
         &self.ns_name

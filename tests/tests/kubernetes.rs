@@ -9,7 +9,9 @@
 //! The agent's `kubernetes` source: one simulated node whose agent watches a real API server
 //! (started inside the node's namespace, so `https://127.0.0.1:6443` is reachable from the
 //! agent and from nothing else), serves CNI ADDs, patches NodePortLocal annotations onto the
-//! Pod objects, and keeps serving while the API server is down.
+//! Pod objects, writes the status of the Egress it holds, and keeps serving while the API
+//! server is down. It authenticates as the DaemonSet's service account with `deploy/`'s
+//! ClusterRole, so a permission the role lacks fails the test, naming it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -416,6 +418,105 @@ fn create_node_object(api: &ApiServer, node: &SimNode) {
     ]);
 }
 
+/// The agent's service account.
+const AGENT_SA: (&str, &str) = ("ferrea-system", "ferrea-agent");
+
+/// Applies `deploy/`'s namespace, service account and RBAC (the DaemonSet's identity and its
+/// ClusterRole) and returns a kubeconfig with a token of that service account.
+fn install_agent_identity(api: &ApiServer) -> std::path::PathBuf {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    for f in [
+        "00-namespace.yaml",
+        "10-serviceaccount.yaml",
+        "20-rbac.yaml",
+    ] {
+        api.kubectl_ok(&["apply", "-f", &deploy.join(f).display().to_string()]);
+    }
+    let who = format!("system:serviceaccount:{}:{}", AGENT_SA.0, AGENT_SA.1);
+    let can = api.kubectl(&["auth", "can-i", "list", "pods", "--as", &who]);
+    assert!(
+        String::from_utf8_lossy(&can.stdout).trim() == "yes",
+        "the ClusterRoleBinding does not grant {who} anything yet"
+    );
+    api.service_account_kubeconfig(AGENT_SA.0, AGENT_SA.1)
+}
+
+/// The agent's log lines about requests the API server refused (RBAC names the verb and the
+/// resource in them).
+fn forbidden(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("forbidden") || l.contains("Forbidden"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Fails naming every request of the agent's that RBAC refused.
+fn assert_rbac_sufficed(node: &mut SimNode) {
+    let refused = forbidden(&node.agent().log());
+    assert!(
+        refused.is_empty(),
+        "deploy/20-rbac.yaml lacks permissions the agent needs:\n{}",
+        refused.join("\n")
+    );
+}
+
+/// The seed Egress as the API has it (`kubectl get eg -o json`).
+fn egress_json(api: &ApiServer) -> serde_json::Value {
+    let out = api.kubectl_ok(&["get", "eg", EGRESS, "-o", "json"]);
+    serde_json::from_str(&out).expect("kubectl -o json")
+}
+
+/// The condition `kind` of an Egress status.
+fn condition<'a>(status: &'a serde_json::Value, kind: &str) -> Option<&'a serde_json::Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+}
+
+/// Polls the seed Egress every 200 ms until its status says `node` holds an IP of the seed
+/// pool (`status.egressNode`, `status.egressIP`, `IPAllocated` True); panics after `timeout`.
+/// Checks the conditions' fields and returns the status and the time it took.
+fn wait_egress_status(
+    api: &ApiServer,
+    node: &mut SimNode,
+    timeout: Duration,
+) -> (serde_json::Value, Duration) {
+    let t = Instant::now();
+    let pool = 1..=199u8;
+    loop {
+        let status = egress_json(api)["status"].clone();
+        let ip: Option<std::net::Ipv4Addr> =
+            status["egressIP"].as_str().and_then(|s| s.parse().ok());
+        let in_pool = ip.is_some_and(|ip| {
+            let o = ip.octets();
+            o[..3] == [10, 172, 170] && pool.contains(&o[3])
+        });
+        let allocated = condition(&status, "IPAllocated").is_some_and(|c| c["status"] == "True");
+        if status["egressNode"] == node.name() && in_pool && allocated {
+            for kind in ["IPAllocated", "IPAssigned"] {
+                let c = condition(&status, kind).unwrap_or_else(|| panic!("no {kind}: {status}"));
+                assert!(c["reason"].is_string(), "{kind} without a reason: {c}");
+                assert!(c["message"].is_string(), "{kind} without a message: {c}");
+                assert!(
+                    c["lastTransitionTime"]
+                        .as_str()
+                        .is_some_and(|s| s.ends_with('Z')),
+                    "{kind} without lastTransitionTime: {c}"
+                );
+            }
+            return (status, t.elapsed());
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "the Egress status is not written within {timeout:?}: {status:#}\nrefused by RBAC: {:#?}\n{}",
+            forbidden(&node.agent().log()),
+            node.agent().log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 dataplane_tests!(kubernetes_source_serves_pods_and_writes_npl_annotations);
 
 fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
@@ -436,12 +537,19 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
         String::from_utf8_lossy(&sa.stderr)
     );
     create_node_object(&api, &node);
-    node.use_kubernetes_source(api.kubeconfig_path()).unwrap();
+    // The agent is the DaemonSet's service account, bound by deploy/'s ClusterRole: a
+    // permission the agent needs and the role lacks fails the test, naming it.
+    let kubeconfig = install_agent_identity(&api);
+    node.use_kubernetes_source(&kubeconfig).unwrap();
     let started = Instant::now();
     node.agent().spawn().unwrap();
-    node.agent()
-        .wait_ready(ferrea_tests::agent::READY_TIMEOUT)
-        .unwrap();
+    if let Err(e) = node.agent().wait_ready(ferrea_tests::agent::READY_TIMEOUT) {
+        panic!(
+            "agent not ready: {e:#}\nrefused by RBAC: {:#?}\n{}",
+            forbidden(&node.agent().log()),
+            node.agent().log_tail(40)
+        );
+    }
     eprintln!(
         "agent ready on the kubernetes source after {:?}",
         started.elapsed()
@@ -453,6 +561,15 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
         "{}",
         node.agent().log_tail(40)
     );
+
+    // The seed's ExternalIPPool (every node eligible: `nodeSelector: {}`) and Egress: this
+    // node, the only one, holds the IP and writes the Egress's status in the API.
+    for yaml in [SEED_POOL, SEED_EGRESS] {
+        api.kubectl_stdin_ok(&["apply", "-f", "-"], yaml);
+    }
+    let (status, took) = wait_egress_status(&api, &mut node, Duration::from_secs(10));
+    eprintln!("Egress status in the API after {took:?}: {status:#}");
+    let written_rv = egress_json(&api)["metadata"]["resourceVersion"].clone();
 
     // A pod through the real CNI binary before its Pod object exists: it gets its network.
     let a = node.add_pod().unwrap();
@@ -494,6 +611,26 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
         Some("me"),
         "{ann:?}"
     );
+
+    // Nothing changed for the Egress (several upkeep passes later): its status was not
+    // written again.
+    let (status_now, rv_now) = {
+        let eg = egress_json(&api);
+        (
+            eg["status"].clone(),
+            eg["metadata"]["resourceVersion"].clone(),
+        )
+    };
+    assert_eq!(status_now, status, "the Egress status changed");
+    assert_eq!(
+        rv_now, written_rv,
+        "the unchanged Egress status was written again"
+    );
+
+    // Everything the agent did so far (lists and watches, the NPL patches, the Egress status)
+    // was allowed. Checked before the restart: a freshly started API server refuses requests
+    // for a moment until its RBAC caches are filled.
+    assert_rbac_sufficed(&mut node);
 
     // The API server goes away: running pods keep their network and CNI ADD still works.
     api.stop_apiserver();

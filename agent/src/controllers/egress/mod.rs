@@ -27,15 +27,19 @@
 //! node's attachments change and applies it when it differs (node, then nftables, then
 //! dataplane), retries a failed apply every second, converges again every 10 s even without a
 //! change (so a rule or sub-interface an outsider removed comes back), checks `rp_filter` every
-//! second and writes the status view `<stateDir>/status/egresses.json` (an `EgressList` with
-//! Antrea's status fields) and `<stateDir>/status/egress-node.json` (what this node holds, its
+//! second, publishes the Egresses' status (an `EgressList` with Antrea's status fields) to the
+//! source's [`EgressStatusSink`] ([`status`]: the `files` source's view
+//! `<stateDir>/status/egresses.json`, or [`kube_sink`]: the `status` of the Egress objects
+//! this node holds) and writes `<stateDir>/status/egress-node.json` (what this node holds, its
 //! local pods' Egresses, the `rp_filter` values ferrea wants and finds, the problems). After a
 //! restart the first apply reconciles whatever the previous process left: it converges on the
 //! plan and removes the rest.
 
 pub mod assign;
+pub mod kube_sink;
 pub mod node;
 pub mod plan;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,8 +59,10 @@ use crate::dataplane::DataplaneError;
 use crate::kernel::nftables::{EgressRules, NatError, NatTable};
 use crate::pods::PodManager;
 use crate::source::DesiredState;
+pub use kube_sink::KubeEgressStatusSink;
 use node::{EgressNode, IpOutcome, NodeError};
 use plan::NodePlan;
+pub use status::{EgressStatusError, EgressStatusSink, EgressStatuses, LocalStatusView};
 
 /// What the controller needs to know about the node.
 pub struct EgressContext {
@@ -94,6 +100,9 @@ pub enum ApplyError {
     /// Giving the dataplane its part of the plan.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// Publishing the Egress status (not a failure of the plan: the node is as planned).
+    #[error(transparent)]
+    Status(#[from] EgressStatusError),
 }
 
 /// Starts the controller (see the module doc).
@@ -102,6 +111,7 @@ pub fn start(
     pods: Arc<PodManager>,
     nat: Arc<NatTable>,
     state: watch::Receiver<DesiredState>,
+    sink: Arc<dyn EgressStatusSink>,
 ) -> Result<(), EgressError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(EgressError::Netlink)?;
     tokio::spawn(conn);
@@ -112,7 +122,7 @@ pub fn start(
         &ctx.state_dir,
         Box::new(node::load_vlan_tagger),
     );
-    tokio::spawn(run(ctx, node, pods, nat, state));
+    tokio::spawn(run(ctx, node, pods, nat, state, sink));
     Ok(())
 }
 
@@ -139,10 +149,11 @@ pub async fn run(
     pods: Arc<PodManager>,
     nat: Arc<NatTable>,
     state: watch::Receiver<DesiredState>,
+    sink: Arc<dyn EgressStatusSink>,
 ) {
     let wakers = Wakers::none().watch(pods.subscribe());
     runner::run(
-        EgressReconciler::new(ctx, node, pods, nat),
+        EgressReconciler::new(ctx, node, pods, nat, sink),
         state,
         wakers,
         RUNNER,
@@ -153,14 +164,15 @@ pub async fn run(
 /// The Egress controller as a [`Reconciler`]: each pass computes the plan, applies it when it
 /// changed or the runner asks to converge (start, retry, resync; and at the latest every
 /// 10 s, since the every-second upkeep keeps the runner's own resync from falling due),
-/// checks `rp_filter` on the upkeep passes, logs new warnings once and writes the two status
-/// views when they changed. A failed apply is the pass's error: the runner retries it.
+/// checks `rp_filter` on the upkeep passes, logs new warnings once, publishes the Egress
+/// status to the sink and writes the node view when they changed. A failed apply or status
+/// write is the pass's error: the runner retries it.
 pub struct EgressReconciler {
     ctx: EgressContext,
     node: EgressNode,
     pods: Arc<PodManager>,
     nat: Arc<NatTable>,
-    status_path: PathBuf,
+    sink: Arc<dyn EgressStatusSink>,
     node_status_path: PathBuf,
     /// The plan last applied successfully.
     applied: Option<NodePlan>,
@@ -169,28 +181,31 @@ pub struct EgressReconciler {
     failure: Option<String>,
     /// The warnings already logged.
     reported: Vec<String>,
-    /// The status views last written.
-    written: Option<(Value, Value)>,
+    /// The Egress status last published.
+    published: Option<EgressStatuses>,
+    /// The node view last written.
+    written: Option<Value>,
     last_rp_check: Instant,
 }
 
 impl EgressReconciler {
     /// The controller for `node`, marking and SNATing in `nat`, steering through `pods`'
-    /// dataplane.
+    /// dataplane, publishing the Egress status to `sink`.
     pub fn new(
         ctx: EgressContext,
         node: EgressNode,
         pods: Arc<PodManager>,
         nat: Arc<NatTable>,
+        sink: Arc<dyn EgressStatusSink>,
     ) -> Self {
-        let status = ctx.state_dir.join("status");
         Self {
-            status_path: status.join("egresses.json"),
-            node_status_path: status.join("egress-node.json"),
+            node_status_path: ctx.state_dir.join("status").join("egress-node.json"),
             ctx,
             node,
             pods,
             nat,
+            sink,
+            published: None,
             applied: None,
             outcomes: Vec::new(),
             failure: None,
@@ -289,21 +304,29 @@ impl Reconciler for EgressReconciler {
             }
             self.reported = warnings.clone();
         }
-        let view = (
-            status_view(
+        let statuses = EgressStatuses {
+            node: self.ctx.node_name.clone(),
+            list: status_view(
                 &self.ctx.node_name,
                 &plan,
                 &self.outcomes,
                 self.failure.as_deref(),
             ),
-            node_view(&self.ctx.node_name, &plan, &self.node, &warnings),
-        );
+        };
+        if self.published.as_ref() != Some(&statuses) {
+            match self.sink.publish_egresses(&statuses).await {
+                Ok(()) => self.published = Some(statuses),
+                // Retried by the runner (with the apply's failure first when both failed).
+                Err(e) => {
+                    error.get_or_insert(ApplyError::Status(e));
+                }
+            }
+        }
+        let view = node_view(&self.ctx.node_name, &plan, &self.node, &warnings);
         if self.written.as_ref() != Some(&view) {
-            match write_atomic(&self.status_path, &view.0)
-                .and_then(|()| write_atomic(&self.node_status_path, &view.1))
-            {
+            match write_atomic(&self.node_status_path, &view) {
                 Ok(()) => self.written = Some(view),
-                Err(e) => tracing::warn!(error = %e, "writing the Egress status view"),
+                Err(e) => tracing::warn!(error = %e, "writing the Egress node view"),
             }
         }
         match error {

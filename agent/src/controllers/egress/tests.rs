@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::node::{ALIAS, EgressKernel, EgressNode, RTPROT_FERREA_EGRESS as P, VlanTagging};
-use super::{EgressContext, run};
+use super::{EgressContext, EgressStatusError, EgressStatusSink, EgressStatuses, run};
 use crate::dataplane::{Dataplane, NodeNetwork};
 use crate::kernel::links::LinkKind;
 use crate::kernel::nftables::{NatSpec, NatTable};
@@ -80,6 +80,15 @@ impl Fx {
         &self,
         st: DesiredState,
     ) -> (watch::Sender<DesiredState>, tokio::task::JoinHandle<()>) {
+        self.start_with(st, Arc::new(super::LocalStatusView::new(self.dir.path())))
+    }
+
+    /// [`Fx::start`] publishing the Egress status to `sink`.
+    fn start_with(
+        &self,
+        st: DesiredState,
+        sink: Arc<dyn EgressStatusSink>,
+    ) -> (watch::Sender<DesiredState>, tokio::task::JoinHandle<()>) {
         let kernel = EgressKernel {
             links: self.links.clone(),
             addresses: self.addrs.clone(),
@@ -133,7 +142,7 @@ impl Fx {
             state_dir: self.dir.path().to_owned(),
         };
         let (tx, rx) = watch::channel(st);
-        (tx, tokio::spawn(run(ctx, node, pods, nat, rx)))
+        (tx, tokio::spawn(run(ctx, node, pods, nat, rx, sink)))
     }
 
     fn view(&self, name: &str) -> Value {
@@ -496,6 +505,104 @@ async fn deleting_the_egress_releases_everything() {
     assert_eq!(v["held"], serde_json::json!([]));
     assert_eq!(v["rpFilter"], serde_json::json!([]));
     assert_eq!(fx.view("egresses.json")["items"], serde_json::json!([]));
+    drop(tx);
+    task.await.unwrap();
+}
+
+/// Records what the controller publishes: the Egresses this node is responsible for, per
+/// call; fails the first `fail` calls (as the API would while it is down).
+#[derive(Default)]
+struct FakeSink {
+    calls: std::sync::Mutex<Vec<std::collections::BTreeMap<String, Value>>>,
+    fail: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl EgressStatusSink for FakeSink {
+    async fn publish_egresses(&self, statuses: &EgressStatuses) -> Result<(), EgressStatusError> {
+        use std::sync::atomic::Ordering;
+        let failing = self
+            .fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(EgressStatusError::Local {
+                path: "fake".into(),
+                source: std::io::Error::other("the API is down"),
+            });
+        }
+        self.calls.lock().unwrap().push(statuses.held());
+        Ok(())
+    }
+}
+
+/// Node `n2`, labelled `role: far`, and a pool only it is eligible for.
+const FAR: &str = "kind: Node
+metadata: {name: n2, labels: {role: far}}
+spec: {podCIDR: 10.244.2.0/24}
+status: {addresses: [{type: InternalIP, address: 172.18.0.12}]}
+---
+apiVersion: crd.antrea.io/v1beta1
+kind: ExternalIPPool
+metadata: {name: pool200}
+spec:
+  ipRanges: [{start: 10.172.200.1, end: 10.172.200.199}]
+  subnetInfo: {gateway: 10.172.200.254, prefixLength: 24, vlan: 200}
+  nodeSelector: {matchLabels: {role: far}}
+";
+
+#[tokio::test(start_paused = true)]
+async fn the_sink_gets_only_the_held_egresses_once_per_change_and_a_failure_is_retried() {
+    let fx = Fx::new();
+    let sink = Arc::new(FakeSink::default());
+    let parts = [
+        FAR.to_owned(),
+        // Only n1 (unlabelled) is eligible for pool100.
+        pool(100).replace(
+            "nodeSelector: {}",
+            "nodeSelector: {matchExpressions: [{key: role, operator: DoesNotExist}]}",
+        ),
+        egress("web", 100, "10.172.100.5"),
+        egress("far", 200, "10.172.200.5"),
+    ];
+    let (tx, task) = fx.start_with(desired(&parts), sink.clone());
+    settle().await;
+    // Several resyncs and upkeep passes: nothing changed, nothing published again.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    {
+        let calls = sink.calls.lock().unwrap();
+        assert_eq!(calls.len(), 1, "{calls:#?}");
+        let held = &calls[0];
+        assert_eq!(
+            held.keys().collect::<Vec<_>>(),
+            ["web"],
+            "n2 holds far: {held:#?}"
+        );
+        let st = &held["web"];
+        assert_eq!(st["egressNode"], "n1");
+        assert_eq!(st["egressIP"], "10.172.100.5");
+        assert_eq!(st["conditions"][0]["type"], "IPAllocated");
+        assert_eq!(st["conditions"][0]["status"], "True");
+        assert_eq!(st["conditions"][1]["type"], "IPAssigned");
+        assert_eq!(st["conditions"][1]["status"], "True", "{st:#}");
+    }
+    // The files-mode view is not written through this sink.
+    assert!(!fx.dir.path().join("status/egresses.json").exists());
+
+    // A change while the sink fails: the pass fails and is retried until it is published.
+    sink.fail.store(2, std::sync::atomic::Ordering::SeqCst);
+    tx.send_replace(desired(&parts[..3]));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    {
+        let calls = sink.calls.lock().unwrap();
+        assert_eq!(
+            sink.fail.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "not retried"
+        );
+        assert_eq!(calls.len(), 2, "{calls:#?}");
+        assert_eq!(calls[1].keys().collect::<Vec<_>>(), ["web"]);
+    }
     drop(tx);
     task.await.unwrap();
 }

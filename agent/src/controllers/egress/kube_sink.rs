@@ -1,0 +1,227 @@
+//! The `kubernetes` source's [`EgressStatusSink`]: the node responsible for an Egress (the
+//! one that holds its IP) writes `status.egressIP`, `status.egressNode` and the conditions
+//! `IPAllocated` and `IPAssigned` onto the `status` subresource of the `Egress` object
+//! (`crd.antrea.io/v1beta1`, cluster-scoped), with a JSON merge patch. A node never writes the
+//! status of an Egress another node holds.
+//!
+//! What was written is remembered per Egress; before the first write of an Egress it is what
+//! the API holds (read from the object), so an unchanged status is not
+//! patched again, not even after a restart. A condition's `lastTransitionTime` is the time
+//! its `status` last changed: kept while the status stays, now when it changes. An Egress
+//! that no longer exists (404) needs nothing. Any other failure is returned after the other
+//! Egresses were tried, so the Egress runner retries what failed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use super::status::{EgressStatusError, EgressStatusSink, EgressStatuses};
+
+/// The status fields this node writes (the conditions apart).
+const FIELDS: [&str; 2] = ["egressIP", "egressNode"];
+
+/// Antrea's `Egress` resource.
+pub fn egress_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("crd.antrea.io", "v1beta1", "Egress"),
+        "egresses",
+    )
+}
+
+/// Writes the status of the Egresses this node holds (see the module doc).
+pub struct KubeEgressStatusSink {
+    api: Api<DynamicObject>,
+    /// The status each Egress this node is responsible for has in the API, as far as this
+    /// sink knows.
+    published: Mutex<BTreeMap<String, Value>>,
+}
+
+impl KubeEgressStatusSink {
+    /// A sink writing through `client`.
+    pub fn new(client: Client) -> Self {
+        Self {
+            api: Api::all_with(client, &egress_resource()),
+            published: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The status `egress` has in the API; `None` when the Egress does not exist.
+    async fn current(&self, egress: &str) -> Result<Option<Value>, EgressStatusError> {
+        // The object itself (the ClusterRole grants `get` on egresses, not on their status).
+        match self.api.get(egress).await {
+            Ok(o) => Ok(Some(o.data.get("status").cloned().unwrap_or(Value::Null))),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(source) => Err(EgressStatusError::Api {
+                op: "reading",
+                egress: egress.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Brings `egress`'s status in the API to `want`; returns what it is then, or `None` when
+    /// the Egress does not exist.
+    async fn sync_one(
+        &self,
+        egress: &str,
+        want: &Value,
+        known: Option<Value>,
+        now: &str,
+    ) -> Result<Option<Value>, EgressStatusError> {
+        let have = match known {
+            Some(v) => v,
+            None => match self.current(egress).await? {
+                Some(v) => v,
+                None => return Ok(None),
+            },
+        };
+        let status = with_transition_times(want, &have, now);
+        if !differs(&have, &status) {
+            return Ok(Some(have));
+        }
+        let body = json!({ "status": patch_of(&have, &status) });
+        match self
+            .api
+            .patch_status(egress, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(_) => {
+                tracing::debug!(egress, status = %status, "Egress status written");
+                Ok(Some(status))
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(source) => Err(EgressStatusError::Api {
+                op: "patching",
+                egress: egress.to_owned(),
+                source,
+            }),
+        }
+    }
+}
+
+/// `want` with each condition's `lastTransitionTime`: the one in `have` when that condition's
+/// `status` is unchanged, `now` otherwise.
+pub fn with_transition_times(want: &Value, have: &Value, now: &str) -> Value {
+    let mut out = want.clone();
+    if let Some(conds) = out.get_mut("conditions").and_then(Value::as_array_mut) {
+        for c in conds {
+            let before = have["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|h| h["type"] == c["type"]);
+            let time = match before {
+                Some(h) if h["status"] == c["status"] && h["lastTransitionTime"].is_string() => {
+                    h["lastTransitionTime"].clone()
+                }
+                _ => json!(now),
+            };
+            c["lastTransitionTime"] = time;
+        }
+    }
+    out
+}
+
+/// Whether the fields this node writes differ between `have` and `status`.
+pub fn differs(have: &Value, status: &Value) -> bool {
+    FIELDS
+        .iter()
+        .chain(["conditions"].iter())
+        .any(|f| have.get(*f) != status.get(*f))
+}
+
+/// The merge patch of `status` over `have`: every field this node writes, and `null` for one
+/// `have` has and `status` has not.
+fn patch_of(have: &Value, status: &Value) -> Value {
+    let mut p = status.clone();
+    for f in FIELDS {
+        if status.get(f).is_none() && have.get(f).is_some() {
+            p[f] = Value::Null;
+        }
+    }
+    p
+}
+
+#[async_trait::async_trait]
+impl EgressStatusSink for KubeEgressStatusSink {
+    async fn publish_egresses(&self, statuses: &EgressStatuses) -> Result<(), EgressStatusError> {
+        let held = statuses.held();
+        let mut published = self.published.lock().await;
+        // An Egress another node holds now is written by that node; if it comes back here,
+        // what the API holds then is read again.
+        published.retain(|name, _| held.contains_key(name));
+        let now = serde_json::to_value(Time(Timestamp::now()))
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let mut first_err = None;
+        for (name, want) in &held {
+            let known = published.get(name).cloned();
+            match self.sync_one(name, want, known, &now).await {
+                Ok(Some(v)) => {
+                    published.insert(name.clone(), v);
+                }
+                Ok(None) => {
+                    tracing::debug!(egress = %name, "Egress gone; its status needs nothing");
+                    published.remove(name);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cond(kind: &str, status: &str, time: Option<&str>) -> Value {
+        let mut c = json!({"type": kind, "status": status, "reason": "r", "message": ""});
+        if let Some(t) = time {
+            c["lastTransitionTime"] = json!(t);
+        }
+        c
+    }
+
+    #[test]
+    fn transition_time_changes_only_with_the_conditions_status() {
+        let have = json!({"egressIP": "10.0.0.1", "egressNode": "n1", "conditions": [
+            cond("IPAllocated", "True", Some("T0")), cond("IPAssigned", "False", Some("T0"))]});
+        let want = json!({"egressIP": "10.0.0.1", "egressNode": "n1", "conditions": [
+            cond("IPAllocated", "True", None), cond("IPAssigned", "True", None)]});
+        let s = with_transition_times(&want, &have, "T1");
+        assert_eq!(s["conditions"][0]["lastTransitionTime"], "T0");
+        assert_eq!(s["conditions"][1]["lastTransitionTime"], "T1");
+        assert!(differs(&have, &s));
+        // Written once: the same status again is no change.
+        let again = with_transition_times(&want, &s, "T2");
+        assert_eq!(again, s);
+        assert!(!differs(&s, &again));
+        // Nothing in the API yet: every condition starts now.
+        let fresh = with_transition_times(&want, &Value::Null, "T3");
+        assert_eq!(fresh["conditions"][0]["lastTransitionTime"], "T3");
+        assert!(differs(&Value::Null, &fresh));
+    }
+
+    #[test]
+    fn a_field_no_longer_reported_is_removed_by_the_patch() {
+        let have = json!({"egressIP": "10.0.0.1", "egressNode": "n1"});
+        let status = json!({"egressNode": "n1", "conditions": []});
+        let p = patch_of(&have, &status);
+        assert_eq!(p["egressIP"], Value::Null);
+        assert_eq!(p["egressNode"], "n1");
+        assert_eq!(
+            egress_resource().plural,
+            "egresses",
+            "the resource the ClusterRole grants egresses/status on"
+        );
+    }
+}

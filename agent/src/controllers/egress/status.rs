@@ -1,0 +1,93 @@
+//! Where the Egress controller's status goes: an [`EgressStatusSink`] per source. The `files`
+//! source's is [`LocalStatusView`] (`<stateDir>/status/egresses.json`, every Egress as this
+//! node sees it); the `kubernetes` source's is [`super::kube_sink::KubeEgressStatusSink`]
+//! (the `status` subresource of the Egress objects this node is responsible for).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// The Egress status as this node sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EgressStatuses {
+    /// This node's name.
+    pub node: String,
+    /// An `EgressList` whose items carry Antrea's status fields (every Egress; `IPAssigned`
+    /// is `Unknown` for the ones another node holds).
+    pub list: Value,
+}
+
+impl EgressStatuses {
+    /// The Egresses this node is responsible for (their `status.egressNode` is this node),
+    /// with their status: the only ones whose status it writes to the API.
+    pub fn held(&self) -> BTreeMap<String, Value> {
+        self.list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["status"]["egressNode"].as_str() == Some(self.node.as_str()))
+            .filter_map(|i| {
+                let name = i["metadata"]["name"].as_str()?;
+                Some((name.to_owned(), i["status"].clone()))
+            })
+            .collect()
+    }
+}
+
+/// A status write that failed; the Egress runner retries it.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressStatusError {
+    /// The local status view could not be written.
+    #[error("writing the Egress status view {}", path.display())]
+    Local {
+        /// The view's file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or patching the status of one Egress in the API failed.
+    #[error("{op} the status of Egress {egress}")]
+    Api {
+        /// `reading` or `patching`.
+        op: &'static str,
+        /// The Egress's name.
+        egress: String,
+        /// What the API said.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Where the Egress status goes (see the module doc). Called when the status changed, and
+/// again after a failure (the runner retries the pass that returned it).
+#[async_trait::async_trait]
+pub trait EgressStatusSink: Send + Sync {
+    /// Publishes what this node reports of `statuses`.
+    async fn publish_egresses(&self, statuses: &EgressStatuses) -> Result<(), EgressStatusError>;
+}
+
+/// The `files` source's sink: the whole `EgressList` in `<stateDir>/status/egresses.json`.
+pub struct LocalStatusView {
+    path: PathBuf,
+}
+
+impl LocalStatusView {
+    /// The view under `state_dir`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("status").join("egresses.json"),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl EgressStatusSink for LocalStatusView {
+    async fn publish_egresses(&self, statuses: &EgressStatuses) -> Result<(), EgressStatusError> {
+        super::write_atomic(&self.path, &statuses.list).map_err(|source| EgressStatusError::Local {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
