@@ -570,6 +570,25 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
     let (status, took) = wait_egress_status(&api, &mut node, Duration::from_secs(10));
     eprintln!("Egress status in the API after {took:?}: {status:#}");
     let written_rv = egress_json(&api)["metadata"]["resourceVersion"].clone();
+    // The pool's usage, written by its first eligible node (this one): 199 addresses, 1 used.
+    let t_usage = Instant::now();
+    loop {
+        let usage = jsonpath(&api, "eip", POOL, ".status.usage");
+        let usage: serde_json::Value = serde_json::from_str(&usage).unwrap_or_default();
+        if usage == serde_json::json!({"total": 199, "used": 1}) {
+            eprintln!(
+                "ExternalIPPool usage in the API after {:?}",
+                t_usage.elapsed()
+            );
+            break;
+        }
+        assert!(
+            t_usage.elapsed() < Duration::from_secs(10),
+            "ExternalIPPool {POOL} usage not written: {usage}\n{}",
+            node.agent().log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // A pod through the real CNI binary before its Pod object exists: it gets its network.
     let a = node.add_pod().unwrap();

@@ -10,6 +10,9 @@
 //! its `status` last changed: kept while the status stays, now when it changes. An Egress
 //! that no longer exists (404) needs nothing. Any other failure is returned after the other
 //! Egresses were tried, so the Egress runner retries what failed.
+//!
+//! The same for the ExternalIPPools whose usage this node reports (the first eligible node by
+//! name, so one node per pool): `status.usage` (`total`, `used`) when it changed.
 
 use std::collections::BTreeMap;
 
@@ -33,20 +36,75 @@ pub fn egress_resource() -> ApiResource {
     )
 }
 
-/// Writes the status of the Egresses this node holds (see the module doc).
+/// Antrea's `ExternalIPPool` resource.
+pub fn pool_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("crd.antrea.io", "v1beta1", "ExternalIPPool"),
+        "externalippools",
+    )
+}
+
+/// Writes the status of the Egresses this node holds and the usage of the pools it reports
+/// (see the module doc).
 pub struct KubeEgressStatusSink {
     api: Api<DynamicObject>,
+    pools: Api<DynamicObject>,
     /// The status each Egress this node is responsible for has in the API, as far as this
     /// sink knows.
     published: Mutex<BTreeMap<String, Value>>,
+    /// The `status.usage` of each pool this node reports, as far as this sink knows.
+    usage: Mutex<BTreeMap<String, Value>>,
 }
 
 impl KubeEgressStatusSink {
     /// A sink writing through `client`.
     pub fn new(client: Client) -> Self {
         Self {
-            api: Api::all_with(client, &egress_resource()),
+            api: Api::all_with(client.clone(), &egress_resource()),
+            pools: Api::all_with(client, &pool_resource()),
             published: Mutex::new(BTreeMap::new()),
+            usage: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Brings `pool`'s `status.usage` to `want` (read from the object first when `known` is
+    /// `None`); returns what it is then, or `None` when the pool does not exist.
+    async fn sync_pool(
+        &self,
+        pool: &str,
+        want: &Value,
+        known: Option<Value>,
+    ) -> Result<Option<Value>, EgressStatusError> {
+        let err = |op| {
+            move |source| EgressStatusError::PoolApi {
+                op,
+                pool: pool.to_owned(),
+                source,
+            }
+        };
+        let have = match known {
+            Some(v) => v,
+            None => match self.pools.get(pool).await {
+                Ok(o) => o.data["status"]["usage"].clone(),
+                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
+                Err(e) => return Err(err("reading")(e)),
+            },
+        };
+        if have == *want {
+            return Ok(Some(have));
+        }
+        let body = json!({ "status": { "usage": want } });
+        match self
+            .pools
+            .patch_status(pool, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(_) => {
+                tracing::debug!(pool, usage = %want, "ExternalIPPool usage written");
+                Ok(Some(want.clone()))
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(e) => Err(err("patching")(e)),
         }
     }
 
@@ -169,6 +227,24 @@ impl EgressStatusSink for KubeEgressStatusSink {
                 Ok(None) => {
                     tracing::debug!(egress = %name, "Egress gone; its status needs nothing");
                     published.remove(name);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        drop(published);
+        let mut usage = self.usage.lock().await;
+        usage.retain(|name, _| statuses.pools.contains_key(name));
+        for (name, u) in &statuses.pools {
+            let want = json!({ "total": u.total, "used": u.used });
+            let known = usage.get(name).cloned();
+            match self.sync_pool(name, &want, known).await {
+                Ok(Some(v)) => {
+                    usage.insert(name.clone(), v);
+                }
+                Ok(None) => {
+                    usage.remove(name);
                 }
                 Err(e) => {
                     first_err.get_or_insert(e);

@@ -62,7 +62,7 @@ use crate::source::DesiredState;
 pub use kube_sink::KubeEgressStatusSink;
 use node::{EgressNode, IpOutcome, NodeError};
 use plan::NodePlan;
-pub use status::{EgressStatusError, EgressStatusSink, EgressStatuses, LocalStatusView};
+pub use status::{EgressStatusError, EgressStatusSink, EgressStatuses, LocalStatusView, PoolUsage};
 
 /// What the controller needs to know about the node.
 pub struct EgressContext {
@@ -236,7 +236,7 @@ impl Reconciler for EgressReconciler {
             self.last_rp_check = Instant::now();
         }
         // Computed under the borrow: the desired state is not copied on every wake-up.
-        let (plan, source_problems) = {
+        let (plan, source_problems, pools) = {
             let st = desired.get();
             let plan = plan::plan(
                 &st,
@@ -252,7 +252,8 @@ impl Reconciler for EgressReconciler {
                 .filter(|e| e.contains(": Egress ") || e.contains(": ExternalIPPool "))
                 .cloned()
                 .collect();
-            (plan, problems)
+            let pools = status::pool_usage(&st, &plan.assignments, &self.ctx.node_name);
+            (plan, problems, pools)
         };
         let changed = self.applied.as_ref() != Some(&plan);
         let mut error = None;
@@ -312,6 +313,7 @@ impl Reconciler for EgressReconciler {
                 &self.outcomes,
                 self.failure.as_deref(),
             ),
+            pools,
         };
         if self.published.as_ref() != Some(&statuses) {
             match self.sink.publish_egresses(&statuses).await {

@@ -1,12 +1,16 @@
 //! Where the Egress controller's status goes: an [`EgressStatusSink`] per source. The `files`
 //! source's is [`LocalStatusView`] (`<stateDir>/status/egresses.json`, every Egress as this
 //! node sees it); the `kubernetes` source's is [`super::kube_sink::KubeEgressStatusSink`]
-//! (the `status` subresource of the Egress objects this node is responsible for).
+//! (the `status` subresource of the Egress objects this node is responsible for, and of the
+//! ExternalIPPools whose usage it reports).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+
+use super::assign::Assignment;
+use crate::source::DesiredState;
 
 /// The Egress status as this node sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +20,47 @@ pub struct EgressStatuses {
     /// An `EgressList` whose items carry Antrea's status fields (every Egress; `IPAssigned`
     /// is `Unknown` for the ones another node holds).
     pub list: Value,
+    /// The `status.usage` of the ExternalIPPools this node reports (see [`pool_usage`]).
+    pub pools: BTreeMap<String, PoolUsage>,
+}
+
+/// An ExternalIPPool's `status.usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Addresses in the pool's ranges.
+    pub total: u64,
+    /// Addresses given to Egresses.
+    pub used: u64,
+}
+
+/// The usage of the pools this node reports: those whose first eligible node (by name) it is,
+/// so that exactly one node writes each pool's usage. `used` counts the Egresses whose IP is
+/// in the pool.
+pub fn pool_usage(
+    st: &DesiredState,
+    assignments: &BTreeMap<String, Assignment>,
+    me: &str,
+) -> BTreeMap<String, PoolUsage> {
+    st.pools
+        .values()
+        .filter(|p| {
+            st.nodes
+                .values()
+                .filter(|n| p.node_selector.matches(&n.labels))
+                .map(|n| n.name.as_str())
+                .min()
+                == Some(me)
+        })
+        .map(|p| {
+            let used = assignments
+                .values()
+                .filter(|a| a.pool.as_deref() == Some(p.name.as_str()) && a.problem.is_none())
+                .filter(|a| a.ip.is_some_and(|ip| p.contains(ip)))
+                .count() as u64;
+            let total = p.ranges.iter().map(|r| r.len()).sum();
+            (p.name.clone(), PoolUsage { total, used })
+        })
+        .collect()
 }
 
 impl EgressStatuses {
@@ -58,6 +103,17 @@ pub enum EgressStatusError {
         #[source]
         source: kube::Error,
     },
+    /// Reading or patching the status of one ExternalIPPool in the API failed.
+    #[error("{op} the status of ExternalIPPool {pool}")]
+    PoolApi {
+        /// `reading` or `patching`.
+        op: &'static str,
+        /// The pool's name.
+        pool: String,
+        /// What the API said.
+        #[source]
+        source: kube::Error,
+    },
 }
 
 /// Where the Egress status goes (see the module doc). Called when the status changed, and
@@ -68,7 +124,8 @@ pub trait EgressStatusSink: Send + Sync {
     async fn publish_egresses(&self, statuses: &EgressStatuses) -> Result<(), EgressStatusError>;
 }
 
-/// The `files` source's sink: the whole `EgressList` in `<stateDir>/status/egresses.json`.
+/// The `files` source's sink: the whole `EgressList` in `<stateDir>/status/egresses.json`
+/// (pool usage is not part of it).
 pub struct LocalStatusView {
     path: PathBuf,
 }

@@ -514,6 +514,7 @@ async fn deleting_the_egress_releases_everything() {
 #[derive(Default)]
 struct FakeSink {
     calls: std::sync::Mutex<Vec<std::collections::BTreeMap<String, Value>>>,
+    pools: std::sync::Mutex<Vec<std::collections::BTreeMap<String, super::PoolUsage>>>,
     fail: std::sync::atomic::AtomicUsize,
 }
 
@@ -532,6 +533,7 @@ impl EgressStatusSink for FakeSink {
             });
         }
         self.calls.lock().unwrap().push(statuses.held());
+        self.pools.lock().unwrap().push(statuses.pools.clone());
         Ok(())
     }
 }
@@ -552,7 +554,8 @@ spec:
 ";
 
 #[tokio::test(start_paused = true)]
-async fn the_sink_gets_only_the_held_egresses_once_per_change_and_a_failure_is_retried() {
+async fn the_sink_gets_only_the_held_egresses_and_reported_pools_once_per_change_and_a_failure_is_retried()
+ {
     let fx = Fx::new();
     let sink = Arc::new(FakeSink::default());
     let parts = [
@@ -586,6 +589,18 @@ async fn the_sink_gets_only_the_held_egresses_once_per_change_and_a_failure_is_r
         assert_eq!(st["conditions"][1]["type"], "IPAssigned");
         assert_eq!(st["conditions"][1]["status"], "True", "{st:#}");
     }
+    // n1 reports pool100's usage (it is the first and only eligible node), n2 pool200's.
+    assert_eq!(
+        sink.pools.lock().unwrap()[0],
+        [(
+            "pool100".to_owned(),
+            super::PoolUsage {
+                total: 199,
+                used: 1
+            }
+        )]
+        .into(),
+    );
     // The files-mode view is not written through this sink.
     assert!(!fx.dir.path().join("status/egresses.json").exists());
 
