@@ -271,18 +271,7 @@ impl ApiServer {
         );
         let ca = self.dir.path().join("pki").join("ca.crt");
         let path = self.dir.path().join(format!("{ns}-{sa}.kubeconfig"));
-        let text = format!(
-            "apiVersion: v1\n\
-             kind: Config\n\
-             clusters:\n\
-             - name: ferrea-test\n  cluster:\n    server: https://127.0.0.1:{PORT}\n    certificate-authority: {ca}\n\
-             users:\n\
-             - name: {sa}\n  user:\n    token: {token}\n\
-             contexts:\n\
-             - name: ferrea-test\n  context: {{cluster: ferrea-test, user: {sa}}}\n\
-             current-context: ferrea-test\n",
-            ca = ca.display(),
-        );
+        let text = kubeconfig(&ca, sa, &format!("token: {token}"));
         std::fs::write(&path, text).expect("writing the service account's kubeconfig");
         path
     }
@@ -440,20 +429,12 @@ impl ApiServer {
 
     fn write_kubeconfig(&self, pki: &Path) {
         let p = |f: &str| pki.join(f).display().to_string();
-        let text = format!(
-            "apiVersion: v1\n\
-             kind: Config\n\
-             clusters:\n\
-             - name: ferrea-test\n  cluster:\n    server: https://127.0.0.1:{PORT}\n    certificate-authority: {ca}\n\
-             users:\n\
-             - name: admin\n  user:\n    client-certificate: {crt}\n    client-key: {key}\n\
-             contexts:\n\
-             - name: ferrea-test\n  context: {{cluster: ferrea-test, user: admin}}\n\
-             current-context: ferrea-test\n",
-            ca = p("ca.crt"),
-            crt = p("admin.crt"),
-            key = p("admin.key"),
+        let creds = format!(
+            "client-certificate: {}\n    client-key: {}",
+            p("admin.crt"),
+            p("admin.key")
         );
+        let text = kubeconfig(&pki.join("ca.crt"), "admin", &creds);
         std::fs::write(&self.kubeconfig, text).expect("writing the kubeconfig");
     }
 }
@@ -573,4 +554,21 @@ fn make_pki(dir: &Path) {
         "genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key",
     );
     openssl(dir, "pkey -in sa.key -pubout -out sa.pub");
+}
+
+/// A kubeconfig for this server (its CA at `ca`) as `user`, whose credentials are the YAML
+/// lines `creds` (indented under `user:`).
+fn kubeconfig(ca: &Path, user: &str, creds: &str) -> String {
+    format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: ferrea-test\n  cluster:\n    server: https://127.0.0.1:{PORT}\n    certificate-authority: {ca}\n\
+         users:\n\
+         - name: {user}\n  user:\n    {creds}\n\
+         contexts:\n\
+         - name: ferrea-test\n  context: {{cluster: ferrea-test, user: {user}}}\n\
+         current-context: ferrea-test\n",
+        ca = ca.display(),
+    )
 }

@@ -156,15 +156,7 @@ fn parse_ip(obj: &ObjectRef, field: &str, v: &Value) -> Result<Ipv4Addr, ObjectE
             },
         )
     })?;
-    s.parse().map_err(|source| {
-        obj.field(
-            field,
-            FieldProblem::Ipv4 {
-                value: s.to_owned(),
-                source,
-            },
-        )
-    })
+    super::manifest::ipv4(obj, field, s)
 }
 
 /// The object's `metadata.name` (required) and its `spec` (null if absent).

@@ -77,7 +77,7 @@ fn wrong_type(expected: &'static str, found: &Value) -> FieldProblem {
 }
 
 /// An IPv4 address in string `s`, at `field` of `obj`.
-fn ipv4(obj: &ObjectRef, field: &str, s: &str) -> Result<Ipv4Addr, ObjectError> {
+pub(super) fn ipv4(obj: &ObjectRef, field: &str, s: &str) -> Result<Ipv4Addr, ObjectError> {
     s.parse().map_err(|source| {
         obj.field(
             field,
