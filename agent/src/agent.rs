@@ -239,6 +239,7 @@ pub async fn run(
             node.pod_cidr,
             pm.dataplane().clone(),
             applied,
+            nat.clone(),
         );
         runner::run(
             node_ctl,
@@ -417,7 +418,10 @@ async fn start_node(
     // their node ports across the restart; the NPL controller reconciles them right after.
     let npl = crate::controllers::npl::restored_rules(&cfg.node_port_local, &store, node);
     let nat = Arc::new(NatTable::new(nat_spec(cfg, &net), npl));
-    nat.apply().await.map_err(StartError::Nat)?;
+    // The other nodes' pod CIDRs are never masqueraded (the node controller follows them).
+    nat.set_cluster_cidrs(remotes.iter().map(|r| r.pod_cidr).collect())
+        .await
+        .map_err(StartError::Nat)?;
     let podnet = Arc::new(NetlinkPodNet::new().map_err(StartError::Netlink)?);
     let pm = Arc::new(
         PodManager::new(store, podnet, dp, net, cfg.veth_prefix.clone()).map_err(|source| {

@@ -13,6 +13,26 @@ pub fn gateway_of(cidr: Ipv4Network) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(cidr.network()) + 1)
 }
 
+/// `cidrs` without those another one contains (and without duplicates), sorted: what nft's
+/// anonymous interval sets accept (they refuse overlapping elements) and the shortest list
+/// that matches the same addresses.
+pub fn outermost(cidrs: impl IntoIterator<Item = Ipv4Network>) -> Vec<Ipv4Network> {
+    let mut all: Vec<Ipv4Network> = cidrs
+        .into_iter()
+        .map(|c| Ipv4Network::new(c.network(), c.prefix()).expect("the same prefix is valid"))
+        .collect();
+    // Shorter prefixes first, so a CIDR is only compared with those that could contain it.
+    all.sort_by_key(|c| (c.prefix(), c.network()));
+    let mut out: Vec<Ipv4Network> = Vec::with_capacity(all.len());
+    for c in all {
+        if !out.iter().any(|o| o.contains(c.network())) {
+            out.push(c);
+        }
+    }
+    out.sort();
+    out
+}
+
 /// The transport interface: where this node's traffic to other nodes leaves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transport {
@@ -58,4 +78,35 @@ pub const EGRESS_MARK_MASK: u32 = 0xff;
 /// through a tap device). ferrea's nftables table turns it into the fwmark `id`.
 pub fn egress_marker_mac(id: u8) -> [u8; 6] {
     [0x0a, 0xfe, 0x00, 0x00, 0x00, id]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(v: &[&str]) -> Vec<Ipv4Network> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn outermost_drops_contained_and_duplicate_cidrs() {
+        let got = outermost(nets(&[
+            "10.244.2.0/24",
+            "10.96.0.0/12",
+            "10.244.0.0/16",
+            "10.244.2.0/24",
+            "192.168.5.0/24",
+            "10.244.1.7/24",
+        ]));
+        assert_eq!(
+            got,
+            nets(&["10.96.0.0/12", "10.244.0.0/16", "192.168.5.0/24"])
+        );
+        assert_eq!(outermost(Vec::new()), Vec::<Ipv4Network>::new());
+        // Disjoint siblings both stay.
+        assert_eq!(
+            outermost(nets(&["10.244.1.0/24", "10.244.0.0/24"])),
+            nets(&["10.244.0.0/24", "10.244.1.0/24"])
+        );
+    }
 }

@@ -34,6 +34,9 @@
 //!   (`egress_remote`), and an unselected pod leaving through the node's plain masquerade
 //!   (`masquerade`), one dataplane at a time, interleaved over 7 rounds; `egress_tcp_gbps_vs_masquerade` is the median
 //!   of same-round ratios (goal: at least 0.95). OVS figures carry the `ovs_` prefix.
+//! - `npl-kubernetes` and `kube-source`: against a real kube-apiserver, see [`kube`].
+
+mod kube;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -67,8 +70,10 @@ fn main() -> anyhow::Result<()> {
         "throughput-cross-node" => throughput_cross_node(&mut fig)?,
         "npl" => npl(&mut fig)?,
         "egress" => egress(&mut fig)?,
+        "npl-kubernetes" => kube::npl_kubernetes(&mut fig)?,
+        "kube-source" => kube::kube_source(&mut fig)?,
         _ => bail!(
-            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress"
+            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress | npl-kubernetes | kube-source"
         ),
     }
     println!("{}", serde_json::to_string(&fig)?);

@@ -20,9 +20,14 @@
 //! that namespace stays the caller's. [`ApiServer::stop_apiserver`] and
 //! [`ApiServer::start_apiserver`] take the API server away and bring it back (etcd keeps the
 //! data), for tests of what clients do meanwhile.
+//!
+//! [`ApiServer::start_on_fabric`] gives a cluster of simulated nodes a control plane: a
+//! namespace of its own plugged into the fabric at [`CONTROL_PLANE_IP`], where the API server
+//! listens (the address is in its certificate and in every kubeconfig), so each node's agent
+//! reaches it over the node's transport interface, as on a real cluster.
 
 use std::fs::File;
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -38,8 +43,11 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the guard waits after SIGTERM before SIGKILL, per process.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// The apiserver's port on 127.0.0.1 inside its namespace.
+/// The apiserver's port (on 127.0.0.1 inside its namespace, or on [`CONTROL_PLANE_IP`]).
 pub const PORT: u16 = 6443;
+
+/// The control plane's address on the fabric ([`ApiServer::start_on_fabric`]).
+pub const CONTROL_PLANE_IP: Ipv4Addr = crate::fabric::CONTROL_PLANE_IP;
 
 /// The service CIDR; its first address is the `kubernetes` Service's, in the serving cert.
 const SERVICE_CIDR: &str = "10.96.0.0/16";
@@ -101,6 +109,10 @@ pub struct ApiServer {
     /// [`ApiServer::start_in`]. Held for its Drop only.
     _own_ns: Option<NetNs>,
     ns_name: String,
+    /// Where the API server listens (and what the kubeconfigs name).
+    ip: Ipv4Addr,
+    /// Flags added to kube-apiserver's own.
+    extra_args: Vec<String>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -119,17 +131,95 @@ impl ApiServer {
     pub fn start() -> Self {
         let ns = NetNs::new("k8s").expect("creating the apiserver's network namespace");
         let name = ns.name().to_owned();
-        Self::launch(Some(ns), name)
+        Self::launch(Some(ns), name, Ipv4Addr::LOCALHOST, Vec::new())
+    }
+
+    /// [`ApiServer::start`] in a control-plane namespace plugged into `fabric` at
+    /// [`CONTROL_PLANE_IP`], listening there: every node on the fabric reaches it.
+    pub fn start_on_fabric(fabric: &crate::fabric::Fabric) -> Self {
+        Self::start_on_fabric_with(fabric, &[])
+    }
+
+    /// [`ApiServer::start_on_fabric`] with kube-apiserver flags of the test's
+    /// (`--watch-cache=false`, say).
+    pub fn start_on_fabric_with(fabric: &crate::fabric::Fabric, extra_args: &[&str]) -> Self {
+        let ns = fabric
+            .add_host_ns("cp", CONTROL_PLANE_IP)
+            .expect("plugging the control plane into the fabric");
+        let name = ns.name().to_owned();
+        Self::launch(
+            Some(ns),
+            name,
+            CONTROL_PLANE_IP,
+            extra_args.iter().map(|a| (*a).to_owned()).collect(),
+        )
+    }
+
+    /// The revision etcd is at now, through its JSON gateway on 127.0.0.1:2379 in the
+    /// namespace.
+    pub fn etcd_revision(&self) -> u64 {
+        let out = self.etcd_call("range", r#"{"key":"Zg=="}"#);
+        out["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no revision in etcd's answer: {out}"))
+    }
+
+    /// Compacts etcd's history up to `revision` (physically): watches from an older resource
+    /// version then fail with 410 Gone when kube-apiserver serves them from etcd
+    /// (`--watch-cache=false`).
+    pub fn compact_etcd(&self, revision: u64) {
+        self.etcd_call(
+            "compaction",
+            &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+        );
+    }
+
+    fn etcd_call(&self, op: &str, body: &str) -> serde_json::Value {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--fail",
+            "--max-time",
+            "10",
+            "-X",
+            "POST",
+            "-d",
+            body,
+        ])
+        .arg(format!("http://127.0.0.1:2379/v3/kv/{op}"));
+        crate::netns::enter_on_spawn(&mut cmd, &self.ns_name)
+            .expect("entering the apiserver's namespace");
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("running curl for etcd's {op}: {e}"));
+        assert!(
+            out.status.success(),
+            "etcd {op}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("etcd {op} answered no JSON ({e}): {:?}", out.stdout))
+    }
+
+    /// The address the API server listens on (what the kubeconfigs name).
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
     }
 
     /// [`ApiServer::start`] inside `ns`, a namespace the caller made and keeps (it must have
     /// `lo` up and nothing on 127.0.0.1 ports 2379, 2380 and 6443). The guard stops the
     /// processes but leaves the namespace; drop the guard before the namespace.
     pub fn start_in(ns: &NetNs) -> Self {
-        Self::launch(None, ns.name().to_owned())
+        Self::launch(None, ns.name().to_owned(), Ipv4Addr::LOCALHOST, Vec::new())
     }
 
-    fn launch(own_ns: Option<NetNs>, ns_name: String) -> Self {
+    fn launch(
+        own_ns: Option<NetNs>,
+        ns_name: String,
+        ip: Ipv4Addr,
+        extra_args: Vec<String>,
+    ) -> Self {
         let etcd_bin = k8s_bin("etcd");
         let kubectl = k8s_bin("kubectl");
         let dir = tempfile::Builder::new()
@@ -146,9 +236,11 @@ impl ApiServer {
             dir,
             _own_ns: own_ns,
             ns_name,
+            ip,
+            extra_args,
         };
         let pki = s.dir.path().join("pki");
-        make_pki(&pki);
+        make_pki(&pki, ip);
         s.write_kubeconfig(&pki);
 
         let etcd = s.spawn(
@@ -185,33 +277,33 @@ impl ApiServer {
         let pki = self.dir.path().join("pki");
         let s = self;
         let p = |f: &str| pki.join(f).display().to_string();
-        let apiserver = s.spawn(
-            &apiserver_bin,
-            "apiserver",
-            &[
-                "--etcd-servers=http://127.0.0.1:2379",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                &format!("--secure-port={PORT}"),
-                // Loopback is the only address in the namespace, and the endpoint reconciler
-                // refuses it for the `kubernetes` Service's endpoints.
-                "--endpoint-reconciler-type=none",
-                &format!("--tls-cert-file={}", p("apiserver.crt")),
-                &format!("--tls-private-key-file={}", p("apiserver.key")),
-                &format!("--client-ca-file={}", p("ca.crt")),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                &format!("--service-account-key-file={}", p("sa.pub")),
-                &format!("--service-account-signing-key-file={}", p("sa.key")),
-                &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                "--authorization-mode=Node,RBAC",
-                "--allow-privileged=true",
-                &format!(
-                    "--cert-dir={}",
-                    s.dir.path().join("apiserver-certs").display()
-                ),
-                "--profiling=false",
-            ],
-        );
+        let extra = s.extra_args.clone();
+        let mut args: Vec<String> = vec![
+            "--etcd-servers=http://127.0.0.1:2379".to_owned(),
+            format!("--bind-address={}", s.ip),
+            format!("--advertise-address={}", s.ip),
+            format!("--secure-port={PORT}"),
+            // Loopback is the only address in the namespace, and the endpoint reconciler
+            // refuses it for the `kubernetes` Service's endpoints.
+            "--endpoint-reconciler-type=none".to_owned(),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--authorization-mode=Node,RBAC".to_owned(),
+            "--allow-privileged=true".to_owned(),
+            format!(
+                "--cert-dir={}",
+                s.dir.path().join("apiserver-certs").display()
+            ),
+            "--profiling=false".to_owned(),
+        ];
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let apiserver = s.spawn(&apiserver_bin, "apiserver", &args);
         s.apiserver = Some(apiserver);
         s.wait_ready();
     }
@@ -271,7 +363,7 @@ impl ApiServer {
         );
         let ca = self.dir.path().join("pki").join("ca.crt");
         let path = self.dir.path().join(format!("{ns}-{sa}.kubeconfig"));
-        let text = kubeconfig(&ca, sa, &format!("token: {token}"));
+        let text = kubeconfig(self.ip, &ca, sa, &format!("token: {token}"));
         std::fs::write(&path, text).expect("writing the service account's kubeconfig");
         path
     }
@@ -303,7 +395,9 @@ impl ApiServer {
             .join("\n")
     }
 
-    fn kubectl_cmd(&self, args: &[&str]) -> Command {
+    /// The kubectl [`Command`] [`ApiServer::kubectl`] runs, for callers that stream its
+    /// output (`kubectl get -w`); it enters the namespace when spawned.
+    pub fn kubectl_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.kubectl);
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             // Discovery is cached here, not under $HOME/.kube.
@@ -434,7 +528,7 @@ impl ApiServer {
             p("admin.crt"),
             p("admin.key")
         );
-        let text = kubeconfig(&pki.join("ca.crt"), "admin", &creds);
+        let text = kubeconfig(self.ip, &pki.join("ca.crt"), "admin", &creds);
         std::fs::write(&self.kubeconfig, text).expect("writing the kubeconfig");
     }
 }
@@ -502,10 +596,58 @@ fn openssl(dir: &Path, args: &str) {
     );
 }
 
+/// The simulated node's `Node` object in the API: name, `spec.podCIDR`, and the `InternalIP`
+/// in `status.addresses` (through the status subresource, as a kubelet writes it).
+pub fn create_node_object(api: &ApiServer, node: &crate::node::Node) {
+    api.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{podCIDR: {}}}\n",
+            node.name(),
+            node.pod_cidr()
+        ),
+    );
+    api.kubectl_ok(&[
+        "patch",
+        "node",
+        node.name(),
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &format!(
+            r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"{}"}}]}}}}"#,
+            node.ip()
+        ),
+    ]);
+}
+
+/// The agent's service account.
+pub const AGENT_SA: (&str, &str) = ("ferrea-system", "ferrea-agent");
+
+/// Applies `deploy/`'s namespace, service account and RBAC (the DaemonSet's identity and its
+/// ClusterRole) and returns a kubeconfig with a token of that service account.
+pub fn install_agent_identity(api: &ApiServer) -> PathBuf {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    for f in [
+        "00-namespace.yaml",
+        "10-serviceaccount.yaml",
+        "20-rbac.yaml",
+    ] {
+        api.kubectl_ok(&["apply", "-f", &deploy.join(f).display().to_string()]);
+    }
+    let who = format!("system:serviceaccount:{}:{}", AGENT_SA.0, AGENT_SA.1);
+    let can = api.kubectl(&["auth", "can-i", "list", "pods", "--as", &who]);
+    assert!(
+        String::from_utf8_lossy(&can.stdout).trim() == "yes",
+        "the ClusterRoleBinding does not grant {who} anything yet"
+    );
+    api.service_account_kubeconfig(AGENT_SA.0, AGENT_SA.1)
+}
+
 /// Makes in `dir`: a CA (`ca.crt`, `ca.key`), the apiserver's serving certificate, the admin
 /// client certificate (`O=system:masters`) and the service-account key pair (`sa.key`,
 /// `sa.pub`). Valid for a day.
-fn make_pki(dir: &Path) {
+fn make_pki(dir: &Path, ip: Ipv4Addr) {
     std::fs::create_dir_all(dir).expect("creating the pki dir");
     openssl(
         dir,
@@ -536,7 +678,7 @@ fn make_pki(dir: &Path) {
             "basicConstraints=CA:FALSE\n\
              keyUsage=critical,digitalSignature,keyEncipherment\n\
              extendedKeyUsage=serverAuth\n\
-             subjectAltName=IP:127.0.0.1,IP:{SERVICE_IP},DNS:localhost,DNS:kubernetes,\
+             subjectAltName=IP:127.0.0.1,IP:{ip},IP:{SERVICE_IP},DNS:localhost,DNS:kubernetes,\
              DNS:kubernetes.default,DNS:kubernetes.default.svc,\
              DNS:kubernetes.default.svc.cluster.local\n"
         ),
@@ -558,12 +700,12 @@ fn make_pki(dir: &Path) {
 
 /// A kubeconfig for this server (its CA at `ca`) as `user`, whose credentials are the YAML
 /// lines `creds` (indented under `user:`).
-fn kubeconfig(ca: &Path, user: &str, creds: &str) -> String {
+fn kubeconfig(ip: Ipv4Addr, ca: &Path, user: &str, creds: &str) -> String {
     format!(
         "apiVersion: v1\n\
          kind: Config\n\
          clusters:\n\
-         - name: ferrea-test\n  cluster:\n    server: https://127.0.0.1:{PORT}\n    certificate-authority: {ca}\n\
+         - name: ferrea-test\n  cluster:\n    server: https://{ip}:{PORT}\n    certificate-authority: {ca}\n\
          users:\n\
          - name: {user}\n  user:\n    {creds}\n\
          contexts:\n\

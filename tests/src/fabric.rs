@@ -25,6 +25,9 @@ pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
 /// The external host's "internet" address (on its `lo`).
 pub const INTERNET_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 
+/// The control plane's address on the fabric (the API server of a cluster's tests).
+pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 200);
+
 /// The fabric address of node `index` (1-based): 172.18.0.(10+index).
 pub fn node_ip(index: u8) -> Ipv4Addr {
     assert!((1..=89).contains(&index), "node index {index} out of range");
@@ -94,6 +97,23 @@ impl Fabric {
             "eth0",
         ])?;
         ns.ip(&["route", "add", "default", "via", &EXTERNAL_IP.to_string()])?;
+        Ok(ns)
+    }
+
+    /// Creates a namespace plugged into the bridge as a host that is not a node (the control
+    /// plane): `eth0` with `ip`/24 and `lo` up, no default route. Its bridge port is named
+    /// after the address's last octet (`h<octet>`).
+    pub fn add_host_ns(&self, role: &str, ip: Ipv4Addr) -> anyhow::Result<NetNs> {
+        let ns = NetNs::new(role)?;
+        self.plug(&ns, &format!("h{}", ip.octets()[3]))
+            .with_context(|| format!("plugging host {ip} into the fabric"))?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{ip}/{FABRIC_PREFIX}"),
+            "dev",
+            "eth0",
+        ])?;
         Ok(ns)
     }
 

@@ -1,5 +1,6 @@
 //! A cluster of three simulated nodes on one fabric: pods on different nodes reach each other
-//! through the overlay (VXLAN by default), keep their own addresses across nodes, and reach the
+//! through the overlay (VXLAN by default), keep their own addresses across nodes (with no
+//! `clusterCIDRs` configured too: the nodes' pod CIDRs are never masqueraded), and reach the
 //! outside through their own node's masquerade. Nodes leaving and joining the source are
 //! followed within a second, without disturbing the others.
 
@@ -53,8 +54,16 @@ fn wait_reachable(p: &Pod, dst: Ipv4Addr, within: Duration) -> Option<Duration> 
     wait_for(within, || p.ping(dst).then_some(())).map(|()| t.elapsed())
 }
 
+/// Node options with the default `clusterCIDRs` (none): the agents derive the cluster's pod
+/// CIDRs from the nodes' `spec.podCIDR`, so pods keep their addresses across nodes.
+fn default_cluster_cidrs(dp: Dataplane) -> NodeOptions {
+    let mut o = NodeOptions::new(dp);
+    o.cluster_cidrs = Vec::new();
+    o
+}
+
 fn pods_on_three_nodes_reach_each_other(dp: Dataplane) {
-    let (c, pods) = cluster(dp, NODES, PODS_PER_NODE);
+    let (c, pods) = cluster_with(default_cluster_cidrs(dp), NODES, PODS_PER_NODE);
     let nodes = c.nodes();
     // The first node learnt the last one through its manifests directory.
     assert!(
@@ -282,7 +291,7 @@ fn crash_restart_reconciles_remote_nodes(dp: Dataplane) {
 /// others' pod CIDRs via their addresses; pods keep their addresses and the full MTU. The
 /// transport interface is chosen by CIDR here.
 fn routed_mode_without_encapsulation(dp: Dataplane) {
-    let mut opts = NodeOptions::new(dp);
+    let mut opts = default_cluster_cidrs(dp);
     opts.extra_config =
         "trafficEncapMode: noEncap\ntransportInterfaceCIDRs: [172.18.0.0/24]\n".into();
     let (c, pods) = cluster_with(opts, 2, 2);

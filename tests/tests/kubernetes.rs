@@ -17,10 +17,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferrea_tests::apiserver::{ApiServer, k8s_bin};
+use ferrea_tests::apiserver::{ApiServer, create_node_object, install_agent_identity, k8s_bin};
 use ferrea_tests::egress::{EGRESS, SEED_EGRESS, SEED_POOL};
 use ferrea_tests::manifests::{self as m, NplEntry};
-use ferrea_tests::{Dataplane, NodeOptions, SimNode, dataplane_tests, skip_unless_root};
+use ferrea_tests::node::Node;
+use ferrea_tests::{Cluster, Dataplane, NodeOptions, SimNode, dataplane_tests, skip_unless_root};
 
 /// The seed ExternalIPPool's name.
 const POOL: &str = "child-egress-ippool";
@@ -351,9 +352,14 @@ fn wait_pod_annotations(
 /// A Pod object for the attachment `name` made through the CNI: on this node, labelled
 /// `app: web`, an annotation of its own, container port `http` 8080/TCP.
 fn pod_object(name: &str, node: &str) -> String {
+    pod_object_labelled(name, node, "app: web")
+}
+
+/// [`pod_object`] with the labels `labels` (a YAML flow mapping's content).
+fn pod_object_labelled(name: &str, node: &str, labels: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  \
-         labels: {{app: web}}\n  annotations: {{example.com/keep: me}}\nspec:\n  nodeName: {node}\n  \
+         labels: {{{labels}}}\n  annotations: {{example.com/keep: me}}\nspec:\n  nodeName: {node}\n  \
          containers:\n  - name: c\n    image: registry.invalid/web\n    \
          ports: [{{name: http, containerPort: 8080, protocol: TCP}}]\n"
     )
@@ -393,54 +399,6 @@ fn check_npl_annotation(node: &SimNode, value: &str) -> u16 {
     e.node_port
 }
 
-/// The simulated node's `Node` object in the API: name, `spec.podCIDR`, and the `InternalIP`
-/// in `status.addresses` (through the status subresource, as a kubelet writes it).
-fn create_node_object(api: &ApiServer, node: &SimNode) {
-    api.kubectl_stdin_ok(
-        &["apply", "-f", "-"],
-        &format!(
-            "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{podCIDR: {}}}\n",
-            node.name(),
-            node.pod_cidr()
-        ),
-    );
-    api.kubectl_ok(&[
-        "patch",
-        "node",
-        node.name(),
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &format!(
-            r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"{}"}}]}}}}"#,
-            node.ip()
-        ),
-    ]);
-}
-
-/// The agent's service account.
-const AGENT_SA: (&str, &str) = ("ferrea-system", "ferrea-agent");
-
-/// Applies `deploy/`'s namespace, service account and RBAC (the DaemonSet's identity and its
-/// ClusterRole) and returns a kubeconfig with a token of that service account.
-fn install_agent_identity(api: &ApiServer) -> std::path::PathBuf {
-    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    for f in [
-        "00-namespace.yaml",
-        "10-serviceaccount.yaml",
-        "20-rbac.yaml",
-    ] {
-        api.kubectl_ok(&["apply", "-f", &deploy.join(f).display().to_string()]);
-    }
-    let who = format!("system:serviceaccount:{}:{}", AGENT_SA.0, AGENT_SA.1);
-    let can = api.kubectl(&["auth", "can-i", "list", "pods", "--as", &who]);
-    assert!(
-        String::from_utf8_lossy(&can.stdout).trim() == "yes",
-        "the ClusterRoleBinding does not grant {who} anything yet"
-    );
-    api.service_account_kubeconfig(AGENT_SA.0, AGENT_SA.1)
-}
-
 /// The agent's log lines about requests the API server refused (RBAC names the verb and the
 /// resource in them).
 fn forbidden(log: &str) -> Vec<String> {
@@ -451,7 +409,7 @@ fn forbidden(log: &str) -> Vec<String> {
 }
 
 /// Fails naming every request of the agent's that RBAC refused.
-fn assert_rbac_sufficed(node: &mut SimNode) {
+fn assert_rbac_sufficed(node: &mut Node) {
     let refused = forbidden(&node.agent().log());
     assert!(
         refused.is_empty(),
@@ -651,7 +609,52 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
     // for a moment until its RBAC caches are filled.
     assert_rbac_sufficed(&mut node);
 
-    // The API server goes away: running pods keep their network and CNI ADD still works.
+    // A permission revoked: the ClusterRole loses `patch` on pods. The agent says which verb
+    // on which resource was refused, keeps serving, and writes the annotation once the
+    // permission is back (the NPL runner retries).
+    api.kubectl_ok(&[
+        "patch",
+        "clusterrole",
+        "ferrea-agent",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/rules/1/verbs","value":["get","list","watch"]}]"#,
+    ]);
+    api.kubectl_stdin_ok(&["apply", "-f", "-"], NPL_SERVICE);
+    let refused = ferrea_tests::wait_for(Duration::from_secs(10), || {
+        forbidden(&node.agent().log()).into_iter().find(|l| {
+            l.contains(r#"cannot patch resource \"pods\""#)
+                || l.contains(r#"cannot patch resource "pods""#)
+        })
+    });
+    let refused = refused.unwrap_or_else(|| {
+        panic!(
+            "no error naming the refused verb and resource:\n{}",
+            node.agent().log_tail(40)
+        )
+    });
+    eprintln!("with patch on pods revoked the agent says: {refused}");
+    assert!(node.agent().is_running(), "{}", node.agent().log_tail(40));
+    let during = node.add_pod().unwrap();
+    assert!(
+        during.ping(a.ip()),
+        "a pod added while the permission is revoked has no network"
+    );
+    drop(during);
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/20-rbac.yaml");
+    api.kubectl_ok(&["apply", "-f", &deploy.display().to_string()]);
+    let (ann, took) = wait_pod_annotations(
+        &api,
+        &a_name,
+        Duration::from_secs(30),
+        "annotation once the permission is back",
+        |a| a.contains_key(m::NPL_ANNOTATION),
+    );
+    eprintln!("NPL annotation written {took:?} after the permission came back");
+    check_npl_annotation(&node, &ann[m::NPL_ANNOTATION]);
+
+    // The API server goes away for 30 s: running pods keep their network and CNI ADD still
+    // works.
     api.stop_apiserver();
     let down = Instant::now();
     assert!(
@@ -664,6 +667,14 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
         "pod b (added with the API down) has no network"
     );
     assert!(b.ping(a.ip()), "pod b cannot reach pod a");
+    while down.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_secs(5));
+        assert!(
+            b.ping(a.ip()),
+            "pods lost traffic {:?} into the outage",
+            down.elapsed()
+        );
+    }
     assert!(node.agent().is_running(), "{}", node.agent().log_tail(40));
     api.start_apiserver();
     eprintln!("API server back after {:?}", down.elapsed());
@@ -733,5 +744,366 @@ fn kubernetes_source_without_crds_still_serves() {
             node.agent().log_tail(40)
         );
     }
+    eprintln!("test took {:.1}s", t.elapsed().as_secs_f64());
+}
+
+/// The holder of the seed Egress as the API has it, once its status says an IP of the seed
+/// pool is assigned on a node other than `not`: (holder, IP). Panics after `timeout`.
+fn wait_egress_holder(
+    api: &ApiServer,
+    not: Option<&str>,
+    timeout: Duration,
+) -> (String, std::net::Ipv4Addr, Duration) {
+    let t = Instant::now();
+    loop {
+        let status = egress_json(api)["status"].clone();
+        let holder = status["egressNode"].as_str().map(str::to_owned);
+        let ip: Option<std::net::Ipv4Addr> =
+            status["egressIP"].as_str().and_then(|s| s.parse().ok());
+        let assigned = condition(&status, "IPAssigned").is_some_and(|c| c["status"] == "True");
+        if let (Some(h), Some(ip), true) = (holder, ip, assigned)
+            && Some(h.as_str()) != not
+        {
+            return (h, ip, t.elapsed());
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "no node other than {not:?} holds the seed Egress within {timeout:?}: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+dataplane_tests!(kubernetes_cluster_of_three_nodes);
+
+/// Three simulated nodes whose agents watch one API server on the fabric (the control plane's
+/// namespace), with the default configuration (no `clusterCIDRs`): pods on every node reach
+/// each other with their own addresses and the outside masqueraded; the seed Egress is held
+/// by one node, which writes its status, and selected pods on every node leave with the
+/// egress IP on VLAN 100; deleting the holder's Node object moves the IP (the new holder
+/// writes the status) and cuts its pods off; the Node coming back reconnects them.
+fn kubernetes_cluster_of_three_nodes(dp: Dataplane) {
+    use ferrea_tests::capture::{TcpPeers, tcp_seen_source};
+    use ferrea_tests::egress::{OTHER, SELECTED, source_seen, wait_source};
+    use ferrea_tests::fabric::{INTERNET_IP, VlanGateway};
+    use std::net::SocketAddr;
+
+    let t = Instant::now();
+    let mut c = Cluster::new().unwrap();
+    let mut o = NodeOptions::new(dp);
+    o.start_agent = false;
+    o.cluster_cidrs = Vec::new();
+    for _ in 0..3 {
+        c.add_node(&o).unwrap();
+    }
+    // Declared after the cluster: stopped before the nodes' namespaces go.
+    let api = ApiServer::start_on_fabric(c.fabric());
+    install_crds(&api);
+    let sa = api.kubectl(&["create", "serviceaccount", "default", "-n", "default"]);
+    assert!(
+        sa.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sa.stderr)
+    );
+    for n in c.nodes() {
+        create_node_object(&api, n);
+    }
+    let kubeconfig = install_agent_identity(&api);
+    let started = Instant::now();
+    for n in c.nodes_mut() {
+        n.use_kubernetes_source(&kubeconfig).unwrap();
+        n.agent().spawn().unwrap();
+    }
+    for n in c.nodes_mut() {
+        if let Err(e) = n.agent().wait_ready(ferrea_tests::agent::READY_TIMEOUT) {
+            let name = n.name().to_owned();
+            panic!(
+                "agent of {name} not ready: {e:#}\nrefused by RBAC: {:#?}\n{}",
+                forbidden(&n.agent().log()),
+                n.agent().log_tail(40)
+            );
+        }
+    }
+    eprintln!(
+        "3 agents ready on the API at {} after {:?}",
+        api.ip(),
+        started.elapsed()
+    );
+
+    // A pod the seed Egress selects and one it does not, on every node, with their Pod objects.
+    let gw = VlanGateway::start(c.external(), 100, "10.172.170.254/24".parse().unwrap())
+        .expect("VLAN 100 on the external host");
+    let listener = TcpPeers::start(c.external(), SocketAddr::from((INTERNET_IP, 8090))).unwrap();
+    let labels = |l: &[(&str, &str)]| {
+        l.iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (mut selected, mut unselected) = (Vec::new(), Vec::new());
+    for n in c.nodes() {
+        for (set, l) in [(&mut selected, SELECTED), (&mut unselected, OTHER)] {
+            let p = n.add_pod().unwrap();
+            api.kubectl_stdin_ok(
+                &["apply", "-f", "-"],
+                &pod_object_labelled(&p.attachment().pod_name, n.name(), &labels(l)),
+            );
+            set.push(p);
+        }
+    }
+
+    // Every pod reaches every other pod, every gateway and the outside.
+    let all: Vec<&ferrea_tests::Pod> = selected.iter().chain(&unselected).collect();
+    let mut pairs = Vec::new();
+    for (i, from) in all.iter().enumerate() {
+        for (j, to) in all.iter().enumerate() {
+            if i != j {
+                pairs.push((*from, to.ip(), format!("pod {}", to.ip())));
+            }
+        }
+        for n in c.nodes() {
+            pairs.push((*from, n.gateway(), format!("gateway of {}", n.name())));
+        }
+        pairs.push((*from, INTERNET_IP, "external".to_owned()));
+    }
+    let failures = ferrea_tests::traffic::ping_all(&pairs);
+    assert!(
+        failures.is_empty(),
+        "{} of {} pings failed:\n{}",
+        failures.len(),
+        pairs.len(),
+        failures.join("\n")
+    );
+    // No clusterCIDRs configured: the other nodes' pod CIDRs are still never masqueraded.
+    let (a, b) = (&unselected[0], &unselected[2]);
+    let rec = TcpPeers::start(b.ns(), SocketAddr::from((b.ip(), 8080))).unwrap();
+    let seen = tcp_seen_source(a.ns(), rec.addr()).expect("TCP pod to pod across nodes");
+    assert_eq!(seen.ip(), a.ip(), "pod {} seen as {seen} on node3", a.ip());
+    drop(rec);
+
+    // The seed's pool and Egress: one node holds the IP and says so in the API.
+    for yaml in [SEED_POOL, SEED_EGRESS] {
+        api.kubectl_stdin_ok(&["apply", "-f", "-"], yaml);
+    }
+    let (holder, ip, took) = wait_egress_holder(&api, None, Duration::from_secs(15));
+    eprintln!("{holder} holds {ip}; in the API after {took:?}");
+    let h = c.nodes().iter().position(|n| n.name() == holder).unwrap();
+    for (i, p) in selected.iter().enumerate() {
+        wait_source(p, &listener, ip, &format!("selected pod on node {}", i + 1));
+    }
+    for (i, p) in unselected.iter().enumerate() {
+        assert_eq!(
+            source_seen(p, &listener),
+            c.nodes()[i].ip(),
+            "an unselected pod leaves masqueraded to its node"
+        );
+    }
+
+    // The holder's Node object is deleted: the IP moves to another node, which writes the
+    // status; the others stop reaching the deleted node's pods.
+    api.kubectl_ok(&["delete", "node", &holder]);
+    let gone = Instant::now();
+    let (new_holder, new_ip, took) =
+        wait_egress_holder(&api, Some(&holder), Duration::from_secs(15));
+    eprintln!("Node {holder} deleted: {new_holder} holds {new_ip} in the API after {took:?}");
+    assert_eq!(new_ip, ip, "the Egress kept its IP");
+    for (i, p) in selected.iter().enumerate().filter(|(i, _)| *i != h) {
+        wait_source(
+            p,
+            &listener,
+            ip,
+            &format!("selected pod on node {} after the move", i + 1),
+        );
+    }
+    let other = (h + 1) % 3;
+    let cut = ferrea_tests::wait_for(Duration::from_secs(10), || {
+        (!unselected[other].ping(unselected[h].ip())).then_some(())
+    });
+    assert!(
+        cut.is_some(),
+        "pods on {} still reach pods of the deleted node {holder}",
+        c.nodes()[other].name()
+    );
+    eprintln!(
+        "{holder}'s pods unreachable {:?} after its deletion",
+        gone.elapsed()
+    );
+
+    // The Node comes back: its pods are reachable again and an IP is held and served.
+    create_node_object(&api, &c.nodes()[h]);
+    let back = Instant::now();
+    let again = ferrea_tests::wait_for(Duration::from_secs(10), || {
+        unselected[other].ping(unselected[h].ip()).then_some(())
+    });
+    assert!(
+        again.is_some(),
+        "{holder}'s pods unreachable after its Node came back"
+    );
+    eprintln!(
+        "{holder}'s pods reachable {:?} after its Node came back",
+        back.elapsed()
+    );
+    let (final_holder, final_ip, _) = wait_egress_holder(&api, None, Duration::from_secs(15));
+    assert_eq!(final_ip, ip);
+    for (i, p) in selected.iter().enumerate() {
+        wait_source(
+            p,
+            &listener,
+            ip,
+            &format!("selected pod on node {} at the end", i + 1),
+        );
+    }
+    eprintln!("{final_holder} holds {ip} at the end");
+
+    for n in c.nodes_mut() {
+        assert!(n.agent().is_running(), "{}", n.agent().log_tail(40));
+        assert_rbac_sufficed(n);
+    }
+    drop(gw);
+    eprintln!("test took {:.1}s", t.elapsed().as_secs_f64());
+}
+
+/// In the control plane's namespace, resets every TCP connection from `node` to the API
+/// server (`on`), or stops doing so: the agent's watches break and cannot come back.
+fn cut_api(api: &ApiServer, node: std::net::Ipv4Addr, on: bool) {
+    let script = if on {
+        format!(
+            "table inet ferrea-test-cut {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  \
+             ip saddr {node} tcp dport {} reject with tcp reset\n }}\n}}\n",
+            ferrea_tests::apiserver::PORT
+        )
+    } else {
+        "delete table inet ferrea-test-cut\n".to_owned()
+    };
+    let mut cmd = std::process::Command::new("nft");
+    cmd.args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    ferrea_tests::netns::enter_on_spawn(&mut cmd, api.netns_name()).unwrap();
+    let mut child = cmd.spawn().expect("running nft");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A watch that expires: the agent is cut off from the API while objects change and etcd
+/// compacts its history, so its watches resume from a resource version that no longer exists
+/// (410 Gone; the API server serves watches from etcd here, `--watch-cache=false`). It relists
+/// and follows what it missed: a Service deleted meanwhile loses its NodePortLocal annotation,
+/// a Service created meanwhile gets one. Pods keep their network throughout.
+#[test]
+fn kubernetes_watch_expiry_relists() {
+    if !skip_unless_root("kubernetes_watch_expiry_relists") {
+        return;
+    }
+    let t = Instant::now();
+    let mut c = Cluster::new().unwrap();
+    let mut o = NodeOptions::new(Dataplane::Ebpf);
+    o.start_agent = false;
+    o.extra_config = m::npl_config(&format!("{}-{}", NPL_RANGE.0, NPL_RANGE.1));
+    c.add_node(&o).unwrap();
+    let mut api = ApiServer::start_on_fabric_with(c.fabric(), &["--watch-cache=false"]);
+    let sa = api.kubectl(&["create", "serviceaccount", "default", "-n", "default"]);
+    assert!(
+        sa.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sa.stderr)
+    );
+    create_node_object(&api, &c.nodes()[0]);
+    let kubeconfig = install_agent_identity(&api);
+    let node = &mut c.nodes_mut()[0];
+    node.use_kubernetes_source(&kubeconfig).unwrap();
+    node.agent().spawn().unwrap();
+    node.agent()
+        .wait_ready(ferrea_tests::agent::READY_TIMEOUT)
+        .unwrap();
+    let node = &c.nodes()[0];
+    let (a, b) = (node.add_pod().unwrap(), node.add_pod().unwrap());
+    let (a_name, b_name) = (
+        a.attachment().pod_name.clone(),
+        b.attachment().pod_name.clone(),
+    );
+    api.kubectl_stdin_ok(&["apply", "-f", "-"], &pod_object(&a_name, node.name()));
+    api.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        &pod_object_labelled(&b_name, node.name(), "app: db"),
+    );
+    api.kubectl_stdin_ok(&["apply", "-f", "-"], NPL_SERVICE);
+    wait_pod_annotations(&api, &a_name, Duration::from_secs(10), "a annotated", |a| {
+        a.contains_key(m::NPL_ANNOTATION)
+    });
+
+    // Cut off: the API server restarts (every connection ends) behind a filter that resets
+    // the node's new ones.
+    let node_ip = node.ip();
+    cut_api(&api, node_ip, true);
+    api.stop_apiserver();
+    api.start_apiserver();
+    // What the agent misses: `web` goes, `db` (selecting pod b) comes; then more writes and
+    // a compaction past all of it.
+    api.kubectl_ok(&["delete", "service", "web", "-n", "default"]);
+    api.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        &NPL_SERVICE
+            .replace("name: web", "name: db")
+            .replace("{app: web}", "{app: db}"),
+    );
+    for i in 0..5 {
+        api.kubectl_ok(&["create", "namespace", &format!("churn{i}")]);
+    }
+    let rev = api.etcd_revision();
+    api.compact_etcd(rev);
+    eprintln!("etcd compacted at revision {rev} while the agent was cut off");
+    assert!(
+        a.ping(b.ip()),
+        "pods lost traffic while the API was cut off"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    cut_api(&api, node_ip, false);
+    let healed = Instant::now();
+
+    let (_, took) = wait_pod_annotations(
+        &api,
+        &b_name,
+        Duration::from_secs(60),
+        "pod b annotated for the Service created while cut off",
+        |a| a.contains_key(m::NPL_ANNOTATION),
+    );
+    eprintln!("pod b annotated {took:?} after the cut healed");
+    wait_pod_annotations(
+        &api,
+        &a_name,
+        Duration::from_secs(30),
+        "pod a's annotation removed for the Service deleted while cut off",
+        |a| !a.contains_key(m::NPL_ANNOTATION),
+    );
+    eprintln!(
+        "both changes followed {:?} after the cut healed",
+        healed.elapsed()
+    );
+    let node = &mut c.nodes_mut()[0];
+    let log = node.agent().log();
+    let expired: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("410") || l.contains("Expired") || l.contains("too old"))
+        .collect();
+    assert!(
+        !expired.is_empty(),
+        "no watch saw its resource version expire (410), so this test proved nothing:\n{}",
+        node.agent().log_tail(60)
+    );
+    eprintln!("the agent saw: {}", expired[0]);
+    assert!(node.agent().is_running(), "{}", node.agent().log_tail(40));
+    drop(api);
     eprintln!("test took {:.1}s", t.elapsed().as_secs_f64());
 }

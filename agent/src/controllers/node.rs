@@ -3,6 +3,10 @@
 //! upkeep once a second ([`crate::dataplane::Dataplane::maintain`]: a restarted
 //! `ovs-vswitchd` has its flows back within that).
 //!
+//! The pod CIDRs of all nodes also go to ferrea's nftables table as destinations that are
+//! never masqueraded ([`NatTable::set_cluster_cidrs`]): with no `clusterCIDRs` configured,
+//! pods keep their addresses towards every node's pods as nodes come and go.
+//!
 //! A change of this node's own `spec.podCIDR` cannot be applied to running pods (they hold
 //! addresses from the old one): it is reported once, not applied, until the agent restarts.
 
@@ -13,6 +17,7 @@ use ipnetwork::Ipv4Network;
 
 use super::runner::{Action, Desired, Reconciler, RunnerConfig, Trigger};
 use crate::dataplane::{Dataplane, DataplaneError, RemoteNode};
+use crate::kernel::nftables::{NatError, NatTable};
 use crate::source::DesiredState;
 
 /// How often the dataplane gets its upkeep.
@@ -44,6 +49,20 @@ pub fn remote_nodes(st: &DesiredState, me: &str) -> Vec<RemoteNode> {
         .collect()
 }
 
+/// The pod CIDRs of every node in the desired state (this one's included), outermost first.
+pub fn node_pod_cidrs(st: &DesiredState) -> Vec<Ipv4Network> {
+    crate::net::outermost(st.nodes.values().filter_map(|n| n.pod_cidr))
+}
+
+/// `cidrs` as `a, b, c`.
+fn list(cidrs: &[Ipv4Network]) -> String {
+    cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What a pass of the node controller failed at.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -57,6 +76,15 @@ pub enum NodeError {
         /// Why.
         #[source]
         source: DataplaneError,
+    },
+    /// ferrea's nftables table refused the nodes' pod CIDRs.
+    #[error("exempting the nodes' pod CIDRs {} from masquerade", list(.cidrs))]
+    ClusterCidrs {
+        /// The CIDRs.
+        cidrs: Vec<Ipv4Network>,
+        /// Why.
+        #[source]
+        source: NatError,
     },
     /// The dataplane's upkeep failed.
     #[error("{dataplane} dataplane upkeep")]
@@ -77,16 +105,22 @@ pub struct NodeReconciler {
     dp: Arc<dyn Dataplane>,
     /// What the dataplane was last given; `None` after a failure, so the next pass retries.
     applied: Option<Vec<RemoteNode>>,
+    nat: Arc<NatTable>,
+    /// The pod CIDRs the table was last given; `None` after a failure.
+    applied_cidrs: Option<Vec<Ipv4Network>>,
+    /// Whether this node's own Node object is missing from the source (reported once).
+    node_gone: bool,
 }
 
 impl NodeReconciler {
     /// A controller for node `me`, which started with `pod_cidr` and gave the dataplane
-    /// `applied` at start.
+    /// `applied` at start; the nodes' pod CIDRs go to `nat`.
     pub fn new(
         me: &str,
         pod_cidr: Option<Ipv4Network>,
         dp: Arc<dyn Dataplane>,
         applied: Vec<RemoteNode>,
+        nat: Arc<NatTable>,
     ) -> Self {
         NodeReconciler {
             me: me.to_owned(),
@@ -94,6 +128,9 @@ impl NodeReconciler {
             reported_cidr: pod_cidr,
             dp,
             applied: Some(applied),
+            nat,
+            applied_cidrs: None,
+            node_gone: false,
         }
     }
 }
@@ -106,13 +143,25 @@ impl Reconciler for NodeReconciler {
     }
 
     async fn reconcile(&mut self, desired: &Desired<'_>, _t: Trigger) -> Result<Action, NodeError> {
-        let (now, want) = {
+        let (me, want, cidrs) = {
             let st = desired.get();
             (
-                st.nodes.get(&self.me).and_then(|n| n.pod_cidr),
+                st.nodes.get(&self.me).map(|n| n.pod_cidr),
                 remote_nodes(&st, &self.me),
+                node_pod_cidrs(&st),
             )
         };
+        // This node's own Node object going away (deleted from the API, say) changes nothing
+        // here: its pods keep their network and their CIDR.
+        let now = me.unwrap_or(self.reported_cidr);
+        if me.is_none() != self.node_gone {
+            self.node_gone = me.is_none();
+            if self.node_gone {
+                tracing::warn!(node = %self.me, "this node's Node object is gone from the source; its pods keep their network, other nodes no longer reach them");
+            } else {
+                tracing::info!(node = %self.me, "this node's Node object is back");
+            }
+        }
         if now != self.reported_cidr {
             tracing::error!(node = %self.me, running = ?self.running_cidr, desired = ?now,
                 "spec.podCIDR of this node changed; drain the node and restart the agent to apply it");
@@ -135,6 +184,20 @@ impl Reconciler for NodeReconciler {
                 }
             }
         }
+        if self.applied_cidrs.as_ref() != Some(&cidrs) {
+            match self.nat.set_cluster_cidrs(cidrs.clone()).await {
+                Ok(ran) => {
+                    if ran {
+                        tracing::info!(cidrs = ?cidrs, "nodes' pod CIDRs exempted from masquerade");
+                    }
+                    self.applied_cidrs = Some(cidrs);
+                }
+                Err(source) => {
+                    self.applied_cidrs = None;
+                    failed.get_or_insert(NodeError::ClusterCidrs { cidrs, source });
+                }
+            }
+        }
         // The upkeep runs even while the remote nodes cannot be applied.
         if let Err(source) = self.dp.maintain().await {
             return Err(NodeError::Upkeep {
@@ -152,7 +215,19 @@ impl Reconciler for NodeReconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FakeDataplane, state};
+    use crate::kernel::nftables::NatSpec;
+    use crate::testing::{FakeDataplane, FakeNftables, state};
+
+    fn nat(nft: Arc<FakeNftables>) -> Arc<NatTable> {
+        let spec = NatSpec {
+            table: "ferrea".into(),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+            no_masquerade: vec!["10.96.0.0/12".parse().unwrap()],
+            masquerade: true,
+            gateway: "10.244.1.1".parse().unwrap(),
+        };
+        Arc::new(NatTable::with_nftables(spec, None, nft))
+    }
 
     const NODES: &str = "\
 kind: Node
@@ -183,7 +258,14 @@ spec: {podCIDR: 10.244.3.0/24}
     async fn a_failed_apply_is_retried_and_upkeep_goes_on() {
         let dp = Arc::new(FakeDataplane::default());
         let (tx, rx) = tokio::sync::watch::channel(state(NODES));
-        let mut r = NodeReconciler::new("n1", "10.244.1.0/24".parse().ok(), dp.clone(), vec![]);
+        let nft = Arc::new(FakeNftables::default());
+        let mut r = NodeReconciler::new(
+            "n1",
+            "10.244.1.0/24".parse().ok(),
+            dp.clone(),
+            vec![],
+            nat(nft),
+        );
         *dp.fail_remote_nodes.lock().unwrap() = true;
         let err = r
             .reconcile(&Desired::new(&rx), Trigger::Start)
@@ -205,5 +287,54 @@ spec: {podCIDR: 10.244.3.0/24}
             .unwrap();
         assert_eq!(*dp.maintained.lock().unwrap(), 3);
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn every_nodes_pod_cidr_is_exempted_from_masquerade_as_nodes_come_and_go() {
+        let dp = Arc::new(FakeDataplane::default());
+        let nft = Arc::new(FakeNftables::default());
+        let (tx, rx) = tokio::sync::watch::channel(state(NODES));
+        let mut r = NodeReconciler::new(
+            "n1",
+            "10.244.1.0/24".parse().ok(),
+            dp.clone(),
+            vec![],
+            nat(nft.clone()),
+        );
+        r.reconcile(&Desired::new(&rx), Trigger::Start)
+            .await
+            .unwrap();
+        // n3 has no InternalIP (so no tunnel yet) but its pods' CIDR is the cluster's.
+        let script = nft.last().expect("the table was applied");
+        assert!(
+            script.contains(
+                "ip daddr != { 10.96.0.0/12, 10.244.1.0/24, 10.244.2.0/24, 10.244.3.0/24 }"
+            ),
+            "{script}"
+        );
+        // Unchanged: nft does not run again.
+        r.reconcile(&Desired::new(&rx), Trigger::Requeue)
+            .await
+            .unwrap();
+        assert_eq!(nft.loaded.lock().unwrap().len(), 1);
+        // n2 leaves; a failed load is retried on the next pass.
+        tx.send_replace(state(&NODES.replace(
+            "metadata: {name: n2}\nspec: {podCIDR: 10.244.2.0/24}",
+            "metadata: {name: n2}\nspec: {}",
+        )));
+        *nft.fail.lock().unwrap() = 1;
+        let err = r
+            .reconcile(&Desired::new(&rx), Trigger::Changed)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("10.244.3.0/24"), "{err}");
+        r.reconcile(&Desired::new(&rx), Trigger::Retry)
+            .await
+            .unwrap();
+        let script = nft.last().unwrap();
+        assert!(
+            script.contains("ip daddr != { 10.96.0.0/12, 10.244.1.0/24, 10.244.3.0/24 }"),
+            "{script}"
+        );
     }
 }

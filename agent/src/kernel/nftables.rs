@@ -91,20 +91,30 @@ pub struct NatSpec {
 impl NatSpec {
     /// The nft script that replaces the table atomically.
     pub fn render(&self) -> String {
+        self.render_with(&[])
+    }
+
+    /// [`NatSpec::render`] with `cluster` (the pod CIDRs of the cluster's nodes, as they come
+    /// and go) also never masqueraded.
+    pub fn render_with(&self, cluster: &[Ipv4Network]) -> String {
         let t = &self.table;
         let mut s = format!("table ip {t}\ndelete table ip {t}\ntable ip {t} {{\n");
         s.push_str(
             "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
         );
         if self.masquerade {
-            let mut dst: Vec<String> = self.no_masquerade.iter().map(|c| c.to_string()).collect();
-            if !self
-                .no_masquerade
-                .iter()
-                .any(|c| c.contains(self.pod_cidr.network()))
-            {
-                dst.push(self.pod_cidr.to_string());
-            }
+            // The node's own pod CIDR is always among them; nested CIDRs are dropped, as nft's
+            // anonymous sets refuse overlapping intervals.
+            let dst: Vec<String> = crate::net::outermost(
+                self.no_masquerade
+                    .iter()
+                    .chain(cluster)
+                    .copied()
+                    .chain([self.pod_cidr]),
+            )
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
             s.push_str(&format!(
                 "    ip saddr {} ip daddr != {{ {} }} counter masquerade comment \"ferrea: pods to outside the cluster\"\n",
                 self.pod_cidr,
@@ -271,6 +281,8 @@ pub struct NatTable {
 }
 
 struct TableState {
+    /// The nodes' pod CIDRs (see [`NatTable::set_cluster_cidrs`]).
+    cluster: Vec<Ipv4Network>,
     npl: Option<NplRules>,
     egress: Option<EgressRules>,
     applied: Option<String>,
@@ -289,6 +301,7 @@ impl NatTable {
             base,
             nft,
             state: tokio::sync::Mutex::new(TableState {
+                cluster: Vec::new(),
                 npl,
                 egress: None,
                 applied: None,
@@ -301,8 +314,17 @@ impl NatTable {
         &self.base
     }
 
-    fn render(&self, npl: Option<&NplRules>, egress: Option<&EgressRules>) -> String {
-        let mut s = self.base.render();
+    fn render(&self, st: &TableState) -> String {
+        self.render_parts(&st.cluster, st.npl.as_ref(), st.egress.as_ref())
+    }
+
+    fn render_parts(
+        &self,
+        cluster: &[Ipv4Network],
+        npl: Option<&NplRules>,
+        egress: Option<&EgressRules>,
+    ) -> String {
+        let mut s = self.base.render_with(cluster);
         if let Some(n) = npl {
             s.push_str(&n.render(&self.base.table, self.base.pod_cidr));
         }
@@ -315,7 +337,7 @@ impl NatTable {
     /// Renders and applies the whole table, whatever was applied before.
     pub async fn apply(&self) -> Result<(), NatError> {
         let mut st = self.state.lock().await;
-        let text = self.render(st.npl.as_ref(), st.egress.as_ref());
+        let text = self.render(&st);
         self.nft.load(&self.base.table, &text).await?;
         st.applied = Some(text);
         Ok(())
@@ -337,8 +359,18 @@ impl NatTable {
         self.apply_changed(&mut st).await
     }
 
+    /// Replaces the pod CIDRs of the cluster's nodes, which are never masqueraded besides the
+    /// configured ones, and applies the table if its text changed. Returns whether nft ran.
+    /// A table never applied is applied by the first call. After a failure the next call
+    /// tries again.
+    pub async fn set_cluster_cidrs(&self, cidrs: Vec<Ipv4Network>) -> Result<bool, NatError> {
+        let mut st = self.state.lock().await;
+        st.cluster = crate::net::outermost(cidrs);
+        self.apply_changed(&mut st).await
+    }
+
     async fn apply_changed(&self, st: &mut TableState) -> Result<bool, NatError> {
-        let text = self.render(st.npl.as_ref(), st.egress.as_ref());
+        let text = self.render(st);
         if st.applied.as_deref() == Some(text.as_str()) {
             return Ok(false);
         }
@@ -398,8 +430,20 @@ mod tests {
         let r = spec.render();
         assert!(r.starts_with("table ip ferrea\ndelete table ip ferrea\n"));
         assert!(r.contains(
-            "ip saddr 10.244.1.0/24 ip daddr != { 10.244.0.0/16, 10.96.0.0/12 } counter masquerade"
+            "ip saddr 10.244.1.0/24 ip daddr != { 10.96.0.0/12, 10.244.0.0/16 } counter masquerade"
         ));
+        // The nodes' pod CIDRs join them; those inside a configured CIDR add nothing (nft
+        // refuses overlapping elements in an anonymous set).
+        let with_nodes = spec.render_with(&[
+            "10.244.7.0/24".parse().unwrap(),
+            "192.168.9.0/24".parse().unwrap(),
+        ]);
+        assert!(
+            with_nodes.contains(
+                "ip daddr != { 10.96.0.0/12, 10.244.0.0/16, 192.168.9.0/24 } counter masquerade"
+            ),
+            "{with_nodes}"
+        );
         let off = NatSpec {
             masquerade: false,
             ..spec
@@ -482,12 +526,15 @@ mod tests {
             dnat: vec![],
         };
         let t = NatTable::new(base.clone(), Some(npl.clone()));
-        let r = t.render(Some(&npl), None);
+        let r = t.render_parts(&[], Some(&npl), None);
         assert!(r.starts_with(&base.render()), "{r}");
         assert!(r.ends_with(&npl.render("t", base.pod_cidr)), "{r}");
-        assert_eq!(t.render(None, None), base.render());
+        assert_eq!(t.render_parts(&[], None, None), base.render());
         let eg = EgressRules::default();
-        assert!(t.render(Some(&npl), Some(&eg)).ends_with(&eg.render("t")));
+        assert!(
+            t.render_parts(&[], Some(&npl), Some(&eg))
+                .ends_with(&eg.render("t"))
+        );
     }
 
     #[test]

@@ -208,7 +208,7 @@ fn patch_of(have: &Value, status: &Value) -> Value {
 #[async_trait::async_trait]
 impl EgressStatusSink for KubeEgressStatusSink {
     async fn publish_egresses(&self, statuses: &EgressStatuses) -> Result<(), EgressStatusError> {
-        let held = statuses.held();
+        let held = statuses.responsible();
         let mut published = self.published.lock().await;
         // An Egress another node holds now is written by that node; if it comes back here,
         // what the API holds then is read again.

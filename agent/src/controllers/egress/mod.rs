@@ -253,8 +253,10 @@ impl Reconciler for EgressReconciler {
                 .cloned()
                 .collect();
             let pools = status::pool_usage(&st, &plan.assignments, &self.ctx.node_name);
-            (plan, problems, pools)
+            let reports_unheld = status::reports_unheld(&st, &self.ctx.node_name);
+            (plan, problems, (pools, reports_unheld))
         };
+        let (pools, reports_unheld) = pools;
         let changed = self.applied.as_ref() != Some(&plan);
         let mut error = None;
         // The runner's resync (every 10 s) and retries arrive as converging triggers.
@@ -314,6 +316,7 @@ impl Reconciler for EgressReconciler {
                 self.failure.as_deref(),
             ),
             pools,
+            reports_unheld,
         };
         if self.published.as_ref() != Some(&statuses) {
             match self.sink.publish_egresses(&statuses).await {

@@ -60,8 +60,8 @@ pub struct NodePlan {
     pub warnings: Vec<String>,
 }
 
-/// Computes this node's plan. `cluster` is what is never egress traffic besides the node
-/// addresses (the cluster pod CIDRs and the service CIDR); `encap` says whether a tunnel to
+/// Computes this node's plan. `cluster` is what is never egress traffic besides the nodes'
+/// addresses and pod CIDRs (the configured cluster pod CIDRs and the service CIDR); `encap` says whether a tunnel to
 /// other nodes exists.
 pub fn plan(
     st: &DesiredState,
@@ -106,14 +106,16 @@ pub fn plan(
     out.dataplane.held = out.held.iter().map(|h| h.id).collect();
     out.dataplane.held.sort();
 
-    let mut exempt: Vec<Ipv4Network> = cluster.to_vec();
-    exempt.extend(st.nodes.values().filter_map(|n| {
-        n.internal_ip
-            .map(|ip| Ipv4Network::new(ip, 32).expect("/32 is valid"))
-    }));
-    exempt.sort();
-    exempt.dedup();
-    out.dataplane.exempt = exempt;
+    // Every node's pod CIDR is the cluster's too, whether or not `clusterCIDRs` says so.
+    let exempt = cluster
+        .iter()
+        .copied()
+        .chain(st.nodes.values().filter_map(|n| n.pod_cidr))
+        .chain(st.nodes.values().filter_map(|n| {
+            n.internal_ip
+                .map(|ip| Ipv4Network::new(ip, 32).expect("/32 is valid"))
+        }));
+    out.dataplane.exempt = crate::net::outermost(exempt);
 
     // Egresses in the order that decides between several selecting one pod: oldest first.
     let mut order: Vec<_> = st.egresses.values().collect();

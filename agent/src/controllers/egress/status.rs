@@ -22,6 +22,16 @@ pub struct EgressStatuses {
     pub list: Value,
     /// The `status.usage` of the ExternalIPPools this node reports (see [`pool_usage`]).
     pub pools: BTreeMap<String, PoolUsage>,
+    /// Whether this node also writes the status of the Egresses no node holds (see
+    /// [`reports_unheld`]).
+    pub reports_unheld: bool,
+}
+
+/// Whether `me` writes the status of the Egresses no node holds (no eligible node, no IP):
+/// the first node of the cluster by name, so that exactly one node clears a status whose
+/// holder is gone and says why none took it.
+pub fn reports_unheld(st: &DesiredState, me: &str) -> bool {
+    st.nodes.values().map(|n| n.name.as_str()).min() == Some(me)
 }
 
 /// An ExternalIPPool's `status.usage`.
@@ -64,14 +74,18 @@ pub fn pool_usage(
 }
 
 impl EgressStatuses {
-    /// The Egresses this node is responsible for (their `status.egressNode` is this node),
-    /// with their status: the only ones whose status it writes to the API.
-    pub fn held(&self) -> BTreeMap<String, Value> {
+    /// The Egresses this node is responsible for, with their status: the only ones whose
+    /// status it writes to the API. Those whose `status.egressNode` is this node, and, when
+    /// [`EgressStatuses::reports_unheld`], those with no `egressNode`.
+    pub fn responsible(&self) -> BTreeMap<String, Value> {
         self.list["items"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|i| i["status"]["egressNode"].as_str() == Some(self.node.as_str()))
+            .filter(|i| match i["status"]["egressNode"].as_str() {
+                Some(n) => n == self.node,
+                None => self.reports_unheld,
+            })
             .filter_map(|i| {
                 let name = i["metadata"]["name"].as_str()?;
                 Some((name.to_owned(), i["status"].clone()))

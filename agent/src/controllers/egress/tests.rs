@@ -532,7 +532,7 @@ impl EgressStatusSink for FakeSink {
                 source: std::io::Error::other("the API is down"),
             });
         }
-        self.calls.lock().unwrap().push(statuses.held());
+        self.calls.lock().unwrap().push(statuses.responsible());
         self.pools.lock().unwrap().push(statuses.pools.clone());
         Ok(())
     }
@@ -617,6 +617,31 @@ async fn the_sink_gets_only_the_held_egresses_and_reported_pools_once_per_change
         );
         assert_eq!(calls.len(), 2, "{calls:#?}");
         assert_eq!(calls[1].keys().collect::<Vec<_>>(), ["web"]);
+    }
+
+    // An Egress no node may hold (its pool's selector matches none): n1, the first node by
+    // name, reports it, with no egressNode and IPAssigned False saying why.
+    let mut with_orphan = parts[..3].to_vec();
+    with_orphan.push(pool(30).replace(
+        "nodeSelector: {}",
+        "nodeSelector: {matchLabels: {role: nowhere}}",
+    ));
+    with_orphan.push(egress("orphan", 30, "10.172.30.5"));
+    tx.send_replace(desired(&with_orphan));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    {
+        let calls = sink.calls.lock().unwrap();
+        let last = calls.last().unwrap();
+        assert_eq!(
+            last.keys().collect::<Vec<_>>(),
+            ["orphan", "web"],
+            "{last:#?}"
+        );
+        let st = &last["orphan"];
+        assert!(st.get("egressNode").is_none(), "{st:#}");
+        assert_eq!(st["conditions"][1]["type"], "IPAssigned");
+        assert_eq!(st["conditions"][1]["status"], "False", "{st:#}");
+        assert_eq!(st["conditions"][1]["reason"], "NoEgressNode", "{st:#}");
     }
     drop(tx);
     task.await.unwrap();

@@ -223,6 +223,17 @@ fn is_not_found(e: &watcher::Error) -> bool {
     }
 }
 
+/// Whether a watcher error is "the resource version is too old" (410 Gone: the API server's
+/// history was compacted past it); the watcher relists.
+fn is_gone(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 410,
+        watcher::Error::WatchError(s) => s.code == 410,
+        _ => false,
+    }
+}
+
 /// `e` and its sources, joined with `: `.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -277,7 +288,13 @@ async fn publish_loop(
             if is_not_found(&e) {
                 gate.observe(Signal::Missing(kind));
             }
-            outages.error(kind, &e);
+            if is_gone(&e) {
+                // Not an outage: the watch resumed too late and lists again. Said each time,
+                // as it means the agent missed events for a while.
+                tracing::info!(kind = %kind, error = %chain(&e), "the watch's resource version expired (410 Gone); relisting {kind}");
+            } else {
+                outages.error(kind, &e);
+            }
         }
     };
     while let Some(o) = events.next().await {

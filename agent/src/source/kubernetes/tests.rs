@@ -208,6 +208,14 @@ fn not_found_is_told_apart_from_other_watch_errors() {
         kube::Error::Api(status(403))
     )));
     assert!(!is_not_found(&watcher::Error::WatchError(status(410))));
+    assert!(is_gone(&watcher::Error::WatchError(status(410))));
+    assert!(is_gone(&watcher::Error::WatchStartFailed(
+        kube::Error::Api(status(410))
+    )));
+    assert!(!is_gone(&watcher::Error::InitialListFailed(
+        kube::Error::Api(status(410))
+    )));
+    assert!(!is_gone(&watcher::Error::WatchError(status(500))));
 }
 
 #[test]
