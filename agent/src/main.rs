@@ -20,7 +20,11 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERREA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // kube-client logs every failed request at ERROR (each watch retry while the API
+        // server is away); the source logs an outage once, and its end.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")
+        });
     let sub = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

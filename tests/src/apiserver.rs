@@ -43,6 +43,11 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the guard waits after SIGTERM before SIGKILL, per process.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// The same for kube-apiserver: v1.37.2 here stops listening and shuts its controllers down
+/// within milliseconds of SIGTERM, then lingers (seen: more than 10 s) with nothing left to
+/// write (etcd holds all state), so it gets SIGKILL sooner.
+pub const APISERVER_STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// The apiserver's port (on 127.0.0.1 inside its namespace, or on [`CONTROL_PLANE_IP`]).
 pub const PORT: u16 = 6443;
 
@@ -265,7 +270,7 @@ impl ApiServer {
     /// Stops kube-apiserver (SIGTERM by its PID, then SIGKILL); etcd keeps running.
     pub fn stop_apiserver(&mut self) {
         if let Some(mut c) = self.apiserver.take() {
-            stop("kube-apiserver", &mut c);
+            stop("kube-apiserver", &mut c, APISERVER_STOP_GRACE);
         }
     }
 
@@ -436,7 +441,7 @@ impl ApiServer {
         // spawn() returns after the exec, so the PID is the binary's by now.
         let exe = std::fs::read_link(format!("/proc/{}/exe", child.id()));
         if !exe.as_deref().is_ok_and(|e| e == bin) {
-            stop(name, &mut child);
+            stop(name, &mut child, STOP_GRACE);
             panic!("pid {} is not {} but {exe:?}", child.id(), bin.display());
         }
         child
@@ -536,13 +541,9 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         // The apiserver first: it is etcd's client.
-        for (name, child) in [
-            ("kube-apiserver", &mut self.apiserver),
-            ("etcd", &mut self.etcd),
-        ] {
-            if let Some(mut c) = child.take() {
-                stop(name, &mut c);
-            }
+        self.stop_apiserver();
+        if let Some(mut c) = self.etcd.take() {
+            stop("etcd", &mut c, STOP_GRACE);
         }
         // Then the fields: the temp dir is removed and the namespace (if it is the guard's)
         // deleted.
@@ -550,16 +551,16 @@ impl Drop for ApiServer {
 }
 
 /// SIGTERM to the child's PID, then SIGKILL after [`STOP_GRACE`]; reaps it.
-fn stop(name: &str, child: &mut Child) {
+fn stop(name: &str, child: &mut Child, grace: Duration) {
     let pid = Pid::from_raw(child.id() as i32);
     if matches!(child.try_wait(), Ok(None)) {
         let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_GRACE;
+        let deadline = Instant::now() + grace;
         while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         if matches!(child.try_wait(), Ok(None)) {
-            eprintln!("harness: {name} pid {pid} ignored SIGTERM for {STOP_GRACE:?}; SIGKILL");
+            eprintln!("harness: {name} pid {pid} still runs {grace:?} after SIGTERM; SIGKILL");
             let _ = kill(pid, Signal::SIGKILL);
         }
     }

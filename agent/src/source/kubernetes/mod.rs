@@ -10,7 +10,9 @@
 //!
 //! Publishing is gated by [`gate::SyncGate`]: nothing before every kind's initial list has
 //! completed, then one state per burst of changes ([`COALESCE`]). The watchers relist on their
-//! own after 410 Gone or an API server restart, with kube-runtime's default backoff; the
+//! own after 410 Gone or an API server restart, with [`RetryBackoff`] (exponential from 0.5 s
+//! to 8 s, jittered; kube-runtime's default goes to 30 s, which kept a node's annotations and
+//! Egress status stale for half a minute after an API server came back); the
 //! reflector stores keep the last complete view meanwhile, so a relist never publishes a partial
 //! state. A CRD that is not installed (404) does not hold back the rest: its kind is empty and
 //! named in `errors` until it is served. A watch error is logged once per outage, and its end
@@ -31,6 +33,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -164,7 +167,10 @@ where
     let writer = reflector::store::Writer::new(dyntype);
     let reader = writer.as_reader();
     let stream = watcher::watcher(api, cfg)
-        .default_backoff()
+        .backoff(ResetTimerBackoff::new(
+            RetryBackoff::default(),
+            BACKOFF_RESET,
+        ))
         .modify(|o: &mut K| o.managed_fields_mut().clear())
         .reflect(writer)
         .map(move |r| (kind, r.map(|e| step(kind, &e))));
@@ -210,6 +216,56 @@ pub fn spawn(client: Client, node_name: &str) -> KubeSource {
     let (sync_tx, sync) = watch::channel(SyncGate::new().state());
     tokio::spawn(publish_loop(events, stores, state_tx, sync_tx));
     KubeSource { state, sync }
+}
+
+/// The first retry delay of a failed watch.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// The longest one.
+const BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// The delay starts from [`BACKOFF_MIN`] again after this long without a failure.
+const BACKOFF_RESET: Duration = Duration::from_secs(120);
+
+/// Exponential backoff from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], each delay jittered down by up
+/// to a half, so that the agents of many nodes do not retry in step. (kube-runtime's own
+/// exponential backoff cannot be configured from outside the crate.)
+#[derive(Debug)]
+pub struct RetryBackoff {
+    next: Duration,
+    /// Per-instance seed of the jitter.
+    seed: u64,
+    count: u64,
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        use std::hash::{BuildHasher, RandomState};
+        Self {
+            next: BACKOFF_MIN,
+            seed: RandomState::new().hash_one(std::time::SystemTime::now()),
+            count: 0,
+        }
+    }
+}
+
+impl Iterator for RetryBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.count += 1;
+        let r = BuildHasherDefault::<DefaultHasher>::default().hash_one((self.seed, self.count));
+        // In [0.5, 1.0) of the base.
+        let factor = 0.5 + (r % 1000) as f64 / 2000.0;
+        Some(base.mul_f64(factor))
+    }
+}
+
+impl Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
 }
 
 /// Whether a watcher error is "this API is not served" (the list answered 404).
@@ -258,6 +314,8 @@ impl Outages {
             } else {
                 tracing::warn!(kind = %kind, error = %chain(e), "watching the Kubernetes API failed; retrying with backoff (logged once until it recovers)");
             }
+        } else {
+            tracing::debug!(kind = %kind, error = %chain(e), "watch retry failed");
         }
     }
 

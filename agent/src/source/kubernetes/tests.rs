@@ -231,3 +231,21 @@ fn only_a_completed_list_or_a_change_is_a_signal() {
         Step::Signal(Signal::Changed(Kind::Node))
     );
 }
+
+#[test]
+fn retry_backoff_doubles_to_its_cap_with_jitter_and_resets() {
+    use kube::runtime::utils::Backoff;
+    let mut b = RetryBackoff::default();
+    let d: Vec<Duration> = b.by_ref().take(8).collect();
+    for (i, x) in d.iter().enumerate() {
+        let base = (BACKOFF_MIN * 2u32.pow(i as u32)).min(BACKOFF_MAX);
+        assert!(
+            *x >= base / 2 && *x < base,
+            "delay {i}: {x:?} not in [{:?}, {base:?})",
+            base / 2
+        );
+    }
+    assert!(d[7] >= BACKOFF_MAX / 2, "{d:?}");
+    b.reset();
+    assert!(b.next().unwrap() < BACKOFF_MIN);
+}
