@@ -179,7 +179,7 @@ pub async fn run(
         };
 
     let main = async {
-        let node = wait_for_node(&cfg, &mut state).await?;
+        let mut node = wait_for_node(&cfg, &mut state).await?;
         ready_tx.send_replace(Readiness::Starting(
             "the dataplane is being initialised".into(),
         ));
@@ -199,6 +199,13 @@ pub async fn run(
                     ready_tx.send_replace(Readiness::Starting(why));
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
+                    // The Node object may have gained what was missing (its InternalIP is
+                    // written after its spec, by another writer).
+                    if let Some(now) = state.borrow().nodes.get(cfg.node_name())
+                        && now.pod_cidr.is_some()
+                    {
+                        node = now.clone();
+                    }
                 }
             }
         };
@@ -265,7 +272,7 @@ pub async fn run(
 }
 
 /// Why CNI requests wait before the node's `Node` object is known.
-const WAITING_FOR_NODE: &str = "waiting for this node's Node object";
+const WAITING_FOR_NODE: &str = "waiting for this node's Node object with spec.podCIDR";
 
 /// While the Kubernetes source has not completed its initial lists, the CNI server's
 /// `TRY_AGAIN_LATER` names the kinds still listing. Only the first readiness stage is

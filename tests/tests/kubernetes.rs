@@ -713,7 +713,8 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
 }
 
 /// Without Antrea's CRDs installed the agent still syncs and serves: Egress and
-/// ExternalIPPool are empty and said to be missing, once each.
+/// ExternalIPPool are empty and said to be missing, once each. The node's Node object comes
+/// without `spec.podCIDR` first: CNI ADD says to try again later until it has one.
 #[test]
 fn kubernetes_source_without_crds_still_serves() {
     if !skip_unless_root("kubernetes_source_without_crds_still_serves") {
@@ -724,9 +725,33 @@ fn kubernetes_source_without_crds_still_serves() {
     o.start_agent = false;
     let mut node = SimNode::start(o).unwrap();
     let api = ApiServer::start_in(node.ns());
-    create_node_object(&api, &node);
+    // The Node object exists before its pod CIDR does (kube-controller-manager allocates it a
+    // moment after the node registers): CNI ADD is told to try again later, naming why.
+    api.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\n",
+            node.name()
+        ),
+    );
     node.use_kubernetes_source(api.kubeconfig_path()).unwrap();
     node.agent().spawn().unwrap();
+    let early = ferrea_tests::wait_for(Duration::from_secs(10), || {
+        match ferrea_tests::Pod::try_add(node.cni(), "early") {
+            // Until the agent's socket is up the plugin says so (also code 11); then the
+            // agent names what it waits for.
+            Ok(Err(out))
+                if out.json.as_ref().is_some_and(|j| j["code"] == 11)
+                    && out.stdout.contains("spec.podCIDR") =>
+            {
+                Some(out)
+            }
+            _ => None,
+        }
+    })
+    .expect("CNI ADD before the node has a pod CIDR: TRY_AGAIN_LATER (11) naming spec.podCIDR");
+    eprintln!("ADD before the pod CIDR: {}", early.stdout.trim());
+    create_node_object(&api, &node);
     node.agent()
         .wait_ready(ferrea_tests::agent::READY_TIMEOUT)
         .unwrap();
