@@ -221,8 +221,7 @@ fn retry<T>(what: &str, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Res
             Ok(v) => return Ok(v),
             Err(e) => last = Some(e),
         }
-        // OVS pushes datapath flow statistics to the OpenFlow flows about every 500 ms.
-        std::thread::sleep(Duration::from_millis(1200));
+        std::thread::sleep(Duration::from_millis(300));
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("{what}: not tried")))
 }
@@ -407,6 +406,10 @@ fn services_beside_kube_proxy(dp: Dataplane, mode: ProxyMode) {
     check(what, retry(what, || tcp_ask(client.ns(), addr)), "b2 ");
 
     let root_after = root_snapshot();
+    println!(
+        "root namespace: {} lines of ruleset, links, addresses, routes, rules and sysctls compared",
+        root_after.lines().count()
+    );
     if root_after != env.root_before {
         failures.push(format!(
             "the root network namespace changed:\n--- before\n{}\n--- after\n{root_after}",
@@ -461,11 +464,9 @@ fn path_counters(c: &mut Cluster, i: usize) -> PathCounters {
             }
         }
         Dataplane::Ovs => {
-            let flows = node
-                .ovs()
-                .expect("OVS node")
-                .flows(BRIDGE)
-                .expect("dumping flows");
+            let ovs = node.ovs().expect("OVS node");
+            ovs.flush_flow_stats().expect("ovs-appctl revalidator/wait");
+            let flows = ovs.flows(BRIDGE).expect("dumping flows");
             let sum = |pred: &dyn Fn(&str) -> bool| -> u64 {
                 flows
                     .iter()
@@ -488,6 +489,7 @@ fn ovs_delivered_to(c: &mut Cluster, i: usize, ip: Ipv4Addr) -> u64 {
     let Some(ovs) = node.ovs() else {
         return 0;
     };
+    ovs.flush_flow_stats().expect("ovs-appctl revalidator/wait");
     let dst = format!("nw_dst={ip}");
     ovs.flows(BRIDGE)
         .expect("dumping flows")
