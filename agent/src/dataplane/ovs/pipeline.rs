@@ -853,6 +853,60 @@ mod tests {
         );
     }
 
+    #[test]
+    fn replies_of_connections_from_the_gateway_go_back_to_it() {
+        let (n, p) = facts();
+        let txt: Vec<String> = node_flows(1, &n).iter().map(FlowMod::to_ofctl).collect();
+        // IPv4 from the gateway is committed with the mark, then routed.
+        assert!(
+            txt.iter().any(|f| f.starts_with("table=0,priority=200")
+                && f.contains("in_port=1,eth_type=0x0800")
+                && f.ends_with(
+                    "actions=ct(commit,zone=65520,exec(set_field:0x00000001->ct_mark)),goto_table:30"
+                )),
+            "{txt:#?}"
+        );
+        // Packets for this node's pod CIDR are looked up (no commit); the rest go on.
+        assert!(
+            txt.iter().any(|f| f.starts_with("table=25,priority=200")
+                && f.contains("ip_dst=10.244.1.0/255.255.255.0")
+                && f.ends_with("actions=ct(table=30,zone=65520)")),
+            "{txt:#?}"
+        );
+        assert!(
+            txt.iter()
+                .any(|f| f.starts_with("table=25,priority=0")
+                    && f.ends_with("actions=goto_table:30")),
+            "{txt:#?}"
+        );
+        // A tracked reply of a marked connection goes to the gateway, above the pod flows.
+        assert!(
+            txt.iter().any(|f| f.starts_with("table=30,priority=210")
+                && f.contains("ct_state=0x00000028/0x00000028,ct_mark=0x00000001")
+                && f.ends_with("actions=set_field:0a:58:0a:f4:01:01->eth_dst,output:1")),
+            "{txt:#?}"
+        );
+        const { assert!(prio::STACK_REPLY > prio::POD) };
+        // Pods' admitted packets and the tunnel's go through the lookup table.
+        let pf: Vec<String> = pod_flows(1, &n, &p).iter().map(FlowMod::to_ofctl).collect();
+        assert!(
+            pf.iter().any(|f| f.starts_with("table=10,priority=200")
+                && f.contains("ip_src=10.244.1.5")
+                && f.ends_with("actions=goto_table:25")),
+            "{pf:#?}"
+        );
+        let rf: Vec<String> = remote_flows(1, &n, &remote())
+            .iter()
+            .map(FlowMod::to_ofctl)
+            .collect();
+        assert!(
+            rf.iter().any(|f| f.starts_with("table=25,priority=190")
+                && f.contains("ip_dst=10.244.2.0/255.255.255.0")
+                && f.ends_with("actions=ct(table=30,zone=65520)")),
+            "{rf:#?}"
+        );
+    }
+
     fn egress_plan() -> crate::dataplane::EgressPlan {
         crate::dataplane::EgressPlan {
             steer: vec![
