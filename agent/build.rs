@@ -119,6 +119,8 @@ fn main() -> anyhow::Result<()> {
         ferrea_common::MAP_EGRESS_STEER,
         ferrea_common::MAP_EGRESS_EXEMPT,
         ferrea_common::MAP_EGRESS_HELD,
+        ferrea_common::MAP_STACK_FLOWS,
+        ferrea_common::MAP_SVC_COUNTERS,
     ];
     link(&staticlib, &exports, &object)?;
     let vlan_exports = [

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what ferrea's build, demo and tests need on a Debian machine, idempotently:
 # Debian packages (iproute2, nftables, OVS, iperf3, tcpdump, reference CNI plugins, openssl,
-# podman deps), the Kubernetes binaries the suite runs (kube-apiserver, kubectl, etcd), the
-# toolchain's rustfmt and clippy components, cargo-nextest (the suite's test runner), and
+# podman deps), the Kubernetes binaries the suite runs (kube-apiserver, kubectl, etcd,
+# kube-proxy), the toolchain's rustfmt and clippy components, cargo-nextest (the suite's test
+# runner), and
 # bpf-linker built against the stable toolchain's own libLLVM: rustc emits LLVM bitcode for
 # the eBPF crate and only a linker built on the same LLVM major version can read it, which
 # needs no nightly toolchain and no rust-src.
@@ -27,11 +28,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# kube-apiserver, kubectl and etcd, built from their Go modules at the pinned release into
-# ${FERREA_CACHE:-~/.cache/ferrea}/k8s/ (tests/tests/kubernetes.rs runs them; the harness
-# makes its certificates with openssl). A cold build takes about 12-15 minutes, once; after
+# kube-apiserver, kubectl, etcd and kube-proxy, built from their Go modules at the pinned
+# release into ${FERREA_CACHE:-~/.cache/ferrea}/k8s/ (tests/tests/kubernetes.rs runs them,
+# tests/tests/services.rs runs kube-proxy beside ferrea; the harness makes its certificates
+# with openssl). A cold build takes about 12-15 minutes, once (kube-proxy a few more); after
 # that the binaries are cached and this step takes a fraction of a second.
-bash "$(dirname "$0")/k8s/build.sh" kube-apiserver kubectl etcd >/dev/null
+bash "$(dirname "$0")/k8s/build.sh" kube-apiserver kubectl etcd kube-proxy >/dev/null
 
 # rustfmt and clippy, for `cargo fmt --check` and `cargo clippy` in scripts/test.sh.
 installed_components=$(rustup component list --installed)

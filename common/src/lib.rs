@@ -143,6 +143,59 @@ pub struct Counters {
     pub arp_replies: u64,
 }
 
+/// Name of the LRU hash map of connections the node's stack carried (key: [`StackFlow`],
+/// value: unused `u32`). The programs record, for every packet the node's *stack* delivers to
+/// a local pod (TC egress of its host veth, which `bpf_redirect_peer` skips) or sends into the
+/// tunnel towards another node's pod, the reversed 5-tuple of the packet: the tuple its replies
+/// will carry. A packet about to take a fast path (redirect to a local pod or into the tunnel)
+/// whose own tuple is in the map is a reply of such a connection and goes to the stack instead,
+/// so that the stack's conntrack can undo the NAT it applied (kube-proxy's DNAT of a Service).
+pub const MAP_STACK_FLOWS: &str = "FERREA_STACK_CT";
+/// Capacity of [`MAP_STACK_FLOWS`]: 65,536 connections (about 5 MiB of kernel memory,
+/// preallocated). An LRU map evicts the least recently used entry when full; an evicted entry
+/// of a live connection is recreated by the next packet the stack carries for it.
+pub const MAX_STACK_FLOWS: u32 = 65536;
+
+/// Key of [`MAP_STACK_FLOWS`]: a 5-tuple as it appears in a packet (addresses and ports in
+/// network byte order). Ports are 0 for protocols without them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StackFlow {
+    /// IPv4 source.
+    pub saddr: u32,
+    /// IPv4 destination.
+    pub daddr: u32,
+    /// Source port (TCP, UDP, SCTP), else 0.
+    pub sport: u16,
+    /// Destination port (TCP, UDP, SCTP), else 0.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero (the kernel hashes every key byte).
+    pub pad: [u8; 3],
+}
+
+/// Name of the per-CPU array of node-wide counters of the stack-flow path (index: one of the
+/// `SVC_*` constants, value: `u64`).
+pub const MAP_SVC_COUNTERS: &str = "FERREA_SVC_CNT";
+/// Slots of [`MAP_SVC_COUNTERS`].
+pub const SVC_COUNTER_SLOTS: u32 = 8;
+/// Packets the stack delivered to a local pod (any source).
+pub const SVC_STACK_TO_POD: u32 = 0;
+/// Of those, packets from a pod address: their reversed tuple is recorded.
+pub const SVC_RECORDED_POD: u32 = 1;
+/// Packets the stack sent into the tunnel from a local pod's address: recorded.
+pub const SVC_RECORDED_TUNNEL: u32 = 2;
+/// Packets from a local pod that would have taken a fast path but were replies of a
+/// stack-carried connection, so went to the stack.
+pub const SVC_REPLY_FROM_POD: u32 = 3;
+/// The same for packets from the tunnel for a local pod.
+pub const SVC_REPLY_FROM_TUNNEL: u32 = 4;
+/// Fast-path TCP SYNs that removed a stale entry of their own reversed tuple.
+pub const SVC_STALE_CLEARED: u32 = 5;
+/// Packets sent to the stack because they are IP fragments or ICMP errors (no ports to match).
+pub const SVC_UNMATCHABLE: u32 = 6;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: Endpoint is repr(C), Copy, has no padding that would leak uninitialised bytes
@@ -158,4 +211,7 @@ mod user {
     unsafe impl aya::Pod for super::VlanKey {}
     // SAFETY: VlanChild is repr(C) of three u32 fields, no padding; any bit pattern is valid.
     unsafe impl aya::Pod for super::VlanChild {}
+    // SAFETY: StackFlow is repr(C): 4 + 4 + 2 + 2 + 1 + 3 explicit padding bytes = 16, no
+    // implicit padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::StackFlow {}
 }

@@ -31,6 +31,35 @@
 //! packet itself carries no mark: the VXLAN device's route lookup for the outer header uses
 //! `skb->mark`, and the egress rule must not apply on the sending node.
 //!
+//! Services beside kube-proxy: kube-proxy (iptables, ipvs or nftables) DNATs a Service's
+//! packets in the node's stack, and only the stack's conntrack can undo that on the replies.
+//! A reply that took a fast path (redirect_peer, or straight into the tunnel) would reach the
+//! client from the backend's address, which the client never called. So the programs keep an
+//! LRU map of connections the stack carried (`FERREA_STACK_CT`, [`ferrea_common::StackFlow`]
+//! keys, [`ferrea_common::MAX_STACK_FLOWS`] entries), filled from the two places only
+//! stack-routed packets pass:
+//!
+//! - [`ferrea_to_pod`] (TC egress of the host veth; `bpf_redirect_peer` skips it): a packet
+//!   the stack delivers to a pod from a pod address records its reversed 5-tuple;
+//! - [`ferrea_to_tunnel`], for packets from a local pod's address that the stack (not
+//!   [`ferrea_from_pod`]'s own redirect, which tags the skb's `tc_index`) routed into the
+//!   tunnel: the request of a Service connection whose backend is on another node.
+//!
+//! [`ferrea_from_pod`] and [`ferrea_from_tunnel`] look a packet's own tuple up only when it is
+//! about to take a fast path (its destination is a pod), and a hit sends it to the stack
+//! (`TC_ACT_OK`), whose conntrack un-NATs it and routes it on. Un-NATed pod-to-pod traffic pays
+//! one LRU lookup per packet and a delete per TCP SYN: a SYN that takes the fast path starts a
+//! connection whose replies must take it too, so it removes any record of its reply tuple (and
+//! of its own) that a closed stack-carried connection with the same ports left behind.
+//! Nothing else ever removes entries but LRU eviction; the map is pinned and adopted across
+//! agent restarts. A stale entry can only send a packet the slow way, through the stack, which
+//! routes pod-to-pod traffic too. IP fragments (no ports to match) and ICMP errors always go
+//! the slow way. Node-wide counters of this path are in `FERREA_SVC_CNT` (the `SVC_*` slots).
+//! The alternative, asking the kernel's conntrack (`bpf_skb_ct_lookup`) whether a reply was
+//! NATed, needs kfunc declarations that aya-ebpf 0.2.1 does not offer (and that bpf-linker's
+//! BTF output would have to carry); it was not pursued. The map costs less per packet than a
+//! conntrack lookup and needs nothing of the kernel beyond LRU hash maps.
+//!
 //! - [`ferrea_vlan_rx`] and [`ferrea_vlan_tx`] are not part of the pod path: they make a
 //!   macvlan behave like an 802.1Q sub-interface on kernels without VLAN devices (see
 //!   `agent/src/vlan.rs`). They are linked into a second object with their own unpinned maps.
@@ -56,12 +85,14 @@ use aya_ebpf::{
         bpf_skb_vlan_pop, bpf_skb_vlan_push,
     },
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use ferrea_common::{
-    Counters, EGRESS_IDS, EgressSteer, Endpoint, MAX_EGRESS_EXEMPT, MAX_NODES, MAX_PODS, MAX_VLANS,
-    RemoteNode, VlanChild, VlanKey,
+    Counters, EGRESS_IDS, EgressSteer, Endpoint, MAX_EGRESS_EXEMPT, MAX_NODES, MAX_PODS,
+    MAX_STACK_FLOWS, MAX_VLANS, RemoteNode, SVC_COUNTER_SLOTS, SVC_RECORDED_POD,
+    SVC_RECORDED_TUNNEL, SVC_REPLY_FROM_POD, SVC_REPLY_FROM_TUNNEL, SVC_STACK_TO_POD,
+    SVC_STALE_CLEARED, SVC_UNMATCHABLE, StackFlow, VlanChild, VlanKey,
 };
 
 /// Local endpoints keyed by host-side veth ifindex: who is sending on this interface.
@@ -91,6 +122,15 @@ static FERREA_EG_EXEMPT: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_EGRESS_EXEMPT, 
 /// Egress ids this node holds the IP of: index = id, value non-zero = held.
 #[map(name = "FERREA_EG_HELD")]
 static FERREA_EG_HELD: Array<u32> = Array::pinned(EGRESS_IDS, 0);
+
+/// Connections the node's stack carried, by the tuple their replies carry (see "Services
+/// beside kube-proxy" below). LRU: a full map evicts the least recently used entry.
+#[map(name = "FERREA_STACK_CT")]
+static FERREA_STACK_CT: LruHashMap<StackFlow, u32> = LruHashMap::pinned(MAX_STACK_FLOWS, 0);
+
+/// Node-wide counters of the stack-flow path, one slot per `SVC_*` index and CPU.
+#[map(name = "FERREA_SVC_CNT")]
+static FERREA_SVC_CNT: PerCpuArray<u64> = PerCpuArray::pinned(SVC_COUNTER_SLOTS, 0);
 
 /// VLAN tagger: (parent ifindex, VLAN id) to the child (macvlan) ifindex. Not pinned: the
 /// tagger's object is loaded fresh by every agent process.
@@ -131,6 +171,173 @@ const OFF_ARP_SHA: usize = ETH_HLEN + 8;
 const OFF_ARP_SPA: usize = ETH_HLEN + 14;
 const OFF_ARP_THA: usize = ETH_HLEN + 18;
 const OFF_ARP_TPA: usize = ETH_HLEN + 24;
+
+// IPv4 header fields used to find the transport ports.
+const OFF_IP_VHL: usize = ETH_HLEN;
+const OFF_IP_FRAG: usize = ETH_HLEN + 6;
+const OFF_IP_PROTO: usize = ETH_HLEN + 9;
+/// Version 4, header length 5 words: no options, the transport header at a fixed offset.
+const IP_VHL_PLAIN: u8 = 0x45;
+/// More-fragments flag and fragment offset bits of the IPv4 `frag_off` field.
+const IP_FRAG_MASK: u16 = 0x3fff;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+/// TCP flags byte: SYN and ACK.
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// `tc_index` that [`ferrea_from_pod`] gives the packets it redirects into the tunnel itself,
+/// so that [`ferrea_to_tunnel`] tells them from packets the node's stack routed there. Nothing
+/// else in the node sets `tc_index` (no classful qdisc uses it); the tunnel program resets it.
+const TC_INDEX_FAST_PATH: u32 = 0xfe11;
+
+/// What the stack-flow map can say about a packet.
+enum Flow {
+    /// Its 5-tuple; `syn`: a TCP SYN without ACK (a new connection).
+    Tuple(StackFlow, bool),
+    /// No ports to match (a fragment, an ICMP error): always the slow way.
+    Unmatchable,
+}
+
+/// Loads a `T` at `off` in the transport header, wherever the IP header ends. Direct packet
+/// access for the common header without options; the load helper otherwise.
+#[inline(always)]
+fn l4_load<T: Copy>(ctx: &TcContext, vhl: u8, off: usize) -> Option<T> {
+    if vhl == IP_VHL_PLAIN {
+        let p: *mut T = ptr_at(ctx, ETH_HLEN + 20 + off)?;
+        // SAFETY: bound-checked by ptr_at.
+        return Some(unsafe { p.read_unaligned() });
+    }
+    ctx.load::<T>(ETH_HLEN + usize::from(vhl & 0x0f) * 4 + off)
+        .ok()
+}
+
+#[inline(always)]
+fn load_u8(ctx: &TcContext, off: usize) -> Option<u8> {
+    let p: *mut u8 = ptr_at(ctx, off)?;
+    // SAFETY: bound-checked by ptr_at.
+    unsafe { Some(p.read()) }
+}
+
+/// The 5-tuple of an IPv4 packet from `saddr` to `daddr`.
+#[inline(always)]
+fn flow_of(ctx: &TcContext, saddr: u32, daddr: u32) -> Option<Flow> {
+    let vhl = load_u8(ctx, OFF_IP_VHL)?;
+    if u16::from_be(load_u16(ctx, OFF_IP_FRAG)?) & IP_FRAG_MASK != 0 {
+        return Some(Flow::Unmatchable);
+    }
+    let proto = load_u8(ctx, OFF_IP_PROTO)?;
+    let mut key = StackFlow {
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        proto,
+        pad: [0; 3],
+    };
+    let mut syn = false;
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let ports: [u16; 2] = l4_load(ctx, vhl, 0)?;
+            key.sport = ports[0];
+            key.dport = ports[1];
+            if proto == IPPROTO_TCP {
+                let flags: u8 = l4_load(ctx, vhl, 13)?;
+                syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            }
+        }
+        IPPROTO_ICMP => {
+            // Echo and the like match by addresses; errors quote another packet's tuple.
+            let ty: u8 = l4_load(ctx, vhl, 0)?;
+            if matches!(ty, 3 | 4 | 5 | 11 | 12) {
+                return Some(Flow::Unmatchable);
+            }
+        }
+        _ => {}
+    }
+    Some(Flow::Tuple(key, syn))
+}
+
+#[inline(always)]
+fn reversed(k: &StackFlow) -> StackFlow {
+    StackFlow {
+        saddr: k.daddr,
+        daddr: k.saddr,
+        sport: k.dport,
+        dport: k.sport,
+        proto: k.proto,
+        pad: [0; 3],
+    }
+}
+
+/// Adds one to a node-wide stack-flow counter on this CPU.
+#[inline(always)]
+fn svc_count(slot: u32) {
+    if let Some(c) = FERREA_SVC_CNT.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot; TC programs run with migration disabled, so no other program
+        // instance writes this CPU's slot at the same time.
+        unsafe { *c += 1 };
+    }
+}
+
+/// A packet about to take a fast path: must it go to the node's stack instead, because it
+/// belongs to a connection the stack carried (and may have NATed)? `slot` counts the hits.
+#[inline(always)]
+fn stack_reply(ctx: &TcContext, saddr: u32, daddr: u32, slot: u32) -> Option<bool> {
+    match flow_of(ctx, saddr, daddr)? {
+        Flow::Unmatchable => {
+            svc_count(SVC_UNMATCHABLE);
+            Some(true)
+        }
+        Flow::Tuple(k, true) => {
+            // A new connection on the fast path: its replies take it too. Forget what a closed
+            // stack-carried connection with the same tuple left behind.
+            let stale = FERREA_STACK_CT.remove(reversed(&k)).is_ok();
+            if FERREA_STACK_CT.remove(k).is_ok() || stale {
+                svc_count(SVC_STALE_CLEARED);
+            }
+            Some(false)
+        }
+        Flow::Tuple(k, false) => {
+            if FERREA_STACK_CT.get_ptr(k).is_some() {
+                svc_count(slot);
+                return Some(true);
+            }
+            Some(false)
+        }
+    }
+}
+
+/// Records that the stack carried this packet from `saddr` to `daddr`: its replies must go
+/// back through the stack. Inserts only what is missing (a lookup refreshes the LRU position).
+#[inline(always)]
+fn record_stack_flow(ctx: &TcContext, saddr: u32, daddr: u32, slot: u32) -> Option<()> {
+    if let Flow::Tuple(k, _) = flow_of(ctx, saddr, daddr)? {
+        let r = reversed(&k);
+        if FERREA_STACK_CT.get_ptr(r).is_none() {
+            // A full map evicts its least recently used entry; an error loses one record,
+            // which the connection's next stack-carried packet makes again.
+            let _ = FERREA_STACK_CT.insert(r, 0, 0);
+        }
+        svc_count(slot);
+    }
+    Some(())
+}
+
+/// The skb's `tc_index` (a context access the verifier rewrites to `skb->tc_index`).
+#[inline(always)]
+fn tc_index(ctx: &TcContext) -> u32 {
+    // SAFETY: context read; volatile so that it is one whole-field load.
+    unsafe { core::ptr::addr_of!((*ctx.skb.skb).tc_index).read_volatile() }
+}
+
+#[inline(always)]
+fn set_tc_index(ctx: &TcContext, v: u32) {
+    // SAFETY: context write the verifier allows for TC programs; volatile and 32 bits wide
+    // because the verifier accepts only whole-field writes.
+    unsafe { core::ptr::addr_of_mut!((*ctx.skb.skb).tc_index).write_volatile(v) }
+}
 
 /// Which direction a packet is counted in.
 #[derive(Clone, Copy)]
@@ -287,6 +494,10 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
     let len = ctx.len();
     // SAFETY: copied out at once, as above.
     if let Some(dst) = unsafe { FERREA_EP_IP.get(dst_ip) }.copied() {
+        if stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_POD)? {
+            count(ifindex, Dir::Tx, len);
+            return Some(TC_ACT_OK);
+        }
         // Local pod: we are its router, so the frame leaves us from its gateway MAC to its MAC.
         store_mac(ctx, OFF_ETH_SRC, &dst.host_mac)?;
         store_mac(ctx, OFF_ETH_DST, &dst.pod_mac)?;
@@ -303,7 +514,11 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
         && node.tun_ifindex != 0
     {
         let tun = node.tun_ifindex;
+        if stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_POD)? {
+            return Some(TC_ACT_OK);
+        }
         store_mac(ctx, OFF_ETH_SRC, &ep.host_mac)?;
+        set_tc_index(ctx, TC_INDEX_FAST_PATH);
         // SAFETY: plain helper call; flags 0 = out of the tunnel device's egress.
         return Some(unsafe { bpf_redirect(tun, 0) } as i32);
     }
@@ -365,11 +580,33 @@ fn arp(ctx: &TcContext, ep: &Endpoint) -> Option<i32> {
     Some(unsafe { bpf_redirect(ep.ifindex, 0) } as i32)
 }
 
-/// TC egress of a pod's host-side veth: what the node's stack delivers to the pod.
+/// TC egress of a pod's host-side veth: what the node's stack delivers to the pod (frames
+/// redirected by [`ferrea_from_pod`] and [`ferrea_from_tunnel`] skip this hook). Counts, and
+/// records connections from pod addresses so that their replies go back through the stack.
 #[classifier]
 pub fn ferrea_to_pod(ctx: TcContext) -> i32 {
     count(skb_ifindex(&ctx), Dir::Rx, ctx.len());
+    svc_count(SVC_STACK_TO_POD);
+    let _ = record_to_pod(&ctx);
     TC_ACT_OK
+}
+
+#[inline(always)]
+fn record_to_pod(ctx: &TcContext) -> Option<()> {
+    if u16::from_be(load_u16(ctx, OFF_ETH_PROTO)?) != ETH_P_IP {
+        return None;
+    }
+    let src_ip = load_u32(ctx, OFF_IP_SRC)?;
+    // Only a reply to a pod address could take a fast path; replies to the node or the world
+    // go to the stack anyway.
+    // SAFETY: only tested for presence.
+    let from_pod = unsafe { FERREA_EP_IP.get(src_ip) }.is_some()
+        || FERREA_REMOTE.get(Key::new(32, src_ip)).is_some();
+    if !from_pod {
+        return None;
+    }
+    let dst_ip = load_u32(ctx, OFF_IP_DST)?;
+    record_stack_flow(ctx, src_ip, dst_ip, SVC_RECORDED_POD)
 }
 
 /// TC egress of the tunnel device: every packet the node routes to another node's pods (from
@@ -386,7 +623,21 @@ fn to_tunnel(ctx: &TcContext) -> Option<i32> {
     }
     let dst_ip = load_u32(ctx, OFF_IP_DST)?;
     let (node_ip, vni) = match FERREA_REMOTE.get(Key::new(32, dst_ip)) {
-        Some(node) => (node.node_ip, node.vni),
+        Some(node) => {
+            if tc_index(ctx) == TC_INDEX_FAST_PATH {
+                set_tc_index(ctx, 0);
+            } else {
+                // Routed here by the node's stack: from a local pod, a Service connection
+                // (say) whose backend is another node's pod. Its replies come back through
+                // the tunnel and must go through the stack too.
+                let src_ip = load_u32(ctx, OFF_IP_SRC)?;
+                // SAFETY: only tested for presence.
+                if unsafe { FERREA_EP_IP.get(src_ip) }.is_some() {
+                    record_stack_flow(ctx, src_ip, dst_ip, SVC_RECORDED_TUNNEL)?;
+                }
+            }
+            (node.node_ip, node.vni)
+        }
         None => {
             // Not another node's pod: a steered pod's egress traffic, or nothing we carry.
             let src_ip = load_u32(ctx, OFF_IP_SRC)?;
@@ -436,6 +687,13 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
     // before Egress. (A steered packet is for an address outside the cluster, never a pod.)
     // SAFETY: copied out at once; the agent replaces entries whole.
     if let Some(dst) = unsafe { FERREA_EP_IP.get(dst_ip) }.copied() {
+        let src_ip = load_u32(ctx, OFF_IP_SRC)?;
+        if stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_TUNNEL)? {
+            // A reply of a connection this node's stack sent out: the stack routes it on to
+            // the pod (its inner destination MAC is the sender's, so tell the stack it is ours).
+            ctx.change_type(PACKET_HOST).ok()?;
+            return Some(TC_ACT_OK);
+        }
         store_mac(ctx, OFF_ETH_SRC, &dst.host_mac)?;
         store_mac(ctx, OFF_ETH_DST, &dst.pod_mac)?;
         count(dst.ifindex, Dir::Rx, ctx.len());

@@ -91,7 +91,7 @@ pub fn k8s_bin(name: &str) -> PathBuf {
         std::fs::metadata(&p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     assert!(
         executable,
-        "{} not found: run `scripts/k8s/build.sh kube-apiserver kubectl etcd` first (it builds the \
+        "{} not found: run `scripts/k8s/build.sh kube-apiserver kubectl etcd kube-proxy` first (it builds the \
          Kubernetes {} binaries into the cache once; FERREA_CACHE moves the cache)",
         p.display(),
         k8s_version()

@@ -29,6 +29,8 @@
 //! - [`manifests`]: Pod and Service manifests for a node's `files` source, and the status view
 //!   (NodePortLocal annotations) the agent writes back.
 //! - [`udp`]: a UDP echo server in a namespace and a one-shot client.
+//! - [`kubeproxy`]: a real kube-proxy inside a node's namespace against the test API server,
+//!   and the Services and EndpointSlices it reads.
 
 pub mod agent;
 pub mod apiserver;
@@ -36,6 +38,7 @@ pub mod capture;
 pub mod cni;
 pub mod egress;
 pub mod fabric;
+pub mod kubeproxy;
 pub mod manifests;
 pub mod netns;
 pub mod node;

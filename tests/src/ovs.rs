@@ -186,6 +186,24 @@ impl OvsDaemons {
             .collect())
     }
 
+    /// Waits until ovs-vswitchd's revalidators finished a full cycle (`ovs-appctl
+    /// revalidator/wait`), which pushes the datapath's packet counts to the OpenFlow flows: a
+    /// dump after it counts every packet that went through the bridge before the call.
+    pub fn flush_flow_stats(&self) -> anyhow::Result<()> {
+        let ctl = self.dir.join("ovs-vswitchd.ctl");
+        // Twice: a cycle already under way when the first call came may have dumped the
+        // datapath before the last packets.
+        for _ in 0..2 {
+            crate::netns::run_ok(
+                std::process::Command::new("ovs-appctl")
+                    .arg("-t")
+                    .arg(&ctl)
+                    .arg("revalidator/wait"),
+            )?;
+        }
+        Ok(())
+    }
+
     /// The flows of `bridge` (`ovs-ofctl dump-flows`), parsed just enough to select them by
     /// cookie.
     pub fn flows(&self, bridge: &str) -> anyhow::Result<Vec<Flow>> {

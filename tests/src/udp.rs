@@ -88,3 +88,22 @@ pub fn udp_ask_from(ns: &NetNs, src_port: u16, addr: SocketAddr) -> anyhow::Resu
         anyhow::bail!("no UDP answer from {addr}")
     })
 }
+
+/// Like [`udp_ask`] with a connected socket: only an answer whose source is exactly `addr` is
+/// received (the kernel drops datagrams from any other source), so an answer proves that the
+/// reply of a NATed request was un-NATed on its way back.
+pub fn udp_ask_connected(ns: &NetNs, addr: SocketAddr) -> anyhow::Result<String> {
+    ns.run(move || -> anyhow::Result<String> {
+        let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+        sock.connect(addr)?;
+        sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut buf = [0u8; 1500];
+        for _ in 0..3 {
+            sock.send(b"query")?;
+            if let Ok(n) = sock.recv(&mut buf) {
+                return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        anyhow::bail!("no UDP answer from {addr}")
+    })
+}

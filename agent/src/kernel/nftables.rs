@@ -1,5 +1,8 @@
-//! ferrea's nftables table: masquerade of pod traffic that leaves the cluster, and the DNAT of
-//! NodePortLocal.
+//! ferrea's nftables table: masquerade of pod traffic that leaves the cluster, the DNAT of
+//! NodePortLocal, and (chain `tunnel_snat`) an SNAT to the gateway address for connections of
+//! the node or the outside world that someone (kube-proxy) DNATed into the overlay, so their
+//! replies come back through the overlay to this node's stack instead of being masqueraded
+//! on the backend's node.
 //!
 //! ferrea owns one table (family `ip`, name from config, default `ferrea`) and nothing else in
 //! the ruleset. The whole table is rendered from the desired state and replaced in one nft
@@ -99,8 +102,23 @@ impl NatSpec {
     pub fn render_with(&self, cluster: &[Ipv4Network]) -> String {
         let t = &self.table;
         let mut s = format!("table ip {t}\ndelete table ip {t}\ntable ip {t} {{\n");
+        // kube-proxy (or anyone) DNATing a connection of the node itself or of the outside
+        // world (a NodePort) to another node's pod, and masquerading it: the masquerade
+        // address would be the first of the node's devices (the tunnel device has none), the
+        // transport address, so the backend's reply would leave its node un-tunnelled and be
+        // masqueraded there. SNAT to the gateway address instead, which is in this node's pod
+        // CIDR: the reply comes back through the overlay to this node's stack. Before the
+        // masquerade chains (srcnat); only one NAT of a kind applies to a connection.
+        s.push_str(&format!(
+            "  chain tunnel_snat {{\n    type nat hook postrouting priority srcnat - 5; policy accept;\n\
+             \x20   oifname \"{tun}\" ct status dnat ip saddr != {cidr} counter snat ip to {gw} \
+             comment \"ferrea: NATed connections into the overlay come back here\"\n",
+            tun = crate::net::TUNNEL_IFNAME,
+            cidr = self.pod_cidr,
+            gw = self.gateway,
+        ));
         s.push_str(
-            "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+            "  }\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
         );
         if self.masquerade {
             // The node's own pod CIDR is always among them; nested CIDRs are dropped, as nft's
@@ -432,6 +450,12 @@ mod tests {
         assert!(r.contains(
             "ip saddr 10.244.1.0/24 ip daddr != { 10.96.0.0/12, 10.244.0.0/16 } counter masquerade"
         ));
+        assert!(
+            r.contains(
+                "oifname \"ferrea-tun0\" ct status dnat ip saddr != 10.244.1.0/24 counter snat ip to 10.244.1.1"
+            ),
+            "{r}"
+        );
         // The nodes' pod CIDRs join them; those inside a configured CIDR add nothing (nft
         // refuses overlapping elements in an anonymous set).
         let with_nodes = spec.render_with(&[

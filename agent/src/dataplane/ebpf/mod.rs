@@ -34,6 +34,15 @@
 //! a build that adds maps loads next to the pins of an older build because aya creates (and
 //! pins) each declared map that has no pin yet and opens the others.
 //!
+//! Services beside kube-proxy: two more pinned maps the agent never writes, filled by the
+//! programs themselves. `FERREA_STACK_CT` (an LRU hash of `ferrea_common::MAX_STACK_FLOWS`
+//! connections) holds the reply tuples of connections the node's stack carried to a pod or
+//! into the tunnel; a packet about to take a fast path whose tuple is there goes to the stack
+//! instead, whose conntrack undoes kube-proxy's NAT. The design (TC hooks that only
+//! stack-routed packets pass, rather than the kernel's conntrack kfuncs) and its costs are in
+//! `ebpf/src/lib.rs`. `FERREA_SVC_CNT` counts that path ([`service_counters`]). Both survive a
+//! restart like every pinned map, and a stale entry only ever sends packets the slow way.
+//!
 //! Restart behaviour: a new process adopts the pinned maps (same kernel objects, entries
 //! intact). If the pinned programs are of the same build as the embedded object
 //! (`progs/<digest>/` exists) it uses them as they are and touches no filter. Otherwise it loads
@@ -47,7 +56,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use aya::maps::lpm_trie::LpmTrie;
-use aya::maps::{Array, HashMap as BpfHashMap, PerCpuHashMap};
+use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap};
 use aya::programs::tc::{SchedClassifierLink, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
@@ -128,6 +137,28 @@ fn ifname_of_name(name: &str) -> bool {
 pub fn object_digest(object: &[u8]) -> String {
     let d = Sha256::digest(object);
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The node-wide counters of the stack-flow path ("Services beside kube-proxy" in
+/// `ebpf/src/lib.rs`) under the pin path `pin_path`, summed over the CPUs: one value per slot,
+/// indexed by the `ferrea_common::SVC_*` constants. Reads the pinned map, so it works from any
+/// process that sees the bpffs (a debug tool, a test), with or without a running agent.
+pub fn service_counters(pin_path: &Path) -> Result<Vec<u64>, DataplaneError> {
+    let path = PinLayout::new(pin_path.to_path_buf())
+        .maps_dir()
+        .join(ferrea_common::MAP_SVC_COUNTERS);
+    let data =
+        aya::maps::MapData::from_pin(&path).map_err(ERR.init("open pinned", path.display()))?;
+    let map: PerCpuArray<aya::maps::MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(map_type(ferrea_common::MAP_SVC_COUNTERS))?;
+    (0..ferrea_common::SVC_COUNTER_SLOTS)
+        .map(|i| {
+            map.get(&i, 0)
+                .map(|v| v.iter().sum())
+                .map_err(ERR.init("read", path.display()))
+        })
+        .collect()
 }
 
 /// Everything that exists only after [`Dataplane::init_node`].

@@ -6,11 +6,12 @@
 //! ferrea cookie, so deletes by cookie touch only ferrea's flows.
 //!
 //! ```text
-//! Classifier(0) --pod port--> SpoofGuard(10) --ip--> L3Forwarding(30) --> pod port | gateway
-//!      |                           `--arp--> ArpResponder(20) --> IN_PORT        |
-//!      |--gateway port--> L3Forwarding(30) / ArpResponder(20)                    | remote pod CIDR:
-//!      `--tunnel port (ip)--> L3Forwarding(30)                                   | reg1 = node IP
-//!                                                                                v
+//! Classifier(0) --pod port--> SpoofGuard(10) --ip--> ConntrackLookup(25) --> L3Forwarding(30)
+//!      |                           `--arp--> ArpResponder(20) --> IN_PORT          |
+//!      |--gateway port--> ct(commit, mark) --> L3Forwarding(30)                    |
+//!      |             `--arp--> ArpResponder(20)           pod port | gateway | remote pod CIDR:
+//!      `--tunnel port (ip)--> ConntrackLookup(25)                           reg1 = node IP
+//!                                                                                  v
 //!                                        TunnelOutput(40): tun_dst = reg1 --> tunnel port
 //! ```
 //!
@@ -31,6 +32,24 @@
 //! The node itself reaches remote pods through routes `via <remote gateway> dev <gateway>
 //! onlink`; the ARP responder answers the node's requests for remote gateways with the
 //! global virtual MAC, and L3 forwarding tunnels those packets like pods' packets.
+//!
+//! Services beside kube-proxy: kube-proxy DNATs a Service's packets in the node's stack, so
+//! they enter the bridge from the gateway port already translated (a pod's packet for a
+//! ClusterIP is not for a pod, so it goes to the gateway first). Their replies come from the
+//! backend pod (a local port, or the tunnel for a backend on another node) addressed to a pod
+//! and would be output straight to it, never un-NATed. As Antrea does, the bridge commits every
+//! IPv4 packet from the gateway to its own conntrack (zone [`CT_ZONE`]) with the mark
+//! [`CT_MARK_FROM_GATEWAY`], and looks up packets for pod addresses from pods and from the
+//! tunnel (table `ConntrackLookup`, no commit); a tracked reply-direction packet of a marked
+//! connection is output to the gateway (priority `STACK_REPLY` in L3 forwarding, above the pod
+//! flows), so the stack's conntrack reverses the NAT and routes it on. Conntrack rather than
+//! learned flows: the bridge's conntrack follows TCP's state (a new SYN on a closed tuple
+//! drops the old entry), expires idle entries by protocol, lives in `ovs-vswitchd` and so
+//! survives an agent restart untouched, and the flows are fixed, so the restart's flow rounds
+//! re-install them identically. The cost: pod-to-pod packets pay one conntrack lookup and a
+//! recirculation (no commit, so un-NATed pod-to-pod connections create no entries); packets to
+//! anything but a pod address pay nothing. After an `ovs-vswitchd` restart the marks are gone
+//! until the next packet from the gateway re-commits the connection (mid-stream pickup).
 //!
 //! Egress (encap mode, [`egress_flows`], all under the cookie kind [`cookie::KIND_EGRESS`] so
 //! the set is replaced as a whole):
@@ -70,12 +89,32 @@ pub enum Table {
     SpoofGuard = 10,
     /// Answers ARP requests; nothing is flooded.
     ArpResponder = 20,
+    /// Looks packets for pod addresses (this node's or another node's) up in the connection
+    /// tracker (zone [`CT_ZONE`], no commit) before L3 forwarding, so that replies of
+    /// connections that came in from the gateway are found; everything else goes on untracked.
+    ConntrackLookup = 25,
     /// Routes by destination IP: local pods get rewritten MACs and their port (this table is
     /// also the output stage), remote pod CIDRs select a tunnel destination, everything else
     /// goes to the gateway port.
     L3Forwarding = 30,
     /// Sends a packet to the node whose transport address is in [`REG_TUN_DST`].
     TunnelOutput = 40,
+}
+
+/// The conntrack zone of the bridge's own connection tracking (Antrea's `CtZone`). With the
+/// userspace datapath this is OVS's conntrack, not the node stack's.
+pub const CT_ZONE: u16 = 65520;
+
+/// `ct_mark` of connections whose first packet the bridge saw coming in from the gateway port,
+/// i.e. from the node's stack (Antrea's `FromGatewayCTMark`).
+pub const CT_MARK_FROM_GATEWAY: u32 = 0x1;
+
+/// `ct_state` bits (`CS_*` in OVS).
+pub mod ct_state {
+    /// The packet went through the connection tracker.
+    pub const TRACKED: u32 = 0x20;
+    /// The packet is in the reply direction of its connection.
+    pub const REPLY: u32 = 0x08;
 }
 
 /// The register holding the tunnel destination (a node's transport IPv4 address) on the way
@@ -108,6 +147,9 @@ pub mod prio {
     pub const EGRESS_STEER: u16 = 180;
     pub const EGRESS_TUNNEL: u16 = 210;
     pub const EGRESS_HELD: u16 = 200;
+    pub const STACK_REPLY: u16 = 210;
+    pub const CT_LOCAL: u16 = 200;
+    pub const CT_REMOTE: u16 = 190;
     pub const SPOOF_DROP: u16 = 150;
     pub const OTHER_DROP: u16 = 100;
     pub const DEFAULT: u16 = 0;
@@ -276,12 +318,17 @@ pub fn node_flows(round: u16, n: &NodeFacts) -> Vec<FlowMod> {
             Match::new().in_port(n.gw_port).arp(),
             vec![goto(Table::ArpResponder)],
         ),
+        // IPv4 from the node's stack: committed with the from-gateway mark, then routed. The
+        // stack may have NATed it (kube-proxy); its replies must go back the same way.
         FlowMod::add(
             Table::Classifier as u8,
             prio::GATEWAY,
             c,
             Match::new().in_port(n.gw_port).ip(),
-            vec![goto(Table::L3Forwarding)],
+            vec![
+                Instruction::ApplyActions(vec![commit_from_gateway()]),
+                goto(Table::L3Forwarding),
+            ],
         ),
         FlowMod::add(
             Table::Classifier as u8,
@@ -321,6 +368,42 @@ pub fn node_flows(round: u16, n: &NodeFacts) -> Vec<FlowMod> {
             Match::new(),
             vec![],
         ),
+        // Conntrack lookup: packets for this node's pod CIDR are looked up (remote CIDRs get
+        // theirs with the remote's flows); anything else goes on untracked.
+        FlowMod::add(
+            Table::ConntrackLookup as u8,
+            prio::CT_LOCAL,
+            c,
+            Match::new()
+                .ip()
+                .ipv4_dst(n.pod_cidr.network(), n.pod_cidr.prefix()),
+            apply(vec![ct_lookup()]),
+        ),
+        FlowMod::add(
+            Table::ConntrackLookup as u8,
+            prio::DEFAULT,
+            c,
+            Match::new(),
+            vec![goto(Table::L3Forwarding)],
+        ),
+        // L3: a reply of a connection that came in from the gateway goes back to the gateway,
+        // whatever its destination, so the node's conntrack sees it and undoes its NAT.
+        FlowMod::add(
+            Table::L3Forwarding as u8,
+            prio::STACK_REPLY,
+            c,
+            Match::new()
+                .ct_state(
+                    ct_state::TRACKED | ct_state::REPLY,
+                    ct_state::TRACKED | ct_state::REPLY,
+                )
+                .ct_mark(CT_MARK_FROM_GATEWAY, CT_MARK_FROM_GATEWAY)
+                .ip(),
+            apply(vec![
+                Action::set_mac(Field::EthDst, n.gw_mac),
+                Action::Output(n.gw_port),
+            ]),
+        ),
         // L3: not a local pod -> the node's stack through the gateway port. Output to the
         // ingress port is dropped by OVS, so the gateway's own leftovers go nowhere.
         FlowMod::add(
@@ -344,6 +427,30 @@ pub fn node_flows(round: u16, n: &NodeFacts) -> Vec<FlowMod> {
     ]
 }
 
+/// `ct(commit,zone=CT_ZONE,exec(set_field:CT_MARK_FROM_GATEWAY->ct_mark))`: the packet goes
+/// on untracked.
+fn commit_from_gateway() -> Action {
+    Action::Ct {
+        commit: true,
+        zone: CT_ZONE,
+        table: None,
+        exec: vec![Action::SetField(
+            Field::CtMark,
+            CT_MARK_FROM_GATEWAY.to_be_bytes().to_vec(),
+        )],
+    }
+}
+
+/// `ct(table=L3Forwarding,zone=CT_ZONE)`: look up, no commit, continue tracked in L3.
+fn ct_lookup() -> Action {
+    Action::Ct {
+        commit: false,
+        zone: CT_ZONE,
+        table: Some(Table::L3Forwarding as u8),
+        exec: Vec::new(),
+    }
+}
+
 /// The node-wide flows of the tunnel to other nodes (encap mode) in `round`.
 pub fn tunnel_flows(round: u16, n: &NodeFacts, t: &TunnelFacts) -> Vec<FlowMod> {
     let c = cookie::make(round, cookie::KIND_NODE, 0);
@@ -356,7 +463,7 @@ pub fn tunnel_flows(round: u16, n: &NodeFacts, t: &TunnelFacts) -> Vec<FlowMod> 
             prio::TUNNEL,
             c,
             Match::new().in_port(tun).tun_id(u64::from(t.vni)).ip(),
-            vec![goto(Table::L3Forwarding)],
+            vec![goto(Table::ConntrackLookup)],
         ),
         // To other nodes: the destination node is in the register.
         FlowMod::add(
@@ -465,6 +572,17 @@ pub fn egress_flows(
 pub fn remote_flows(round: u16, n: &NodeFacts, r: &RemoteFacts) -> Vec<FlowMod> {
     let c = cookie::remote(round, r.pod_cidr);
     vec![
+        // Packets for its pods are looked up in conntrack first (replies of connections the
+        // node's stack sent there go back to the gateway).
+        FlowMod::add(
+            Table::ConntrackLookup as u8,
+            prio::CT_REMOTE,
+            c,
+            Match::new()
+                .ip()
+                .ipv4_dst(r.pod_cidr.network(), r.pod_cidr.prefix()),
+            apply(vec![ct_lookup()]),
+        ),
         // Select the tunnel destination, then the shared output stage.
         FlowMod::add(
             Table::L3Forwarding as u8,
@@ -505,7 +623,7 @@ pub fn pod_flows(round: u16, n: &NodeFacts, p: &PodFacts) -> Vec<FlowMod> {
                 .eth_src(p.mac)
                 .ip()
                 .ipv4_src(p.ip, 32),
-            vec![goto(Table::L3Forwarding)],
+            vec![goto(Table::ConntrackLookup)],
         ),
         FlowMod::add(
             Table::SpoofGuard as u8,
@@ -696,7 +814,7 @@ mod tests {
         assert!(
             tf.iter().any(|f| f.contains("table=0,priority=200")
                 && f.contains("in_port=10")
-                && f.ends_with("goto_table:30")),
+                && f.ends_with("goto_table:25")),
             "{tf:#?}"
         );
         // Without a tunnel nothing leads to table 40 but its drop default.
@@ -716,7 +834,7 @@ mod tests {
                 && t.contains(
                     "in_port=7,eth_src=0a:58:0a:f4:01:05,eth_type=0x0800,ip_src=10.244.1.5"
                 )
-                && t.ends_with("actions=goto_table:30")),
+                && t.ends_with("actions=goto_table:25")),
             "{txt:#?}"
         );
         assert!(txt.iter().any(|t| t.contains("table=30") && t.contains("ip_dst=10.244.1.5")
@@ -732,6 +850,60 @@ mod tests {
         assert_eq!(
             counter_of(Table::ArpResponder as u8, prio::POD),
             Counter::None
+        );
+    }
+
+    #[test]
+    fn replies_of_connections_from_the_gateway_go_back_to_it() {
+        let (n, p) = facts();
+        let txt: Vec<String> = node_flows(1, &n).iter().map(FlowMod::to_ofctl).collect();
+        // IPv4 from the gateway is committed with the mark, then routed.
+        assert!(
+            txt.iter().any(|f| f.starts_with("table=0,priority=200")
+                && f.contains("in_port=1,eth_type=0x0800")
+                && f.ends_with(
+                    "actions=ct(commit,zone=65520,exec(set_field:0x00000001->ct_mark)),goto_table:30"
+                )),
+            "{txt:#?}"
+        );
+        // Packets for this node's pod CIDR are looked up (no commit); the rest go on.
+        assert!(
+            txt.iter().any(|f| f.starts_with("table=25,priority=200")
+                && f.contains("ip_dst=10.244.1.0/255.255.255.0")
+                && f.ends_with("actions=ct(table=30,zone=65520)")),
+            "{txt:#?}"
+        );
+        assert!(
+            txt.iter()
+                .any(|f| f.starts_with("table=25,priority=0")
+                    && f.ends_with("actions=goto_table:30")),
+            "{txt:#?}"
+        );
+        // A tracked reply of a marked connection goes to the gateway, above the pod flows.
+        assert!(
+            txt.iter().any(|f| f.starts_with("table=30,priority=210")
+                && f.contains("ct_state=0x00000028/0x00000028,ct_mark=0x00000001")
+                && f.ends_with("actions=set_field:0a:58:0a:f4:01:01->eth_dst,output:1")),
+            "{txt:#?}"
+        );
+        const { assert!(prio::STACK_REPLY > prio::POD) };
+        // Pods' admitted packets and the tunnel's go through the lookup table.
+        let pf: Vec<String> = pod_flows(1, &n, &p).iter().map(FlowMod::to_ofctl).collect();
+        assert!(
+            pf.iter().any(|f| f.starts_with("table=10,priority=200")
+                && f.contains("ip_src=10.244.1.5")
+                && f.ends_with("actions=goto_table:25")),
+            "{pf:#?}"
+        );
+        let rf: Vec<String> = remote_flows(1, &n, &remote())
+            .iter()
+            .map(FlowMod::to_ofctl)
+            .collect();
+        assert!(
+            rf.iter().any(|f| f.starts_with("table=25,priority=190")
+                && f.contains("ip_dst=10.244.2.0/255.255.255.0")
+                && f.ends_with("actions=ct(table=30,zone=65520)")),
+            "{rf:#?}"
         );
     }
 

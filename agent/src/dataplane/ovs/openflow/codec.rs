@@ -118,6 +118,9 @@ pub enum Field {
     XReg(u8),
     /// Connection tracking state bits (`NXM_NX_CT_STATE`).
     CtState,
+    /// The 32-bit mark of the packet's connection (`NXM_NX_CT_MARK`); set inside
+    /// [`Action::Ct`]'s nested actions of a commit.
+    CtMark,
     /// Outer IPv4 destination of a flow-based tunnel (`NXM_NX_TUN_IPV4_DST`): set before
     /// output to a tunnel port with `options:remote_ip=flow`.
     TunIpv4Dst,
@@ -150,6 +153,7 @@ impl Field {
             Field::Reg(n) => (NXM_1, n, 4),
             Field::XReg(n) => (OXM_PKT_REGS, n, 8),
             Field::CtState => (NXM_1, 105, 4),
+            Field::CtMark => (NXM_1, 107, 4),
             Field::TunIpv4Src => (NXM_1, 31, 4),
             Field::TunIpv4Dst => (NXM_1, 32, 4),
             Field::TunId => (OXM_BASIC, 38, 8),
@@ -189,6 +193,7 @@ impl Field {
             Field::Reg(n) => format!("NXM_NX_REG{n}"),
             Field::XReg(n) => format!("OXM_OF_PKT_REG{n}"),
             Field::CtState => "NXM_NX_CT_STATE".into(),
+            Field::CtMark => "NXM_NX_CT_MARK".into(),
             Field::TunIpv4Src => "NXM_NX_TUN_IPV4_SRC".into(),
             Field::TunIpv4Dst => "NXM_NX_TUN_IPV4_DST".into(),
             Field::TunId => "OXM_OF_TUNNEL_ID".into(),
@@ -213,6 +218,7 @@ impl Field {
             Field::Reg(n) => format!("reg{n}"),
             Field::XReg(n) => format!("xreg{n}"),
             Field::CtState => "ct_state".into(),
+            Field::CtMark => "ct_mark".into(),
             Field::TunIpv4Src => "tun_src".into(),
             Field::TunIpv4Dst => "tun_dst".into(),
             Field::TunId => "tun_id".into(),
@@ -362,6 +368,11 @@ impl Match {
     pub fn tun_src(self, a: Ipv4Addr) -> Self {
         self.push(Field::TunIpv4Src, a.octets().to_vec(), None)
     }
+    /// `ct_mark=value/mask`.
+    pub fn ct_mark(self, value: u32, mask: u32) -> Self {
+        let m = (mask != u32::MAX).then(|| mask.to_be_bytes().to_vec());
+        self.push(Field::CtMark, value.to_be_bytes().to_vec(), m)
+    }
     /// `ct_state=value/mask` (raw bits: 0x01 new, 0x02 est, 0x20 trk, ...).
     pub fn ct_state(self, value: u32, mask: u32) -> Self {
         self.push(
@@ -441,9 +452,29 @@ pub enum Action {
     },
     /// `dec_ttl` (`OFPAT_DEC_NW_TTL`).
     DecTtl,
+    /// `ct(...)`: send the packet through the connection tracker (`NXAST_CT`).
+    Ct {
+        /// `commit`: create the connection if new, and apply `exec`.
+        commit: bool,
+        /// The conntrack zone (an immediate value).
+        zone: u16,
+        /// `table=`: continue a copy of the packet, tracked, in this table (recirculation);
+        /// `None`: the packet goes on with the next action, untracked.
+        table: Option<u8>,
+        /// `exec(...)`: set fields of the connection (`ct_mark`) when committing.
+        exec: Vec<Action>,
+    },
 }
 
 const OFPAT_COPY_FIELD: u16 = 28;
+/// `OFPAT_EXPERIMENTER` and the Nicira vendor id, for `NXAST_*` actions.
+const OFPAT_EXPERIMENTER: u16 = 0xffff;
+const NX_VENDOR_ID: u32 = 0x0000_2320;
+const NXAST_CT: u16 = 35;
+/// `NX_CT_F_COMMIT`.
+const NX_CT_F_COMMIT: u16 = 1;
+/// `NX_CT_RECIRC_NONE`.
+const NX_CT_RECIRC_NONE: u8 = 255;
 
 impl Action {
     /// `move:src[]->dst[]` of whole fields of equal width.
@@ -518,6 +549,29 @@ impl Action {
                 out.extend_from_slice(&8u16.to_be_bytes());
                 out.extend_from_slice(&[0; 4]);
             }
+            Action::Ct {
+                commit,
+                zone,
+                table,
+                exec,
+            } => {
+                // struct nx_action_conntrack: 24 bytes, then the nested actions.
+                out.extend_from_slice(&OFPAT_EXPERIMENTER.to_be_bytes());
+                out.extend_from_slice(&[0, 0]);
+                out.extend_from_slice(&NX_VENDOR_ID.to_be_bytes());
+                out.extend_from_slice(&NXAST_CT.to_be_bytes());
+                let flags = if *commit { NX_CT_F_COMMIT } else { 0 };
+                out.extend_from_slice(&flags.to_be_bytes());
+                out.extend_from_slice(&0u32.to_be_bytes()); // zone_src: 0 = immediate
+                out.extend_from_slice(&zone.to_be_bytes()); // zone_imm
+                out.push(table.unwrap_or(NX_CT_RECIRC_NONE));
+                out.extend_from_slice(&[0; 3]);
+                out.extend_from_slice(&0u16.to_be_bytes()); // alg: none
+                for a in exec {
+                    a.encode(out);
+                }
+                pad8(out, start);
+            }
         }
         let len = (out.len() - start) as u16;
         out[start + 2..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -547,6 +601,26 @@ impl Action {
                 dst_ofs + n_bits - 1
             ),
             Action::DecTtl => "dec_ttl".into(),
+            Action::Ct {
+                commit,
+                zone,
+                table,
+                exec,
+            } => {
+                let mut parts = Vec::new();
+                if *commit {
+                    parts.push("commit".to_owned());
+                }
+                if let Some(t) = table {
+                    parts.push(format!("table={t}"));
+                }
+                parts.push(format!("zone={zone}"));
+                if !exec.is_empty() {
+                    let e: Vec<String> = exec.iter().map(Action::to_ofctl).collect();
+                    parts.push(format!("exec({})", e.join(",")));
+                }
+                format!("ct({})", parts.join(","))
+            }
         }
     }
 }
@@ -1047,6 +1121,43 @@ mod tests {
                     .tun_src(Ipv4Addr::new(172, 18, 0, 12))
                     .ip(),
                 vec![Instruction::GotoTable(30)],
+            ),
+            FlowMod::add(
+                0,
+                200,
+                6,
+                Match::new().in_port(1).ip(),
+                vec![
+                    Instruction::ApplyActions(vec![Action::Ct {
+                        commit: true,
+                        zone: 65520,
+                        table: None,
+                        exec: vec![Action::SetField(Field::CtMark, 1u32.to_be_bytes().to_vec())],
+                    }]),
+                    Instruction::GotoTable(30),
+                ],
+            ),
+            FlowMod::add(
+                25,
+                200,
+                6,
+                Match::new().ip().ipv4_dst(Ipv4Addr::new(10, 244, 1, 0), 24),
+                vec![Instruction::ApplyActions(vec![Action::Ct {
+                    commit: false,
+                    zone: 65520,
+                    table: Some(30),
+                    exec: vec![],
+                }])],
+            ),
+            FlowMod::add(
+                30,
+                210,
+                6,
+                Match::new().ct_state(0x28, 0x28).ct_mark(1, 1).ip(),
+                vec![Instruction::ApplyActions(vec![
+                    Action::set_mac(Field::EthDst, gw()),
+                    Action::Output(1),
+                ])],
             ),
         ]
     }
