@@ -235,7 +235,7 @@ impl Metrics {
         self.0.ready.set(i64::from(g.ready));
     }
 
-    /// The registry in the OpenMetrics text format (which Prometheus scrapes, and whose
+    /// The registry in the OpenMetrics text format (what Prometheus asks for, and whose
     /// `# EOF` line ends the document).
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -243,6 +243,48 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.0.registry);
         out
     }
+
+    /// The registry in Prometheus' older text format (`text/plain; version=0.0.4`), for
+    /// clients that do not ask for OpenMetrics (curl, `promtool check metrics`, older
+    /// scrapers). The samples are the same; only the metadata differs: a counter family is
+    /// named with its `_total` suffix, and there are no `# UNIT` and `# EOF` lines.
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+}
+
+/// Converts an OpenMetrics document into the Prometheus text format 0.0.4 (see
+/// [`Metrics::encode_text`]).
+fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let tail = if tail == "unknown" { "untyped" } else { tail };
+                if counters.contains(name) {
+                    out.push_str(&format!("{p}{name}_total {tail}\n"));
+                } else {
+                    out.push_str(&format!("{p}{name} {tail}\n"));
+                }
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// What the node holds right now, for the gauges of [`Metrics::set_node`].
@@ -356,6 +398,20 @@ mod tests {
         assert!(text.contains("ferrea_agent_process_cpu_seconds_total"));
         assert!(text.contains("ferrea_agent_process_resident_memory_bytes"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn the_text_format_names_counters_with_total_and_has_no_eof() {
+        let m = Metrics::new();
+        m.cni_request("add", "success", Duration::from_millis(1));
+        let text = m.encode_text();
+        assert!(text.contains("# TYPE ferrea_agent_cni_requests_total counter\n"));
+        assert!(text.contains("# HELP ferrea_agent_cni_requests_total CNI requests"));
+        assert!(text.contains("# TYPE ferrea_agent_cni_request_duration_seconds histogram\n"));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+        assert!(
+            text.contains("ferrea_agent_cni_requests_total{verb=\"add\",result=\"success\"} 1")
+        );
     }
 
     #[test]

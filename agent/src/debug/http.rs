@@ -1,7 +1,9 @@
 //! The metrics and health endpoint (`metrics.bindAddress`):
 //!
-//! - `GET /metrics`: every metric of [`crate::metrics::Metrics`] in the OpenMetrics text
-//!   format Prometheus scrapes (`# EOF`-terminated), the node gauges refreshed first.
+//! - `GET /metrics`: every metric of [`crate::metrics::Metrics`], the node gauges refreshed
+//!   first: in the OpenMetrics text format when the client asks for it (Prometheus does, in
+//!   its `Accept` header), else in Prometheus' text format 0.0.4 (curl, `promtool check
+//!   metrics`), as the Go client does.
 //! - `GET /livez`: 200 while the process answers (the kubelet restarts an agent that stops
 //!   answering).
 //! - `GET /readyz`: 200 once the CNI server serves requests, 503 with the reason before
@@ -11,7 +13,7 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
@@ -36,10 +38,21 @@ pub enum HttpError {
 
 /// The content type of the OpenMetrics text format.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of Prometheus' text format.
+const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-async fn metrics(State(ctx): State<DebugContext>) -> impl IntoResponse {
+async fn metrics(State(ctx): State<DebugContext>, headers: HeaderMap) -> impl IntoResponse {
     ctx.refresh_metrics();
-    ([(header::CONTENT_TYPE, OPENMETRICS)], ctx.metrics.encode())
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        ([(header::CONTENT_TYPE, OPENMETRICS)], ctx.metrics.encode())
+    } else {
+        ([(header::CONTENT_TYPE, TEXT)], ctx.metrics.encode_text())
+    }
 }
 
 async fn livez() -> &'static str {
