@@ -88,6 +88,19 @@ impl Client {
     /// Turns a failed call into an error naming the call and what to do.
     pub fn failed(&self, call: &str, s: tonic::Status) -> anyhow::Error {
         use tonic::Code;
+        let transport = matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ) && !s.message().contains("not ready");
+        // A non-root process that could open the socket (its mode was widened) is dropped by
+        // the agent's SO_PEERCRED check before any answer: the connection just ends.
+        if transport && !nix::unistd::Uid::effective().is_root() {
+            return anyhow!(
+                "{call}: ferrea-agent closed the connection on {}: the debug API serves only \
+                 root (uid 0); run ferreactl as root",
+                self.socket.display()
+            );
+        }
         match s.code() {
             Code::Unavailable if s.message().contains("not ready") => {
                 anyhow!("{call}: {} (try again in a few seconds)", s.message())

@@ -308,12 +308,26 @@ fn remotenodes_and_egress_views(dp: Dataplane) {
     assert_eq!(held.len(), 1, "{v:#}");
     assert_eq!(held[0]["ip"], s.ip.to_string());
     assert_eq!(held[0]["vlan"], 100);
-    let rp = v["rpFilter"].as_array().unwrap();
-    assert!(
-        rp.iter()
-            .any(|r| r["interface"] == "ferrea-ext.100" && r["want"] == "2" && r["found"] == "2"),
-        "{v:#}"
-    );
+    // rp_filter 2 on the sub-interface: wanted, and found at the next check (every second)
+    // after the first setting.
+    let rp_ok = |v: &Value| {
+        v["rpFilter"].as_array().is_some_and(|rp| {
+            rp.iter().any(|r| {
+                r["interface"] == "ferrea-ext.100" && r["want"] == "2" && r["found"] == "2"
+            })
+        })
+    };
+    let v = wait_for(Duration::from_secs(5), || {
+        let v = ctl::json(holder, &["get", "egressnode"]).ok()?;
+        rp_ok(&v).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("rp_filter never found 2: {v:#}"));
+    let sysctl = holder
+        .ns()
+        .sh(&["sysctl", "-n", "net.ipv4.conf.ferrea-ext/100.rp_filter"])
+        .unwrap();
+    assert_eq!(sysctl.trim(), "2", "what the kernel holds");
+    assert_eq!(v["held"][0]["ip"], s.ip.to_string());
     let text = ctl::ok(holder, &["get", "egressnode"]).unwrap();
     assert!(
         text.contains(&s.ip.to_string()) && text.contains("ferrea-ext.100"),
