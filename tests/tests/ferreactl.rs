@@ -24,7 +24,30 @@ dataplane_tests!(
     nodeportlocal_mappings_point_at_the_pod,
     non_root_clients_are_refused,
     a_killed_agent_is_named,
+    readiness_and_why_not_while_starting,
 );
+
+/// The completion scripts need no agent.
+#[test]
+fn completion_scripts_name_the_commands() {
+    for (shell, needle) in [
+        ("bash", "_ferreactl"),
+        ("zsh", "#compdef ferreactl"),
+        ("fish", "complete -c ferreactl"),
+    ] {
+        let out = std::process::Command::new(ferrea_tests::bin("ferreactl"))
+            .args(["completion", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(needle), "{shell}: no {needle:?}");
+        assert!(
+            text.contains("podinterface") && text.contains("supportbundle"),
+            "{shell}"
+        );
+    }
+}
 
 /// The item of a JSON list whose `key` is `value`.
 fn find<'a>(items: &'a Value, key: &str, value: &str) -> &'a Value {
@@ -62,7 +85,9 @@ fn agentinfo_podinterface_and_dump_show_the_node(dp: Dataplane) {
     assert_eq!(info["localPods"], 2);
     assert!(info["transportMTU"].as_u64().unwrap() >= 1280, "{info}");
     assert!(info["tunnel"].as_str().unwrap().contains("vxlan"), "{info}");
-    let table = ctl::table(&ctl::ok(&node, &["get", "agentinfo"]).unwrap());
+    let table_text = ctl::ok(&node, &["get", "agentinfo"]).unwrap();
+    eprintln!("$ ferreactl get agentinfo\n{table_text}");
+    let table = ctl::table(&table_text);
     let field = |f: &str| {
         table
             .iter()
@@ -110,7 +135,9 @@ fn agentinfo_podinterface_and_dump_show_the_node(dp: Dataplane) {
     assert_eq!(one[0]["ip"], a.ip().to_string());
     let none = ctl::json(&node, &["get", "podinterface", "-n", "kube-system"]).unwrap();
     assert_eq!(none, serde_json::json!([]));
-    let rows = ctl::table(&ctl::ok(&node, &["get", "podinterface"]).unwrap());
+    let rows_text = ctl::ok(&node, &["get", "podinterface"]).unwrap();
+    eprintln!("$ ferreactl get podinterface\n{rows_text}");
+    let rows = ctl::table(&rows_text);
     let row = rows
         .iter()
         .find(|r| r["IP"] == a.ip().to_string())
@@ -140,6 +167,14 @@ fn agentinfo_podinterface_and_dump_show_the_node(dp: Dataplane) {
                 .filter(|r| r["kind"] == "pod" && r["object"] == a_ip)
                 .collect();
             assert!(pod_flows.len() >= 2, "{d:#}");
+            // The matches are decoded: the pod's address is matched on.
+            assert!(
+                pod_flows.iter().any(|r| r["match"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("ip_dst={a_ip}"))),
+                "{pod_flows:?}"
+            );
             assert!(
                 pod_flows
                     .iter()
@@ -178,6 +213,7 @@ fn agentinfo_podinterface_and_dump_show_the_node(dp: Dataplane) {
     assert!(!text.contains(&format!("\"{}\"", b.ip())), "{only:#}");
     // The table shows the same.
     let t = ctl::ok(&node, &["dump", "dataplane"]).unwrap();
+    eprintln!("$ ferreactl dump dataplane\n{t}");
     assert!(t.contains(&a_ip), "{t}");
     let missing = ctl::run(&node, &["dump", "dataplane", "-p", "no-such-pod"]).unwrap();
     assert!(!missing.status.success());
@@ -457,4 +493,49 @@ fn a_killed_agent_is_named(dp: Dataplane) {
     node.agent().restart().unwrap();
     let info = ctl::json(&node, &["get", "agentinfo"]).unwrap();
     assert_eq!(info["ready"], true);
+}
+
+fn readiness_and_why_not_while_starting(dp: Dataplane) {
+    let mut node = SimNode::start(NodeOptions::new(dp)).unwrap();
+    // Without its Node object the agent cannot start the node: it serves the debug API and
+    // the health endpoint, and says what it waits for.
+    node.agent().stop().unwrap();
+    std::fs::remove_file(node.manifests().join("node.yaml")).unwrap();
+    node.agent().spawn().unwrap();
+    let info = wait_for(Duration::from_secs(10), || {
+        ctl::json(&node, &["get", "agentinfo"]).ok()
+    })
+    .expect("the debug API answers while the agent starts");
+    assert_eq!(info["ready"], false, "{info:#}");
+    let why = info["notReadyReason"].as_str().unwrap();
+    assert!(why.contains("waiting for this node's Node object"), "{why}");
+    assert_eq!(info["podCIDR"], "");
+    let t = ctl::table(&ctl::ok(&node, &["get", "agentinfo"]).unwrap());
+    let ready = t.iter().find(|r| r["FIELD"] == "READY").unwrap();
+    assert_eq!(ready["VALUE"], "false");
+    let o = ctl::run(&node, &["get", "podinterface"]).unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not ready yet") && stderr(&o).contains("try again"),
+        "{}",
+        stderr(&o)
+    );
+    let (st, body) = ctl::http_get(&node, "/readyz").unwrap();
+    assert_eq!(st, 503);
+    assert!(
+        body.contains("waiting for this node's Node object"),
+        "{body}"
+    );
+    assert_eq!(ctl::http_get(&node, "/livez").unwrap().0, 200);
+    // The Node object comes back: ready.
+    let (file, text) = node.manifest_entry();
+    std::fs::write(node.manifests().join(file), text).unwrap();
+    let info = wait_for(Duration::from_secs(20), || {
+        let i = ctl::json(&node, &["get", "agentinfo"]).ok()?;
+        (i["ready"] == true).then_some(i)
+    })
+    .expect("ready once the Node object is there");
+    assert_eq!(info["podCIDR"], node.pod_cidr());
+    assert_eq!(info["notReadyReason"], "");
+    assert_eq!(ctl::http_get(&node, "/readyz").unwrap().0, 200);
 }

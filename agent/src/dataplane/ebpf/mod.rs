@@ -748,7 +748,11 @@ impl Dataplane for EbpfDataplane {
         let mut out = maps::dump(st.maps.as_ref(), pod);
         // Where the programs are: the cls_bpf slot ferrea attaches them in, on each pod's
         // host veth (the interfaces of the endpoint map) and on the tunnel device.
-        let slot = format!("cls_bpf prio {TC_PRIORITY} handle {TC_HANDLE:?}");
+        // `tc filter show` prints the handle as one hexadecimal number.
+        let slot = format!(
+            "cls_bpf prio {TC_PRIORITY} handle {:#x}",
+            u32::from(TC_HANDLE)
+        );
         let mut at = DumpSection::new(
             "attachments",
             &["interface", "ifindex", "hook", "program", "slot"],

@@ -1408,12 +1408,15 @@ impl Dataplane for OvsDataplane {
             if out.last().is_none_or(|s| s.name != name) {
                 out.push(DumpSection::new(
                     name,
-                    &["priority", "kind", "object", "packets", "bytes", "cookie"],
+                    &[
+                        "priority", "match", "kind", "object", "packets", "bytes", "cookie",
+                    ],
                 ));
             }
             let (kind, object) = cookie::describe(f.cookie);
             out.last_mut().expect("pushed above").rows.push(vec![
                 f.priority.to_string(),
+                f.matches,
                 kind.to_owned(),
                 object,
                 f.packets.to_string(),
