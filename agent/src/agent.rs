@@ -149,6 +149,8 @@ fn dp_err(op: &'static str) -> impl FnOnce(DataplaneError) -> StartError {
 pub struct Hooks {
     /// The process's reloadable log filter, for `ferreactl log-level`.
     pub log: Option<Arc<dyn LogControl>>,
+    /// The process's recent log lines, for `ferreactl supportbundle`.
+    pub recent_logs: Option<crate::debug::LogRing>,
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -229,6 +231,7 @@ pub async fn run_with(
         node: started_parts.clone(),
         egress: egress_views.clone(),
         log: hooks.log.clone(),
+        recent_logs: hooks.recent_logs.clone(),
         metrics: metrics.clone(),
         metrics_address: cfg.metrics.enable.then_some(cfg.metrics.bind_address),
     };

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::Parser;
-use ferrea_agent::debug::{LogControl, LogFilterError};
+use ferrea_agent::debug::{LogControl, LogFilterError, LogRing};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
@@ -58,7 +58,11 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "info".to_owned());
     let (filter, handle) = reload::Layer::new(EnvFilter::new(&directives));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let registry = tracing_subscriber::registry().with(filter);
+    // The last MiB of log lines stays in memory for `ferreactl supportbundle`.
+    let ring = LogRing::new(1 << 20);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt::layer().with_ansi(false).with_writer(ring.clone()));
     if args.log_json {
         registry
             .with(fmt::layer().json().with_writer(std::io::stderr))
@@ -78,7 +82,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let hooks = ferrea_agent::agent::Hooks { log: Some(log) };
+    let hooks = ferrea_agent::agent::Hooks {
+        log: Some(log),
+        recent_logs: Some(ring),
+    };
     Ok(rt.block_on(ferrea_agent::agent::run_with(cfg, hooks, shutdown_signal()))?)
 }
 

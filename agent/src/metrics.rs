@@ -415,6 +415,20 @@ mod tests {
     }
 
     #[test]
+    fn counting_a_request_is_negligible_next_to_an_add() {
+        let m = Metrics::new();
+        let n = 100_000;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            m.cni_request("add", "success", Duration::from_millis(10));
+        }
+        let per = t.elapsed() / n;
+        eprintln!("Metrics::cni_request: {per:?} per call");
+        // Debug build, shared cores: generous. An ADD takes ~10 ms.
+        assert!(per < Duration::from_micros(20), "{per:?}");
+    }
+
+    #[test]
     fn reconcile_errors_and_node_gauges() {
         let m = Metrics::new();
         m.reconciled("egress", Duration::from_millis(2), true);

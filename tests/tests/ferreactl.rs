@@ -260,8 +260,6 @@ fn log_level_and_supportbundle(dp: Dataplane) {
             dir.path().to_str().unwrap(),
             "--agent-config",
             config.to_str().unwrap(),
-            "--agent-log",
-            node.dir().join("agent.log").to_str().unwrap(),
         ],
     )
     .unwrap();
@@ -294,6 +292,13 @@ fn log_level_and_supportbundle(dp: Dataplane) {
         .unwrap();
     let info: Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["nodeName"], node.name());
+    // The log comes from the agent's memory: its start-up lines are there.
+    let log = std::process::Command::new("tar")
+        .args(["xzOf", archive, "--wildcards", "*/agent/agent.log"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&log.stdout);
+    assert!(log.contains("CNI server listening"), "{log}");
     let nft = std::process::Command::new("tar")
         .args(["xzOf", archive, "--wildcards", "*/node/nft-ruleset.txt"])
         .output()

@@ -59,6 +59,64 @@ pub trait LogControl: Send + Sync {
     fn set_filter(&self, directives: &str) -> Result<(), LogFilterError>;
 }
 
+/// The agent's most recent log output, kept in memory (at most `cap` bytes, cut at a line
+/// start) for `ferreactl supportbundle`: a DaemonSet's agent logs to its container's
+/// stderr, which nothing on the node may keep. A second `fmt` layer writes into it
+/// ([`tracing_subscriber::fmt::MakeWriter`]). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct LogRing {
+    buf: Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>,
+    cap: usize,
+}
+
+impl LogRing {
+    /// A ring of `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            buf: Arc::default(),
+            cap,
+        }
+    }
+
+    /// What it holds, oldest first.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        b.iter().copied().collect()
+    }
+}
+
+/// The writer of one log event into a [`LogRing`].
+pub struct RingWriter(LogRing);
+
+impl std::io::Write for RingWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut b = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
+        b.extend(data);
+        if b.len() > self.0.cap {
+            // Drop whole lines from the front.
+            let over = b.len() - self.0.cap;
+            let cut = b
+                .iter()
+                .skip(over)
+                .position(|c| *c == b'\n')
+                .map_or(b.len(), |i| over + i + 1);
+            b.drain(..cut);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogRing {
+    type Writer = RingWriter;
+    fn make_writer(&'a self) -> RingWriter {
+        RingWriter(self.clone())
+    }
+}
+
 /// The parts that exist once the node is up (set once by the wiring).
 #[derive(Clone)]
 pub struct Started {
@@ -87,6 +145,8 @@ pub struct DebugContext {
     pub egress: EgressViews,
     /// The log filter, when the process has a reloadable one.
     pub log: Option<Arc<dyn LogControl>>,
+    /// The recent log lines, when the process keeps them.
+    pub recent_logs: Option<LogRing>,
     /// The metrics.
     pub metrics: Metrics,
     /// Where the metrics endpoint listens (`None`: off).
@@ -116,5 +176,23 @@ impl DebugContext {
         }
         self.metrics.set_node(g);
         self.metrics.set_source_synced(*self.synced.borrow());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn the_log_ring_keeps_the_last_whole_lines() {
+        let r = LogRing::new(16);
+        let mut w = tracing_subscriber::fmt::MakeWriter::make_writer(&r);
+        w.write_all(b"first line\n").unwrap();
+        w.write_all(b"second\n").unwrap();
+        w.write_all(b"third\n").unwrap();
+        assert_eq!(r.snapshot(), b"second\nthird\n");
+        w.write_all(b"a line longer than the ring\n").unwrap();
+        assert!(r.snapshot().len() <= 16);
     }
 }

@@ -404,6 +404,18 @@ impl Debug for DebugService {
         }))
     }
 
+    async fn recent_logs(
+        &self,
+        _: Request<pb::RecentLogsRequest>,
+    ) -> Result<Response<pb::RecentLogsReply>, Status> {
+        match &self.ctx.recent_logs {
+            Some(r) => Ok(Response::new(pb::RecentLogsReply { text: r.snapshot() })),
+            None => Err(Status::unimplemented(
+                "this agent keeps no log lines in memory",
+            )),
+        }
+    }
+
     async fn log_level(
         &self,
         req: Request<pb::LogLevelRequest>,

@@ -1,7 +1,7 @@
 //! `ferreactl supportbundle -d DIR`: one `.tar.gz` with what a bug report needs: the agent's
 //! own views (agent info, pod interfaces, remote nodes, Egress, NodePortLocal, the dataplane
-//! dump, the log filter), the agent's configuration file, the node's nftables ruleset,
-//! links, addresses, routes (every table) and rules, and the agent's recent log.
+//! dump, the log filter, its recent log lines), the agent's configuration file, the node's
+//! nftables ruleset, links, addresses, routes (every table) and rules.
 //!
 //! Each part is collected on its own: one that fails (a command missing on the node, a file
 //! not readable) is named in `errors.txt` and the rest still goes in. The node commands run
@@ -26,8 +26,9 @@ pub struct Args {
     /// The agent's configuration file, included as it is.
     #[arg(long, default_value = "/etc/ferrea/agent.yaml")]
     agent_config: PathBuf,
-    /// The agent's log file; its last MiB is included. Without it, the last 5000 lines of
-    /// `journalctl -u ferrea-agent` are tried.
+    /// The agent's log file; its last MiB is included. Without it, the last MiB the agent
+    /// keeps in memory (a DaemonSet's agent logs to its container's stderr), else the last
+    /// 5000 lines of `journalctl -u ferrea-agent`.
     #[arg(long)]
     agent_log: Option<PathBuf>,
 }
@@ -156,14 +157,20 @@ pub async fn run(mut c: Client, a: Args, out: &mut dyn Write) -> anyhow::Result<
     for (file, prog, args) in NODE_COMMANDS {
         node_command(&mut b, file, prog, args).await;
     }
-    match &a.agent_log {
-        Some(p) => match tail(p, LOG_TAIL) {
+    let in_memory = c
+        .api
+        .recent_logs(ferrea_proto::debug::v1::RecentLogsRequest {})
+        .await
+        .map(|r| r.into_inner().text);
+    match (&a.agent_log, in_memory) {
+        (Some(p), _) => match tail(p, LOG_TAIL) {
             Ok(d) => b.add("agent/agent.log", d),
             Err(e) => b
                 .errors
                 .push(format!("agent/agent.log: reading {}: {e}", p.display())),
         },
-        None => {
+        (None, Ok(text)) if !text.is_empty() => b.add("agent/agent.log", text),
+        (None, _) => {
             node_command(
                 &mut b,
                 "agent/agent.log",
