@@ -235,10 +235,15 @@ pub async fn run_with(
         metrics: metrics.clone(),
         metrics_address: cfg.metrics.enable.then_some(cfg.metrics.bind_address),
     };
-    let debug_server = tokio::spawn(crate::debug::service::serve(
-        debug_listener,
-        debug_ctx.clone(),
-    ));
+    // The debug API failing is no reason to stop serving pods: it is logged.
+    let debug_server = tokio::spawn({
+        let ctx = debug_ctx.clone();
+        async move {
+            if let Err(e) = crate::debug::service::serve(debug_listener, ctx).await {
+                tracing::error!(error = %error_chain(&e), "the debug API stopped");
+            }
+        }
+    });
     tracing::info!(socket = %debug_socket.display(), "debug API listening");
     let http = if cfg.metrics.enable {
         let serve = crate::debug::http::bind(cfg.metrics.bind_address, debug_ctx).await?;
