@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Installs what ferrea's build, demo and tests need on a Debian machine, idempotently:
 # Debian packages (iproute2, nftables, OVS, iperf3, tcpdump, reference CNI plugins, openssl,
-# podman deps), the Kubernetes binaries the suite runs (kube-apiserver, kubectl, etcd,
-# kube-proxy), the toolchain's rustfmt and clippy components, cargo-nextest (the suite's test
-# runner), and
+# podman deps, prometheus: the metrics tests run a real server in a node's namespace), the
+# Kubernetes binaries the suite runs (kube-apiserver, kubectl, etcd, kube-proxy), the
+# toolchain's rustfmt and clippy components, cargo-nextest (the suite's test runner), and
 # bpf-linker built against the stable toolchain's own libLLVM: rustc emits LLVM bitcode for
 # the eBPF crate and only a linker built on the same LLVM major version can read it, which
 # needs no nightly toolchain and no rust-src.
 set -euo pipefail
 
 PKGS=(iproute2 nftables iptables iperf3 tcpdump ethtool openvswitch-switch
-      containernetworking-plugins procps psmisc jq iputils-ping netcat-openbsd openssl)
+      containernetworking-plugins procps psmisc jq iputils-ping netcat-openbsd openssl
+      prometheus)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -20,7 +21,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # Do not let the package's init scripts start OVS daemons in the root namespace.
+  # Do not let the packages' init scripts start daemons (OVS, prometheus) in the root
+  # namespace: the tests start their own, inside the namespaces they build.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT

@@ -17,6 +17,12 @@
 //!    ([`crate::controllers::node`]: other nodes, dataplane upkeep), NodePortLocal
 //!    ([`crate::controllers::npl`]) and Egress ([`crate::controllers::egress`]).
 //!
+//! Beside the CNI socket, from the first moment: the debug API (`ferrea.debug.v1` on its own
+//! root-only socket, [`crate::debug::service`]) and, unless `metrics.enable` is false, the
+//! metrics and health endpoint ([`crate::debug::http`]); both answer during start-up with
+//! what is known so far. The [`Metrics`] handle made here goes to the CNI server, the
+//! source, the reconcile runner and the controllers.
+//!
 //! Stopping (SIGTERM/SIGINT) closes the socket and leaves the dataplane in place, so running
 //! pods keep their traffic while the agent is down or being upgraded.
 
@@ -36,9 +42,13 @@ use crate::controllers::node::{NodeReconciler, remote_nodes};
 use crate::controllers::npl::{KubeStatusSink, LocalStatusView, StatusSink};
 use crate::controllers::runner::{self, Wakers, error_chain};
 use crate::dataplane::{Dataplane, DataplaneError, NodeNetwork, RemoteNode};
+use crate::debug::http::HttpError;
+use crate::debug::service::DebugSocketError;
+use crate::debug::{DebugContext, LogControl, Started};
 use crate::kernel::nftables::{NatError, NatSpec, NatTable};
 use crate::kernel::sysctl::{self, SysctlError};
 use crate::kernel::transport::TransportError;
+use crate::metrics::Metrics;
 use crate::pods::podnet::NetlinkPodNet;
 use crate::pods::store::{Store, StoreError};
 use crate::pods::{PodError, PodManager};
@@ -61,6 +71,12 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The debug socket could not be prepared.
+    #[error(transparent)]
+    DebugSocket(#[from] DebugSocketError),
+    /// The metrics endpoint could not start, or stopped.
+    #[error(transparent)]
+    Metrics(#[from] HttpError),
     /// The CNI gRPC server failed.
     #[error("CNI server")]
     Server(#[source] tonic::transport::Error),
@@ -128,20 +144,47 @@ fn dp_err(op: &'static str) -> impl FnOnce(DataplaneError) -> StartError {
     move |source| StartError::Dataplane { op, source }
 }
 
+/// What the binary hands the agent beside its configuration.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// The process's reloadable log filter, for `ferreactl log-level`.
+    pub log: Option<Arc<dyn LogControl>>,
+    /// The process's recent log lines, for `ferreactl supportbundle`.
+    pub recent_logs: Option<crate::debug::LogRing>,
+}
+
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    run_with(cfg, Hooks::default(), shutdown).await
+}
+
+/// [`run`] with the binary's [`Hooks`].
+pub async fn run_with(
+    cfg: Config,
+    hooks: Hooks,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let started_at = std::time::Instant::now();
     let cfg = Arc::new(cfg);
+    let metrics = Metrics::new();
     let (ready_tx, ready_rx) = watch::channel(Readiness::Starting(WAITING_FOR_NODE.into()));
     let listener = bind_socket(&cfg.cni_socket)?;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(CniServer::new(CniService::new(ready_rx)))
+            .add_service(CniServer::new(
+                CniService::new(ready_rx.clone()).with_metrics(metrics.clone()),
+            ))
             .serve_with_incoming(UnixListenerStream::new(listener)),
     );
     tracing::info!(socket = %cfg.cni_socket.display(), node = cfg.node_name(), dataplane = ?cfg.dataplane, "CNI server listening");
+    let debug_socket = cfg.debug_socket();
+    let debug_listener = crate::debug::service::bind(&debug_socket)?;
+    let (synced_tx, synced_rx) = watch::channel(false);
+    let started_parts = Arc::new(std::sync::OnceLock::new());
+    let egress_views = egress::EgressViews::default();
 
     // The source, and where status goes back: the same for both from here on.
     let (mut state, kube_client) = match &cfg.source {
@@ -153,8 +196,9 @@ pub async fn run(
             let client = kubernetes::client(kubeconfig.as_deref())
                 .await
                 .map_err(AgentError::Kubernetes)?;
-            let src = kubernetes::spawn(client.clone(), cfg.node_name());
-            tokio::spawn(show_sync(src.sync, ready_tx.clone()));
+            let src = kubernetes::spawn(client.clone(), cfg.node_name(), metrics.clone());
+            tokio::spawn(show_sync(src.sync.clone(), ready_tx.clone()));
+            tokio::spawn(forward_sync(src.sync, synced_tx.clone()));
             let origin = kubeconfig
                 .as_ref()
                 .map_or_else(|| "in-cluster".to_owned(), |p| p.display().to_string());
@@ -178,8 +222,54 @@ pub async fn run(
             ),
         };
 
+    let debug_ctx = DebugContext {
+        cfg: cfg.clone(),
+        started_at,
+        ready: ready_rx.clone(),
+        state: state.clone(),
+        synced: synced_rx,
+        node: started_parts.clone(),
+        egress: egress_views.clone(),
+        log: hooks.log.clone(),
+        recent_logs: hooks.recent_logs.clone(),
+        metrics: metrics.clone(),
+        metrics_address: cfg.metrics.enable.then_some(cfg.metrics.bind_address),
+    };
+    // The debug API failing is no reason to stop serving pods: it is logged.
+    let debug_server = tokio::spawn({
+        let ctx = debug_ctx.clone();
+        async move {
+            if let Err(e) = crate::debug::service::serve(debug_listener, ctx).await {
+                tracing::error!(error = %error_chain(&e), "the debug API stopped");
+            }
+        }
+    });
+    tracing::info!(socket = %debug_socket.display(), "debug API listening");
+    let http = if cfg.metrics.enable {
+        let serve = crate::debug::http::bind(cfg.metrics.bind_address, debug_ctx).await?;
+        tracing::info!(address = %cfg.metrics.bind_address, "metrics and health endpoint listening");
+        Some(tokio::spawn(serve))
+    } else {
+        None
+    };
+    let http_failed = async {
+        match http {
+            Some(h) => match h.await {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => HttpError::Serve(std::io::Error::other("the server stopped")),
+                Err(e) => HttpError::Serve(std::io::Error::other(e)),
+            },
+            None => std::future::pending().await,
+        }
+    };
+
     let main = async {
         let mut node = wait_for_node(&cfg, &mut state).await?;
+        // The files source delivered a state with this node in it: it is synced. (The
+        // Kubernetes source says so itself, through `forward_sync`.)
+        if matches!(cfg.source, SourceConfig::Files { .. }) {
+            synced_tx.send_replace(true);
+        }
         ready_tx.send_replace(Readiness::Starting(
             "the dataplane is being initialised".into(),
         ));
@@ -209,6 +299,10 @@ pub async fn run(
                 }
             }
         };
+        let _ = started_parts.set(Started {
+            pods: pm.clone(),
+            nat: nat.clone(),
+        });
         ready_tx.send_replace(Readiness::Ready(pm.clone()));
         tracing::info!(node = %node.name, pod_cidr = ?node.pod_cidr, "agent ready");
         crate::controllers::npl::start(
@@ -219,6 +313,7 @@ pub async fn run(
             &nat,
             state.clone(),
             status_sink.clone(),
+            metrics.clone(),
         );
         let mut cluster = cfg.cluster_cidrs.clone();
         cluster.push(cfg.service_cidr);
@@ -230,6 +325,8 @@ pub async fn run(
                 transport: pm.node().transport.ifname.clone(),
                 gateway_if: crate::net::GATEWAY_IFNAME.to_owned(),
                 state_dir: cfg.state_dir.clone(),
+                metrics: metrics.clone(),
+                views: egress_views.clone(),
             },
             pm.clone(),
             nat.clone(),
@@ -248,27 +345,30 @@ pub async fn run(
             applied,
             nat.clone(),
         );
-        runner::run(
+        runner::run_observed(
             node_ctl,
             state.clone(),
             Wakers::none(),
             crate::controllers::node::runner_config(),
+            metrics.clone(),
         )
         .await;
         Err::<(), _>(AgentError::SourceStopped)
     };
-    tokio::select! {
-        r = main => { cleanup_socket(&cfg); r?; }
-        r = server => {
-            cleanup_socket(&cfg);
-            r.map_err(AgentError::ServerTask)?.map_err(AgentError::Server)?;
-        }
+    let result = tokio::select! {
+        r = main => r,
+        r = server => r
+            .map_err(AgentError::ServerTask)
+            .and_then(|r| r.map_err(AgentError::Server)),
+        e = http_failed => Err(AgentError::Metrics(e)),
         _ = shutdown => {
             tracing::info!("shutting down; pods keep their network");
-            cleanup_socket(&cfg);
+            Ok(())
         }
-    }
-    Ok(())
+    };
+    debug_server.abort();
+    cleanup_socket(&cfg);
+    result
 }
 
 /// Why CNI requests wait before the node's `Node` object is known.
@@ -328,6 +428,21 @@ fn bind_socket(path: &std::path::Path) -> Result<UnixListener, AgentError> {
 
 fn cleanup_socket(cfg: &Config) {
     let _ = std::fs::remove_file(&cfg.cni_socket);
+    let _ = std::fs::remove_file(cfg.debug_socket());
+}
+
+/// Mirrors the Kubernetes source's sync state into the debug API's and the metrics' flag.
+async fn forward_sync(
+    mut sync: watch::Receiver<kubernetes::SyncState>,
+    synced: watch::Sender<bool>,
+) {
+    loop {
+        let s = sync.borrow_and_update().is_synced();
+        synced.send_replace(s);
+        if sync.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn wait_for_node(

@@ -174,6 +174,15 @@ pub struct Config {
     /// Unix socket of the CNI gRPC server. Default `/var/run/ferrea/cni.sock`.
     #[serde(default = "default_cni_socket")]
     pub cni_socket: PathBuf,
+    /// Unix socket of the debug API (`ferrea.debug.v1`, for `ferreactl`); root only, like the
+    /// CNI socket, and never the same file. Default: `debug.sock` in the CNI socket's
+    /// directory (`/var/run/ferrea/debug.sock`).
+    #[serde(default)]
+    pub debug_socket: Option<PathBuf>,
+    /// The Prometheus metrics and health endpoints: `enable` (default `true`), `bindAddress`
+    /// (default `0.0.0.0:10350`). See [`MetricsConfig`].
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Directory of the agent's persistent state (IPAM store). Default `/var/lib/ferrea`.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -348,6 +357,17 @@ impl Config {
         if !self.cni_socket.is_absolute() {
             return inv("cniSocket", "must be an absolute path");
         }
+        if let Some(d) = &self.debug_socket
+            && !d.is_absolute()
+        {
+            return inv("debugSocket", "must be an absolute path");
+        }
+        if self.debug_socket() == self.cni_socket {
+            return inv(
+                "debugSocket",
+                "must not be the CNI socket (the debug API has a socket of its own)",
+            );
+        }
         if !self.state_dir.is_absolute() {
             return inv("stateDir", "must be an absolute path");
         }
@@ -381,6 +401,16 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The debug API's socket: `debugSocket`, else `debug.sock` next to the CNI socket.
+    pub fn debug_socket(&self) -> PathBuf {
+        self.debug_socket.clone().unwrap_or_else(|| {
+            self.cni_socket
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join("debug.sock")
+        })
     }
 
     /// The node name (set after [`Config::parse`]).
@@ -476,6 +506,19 @@ mod tests {
                 path: "/etc/ferrea/manifests".into()
             }
         );
+    }
+
+    #[test]
+    fn debug_socket_sits_next_to_the_cni_socket_and_is_never_it() {
+        let c = parse("cniSocket: /run/x/cni.sock\n").unwrap();
+        assert_eq!(c.debug_socket(), PathBuf::from("/run/x/debug.sock"));
+        assert!(c.metrics.enable);
+        assert_eq!(c.metrics.bind_address.port(), 10350);
+        let e = parse("cniSocket: /run/x/cni.sock\ndebugSocket: /run/x/cni.sock\n").unwrap_err();
+        assert_eq!(e.field(), Some("debugSocket"));
+        let c = parse("metrics: {enable: false, bindAddress: \"127.0.0.1:9000\"}\n").unwrap();
+        assert!(!c.metrics.enable);
+        assert_eq!(c.metrics.bind_address.to_string(), "127.0.0.1:9000");
     }
 
     #[test]
@@ -619,6 +662,37 @@ impl Default for OvsConfig {
 
 /// The default NodePortLocal port range (Antrea's on Linux).
 pub const DEFAULT_PORT_RANGE: &str = "61000-62000";
+
+/// `metrics` in the agent configuration: the HTTP endpoint serving `/metrics` (Prometheus'
+/// text format), `/livez` and `/readyz` (the DaemonSet's probes).
+///
+/// On by default: the probes need it, and a scrape costs nothing between scrapes. The port,
+/// 10350, is the one Antrea's agent serves its API and metrics on (10350 is its memberlist
+/// port, which Egress failover will use), and clear of NodePortLocal's default range. With `hostNetwork` the endpoint listens on the node's addresses; bind it to
+/// `127.0.0.1:10350` where only local scrapers and the kubelet's probes should reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Whether the endpoint runs. Default `true`.
+    #[serde(default = "default_true")]
+    pub enable: bool,
+    /// Address and port to listen on. Default `0.0.0.0:10350`.
+    #[serde(default = "default_metrics_address")]
+    pub bind_address: std::net::SocketAddr,
+}
+
+fn default_metrics_address() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 10350))
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enable: true,
+            bind_address: default_metrics_address(),
+        }
+    }
+}
 
 /// `nodePortLocal` in the agent configuration (Antrea's spelling).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,6 +4,8 @@
 //! `tests/architecture.rs`, fails on a cycle):
 //!
 //! - [`config`]: the typed configuration document.
+//! - [`metrics`]: the Prometheus metrics handle the parts count into (no I/O; served by
+//!   [`debug::http`]).
 //! - [`net`]: the node's packet-path contracts every part agrees on (gateway device, tunnel
 //!   key, Egress marks, the transport and tunnel facts).
 //! - [`source`]: the desired state (Nodes, Pods, Services, Egress, ExternalIPPool) and the
@@ -17,6 +19,8 @@
 //! - [`cni`]: the CNI gRPC server and the mapping of errors to CNI codes.
 //! - [`controllers`]: the reconcile runner and the controllers it drives (node changes,
 //!   NodePortLocal, Egress).
+//! - [`debug`]: the local APIs: the `ferrea.debug.v1` service for `ferreactl` on its own
+//!   root-only socket, and the metrics and health endpoints. Reads what the parts hold.
 //! - [`agent`]: the wiring: the order in which the parts start, and how they stop.
 //!
 //! `docs/architecture.md` in the repository walks through a CNI ADD and a desired-state
@@ -27,7 +31,9 @@ pub mod cni;
 pub mod config;
 pub mod controllers;
 pub mod dataplane;
+pub mod debug;
 pub mod kernel;
+pub mod metrics;
 pub mod net;
 pub mod pods;
 pub mod source;

@@ -6,7 +6,9 @@
 //!   `bridge` + `host-local` plugins, 100 pods: sequentially at 20 calls a second (`add`,
 //!   `del`), sequentially back to back (`burst_add`, `burst_del`) and two at a time
 //!   (`parallel_*`). Each call is timed around the plugin process, exactly as a runtime
-//!   experiences it.
+//!   experiences it. The eBPF node is measured again with the metrics endpoint off
+//!   (`ferrea_ebpf_no_metrics_*`); `metrics_overhead_pct` is how much slower the median ADD is
+//!   with metrics on (the goal: under 2%; the noise of one run on 2 shared cores is larger).
 //! - `throughput`: single-stream TCP (iperf3) and 64-byte UDP packet rate between two pods on
 //!   one node through ferrea (both dataplanes), and through a direct veth pair (the limit), a
 //!   Linux bridge and a plain OVS bridge with the NORMAL action (the OVS backend's peer).
@@ -261,6 +263,24 @@ fn cni_latency(fig: &mut Figures) -> anyhow::Result<()> {
         let mut sim = SimNode::start(NodeOptions::new(Dataplane::Ebpf).pod_cidr("10.244.0.0/22"))?;
         latency_series(fig, "ferrea_ebpf", &Ferrea(sim.node_mut().cni()))?;
     }
+    {
+        // The same node with the metrics endpoint off: what counting every request costs.
+        let mut o = NodeOptions::new(Dataplane::Ebpf).pod_cidr("10.244.0.0/22");
+        o.extra_config = "metrics:\n  enable: false\n".into();
+        let mut sim = SimNode::start(o)?;
+        latency_series(fig, "ferrea_ebpf_no_metrics", &Ferrea(sim.node_mut().cni()))?;
+    }
+    for op in ["add", "del"] {
+        let r = ratio(
+            fig,
+            &format!("ferrea_ebpf_{op}_p50_ms"),
+            &format!("ferrea_ebpf_no_metrics_{op}_p50_ms"),
+        );
+        let pct = r.as_f64().map(|r| ((r - 1.0) * 1000.0).round() / 10.0);
+        fig.insert(format!("metrics_overhead_{op}_pct"), json!(pct));
+    }
+    let add = fig.get("metrics_overhead_add_pct").cloned();
+    fig.insert("metrics_overhead_pct".into(), add.unwrap_or(Value::Null));
     {
         let mut sim = SimNode::start(NodeOptions::new(Dataplane::Ovs).pod_cidr("10.244.0.0/22"))?;
         latency_series(fig, "ferrea_ovs", &Ferrea(sim.node_mut().cni()))?;

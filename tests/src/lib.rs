@@ -36,6 +36,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod capture;
 pub mod cni;
+pub mod ctl;
 pub mod egress;
 pub mod fabric;
 pub mod kubeproxy;

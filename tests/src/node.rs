@@ -280,6 +280,21 @@ impl Node {
         &self.cni
     }
 
+    /// The agent's log (every run of it).
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The length of the agent's log now, for [`Node::agent_log_since`].
+    pub fn agent_log_len(&self) -> usize {
+        self.agent_log().len()
+    }
+
+    /// What the agent logged after the log was `len` bytes long.
+    pub fn agent_log_since(&self, len: usize) -> String {
+        self.agent_log().get(len..).unwrap_or_default().to_owned()
+    }
+
     /// The agent process.
     pub fn agent(&mut self) -> &mut Agent {
         &mut self.agent

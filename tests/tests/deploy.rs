@@ -4,8 +4,8 @@
 //! do exactly what the agent needs (`kubectl auth can-i` for every grant and for a few that
 //! must stay refused), the agent configuration in the ConfigMap is one the agent accepts, the
 //! DaemonSet's pod template has the host paths, the downward-API `NODE_NAME`, the tolerations
-//! and the probes, and its init container installs files atomically. `deploy/openshift/scc.yaml`
-//! is only parsed: its kind exists on OpenShift alone.
+//! and the probes (the agent's `/livez` and `/readyz`), and its init container installs files
+//! atomically. `deploy/openshift/scc.yaml` is only parsed: its kind exists on OpenShift alone.
 //!
 //! One test, one [`ApiServer`] (about 10 s).
 
@@ -416,10 +416,17 @@ fn deploy_manifests_apply_with_least_privilege_rbac_and_a_complete_daemonset() {
         agent["resources"]["requests"],
         json!({"cpu": "50m", "memory": "32Mi"})
     );
-    let socket_test = json!(["test", "-S", s(&cfg.cni_socket)]);
-    for probe in ["livenessProbe", "readinessProbe"] {
-        assert_eq!(agent[probe]["exec"]["command"], socket_test, "{probe}");
+    // The probes use the agent's health endpoint, on the port its config serves it.
+    assert!(cfg.metrics.enable, "{cfg:?}");
+    for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz")] {
+        let get = &agent[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert_eq!(get["port"], cfg.metrics.bind_address.port(), "{probe}");
     }
+    assert_eq!(
+        cfg.debug_socket(),
+        std::path::Path::new("/var/run/ferrea/debug.sock")
+    );
     let mounts = host_mounts(pod, agent);
     let want = |path: &str, host: &str, prop: Option<&str>, ro: bool| {
         assert_eq!(

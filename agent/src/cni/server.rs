@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::cni::error::RequestError;
+use crate::metrics::Metrics;
 use crate::pods::podnet::fmt_mac;
 use crate::pods::store::PodRecord;
 use crate::pods::{AddArgs, PodManager};
@@ -40,12 +41,22 @@ pub enum Readiness {
 #[derive(Clone)]
 pub struct CniService {
     ready: watch::Receiver<Readiness>,
+    metrics: Metrics,
 }
 
 impl CniService {
     /// A service that answers `TRY_AGAIN_LATER` until `ready` holds a manager.
     pub fn new(ready: watch::Receiver<Readiness>) -> Self {
-        Self { ready }
+        Self {
+            ready,
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// Counts requests in `metrics` (by verb and result, with their latency).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn manager(&self) -> Result<Arc<PodManager>, RequestError> {
@@ -245,7 +256,44 @@ impl CniService {
             let conf = parse_netconf(&r.network_config)?;
             f(this, conf, r).await
         };
-        Ok(respond(detached(span, work).await))
+        let start = std::time::Instant::now();
+        let res = detached(span, work).await;
+        let result = match &res {
+            Ok(_) => "success",
+            Err(e) => result_label(e.cni_code()),
+        };
+        self.metrics
+            .cni_request(verb_label(op), result, start.elapsed());
+        Ok(respond(res))
+    }
+}
+
+/// The metrics label of a verb (lower case, bounded).
+fn verb_label(op: &'static str) -> &'static str {
+    match op {
+        "ADD" => "add",
+        "DEL" => "del",
+        "CHECK" => "check",
+        "STATUS" => "status",
+        "GC" => "gc",
+        _ => "other",
+    }
+}
+
+/// The metrics label of a failed request: its CNI error class.
+fn result_label(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::TryAgainLater => "try_again_later",
+        ErrorCode::PluginNotAvailable => "plugin_not_available",
+        ErrorCode::IncompatibleCniVersion => "incompatible_cni_version",
+        ErrorCode::UnsupportedField => "unsupported_field",
+        ErrorCode::UnknownContainer => "unknown_container",
+        ErrorCode::InvalidEnvironmentVariables => "invalid_environment_variables",
+        ErrorCode::IoFailure => "io_failure",
+        ErrorCode::DecodingFailure => "decoding_failure",
+        ErrorCode::InvalidNetworkConfig => "invalid_network_config",
+        ErrorCode::LimitedConnectivity => "limited_connectivity",
+        ErrorCode::Internal | ErrorCode::Unspecified => "internal",
     }
 }
 

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::metrics::Metrics;
 use crate::source::DesiredState;
 
 /// What the runner does after a successful reconcile.
@@ -171,12 +172,25 @@ struct Outage {
     last: String,
 }
 
-/// Runs `r` until the desired-state source stops (see the module doc).
+/// Runs `r` until the desired-state source stops (see the module doc), counting into a
+/// private [`Metrics`] nobody scrapes (tests, tools).
 pub async fn run<R: Reconciler>(
+    r: R,
+    desired: watch::Receiver<DesiredState>,
+    wakers: Wakers,
+    cfg: RunnerConfig,
+) {
+    run_observed(r, desired, wakers, cfg, Metrics::new()).await
+}
+
+/// [`run`], recording each pass's duration and failures under the controller's name in
+/// `metrics` (`ferrea_agent_reconcile_duration_seconds`, `ferrea_agent_reconcile_errors_total`).
+pub async fn run_observed<R: Reconciler>(
     mut r: R,
     mut desired: watch::Receiver<DesiredState>,
     mut wakers: Wakers,
     cfg: RunnerConfig,
+    metrics: Metrics,
 ) {
     let name = r.name();
     let mut trigger = Trigger::Start;
@@ -192,6 +206,7 @@ pub async fn run<R: Reconciler>(
             .reconcile(&Desired(&desired), trigger)
             .instrument(span.clone())
             .await;
+        metrics.reconciled(name, started.elapsed(), result.is_ok());
         let _enter = span.enter();
         let (mut requeue, resync_at) = match result {
             Ok(action) => {

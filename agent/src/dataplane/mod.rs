@@ -188,6 +188,29 @@ pub struct PodStats {
     pub drop_spoofed: u64,
 }
 
+/// One table of what a backend holds, decoded for people (`ferreactl dump dataplane`): an
+/// OpenFlow table with its flows' counters, a BPF map with named fields, the attachments.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DumpSection {
+    /// What the table is (`table 30 L3Forwarding`, `map FERREA_EP_IP`).
+    pub name: String,
+    /// The column names.
+    pub columns: Vec<String>,
+    /// The rows, one cell per column.
+    pub rows: Vec<Vec<String>>,
+}
+
+impl DumpSection {
+    /// An empty section with these columns.
+    pub fn new(name: impl Into<String>, columns: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+            rows: Vec::new(),
+        }
+    }
+}
+
 /// Why [`EgressPlan::normalised`] refused a plan.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EgressPlanError {
@@ -480,6 +503,17 @@ pub trait Dataplane: Send + Sync {
 
     /// Counters of one pod, if the backend keeps them.
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError>;
+
+    /// Where a pod is on the packet path, in a few words (OVS: its port and OpenFlow port
+    /// number; eBPF: the programs on its host veth). Read-only; `None` if the backend does
+    /// not know the pod.
+    fn describe_pod(&self, ep: &PodEndpoint) -> Option<String>;
+
+    /// What the packet path holds, for the debug API: OVS, the flows of each table with
+    /// their counters (through the backend's own OpenFlow connection); eBPF, every map
+    /// decoded into named fields and where the programs are attached. `pod`: only that
+    /// pod's entries. Read-only, a snapshot; safe to call concurrently with everything else.
+    async fn dump(&self, pod: Option<&PodEndpoint>) -> Result<Vec<DumpSection>, DataplaneError>;
 }
 
 #[cfg(test)]

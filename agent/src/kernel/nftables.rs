@@ -352,6 +352,16 @@ impl NatTable {
         s
     }
 
+    /// The NodePortLocal rules in the kernel: those of the last successful load, `None`
+    /// when NPL is off or when the last change has not been loaded (a failed nft run).
+    pub async fn installed_npl(&self) -> Option<NplRules> {
+        let st = self.state.lock().await;
+        let current = self.render(&st);
+        (st.applied.as_deref() == Some(current.as_str()))
+            .then(|| st.npl.clone())
+            .flatten()
+    }
+
     /// Renders and applies the whole table, whatever was applied before.
     pub async fn apply(&self) -> Result<(), NatError> {
         let mut st = self.state.lock().await;

@@ -98,6 +98,9 @@ impl BpfMaps for FakeBpfMaps {
     fn remote_prefixes(&self) -> Vec<Prefix> {
         self.remote.keys().copied().collect()
     }
+    fn remote(&self, p: Prefix) -> Option<RemoteEntry> {
+        self.remote.get(&p).copied()
+    }
     fn insert_remote(&mut self, p: Prefix, v: RemoteEntry) -> Result<(), MapError> {
         self.writes.push(format!("remote insert {p:?}"));
         self.remote.insert(p, v);

@@ -125,4 +125,13 @@ impl Dataplane for LoggedDataplane {
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
         self.inner.pod_stats(ep).await
     }
+    fn describe_pod(&self, ep: &PodEndpoint) -> Option<String> {
+        self.inner.describe_pod(ep)
+    }
+    async fn dump(
+        &self,
+        pod: Option<&PodEndpoint>,
+    ) -> Result<Vec<crate::dataplane::DumpSection>, DataplaneError> {
+        self.inner.dump(pod).await
+    }
 }

@@ -193,6 +193,25 @@ impl Dataplane for FakeDataplane {
     async fn pod_stats(&self, _ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {
         Ok(None)
     }
+    fn describe_pod(&self, ep: &PodEndpoint) -> Option<String> {
+        self.pods
+            .lock()
+            .unwrap()
+            .get(&ep.ip)
+            .map(|e| format!("fake {}", e.host_ifname))
+    }
+    async fn dump(
+        &self,
+        pod: Option<&PodEndpoint>,
+    ) -> Result<Vec<crate::dataplane::DumpSection>, DataplaneError> {
+        let mut s = crate::dataplane::DumpSection::new("pods", &["ip", "interface"]);
+        let mut pods: Vec<_> = self.pods.lock().unwrap().values().cloned().collect();
+        pods.sort_by_key(|e| e.ip);
+        for e in pods.iter().filter(|e| pod.is_none_or(|p| p.ip == e.ip)) {
+            s.rows.push(vec![e.ip.to_string(), e.host_ifname.clone()]);
+        }
+        Ok(vec![s])
+    }
 }
 
 /// The desired state of a manifest stream that must decode without errors (panics with the

@@ -526,6 +526,7 @@ impl OpenFlow for FakeConn {
                 cookie: f.flow.cookie,
                 packets: f.packets,
                 bytes: f.bytes,
+                matches: f.flow.matches.to_ofctl(),
             })
             .collect())
     }

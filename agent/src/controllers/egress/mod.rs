@@ -57,6 +57,7 @@ use crate::controllers::runner::{
 };
 use crate::dataplane::DataplaneError;
 use crate::kernel::nftables::{EgressRules, NatError, NatTable};
+use crate::metrics::Metrics;
 use crate::pods::PodManager;
 use crate::source::DesiredState;
 pub use kube_sink::KubeEgressStatusSink;
@@ -78,6 +79,28 @@ pub struct EgressContext {
     pub gateway_if: String,
     /// The agent's state directory.
     pub state_dir: PathBuf,
+    /// Where the reconcile passes and `rp_filter` restorations are counted.
+    pub metrics: Metrics,
+    /// Where the latest status views go for the debug API (`ferreactl get egress`).
+    pub views: EgressViews,
+}
+
+/// The latest Egress views as the controller last computed them, for the debug API: the
+/// `EgressList` with Antrea's status fields (also in kubernetes mode, where no file is
+/// written), the node view (`egress-node.json`), and how many IPs this node holds and has
+/// assigned. Cheap to clone; `Value::Null` before the first pass.
+#[derive(Clone, Debug, Default)]
+pub struct EgressViews(Arc<std::sync::Mutex<(Value, Value, usize)>>);
+
+impl EgressViews {
+    /// (the `EgressList`, the node view, the IPs held and assigned).
+    pub fn get(&self) -> (Value, Value, usize) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, list: &Value, node: &Value, held: usize) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = (list.clone(), node.clone(), held);
+    }
 }
 
 /// Why the controller could not start.
@@ -152,11 +175,13 @@ pub async fn run(
     sink: Arc<dyn EgressStatusSink>,
 ) {
     let wakers = Wakers::none().watch(pods.subscribe());
-    runner::run(
+    let metrics = ctx.metrics.clone();
+    runner::run_observed(
         EgressReconciler::new(ctx, node, pods, nat, sink),
         state,
         wakers,
         RUNNER,
+        metrics,
     )
     .await;
 }
@@ -232,7 +257,8 @@ impl Reconciler for EgressReconciler {
         if !matches!(trigger, Trigger::Start | Trigger::Changed)
             || self.last_rp_check.elapsed() >= TICK
         {
-            self.node.check_rp_filter();
+            let restored = self.node.check_rp_filter();
+            self.ctx.metrics.rp_filter_restored(restored.len());
             self.last_rp_check = Instant::now();
         }
         // Computed under the borrow: the desired state is not copied on every wake-up.
@@ -318,6 +344,7 @@ impl Reconciler for EgressReconciler {
             pools,
             reports_unheld,
         };
+        let list_view = statuses.list.clone();
         if self.published.as_ref() != Some(&statuses) {
             match self.sink.publish_egresses(&statuses).await {
                 Ok(()) => self.published = Some(statuses),
@@ -328,6 +355,8 @@ impl Reconciler for EgressReconciler {
             }
         }
         let view = node_view(&self.ctx.node_name, &plan, &self.node, &warnings);
+        let assigned = self.outcomes.iter().filter(|o| o.result.is_ok()).count();
+        self.ctx.views.set(&list_view, &view, assigned);
         if self.written.as_ref() != Some(&view) {
             match write_atomic(&self.node_status_path, &view) {
                 Ok(()) => self.written = Some(view),

@@ -140,6 +140,8 @@ impl Fx {
             transport: "eth0".into(),
             gateway_if: "ferrea-gw0".into(),
             state_dir: self.dir.path().to_owned(),
+            metrics: crate::metrics::Metrics::new(),
+            views: Default::default(),
         };
         let (tx, rx) = watch::channel(st);
         (tx, tokio::spawn(run(ctx, node, pods, nat, rx, sink)))

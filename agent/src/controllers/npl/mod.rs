@@ -132,6 +132,10 @@ pub fn restored_rules(cfg: &NplConfig, store: &Store, node: &NodeInfo) -> Option
 /// cleanup of what an earlier run with NPL on left (mappings in the store, annotations).
 /// Annotations are published through `sink` (the source's: [`LocalStatusView`] for `files`,
 /// [`KubeStatusSink`] for `kubernetes`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the wiring's one call; each argument is a distinct part the controller is given"
+)]
 pub fn start(
     cfg: &NplConfig,
     state_dir: &std::path::Path,
@@ -140,6 +144,7 @@ pub fn start(
     nat: &Arc<NatTable>,
     state: watch::Receiver<DesiredState>,
     sink: Arc<dyn StatusSink>,
+    metrics: crate::metrics::Metrics,
 ) {
     if !cfg.enable {
         let store = pods.store().clone();
@@ -171,7 +176,7 @@ pub fn start(
         reserver: Box::new(SocketReserver::default()),
         sink,
     };
-    tokio::spawn(run(c, state));
+    tokio::spawn(run(c, state, metrics));
 }
 
 /// Each mapping holds a socket; a full range of both protocols needs up to twice its size in

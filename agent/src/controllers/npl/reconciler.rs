@@ -108,10 +108,14 @@ pub fn runner_config() -> RunnerConfig {
 /// Runs the controller until the desired-state source stops: restores the persisted
 /// mappings, then reconciles whenever the desired state or the node's attachments change
 /// (the [`PodManager`] notifies ADD, DEL and reconciliation).
-pub async fn run(c: Controller, state: watch::Receiver<DesiredState>) {
+pub async fn run(
+    c: Controller,
+    state: watch::Receiver<DesiredState>,
+    metrics: crate::metrics::Metrics,
+) {
     let wakers = Wakers::none().watch(c.pods.subscribe());
     let r = NplReconciler::restore(c).await;
-    runner::run(r, state, wakers, runner_config()).await;
+    runner::run_observed(r, state, wakers, runner_config(), metrics).await;
 }
 
 /// The NodePortLocal reconciler (see the module doc).
@@ -821,7 +825,7 @@ spec: {nodeName: n1}
         fx.add("a", "web-1").await;
         let (tx, rx) = watch::channel(with_service(HTTP_AND_DNS));
         *fx.nft.fail.lock().unwrap() = 1;
-        let task = tokio::spawn(run(fx.controller(), rx));
+        let task = tokio::spawn(run(fx.controller(), rx, crate::metrics::Metrics::new()));
         tokio::time::sleep(Duration::from_millis(900)).await;
         assert!(fx.log.events().is_empty());
         tokio::time::sleep(Duration::from_millis(200)).await;

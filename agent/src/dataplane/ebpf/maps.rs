@@ -7,13 +7,14 @@ use std::net::Ipv4Addr;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
 use ferrea_common::{
-    Counters, EgressSteer as SteerEntry, Endpoint, MAP_EGRESS_EXEMPT, MAP_EGRESS_HELD,
-    MAP_EGRESS_STEER, MAP_REMOTE_NODES, RemoteNode as RemoteEntry,
+    Counters, EgressSteer as SteerEntry, Endpoint, MAP_COUNTERS, MAP_EGRESS_EXEMPT,
+    MAP_EGRESS_HELD, MAP_EGRESS_STEER, MAP_ENDPOINTS_BY_IFINDEX, MAP_ENDPOINTS_BY_IP,
+    MAP_REMOTE_NODES, RemoteNode as RemoteEntry,
 };
 
 use super::{ERR, endpoint_of, ip_of_key, sum_counters};
 use crate::dataplane::{
-    Cause, DataplaneError, EgressPlan, PodEndpoint, PodStats, RemoteNode, TUNNEL_VNI,
+    Cause, DataplaneError, DumpSection, EgressPlan, PodEndpoint, PodStats, RemoteNode, TUNNEL_VNI,
 };
 
 /// A key of an LPM map: (prefix length, network address in network byte order).
@@ -58,6 +59,8 @@ pub trait BpfMaps: Send {
 
     /// Every prefix of the remote-node map.
     fn remote_prefixes(&self) -> Vec<Prefix>;
+    /// The entry of a remote node's pod CIDR, if any.
+    fn remote(&self, p: Prefix) -> Option<RemoteEntry>;
     /// Inserts or replaces a remote node's pod CIDR.
     fn insert_remote(&mut self, p: Prefix, v: RemoteEntry) -> Result<(), MapError>;
     /// Removes a remote node's pod CIDR.
@@ -154,6 +157,9 @@ impl BpfMaps for AyaMaps {
             .filter_map(Result::ok)
             .map(|k| (k.prefix_len(), k.data()))
             .collect()
+    }
+    fn remote(&self, p: Prefix) -> Option<RemoteEntry> {
+        self.remote.get(&lpm(p), 0).ok()
     }
     fn insert_remote(&mut self, p: Prefix, v: RemoteEntry) -> Result<(), MapError> {
         self.remote.insert(&lpm(p), v, 0)
@@ -373,6 +379,130 @@ pub fn stats(m: &dyn BpfMaps, ep: &PodEndpoint) -> Result<Option<PodStats>, Data
     Ok(per_cpu.map(|c| sum_counters(c.iter())))
 }
 
+/// The maps decoded into named fields, for the debug API: endpoints (by IP and by
+/// interface), counters summed over the CPUs, remote nodes, and the Egress maps. `pod`: only
+/// that pod's entries (and no node-wide map).
+pub fn dump(m: &dyn BpfMaps, pod: Option<&PodEndpoint>) -> Vec<DumpSection> {
+    let mac = |b: &[u8; 6]| {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let keep_ip = |key: u32| pod.is_none_or(|p| ip_of_key(key) == p.ip);
+    let keep_if = |ifindex: u32| pod.is_none_or(|p| p.host_ifindex == ifindex);
+    let mut by_ip = DumpSection::new(
+        format!("map {MAP_ENDPOINTS_BY_IP}"),
+        &["ip", "ifindex", "pod_mac", "host_mac"],
+    );
+    let mut eps = m.endpoints_by_ip();
+    eps.sort_by_key(|(k, _)| ip_of_key(*k));
+    for (k, e) in eps.into_iter().filter(|(k, _)| keep_ip(*k)) {
+        by_ip.rows.push(vec![
+            ip_of_key(k).to_string(),
+            e.ifindex.to_string(),
+            mac(&e.pod_mac),
+            mac(&e.host_mac),
+        ]);
+    }
+    let mut by_if = DumpSection::new(
+        format!("map {MAP_ENDPOINTS_BY_IFINDEX}"),
+        &["ifindex", "ip", "pod_mac", "host_mac"],
+    );
+    let mut ifs = m.endpoint_ifindexes();
+    ifs.sort_unstable();
+    for i in ifs.into_iter().filter(|i| keep_if(*i)) {
+        if let Some(e) = m.endpoint_by_ifindex(i) {
+            by_if.rows.push(vec![
+                i.to_string(),
+                ip_of_key(e.ipv4).to_string(),
+                mac(&e.pod_mac),
+                mac(&e.host_mac),
+            ]);
+        }
+    }
+    let mut counters = DumpSection::new(
+        format!("map {MAP_COUNTERS}"),
+        &[
+            "ifindex",
+            "tx_packets",
+            "tx_bytes",
+            "rx_packets",
+            "rx_bytes",
+            "drop_spoofed",
+            "arp_replies",
+        ],
+    );
+    let mut cifs = m.counter_ifindexes();
+    cifs.sort_unstable();
+    for i in cifs.into_iter().filter(|i| keep_if(*i)) {
+        if let Ok(Some(slots)) = m.counters(i) {
+            let st = sum_counters(slots.iter());
+            let arp: u64 = slots.iter().map(|c| c.arp_replies).sum();
+            counters.rows.push(vec![
+                i.to_string(),
+                st.tx_packets.to_string(),
+                st.tx_bytes.to_string(),
+                st.rx_packets.to_string(),
+                st.rx_bytes.to_string(),
+                st.drop_spoofed.to_string(),
+                arp.to_string(),
+            ]);
+        }
+    }
+    let mut out = vec![by_ip, by_if, counters];
+    let mut steer = DumpSection::new(
+        format!("map {MAP_EGRESS_STEER}"),
+        &["pod_ip", "egress_node_ip", "egress_id", "tunnel_ifindex"],
+    );
+    let mut steered = m.steered();
+    steered.sort_by_key(|k| ip_of_key(*k));
+    for k in steered.into_iter().filter(|k| keep_ip(*k)) {
+        if let Some(v) = m.steer(k) {
+            steer.rows.push(vec![
+                ip_of_key(k).to_string(),
+                ip_of_key(v.node_ip).to_string(),
+                v.id.to_string(),
+                v.tun_ifindex.to_string(),
+            ]);
+        }
+    }
+    out.push(steer);
+    if pod.is_some() {
+        return out;
+    }
+    let prefix = |(len, net): Prefix| format!("{}/{len}", ip_of_key(net));
+    let mut remote = DumpSection::new(
+        format!("map {MAP_REMOTE_NODES}"),
+        &["pod_cidr", "node_ip", "vni"],
+    );
+    let mut rp = m.remote_prefixes();
+    rp.sort_by_key(|(l, n)| (ip_of_key(*n), *l));
+    for p in rp {
+        if let Some(v) = m.remote(p) {
+            remote.rows.push(vec![
+                prefix(p),
+                ip_of_key(v.node_ip).to_string(),
+                v.vni.to_string(),
+            ]);
+        }
+    }
+    let mut exempt = DumpSection::new(format!("map {MAP_EGRESS_EXEMPT}"), &["prefix"]);
+    let mut ex = m.exempt_prefixes();
+    ex.sort_by_key(|(l, n)| (ip_of_key(*n), *l));
+    exempt.rows = ex.into_iter().map(|p| vec![prefix(p)]).collect();
+    let mut held = DumpSection::new(format!("map {MAP_EGRESS_HELD}"), &["egress_id", "held"]);
+    for id in 1..ferrea_common::EGRESS_IDS {
+        if let Ok(v) = m.held(id)
+            && v != 0
+        {
+            held.rows.push(vec![id.to_string(), v.to_string()]);
+        }
+    }
+    out.extend([remote, exempt, held]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,6 +522,44 @@ mod tests {
 
     fn key(ip: [u8; 4]) -> u32 {
         u32::from_ne_bytes(ip)
+    }
+
+    #[test]
+    fn dump_decodes_maps_into_named_fields_and_filters_by_pod() {
+        let mut m = FakeBpfMaps::default();
+        insert(&mut m, &ep(7, 5)).unwrap();
+        insert(&mut m, &ep(8, 6)).unwrap();
+        let remote = RemoteNode {
+            name: "n2".into(),
+            node_ip: Ipv4Addr::new(172, 18, 0, 12),
+            pod_cidr: "10.244.2.0/24".parse().unwrap(),
+        };
+        sync_remote(&mut m, &[remote], 3).unwrap();
+        let all = dump(&m, None);
+        let sec = |d: &[DumpSection], n: &str| {
+            d.iter()
+                .find(|s| s.name == n)
+                .unwrap_or_else(|| panic!("no {n}"))
+                .clone()
+        };
+        let by_ip = sec(&all, "map FERREA_EP_IP");
+        assert_eq!(by_ip.columns, ["ip", "ifindex", "pod_mac", "host_mac"]);
+        assert_eq!(
+            by_ip.rows[0],
+            ["10.244.1.5", "7", "02:00:00:00:02:05", "02:00:00:00:01:05"]
+        );
+        assert_eq!(by_ip.rows.len(), 2);
+        let remote = sec(&all, "map FERREA_REMOTE");
+        assert_eq!(
+            remote.rows,
+            [["10.244.2.0/24", "172.18.0.12", &TUNNEL_VNI.to_string()]]
+        );
+        assert_eq!(sec(&all, "map FERREA_COUNTERS").rows[0][1], "0");
+        // One pod: its entries only, and no node-wide maps.
+        let one = dump(&m, Some(&ep(8, 6)));
+        assert_eq!(sec(&one, "map FERREA_EP_IP").rows.len(), 1);
+        assert_eq!(sec(&one, "map FERREA_EP_IF").rows[0][0], "8");
+        assert!(one.iter().all(|s| s.name != "map FERREA_REMOTE"));
     }
 
     #[test]

@@ -72,8 +72,8 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, Rou
 use sha2::{Digest, Sha256};
 
 use super::{
-    Dataplane, DataplaneError, EgressPlan, ErrorsOf, NodeNetwork, PodEndpoint, PodStats,
-    RemoteNode, TUNNEL_IFNAME, TUNNEL_VNI, Tunnel, unmet,
+    Dataplane, DataplaneError, DumpSection, EgressPlan, ErrorsOf, NodeNetwork, PodEndpoint,
+    PodStats, RemoteNode, TUNNEL_IFNAME, TUNNEL_VNI, Tunnel, unmet,
 };
 use crate::config::TunnelType;
 use crate::kernel::routes::{self, NodeRoute};
@@ -760,6 +760,69 @@ impl Dataplane for EbpfDataplane {
             plan,
             tun_ifindex,
         )
+    }
+
+    fn describe_pod(&self, ep: &PodEndpoint) -> Option<String> {
+        let g = self.lock();
+        g.as_ref()?.maps.endpoint_by_ifindex(ep.host_ifindex)?;
+        Some(format!(
+            "tc ingress {} / egress {} on {}",
+            Direction::Ingress.program(),
+            Direction::Egress.program(),
+            ep.host_ifname
+        ))
+    }
+
+    async fn dump(&self, pod: Option<&PodEndpoint>) -> Result<Vec<DumpSection>, DataplaneError> {
+        let g = self.lock();
+        let st = g.as_ref().ok_or_else(|| ERR.not_init("dump"))?;
+        let mut out = maps::dump(st.maps.as_ref(), pod);
+        // Where the programs are: the cls_bpf slot ferrea attaches them in, on each pod's
+        // host veth (the interfaces of the endpoint map) and on the tunnel device.
+        // `tc filter show` prints the handle as one hexadecimal number.
+        let slot = format!(
+            "cls_bpf prio {TC_PRIORITY} handle {:#x}",
+            u32::from(TC_HANDLE)
+        );
+        let mut at = DumpSection::new(
+            "attachments",
+            &["interface", "ifindex", "hook", "program", "slot"],
+        );
+        let mut ifs = st.maps.endpoint_ifindexes();
+        ifs.sort_unstable();
+        for i in ifs
+            .into_iter()
+            .filter(|i| pod.is_none_or(|p| p.host_ifindex == *i))
+        {
+            let name = ifname_of(i).unwrap_or_else(|| "(gone)".into());
+            for d in [Direction::Ingress, Direction::Egress] {
+                at.rows.push(vec![
+                    name.clone(),
+                    i.to_string(),
+                    format!("{d:?}").to_lowercase(),
+                    d.program().to_owned(),
+                    slot.clone(),
+                ]);
+            }
+        }
+        if pod.is_none()
+            && let Ok(i) = nix::net::if_::if_nametoindex(TUNNEL_IFNAME)
+        {
+            for (hook, prog) in [
+                ("ingress", ferrea_common::PROG_FROM_TUNNEL),
+                ("egress", ferrea_common::PROG_TO_TUNNEL),
+            ] {
+                at.rows.push(vec![
+                    TUNNEL_IFNAME.to_owned(),
+                    i.to_string(),
+                    hook.to_owned(),
+                    prog.to_owned(),
+                    slot.clone(),
+                ]);
+            }
+        }
+        out.push(at);
+        Ok(out)
     }
 
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {

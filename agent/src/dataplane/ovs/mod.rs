@@ -71,8 +71,8 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::{
-    Cause, Dataplane, DataplaneError, EgressPlan, ErrorsOf, NodeNetwork, PodEndpoint, PodStats,
-    RemoteNode, TUNNEL_IFNAME, TUNNEL_VNI, Tunnel, unmet,
+    Cause, Dataplane, DataplaneError, DumpSection, EgressPlan, ErrorsOf, NodeNetwork, PodEndpoint,
+    PodStats, RemoteNode, TUNNEL_IFNAME, TUNNEL_VNI, Tunnel, unmet,
 };
 use crate::kernel::routes::NodeRoute;
 
@@ -1377,6 +1377,54 @@ impl Dataplane for OvsDataplane {
             st.egress = plan;
         }
         Ok(())
+    }
+
+    fn describe_pod(&self, ep: &PodEndpoint) -> Option<String> {
+        let g = self.state.lock().expect("state lock");
+        let p = g.as_ref()?.pods.get(&ep.ip)?;
+        Some(format!(
+            "ovs port {} (ofport {}) on {}",
+            ep.host_ifname, p.port, self.cfg.bridge
+        ))
+    }
+
+    async fn dump(&self, pod: Option<&PodEndpoint>) -> Result<Vec<DumpSection>, DataplaneError> {
+        let (c, mask) = match pod {
+            Some(ep) => (cookie::pod(0, ep.ip), cookie::POD_MASK),
+            None => (0, 0),
+        };
+        let mut flows = self.of_dump(TABLE_ALL, c, mask).await?;
+        // Tables in pipeline order, the highest priority (the first to match) first.
+        flows.sort_by(|a, b| {
+            (a.table, std::cmp::Reverse(a.priority), a.cookie).cmp(&(
+                b.table,
+                std::cmp::Reverse(b.priority),
+                b.cookie,
+            ))
+        });
+        let mut out: Vec<DumpSection> = Vec::new();
+        for f in flows {
+            let name = format!("table {} {}", f.table, pipeline::Table::name_of(f.table));
+            if out.last().is_none_or(|s| s.name != name) {
+                out.push(DumpSection::new(
+                    name,
+                    &[
+                        "priority", "match", "kind", "object", "packets", "bytes", "cookie",
+                    ],
+                ));
+            }
+            let (kind, object) = cookie::describe(f.cookie);
+            out.last_mut().expect("pushed above").rows.push(vec![
+                f.priority.to_string(),
+                f.matches,
+                kind.to_owned(),
+                object,
+                f.packets.to_string(),
+                f.bytes.to_string(),
+                format!("{:#x}", f.cookie),
+            ]);
+        }
+        Ok(out)
     }
 
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError> {

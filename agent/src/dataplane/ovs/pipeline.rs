@@ -117,6 +117,21 @@ pub mod ct_state {
     pub const REPLY: u32 = 0x08;
 }
 
+impl Table {
+    /// The name of table number `t` (`"?"` for a table the pipeline does not use).
+    pub fn name_of(t: u8) -> &'static str {
+        match t {
+            0 => "Classifier",
+            10 => "SpoofGuard",
+            20 => "ArpResponder",
+            25 => "ConntrackLookup",
+            30 => "L3Forwarding",
+            40 => "TunnelOutput",
+            _ => "?",
+        }
+    }
+}
+
 /// The register holding the tunnel destination (a node's transport IPv4 address) on the way
 /// to [`Table::TunnelOutput`].
 pub const REG_TUN_DST: u8 = 1;
@@ -215,6 +230,16 @@ pub mod cookie {
     /// The pod IP of a pod cookie.
     pub fn pod_ip(c: u64) -> Option<Ipv4Addr> {
         (kind(c) == KIND_POD).then(|| Ipv4Addr::from(c as u32))
+    }
+    /// What a cookie's flows are for, in words: (kind, object).
+    pub fn describe(c: u64) -> (&'static str, String) {
+        match kind(c) {
+            KIND_NODE => ("node", String::new()),
+            KIND_POD => ("pod", Ipv4Addr::from(id(c)).to_string()),
+            KIND_REMOTE => ("remote", Ipv4Addr::from(id(c)).to_string()),
+            KIND_EGRESS => ("egress", id(c).to_string()),
+            _ => ("foreign", String::new()),
+        }
     }
 }
 

@@ -178,7 +178,7 @@ where
 }
 
 /// Starts the watchers for node `node_name` and the task that publishes their view.
-pub fn spawn(client: Client, node_name: &str) -> KubeSource {
+pub fn spawn(client: Client, node_name: &str, metrics: crate::metrics::Metrics) -> KubeSource {
     let egress_ar = crd_resource("Egress", "egresses");
     let pool_ar = crd_resource("ExternalIPPool", "externalippools");
     let cfg = watcher::Config::default;
@@ -214,7 +214,7 @@ pub fn spawn(client: Client, node_name: &str) -> KubeSource {
     let events = futures::stream::select_all([o1, o2, o3, o4, o5, o6]);
     let (state_tx, state) = watch::channel(DesiredState::default());
     let (sync_tx, sync) = watch::channel(SyncGate::new().state());
-    tokio::spawn(publish_loop(events, stores, state_tx, sync_tx));
+    tokio::spawn(publish_loop(events, stores, state_tx, sync_tx, metrics));
     KubeSource { state, sync }
 }
 
@@ -331,6 +331,7 @@ async fn publish_loop(
     stores: Stores,
     state_tx: watch::Sender<DesiredState>,
     sync_tx: watch::Sender<SyncState>,
+    metrics: crate::metrics::Metrics,
 ) {
     let mut gate = SyncGate::new();
     let mut outages = Outages::default();
@@ -343,6 +344,8 @@ async fn publish_loop(
             gate.observe(s);
         }
         Err(e) => {
+            // kube-runtime's watcher restarts the watch (with backoff) after every error.
+            metrics.watch_restarted();
             if is_not_found(&e) {
                 gate.observe(Signal::Missing(kind));
             }

@@ -135,6 +135,39 @@ const NXM_1: u16 = 0x0001;
 const OXM_PKT_REGS: u16 = 0x8001;
 
 impl Field {
+    /// Every field the pipeline can match on.
+    fn all() -> impl Iterator<Item = Field> {
+        [
+            Field::InPort,
+            Field::EthDst,
+            Field::EthSrc,
+            Field::EthType,
+            Field::IpProto,
+            Field::Ipv4Src,
+            Field::Ipv4Dst,
+            Field::ArpOp,
+            Field::ArpSpa,
+            Field::ArpTpa,
+            Field::ArpSha,
+            Field::ArpTha,
+            Field::CtState,
+            Field::TunIpv4Src,
+            Field::TunIpv4Dst,
+            Field::TunId,
+        ]
+        .into_iter()
+        .chain((0..8).map(Field::Reg))
+        .chain((0..4).map(Field::XReg))
+    }
+
+    /// The field of an OXM (class, field number), if the pipeline knows it.
+    fn from_oxm(class: u16, field: u8) -> Option<Field> {
+        Field::all().find(|f| {
+            let (c, n, _) = f.oxm();
+            c == class && n == field
+        })
+    }
+
     /// (OXM class, field number, value width in bytes).
     fn oxm(self) -> (u16, u8, u8) {
         match self {
@@ -854,6 +887,9 @@ pub struct FlowStats {
     pub packets: u64,
     /// Bytes that hit the flow.
     pub bytes: u64,
+    /// The flow's match in `ovs-ofctl` syntax (fields the pipeline does not use are shown as
+    /// `oxm(class,field)=value`); empty: matches everything.
+    pub matches: String,
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -894,9 +930,10 @@ pub fn decode_flow_desc(body: &[u8]) -> Result<Vec<FlowStats>, DecodeError> {
         // ofp_match at 24: its length excludes padding to 8.
         let mlen = usize::from(be16(b, 26));
         let stats_at = 24 + mlen.div_ceil(8) * 8;
-        if stats_at + 4 > len {
+        if stats_at + 4 > len || 24 + mlen > len {
             return Err(trunc(len));
         }
+        fs.matches = match_to_ofctl(&b[28..24 + mlen.max(4)]);
         // ofp_stats: reserved(2), length(2), then OXS TLVs (class 0x8002).
         let slen = usize::from(be16(b, stats_at + 2));
         let mut p = stats_at + 4;
@@ -918,6 +955,36 @@ pub fn decode_flow_desc(body: &[u8]) -> Result<Vec<FlowStats>, DecodeError> {
         off += len;
     }
     Ok(out)
+}
+
+/// The OXM TLVs of an `ofp_match` (after its type and length) in `ovs-ofctl` syntax.
+fn match_to_ofctl(mut tlvs: &[u8]) -> String {
+    let mut out = Vec::new();
+    while tlvs.len() >= 4 {
+        let h = u32::from_be_bytes([tlvs[0], tlvs[1], tlvs[2], tlvs[3]]);
+        let (class, field) = ((h >> 16) as u16, ((h >> 9) & 0x7f) as u8);
+        let (masked, len) = (h & 0x100 != 0, (h & 0xff) as usize);
+        let Some(body) = tlvs.get(4..4 + len) else {
+            break;
+        };
+        let (value, mask) = if masked {
+            body.split_at(len / 2)
+        } else {
+            (body, &[][..])
+        };
+        out.push(match Field::from_oxm(class, field) {
+            Some(f) if value.len() == usize::from(f.oxm().2) => {
+                let mut s = format!("{}={}", f.ofctl_name(), f.fmt_value(value));
+                if masked {
+                    let _ = write!(s, "/{}", f.fmt_value(mask));
+                }
+                s
+            }
+            _ => format!("oxm({class:#x},{field})={}", mac_str(body)),
+        });
+        tlvs = &tlvs[4 + len..];
+    }
+    out.join(",")
 }
 
 /// A decoded OFPT_ERROR.
@@ -1286,10 +1353,19 @@ mod tests {
                 priority: 200,
                 cookie: 0xabcd,
                 packets: 5,
-                bytes: 500
+                bytes: 500,
+                matches: String::new(),
             }
         );
         assert!(decode_flow_desc(&[0; 10]).is_err());
+        // A match decodes back into ovs-ofctl's syntax.
+        let m = Match::new()
+            .ip()
+            .ipv4_dst("10.244.1.0".parse().unwrap(), 24);
+        let mut enc = Vec::new();
+        m.encode(&mut enc);
+        let mlen = usize::from(u16::from_be_bytes([enc[2], enc[3]]));
+        assert_eq!(match_to_ofctl(&enc[4..mlen]), m.to_ofctl());
     }
 
     #[test]
