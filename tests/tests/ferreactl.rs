@@ -71,6 +71,10 @@ fn agentinfo_podinterface_and_dump_show_the_node(dp: Dataplane) {
     let b = node.add_pod().unwrap();
     // Traffic through the dataplane, for the counters.
     assert!(a.ping(b.ip()), "pod to pod");
+    assert!(
+        a.ping(node.gateway()),
+        "pod to its gateway (answered by the node's stack)"
+    );
 
     // agentinfo, JSON and table.
     let info = ctl::json(&node, &["get", "agentinfo"]).unwrap();
@@ -200,6 +204,17 @@ fn agentinfo_podinterface_and_dump_show_the_node(dp: Dataplane) {
                 .collect();
             assert_eq!(on_a.len(), 2, "{at:#}");
             assert!(on_a.iter().any(|r| r["program"] == "ferrea_from_pod"));
+            // The stack-flow counters: the node's stack answered the pod's pings to its
+            // gateway, so it delivered packets to a pod.
+            let svc = find(
+                &sec("map FERREA_SVC_CNT")["rows"],
+                "counter",
+                "stack_to_pod",
+            );
+            assert!(
+                svc["packets"].as_str().unwrap().parse::<u64>().unwrap() > 0,
+                "{svc:#}"
+            );
         }
     }
     // -p: only that pod.

@@ -822,6 +822,45 @@ impl Dataplane for EbpfDataplane {
             }
         }
         out.push(at);
+        // The node-wide counters of the path that sends replies of stack-carried (NATed)
+        // connections back through the stack.
+        if pod.is_none() {
+            let mut svc = DumpSection::new(
+                format!("map {}", ferrea_common::MAP_SVC_COUNTERS),
+                &["counter", "packets"],
+            );
+            let names = [
+                (ferrea_common::SVC_STACK_TO_POD, "stack_to_pod"),
+                (ferrea_common::SVC_RECORDED_POD, "recorded_from_stack"),
+                (ferrea_common::SVC_RECORDED_TUNNEL, "recorded_into_tunnel"),
+                (ferrea_common::SVC_REPLY_FROM_POD, "reply_from_pod_to_stack"),
+                (
+                    ferrea_common::SVC_REPLY_FROM_TUNNEL,
+                    "reply_from_tunnel_to_stack",
+                ),
+                (ferrea_common::SVC_STALE_CLEARED, "stale_entry_cleared"),
+                (ferrea_common::SVC_UNMATCHABLE, "unmatchable_to_stack"),
+            ];
+            match service_counters(self.layout.root()) {
+                Ok(values) => {
+                    for (slot, name) in names {
+                        if let Some(v) = values.get(slot as usize) {
+                            svc.rows.push(vec![name.to_owned(), v.to_string()]);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let mut why = e.to_string();
+                    let mut cur = std::error::Error::source(&e);
+                    while let Some(c) = cur {
+                        why.push_str(&format!(": {c}"));
+                        cur = c.source();
+                    }
+                    svc.rows.push(vec!["(unreadable)".to_owned(), why]);
+                }
+            }
+            out.push(svc);
+        }
         Ok(out)
     }
 
