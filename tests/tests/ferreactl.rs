@@ -185,6 +185,19 @@ fn agentinfo_podinterface_and_dump_show_the_node(dp: Dataplane) {
                     .any(|r| r["packets"].as_str().unwrap().parse::<u64>().unwrap() > 0),
                 "{pod_flows:?}"
             );
+            // The actions are decoded, every one of them: delivery to the pod's port.
+            assert!(
+                pod_flows
+                    .iter()
+                    .any(|r| r["actions"].as_str().unwrap().contains("output:")),
+                "{pod_flows:?}"
+            );
+            let undecoded: Vec<&Value> = sections
+                .iter()
+                .flat_map(|s| s["rows"].as_array().unwrap())
+                .filter(|r| r["actions"].as_str().unwrap().contains("unknown_"))
+                .collect();
+            assert!(undecoded.is_empty(), "actions not decoded: {undecoded:#?}");
         }
         Dataplane::Ebpf => {
             let sec = |n: &str| {

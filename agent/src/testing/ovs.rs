@@ -527,6 +527,13 @@ impl OpenFlow for FakeConn {
                 packets: f.packets,
                 bytes: f.bytes,
                 matches: f.flow.matches.to_ofctl(),
+                actions: f
+                    .flow
+                    .to_ofctl()
+                    .split(",actions=")
+                    .nth(1)
+                    .unwrap_or("drop")
+                    .to_owned(),
             })
             .collect())
     }

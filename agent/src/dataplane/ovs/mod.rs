@@ -1409,7 +1409,8 @@ impl Dataplane for OvsDataplane {
                 out.push(DumpSection::new(
                     name,
                     &[
-                        "priority", "match", "kind", "object", "packets", "bytes", "cookie",
+                        "priority", "match", "actions", "kind", "object", "packets", "bytes",
+                        "cookie",
                     ],
                 ));
             }
@@ -1417,6 +1418,7 @@ impl Dataplane for OvsDataplane {
             out.last_mut().expect("pushed above").rows.push(vec![
                 f.priority.to_string(),
                 f.matches,
+                f.actions,
                 kind.to_owned(),
                 object,
                 f.packets.to_string(),

@@ -135,7 +135,7 @@ const NXM_1: u16 = 0x0001;
 const OXM_PKT_REGS: u16 = 0x8001;
 
 impl Field {
-    /// Every field the pipeline can match on.
+    /// Every field the pipeline matches on or sets.
     fn all() -> impl Iterator<Item = Field> {
         [
             Field::InPort,
@@ -151,6 +151,7 @@ impl Field {
             Field::ArpSha,
             Field::ArpTha,
             Field::CtState,
+            Field::CtMark,
             Field::TunIpv4Src,
             Field::TunIpv4Dst,
             Field::TunId,
@@ -890,6 +891,9 @@ pub struct FlowStats {
     /// The flow's match in `ovs-ofctl` syntax (fields the pipeline does not use are shown as
     /// `oxm(class,field)=value`); empty: matches everything.
     pub matches: String,
+    /// The flow's instructions in `ovs-ofctl` syntax (`drop` when it has none; an action
+    /// this codec does not know is shown as `unknown_action(type)`).
+    pub actions: String,
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -951,10 +955,104 @@ pub fn decode_flow_desc(body: &[u8]) -> Result<Vec<FlowStats>, DecodeError> {
             }
             p += 4 + flen;
         }
+        // The instructions follow the stats, padded to 8.
+        let instr_at = stats_at + slen.div_ceil(8) * 8;
+        fs.actions = instructions_to_ofctl(b.get(instr_at..).unwrap_or_default());
         out.push(fs);
         off += len;
     }
     Ok(out)
+}
+
+/// Decodes a sequence of instructions (`struct ofp_instruction`) into `ovs-ofctl`'s
+/// `actions=` syntax: apply-actions' actions in order, then `goto_table:N`.
+fn instructions_to_ofctl(mut b: &[u8]) -> String {
+    let mut parts = Vec::new();
+    while b.len() >= 4 {
+        let (ty, len) = (be16(b, 0), usize::from(be16(b, 2)));
+        if len < 4 || len > b.len() {
+            parts.push("truncated_instruction".to_owned());
+            break;
+        }
+        match ty {
+            1 if len >= 8 => parts.push(format!("goto_table:{}", b[4])),
+            4 if len >= 8 => parts.extend(decode_actions(&b[8..len]).iter().map(|a| match a {
+                Ok(a) => a.to_ofctl(),
+                Err(t) => format!("unknown_action({t:#x})"),
+            })),
+            t => parts.push(format!("unknown_instruction({t})")),
+        }
+        b = &b[len..];
+    }
+    if parts.is_empty() {
+        "drop".to_owned()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// Decodes a sequence of actions; an action this codec does not encode is `Err(its type)`
+/// (for experimenter actions, `0xffff0000 | subtype`).
+fn decode_actions(mut b: &[u8]) -> Vec<Result<Action, u32>> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let (ty, len) = (be16(b, 0), usize::from(be16(b, 2)));
+        if len < 4 || len > b.len() {
+            break;
+        }
+        let a = &b[..len];
+        out.push(decode_action(ty, a).ok_or(u32::from(ty)).or_else(|t| {
+            // Name the Nicira subtype of an experimenter action we do not decode.
+            if ty == OFPAT_EXPERIMENTER && len >= 10 {
+                Err(0xffff_0000 | u32::from(be16(a, 8)))
+            } else {
+                Err(t)
+            }
+        }));
+        b = &b[len..];
+    }
+    out
+}
+
+/// One action (`a` is the whole action, its header included).
+fn decode_action(ty: u16, a: &[u8]) -> Option<Action> {
+    let be32 = |at: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(a.get(at..at + 4)?.try_into().ok()?))
+    };
+    let field_of = |h: u32| Field::from_oxm((h >> 16) as u16, ((h >> 9) & 0x7f) as u8);
+    match ty {
+        0 => Some(Action::Output(be32(4)?)),
+        24 => Some(Action::DecTtl),
+        25 => {
+            let h = be32(4)?;
+            let f = field_of(h)?;
+            let vlen = (h & 0xff) as usize;
+            Some(Action::SetField(f, a.get(8..8 + vlen)?.to_vec()))
+        }
+        OFPAT_COPY_FIELD => Some(Action::Move {
+            n_bits: be16(a.get(..6)?, 4),
+            src_ofs: be16(a.get(..8)?, 6),
+            dst_ofs: be16(a.get(..10)?, 8),
+            src: field_of(be32(12)?)?,
+            dst: field_of(be32(16)?)?,
+        }),
+        OFPAT_EXPERIMENTER if be32(4)? == NX_VENDOR_ID && be16(a.get(..10)?, 8) == NXAST_CT => {
+            let flags = be16(a.get(..12)?, 10);
+            let zone = be16(a.get(..18)?, 16);
+            let table = *a.get(18)?;
+            let exec = decode_actions(a.get(24..)?)
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            Some(Action::Ct {
+                commit: flags & NX_CT_F_COMMIT != 0,
+                zone,
+                table: (table != NX_CT_RECIRC_NONE).then_some(table),
+                exec,
+            })
+        }
+        _ => None,
+    }
 }
 
 /// The OXM TLVs of an `ofp_match` (after its type and length) in `ovs-ofctl` syntax.
@@ -1355,6 +1453,7 @@ mod tests {
                 packets: 5,
                 bytes: 500,
                 matches: String::new(),
+                actions: "drop".into(),
             }
         );
         assert!(decode_flow_desc(&[0; 10]).is_err());
@@ -1366,6 +1465,43 @@ mod tests {
         m.encode(&mut enc);
         let mlen = usize::from(u16::from_be_bytes([enc[2], enc[3]]));
         assert_eq!(match_to_ofctl(&enc[4..mlen]), m.to_ofctl());
+    }
+
+    #[test]
+    fn instructions_decode_back_into_ofctl_syntax() {
+        let fm = FlowMod::add(
+            25,
+            100,
+            7,
+            Match::new().ip(),
+            vec![
+                Instruction::ApplyActions(vec![
+                    Action::Ct {
+                        commit: true,
+                        zone: 65520,
+                        table: Some(30),
+                        exec: vec![Action::SetField(Field::CtMark, 1u32.to_be_bytes().to_vec())],
+                    },
+                    Action::set_reg(1, 0xac12_000c),
+                    Action::move_field(Field::EthSrc, Field::EthDst),
+                    Action::set_mac(Field::EthSrc, [0xa, 0xfe, 0, 0, 0, 7]),
+                    Action::DecTtl,
+                    Action::Output(3),
+                ]),
+                Instruction::GotoTable(40),
+            ],
+        );
+        let mut enc = Vec::new();
+        for i in &fm.instructions {
+            i.encode(&mut enc);
+        }
+        let want = fm.to_ofctl();
+        let want = want.split(",actions=").nth(1).unwrap();
+        assert_eq!(instructions_to_ofctl(&enc), want);
+        assert_eq!(instructions_to_ofctl(&[]), "drop");
+        // An action the codec does not know is named, not dropped.
+        let unknown = [0, 4, 0, 16, 0, 0, 0, 0, 0, 26, 0, 8, 0, 0, 0, 0];
+        assert_eq!(instructions_to_ofctl(&unknown), "unknown_action(0x1a)");
     }
 
     #[test]
