@@ -1001,14 +1001,13 @@ fn decode_actions(mut b: &[u8]) -> Vec<Result<Action, u32>> {
             break;
         }
         let a = &b[..len];
-        out.push(decode_action(ty, a).ok_or(u32::from(ty)).or_else(|t| {
-            // Name the Nicira subtype of an experimenter action we do not decode.
-            if ty == OFPAT_EXPERIMENTER && len >= 10 {
-                Err(0xffff_0000 | u32::from(be16(a, 8)))
-            } else {
-                Err(t)
-            }
-        }));
+        // An experimenter action we do not decode is named by its Nicira subtype.
+        let unknown = if ty == OFPAT_EXPERIMENTER && len >= 10 {
+            0xffff_0000 | u32::from(be16(a, 8))
+        } else {
+            u32::from(ty)
+        };
+        out.push(decode_action(ty, a).ok_or(unknown));
         b = &b[len..];
     }
     out
