@@ -26,16 +26,15 @@
 //! Stopping (SIGTERM/SIGINT) closes the socket and leaves the dataplane in place, so running
 //! pods keep their traffic while the agent is down or being upgraded.
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferrea_proto::cni::v1::cni_server::CniServer;
-use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cni::server::{CniService, Readiness};
+use crate::cni::socket::{SocketError, bind_root_only};
 use crate::config::{Config, DataplaneKind, SourceConfig};
 use crate::controllers::egress::{self, EgressStatusSink, KubeEgressStatusSink};
 use crate::controllers::node::{NodeReconciler, remote_nodes};
@@ -43,7 +42,6 @@ use crate::controllers::npl::{KubeStatusSink, LocalStatusView, StatusSink};
 use crate::controllers::runner::{self, Wakers, error_chain};
 use crate::dataplane::{Dataplane, DataplaneError, NodeNetwork, RemoteNode};
 use crate::debug::http::HttpError;
-use crate::debug::service::DebugSocketError;
 use crate::debug::{DebugContext, LogControl, Started};
 use crate::kernel::nftables::{NatError, NatSpec, NatTable};
 use crate::kernel::sysctl::{self, SysctlError};
@@ -60,20 +58,9 @@ const NODE_SYSCTLS: &[(&str, &str)] = &[("net.ipv4.ip_forward", "1")];
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// Preparing the CNI socket failed.
-    #[error("{op} {}", path.display())]
-    Socket {
-        /// What was being done.
-        op: &'static str,
-        /// The socket or its directory.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The debug socket could not be prepared.
+    /// Preparing the CNI socket or the debug socket failed.
     #[error(transparent)]
-    DebugSocket(#[from] DebugSocketError),
+    Socket(#[from] SocketError),
     /// The metrics endpoint could not start, or stopped.
     #[error(transparent)]
     Metrics(#[from] HttpError),
@@ -171,7 +158,7 @@ pub async fn run_with(
     let cfg = Arc::new(cfg);
     let metrics = Metrics::new();
     let (ready_tx, ready_rx) = watch::channel(Readiness::Starting(WAITING_FOR_NODE.into()));
-    let listener = bind_socket(&cfg.cni_socket)?;
+    let listener = bind_root_only(&cfg.cni_socket, "binding CNI socket")?;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(CniServer::new(
@@ -277,7 +264,18 @@ pub async fn run_with(
         // is retried while the CNI server keeps answering, with the failure as the reason.
         let mut delay = Duration::from_millis(500);
         let (pm, nat) = loop {
-            let remotes = remote_nodes(&state.borrow(), cfg.node_name());
+            // Each attempt starts from the source as it is now: the other nodes, and this
+            // Node object, which may have gained what was missing (its InternalIP is written
+            // after its spec, by another writer).
+            let remotes = {
+                let st = state.borrow();
+                if let Some(now) = st.nodes.get(cfg.node_name())
+                    && now.pod_cidr.is_some()
+                {
+                    node = now.clone();
+                }
+                remote_nodes(&st, cfg.node_name())
+            };
             match start_node(&cfg, &node, &remotes).await {
                 Ok(started) => break started,
                 Err(e) => {
@@ -289,13 +287,6 @@ pub async fn run_with(
                     ready_tx.send_replace(Readiness::Starting(why));
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
-                    // The Node object may have gained what was missing (its InternalIP is
-                    // written after its spec, by another writer).
-                    if let Some(now) = state.borrow().nodes.get(cfg.node_name())
-                        && now.pod_cidr.is_some()
-                    {
-                        node = now.clone();
-                    }
                 }
             }
         };
@@ -403,27 +394,6 @@ async fn show_sync(
             return;
         }
     }
-}
-
-fn bind_socket(path: &std::path::Path) -> Result<UnixListener, AgentError> {
-    let err = |op, p: &std::path::Path| {
-        let path = p.to_owned();
-        move |source| AgentError::Socket { op, path, source }
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err("creating", dir))?;
-    }
-    // A socket file left by a killed agent would make bind fail with EADDRINUSE.
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err("removing stale socket", path)(e)),
-    }
-    let l = UnixListener::bind(path).map_err(err("binding CNI socket", path))?;
-    // Only root may talk to the agent: the API creates interfaces in arbitrary namespaces.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(err("restricting", path))?;
-    Ok(l)
 }
 
 fn cleanup_socket(cfg: &Config) {

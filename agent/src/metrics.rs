@@ -307,9 +307,14 @@ pub struct NodeGauges {
 #[derive(Debug)]
 struct ProcessCollector;
 
-/// (CPU seconds, resident bytes, virtual bytes) of this process from `/proc/self/stat`.
-fn proc_self() -> Option<(f64, u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+/// (CPU seconds, resident bytes, virtual bytes) of process `pid` (`None`: this one) from its
+/// `/proc/<pid>/stat`; `None` if it cannot be read.
+pub fn process_stat(pid: Option<u32>) -> Option<(f64, u64, u64)> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name (field 2) may hold spaces; the fields after it start past its `)`.
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -333,7 +338,7 @@ fn proc_self() -> Option<(f64, u64, u64)> {
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let Some((cpu, rss, vsize)) = proc_self() else {
+        let Some((cpu, rss, vsize)) = process_stat(None) else {
             return Ok(());
         };
         let c = ConstCounter::new(cpu);

@@ -53,13 +53,7 @@ fn kube_node(opts: NodeOptions) -> anyhow::Result<(SimNode, ApiServer)> {
     opts.start_agent = false;
     let node = SimNode::start(opts)?;
     let api = ApiServer::start_in(node.ns());
-    let sa = api.kubectl(&["create", "serviceaccount", "default", "-n", "default"]);
-    if !sa.status.success() {
-        bail!(
-            "creating the default service account: {}",
-            String::from_utf8_lossy(&sa.stderr)
-        );
-    }
+    api.create_default_service_account();
     create_node_object(&api, &node);
     let kubeconfig = install_agent_identity(&api);
     node.use_kubernetes_source(&kubeconfig)?;
@@ -195,26 +189,16 @@ const SERVICES: usize = 200;
 /// How long RSS and CPU are sampled once the agent is synced.
 const SAMPLE: Duration = Duration::from_secs(30);
 
-/// The agent's resident set (KiB) and CPU time (clock ticks) from `/proc`.
-fn usage(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command (which may hold spaces): utime is the 14th field, stime 15th.
-    let rest = stat.rsplit_once(')').context("odd /proc/pid/stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok((rss, ticks))
+/// The agent's resident set (bytes) and CPU time (seconds), from `/proc/<pid>/stat`.
+fn usage(pid: u32) -> anyhow::Result<(u64, f64)> {
+    let (cpu, rss, _) = ferrea_agent::metrics::process_stat(Some(pid))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    Ok((rss, cpu))
 }
 
 /// RSS (MiB, the median of samples every second) and CPU (% of one core) of `pid` over
 /// [`SAMPLE`].
 fn sample(pid: u32) -> anyhow::Result<(f64, f64)> {
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
     let (_, cpu0) = usage(pid)?;
     let t = Instant::now();
     let mut rss = Vec::new();
@@ -224,8 +208,8 @@ fn sample(pid: u32) -> anyhow::Result<(f64, f64)> {
     }
     let (_, cpu1) = usage(pid)?;
     rss.sort();
-    let rss_mib = rss[rss.len() / 2] as f64 / 1024.0;
-    let cpu = (cpu1 - cpu0) as f64 / hz / t.elapsed().as_secs_f64() * 100.0;
+    let rss_mib = rss[rss.len() / 2] as f64 / (1024.0 * 1024.0);
+    let cpu = (cpu1 - cpu0) / t.elapsed().as_secs_f64() * 100.0;
     Ok((
         (rss_mib * 10.0).round() / 10.0,
         (cpu * 100.0).round() / 100.0,

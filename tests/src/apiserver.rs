@@ -324,21 +324,8 @@ impl ApiServer {
 
     /// [`ApiServer::kubectl`] with `input` on its stdin (for `apply -f -`).
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Output {
-        use std::io::Write;
-        let mut child = self
-            .kubectl_cmd(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("running kubectl {args:?}: {e}"));
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        // A kubectl that exits before reading all of it says why on stderr.
-        let _ = stdin.write_all(input.as_bytes());
-        drop(stdin);
-        child
-            .wait_with_output()
-            .unwrap_or_else(|e| panic!("waiting for kubectl {args:?}: {e}"))
+        crate::netns::output_with_stdin(&mut self.kubectl_cmd(args), input.as_bytes())
+            .unwrap_or_else(|e| panic!("running kubectl {args:?}: {e}"))
     }
 
     /// Runs kubectl and panics (with its stderr) unless it exits 0; returns stdout.
@@ -349,6 +336,18 @@ impl ApiServer {
     /// [`ApiServer::kubectl_stdin`] that panics (with its stderr) unless it exits 0.
     pub fn kubectl_stdin_ok(&self, args: &[&str], input: &str) -> String {
         checked(args, self.kubectl_stdin(args, input))
+    }
+
+    /// Creates the `default` namespace's `default` service account, as kube-controller-manager
+    /// would (the ServiceAccount admission plugin wants it before it admits a Pod); panics
+    /// unless it is there afterwards.
+    pub fn create_default_service_account(&self) {
+        let sa = self.kubectl(&["create", "serviceaccount", "default", "-n", "default"]);
+        let stderr = String::from_utf8_lossy(&sa.stderr);
+        assert!(
+            sa.status.success() || stderr.contains("AlreadyExists"),
+            "creating the default service account: {stderr}"
+        );
     }
 
     /// The admin kubeconfig (`system:masters`), valid inside the namespace.

@@ -30,6 +30,13 @@ pub struct TcpPeers {
 impl TcpPeers {
     /// Listens on `addr` inside `ns`.
     pub fn start(ns: &NetNs, addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_tagged(ns, addr, None)
+    }
+
+    /// [`TcpPeers::start`] answering `"<tag> <peer>"` instead, so that the client also learns
+    /// which listener it reached (a Service's backends, say).
+    pub fn start_tagged(ns: &NetNs, addr: SocketAddr, tag: Option<&str>) -> anyhow::Result<Self> {
+        let prefix = tag.map(|t| format!("{t} ")).unwrap_or_default();
         let stop = Arc::new(AtomicBool::new(false));
         let peers = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -53,7 +60,7 @@ impl TcpPeers {
                     Ok((mut c, peer)) => {
                         p.lock().expect("peers lock").push(peer);
                         let _ = c.set_nonblocking(false);
-                        let _ = writeln!(c, "{peer}");
+                        let _ = writeln!(c, "{prefix}{peer}");
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(5));
@@ -96,15 +103,22 @@ impl Drop for TcpPeers {
 /// Connects from inside `ns` to a [`TcpPeers`] listener at `addr` and returns the source
 /// address the listener reported seeing.
 pub fn tcp_seen_source(ns: &NetNs, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
-    ns.run(move || -> anyhow::Result<SocketAddr> {
-        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+    let s = tcp_answer(ns, addr, Duration::from_secs(3))?;
+    s.parse()
+        .with_context(|| format!("listener answered {s:?}"))
+}
+
+/// Connects from inside `ns` to `addr` (`timeout` to connect and to read) and returns what
+/// the listener wrote before closing, trimmed.
+pub fn tcp_answer(ns: &NetNs, addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    ns.run(move || -> anyhow::Result<String> {
+        let mut c = TcpStream::connect_timeout(&addr, timeout)
             .with_context(|| format!("connecting to {addr}"))?;
-        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        c.set_read_timeout(Some(timeout))?;
         let mut s = String::new();
-        c.read_to_string(&mut s)?;
-        s.trim()
-            .parse()
-            .with_context(|| format!("listener answered {s:?}"))
+        c.read_to_string(&mut s)
+            .with_context(|| format!("reading from {addr}"))?;
+        Ok(s.trim().to_owned())
     })
 }
 

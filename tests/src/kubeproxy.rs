@@ -1,11 +1,9 @@
 //! A real kube-proxy inside a simulated node's network namespace, against the real API server
 //! of [`crate::apiserver::ApiServer`], for tests of ferrea beside kube-proxy.
 //!
-//! The API server listens on 127.0.0.1 in a namespace of its own; each node gets an
-//! [`ApiRelay`]: a listener on 127.0.0.1:6443 *inside the node's namespace* whose connections
-//! are relayed by a thread of the test process to the API server's namespace, so kube-proxy
-//! uses the admin kubeconfig unchanged (its certificate names 127.0.0.1) and no address or
-//! route is added anywhere.
+//! The API server is the cluster's control plane on the fabric
+//! ([`ApiServer::start_on_fabric`]): kube-proxy reaches it from the node's namespace over the
+//! node's transport interface, with the admin kubeconfig, as on a real node.
 //!
 //! [`KubeProxy::start`] runs the cached `kube-proxy` (`scripts/k8s/build.sh kube-proxy`) with a
 //! `KubeProxyConfiguration` file, entered into the node's namespace with `setns` between fork
@@ -14,25 +12,20 @@
 //! (`conntrack.maxPerCore: 0`, `min: 0`, both TCP timeouts `0s`: leave as is), localhost
 //! NodePorts (`nodePortAddresses` is the fabric subnet, so `route_localnet` stays), and the
 //! OOM score (0). Dropping the guard stops it by PID (SIGTERM, then SIGKILL), also while a
-//! failed assertion unwinds, and stops the relay.
+//! failed assertion unwinds.
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::apiserver::{ApiServer, PORT, k8s_bin};
-use crate::netns::path_of;
+use crate::apiserver::{ApiServer, k8s_bin};
 
 /// kube-proxy's proxy mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,105 +48,6 @@ impl ProxyMode {
 
 /// How long SIGTERM gets before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-
-fn enter(path: &Path) {
-    let fd = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    nix::sched::setns(fd.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-        .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
-}
-
-/// Relays TCP connections to 127.0.0.1:[`PORT`] inside one namespace to 127.0.0.1:[`PORT`]
-/// inside another (see the module doc). Stops, closing every relayed connection, on drop.
-#[derive(Debug)]
-pub struct ApiRelay {
-    stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ApiRelay {
-    /// Listens in namespace `from` and connects in namespace `to`.
-    pub fn start(from: &str, to: &str) -> anyhow::Result<Self> {
-        let (from, to) = (path_of(from), path_of(to));
-        let stop = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (s, c) = (stop.clone(), conns.clone());
-        // One thread: it binds the listener in `from`, then moves to `to`, where every socket
-        // it makes from then on (the connections to the API server) lives. A socket stays in
-        // the namespace it was made in.
-        let thread = std::thread::spawn(move || {
-            enter(&from);
-            let listener = match TcpListener::bind((Ipv4Addr::LOCALHOST, PORT))
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            enter(&to);
-            let _ = tx.send(Ok(()));
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        let _ = client.set_nonblocking(false);
-                        let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, PORT)) else {
-                            continue;
-                        };
-                        let pipe = |mut a: TcpStream, mut b: TcpStream| {
-                            std::thread::spawn(move || {
-                                let _ = std::io::copy(&mut a, &mut b);
-                                let _ = b.shutdown(Shutdown::Write);
-                            });
-                        };
-                        if let (Ok(c1), Ok(s1)) = (client.try_clone(), server.try_clone()) {
-                            let mut list = c.lock().unwrap_or_else(|p| p.into_inner());
-                            list.extend([c1, s1]);
-                        }
-                        match (client.try_clone(), server.try_clone()) {
-                            (Ok(c2), Ok(s2)) => {
-                                pipe(client, server);
-                                pipe(s2, c2);
-                            }
-                            _ => continue,
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        rx.recv()
-            .context("the API relay thread died")?
-            .context("binding 127.0.0.1:6443 in the node's namespace")?;
-        Ok(ApiRelay {
-            stop,
-            conns,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for ApiRelay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        for c in self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-    }
-}
 
 /// What a kube-proxy is started with.
 #[derive(Clone, Debug)]
@@ -179,14 +73,13 @@ pub struct KubeProxy {
     spec: KubeProxySpec,
     log: PathBuf,
     _dir: tempfile::TempDir,
-    _relay: ApiRelay,
 }
 
 impl KubeProxy {
-    /// Starts kube-proxy in `spec.netns` against `api` (a relay is set up first).
+    /// Starts kube-proxy in `spec.netns` against `api`, which must be reachable from there
+    /// ([`ApiServer::start_on_fabric`]).
     pub fn start(api: &ApiServer, spec: KubeProxySpec) -> anyhow::Result<Self> {
         let bin = k8s_bin("kube-proxy");
-        let relay = ApiRelay::start(&spec.netns, api.netns_name())?;
         let dir = tempfile::Builder::new()
             .prefix("ferrea-kube-proxy-")
             .tempdir()?;
@@ -215,7 +108,6 @@ impl KubeProxy {
             spec,
             log,
             _dir: dir,
-            _relay: relay,
         })
     }
 
@@ -413,75 +305,9 @@ endpoints:
     }
 }
 
-/// A TCP server in a namespace that answers every connection with `"<tag> <peer>\n"` and
-/// closes it; stops on drop.
-#[derive(Debug)]
-pub struct TcpTag {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl TcpTag {
-    /// Listens on `0.0.0.0:port` inside `ns`.
-    pub fn start(ns: &crate::netns::NetNs, port: u16, tag: &str) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let s = stop.clone();
-        let tag = tag.to_owned();
-        let thread = ns.spawn(move || {
-            let l = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            {
-                Ok(l) => {
-                    let _ = tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            while !s.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut c, peer)) => {
-                        let _ = c.set_nonblocking(false);
-                        let _ = c.write_all(format!("{tag} {peer}\n").as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        rx.recv()
-            .context("TCP tag server thread died")?
-            .with_context(|| format!("binding TCP port {port} in {}", ns.name()))?;
-        Ok(TcpTag {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for TcpTag {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Connects from inside `ns` to `addr` (2 s timeout) and returns what a [`TcpTag`] said. A
-/// connection only completes if the answers come from the address called, so success proves
-/// that the replies were un-NATed.
+/// Connects from inside `ns` to `addr` (2 s timeout) and returns what a tagged
+/// [`crate::capture::TcpPeers`] said. A connection only completes if the answers come from
+/// the address called, so success proves that the replies were un-NATed.
 pub fn tcp_ask(ns: &crate::netns::NetNs, addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    ns.run(move || -> anyhow::Result<String> {
-        use std::io::Read;
-        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .with_context(|| format!("connecting to {addr}"))?;
-        c.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut s = String::new();
-        c.read_to_string(&mut s)
-            .with_context(|| format!("reading from {addr}"))?;
-        Ok(s.trim().to_owned())
-    })
+    crate::capture::tcp_answer(ns, addr, Duration::from_secs(2))
 }

@@ -176,6 +176,22 @@ pub fn enter_on_spawn(cmd: &mut Command, ns: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` with `input` on its stdin and collects its stdout and stderr, whatever its exit
+/// status. A command that exits before reading all of `input` says why on stderr.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> std::io::Result<std::process::Output> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let _ = stdin.write_all(input);
+    drop(stdin);
+    child.wait_with_output()
+}
+
 /// Runs `cmd`; fails with its command line and stderr unless it exits 0. Returns stdout.
 pub fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;

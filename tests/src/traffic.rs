@@ -167,6 +167,32 @@ pub fn ping_all(pairs: &[(&crate::pod::Pod, Ipv4Addr, String)]) -> Vec<String> {
     failures.into_inner().unwrap()
 }
 
+/// Asserts that every pod of `pods` reaches every other one, the gateway of every node of
+/// `nodes` and the external host's [`crate::fabric::INTERNET_IP`]; the failure names each
+/// pair that got no reply.
+pub fn assert_all_reach(pods: &[&crate::pod::Pod], nodes: &[crate::node::Node]) {
+    let mut pairs = Vec::new();
+    for (i, from) in pods.iter().enumerate() {
+        for (j, to) in pods.iter().enumerate() {
+            if i != j {
+                pairs.push((*from, to.ip(), format!("pod {}", to.ip())));
+            }
+        }
+        for n in nodes {
+            pairs.push((*from, n.gateway(), format!("gateway of {}", n.name())));
+        }
+        pairs.push((*from, crate::fabric::INTERNET_IP, "external".to_owned()));
+    }
+    let failures = ping_all(&pairs);
+    assert!(
+        failures.is_empty(),
+        "{} of {} pings failed:\n{}",
+        failures.len(),
+        pairs.len(),
+        failures.join("\n")
+    );
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

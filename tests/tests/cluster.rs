@@ -12,7 +12,7 @@ use ferrea_tests::capture::{TcpPeers, tcp_seen_source};
 use ferrea_tests::fabric::INTERNET_IP;
 use ferrea_tests::netns::NetNs;
 use ferrea_tests::pod::Pod;
-use ferrea_tests::traffic::{BackgroundPing, ping_all};
+use ferrea_tests::traffic::{BackgroundPing, assert_all_reach};
 use ferrea_tests::{Cluster, Dataplane, NodeOptions, dataplane_tests, wait_for};
 
 const NODES: usize = 3;
@@ -75,28 +75,9 @@ fn pods_on_three_nodes_reach_each_other(dp: Dataplane) {
     let mtu = pods[0][0].exec(&["cat", "/sys/class/net/eth0/mtu"]);
     assert_eq!(String::from_utf8_lossy(&mtu.stdout).trim(), "1450");
 
+    // Every pod reaches every other pod, every node's gateway, and the outside.
     let all: Vec<&Pod> = pods.iter().flatten().collect();
-    let mut pairs = Vec::new();
-    for (i, from) in all.iter().enumerate() {
-        for (j, to) in all.iter().enumerate() {
-            if i != j {
-                pairs.push((*from, to.ip(), format!("pod {}", to.ip())));
-            }
-        }
-        // Every node's gateway, and the outside.
-        for n in nodes {
-            pairs.push((*from, n.gateway(), format!("gateway of {}", n.name())));
-        }
-        pairs.push((*from, INTERNET_IP, "external".into()));
-    }
-    let failures = ping_all(&pairs);
-    assert!(
-        failures.is_empty(),
-        "{} of {} pings failed:\n{}",
-        failures.len(),
-        pairs.len(),
-        failures.join("\n")
-    );
+    assert_all_reach(&all, nodes);
 
     // Nodes reach other nodes' pods (node-originated traffic takes the overlay too).
     for n in nodes {

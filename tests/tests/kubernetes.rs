@@ -488,12 +488,7 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
     install_crds(&api);
     // What the controllers would make: the `default` service account (the ServiceAccount
     // admission plugin wants it for pods), and this node's Node object with its status.
-    let sa = api.kubectl(&["create", "serviceaccount", "default", "-n", "default"]);
-    assert!(
-        sa.status.success() || String::from_utf8_lossy(&sa.stderr).contains("AlreadyExists"),
-        "{}",
-        String::from_utf8_lossy(&sa.stderr)
-    );
+    api.create_default_service_account();
     create_node_object(&api, &node);
     // The agent is the DaemonSet's service account, bound by deploy/'s ClusterRole: a
     // permission the agent needs and the role lacks fails the test, naming it.
@@ -825,12 +820,7 @@ fn kubernetes_cluster_of_three_nodes(dp: Dataplane) {
     // Declared after the cluster: stopped before the nodes' namespaces go.
     let api = ApiServer::start_on_fabric(c.fabric());
     install_crds(&api);
-    let sa = api.kubectl(&["create", "serviceaccount", "default", "-n", "default"]);
-    assert!(
-        sa.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sa.stderr)
-    );
+    api.create_default_service_account();
     for n in c.nodes() {
         create_node_object(&api, n);
     }
@@ -880,26 +870,7 @@ fn kubernetes_cluster_of_three_nodes(dp: Dataplane) {
 
     // Every pod reaches every other pod, every gateway and the outside.
     let all: Vec<&ferrea_tests::Pod> = selected.iter().chain(&unselected).collect();
-    let mut pairs = Vec::new();
-    for (i, from) in all.iter().enumerate() {
-        for (j, to) in all.iter().enumerate() {
-            if i != j {
-                pairs.push((*from, to.ip(), format!("pod {}", to.ip())));
-            }
-        }
-        for n in c.nodes() {
-            pairs.push((*from, n.gateway(), format!("gateway of {}", n.name())));
-        }
-        pairs.push((*from, INTERNET_IP, "external".to_owned()));
-    }
-    let failures = ferrea_tests::traffic::ping_all(&pairs);
-    assert!(
-        failures.is_empty(),
-        "{} of {} pings failed:\n{}",
-        failures.len(),
-        pairs.len(),
-        failures.join("\n")
-    );
+    ferrea_tests::traffic::assert_all_reach(&all, c.nodes());
     // No clusterCIDRs configured: the other nodes' pod CIDRs are still never masqueraded.
     let (a, b) = (&unselected[0], &unselected[2]);
     let rec = TcpPeers::start(b.ns(), SocketAddr::from((b.ip(), 8080))).unwrap();
@@ -1002,19 +973,10 @@ fn cut_api(api: &ApiServer, node: std::net::Ipv4Addr, on: bool) {
         "delete table inet ferrea-test-cut\n".to_owned()
     };
     let mut cmd = std::process::Command::new("nft");
-    cmd.args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+    cmd.args(["-f", "-"]);
     ferrea_tests::netns::enter_on_spawn(&mut cmd, api.netns_name()).unwrap();
-    let mut child = cmd.spawn().expect("running nft");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out =
+        ferrea_tests::netns::output_with_stdin(&mut cmd, script.as_bytes()).expect("running nft");
     assert!(
         out.status.success(),
         "nft: {}",
@@ -1039,12 +1001,7 @@ fn kubernetes_watch_expiry_relists() {
     o.extra_config = m::npl_config(&format!("{}-{}", NPL_RANGE.0, NPL_RANGE.1));
     c.add_node(&o).unwrap();
     let mut api = ApiServer::start_on_fabric_with(c.fabric(), &["--watch-cache=false"]);
-    let sa = api.kubectl(&["create", "serviceaccount", "default", "-n", "default"]);
-    assert!(
-        sa.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sa.stderr)
-    );
+    api.create_default_service_account();
     create_node_object(&api, &c.nodes()[0]);
     let kubeconfig = install_agent_identity(&api);
     let node = &mut c.nodes_mut()[0];

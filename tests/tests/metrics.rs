@@ -106,21 +106,11 @@ fn the_scrape_counts_the_cni_requests_done(dp: Dataplane) {
     assert_eq!(st, 404);
 
     // promtool's linter accepts the document.
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package; scripts/setup.sh installs it)");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = ferrea_tests::netns::output_with_stdin(
+        Command::new("promtool").args(["check", "metrics"]),
+        body.as_bytes(),
+    )
+    .expect("promtool (Debian's prometheus package; scripts/setup.sh installs it)");
     assert!(
         out.status.success(),
         "promtool check metrics: {}{}",

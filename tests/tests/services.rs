@@ -19,10 +19,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ferrea_tests::apiserver::ApiServer;
+use ferrea_tests::capture::TcpPeers;
 use ferrea_tests::fabric::node_ip;
-use ferrea_tests::kubeproxy::{
-    Backend, KubeProxy, KubeProxySpec, ProxyMode, ServiceSpec, TcpTag, tcp_ask,
-};
+use ferrea_tests::kubeproxy::{Backend, KubeProxy, KubeProxySpec, ProxyMode, ServiceSpec, tcp_ask};
 use ferrea_tests::node::node_manifest;
 use ferrea_tests::udp::{UdpEcho, udp_ask_connected};
 use ferrea_tests::{Cluster, Dataplane, NodeOptions, Pod, dataplane_tests};
@@ -95,7 +94,7 @@ fn root_snapshot() -> String {
 /// Two nodes with pods, the API server, a kube-proxy per node. Fields drop in order: servers,
 /// kube-proxies, pods (CNI DEL needs the agents), the cluster, the API server.
 struct Env {
-    tcp: Vec<TcpTag>,
+    tcp: Vec<TcpPeers>,
     udp: Vec<UdpEcho>,
     proxies: Vec<KubeProxy>,
     /// pods[node][i]: node 0 has the client and backend `b1`, node 1 has backend `b2`.
@@ -108,13 +107,13 @@ struct Env {
 impl Env {
     fn start(dp: Dataplane, mode: ProxyMode) -> Env {
         let root_before = root_snapshot();
-        let api = ApiServer::start();
         let mut cluster = Cluster::new().expect("fabric");
         for _ in 0..2 {
             cluster
                 .add_node(&NodeOptions::new(dp))
                 .expect("adding a node");
         }
+        let api = ApiServer::start_on_fabric(cluster.fabric());
         let pods = vec![
             cluster.nodes()[0]
                 .add_pods_concurrently(2)
@@ -140,7 +139,12 @@ impl Env {
         };
         for (tag, (n, i)) in [("b1", (0, 1)), ("b2", (1, 0))] {
             let ns = env.pods[n][i].ns();
-            let t = TcpTag::start(ns, TCP_PORT, tag).expect("TCP server");
+            let t = TcpPeers::start_tagged(
+                ns,
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, TCP_PORT)),
+                Some(tag),
+            )
+            .expect("TCP server");
             let u = UdpEcho::start(ns, SocketAddr::from(([0, 0, 0, 0], UDP_PORT)), tag)
                 .expect("UDP server");
             env.tcp.push(t);

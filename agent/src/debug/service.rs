@@ -6,7 +6,6 @@
 //! is known (agent info) or `UNAVAILABLE` naming what start-up waits for (pods, dataplane).
 
 use std::net::Ipv4Addr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use ferrea_proto::debug::v1 as pb;
@@ -17,46 +16,16 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 use super::{DebugContext, LogFilterError, Started};
+use crate::cni::socket::{SocketError, bind_root_only};
 use crate::config::SourceConfig;
 use crate::controllers::node::remote_nodes;
 use crate::dataplane::PodEndpoint;
 use crate::pods::podnet::fmt_mac;
 use crate::pods::store::PodRecord;
 
-/// Why the debug socket could not be served.
-#[derive(Debug, thiserror::Error)]
-pub enum DebugSocketError {
-    /// Preparing the socket failed.
-    #[error("{op} {}", path.display())]
-    Socket {
-        /// What was being done.
-        op: &'static str,
-        /// The socket or its directory.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 /// Binds the debug socket at `path` (removing a stale one), mode 0600.
-pub fn bind(path: &Path) -> Result<UnixListener, DebugSocketError> {
-    let err = |op, p: &Path| {
-        let path = p.to_owned();
-        move |source| DebugSocketError::Socket { op, path, source }
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err("creating", dir))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err("removing stale socket", path)(e)),
-    }
-    let l = UnixListener::bind(path).map_err(err("binding debug socket", path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(err("restricting", path))?;
-    Ok(l)
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    bind_root_only(path, "binding debug socket")
 }
 
 /// Whether a connection's peer is root. A peer whose credentials cannot be read is not.

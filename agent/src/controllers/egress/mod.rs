@@ -262,7 +262,7 @@ impl Reconciler for EgressReconciler {
             self.last_rp_check = Instant::now();
         }
         // Computed under the borrow: the desired state is not copied on every wake-up.
-        let (plan, source_problems, pools) = {
+        let (plan, source_problems, pools, reports_unheld) = {
             let st = desired.get();
             let plan = plan::plan(
                 &st,
@@ -280,9 +280,8 @@ impl Reconciler for EgressReconciler {
                 .collect();
             let pools = status::pool_usage(&st, &plan.assignments, &self.ctx.node_name);
             let reports_unheld = status::reports_unheld(&st, &self.ctx.node_name);
-            (plan, problems, (pools, reports_unheld))
+            (plan, problems, pools, reports_unheld)
         };
-        let (pools, reports_unheld) = pools;
         let changed = self.applied.as_ref() != Some(&plan);
         let mut error = None;
         // The runner's resync (every 10 s) and retries arrive as converging triggers.

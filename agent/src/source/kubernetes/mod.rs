@@ -10,7 +10,7 @@
 //!
 //! Publishing is gated by [`gate::SyncGate`]: nothing before every kind's initial list has
 //! completed, then one state per burst of changes ([`COALESCE`]). The watchers relist on their
-//! own after 410 Gone or an API server restart, with [`RetryBackoff`] (exponential from 0.5 s
+//! own after 410 Gone or an API server restart, with [`retry_backoff`] (exponential from 0.5 s
 //! to 8 s, jittered; kube-runtime's default goes to 30 s, which kept a node's annotations and
 //! Egress status stale for half a minute after an API server came back); the
 //! reflector stores keep the last complete view meanwhile, so a relist never publishes a partial
@@ -33,8 +33,8 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::utils::{Backoff, ResetTimerBackoff};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::utils::ResetTimerBackoff;
+use kube::runtime::watcher::{self, Event, ExponentialBackoff};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -167,10 +167,7 @@ where
     let writer = reflector::store::Writer::new(dyntype);
     let reader = writer.as_reader();
     let stream = watcher::watcher(api, cfg)
-        .backoff(ResetTimerBackoff::new(
-            RetryBackoff::default(),
-            BACKOFF_RESET,
-        ))
+        .backoff(ResetTimerBackoff::new(retry_backoff(), BACKOFF_RESET))
         .modify(|o: &mut K| o.managed_fields_mut().clear())
         .reflect(writer)
         .map(move |r| (kind, r.map(|e| step(kind, &e))));
@@ -226,46 +223,17 @@ const BACKOFF_MAX: Duration = Duration::from_secs(8);
 const BACKOFF_RESET: Duration = Duration::from_secs(120);
 
 /// Exponential backoff from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], each delay jittered down by up
-/// to a half, so that the agents of many nodes do not retry in step. (kube-runtime's own
-/// exponential backoff cannot be configured from outside the crate.)
-#[derive(Debug)]
-pub struct RetryBackoff {
-    next: Duration,
-    /// Per-instance seed of the jitter.
-    seed: u64,
-    count: u64,
-}
-
-impl Default for RetryBackoff {
-    fn default() -> Self {
-        use std::hash::{BuildHasher, RandomState};
-        Self {
-            next: BACKOFF_MIN,
-            seed: RandomState::new().hash_one(std::time::SystemTime::now()),
-            count: 0,
-        }
-    }
-}
-
-impl Iterator for RetryBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let base = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        self.count += 1;
-        let r = BuildHasherDefault::<DefaultHasher>::default().hash_one((self.seed, self.count));
-        // In [0.5, 1.0) of the base.
-        let factor = 0.5 + (r % 1000) as f64 / 2000.0;
-        Some(base.mul_f64(factor))
-    }
-}
-
-impl Backoff for RetryBackoff {
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
+/// to a half, so that the agents of many nodes do not retry in step: kube-runtime's
+/// [`ExponentialBackoff`] over a `backon` builder, whose jitter adds up to 100 % to a delay
+/// that runs from half the minimum to half the maximum.
+pub fn retry_backoff() -> ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(BACKOFF_MIN / 2)
+        .with_max_delay(BACKOFF_MAX / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
 }
 
 /// Whether a watcher error is "this API is not served" (the list answered 404).

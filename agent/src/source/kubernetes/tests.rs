@@ -235,7 +235,7 @@ fn only_a_completed_list_or_a_change_is_a_signal() {
 #[test]
 fn retry_backoff_doubles_to_its_cap_with_jitter_and_resets() {
     use kube::runtime::utils::Backoff;
-    let mut b = RetryBackoff::default();
+    let mut b = retry_backoff();
     let d: Vec<Duration> = b.by_ref().take(8).collect();
     for (i, x) in d.iter().enumerate() {
         let base = (BACKOFF_MIN * 2u32.pow(i as u32)).min(BACKOFF_MAX);
