@@ -73,6 +73,20 @@ pub enum DataplaneKind {
     Ovs,
 }
 
+/// Who translates Service traffic on this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceProxy {
+    /// kube-proxy (any mode) runs on the node and NATs Services in the node's stack; ferrea
+    /// only makes sure the connections it NATed keep passing the stack (default).
+    #[default]
+    #[serde(rename = "kube-proxy")]
+    KubeProxy,
+    /// ferrea's own proxy, for nodes without kube-proxy: the dataplane load-balances the pods'
+    /// Service traffic, ferrea's nftables table the rest (NodePorts, the node's own calls).
+    #[serde(rename = "ferrea")]
+    Ferrea,
+}
+
 /// How pod traffic crosses nodes (Antrea's `trafficEncapMode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -232,6 +246,10 @@ pub struct Config {
     /// NodePortLocal: `enable` (default `false`), `portRange` (default `61000-62000`).
     #[serde(default)]
     pub node_port_local: NplConfig,
+    /// Who translates Service traffic: `kube-proxy` (default: kube-proxy runs on the node) or
+    /// `ferrea` (ferrea's own proxy; kube-proxy must not run). See [`ServiceProxy`].
+    #[serde(default)]
+    pub service_proxy: ServiceProxy,
 }
 
 fn default_source() -> SourceConfig {

@@ -10,6 +10,9 @@
 //!   key, Egress marks, the transport and tunnel facts).
 //! - [`source`]: the desired state (Nodes, Pods, Services, Egress, ExternalIPPool) and the
 //!   sources that fill it; the object decoders, Antrea's CRD types included.
+//! - [`proxy`]: ferrea's service proxy: the model of what the node does for Services (the
+//!   [`proxy::ServicePlan`] the nftables table and the dataplanes consume) and how it is
+//!   computed from Services and EndpointSlices.
 //! - [`kernel`]: one trait per kind of kernel side effect (links, addresses, routes, rules,
 //!   nftables, sysctls, conntrack, TC, VLAN tagging) with its Linux implementation.
 //! - [`dataplane`]: the [`dataplane::Dataplane`] trait and its two backends, eBPF and Open
@@ -36,6 +39,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod net;
 pub mod pods;
+pub mod proxy;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -501,6 +501,19 @@ pub trait Dataplane: Send + Sync {
     /// the agent core never passes steered pods there, and a backend rejects them.
     async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError>;
 
+    /// Makes the packet path load-balance the pods' traffic to Service virtual addresses as
+    /// `plan` says (`serviceProxy: ferrea`), replacing what an earlier call (or an earlier
+    /// agent process) installed; an empty plan removes it all. Idempotent. A connection keeps
+    /// the backend it was given while that backend stays in the plan.
+    ///
+    /// What a backend does not load-balance itself reaches the node's stack, where ferrea's
+    /// nftables table translates it (the pods' packets to addresses that are not pods always
+    /// go there). Default: nothing here, so every Service packet takes that path.
+    async fn set_services(&self, plan: &crate::proxy::ServicePlan) -> Result<(), DataplaneError> {
+        let _ = plan;
+        Ok(())
+    }
+
     /// Counters of one pod, if the backend keeps them.
     async fn pod_stats(&self, ep: &PodEndpoint) -> Result<Option<PodStats>, DataplaneError>;
 
