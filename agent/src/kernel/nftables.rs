@@ -1,5 +1,6 @@
 //! ferrea's nftables table: masquerade of pod traffic that leaves the cluster, the DNAT of
-//! NodePortLocal, ferrea's service proxy for what reaches the stack ([`ServiceRules`]), and (chain `tunnel_snat`) an SNAT to the gateway address for connections of
+//! NodePortLocal, ferrea's service proxy for what reaches the stack ([`ServiceRules`]), and
+//! (chain `tunnel_snat`) an SNAT to the gateway address for connections of
 //! the node or the outside world that someone (kube-proxy) DNATed into the overlay, so their
 //! replies come back through the overlay to this node's stack instead of being masqueraded
 //! on the backend's node.
@@ -111,12 +112,19 @@ impl NatSpec {
         // transport address, so the backend's reply would leave its node un-tunnelled and be
         // masqueraded there. SNAT to the gateway address instead, which is in this node's pod
         // CIDR: the reply comes back through the overlay to this node's stack. Before the
-        // masquerade chains (srcnat); only one NAT of a kind applies to a connection.
+        // masquerade chains (srcnat); only one NAT of a kind applies to a connection. The OVS
+        // backend's tunnel is inside its bridge: there, packets for other nodes' pods leave
+        // the stack through the gateway port, and the same holds for them. Un-masqueraded
+        // connections of the node itself (its address as the source) need it most: the
+        // backend's node would otherwise masquerade the reply mid-connection.
         s.push_str(&format!(
             "  chain tunnel_snat {{\n    type nat hook postrouting priority srcnat - 5; policy accept;\n\
              \x20   oifname \"{tun}\" ct status dnat ip saddr != {cidr} counter snat ip to {gw} \
-             comment \"ferrea: NATed connections into the overlay come back here\"\n",
+             comment \"ferrea: NATed connections into the overlay come back here\"\n\
+             \x20   oifname \"{gw_if}\" ct status dnat ip saddr != {cidr} ip daddr != {cidr} counter snat ip to {gw} \
+             comment \"ferrea: the same through the OVS bridge, which tunnels to other nodes' pods\"\n",
             tun = crate::net::TUNNEL_IFNAME,
+            gw_if = crate::net::GATEWAY_IFNAME,
             cidr = self.pod_cidr,
             gw = self.gateway,
         ));
