@@ -558,7 +558,13 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
         }
         store_mac(ctx, OFF_ETH_SRC, &ep.host_mac)?;
         set_tc_index(ctx, TC_INDEX_FAST_PATH);
-        trace(ctx, ferrea_common::TRACE_TO_NODE, tun, node.node_ip, node.vni);
+        trace(
+            ctx,
+            ferrea_common::TRACE_TO_NODE,
+            tun,
+            node.node_ip,
+            node.vni,
+        );
         // SAFETY: plain helper call; flags 0 = out of the tunnel device's egress.
         return Some(unsafe { bpf_redirect(tun, 0) } as i32);
     }

@@ -560,9 +560,9 @@ impl Debug for DebugService {
                         .find(|(ip, _)| *ip == packet.src_ip)
                         .map(|(_, id)| *id);
                     if let (false, Some(id)) = (exempt, mark) {
-                        let held = node_view["held"].as_array().and_then(|h| {
-                            h.iter().find(|e| e["id"] == u64::from(id))
-                        });
+                        let held = node_view["held"]
+                            .as_array()
+                            .and_then(|h| h.iter().find(|e| e["id"] == u64::from(id)));
                         reply.egress = held
                             .and_then(|e| e["egress"].as_str())
                             .unwrap_or_default()

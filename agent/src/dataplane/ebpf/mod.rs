@@ -43,6 +43,10 @@
 //! `ebpf/src/lib.rs`. `FERREA_SVC_CNT` counts that path ([`service_counters`]). Both survive a
 //! restart like every pinned map, and a stale entry only ever sends packets the slow way.
 //!
+//! `ferreactl trace` ([`Dataplane::trace`], the `trace` module): the pinned programs run on a
+//! constructed frame with `BPF_PROG_TEST_RUN`; each writes what it decided into the pinned
+//! one-slot map `FERREA_TRACE`, only for the traced packet's `skb->mark`.
+//!
 //! Restart behaviour: a new process adopts the pinned maps (same kernel objects, entries
 //! intact). If the pinned programs are of the same build as the embedded object
 //! (`progs/<digest>/` exists) it uses them as they are and touches no filter. Otherwise it loads

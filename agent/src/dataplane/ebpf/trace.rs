@@ -27,14 +27,14 @@ use std::net::Ipv4Addr;
 use aya::maps::{Array, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use ferrea_common::{
-    PROG_FROM_POD, PROG_TO_TUNNEL, TRACE_EGRESS_STEER, TRACE_MARK, TRACE_SPOOFED,
-    TRACE_STACK_FLOW, TRACE_TO_NODE, TRACE_TO_POD, TRACE_TO_STACK, TRACE_TUNNEL_KEY, TraceRecord,
+    PROG_FROM_POD, PROG_TO_TUNNEL, TRACE_EGRESS_STEER, TRACE_MARK, TRACE_SPOOFED, TRACE_STACK_FLOW,
+    TRACE_TO_NODE, TRACE_TO_POD, TRACE_TO_STACK, TRACE_TUNNEL_KEY, TraceRecord,
 };
 
 use super::{ERR, Loaded, ifname_of, ip_of_key};
 use crate::dataplane::trace::frame;
 use crate::dataplane::{
-    DataplaneError, PacketTrace, TracePacket, TraceStep, TraceVerdict, TUNNEL_IFNAME, unmet,
+    DataplaneError, PacketTrace, TUNNEL_IFNAME, TracePacket, TraceStep, TraceVerdict, unmet,
 };
 
 /// `TC_ACT_OK`: on to the node's stack.
@@ -175,11 +175,15 @@ pub(super) fn trace(st: &mut Loaded, p: &TracePacket) -> Result<PacketTrace, Dat
         (TRACE_TO_POD, TC_ACT_REDIRECT) => {
             let dst = st.maps.endpoint_by_ifindex(rec.ifindex);
             let ip = dst.map_or(p.dst, |e| ip_of_key(e.ipv4));
-            push(&mut steps, &stage, format!(
-                "{}: bpf_redirect_peer into the pod behind {}",
-                act(r.ret),
-                ifdesc(rec.ifindex)
-            ));
+            push(
+                &mut steps,
+                &stage,
+                format!(
+                    "{}: bpf_redirect_peer into the pod behind {}",
+                    act(r.ret),
+                    ifdesc(rec.ifindex)
+                ),
+            );
             TraceVerdict::ToPod {
                 ip,
                 interface: ifname_of(rec.ifindex).unwrap_or_else(|| ifdesc(rec.ifindex)),
@@ -194,8 +198,8 @@ pub(super) fn trace(st: &mut Loaded, p: &TracePacket) -> Result<PacketTrace, Dat
             TraceVerdict::ToStack { reason }
         }
         (TRACE_TO_STACK, TC_ACT_OK) => {
-            let reason = "not for a pod of this node or another, not steered for Egress: the \
-                          node's stack routes it"
+            let reason = "no fast path (not a pod of this node, not another node's pod through \
+                          the tunnel, not steered for Egress): the node's stack routes it"
                 .to_owned();
             push(&mut steps, &stage, format!("{}: {reason}", act(r.ret)));
             TraceVerdict::ToStack { reason }
@@ -213,11 +217,15 @@ pub(super) fn trace(st: &mut Loaded, p: &TracePacket) -> Result<PacketTrace, Dat
                     Ipv4Addr::from(rec.node_ip.to_ne_bytes())
                 )
             };
-            push(&mut steps, &stage, format!(
-                "{}: bpf_redirect to {}: {why}",
-                act(r.ret),
-                ifdesc(rec.ifindex)
-            ));
+            push(
+                &mut steps,
+                &stage,
+                format!(
+                    "{}: bpf_redirect to {}: {why}",
+                    act(r.ret),
+                    ifdesc(rec.ifindex)
+                ),
+            );
             let t = run(
                 &st.to_tunnel,
                 PROG_TO_TUNNEL,
@@ -281,10 +289,7 @@ mod tests {
     #[test]
     fn the_context_carries_the_mark_and_the_interface() {
         let c = skb_ctx(0x1234);
-        assert_eq!(
-            u32::from_ne_bytes(c[8..12].try_into().unwrap()),
-            TRACE_MARK
-        );
+        assert_eq!(u32::from_ne_bytes(c[8..12].try_into().unwrap()), TRACE_MARK);
         assert_eq!(u32::from_ne_bytes(c[40..44].try_into().unwrap()), 0x1234);
         // Everything else zero: the kernel refuses other non-zero fields.
         assert!(

@@ -1472,7 +1472,10 @@ impl Dataplane for OvsDataplane {
         let flow = trace::flow(packet, in_port, s.facts.gw_mac);
         let sock = unixctl::control_socket(&self.cfg.run_dir).map_err(ERR.other(
             "find",
-            format!("ovs-vswitchd's control socket in {}", self.cfg.run_dir.display()),
+            format!(
+                "ovs-vswitchd's control socket in {}",
+                self.cfg.run_dir.display()
+            ),
         ))?;
         let text = unixctl::call(&sock, "ofproto/trace", &[&self.cfg.bridge, &flow])
             .await

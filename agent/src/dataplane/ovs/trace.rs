@@ -18,7 +18,8 @@ use std::net::Ipv4Addr;
 
 use super::pipeline::{Table, prio};
 use crate::dataplane::{
-    PacketTrace, TUNNEL_VNI, TracePacket, TraceProto, TraceStep, TraceVerdict, trace::TRACE_SOURCE_PORT,
+    PacketTrace, TUNNEL_VNI, TracePacket, TraceProto, TraceStep, TraceVerdict,
+    trace::TRACE_SOURCE_PORT,
 };
 
 /// The ports of ferrea's bridge a trace can end on.
@@ -84,6 +85,17 @@ struct Matched {
     notes: Vec<String>,
 }
 
+impl Matched {
+    /// The flow as people read it: `ip,nw_dst=10.244.1.3, priority 200`.
+    fn flow(&self) -> String {
+        if self.matches.is_empty() {
+            format!("priority {}", self.priority)
+        } else {
+            format!("{}, priority {}", self.matches, self.priority)
+        }
+    }
+}
+
 /// One pass of the packet (the first, and one per recirculation).
 #[derive(Debug, Default)]
 struct Pass {
@@ -129,7 +141,10 @@ fn passes(text: &str, bridge: &str) -> Vec<Pass> {
             pass.title = Some(t.to_owned());
             continue;
         }
-        if let Some(b) = t.strip_prefix("bridge(\"").and_then(|r| r.strip_suffix("\")")) {
+        if let Some(b) = t
+            .strip_prefix("bridge(\"")
+            .and_then(|r| r.strip_suffix("\")"))
+        {
             on_bridge = b == bridge;
             continue;
         }
@@ -183,7 +198,7 @@ pub fn summarise(text: &str, bridge: &str, ports: &Ports) -> Result<PacketTrace,
             });
         }
         for m in &p.tables {
-            let mut action = format!("{}, priority {}", m.matches, m.priority);
+            let mut action = m.flow();
             if !m.actions.is_empty() {
                 action.push_str(": ");
                 action.push_str(&m.actions.join(", "));
@@ -240,7 +255,7 @@ pub fn summarise(text: &str, bridge: &str, ports: &Ports) -> Result<PacketTrace,
             TraceVerdict::Dropped {
                 spoof_guard,
                 reason: format!(
-                    "{}dropped in table {} {} by the flow `{}, priority {}`",
+                    "{}dropped in table {} {} by the flow `{}`",
                     if spoof_guard {
                         "spoof guard: the source address or MAC is not the pod's; "
                     } else {
@@ -248,28 +263,26 @@ pub fn summarise(text: &str, bridge: &str, ports: &Ports) -> Result<PacketTrace,
                     },
                     m.table,
                     Table::name_of(m.table),
-                    m.matches,
-                    m.priority
+                    m.flow()
                 ),
             }
         }
         Some((port, m)) => {
             let n = number(&port).map(|n| n as u32);
             if n == Some(ports.gateway) {
-                let reason = if m.table == Table::L3Forwarding as u8
-                    && m.priority == prio::STACK_REPLY
-                {
-                    "a reply of a connection from the gateway (ct_mark): output to the gateway \
+                let reason =
+                    if m.table == Table::L3Forwarding as u8 && m.priority == prio::STACK_REPLY {
+                        "a reply of a connection from the gateway (ct_mark): output to the gateway \
                      port, the stack un-NATs it"
-                        .to_owned()
-                } else {
-                    format!(
-                        "output to the gateway port {port} in table {} {}: the node's stack \
+                            .to_owned()
+                    } else {
+                        format!(
+                            "output to the gateway port {port} in table {} {}: the node's stack \
                          routes it",
-                        m.table,
-                        Table::name_of(m.table)
-                    )
-                };
+                            m.table,
+                            Table::name_of(m.table)
+                        )
+                    };
                 TraceVerdict::ToStack { reason }
             } else if n.is_some() && n == ports.tunnel {
                 TraceVerdict::Tunnel {
@@ -337,7 +350,9 @@ mod tests {
             ]
         );
         assert!(
-            t.steps[5].action.contains("nw_dst=10.244.1.3, priority 200")
+            t.steps[5]
+                .action
+                .contains("nw_dst=10.244.1.3, priority 200")
                 && t.steps[5].action.ends_with("output:101"),
             "{:?}",
             t.steps[5]
@@ -355,8 +370,15 @@ mod tests {
                 vni: 0
             }
         );
-        let out = t.steps.iter().find(|s| s.stage == "table 40 TunnelOutput").unwrap();
-        assert!(out.action.contains("native tunnel routing failed"), "{out:?}");
+        let out = t
+            .steps
+            .iter()
+            .find(|s| s.stage == "table 40 TunnelOutput")
+            .unwrap();
+        assert!(
+            out.action.contains("native tunnel routing failed"),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -123,7 +123,9 @@ async fn exchange(path: &Path, method: &str, params: &[&str]) -> Result<String, 
         let path = path.to_owned();
         move |source| UnixctlError::Io { op, path, source }
     };
-    let mut s = UnixStream::connect(path).await.map_err(io("connecting to"))?;
+    let mut s = UnixStream::connect(path)
+        .await
+        .map_err(io("connecting to"))?;
     let req = json!({"id": 0, "method": method, "params": params});
     s.write_all(req.to_string().as_bytes())
         .await
@@ -164,7 +166,11 @@ fn reply(path: &Path, method: &str, v: &Value) -> Result<String, UnixctlError> {
             method: method.to_owned(),
             message: e.to_string(),
         }),
-        _ => Err(protocol(path, method, &format!("neither result nor error: {v}"))),
+        _ => Err(protocol(
+            path,
+            method,
+            &format!("neither result nor error: {v}"),
+        )),
     }
 }
 
@@ -234,8 +240,8 @@ mod tests {
             let n = c.read(&mut buf).await.unwrap();
             let req: Value = serde_json::from_slice(&buf[..n]).unwrap();
             // A reply split across writes, as a long trace arrives.
-            let text = serde_json::to_string(&json!({"id": 0, "result": "a\nb", "error": null}))
-                .unwrap();
+            let text =
+                serde_json::to_string(&json!({"id": 0, "result": "a\nb", "error": null})).unwrap();
             let (a, b) = text.split_at(7);
             c.write_all(a.as_bytes()).await.unwrap();
             c.flush().await.unwrap();
