@@ -171,10 +171,7 @@ pub fn print_table(out: &mut dyn Write, t: &TraceReply) -> std::io::Result<()> {
         .collect();
     output::table(out, &["STAGE".into(), "ACTION".into()], &rows)?;
     writeln!(out)?;
-    let mut fields = vec![
-        ("VERDICT", t.verdict.clone()),
-        ("REASON", t.reason.clone()),
-    ];
+    let mut fields = vec![("VERDICT", t.verdict.clone()), ("REASON", t.reason.clone())];
     match t.verdict.as_str() {
         "pod" => {
             fields.push(("DST POD", t.dst_pod.clone()));
@@ -290,7 +287,10 @@ mod tests {
         assert_eq!(v["egress"]["name"], "eg");
         assert_eq!(v["egress"]["how"], "tunnel key");
         assert_eq!(v["packet"]["dstPort"], 80);
-        assert_eq!(v["steps"][0]["stage"], "ferrea_from_pod (tc ingress of fe1)");
+        assert_eq!(
+            v["steps"][0]["stage"],
+            "ferrea_from_pod (tc ingress of fe1)"
+        );
         let mut none = reply();
         none.egress_how.clear();
         none.egress.clear();
@@ -305,8 +305,17 @@ mod tests {
         assert!(text.starts_with("tcp 10.244.1.2 -> 198.51.100.1:80 from default/a"));
         assert!(text.contains("STAGE"));
         assert!(text.contains("TC_ACT_REDIRECT"));
-        assert!(text.lines().any(|l| l.starts_with("VERDICT") && l.ends_with("tunnel")));
-        assert!(text.lines().any(|l| l.starts_with("NODE ") && l.ends_with("n2")));
-        assert!(text.lines().any(|l| l.starts_with("EGRESS BY") && l.ends_with("tunnel key")));
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("VERDICT") && l.ends_with("tunnel"))
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("NODE ") && l.ends_with("n2"))
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("EGRESS BY") && l.ends_with("tunnel key"))
+        );
     }
 }
