@@ -646,3 +646,74 @@ impl Debug for DebugService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::pod_record;
+
+    fn req(dst: &str, protocol: &str, port: u32) -> pb::TraceRequest {
+        pb::TraceRequest {
+            src_pod: "default/a".into(),
+            dst: dst.into(),
+            protocol: protocol.into(),
+            dst_port: port,
+            ..Default::default()
+        }
+    }
+
+    fn refused(r: &pb::TraceRequest) -> String {
+        let rec = pod_record("default", "a", [10, 244, 1, 5]);
+        let s = trace_packet(r, &rec).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        s.message().to_owned()
+    }
+
+    #[test]
+    fn trace_requests_become_the_pods_packet() {
+        let mut rec = pod_record("default", "a", [10, 244, 1, 5]);
+        rec.pod_mac = [2, 0, 0, 0, 0, 5];
+        let p = trace_packet(&req("10.244.2.9", "tcp", 80), &rec).unwrap();
+        assert_eq!(p.src_ip, rec.ip);
+        assert_eq!(p.src_mac, rec.pod_mac);
+        assert_eq!(p.dst, Ipv4Addr::new(10, 244, 2, 9));
+        assert_eq!((p.proto, p.dst_port), (TraceProto::Tcp, Some(80)));
+        let p = trace_packet(&req("10.244.2.9", "icmp", 0), &rec).unwrap();
+        assert_eq!((p.proto, p.dst_port), (TraceProto::Icmp, None));
+        // A forged source.
+        let mut r = req("10.244.2.9", "udp", 53);
+        r.src_ip = "192.0.2.77".into();
+        r.src_mac = "02:00:DE:ad:be:ef".into();
+        let p = trace_packet(&r, &rec).unwrap();
+        assert_eq!(p.src_ip, Ipv4Addr::new(192, 0, 2, 77));
+        assert_eq!(p.src_mac, [2, 0, 0xde, 0xad, 0xbe, 0xef]);
+        assert_eq!(p.src.ip, rec.ip, "still sent by the pod");
+    }
+
+    #[test]
+    fn bad_trace_requests_are_invalid_arguments() {
+        assert!(refused(&req("10.244.2.300", "tcp", 80)).contains("not an IPv4 address"));
+        assert!(refused(&req("10.244.2.9", "sctp", 80)).contains("tcp, udp or icmp"));
+        assert!(refused(&req("10.244.2.9", "icmp", 80)).contains("ICMP has no ports"));
+        assert!(refused(&req("10.244.2.9", "udp", 0)).contains("needs a destination port"));
+        assert!(refused(&req("10.244.2.9", "tcp", 70000)).contains("out of range"));
+        let mut r = req("10.244.2.9", "tcp", 80);
+        r.src_mac = "02:00:de:ad:be".into();
+        assert!(refused(&r).contains("not aa:bb:cc:dd:ee:ff"));
+        assert_eq!(parse_mac("02:00:de:ad:be:ef:00"), None);
+        assert_eq!(parse_mac("2:00:de:ad:be:ef"), None);
+    }
+
+    #[test]
+    fn a_pod_is_named_once_or_the_request_says_why_not() {
+        let a = pod_record("default", "a", [10, 244, 1, 5]);
+        let b = pod_record("other", "a", [10, 244, 1, 6]);
+        let recs = vec![a.clone(), b];
+        assert_eq!(one_pod(recs.clone(), "default/a").unwrap().ip, a.ip);
+        let s = one_pod(recs.clone(), "a").unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let s = one_pod(recs, "default/nope").unwrap_err();
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert!(s.message().contains("no pod \"default/nope\""));
+    }
+}
