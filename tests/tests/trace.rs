@@ -40,8 +40,13 @@ fn trace(n: &node::Node, p: &Pod, dst: &str, extra: &[&str]) -> Value {
     let src = sel(p);
     let mut args = vec!["trace", "--src", &src, "--dst", dst];
     args.extend_from_slice(extra);
+    let t = std::time::Instant::now();
     let table = ctl::ok(n, &args).unwrap();
-    eprintln!("$ ferreactl {}\n{table}", args.join(" "));
+    eprintln!(
+        "$ ferreactl {} ({:?})\n{table}",
+        args.join(" "),
+        t.elapsed()
+    );
     ctl::json(n, &args).unwrap()
 }
 
