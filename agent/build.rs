@@ -121,6 +121,7 @@ fn main() -> anyhow::Result<()> {
         ferrea_common::MAP_EGRESS_HELD,
         ferrea_common::MAP_STACK_FLOWS,
         ferrea_common::MAP_SVC_COUNTERS,
+        ferrea_common::MAP_TRACE,
     ];
     link(&staticlib, &exports, &object)?;
     let vlan_exports = [

@@ -196,6 +196,43 @@ pub const SVC_STALE_CLEARED: u32 = 5;
 /// Packets sent to the stack because they are IP fragments or ICMP errors (no ports to match).
 pub const SVC_UNMATCHABLE: u32 = 6;
 
+/// Name of the one-slot array the programs write a [`TraceRecord`] into, for `ferreactl
+/// trace`: only for a packet whose `skb->mark` is [`TRACE_MARK`], which only the agent's
+/// `BPF_PROG_TEST_RUN` sets, so real traffic pays one compare and writes nothing.
+pub const MAP_TRACE: &str = "FERREA_TRACE";
+/// The `skb->mark` of a traced packet (set in the test run's `__sk_buff`).
+pub const TRACE_MARK: u32 = 0xfe11_7ace;
+/// [`TraceRecord::verdict`]: dropped by the spoof guard (source IP or MAC not the pod's).
+pub const TRACE_SPOOFED: u32 = 1;
+/// Redirected into a local pod (`ifindex`: its host veth).
+pub const TRACE_TO_POD: u32 = 2;
+/// A reply of a connection the node's stack carried: to the stack instead of a fast path.
+pub const TRACE_STACK_FLOW: u32 = 3;
+/// Another node's pod: redirected to the tunnel device (`ifindex`), for `node_ip` / `id`.
+pub const TRACE_TO_NODE: u32 = 4;
+/// Steered for Egress: redirected to the tunnel device (`ifindex`), for the egress node
+/// `node_ip` with the Egress id `id`.
+pub const TRACE_EGRESS_STEER: u32 = 5;
+/// Passed to the node's stack (not for a pod, not steered).
+pub const TRACE_TO_STACK: u32 = 6;
+/// The tunnel program set the outer destination `node_ip` and the VNI `id`.
+pub const TRACE_TUNNEL_KEY: u32 = 7;
+
+/// What a program decided for a traced packet (see [`MAP_TRACE`]). Addresses in network byte
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceRecord {
+    /// One of the `TRACE_*` verdicts; 0: no record (the program took no traced decision).
+    pub verdict: u32,
+    /// The interface redirected to, if any.
+    pub ifindex: u32,
+    /// The tunnel's outer destination, if any.
+    pub node_ip: u32,
+    /// The VNI or Egress id, if any.
+    pub id: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: Endpoint is repr(C), Copy, has no padding that would leak uninitialised bytes
@@ -214,4 +251,6 @@ mod user {
     // SAFETY: StackFlow is repr(C): 4 + 4 + 2 + 2 + 1 + 3 explicit padding bytes = 16, no
     // implicit padding; any bit pattern is valid.
     unsafe impl aya::Pod for super::StackFlow {}
+    // SAFETY: TraceRecord is repr(C) of four u32 fields, no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::TraceRecord {}
 }
