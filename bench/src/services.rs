@@ -4,20 +4,20 @@
 //! backends on the second.
 //!
 //! For 10 and for 1,000 Services in place (the extra ones are ClusterIPs with one endpoint
-//! each, never called): single-stream TCP (iperf3, 5 s) to a ClusterIP whose one backend is on
+//! each, never called): single-stream TCP (iperf3, 3 s) to a ClusterIP whose one backend is on
 //! the client's node (`*_tcp_gbps`), and new connections per second (one client connecting,
-//! reading one byte and closing, back to back for 3 s) to a ClusterIP with 1 backend on the
+//! reading one byte and closing, back to back for 2 s) to a ClusterIP with 1 backend on the
 //! client's node and with 10 backends on both nodes (`*_cps_1`, `*_cps_10`). Keys are
-//! `<dataplane>_<ferrea|kube_proxy>_<figure>_<services>`; the ratios the issue asks for are
-//! `<dataplane>_proxy_vs_kube_proxy_tcp` and `..._cps` (10 backends), with 10 Services,
-//! and the same with `_1000` appended; `<dataplane>_ferrea_1000_vs_10_cps` says whether 1,000
+//! `<dataplane>_<ferrea|kube_proxy>_<figure>_<services>` (medians of 3 rounds); the ratios the
+//! issue asks for are `<dataplane>_proxy_vs_kube_proxy_tcp` and `..._cps` (10 backends), with
+//! 10 Services, and the same with `_1000` appended, each the median of the same-round ratios
+//! (both clusters run at once and are measured alternately); `<dataplane>_ferrea_1000_vs_10_cps` says whether 1,000
 //! Services cost anything.
 //!
 //! `<dataplane>_<proxy>_endpoint_change_ms`: from writing an EndpointSlice that replaces a
 //! Service's only endpoint until the client's connections reach the new one (the median of 3;
 //! the files source polls every 200 ms, the API path includes kube-proxy's own sync delay).
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
@@ -50,7 +50,7 @@ const TEN: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 /// The Service whose endpoint is replaced.
 const MOVING: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 /// Seconds of each connections-per-second run.
-const CPS_SECONDS: u64 = 3;
+const CPS_SECONDS: u64 = 2;
 
 /// Who translates Services.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -151,7 +151,7 @@ fn iperf_to(client: &str, addr: Ipv4Addr) -> anyhow::Result<f64> {
     let out = run_ok(
         Command::new("ip")
             .args(["netns", "exec", client, "iperf3", "-c", &addr.to_string()])
-            .args(["-p", &IPERF_PORT.to_string(), "-t", "5", "-J"]),
+            .args(["-p", &IPERF_PORT.to_string(), "-t", "3", "-J"]),
     )?;
     let v: Value = serde_json::from_str(&out)?;
     let bps = v
@@ -353,83 +353,110 @@ impl Env {
     }
 }
 
+/// Rounds of measurements; each figure is the median over them, each ratio the median of
+/// the same-round ratios (the two proxies are measured alternately within a round, so the
+/// machine's drift cancels out).
+const ROUNDS: usize = 3;
+
+/// One round's figures of one proxy: TCP Gbit/s, conn/s with 1 and with 10 backends.
+fn measure(env: &Env) -> anyhow::Result<[f64; 3]> {
+    let client = env.pods[0][0].ns();
+    Ok([
+        iperf_to(client.name(), ONE_IPERF)?,
+        cps(client, SocketAddr::from((ONE, 80)))?,
+        cps(client, SocketAddr::from((TEN, 80)))?,
+    ])
+}
+
 /// Runs the benchmark (see the module doc).
 pub fn services_bench(fig: &mut Figures) -> anyhow::Result<()> {
+    const NAMES: [&str; 3] = ["tcp_gbps", "cps_1", "cps_10"];
     for dp in [Dataplane::Ebpf, Dataplane::Ovs] {
         let d = dp.as_str();
-        let mut raw: BTreeMap<String, f64> = BTreeMap::new();
-        for proxy in [Proxy::Ferrea, Proxy::KubeProxy] {
-            let mut env = Env::start(dp, proxy)?;
-            let backends = env.backends();
-            let client = env.pods[0][0].ns().name().to_owned();
-            let p = proxy.key();
-            for total in [10usize, 1000] {
+        // Both clusters at once, so that every round measures both.
+        let mut envs = [
+            Env::start(dp, Proxy::Ferrea)?,
+            Env::start(dp, Proxy::KubeProxy)?,
+        ];
+        for total in [10usize, 1000] {
+            for env in &mut envs {
+                let backends = env.backends();
                 let svcs = services(&backends, total, &backends[0]);
                 env.apply(&svcs)?;
-                let cns = env.pods[0][0].ns();
-                let tcp = iperf_to(&client, ONE_IPERF)?;
-                let cps1 = cps(cns, SocketAddr::from((ONE, 80)))?;
-                let cps10 = cps(cns, SocketAddr::from((TEN, 80)))?;
+            }
+            let mut per: [[Vec<f64>; 3]; 2] = Default::default();
+            let mut ratios: [Vec<f64>; 3] = Default::default();
+            for round in 0..ROUNDS {
+                let mut got = [[0.0; 3]; 2];
+                // Alternate which proxy goes first.
+                for k in 0..2 {
+                    let e = (k + round) % 2;
+                    got[e] = measure(&envs[e])?;
+                }
+                for e in 0..2 {
+                    for (m, v) in got[e].iter().enumerate() {
+                        per[e][m].push(*v);
+                    }
+                }
+                for m in 0..3 {
+                    ratios[m].push(got[0][m] / got[1][m]);
+                }
                 println!(
-                    "{d} {p} {total} Services: {tcp} Gbit/s, {cps1} conn/s (1 backend), {cps10} conn/s (10 backends)"
+                    "{d} {total} Services, round {round}: ferrea {:?}, kube-proxy {:?} (Gbit/s, conn/s 1 backend, conn/s 10 backends)",
+                    got[0], got[1]
                 );
-                raw.insert(format!("{d}_{p}_tcp_gbps_{total}"), tcp);
-                raw.insert(format!("{d}_{p}_cps_1_{total}"), cps1);
-                raw.insert(format!("{d}_{p}_cps_10_{total}"), cps10);
-                if total == 10 {
+            }
+            for (e, env) in envs.iter().enumerate() {
+                for (m, name) in NAMES.iter().enumerate() {
+                    fig.insert(
+                        format!("{d}_{}_{name}_{total}", env.proxy.key()),
+                        json!(median(per[e][m].clone())),
+                    );
+                }
+            }
+            let sfx = if total == 10 {
+                String::new()
+            } else {
+                format!("_{total}")
+            };
+            let r3 = |v: &Vec<f64>| json!((median(v.clone()) * 1000.0).round() / 1000.0);
+            fig.insert(format!("{d}_proxy_vs_kube_proxy_tcp{sfx}"), r3(&ratios[0]));
+            fig.insert(format!("{d}_proxy_vs_kube_proxy_cps{sfx}"), r3(&ratios[2]));
+            fig.insert(
+                format!("{d}_proxy_vs_kube_proxy_cps_1_backend{sfx}"),
+                r3(&ratios[1]),
+            );
+            if total == 10 {
+                for env in &mut envs {
+                    let backends = env.backends();
+                    let svcs = services(&backends, total, &backends[0]);
                     let mut v = Vec::new();
                     for round in 0..3 {
-                        // Alternate between two endpoints: n0p2 and n1p1.
+                        // Alternate between two endpoints: n1p1 and n0p2.
                         let (to, tag) = if round % 2 == 0 {
                             (env.backend(1, 1), "n1p1")
                         } else {
                             (env.backend(0, 2), "n0p2")
                         };
                         v.push(env.endpoint_change(&svcs, &to, tag)?);
-                        // Leave the service as the round left it for the next one.
                     }
-                    raw.insert(format!("{d}_{p}_endpoint_change_ms"), median(v));
+                    fig.insert(
+                        format!("{d}_{}_endpoint_change_ms", env.proxy.key()),
+                        json!(median(v)),
+                    );
                 }
             }
         }
-        for (k, v) in &raw {
-            fig.insert(k.clone(), json!(v));
-        }
-        let r = |a: &str, b: &str| -> Value {
-            let (x, y) = (raw.get(a).copied(), raw.get(b).copied());
-            match (x, y) {
-                (Some(x), Some(y)) if y > 0.0 => json!((x / y * 1000.0).round() / 1000.0),
-                _ => Value::Null,
-            }
-        };
-        for total in [10, 1000] {
-            let sfx = if total == 10 {
-                String::new()
-            } else {
-                format!("_{total}")
-            };
+        let get = |k: &str| fig.get(k).and_then(Value::as_f64);
+        if let (Some(a), Some(b)) = (
+            get(&format!("{d}_ferrea_cps_10_1000")),
+            get(&format!("{d}_ferrea_cps_10_10")),
+        ) {
             fig.insert(
-                format!("{d}_proxy_vs_kube_proxy_tcp{sfx}"),
-                r(
-                    &format!("{d}_ferrea_tcp_gbps_{total}"),
-                    &format!("{d}_kube_proxy_tcp_gbps_{total}"),
-                ),
-            );
-            fig.insert(
-                format!("{d}_proxy_vs_kube_proxy_cps{sfx}"),
-                r(
-                    &format!("{d}_ferrea_cps_10_{total}"),
-                    &format!("{d}_kube_proxy_cps_10_{total}"),
-                ),
+                format!("{d}_ferrea_1000_vs_10_cps"),
+                json!((a / b * 1000.0).round() / 1000.0),
             );
         }
-        fig.insert(
-            format!("{d}_ferrea_1000_vs_10_cps"),
-            r(
-                &format!("{d}_ferrea_cps_10_1000"),
-                &format!("{d}_ferrea_cps_10_10"),
-            ),
-        );
     }
     Ok(())
 }
