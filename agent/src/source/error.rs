@@ -103,6 +103,14 @@ pub enum FieldProblem {
     /// e.g. "needs a podSelector or a namespaceSelector").
     #[error("{0}")]
     Rule(&'static str),
+    /// `apiVersion` of a built-in kind that the agent does not decode: which one it takes.
+    #[error("{found:?} is not served; use {want}")]
+    ApiVersion {
+        /// The `apiVersion` given.
+        found: String,
+        /// The one the agent decodes.
+        want: &'static str,
+    },
     /// `apiVersion` of a CRD version that the agent does not decode.
     #[error("{0:?} is not served; use crd.antrea.io/v1beta1")]
     NotServed(String),

@@ -26,6 +26,8 @@ pub enum Object {
     Service(ServiceInfo),
     /// A `discovery.k8s.io/v1` `EndpointSlice` of address type IPv4.
     EndpointSlice(EndpointSliceInfo),
+    /// A `networking.k8s.io/v1` `NetworkPolicy`.
+    NetworkPolicy(crate::source::netpol::NetworkPolicy),
     /// A `v1/Namespace`: its name and labels.
     Namespace(String, BTreeMap<String, String>),
     /// A `crd.antrea.io/v1beta1` `Egress`.
@@ -170,12 +172,34 @@ pub fn decode_object(v: &Value) -> Result<Object, ObjectError> {
         }
         "Pod" => decode_pod(v, name).map(Object::Pod),
         "Service" => decode_service(v, name).map(Object::Service),
+        "NetworkPolicy" => {
+            if name.is_empty() {
+                return Err(no_name(kind));
+            }
+            let ns = namespace_of(v, kind, name)?;
+            let api = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+            if api != "networking.k8s.io/v1" {
+                return Err(ObjectRef::namespaced(kind, &ns, name).field(
+                    "apiVersion",
+                    FieldProblem::ApiVersion {
+                        found: api.to_owned(),
+                        want: "networking.k8s.io/v1",
+                    },
+                ));
+            }
+            crate::source::netpol::parse_network_policy(v, &ns, name).map(Object::NetworkPolicy)
+        }
         "EndpointSlice" => {
             let api = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
             if api != "discovery.k8s.io/v1" {
                 return Err(
-                    ObjectRef::namespaced(kind, &namespace_of(v, kind, name)?, name)
-                        .field("apiVersion", FieldProblem::NotServed(api.to_owned())),
+                    ObjectRef::namespaced(kind, &namespace_of(v, kind, name)?, name).field(
+                        "apiVersion",
+                        FieldProblem::ApiVersion {
+                            found: api.to_owned(),
+                            want: "discovery.k8s.io/v1",
+                        },
+                    ),
                 );
             }
             match v.get("addressType").and_then(Value::as_str) {

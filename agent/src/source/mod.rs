@@ -10,8 +10,8 @@
 //! Kubernetes source publishes only once its caches have synced).
 //!
 //! [`manifest`] decodes Kubernetes-style objects (Nodes, Pods, Services, EndpointSlices,
-//! Namespaces; [`crd`]: Antrea's `Egress` and
-//! `ExternalIPPool`); what they reject is typed in [`error`] and reaches users as
+//! NetworkPolicies ([`netpol`]), Namespaces; [`crd`]: Antrea's `Egress` and `ExternalIPPool`);
+//! what they reject is typed in [`error`] and reaches users as
 //! [`DesiredState::errors`].
 
 use std::collections::BTreeMap;
@@ -26,6 +26,7 @@ pub mod error;
 pub mod files;
 pub mod kubernetes;
 pub mod manifest;
+pub mod netpol;
 
 /// A node as the agent needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -208,6 +209,10 @@ impl DesiredState {
             Object::Service(s) => {
                 self.services.insert(object_key(&s.namespace, &s.name), s);
             }
+            Object::NetworkPolicy(p) => {
+                self.network_policies
+                    .insert(object_key(&p.namespace, &p.name), p);
+            }
             Object::EndpointSlice(e) => {
                 self.endpoint_slices
                     .insert(object_key(&e.namespace, &e.name), e);
@@ -249,6 +254,9 @@ pub struct DesiredState {
     pub pods: BTreeMap<String, PodInfo>,
     /// Services, by `namespace/name` ([`object_key`]).
     pub services: BTreeMap<String, ServiceInfo>,
+    /// NetworkPolicies, by `namespace/name` ([`object_key`]). Decoded and followed; not
+    /// enforced yet.
+    pub network_policies: BTreeMap<String, crate::source::netpol::NetworkPolicy>,
     /// EndpointSlices of address type IPv4, by `namespace/name` ([`object_key`]).
     pub endpoint_slices: BTreeMap<String, EndpointSliceInfo>,
     /// Namespaces' labels, by name (what an Egress's `namespaceSelector` matches). A namespace

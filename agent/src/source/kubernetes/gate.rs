@@ -23,6 +23,8 @@ pub enum Kind {
     Service,
     /// `discovery.k8s.io/v1` EndpointSlice, all namespaces.
     EndpointSlice,
+    /// `networking.k8s.io/v1` NetworkPolicy, all namespaces.
+    NetworkPolicy,
     /// `v1/Namespace`.
     Namespace,
     /// `crd.antrea.io/v1beta1` `Egress`.
@@ -33,11 +35,12 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in the order the source starts them.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Node,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
+        Kind::NetworkPolicy,
         Kind::Namespace,
         Kind::Egress,
         Kind::ExternalIpPool,
@@ -50,6 +53,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Namespace => "Namespace",
             Kind::Egress => "Egress",
             Kind::ExternalIpPool => "ExternalIPPool",
@@ -204,6 +208,7 @@ mod tests {
             Kind::Pod,
             Kind::Service,
             Kind::EndpointSlice,
+            Kind::NetworkPolicy,
             Kind::Namespace,
         ] {
             g.observe(Signal::Listed(k));

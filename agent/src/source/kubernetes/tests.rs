@@ -45,6 +45,15 @@ spec:
   selector: {app: web}
   ports: [{port: 80, targetPort: http}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]
 ---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 5432}]
+---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: web-abcde, namespace: shop, labels: {kubernetes.io/service-name: web}}
@@ -149,6 +158,14 @@ fn api_objects() -> Vec<Result<Object, ObjectError>> {
                        "conditions": {"ready": true, "serving": true, "terminating": false},
                        "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-1"}}],
     });
+    let mut np_meta = server_meta("db");
+    np_meta["namespace"] = json!("shop");
+    let netpol = json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": np_meta,
+        "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                              "ports": [{"protocol": "TCP", "port": 5432}]}]},
+    });
     let mut ns_meta = server_meta("shop");
     ns_meta["labels"] = json!({"team": "t", "kubernetes.io/metadata.name": "shop"});
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": ns_meta,
@@ -165,6 +182,7 @@ fn api_objects() -> Vec<Result<Object, ObjectError>> {
         typed::<Pod>(pod),
         typed::<Service>(svc),
         typed::<EndpointSlice>(slice),
+        typed::<k8s_openapi::api::networking::v1::NetworkPolicy>(netpol),
         typed::<Namespace>(ns),
         dynamic(pool, &crd_resource("ExternalIPPool", "externalippools")),
         dynamic(egress, &crd_resource("Egress", "egresses")),
@@ -181,6 +199,8 @@ fn api_objects_give_the_state_the_files_source_gives() {
     assert_eq!(from_api.services, from_files.services);
     assert_eq!(from_api.endpoint_slices, from_files.endpoint_slices);
     assert_eq!(from_api.endpoint_slices.len(), 1);
+    assert_eq!(from_api.network_policies, from_files.network_policies);
+    assert_eq!(from_api.network_policies.len(), 1);
     assert_eq!(from_api.namespaces, from_files.namespaces);
     assert_eq!(from_api.pools, from_files.pools);
     assert_eq!(from_api.egresses, from_files.egresses);
