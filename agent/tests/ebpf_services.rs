@@ -49,6 +49,8 @@ const VIP_HAIRPIN: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 /// TCP 80 and UDP 53 to D on the other node.
 const VIP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// TCP 80 to a listener of node N itself (a host-network endpoint, as the API server's).
+const VIP_HOST: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 const HAIRPIN_SNAT: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 253);
 
 fn backend(ip: Ipv4Addr, port: u16) -> Backend {
@@ -89,6 +91,7 @@ fn plan(web: &[Ipv4Addr]) -> ServicePlan {
         vip(VIP_EMPTY, 80, Protocol::Tcp, vec![], None),
         vip(VIP_REMOTE, 80, Protocol::Tcp, tcp(&[D]), None),
         vip(VIP_REMOTE, 53, Protocol::Udp, udp(&[D]), None),
+        vip(VIP_HOST, 80, Protocol::Tcp, vec![backend(N_IP, 8090)], None),
     ];
     vips.sort_by_key(|v| v.addr);
     ServicePlan {
@@ -225,6 +228,7 @@ fn ebpf_service_proxy_end_to_end() {
     servers.push(
         TcpPeers::start_tagged(pods.a.ns(), sock(Ipv4Addr::UNSPECIFIED, 8081), Some("A")).unwrap(),
     );
+    servers.push(TcpPeers::start_tagged(&n, sock(N_IP, 8090), Some("N")).unwrap());
 
     // Node M: its dataplane, pod D, the route to N's pods; then the process goes (the programs
     // and maps stay, as after an agent crash).
@@ -356,6 +360,13 @@ async fn run_node(pin: &Path, n_eth0: u32, pods: &Pods) {
     // None of it went through the node's stack: nothing from a pod address was delivered by
     // the stack, nothing recorded as a stack-carried connection.
     let stack1 = service_counters(pin).unwrap();
+    // A backend that is no pod (the node's own address): DNATed here, routed by the stack,
+    // and the reply, delivered by the stack, un-NATed on the client's veth egress.
+    let rs = lb(pin, c::LB_CNT_REVERSE_STACK);
+    let (who, peer) = tcp_who(a, VIP_HOST, 80).unwrap();
+    assert_eq!(who, "N");
+    assert!(peer.starts_with(&format!("{A}:")), "{peer}");
+    assert!(lb(pin, c::LB_CNT_REVERSE_STACK) >= rs + 2);
     for slot in [
         c::SVC_RECORDED_POD,
         c::SVC_RECORDED_TUNNEL,
@@ -459,4 +470,105 @@ async fn run_node(pin: &Path, n_eth0: u32, pods: &Pods) {
         tcp_who(a, VIP_WEB, 80).is_err(),
         "VIP reachable after an empty plan"
     );
+}
+
+/// 1,000 Services of 10 backends each (11,000 slots): how long `set_services` takes to
+/// install, re-apply unchanged, change one Service's endpoints and remove them all, and that a
+/// Service among them still carries connections (new connections per second through a VIP
+/// and straight to the pod, same run, printed as figures).
+#[test]
+fn ebpf_service_proxy_at_scale() {
+    if !skip_unless_root("ebpf_service_proxy_at_scale") {
+        return;
+    }
+    let n = NetNs::new("lbs").unwrap();
+    n.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    let bpffs = BpffsGuard::new();
+    let pid = std::process::id() % 100_000;
+    let a = veth_pod(&n, "lbq", &format!("fsa{pid}"), 5, A);
+    let b = veth_pod(&n, "lbq", &format!("fsb{pid}"), 6, B);
+    let server =
+        TcpPeers::start_tagged(b.ns(), sock(Ipv4Addr::UNSPECIFIED, 8080), Some("B")).unwrap();
+    let pin = bpffs.path.clone();
+    let (a, b) = n.run(move || {
+        rt().block_on(async {
+            let dp = EbpfDataplane::new(&pin).unwrap();
+            dp.init_node(&NodeNetwork::standalone(
+                "10.244.1.0/24".parse().unwrap(),
+                1500,
+            ))
+            .await
+            .unwrap();
+            dp.add_pod(&endpoint(&a)).await.unwrap();
+            dp.add_pod(&endpoint(&b)).await.unwrap();
+            let big = |last: &[Ipv4Addr]| {
+                let mut vips: Vec<VipService> = (0..1000u32)
+                    .map(|i| {
+                        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i);
+                        let backends = if i == 999 {
+                            last.iter().map(|ip| backend(*ip, 8080)).collect()
+                        } else {
+                            (0..10u8)
+                                .map(|j| backend(Ipv4Addr::new(10, 244, 1, 100 + j), 8080))
+                                .collect()
+                        };
+                        vip(ip, 80, Protocol::Tcp, backends, None)
+                    })
+                    .collect();
+                vips.sort_by_key(|v| v.addr);
+                ServicePlan {
+                    vips,
+                    node_ports: vec![],
+                }
+            };
+            let last = Ipv4Addr::new(10, 97, 3, 231);
+            let timed = |what: &str, t: std::time::Instant| {
+                println!("set_services {what}: {:?}", t.elapsed());
+            };
+            let t = std::time::Instant::now();
+            dp.set_services(&big(&[B])).await.unwrap();
+            timed("1000 Services x 10 backends, first", t);
+            let t = std::time::Instant::now();
+            dp.set_services(&big(&[B])).await.unwrap();
+            timed("unchanged", t);
+            let dump = dp.dump(None).await.unwrap();
+            assert_eq!(section(&dump, "map FERREA_LB_SVC").rows.len(), 999 * 11 + 2);
+
+            // Connections per second through the VIP and straight to the pod.
+            let cps = |ip: Ipv4Addr, port: u16| {
+                let t = std::time::Instant::now();
+                let n = 200;
+                for _ in 0..n {
+                    assert_eq!(tcp_who(a.ns(), ip, port).unwrap().0, "B");
+                }
+                f64::from(n) / t.elapsed().as_secs_f64()
+            };
+            let (via_vip, direct) = (cps(last, 80), cps(B, 8080));
+            println!(
+                "new TCP connections per second (one client thread, each connection a thread \
+                 entering the pod's netns): via VIP {via_vip:.0}, direct {direct:.0}"
+            );
+            // An endpoint change of one Service among 1,000.
+            let t = std::time::Instant::now();
+            dp.set_services(&big(&[B, Ipv4Addr::new(10, 244, 1, 120)]))
+                .await
+                .unwrap();
+            timed("one Service's endpoints changed", t);
+            let t = std::time::Instant::now();
+            dp.set_services(&big(&[B])).await.unwrap();
+            timed("one backend removed (connection-table scan)", t);
+            assert_eq!(tcp_who(a.ns(), last, 80).unwrap().0, "B");
+            let t = std::time::Instant::now();
+            dp.set_services(&ServicePlan::default()).await.unwrap();
+            timed("all removed", t);
+            let dump = dp.dump(None).await.unwrap();
+            assert!(section(&dump, "map FERREA_LB_SVC").rows.is_empty());
+            assert!(section(&dump, "map FERREA_LB_CT").rows.is_empty());
+        });
+        (a, b)
+    });
+    drop(server);
+    drop((a, b));
+    drop(bpffs);
+    drop(n);
 }

@@ -199,9 +199,10 @@ struct Loaded {
     to_tunnel: SchedClassifier,
     gateway: Ipv4Addr,
     node: NodeNetwork,
-    /// Whether this process has applied a service plan yet (the first one also cleans the
-    /// connection and affinity tables of what an earlier process left).
-    services_synced: bool,
+    /// What this process's last successful `set_services` left in the frontend map; `None`
+    /// before the first (which reads the map and cleans the connection and affinity tables of
+    /// what an earlier process left) and after a failed one.
+    lb_installed: Option<services::Installed>,
 }
 
 /// Every program of the object, pinned per build.
@@ -334,7 +335,7 @@ impl EbpfDataplane {
             to_tunnel: pinned(ferrea_common::PROG_TO_TUNNEL)?,
             gateway: node.gateway,
             node: node.clone(),
-            services_synced: false,
+            lb_installed: None,
         };
         if !same_build {
             // A different build was attached before (or none): move every known pod's filters
@@ -803,9 +804,11 @@ impl Dataplane for EbpfDataplane {
     async fn set_services(&self, plan: &crate::proxy::ServicePlan) -> Result<(), DataplaneError> {
         let mut g = self.lock();
         let st = g.as_mut().ok_or_else(|| ERR.not_init("set_services"))?;
-        let converge = !st.services_synced;
-        let r = services::sync(st.maps.as_mut(), plan, converge)?;
-        st.services_synced = true;
+        // Only a successful sync leaves a known state behind.
+        let last = st.lb_installed.take();
+        let converge = last.is_none();
+        let (r, installed) = services::sync(st.maps.as_mut(), plan, last.as_ref())?;
+        st.lb_installed = Some(installed);
         if r.slots_written + r.slots_removed + r.flows_removed + r.flows_staled > 0 || converge {
             tracing::info!(
                 frontends = r.frontends,

@@ -153,28 +153,74 @@ pub fn flow_parts(k: &StackFlow, f: &LbFlow) -> (FrontendKey, BackendKey) {
     }
 }
 
+/// What the frontend map holds, per frontend: slot number to value.
+pub type Installed = BTreeMap<FrontendKey, BTreeMap<u16, LbSlot>>;
+
+/// The frontend map's content as [`Installed`].
+pub fn read_installed(m: &dyn BpfMaps) -> Installed {
+    let mut have = Installed::new();
+    for (k, v) in m.lb_slots() {
+        have.entry((k.vip, k.port, k.proto))
+            .or_default()
+            .insert(k.slot, v);
+    }
+    have
+}
+
+/// What the frontend map holds once `want` is installed.
+fn installed_of(want: &BTreeMap<FrontendKey, Frontend>) -> Installed {
+    want.iter()
+        .map(|(fe, f)| {
+            let mut slots = BTreeMap::new();
+            slots.insert(
+                0,
+                LbSlot {
+                    count: u32::try_from(f.backends.len()).expect("at most MAX_LB_BACKENDS"),
+                    affinity_secs: f.affinity_secs,
+                    ..LbSlot::default()
+                },
+            );
+            for (i, &(ip, port)) in (1u16..).zip(&f.backends) {
+                slots.insert(
+                    i,
+                    LbSlot {
+                        ip,
+                        port,
+                        ..LbSlot::default()
+                    },
+                );
+            }
+            (*fe, slots)
+        })
+        .collect()
+}
+
 /// Makes the service proxy's maps hold exactly `plan`'s frontends (entries that are right
 /// already are not rewritten) and cleans the connection and affinity tables of what left it.
-/// `converge`: scan those tables even if nothing left the plan since the map was read (the
-/// first call of a process, which adopts what an earlier one left).
+/// `installed`: what the last successful call left in the frontend map (nobody else writes
+/// it), or `None` to read the map and scan the tables even if nothing left the plan (the
+/// first call of a process, which adopts and converges with what an earlier one left).
+/// Returns what it did and what the frontend map now holds.
 pub fn sync(
     m: &mut dyn BpfMaps,
     plan: &ServicePlan,
-    converge: bool,
-) -> Result<SyncReport, DataplaneError> {
+    installed: Option<&Installed>,
+) -> Result<(SyncReport, Installed), DataplaneError> {
     let (want, sctp_to_stack) = frontends(plan);
     let mut report = SyncReport {
         frontends: want.len(),
         sctp_to_stack,
         ..SyncReport::default()
     };
-    // What the map holds now, per frontend: slot number to value.
-    let mut have: BTreeMap<FrontendKey, BTreeMap<u16, LbSlot>> = BTreeMap::new();
-    for (k, v) in m.lb_slots() {
-        have.entry((k.vip, k.port, k.proto))
-            .or_default()
-            .insert(k.slot, v);
-    }
+    let converge = installed.is_none();
+    let read;
+    let have = match installed {
+        Some(h) => h,
+        None => {
+            read = read_installed(m);
+            &read
+        }
+    };
     let mut left = false;
     let insert = |m: &mut dyn BpfMaps, k: LbKey, v: LbSlot| {
         m.insert_lb_slot(k, v)
@@ -196,7 +242,7 @@ pub fn sync(
             }
         }
         let head = LbSlot {
-            count: f.backends.len() as u32,
+            count: u32::try_from(f.backends.len()).expect("at most MAX_LB_BACKENDS"),
             affinity_secs: f.affinity_secs,
             ..LbSlot::default()
         };
@@ -231,7 +277,7 @@ pub fn sync(
         report.scanned = true;
         clean_tables(m, &want, &mut report)?;
     }
-    Ok(report)
+    Ok((report, installed_of(&want)))
 }
 
 /// Removes (or, TCP forward entries, marks stale) the connection-table entries of frontends
@@ -500,7 +546,8 @@ mod tests {
         let mut web = vip(80, Protocol::Tcp, vec![be(5, 8080), be(6, 8080)]);
         web.affinity_secs = Some(30);
         let dns = vip(53, Protocol::Udp, vec![be(7, 5353)]);
-        let r = sync(&mut m, &plan(vec![web, dns]), true).unwrap();
+        let (r, installed) = sync(&mut m, &plan(vec![web, dns]), None).unwrap();
+        assert_eq!(installed, read_installed(&m));
         assert_eq!(r.frontends, 2);
         assert_eq!(r.slots_written, 5);
         let head = slot(&m, 80, 6, 0).unwrap();
@@ -526,15 +573,19 @@ mod tests {
             },
             vip(53, Protocol::Udp, vec![be(7, 5353)]),
         ]);
-        let r = sync(&mut m, &again, false).unwrap();
+        let (r, _) = sync(&mut m, &again, Some(&installed)).unwrap();
         assert_eq!(m.writes.len(), n, "{:?}", &m.writes[n..]);
         assert!(!r.scanned);
+        // Read from the map instead (a new process): still nothing to write.
+        let (r, _) = sync(&mut m, &again, None).unwrap();
+        assert_eq!(m.writes.len(), n, "{:?}", &m.writes[n..]);
+        assert!(r.scanned);
     }
 
     #[test]
     fn a_frontend_without_backends_is_installed_with_count_zero() {
         let mut m = FakeBpfMaps::default();
-        sync(&mut m, &plan(vec![vip(80, Protocol::Tcp, vec![])]), true).unwrap();
+        sync(&mut m, &plan(vec![vip(80, Protocol::Tcp, vec![])]), None).unwrap();
         assert_eq!(slot(&m, 80, 6, 0).unwrap().count, 0);
         assert_eq!(m.lb_svc.len(), 1);
     }
@@ -547,7 +598,7 @@ mod tests {
             vip(80, Protocol::Tcp, vec![b5.clone(), b6.clone()]),
             vip(53, Protocol::Udp, vec![b5.clone(), b6.clone()]),
         ]);
-        sync(&mut m, &p, true).unwrap();
+        let (_, installed) = sync(&mut m, &p, None).unwrap();
         let tcp6 = conn(80, 6, 40000, &b6);
         let tcp5 = conn(80, 6, 40001, &b5);
         let udp6 = conn(53, 17, 40002, &b6);
@@ -577,7 +628,7 @@ mod tests {
             vip(80, Protocol::Tcp, vec![b5.clone()]),
             vip(53, Protocol::Udp, vec![b5.clone()]),
         ]);
-        let r = sync(&mut m, &p, false).unwrap();
+        let (r, _) = sync(&mut m, &p, Some(&installed)).unwrap();
         assert!(r.scanned);
         assert_eq!(slot(&m, 80, 6, 0).unwrap().count, 1);
         assert_eq!(slot(&m, 80, 6, 2), None);
@@ -596,7 +647,7 @@ mod tests {
         assert!(m.lb_aff.is_empty());
         assert_eq!(r.affinities_removed, 1);
         // A stale entry is not staled twice.
-        let r = sync(&mut m, &p, true).unwrap();
+        let (r, _) = sync(&mut m, &p, None).unwrap();
         assert_eq!((r.flows_removed, r.flows_staled), (0, 0));
     }
 
@@ -604,15 +655,16 @@ mod tests {
     fn an_empty_plan_removes_everything_frontend_first() {
         let mut m = FakeBpfMaps::default();
         let b5 = be(5, 8080);
-        sync(
+        let (_, installed) = sync(
             &mut m,
             &plan(vec![vip(80, Protocol::Tcp, vec![b5.clone(), be(6, 8080)])]),
-            true,
+            None,
         )
         .unwrap();
         record(&mut m, conn(80, 6, 40000, &b5));
         let n = m.writes.len();
-        let r = sync(&mut m, &ServicePlan::default(), false).unwrap();
+        let (r, installed) = sync(&mut m, &ServicePlan::default(), Some(&installed)).unwrap();
+        assert!(installed.is_empty());
         assert!(m.lb_svc.is_empty() && m.lb_ct.is_empty());
         assert_eq!(r.slots_removed, 3);
         assert_eq!(m.writes[n], "lb_svc remove 10.96.0.10:80/6#0");
@@ -630,7 +682,7 @@ mod tests {
                 vip(80, Protocol::Tcp, vec![b5.clone()]),
                 vip(81, Protocol::Udp, vec![b5.clone()]),
             ]),
-            true,
+            None,
         )
         .unwrap();
         record(&mut m, conn(80, 6, 40000, &b5));
@@ -638,7 +690,7 @@ mod tests {
         m.writes.clear();
         // The new process: only the TCP frontend, same backend.
         let p = plan(vec![vip(80, Protocol::Tcp, vec![b5.clone()])]);
-        let r = sync(&mut m, &p, true).unwrap();
+        let (r, _) = sync(&mut m, &p, None).unwrap();
         // Nothing rewritten for the frontend that is right; the other one removed.
         assert!(
             m.writes.iter().all(|w| !w.contains("insert")),
@@ -659,7 +711,7 @@ mod tests {
             vip(80, Protocol::Sctp, vec![be(5, 8080)]),
             vip(81, Protocol::Sctp, vec![be(5, 81)]),
         ]);
-        let r = sync(&mut m, &p, true).unwrap();
+        let (r, _) = sync(&mut m, &p, None).unwrap();
         assert_eq!(r.sctp_to_stack, 1);
         assert_eq!(slot(&m, 80, 132, 0), None);
         assert_eq!(slot(&m, 81, 132, 0).unwrap().count, 1);
@@ -672,7 +724,7 @@ mod tests {
         sync(
             &mut m,
             &plan(vec![vip(80, Protocol::Tcp, vec![b5.clone()])]),
-            true,
+            None,
         )
         .unwrap();
         record(&mut m, conn(80, 6, 40000, &b5));
