@@ -472,6 +472,44 @@ async fn run_node(pin: &Path, n_eth0: u32, pods: &Pods) {
     );
 }
 
+/// TCP 5201 to B: bulk transfer.
+const VIP_BULK: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+
+/// Sends 1 GiB from `from` to a listener on port `port` of `to` through `dst`; the receiver's
+/// rate in Gbit/s (from accept to end of stream).
+fn gbits(from: &NetNs, to: &NetNs, dst: Ipv4Addr, port: u16) -> f64 {
+    use std::io::{Read, Write};
+    const LEN: usize = 1 << 30;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = to.spawn(move || {
+        let l = std::net::TcpListener::bind(sock(Ipv4Addr::UNSPECIFIED, port)).unwrap();
+        ready_tx.send(()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let t = std::time::Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0usize;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        assert_eq!(total, LEN, "bulk transfer through {dst} cut short");
+        (total * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+    });
+    ready_rx.recv().unwrap();
+    from.run(move || {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&sock(dst, port), Duration::from_secs(3)).unwrap();
+        let chunk = vec![0x5au8; 256 * 1024];
+        for _ in 0..LEN / chunk.len() {
+            s.write_all(&chunk).unwrap();
+        }
+    });
+    server.join().unwrap()
+}
+
 /// 1,000 Services of 10 backends each (11,000 slots): how long `set_services` takes to
 /// install, re-apply unchanged, change one Service's endpoints and remove them all, and that a
 /// Service among them still carries connections (new connections per second through a VIP
@@ -515,6 +553,13 @@ fn ebpf_service_proxy_at_scale() {
                         vip(ip, 80, Protocol::Tcp, backends, None)
                     })
                     .collect();
+                vips.push(vip(
+                    VIP_BULK,
+                    5201,
+                    Protocol::Tcp,
+                    vec![backend(B, 5201)],
+                    None,
+                ));
                 vips.sort_by_key(|v| v.addr);
                 ServicePlan {
                     vips,
@@ -532,7 +577,10 @@ fn ebpf_service_proxy_at_scale() {
             dp.set_services(&big(&[B])).await.unwrap();
             timed("unchanged", t);
             let dump = dp.dump(None).await.unwrap();
-            assert_eq!(section(&dump, "map FERREA_LB_SVC").rows.len(), 999 * 11 + 2);
+            assert_eq!(
+                section(&dump, "map FERREA_LB_SVC").rows.len(),
+                999 * 11 + 2 + 2
+            );
 
             // Connections per second through the VIP and straight to the pod.
             let cps = |ip: Ipv4Addr, port: u16| {
@@ -547,6 +595,23 @@ fn ebpf_service_proxy_at_scale() {
             println!(
                 "new TCP connections per second (one client thread, each connection a thread \
                  entering the pod's netns): via VIP {via_vip:.0}, direct {direct:.0}"
+            );
+            // Single-stream TCP through the VIP and straight to the pod, alternating.
+            let mut via_vip = Vec::new();
+            let mut direct = Vec::new();
+            for _ in 0..3 {
+                via_vip.push(gbits(a.ns(), b.ns(), VIP_BULK, 5201));
+                direct.push(gbits(a.ns(), b.ns(), B, 5201));
+            }
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            println!(
+                "single-stream TCP, 1 GiB per run, Gbit/s: via VIP {via_vip:.1?} (median {:.1}), \
+                 direct {direct:.1?} (median {:.1})",
+                median(&mut via_vip.clone()),
+                median(&mut direct.clone())
             );
             // An endpoint change of one Service among 1,000.
             let t = std::time::Instant::now();
