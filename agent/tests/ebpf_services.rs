@@ -49,6 +49,8 @@ const VIP_HAIRPIN: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 /// TCP 80 and UDP 53 to D on the other node.
 const VIP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// TCP 80 to B and C port 8082, where connections stay open: draining.
+const VIP_DRAIN: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
 /// TCP 80 to a listener of node N itself (a host-network endpoint, as the API server's).
 const VIP_HOST: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 const HAIRPIN_SNAT: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 253);
@@ -79,7 +81,7 @@ fn vip(
     }
 }
 
-/// The plan with `web` as the backends of VIP_WEB (TCP 8080 and UDP 5353).
+/// The plan with `web` as the backends of VIP_WEB (TCP 8080 and UDP 5353) and VIP_DRAIN.
 fn plan(web: &[Ipv4Addr]) -> ServicePlan {
     let tcp = |ips: &[Ipv4Addr]| ips.iter().map(|ip| backend(*ip, 8080)).collect::<Vec<_>>();
     let udp = |ips: &[Ipv4Addr]| ips.iter().map(|ip| backend(*ip, 5353)).collect::<Vec<_>>();
@@ -87,6 +89,13 @@ fn plan(web: &[Ipv4Addr]) -> ServicePlan {
         vip(VIP_WEB, 80, Protocol::Tcp, tcp(web), None),
         vip(VIP_WEB, 53, Protocol::Udp, udp(web), None),
         vip(VIP_AFF, 80, Protocol::Tcp, tcp(&[B, C]), Some(60)),
+        vip(
+            VIP_DRAIN,
+            80,
+            Protocol::Tcp,
+            web.iter().map(|ip| backend(*ip, 8082)).collect(),
+            None,
+        ),
         vip(VIP_HAIRPIN, 80, Protocol::Tcp, vec![backend(A, 8081)], None),
         vip(VIP_EMPTY, 80, Protocol::Tcp, vec![], None),
         vip(VIP_REMOTE, 80, Protocol::Tcp, tcp(&[D]), None),
@@ -133,6 +142,41 @@ fn tcp_who(ns: &NetNs, ip: Ipv4Addr, port: u16) -> anyhow::Result<(String, Strin
     Ok((who.to_owned(), peer.to_owned()))
 }
 
+/// Connects from `ns`, source port `src_port`, to `ip:port` and returns the answer of a
+/// [`TcpPeers`] listener ("<tag> <peer>"), or why not.
+fn tcp_from_port(ns: &NetNs, src_port: u16, ip: Ipv4Addr, port: u16) -> anyhow::Result<String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket,
+        sockopt::ReuseAddr,
+    };
+    use std::io::Read;
+    ns.run(move || {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )?;
+        setsockopt(&fd, ReuseAddr, &true)?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, src_port)),
+        )?;
+        let mut s = std::net::TcpStream::from(fd);
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.set_write_timeout(Some(Duration::from_secs(2)))?;
+        // A send timeout makes a blocking connect give up (with EINPROGRESS) after it.
+        connect(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            &SockaddrIn::from(SocketAddrV4::new(ip, port)),
+        )
+        .map_err(|e| anyhow::anyhow!("connecting from port {src_port} to {ip}:{port}: {e}"))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out.trim().to_owned())
+    })
+}
+
 /// How many of `n` new connections each backend got.
 fn spread(ns: &NetNs, ip: Ipv4Addr, port: u16, n: usize) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
@@ -167,6 +211,91 @@ fn section<'a>(d: &'a [DumpSection], name: &str) -> &'a DumpSection {
     d.iter()
         .find(|s| s.name == name)
         .unwrap_or_else(|| panic!("no section {name}"))
+}
+
+/// A TCP listener in a namespace that keeps each connection open and answers every line
+/// with its tag; stops on drop.
+struct TagEcho {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TagEcho {
+    fn start(ns: &NetNs, port: u16, tag: &'static str) -> TagEcho {
+        use std::io::{BufRead, Write};
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = ns.spawn(move || {
+            let l = std::net::TcpListener::bind(sock(Ipv4Addr::UNSPECIFIED, port)).unwrap();
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        let s = s.clone();
+                        std::thread::spawn(move || {
+                            c.set_nonblocking(false).unwrap();
+                            c.set_read_timeout(Some(Duration::from_millis(100)))
+                                .unwrap();
+                            let mut w = c.try_clone().unwrap();
+                            let mut r = std::io::BufReader::new(c);
+                            let mut line = String::new();
+                            while !s.load(Ordering::Relaxed) {
+                                match r.read_line(&mut line) {
+                                    Ok(0) => break,
+                                    Ok(_) => {
+                                        line.clear();
+                                        if writeln!(w, "{tag}").is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Err(_) => {}
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        rx.recv().unwrap();
+        TagEcho {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TagEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A connection kept open: each question gets the tag of the backend that answers it.
+struct Held(std::io::BufReader<std::net::TcpStream>);
+
+impl Held {
+    fn open(ns: &NetNs, ip: Ipv4Addr, port: u16) -> Held {
+        let s = ns.run(move || {
+            std::net::TcpStream::connect_timeout(&sock(ip, port), Duration::from_secs(2)).unwrap()
+        });
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        Held(std::io::BufReader::new(s))
+    }
+
+    fn ask(&mut self) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.0.get_mut(), "who").unwrap();
+        let mut line = String::new();
+        self.0.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
 }
 
 struct Pods {
@@ -229,6 +358,10 @@ fn ebpf_service_proxy_end_to_end() {
         TcpPeers::start_tagged(pods.a.ns(), sock(Ipv4Addr::UNSPECIFIED, 8081), Some("A")).unwrap(),
     );
     servers.push(TcpPeers::start_tagged(&n, sock(N_IP, 8090), Some("N")).unwrap());
+    let holders = [
+        TagEcho::start(pods.b.ns(), 8082, "B"),
+        TagEcho::start(pods.c.ns(), 8082, "C"),
+    ];
 
     // Node M: its dataplane, pod D, the route to N's pods; then the process goes (the programs
     // and maps stay, as after an agent crash).
@@ -263,7 +396,7 @@ fn ebpf_service_proxy_end_to_end() {
         rt().block_on(run_node(&pin, n_eth0, &pods));
         pods
     });
-    drop((servers, echoes));
+    drop((servers, echoes, holders));
     drop((pods, d));
     drop((bpf_n, bpf_m));
     drop((n, m));
@@ -381,6 +514,20 @@ async fn run_node(pin: &Path, n_eth0: u32, pods: &Pods) {
     // Pod-to-pod without NAT keeps its fast path.
     assert!(ferrea_tests::fabric::ping(a.name(), B));
     assert_eq!(tcp_who(a, C, 8080).unwrap().0, "C");
+    // A source port reused: first through the VIP, then straight to the backend it got. The
+    // direct connection's replies must not be given the VIP (its SYN forgets the old
+    // connection's reverse entry); and through the VIP again, the same backend answers.
+    let through = tcp_from_port(a, 42424, VIP_WEB, 80).unwrap();
+    let who = through.split(' ').next().unwrap().to_owned();
+    let ip = if who == "B" { B } else { C };
+    let direct = tcp_from_port(a, 42424, ip, 8080).unwrap();
+    assert_eq!(
+        direct,
+        format!("{who} {A}:42424"),
+        "direct after VIP on port 42424"
+    );
+    let again = tcp_from_port(a, 42424, VIP_WEB, 80).unwrap();
+    assert_eq!(again, through, "through the VIP again on port 42424");
 
     // The dump shows the maps decoded.
     let dump = dp.dump(None).await.unwrap();
@@ -406,6 +553,13 @@ async fn run_node(pin: &Path, n_eth0: u32, pods: &Pods) {
 
     // A UDP flow that C answers, then C leaves the plan: the flow's entries are flushed, so
     // the same flow (same source port) is answered by B; new connections go to B only.
+    // A TCP connection kept open to C, to see it drain.
+    let mut held = loop {
+        let mut h = Held::open(a, VIP_DRAIN, 80);
+        if h.ask() == "C" {
+            break h;
+        }
+    };
     let port = (41000..41200)
         .find(|p| {
             udp_ask_from(a, *p, sock(VIP_WEB, 53))
@@ -421,6 +575,14 @@ async fn run_node(pin: &Path, n_eth0: u32, pods: &Pods) {
     );
     let web = spread(a, VIP_WEB, 80, 10);
     assert_eq!(web.keys().cloned().collect::<Vec<_>>(), ["B"], "{web:?}");
+    // The open connection to C still reaches C (it drains); new ones go to B.
+    assert_eq!(
+        held.ask(),
+        "C",
+        "an established TCP connection lost its backend"
+    );
+    assert_eq!(Held::open(a, VIP_DRAIN, 80).ask(), "B");
+    drop(held);
     // C's TCP connections drain: their forward entries are marked stale, not removed.
     let dump = dp.dump(None).await.unwrap();
     let ct = section(&dump, "map FERREA_LB_CT");

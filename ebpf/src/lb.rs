@@ -46,6 +46,13 @@
 //! installs an SCTP frontend here only when every backend's port is the Service port (other SCTP
 //! frontends are left to the node's stack).
 //!
+//! The two entries of a connection are separate LRU entries: a forward packet whose reverse
+//! entry is gone (evicted on its own) puts it back. A TCP SYN the proxy does not translate
+//! (a pod calling a backend's own address from a source port an earlier, closed connection
+//! through the VIP used) removes the reverse entry of its reply tuple, so its replies are not
+//! given the VIP; a UDP flow in that position is not detected (that would cost a lookup per
+//! packet) and has its replies translated until the entry is evicted or flushed.
+//!
 //! What the table does not do: it keeps no TCP state. An entry lives until the LRU evicts it (a
 //! live connection refreshes its entries with every packet) or the agent removes it: every entry
 //! of a frontend that left the plan, and the UDP and SCTP entries of a backend that left it (what
@@ -211,31 +218,40 @@ pub(crate) enum Routed {
 #[inline(always)]
 pub(crate) fn from_pod(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Routed> {
     // SAFETY: copied out at once; the agent replaces entries whole.
-    if let Some(dst) = unsafe { FERREA_EP_IP.get(dst_ip) }.copied() {
-        let nat = reply(ctx, src_ip, dst_ip, LB_CNT_REVERSE_POD)?;
-        return Some(Routed::Route {
-            dst_ip,
-            local: Some(dst),
-            nat,
-        });
+    let local = unsafe { FERREA_EP_IP.get(dst_ip) }.copied();
+    let untouched = Routed::Route {
+        dst_ip,
+        local,
+        nat: false,
+    };
+    let Some(l4) = l4_of(ctx)? else {
+        return Some(untouched);
+    };
+    if local.is_some() || dst_ip == LB_HAIRPIN_IP {
+        if reverse(ctx, &l4, src_ip, dst_ip, LB_CNT_REVERSE_POD)? {
+            if local.is_some() {
+                return Some(Routed::Route {
+                    dst_ip,
+                    local,
+                    nat: true,
+                });
+            }
+            // A pod's reply in a hairpin connection: back to itself, from the VIP.
+            return Some(Routed::Route {
+                dst_ip: src_ip,
+                // SAFETY: as above.
+                local: unsafe { FERREA_EP_IP.get(src_ip) }.copied(),
+                nat: true,
+            });
+        }
+        forget_reverse(&l4, src_ip, dst_ip);
+        return Some(untouched);
     }
-    if dst_ip == LB_HAIRPIN_IP {
-        // A pod's reply in a hairpin connection: back to itself, from the VIP.
-        let nat = reply(ctx, src_ip, dst_ip, LB_CNT_REVERSE_POD)?;
-        let to = if nat { src_ip } else { dst_ip };
-        return Some(Routed::Route {
-            dst_ip: to,
-            // SAFETY: as above.
-            local: unsafe { FERREA_EP_IP.get(to) }.copied(),
-            nat,
-        });
-    }
-    match to_vip(ctx, src_ip, dst_ip)? {
-        None => Some(Routed::Route {
-            dst_ip,
-            local: None,
-            nat: false,
-        }),
+    match to_vip(ctx, &l4, src_ip, dst_ip)? {
+        None => {
+            forget_reverse(&l4, src_ip, dst_ip);
+            Some(untouched)
+        }
         Some(0) => Some(Routed::Stack),
         Some(backend) => Some(Routed::Route {
             dst_ip: backend,
@@ -243,6 +259,24 @@ pub(crate) fn from_pod(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Rout
             local: unsafe { FERREA_EP_IP.get(backend) }.copied(),
             nat: true,
         }),
+    }
+}
+
+/// A TCP SYN that the proxy does not translate (a pod calling another pod's address, say)
+/// starts a connection whose replies must not be given a VIP: it removes any reverse entry
+/// of its reply tuple that a closed load-balanced connection with the same addresses and
+/// ports left behind (the client's kernel reuses a source port for another destination).
+#[inline(always)]
+fn forget_reverse(l4: &L4, src_ip: u32, dst_ip: u32) {
+    if l4.syn {
+        let _ = FERREA_LB_CT.remove(StackFlow {
+            saddr: dst_ip,
+            daddr: src_ip,
+            sport: l4.dport,
+            dport: l4.sport,
+            proto: l4.proto,
+            pad: [0; 3],
+        });
     }
 }
 
@@ -254,6 +288,12 @@ pub(crate) fn reply(ctx: &TcContext, src_ip: u32, dst_ip: u32, slot: u32) -> Opt
     let Some(l4) = l4_of(ctx)? else {
         return Some(false);
     };
+    reverse(ctx, &l4, src_ip, dst_ip, slot)
+}
+
+/// [`reply`] for a packet already parsed.
+#[inline(always)]
+fn reverse(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32, slot: u32) -> Option<bool> {
     let key = StackFlow {
         saddr: src_ip,
         daddr: dst_ip,
@@ -270,23 +310,47 @@ pub(crate) fn reply(ctx: &TcContext, src_ip: u32, dst_ip: u32, slot: u32) -> Opt
     if f.flags & LB_FLOW_REVERSE == 0 {
         return Some(false);
     }
-    set_port(ctx, &l4, l4.off, l4.sport, f.nat_port)?;
-    set_ip(ctx, &l4, OFF_IP_SRC, src_ip, f.nat_ip)?;
+    set_port(ctx, l4, l4.off, l4.sport, f.nat_port)?;
+    set_ip(ctx, l4, OFF_IP_SRC, src_ip, f.nat_ip)?;
     if f.flags & LB_FLOW_HAIRPIN != 0 {
-        set_ip(ctx, &l4, OFF_IP_DST, dst_ip, f.peer_ip)?;
+        set_ip(ctx, l4, OFF_IP_DST, dst_ip, f.peer_ip)?;
     }
     lb_count(slot);
     Some(true)
+}
+
+/// The reverse entry (key and value) of a connection from `src_ip` to the frontend at
+/// `dst_ip` given the backend `ip:port`.
+#[inline(always)]
+fn reverse_entry(l4: &L4, src_ip: u32, dst_ip: u32, ip: u32, port: u16) -> (StackFlow, LbFlow) {
+    let hairpin = ip == src_ip;
+    (
+        StackFlow {
+            saddr: ip,
+            daddr: if hairpin { LB_HAIRPIN_IP } else { src_ip },
+            sport: port,
+            dport: l4.sport,
+            proto: l4.proto,
+            pad: [0; 3],
+        },
+        LbFlow {
+            nat_ip: dst_ip,
+            nat_port: l4.dport,
+            flags: if hairpin {
+                LB_FLOW_REVERSE | LB_FLOW_HAIRPIN
+            } else {
+                LB_FLOW_REVERSE
+            },
+            peer_ip: if hairpin { src_ip } else { 0 },
+        },
+    )
 }
 
 /// A pod's packet for an address that is not a local pod: if it is a frontend's, translates
 /// it to its backend. `Some(None)`: no frontend; `Some(Some(0))`: a frontend's packet for the
 /// node's stack, untranslated; `Some(Some(ip))`: DNATed to the backend `ip`.
 #[inline(always)]
-fn to_vip(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Option<u32>> {
-    let Some(l4) = l4_of(ctx)? else {
-        return Some(None);
-    };
+fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u32>> {
     let fe_key = LbKey {
         vip: dst_ip,
         port: l4.dport,
@@ -311,7 +375,13 @@ fn to_vip(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Option<u32>> {
         let f = unsafe { *f };
         if f.flags & LB_FLOW_REVERSE == 0 {
             if f.flags & LB_FLOW_STALE == 0 || !l4.syn {
-                dnat(ctx, &l4, src_ip, dst_ip, &f)?;
+                // The reverse entry is a separate LRU entry (evicted on its own, or removed by
+                // a SYN that reused its tuple without the proxy): put it back if it is gone.
+                let (rk, rv) = reverse_entry(l4, src_ip, dst_ip, f.nat_ip, f.nat_port);
+                if FERREA_LB_CT.get_ptr(rk).is_none() {
+                    let _ = FERREA_LB_CT.insert(rk, rv, 0);
+                }
+                dnat(ctx, l4, src_ip, dst_ip, &f)?;
                 lb_count(LB_CNT_FORWARD);
                 return Some(Some(f.nat_ip));
             }
@@ -328,52 +398,12 @@ fn to_vip(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Option<u32>> {
         return Some(Some(0));
     };
     let hairpin = ip == src_ip;
-    let (rev_key, rev, fwd) = if hairpin {
-        (
-            StackFlow {
-                saddr: ip,
-                daddr: LB_HAIRPIN_IP,
-                sport: port,
-                dport: l4.sport,
-                proto: l4.proto,
-                pad: [0; 3],
-            },
-            LbFlow {
-                nat_ip: dst_ip,
-                nat_port: l4.dport,
-                flags: LB_FLOW_REVERSE | LB_FLOW_HAIRPIN,
-                peer_ip: src_ip,
-            },
-            LbFlow {
-                nat_ip: ip,
-                nat_port: port,
-                flags: LB_FLOW_HAIRPIN,
-                peer_ip: LB_HAIRPIN_IP,
-            },
-        )
-    } else {
-        (
-            StackFlow {
-                saddr: ip,
-                daddr: src_ip,
-                sport: port,
-                dport: l4.sport,
-                proto: l4.proto,
-                pad: [0; 3],
-            },
-            LbFlow {
-                nat_ip: dst_ip,
-                nat_port: l4.dport,
-                flags: LB_FLOW_REVERSE,
-                peer_ip: 0,
-            },
-            LbFlow {
-                nat_ip: ip,
-                nat_port: port,
-                flags: 0,
-                peer_ip: 0,
-            },
-        )
+    let (rev_key, rev) = reverse_entry(l4, src_ip, dst_ip, ip, port);
+    let fwd = LbFlow {
+        nat_ip: ip,
+        nat_port: port,
+        flags: if hairpin { LB_FLOW_HAIRPIN } else { 0 },
+        peer_ip: if hairpin { LB_HAIRPIN_IP } else { 0 },
     };
     // Reverse first: a reply can never find its forward entry without its reverse one.
     if FERREA_LB_CT.insert(rev_key, rev, 0).is_err() || FERREA_LB_CT.insert(tuple, fwd, 0).is_err()
@@ -385,7 +415,7 @@ fn to_vip(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Option<u32>> {
     if hairpin {
         lb_count(LB_CNT_HAIRPIN);
     }
-    dnat(ctx, &l4, src_ip, dst_ip, &fwd)?;
+    dnat(ctx, l4, src_ip, dst_ip, &fwd)?;
     Some(Some(ip))
 }
 
