@@ -15,7 +15,8 @@
 //! 5. Ready: CNI requests are served. The controllers start here, each on the reconcile
 //!    runner ([`crate::controllers::runner`]): the node controller
 //!    ([`crate::controllers::node`]: other nodes, dataplane upkeep), NodePortLocal
-//!    ([`crate::controllers::npl`]) and Egress ([`crate::controllers::egress`]).
+//!    ([`crate::controllers::npl`]), Egress ([`crate::controllers::egress`]) and, with
+//!    `serviceProxy: ferrea`, the service proxy ([`crate::controllers::services`]).
 //!
 //! Beside the CNI socket, from the first moment: the debug API (`ferrea.debug.v1` on its own
 //! root-only socket, [`crate::debug::service`]) and, unless `metrics.enable` is false, the
@@ -304,6 +305,19 @@ pub async fn run_with(
             &nat,
             state.clone(),
             status_sink.clone(),
+            metrics.clone(),
+        );
+        crate::controllers::services::start(
+            cfg.service_proxy,
+            crate::controllers::services::ServiceReconciler::new(
+                cfg.node_name(),
+                pm.node().transport.ip,
+                cfg.service_cidr,
+                pm.dataplane().clone(),
+                nat.clone(),
+                Arc::new(crate::kernel::conntrack::NetlinkConntrack),
+            ),
+            state.clone(),
             metrics.clone(),
         );
         let mut cluster = cfg.cluster_cidrs.clone();

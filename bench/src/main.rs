@@ -40,8 +40,11 @@
 //!   (`masquerade`), one dataplane at a time, interleaved over 7 rounds; `egress_tcp_gbps_vs_masquerade` is the median
 //!   of same-round ratios (goal: at least 0.95). OVS figures carry the `ovs_` prefix.
 //! - `npl-kubernetes` and `kube-source`: against a real kube-apiserver, see [`kube`].
+//! - `services`: pod-to-ClusterIP TCP and connections per second through ferrea's proxy and
+//!   through kube-proxy (nftables mode) beside ferrea, see [`services`].
 
 mod kube;
+mod services;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -77,8 +80,9 @@ fn main() -> anyhow::Result<()> {
         "egress" => egress(&mut fig)?,
         "npl-kubernetes" => kube::npl_kubernetes(&mut fig)?,
         "kube-source" => kube::kube_source(&mut fig)?,
+        "services" => services::services_bench(&mut fig)?,
         _ => bail!(
-            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress | npl-kubernetes | kube-source"
+            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress | npl-kubernetes | kube-source | services"
         ),
     }
     println!("{}", serde_json::to_string(&fig)?);

@@ -12,3 +12,4 @@ pub mod egress;
 pub mod node;
 pub mod npl;
 pub mod runner;
+pub mod services;

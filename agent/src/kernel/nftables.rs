@@ -1,5 +1,6 @@
 //! ferrea's nftables table: masquerade of pod traffic that leaves the cluster, the DNAT of
-//! NodePortLocal, and (chain `tunnel_snat`) an SNAT to the gateway address for connections of
+//! NodePortLocal, ferrea's service proxy for what reaches the stack ([`ServiceRules`]), and
+//! (chain `tunnel_snat`) an SNAT to the gateway address for connections of
 //! the node or the outside world that someone (kube-proxy) DNATed into the overlay, so their
 //! replies come back through the overlay to this node's stack instead of being masqueraded
 //! on the backend's node.
@@ -36,6 +37,9 @@ use ipnetwork::Ipv4Network;
 use tokio::io::AsyncWriteExt;
 
 use crate::source::Protocol;
+
+mod services;
+pub use services::{SERVICE_MASQ_MARK, ServiceRules};
 
 /// Errors applying the table.
 #[derive(Debug, thiserror::Error)]
@@ -108,12 +112,19 @@ impl NatSpec {
         // transport address, so the backend's reply would leave its node un-tunnelled and be
         // masqueraded there. SNAT to the gateway address instead, which is in this node's pod
         // CIDR: the reply comes back through the overlay to this node's stack. Before the
-        // masquerade chains (srcnat); only one NAT of a kind applies to a connection.
+        // masquerade chains (srcnat); only one NAT of a kind applies to a connection. The OVS
+        // backend's tunnel is inside its bridge: there, packets for other nodes' pods leave
+        // the stack through the gateway port, and the same holds for them. Un-masqueraded
+        // connections of the node itself (its address as the source) need it most: the
+        // backend's node would otherwise masquerade the reply mid-connection.
         s.push_str(&format!(
             "  chain tunnel_snat {{\n    type nat hook postrouting priority srcnat - 5; policy accept;\n\
              \x20   oifname \"{tun}\" ct status dnat ip saddr != {cidr} counter snat ip to {gw} \
-             comment \"ferrea: NATed connections into the overlay come back here\"\n",
+             comment \"ferrea: NATed connections into the overlay come back here\"\n\
+             \x20   oifname \"{gw_if}\" ct status dnat ip saddr != {cidr} ip daddr != {cidr} counter snat ip to {gw} \
+             comment \"ferrea: the same through the OVS bridge, which tunnels to other nodes' pods\"\n",
             tun = crate::net::TUNNEL_IFNAME,
+            gw_if = crate::net::GATEWAY_IFNAME,
             cidr = self.pod_cidr,
             gw = self.gateway,
         ));
@@ -303,6 +314,7 @@ struct TableState {
     cluster: Vec<Ipv4Network>,
     npl: Option<NplRules>,
     egress: Option<EgressRules>,
+    services: Option<ServiceRules>,
     applied: Option<String>,
 }
 
@@ -322,6 +334,7 @@ impl NatTable {
                 cluster: Vec::new(),
                 npl,
                 egress: None,
+                services: None,
                 applied: None,
             }),
         }
@@ -333,7 +346,11 @@ impl NatTable {
     }
 
     fn render(&self, st: &TableState) -> String {
-        self.render_parts(&st.cluster, st.npl.as_ref(), st.egress.as_ref())
+        let mut s = self.render_parts(&st.cluster, st.npl.as_ref(), st.egress.as_ref());
+        if let Some(r) = &st.services {
+            s.push_str(&r.render(&self.base.table, self.base.pod_cidr));
+        }
+        s
     }
 
     fn render_parts(
@@ -385,6 +402,25 @@ impl NatTable {
         let mut st = self.state.lock().await;
         st.egress = egress;
         self.apply_changed(&mut st).await
+    }
+
+    /// Replaces the Service rules (`None`: ferrea's proxy is off, no Service chains) and
+    /// applies the table if its text changed. Returns whether nft ran. After a failure the next
+    /// call tries again.
+    pub async fn set_services(&self, services: Option<ServiceRules>) -> Result<bool, NatError> {
+        let mut st = self.state.lock().await;
+        st.services = services;
+        self.apply_changed(&mut st).await
+    }
+
+    /// The Service rules of the last successful load (`None` when the proxy is off or the last
+    /// change has not been loaded).
+    pub async fn installed_services(&self) -> Option<ServiceRules> {
+        let st = self.state.lock().await;
+        let current = self.render(&st);
+        (st.applied.as_deref() == Some(current.as_str()))
+            .then(|| st.services.clone())
+            .flatten()
     }
 
     /// Replaces the pod CIDRs of the cluster's nodes, which are never masqueraded besides the

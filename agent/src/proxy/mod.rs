@@ -24,6 +24,8 @@ use std::net::Ipv4Addr;
 
 use crate::source::Protocol;
 
+pub mod plan;
+
 /// An address, port and protocol a Service is reached at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceAddr {

@@ -10,7 +10,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::{DecodeError, FieldProblem, ObjectError, ObjectRef};
-use super::{ContainerPort, NodeInfo, PodInfo, Protocol, ServiceInfo, ServicePort, TargetPort};
+use super::{
+    ContainerPort, Endpoint, EndpointPort, EndpointSliceInfo, NodeInfo, PodInfo, Protocol,
+    ServiceInfo, ServicePort, TargetPort,
+};
 
 /// One decoded object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +24,8 @@ pub enum Object {
     Pod(PodInfo),
     /// A `v1/Service`.
     Service(ServiceInfo),
+    /// A `discovery.k8s.io/v1` `EndpointSlice` of address type IPv4.
+    EndpointSlice(EndpointSliceInfo),
     /// A `v1/Namespace`: its name and labels.
     Namespace(String, BTreeMap<String, String>),
     /// A `crd.antrea.io/v1beta1` `Egress`.
@@ -165,6 +170,22 @@ pub fn decode_object(v: &Value) -> Result<Object, ObjectError> {
         }
         "Pod" => decode_pod(v, name).map(Object::Pod),
         "Service" => decode_service(v, name).map(Object::Service),
+        "EndpointSlice" => {
+            let api = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+            if api != "discovery.k8s.io/v1" {
+                return Err(
+                    ObjectRef::namespaced(kind, &namespace_of(v, kind, name)?, name)
+                        .field("apiVersion", FieldProblem::NotServed(api.to_owned())),
+                );
+            }
+            match v.get("addressType").and_then(Value::as_str) {
+                // IPv6 and FQDN slices are not for an IPv4 proxy; not an error.
+                Some("IPv6") | Some("FQDN") => Ok(Object::Ignored {
+                    kind: kind.to_owned(),
+                }),
+                _ => decode_endpoint_slice(v, name).map(Object::EndpointSlice),
+            }
+        }
         other => Ok(Object::Ignored {
             kind: other.to_owned(),
         }),
@@ -341,20 +362,261 @@ fn decode_service(v: &Value, name: &str) -> Result<ServiceInfo, ObjectError> {
             },
             x @ Some(_) => TargetPort::Number(port_number(x, &f("targetPort"), &obj)?),
         };
+        let node_port = match p.get("nodePort") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) if n.as_u64() == Some(0) => None,
+            x => Some(port_number(x, &f("nodePort"), &obj)?),
+        };
         ports.push(ServicePort {
             name: opt_string(p.get("name"), &f("name"), &obj)?,
             port,
             target_port,
             protocol: protocol(p.get("protocol"), &f("protocol"), &obj)?,
+            node_port,
         });
     }
+    // spec.clusterIPs, else spec.clusterIP; "None" is headless. IPv6 entries are another
+    // family's, not an error.
+    let mut cluster_ip_fields = Vec::new();
+    let list = array(v.pointer("/spec/clusterIPs"), "spec.clusterIPs", &obj)?;
+    if list.is_empty() {
+        if let Some(ip) = opt_string(v.pointer("/spec/clusterIP"), "spec.clusterIP", &obj)? {
+            cluster_ip_fields.push(("spec.clusterIP".to_owned(), Value::String(ip)));
+        }
+    } else {
+        for (i, x) in list.iter().enumerate() {
+            cluster_ip_fields.push((format!("spec.clusterIPs[{i}]"), x.clone()));
+        }
+    }
+    let mut cluster_ips = Vec::new();
+    for (field, x) in cluster_ip_fields {
+        if x.as_str() == Some("None") {
+            continue;
+        }
+        if let Some(ip) = ipv4_or_other_family(&x, &field, &obj)? {
+            cluster_ips.push(ip);
+        }
+    }
+    let mut external_ips = Vec::new();
+    for (i, x) in array(v.pointer("/spec/externalIPs"), "spec.externalIPs", &obj)?
+        .iter()
+        .enumerate()
+    {
+        if let Some(ip) = ipv4_or_other_family(x, &format!("spec.externalIPs[{i}]"), &obj)? {
+            external_ips.push(ip);
+        }
+    }
+    let mut load_balancer_ips = Vec::new();
+    for (i, x) in array(
+        v.pointer("/status/loadBalancer/ingress"),
+        "status.loadBalancer.ingress",
+        &obj,
+    )?
+    .iter()
+    .enumerate()
+    {
+        // An ingress point may be a host name only (cloud load balancers); nothing to do.
+        if let Some(ip) = x.get("ip").filter(|ip| !ip.is_null()) {
+            let field = format!("status.loadBalancer.ingress[{i}].ip");
+            if let Some(ip) = ipv4_or_other_family(ip, &field, &obj)? {
+                load_balancer_ips.push(ip);
+            }
+        }
+    }
+    let affinity = opt_string(
+        v.pointer("/spec/sessionAffinity"),
+        "spec.sessionAffinity",
+        &obj,
+    )?;
+    let affinity_secs = match affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let ptr = "/spec/sessionAffinityConfig/clientIP/timeoutSeconds";
+            let field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds";
+            match v.pointer(ptr) {
+                None | Some(Value::Null) => Some(10800),
+                Some(Value::Number(n)) => Some(
+                    n.as_u64()
+                        .filter(|t| (1..=86400).contains(t))
+                        .map(|t| t as u32)
+                        .ok_or_else(|| {
+                            obj.field(
+                                field,
+                                FieldProblem::NotAllowed {
+                                    value: Value::Number(n.clone()),
+                                    allowed: "1 to 86400 seconds",
+                                },
+                            )
+                        })?,
+                ),
+                Some(other) => return Err(obj.field(field, wrong_type("a number", other))),
+            }
+        }
+        Some(other) => {
+            return Err(obj.field(
+                "spec.sessionAffinity",
+                FieldProblem::NotAllowed {
+                    value: Value::String(other.to_owned()),
+                    allowed: "None or ClientIP",
+                },
+            ));
+        }
+    };
+    let policy = |ptr: &str, field: &'static str| -> Result<bool, ObjectError> {
+        match opt_string(v.pointer(ptr), field, &obj)?.as_deref() {
+            None | Some("Cluster") => Ok(false),
+            Some("Local") => Ok(true),
+            Some(other) => Err(obj.field(
+                field,
+                FieldProblem::NotAllowed {
+                    value: Value::String(other.to_owned()),
+                    allowed: "Cluster or Local",
+                },
+            )),
+        }
+    };
+    let internal_local = policy("/spec/internalTrafficPolicy", "spec.internalTrafficPolicy")?;
+    let external_local = policy("/spec/externalTrafficPolicy", "spec.externalTrafficPolicy")?;
     Ok(ServiceInfo {
         annotations: string_map(v, "/metadata/annotations", &obj)?,
         selector: string_map(v, "/spec/selector", &obj)?,
         service_type,
         ports,
+        cluster_ips,
+        external_ips,
+        load_balancer_ips,
+        affinity_secs,
+        internal_local,
+        external_local,
         namespace,
         name: name.to_owned(),
+    })
+}
+
+/// An address field that must be an IP: `Some` for IPv4, `None` for IPv6 (another family's,
+/// which an IPv4 proxy leaves alone), an error for anything else.
+fn ipv4_or_other_family(
+    x: &Value,
+    field: &str,
+    obj: &ObjectRef,
+) -> Result<Option<Ipv4Addr>, ObjectError> {
+    let Value::String(s) = x else {
+        return Err(obj.field(field, wrong_type("an IP address", x)));
+    };
+    match s.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => Ok(Some(ip)),
+        Ok(std::net::IpAddr::V6(_)) => Ok(None),
+        Err(_) => Err(obj.field(
+            field,
+            FieldProblem::NotAllowed {
+                value: x.clone(),
+                allowed: "an IP address",
+            },
+        )),
+    }
+}
+
+/// A boolean condition of an endpoint; absent (or null) is `default`.
+fn condition(
+    x: Option<&Value>,
+    default: bool,
+    field: &str,
+    obj: &ObjectRef,
+) -> Result<bool, ObjectError> {
+    match x {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(obj.field(field, wrong_type("true or false", other))),
+    }
+}
+
+fn decode_endpoint_slice(v: &Value, name: &str) -> Result<EndpointSliceInfo, ObjectError> {
+    if name.is_empty() {
+        return Err(no_name("EndpointSlice"));
+    }
+    let namespace = namespace_of(v, "EndpointSlice", name)?;
+    let obj = ObjectRef::namespaced("EndpointSlice", &namespace, name);
+    let labels = string_map(v, "/metadata/labels", &obj)?;
+    let Some(service) = labels.get("kubernetes.io/service-name").cloned() else {
+        return Err(obj.field(
+            "metadata.labels.kubernetes.io/service-name",
+            FieldProblem::Missing,
+        ));
+    };
+    let mut ports = Vec::new();
+    for (i, p) in array(v.get("ports"), "ports", &obj)?.iter().enumerate() {
+        let f = |k: &str| format!("ports[{i}].{k}");
+        ports.push(EndpointPort {
+            name: opt_string(p.get("name"), &f("name"), &obj)?,
+            port: port_number(p.get("port"), &f("port"), &obj)?,
+            protocol: protocol(p.get("protocol"), &f("protocol"), &obj)?,
+        });
+    }
+    let mut endpoints = Vec::new();
+    for (i, e) in array(v.get("endpoints"), "endpoints", &obj)?
+        .iter()
+        .enumerate()
+    {
+        let f = |k: &str| format!("endpoints[{i}].{k}");
+        let addresses = array(e.get("addresses"), &f("addresses"), &obj)?;
+        let Some(first) = addresses.first() else {
+            return Err(obj.field(f("addresses"), FieldProblem::Missing));
+        };
+        let address = ipv4(
+            &obj,
+            &f("addresses[0]"),
+            first
+                .as_str()
+                .ok_or_else(|| obj.field(f("addresses[0]"), wrong_type("a string", first)))?,
+        )?;
+        let c = e.get("conditions");
+        let ready = condition(
+            c.and_then(|c| c.get("ready")),
+            true,
+            &f("conditions.ready"),
+            &obj,
+        )?;
+        let serving = condition(
+            c.and_then(|c| c.get("serving")),
+            ready,
+            &f("conditions.serving"),
+            &obj,
+        )?;
+        let terminating = condition(
+            c.and_then(|c| c.get("terminating")),
+            false,
+            &f("conditions.terminating"),
+            &obj,
+        )?;
+        let zone_hints = match e.pointer("/hints/forZones") {
+            None | Some(Value::Null) => None,
+            Some(_) => {
+                let mut zones = Vec::new();
+                let list = array(e.pointer("/hints/forZones"), &f("hints.forZones"), &obj)?;
+                for (j, z) in list.iter().enumerate() {
+                    let field = format!("endpoints[{i}].hints.forZones[{j}].name");
+                    if let Some(zone) = opt_string(z.get("name"), &field, &obj)? {
+                        zones.push(zone);
+                    }
+                }
+                Some(zones)
+            }
+        };
+        endpoints.push(Endpoint {
+            address,
+            ready,
+            serving,
+            terminating,
+            node_name: opt_string(e.get("nodeName"), &f("nodeName"), &obj)?,
+            zone_hints,
+        });
+    }
+    Ok(EndpointSliceInfo {
+        namespace,
+        name: name.to_owned(),
+        service,
+        ports,
+        endpoints,
     })
 }
 
@@ -512,6 +774,66 @@ mod tests {
                 (TargetPort::Number(8443), Protocol::Tcp),
             ]
         );
+    }
+
+    #[test]
+    fn decodes_what_the_service_proxy_needs_of_services_and_endpoint_slices() {
+        let (o, e) = decode(
+            "kind: Service\nmetadata: {name: s, namespace: x}\n\
+             spec:\n  type: LoadBalancer\n  clusterIPs: [10.96.0.5, 'fd00::5']\n  \
+             externalIPs: [192.0.2.1]\n  sessionAffinity: ClientIP\n  \
+             externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  \
+             ports: [{port: 80, nodePort: 30080}]\n\
+             status: {loadBalancer: {ingress: [{ip: 192.0.2.2}, {hostname: h}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+             metadata: {name: s-1, namespace: x, labels: {kubernetes.io/service-name: s}}\n\
+             ports: [{port: 8080}]\n\
+             endpoints: [{addresses: [10.244.1.5], nodeName: n1, conditions: {ready: false, terminating: true}, \
+             hints: {forZones: [{name: a}]}}]\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv6\n\
+             metadata: {name: s-2, namespace: x, labels: {kubernetes.io/service-name: s}}\n",
+        )
+        .unwrap();
+        assert!(e.is_empty(), "{:?}", messages(e));
+        let Object::Service(s) = &o[0] else {
+            panic!("{o:?}")
+        };
+        assert_eq!(s.cluster_ips, vec![Ipv4Addr::new(10, 96, 0, 5)]);
+        assert_eq!(s.external_ips, vec![Ipv4Addr::new(192, 0, 2, 1)]);
+        assert_eq!(s.load_balancer_ips, vec![Ipv4Addr::new(192, 0, 2, 2)]);
+        assert_eq!(s.affinity_secs, Some(10800));
+        assert!(s.external_local && s.internal_local);
+        assert_eq!(s.ports[0].node_port, Some(30080));
+        let Object::EndpointSlice(sl) = &o[1] else {
+            panic!("{o:?}")
+        };
+        assert_eq!(sl.service, "s");
+        assert_eq!(sl.ports[0].protocol, Protocol::Tcp);
+        let ep = &sl.endpoints[0];
+        // serving defaults to ready; terminating as given.
+        assert!(!ep.ready && !ep.serving && ep.terminating);
+        assert_eq!(ep.zone_hints, Some(vec!["a".to_owned()]));
+        assert!(matches!(&o[2], Object::Ignored { .. }));
+
+        let (_, e) = decode(
+            "kind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.300, sessionAffinity: Sticky, ports: [{port: 80}]}\n\
+             ---\nkind: Service\nmetadata: {name: t}\nspec: {externalTrafficPolicy: Remote, ports: [{port: 80}]}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata: {name: e}\n\
+             ---\napiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: f}\n",
+        )
+        .unwrap();
+        let m = messages(e);
+        assert_eq!(m.len(), 4, "{m:?}");
+        assert!(
+            m[0].contains("Service default/s") && m[0].contains("spec.clusterIP"),
+            "{m:?}"
+        );
+        assert!(m[1].contains("spec.externalTrafficPolicy"), "{m:?}");
+        assert!(
+            m[2].contains("EndpointSlice default/e") && m[2].contains("kubernetes.io/service-name"),
+            "{m:?}"
+        );
+        assert!(m[3].contains("apiVersion"), "{m:?}");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! A published state is complete: reconcilers may remove whatever it does not name (a
 //! Kubernetes source publishes only once its caches have synced).
 //!
-//! [`manifest`] decodes Kubernetes-style objects ([`crd`]: Antrea's `Egress` and
+//! [`manifest`] decodes Kubernetes-style objects (Nodes, Pods, Services, EndpointSlices,
+//! Namespaces; [`crd`]: Antrea's `Egress` and
 //! `ExternalIPPool`); what they reject is typed in [`error`] and reaches users as
 //! [`DesiredState::errors`].
 
@@ -114,6 +115,8 @@ pub struct ServicePort {
     pub target_port: TargetPort,
     /// `protocol`.
     pub protocol: Protocol,
+    /// `nodePort` (NodePort and LoadBalancer Services), if allocated.
+    pub node_port: Option<u16>,
 }
 
 /// A Service as the agent needs to know it.
@@ -131,6 +134,64 @@ pub struct ServiceInfo {
     pub selector: BTreeMap<String, String>,
     /// `spec.ports`.
     pub ports: Vec<ServicePort>,
+    /// `spec.clusterIPs` (or `spec.clusterIP`), IPv4 only; empty for a headless Service
+    /// (`None`) or one not allocated yet.
+    pub cluster_ips: Vec<Ipv4Addr>,
+    /// `spec.externalIPs` (IPv4).
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` (IPv4).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds
+    /// (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 10800); `None` for `None`.
+    pub affinity_secs: Option<u32>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+}
+
+/// One port of an EndpointSlice (`ports[]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointPort {
+    /// `name` (matches the Service port's name; `None` for an unnamed port).
+    pub name: Option<String>,
+    /// `port`.
+    pub port: u16,
+    /// `protocol`.
+    pub protocol: Protocol,
+}
+
+/// One endpoint of an EndpointSlice (`endpoints[]`), IPv4.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `addresses[0]` (kube-proxy uses the first; so does ferrea).
+    pub address: Ipv4Addr,
+    /// `conditions.ready` (absent means ready).
+    pub ready: bool,
+    /// `conditions.serving` (absent means the value of `ready`).
+    pub serving: bool,
+    /// `conditions.terminating` (absent means not terminating).
+    pub terminating: bool,
+    /// `nodeName`, if known.
+    pub node_name: Option<String>,
+    /// `hints.forZones[].name`: the zones this endpoint should serve (topology-aware
+    /// routing); `None` when the endpoint has no hints.
+    pub zone_hints: Option<Vec<String>>,
+}
+
+/// A `discovery.k8s.io/v1` EndpointSlice of address type IPv4.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSliceInfo {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// The Service it belongs to (label `kubernetes.io/service-name`).
+    pub service: String,
+    /// `ports`.
+    pub ports: Vec<EndpointPort>,
+    /// `endpoints`.
+    pub endpoints: Vec<Endpoint>,
 }
 
 impl DesiredState {
@@ -146,6 +207,10 @@ impl DesiredState {
             }
             Object::Service(s) => {
                 self.services.insert(object_key(&s.namespace, &s.name), s);
+            }
+            Object::EndpointSlice(e) => {
+                self.endpoint_slices
+                    .insert(object_key(&e.namespace, &e.name), e);
             }
             Object::Namespace(n, labels) => {
                 self.namespaces.insert(n, labels);
@@ -184,6 +249,8 @@ pub struct DesiredState {
     pub pods: BTreeMap<String, PodInfo>,
     /// Services, by `namespace/name` ([`object_key`]).
     pub services: BTreeMap<String, ServiceInfo>,
+    /// EndpointSlices of address type IPv4, by `namespace/name` ([`object_key`]).
+    pub endpoint_slices: BTreeMap<String, EndpointSliceInfo>,
     /// Namespaces' labels, by name (what an Egress's `namespaceSelector` matches). A namespace
     /// without a `Namespace` object still has Kubernetes' automatic
     /// `kubernetes.io/metadata.name` label: see [`DesiredState::namespace_labels`].

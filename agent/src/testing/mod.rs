@@ -123,12 +123,28 @@ pub struct FakeDataplane {
     pub fail_remote_nodes: Mutex<bool>,
     /// How many times `maintain` ran.
     pub maintained: Mutex<u32>,
+    /// The last plan given to `set_services` (`None`: never called).
+    pub services: Mutex<Option<crate::proxy::ServicePlan>>,
+    /// When set, `set_services` fails (and records nothing).
+    pub fail_services: Mutex<bool>,
 }
 
 #[async_trait]
 impl Dataplane for FakeDataplane {
     fn name(&self) -> &'static str {
         "fake"
+    }
+    async fn set_services(&self, plan: &crate::proxy::ServicePlan) -> Result<(), DataplaneError> {
+        if *self.fail_services.lock().unwrap() {
+            return Err(DataplaneError::Other {
+                backend: "fake",
+                op: "set_services",
+                object: "plan".into(),
+                source: Box::new(crate::dataplane::Cause::Unmet("told to fail".into())),
+            });
+        }
+        *self.services.lock().unwrap() = Some(plan.clone());
+        Ok(())
     }
     async fn init_node(&self, _node: &NodeNetwork) -> Result<(), DataplaneError> {
         Ok(())

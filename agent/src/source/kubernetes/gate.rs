@@ -21,6 +21,8 @@ pub enum Kind {
     Pod,
     /// `v1/Service`, all namespaces.
     Service,
+    /// `discovery.k8s.io/v1` EndpointSlice, all namespaces.
+    EndpointSlice,
     /// `v1/Namespace`.
     Namespace,
     /// `crd.antrea.io/v1beta1` `Egress`.
@@ -31,10 +33,11 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in the order the source starts them.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Node,
         Kind::Pod,
         Kind::Service,
+        Kind::EndpointSlice,
         Kind::Namespace,
         Kind::Egress,
         Kind::ExternalIpPool,
@@ -46,6 +49,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::Pod => "Pod",
             Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
             Kind::Namespace => "Namespace",
             Kind::Egress => "Egress",
             Kind::ExternalIpPool => "ExternalIPPool",
@@ -195,7 +199,13 @@ mod tests {
     #[test]
     fn a_missing_crd_counts_as_listed_and_empty_but_a_core_kind_does_not() {
         let mut g = SyncGate::new();
-        for k in [Kind::Node, Kind::Pod, Kind::Service, Kind::Namespace] {
+        for k in [
+            Kind::Node,
+            Kind::Pod,
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::Namespace,
+        ] {
             g.observe(Signal::Listed(k));
         }
         g.observe(Signal::Listed(Kind::ExternalIpPool));

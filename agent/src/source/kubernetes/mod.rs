@@ -1,8 +1,8 @@
 //! The `kubernetes` source: kube-rs watchers and reflector stores of the objects the agent
 //! needs, published as the same [`DesiredState`] the `files` source builds.
 //!
-//! Watched: all Nodes, this node's Pods (field selector `spec.nodeName=<node>`), all Services
-//! and Namespaces, and Antrea's `crd.antrea.io/v1beta1` `Egress` and `ExternalIPPool` (as
+//! Watched: all Nodes, this node's Pods (field selector `spec.nodeName=<node>`), all Services,
+//! EndpointSlices and Namespaces, and Antrea's `crd.antrea.io/v1beta1` `Egress` and `ExternalIPPool` (as
 //! [`DynamicObject`]s). Each object is serialised to JSON and decoded by
 //! [`manifest::decode_object`], the decoder of the `files` source, so the same objects give the
 //! same state whichever source read them; an object that does not decode is left out and named
@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
@@ -121,6 +122,7 @@ struct Stores {
     nodes: Store<Node>,
     pods: Store<Pod>,
     services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
     namespaces: Store<Namespace>,
     egresses: (Store<DynamicObject>, ApiResource),
     pools: (Store<DynamicObject>, ApiResource),
@@ -187,6 +189,7 @@ pub fn spawn(client: Client, node_name: &str, metrics: crate::metrics::Metrics) 
         (),
     );
     let (services, o3) = observe(Kind::Service, Api::all(client.clone()), cfg(), ());
+    let (endpoint_slices, o7) = observe(Kind::EndpointSlice, Api::all(client.clone()), cfg(), ());
     let (namespaces, o4) = observe(Kind::Namespace, Api::all(client.clone()), cfg(), ());
     let (egresses, o5) = observe(
         Kind::Egress,
@@ -204,11 +207,12 @@ pub fn spawn(client: Client, node_name: &str, metrics: crate::metrics::Metrics) 
         nodes,
         pods,
         services,
+        endpoint_slices,
         namespaces,
         egresses: (egresses, egress_ar),
         pools: (pools, pool_ar),
     };
-    let events = futures::stream::select_all([o1, o2, o3, o4, o5, o6]);
+    let events = futures::stream::select_all([o1, o2, o3, o7, o4, o5, o6]);
     let (state_tx, state) = watch::channel(DesiredState::default());
     let (sync_tx, sync) = watch::channel(SyncGate::new().state());
     tokio::spawn(publish_loop(events, stores, state_tx, sync_tx, metrics));
@@ -425,6 +429,7 @@ fn build(s: &Stores, missing: &BTreeSet<Kind>) -> DesiredState {
         .map(|o| decode_typed(&**o))
         .chain(s.pods.state().iter().map(|o| decode_typed(&**o)))
         .chain(s.services.state().iter().map(|o| decode_typed(&**o)))
+        .chain(s.endpoint_slices.state().iter().map(|o| decode_typed(&**o)))
         .chain(s.namespaces.state().iter().map(|o| decode_typed(&**o)))
         .collect::<Vec<_>>();
     let mut dynamic = Vec::new();

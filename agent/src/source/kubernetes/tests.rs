@@ -41,8 +41,19 @@ apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop, annotations: {nodeportlocal.antrea.io/enabled: "true"}}
 spec:
+  clusterIP: 10.96.3.4
   selector: {app: web}
   ports: [{port: 80, targetPort: http}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abcde, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- addresses: [10.244.1.5]
+  nodeName: node1
+  conditions: {ready: true, serving: true, terminating: false}
 ---
 apiVersion: v1
 kind: Namespace
@@ -127,6 +138,17 @@ fn api_objects() -> Vec<Result<Object, ObjectError>> {
         },
         "status": {"loadBalancer": {}},
     });
+    let mut slice_meta = server_meta("web-abcde");
+    slice_meta["namespace"] = json!("shop");
+    slice_meta["labels"] = json!({"kubernetes.io/service-name": "web"});
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": slice_meta,
+        "addressType": "IPv4",
+        "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+        "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": "node1",
+                       "conditions": {"ready": true, "serving": true, "terminating": false},
+                       "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-1"}}],
+    });
     let mut ns_meta = server_meta("shop");
     ns_meta["labels"] = json!({"team": "t", "kubernetes.io/metadata.name": "shop"});
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": ns_meta,
@@ -142,6 +164,7 @@ fn api_objects() -> Vec<Result<Object, ObjectError>> {
         typed::<Node>(node),
         typed::<Pod>(pod),
         typed::<Service>(svc),
+        typed::<EndpointSlice>(slice),
         typed::<Namespace>(ns),
         dynamic(pool, &crd_resource("ExternalIPPool", "externalippools")),
         dynamic(egress, &crd_resource("Egress", "egresses")),
@@ -156,6 +179,8 @@ fn api_objects_give_the_state_the_files_source_gives() {
     assert_eq!(from_api.nodes, from_files.nodes);
     assert_eq!(from_api.pods, from_files.pods);
     assert_eq!(from_api.services, from_files.services);
+    assert_eq!(from_api.endpoint_slices, from_files.endpoint_slices);
+    assert_eq!(from_api.endpoint_slices.len(), 1);
     assert_eq!(from_api.namespaces, from_files.namespaces);
     assert_eq!(from_api.pools, from_files.pools);
     assert_eq!(from_api.egresses, from_files.egresses);
