@@ -125,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         ferrea_common::MAP_LB_FLOWS,
         ferrea_common::MAP_LB_AFFINITY,
         ferrea_common::MAP_LB_COUNTERS,
+        ferrea_common::MAP_TRACE,
     ];
     link(&staticlib, &exports, &object)?;
     let vlan_exports = [

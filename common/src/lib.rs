@@ -351,6 +351,43 @@ pub const LB_CNT_TO_STACK: u32 = 8;
 /// TCP SYNs on the tuple of a connection whose backend left the plan: re-balanced.
 pub const LB_CNT_STALE_RESELECT: u32 = 9;
 
+/// Name of the one-slot array the programs write a [`TraceRecord`] into, for `ferreactl
+/// trace`: only for a packet whose `skb->mark` is [`TRACE_MARK`], which only the agent's
+/// `BPF_PROG_TEST_RUN` sets, so real traffic pays one compare and writes nothing.
+pub const MAP_TRACE: &str = "FERREA_TRACE";
+/// The `skb->mark` of a traced packet (set in the test run's `__sk_buff`).
+pub const TRACE_MARK: u32 = 0xfe11_7ace;
+/// [`TraceRecord::verdict`]: dropped by the spoof guard (source IP or MAC not the pod's).
+pub const TRACE_SPOOFED: u32 = 1;
+/// Redirected into a local pod (`ifindex`: its host veth).
+pub const TRACE_TO_POD: u32 = 2;
+/// A reply of a connection the node's stack carried: to the stack instead of a fast path.
+pub const TRACE_STACK_FLOW: u32 = 3;
+/// Another node's pod: redirected to the tunnel device (`ifindex`), for `node_ip` / `id`.
+pub const TRACE_TO_NODE: u32 = 4;
+/// Steered for Egress: redirected to the tunnel device (`ifindex`), for the egress node
+/// `node_ip` with the Egress id `id`.
+pub const TRACE_EGRESS_STEER: u32 = 5;
+/// Passed to the node's stack (not for a pod, not steered).
+pub const TRACE_TO_STACK: u32 = 6;
+/// The tunnel program set the outer destination `node_ip` and the VNI `id`.
+pub const TRACE_TUNNEL_KEY: u32 = 7;
+
+/// What a program decided for a traced packet (see [`MAP_TRACE`]). Addresses in network byte
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceRecord {
+    /// One of the `TRACE_*` verdicts; 0: no record (the program took no traced decision).
+    pub verdict: u32,
+    /// The interface redirected to, if any.
+    pub ifindex: u32,
+    /// The tunnel's outer destination, if any.
+    pub node_ip: u32,
+    /// The VNI or Egress id, if any.
+    pub id: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: Endpoint is repr(C), Copy, has no padding that would leak uninitialised bytes
@@ -382,4 +419,6 @@ mod user {
     // SAFETY: LbAffinity is repr(C): 8 + 4 + 2 + 2 explicit padding bytes = 16, alignment 8,
     // no implicit padding; any bit pattern is valid.
     unsafe impl aya::Pod for super::LbAffinity {}
+    // SAFETY: TraceRecord is repr(C) of four u32 fields, no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::TraceRecord {}
 }

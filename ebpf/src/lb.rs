@@ -370,6 +370,9 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
         proto: l4.proto,
         pad: [0; 3],
     };
+    // `ferreactl trace`'s packet is translated as any, but leaves no connection or affinity
+    // behind.
+    let record = !crate::traced(ctx);
     if let Some(f) = FERREA_LB_CT.get_ptr(tuple) {
         // SAFETY: the pointer is valid for this program run; copied out at once.
         let f = unsafe { *f };
@@ -378,7 +381,7 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
                 // The reverse entry is a separate LRU entry (evicted on its own, or removed by
                 // a SYN that reused its tuple without the proxy): put it back if it is gone.
                 let (rk, rv) = reverse_entry(l4, src_ip, dst_ip, f.nat_ip, f.nat_port);
-                if FERREA_LB_CT.get_ptr(rk).is_none() {
+                if record && FERREA_LB_CT.get_ptr(rk).is_none() {
                     let _ = FERREA_LB_CT.insert(rk, rv, 0);
                 }
                 dnat(ctx, l4, src_ip, dst_ip, &f)?;
@@ -393,7 +396,7 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
         lb_count(LB_CNT_NO_BACKEND);
         return Some(Some(0));
     }
-    let Some((ip, port)) = pick(&fe_key, &fe, src_ip) else {
+    let Some((ip, port)) = pick(&fe_key, &fe, src_ip, record) else {
         lb_count(LB_CNT_TO_STACK);
         return Some(Some(0));
     };
@@ -406,7 +409,9 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
         peer_ip: if hairpin { LB_HAIRPIN_IP } else { 0 },
     };
     // Reverse first: a reply can never find its forward entry without its reverse one.
-    if FERREA_LB_CT.insert(rev_key, rev, 0).is_err() || FERREA_LB_CT.insert(tuple, fwd, 0).is_err()
+    if record
+        && (FERREA_LB_CT.insert(rev_key, rev, 0).is_err()
+            || FERREA_LB_CT.insert(tuple, fwd, 0).is_err())
     {
         lb_count(LB_CNT_TO_STACK);
         return Some(Some(0));
@@ -420,9 +425,10 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
 }
 
 /// The backend of a new connection from `client` to the frontend `fe` (count > 0): the
-/// client's affinity entry while within the timeout, else a random slot. Records the affinity.
+/// client's affinity entry while within the timeout, else a random slot. Records the affinity
+/// if `record`.
 #[inline(always)]
-fn pick(fe_key: &LbKey, fe: &LbSlot, client: u32) -> Option<(u32, u16)> {
+fn pick(fe_key: &LbKey, fe: &LbSlot, client: u32, record: bool) -> Option<(u32, u16)> {
     let akey = LbAffinityKey {
         client,
         vip: fe_key.vip,
@@ -439,7 +445,9 @@ fn pick(fe_key: &LbKey, fe: &LbSlot, client: u32) -> Option<(u32, u16)> {
             let a = unsafe { *a };
             if now.wrapping_sub(a.last_ns) < u64::from(fe.affinity_secs) * 1_000_000_000 {
                 lb_count(LB_CNT_AFFINITY);
-                let _ = FERREA_LB_AFF.insert(akey, LbAffinity { last_ns: now, ..a }, 0);
+                if record {
+                    let _ = FERREA_LB_AFF.insert(akey, LbAffinity { last_ns: now, ..a }, 0);
+                }
                 return Some((a.ip, a.port));
             }
         }
@@ -454,7 +462,7 @@ fn pick(fe_key: &LbKey, fe: &LbSlot, client: u32) -> Option<(u32, u16)> {
     };
     // SAFETY: copied out at once.
     let b = (unsafe { FERREA_LB_SVC.get(key) }).copied()?;
-    if fe.affinity_secs != 0 {
+    if record && fe.affinity_secs != 0 {
         let _ = FERREA_LB_AFF.insert(
             akey,
             LbAffinity {

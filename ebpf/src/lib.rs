@@ -470,6 +470,41 @@ fn skb_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// `ferreactl trace`: the decision of each program for the one packet the agent runs through
+/// it with `BPF_PROG_TEST_RUN` and `skb->mark` = [`ferrea_common::TRACE_MARK`] (see
+/// [`ferrea_common::MAP_TRACE`]). Real traffic pays one context load and compare per verdict
+/// and writes nothing. Pinned like every map, so pinned programs adopted by a restarted agent
+/// and the agent's handle are the same map.
+#[map(name = "FERREA_TRACE")]
+static FERREA_TRACE: Array<ferrea_common::TraceRecord> = Array::pinned(1, 0);
+
+/// Whether this is the agent's traced packet.
+#[inline(always)]
+fn traced(ctx: &TcContext) -> bool {
+    // SAFETY: a context read the verifier rewrites to skb->mark.
+    unsafe { (*ctx.skb.skb).mark == ferrea_common::TRACE_MARK }
+}
+
+/// Records `verdict` (a `ferrea_common::TRACE_*`) for a traced packet; nothing otherwise.
+#[inline(always)]
+fn trace(ctx: &TcContext, verdict: u32, ifindex: u32, node_ip: u32, id: u32) {
+    if !traced(ctx) {
+        return;
+    }
+    if let Some(r) = FERREA_TRACE.get_ptr_mut(0) {
+        // SAFETY: the map's only slot, valid for this run; only traced runs write it, and the
+        // agent runs one trace at a time.
+        unsafe {
+            *r = ferrea_common::TraceRecord {
+                verdict,
+                ifindex,
+                node_ip,
+                id,
+            }
+        };
+    }
+}
+
 /// TC ingress of a pod's host-side veth: every frame the pod sends.
 #[classifier]
 pub fn ferrea_from_pod(ctx: TcContext) -> i32 {
@@ -497,6 +532,7 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
     let src_ip = load_u32(ctx, OFF_IP_SRC)?;
     if src_ip != ep.ipv4 || src_mac != mac_parts(&ep.pod_mac) {
         count(ifindex, Dir::Spoofed, 0);
+        trace(ctx, ferrea_common::TRACE_SPOOFED, 0, 0, 0);
         return Some(TC_ACT_SHOT);
     }
     let dst_ip = load_u32(ctx, OFF_IP_DST)?;
@@ -507,12 +543,14 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
         lb::Routed::Route { dst_ip, local, nat } => (dst_ip, local, nat),
         lb::Routed::Stack => {
             count(ifindex, Dir::Tx, len);
+            trace(ctx, ferrea_common::TRACE_TO_STACK, 0, 0, 0);
             return Some(TC_ACT_OK);
         }
     };
     if let Some(dst) = local {
         if !nat && stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_POD)? {
             count(ifindex, Dir::Tx, len);
+            trace(ctx, ferrea_common::TRACE_STACK_FLOW, dst.ifindex, 0, 0);
             return Some(TC_ACT_OK);
         }
         // Local pod: we are its router, so the frame leaves us from its gateway MAC to its MAC.
@@ -520,6 +558,7 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
         store_mac(ctx, OFF_ETH_DST, &dst.pod_mac)?;
         count(ifindex, Dir::Tx, len);
         count(dst.ifindex, Dir::Rx, len);
+        trace(ctx, ferrea_common::TRACE_TO_POD, dst.ifindex, 0, 0);
         // SAFETY: plain helper call; ingress of a veth is where redirect_peer is valid, and it
         // delivers into the destination pod's namespace without another pass through ours.
         return Some(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);
@@ -532,10 +571,18 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
     {
         let tun = node.tun_ifindex;
         if !nat && stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_POD)? {
+            trace(ctx, ferrea_common::TRACE_STACK_FLOW, 0, node.node_ip, 0);
             return Some(TC_ACT_OK);
         }
         store_mac(ctx, OFF_ETH_SRC, &ep.host_mac)?;
         set_tc_index(ctx, TC_INDEX_FAST_PATH);
+        trace(
+            ctx,
+            ferrea_common::TRACE_TO_NODE,
+            tun,
+            node.node_ip,
+            node.vni,
+        );
         // SAFETY: plain helper call; flags 0 = out of the tunnel device's egress.
         return Some(unsafe { bpf_redirect(tun, 0) } as i32);
     }
@@ -548,10 +595,14 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
         let tun = unsafe { (*steer).tun_ifindex };
         if tun != 0 {
             store_mac(ctx, OFF_ETH_SRC, &ep.host_mac)?;
+            // SAFETY: as above.
+            let (node_ip, id) = unsafe { ((*steer).node_ip, (*steer).id) };
+            trace(ctx, ferrea_common::TRACE_EGRESS_STEER, tun, node_ip, id);
             // SAFETY: plain helper call; flags 0 = out of the tunnel device's egress.
             return Some(unsafe { bpf_redirect(tun, 0) } as i32);
         }
     }
+    trace(ctx, ferrea_common::TRACE_TO_STACK, 0, 0, 0);
     Some(TC_ACT_OK)
 }
 
@@ -654,7 +705,9 @@ fn to_tunnel(ctx: &TcContext) -> Option<i32> {
     let dst_ip = load_u32(ctx, OFF_IP_DST)?;
     let (node_ip, vni) = match FERREA_REMOTE.get(Key::new(32, dst_ip)) {
         Some(node) => {
-            if tc_index(ctx) == TC_INDEX_FAST_PATH {
+            // A traced packet stands for one `ferrea_from_pod` redirected (the test run
+            // cannot set tc_index): it must not record a stack flow.
+            if tc_index(ctx) == TC_INDEX_FAST_PATH || traced(ctx) {
                 set_tc_index(ctx, 0);
             } else {
                 // Routed here by the node's stack: from a local pod, a Service connection
@@ -698,6 +751,7 @@ fn to_tunnel(ctx: &TcContext) -> Option<i32> {
     if r != 0 {
         return Some(TC_ACT_SHOT);
     }
+    trace(ctx, ferrea_common::TRACE_TUNNEL_KEY, 0, node_ip, vni);
     Some(TC_ACT_OK)
 }
 

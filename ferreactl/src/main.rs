@@ -39,6 +39,9 @@ enum Command {
     /// Dump state of the agent's parts.
     #[command(subcommand)]
     Dump(Dump),
+    /// Where a packet from a local pod would go and why, as the dataplane itself decides it
+    /// (eBPF: BPF_PROG_TEST_RUN of the attached programs; OVS: ofproto/trace). Sends nothing.
+    Trace(commands::trace::Args),
     /// Show the agent's log filter, or set it (e.g. `debug`, `info,ferrea_agent::cni=trace`).
     LogLevel(commands::loglevel::Args),
     /// Collect agent info, config, status, dataplane dumps, nftables, routes, rules and logs
@@ -105,6 +108,10 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Arguments that cannot be right are refused before the agent is asked.
+    if let Command::Trace(a) = &cli.command {
+        commands::trace::request(a)?;
+    }
     let c =
         client::Client::connect(&cli.socket, std::time::Duration::from_secs(cli.timeout)).await?;
     let out = &mut std::io::stdout().lock();
@@ -116,6 +123,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Get(Get::Egressnode(o)) => commands::egressnode::run(c, o.output, out).await,
         Command::Get(Get::Nodeportlocal(a)) => commands::nodeportlocal::run(c, a, out).await,
         Command::Dump(Dump::Dataplane(a)) => commands::dump::run(c, a, out).await,
+        Command::Trace(a) => commands::trace::run(c, a, out).await,
         Command::LogLevel(a) => commands::loglevel::run(c, a, out).await,
         Command::Supportbundle(a) => commands::supportbundle::run(c, a, out).await,
         Command::Completion(_) => unreachable!("handled before connecting"),

@@ -13,7 +13,9 @@
 //!   address reaches the pod, only the node's own endpoints serve) against `Cluster`
 //!   (masqueraded), hairpin (a pod reaching itself through its Service);
 //! - backends scaling from 1 to 10 and back while a client keeps connecting, with no failed
-//!   connection, and a deleted Service no longer answering.
+//!   connection, and a deleted Service no longer answering;
+//! - the same objects from a real kube-apiserver (the `kubernetes` source watching Services
+//!   and EndpointSlices): a ClusterIP answering, its endpoint replaced, the Service deleted.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -30,7 +32,8 @@ use ferrea_tests::{Cluster, Dataplane, NodeOptions, Pod, dataplane_tests};
 dataplane_tests!(
     cluster_ips_node_ports_and_udp_through_ferreas_proxy,
     affinity_traffic_policy_and_hairpin,
-    backends_scale_under_load_and_a_deleted_service_stops
+    backends_scale_under_load_and_a_deleted_service_stops,
+    services_from_the_kubernetes_source
 );
 
 const TCP_PORT: u16 = 8080;
@@ -533,4 +536,87 @@ fn backends_scale_under_load_and_a_deleted_service_stops(dp: Dataplane) {
         Err(e) => f.0.push(format!("the deleted Service: {e:#}")),
     }
     f.finish(&mut env);
+}
+
+fn services_from_the_kubernetes_source(dp: Dataplane) {
+    use ferrea_tests::apiserver::{ApiServer, create_node_object, install_agent_identity};
+    let mut cluster = Cluster::new().expect("fabric");
+    let mut opts = NodeOptions::new(dp);
+    opts.start_agent = false;
+    opts.extra_config = "serviceProxy: ferrea\n".into();
+    for _ in 0..2 {
+        cluster.add_node(&opts).expect("adding a node");
+    }
+    // Declared after the cluster: stopped before the nodes' namespaces go.
+    let api = ApiServer::start_on_fabric(cluster.fabric());
+    api.create_default_service_account();
+    for n in cluster.nodes() {
+        create_node_object(&api, n);
+    }
+    let kubeconfig = install_agent_identity(&api);
+    for n in cluster.nodes_mut() {
+        n.use_kubernetes_source(&kubeconfig)
+            .expect("kubernetes source");
+        n.agent().spawn().expect("agent");
+    }
+    for n in cluster.nodes_mut() {
+        n.agent()
+            .wait_ready(ferrea_tests::agent::READY_TIMEOUT)
+            .expect("agent ready on the API");
+    }
+    let client = cluster.nodes()[0].add_pod().expect("client");
+    let b0 = cluster.nodes()[0].add_pod().expect("backend on node 0");
+    let b1 = cluster.nodes()[1].add_pod().expect("backend on node 1");
+    let _servers: Vec<TcpPeers> = [(&b0, "b0"), (&b1, "b1")]
+        .iter()
+        .map(|(p, tag)| {
+            TcpPeers::start_tagged(
+                p.ns(),
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, TCP_PORT)),
+                Some(tag),
+            )
+            .expect("listener")
+        })
+        .collect();
+    let backend = |p: &Pod, n: usize| Backend {
+        ip: p.ip(),
+        node: cluster.nodes()[n].name().to_owned(),
+    };
+    let web = |b: Backend| svc("web", [10, 96, 0, 70], "TCP", vec![b]);
+    let vip = SocketAddr::from(([10, 96, 0, 70], 80));
+    let mut f = Failures::default();
+    api.kubectl_stdin_ok(&["apply", "-f", "-"], &web(backend(&b1, 1)).yaml());
+    f.check(
+        "ClusterIP from the API, cross-node endpoint",
+        eventually(|| ask(client.ns(), vip)),
+        &format!("b1 {}:", client.ip()),
+    );
+    // The EndpointSlice now names the other pod.
+    api.kubectl_stdin_ok(&["apply", "-f", "-"], &web(backend(&b0, 0)).yaml());
+    f.check(
+        "the endpoint replaced in the API",
+        eventually(|| match ask(client.ns(), vip) {
+            Ok(a) if a.starts_with("b0 ") => Ok(a),
+            Ok(a) => anyhow::bail!("still {a:?}"),
+            Err(e) => Err(e),
+        }),
+        "b0 ",
+    );
+    api.kubectl_ok(&["delete", "service", "web", "-n", "default"]);
+    api.kubectl_ok(&["delete", "endpointslice", "web-1", "-n", "default"]);
+    match eventually(|| match ask(client.ns(), vip) {
+        Ok(a) => anyhow::bail!("still answered {a:?}"),
+        Err(e) => Ok(format!("{e:#}")),
+    }) {
+        Ok(e) => println!("ok: the deleted Service no longer answers: {e}"),
+        Err(e) => f.0.push(format!("the deleted Service: {e:#}")),
+    }
+    let mut logs = Vec::new();
+    for n in cluster.nodes_mut() {
+        logs.push(n.agent().log_tail(20));
+    }
+    assert!(f.0.is_empty(), "{}\n{}", f.0.join("\n"), logs.join("\n"));
+    drop(client);
+    drop(b0);
+    drop(b1);
 }

@@ -15,6 +15,9 @@ use ipnetwork::Ipv4Network;
 
 pub mod ebpf;
 pub mod ovs;
+pub mod trace;
+
+pub use trace::{PacketTrace, TracePacket, TraceProto, TraceStep, TraceVerdict};
 
 pub use crate::net::{
     EGRESS_MARK_MASK, GATEWAY_IFNAME, TUNNEL_IFNAME, TUNNEL_VNI, Transport, Tunnel,
@@ -299,6 +302,12 @@ pub enum Cause {
     /// Pinning a BPF object.
     #[error(transparent)]
     Pin(#[from] aya::pin::PinError),
+    /// A command on `ovs-vswitchd`'s control socket (`ofproto/trace`).
+    #[error(transparent)]
+    Unixctl(#[from] ovs::unixctl::UnixctlError),
+    /// An `ofproto/trace` answer that could not be summarised.
+    #[error(transparent)]
+    TraceSummary(#[from] ovs::trace::SummaryError),
     /// The Egress plan was refused.
     #[error(transparent)]
     Egress(#[from] EgressPlanError),
@@ -527,6 +536,15 @@ pub trait Dataplane: Send + Sync {
     /// decoded into named fields and where the programs are attached. `pod`: only that
     /// pod's entries. Read-only, a snapshot; safe to call concurrently with everything else.
     async fn dump(&self, pod: Option<&PodEndpoint>) -> Result<Vec<DumpSection>, DataplaneError>;
+
+    /// Where `packet`, sent by the local pod `packet.src`, would go on this node and why,
+    /// decided by the packet path itself (see [`trace`]): eBPF, the attached programs run on
+    /// the packet with `BPF_PROG_TEST_RUN`; OVS, `ofproto/trace` of its flow in
+    /// `ovs-vswitchd`. Nothing is sent and no state changes, except that the eBPF programs
+    /// count the packet in the pod's counters as they count every packet they see. Safe to
+    /// call concurrently with everything else (traces run one at a time). The pod must be
+    /// known to the backend.
+    async fn trace(&self, packet: &TracePacket) -> Result<PacketTrace, DataplaneError>;
 }
 
 #[cfg(test)]

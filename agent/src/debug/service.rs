@@ -19,7 +19,7 @@ use super::{DebugContext, LogFilterError, Started};
 use crate::cni::socket::{SocketError, bind_root_only};
 use crate::config::SourceConfig;
 use crate::controllers::node::remote_nodes;
-use crate::dataplane::PodEndpoint;
+use crate::dataplane::{PodEndpoint, TracePacket, TraceProto, TraceVerdict};
 use crate::pods::podnet::fmt_mac;
 use crate::pods::store::PodRecord;
 
@@ -107,6 +107,86 @@ fn selects(rec: &PodRecord, sel: &str) -> bool {
         || sel == rec.pod_name
         || sel == rec.container_id
         || (sel.len() >= 6 && rec.container_id.starts_with(sel))
+}
+
+/// The one record `sel` names, or the status to answer with.
+fn one_pod(recs: Vec<PodRecord>, sel: &str) -> Result<PodRecord, Status> {
+    let mut found: Vec<PodRecord> = recs.into_iter().filter(|r| selects(r, sel)).collect();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Status::not_found(format!(
+            "no pod {sel:?} on this node (give namespace/name, a name or a container ID)"
+        ))),
+        n => Err(Status::invalid_argument(format!(
+            "{sel:?} names {n} attachments: give namespace/name or the container ID"
+        ))),
+    }
+}
+
+/// A MAC written `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut m = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut m {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(m)
+}
+
+/// The packet a trace request describes, checked: what is wrong is an invalid argument.
+fn trace_packet(req: &pb::TraceRequest, rec: &PodRecord) -> Result<TracePacket, Status> {
+    let bad = |m: String| Err(Status::invalid_argument(m));
+    let Ok(dst) = req.dst.parse::<Ipv4Addr>() else {
+        return bad(format!("destination {:?} is not an IPv4 address", req.dst));
+    };
+    let proto = match req.protocol.as_str() {
+        "tcp" => TraceProto::Tcp,
+        "udp" => TraceProto::Udp,
+        "icmp" => TraceProto::Icmp,
+        p => return bad(format!("protocol {p:?}: give tcp, udp or icmp")),
+    };
+    let dst_port = match (proto, req.dst_port) {
+        (TraceProto::Icmp, 0) => None,
+        (TraceProto::Icmp, p) => {
+            return bad(format!("ICMP has no ports: drop :{p} from the destination"));
+        }
+        (_, 0) => {
+            return bad(format!(
+                "{} needs a destination port (IP:PORT)",
+                proto.as_str()
+            ));
+        }
+        (_, p) => match u16::try_from(p) {
+            Ok(p) => Some(p),
+            Err(_) => return bad(format!("port {p} is out of range (1-65535)")),
+        },
+    };
+    let src_ip = match req.src_ip.as_str() {
+        "" => rec.ip,
+        s => match s.parse() {
+            Ok(ip) => ip,
+            Err(_) => return bad(format!("source {s:?} is not an IPv4 address")),
+        },
+    };
+    let src_mac = match req.src_mac.as_str() {
+        "" => rec.pod_mac,
+        s => match parse_mac(s) {
+            Some(m) => m,
+            None => return bad(format!("source MAC {s:?} is not aa:bb:cc:dd:ee:ff")),
+        },
+    };
+    Ok(TracePacket {
+        src: endpoint(rec),
+        src_ip,
+        src_mac,
+        dst,
+        proto,
+        dst_port,
+    })
 }
 
 fn tunnel_text(t: Option<crate::net::Tunnel>) -> String {
@@ -373,6 +453,164 @@ impl Debug for DebugService {
         }))
     }
 
+    async fn trace(
+        &self,
+        req: Request<pb::TraceRequest>,
+    ) -> Result<Response<pb::TraceReply>, Status> {
+        let req = req.into_inner();
+        let n = self.started()?;
+        let recs = n.pods.records();
+        let rec = one_pod(recs.clone(), &req.src_pod)?;
+        let packet = trace_packet(&req, &rec)?;
+        let dp = n.pods.dataplane();
+        let t = dp.trace(&packet).await.map_err(|e| {
+            Status::internal(format!(
+                "tracing the packet: {}",
+                crate::controllers::runner::error_chain(&e)
+            ))
+        })?;
+        let src_name = format!("{}/{}", rec.pod_namespace, rec.pod_name);
+        let mut reply = pb::TraceReply {
+            dataplane: dp.name().to_owned(),
+            src_pod: src_name.clone(),
+            src_ip: packet.src_ip.to_string(),
+            src_mac: fmt_mac(&packet.src_mac),
+            dst: packet.dst.to_string(),
+            protocol: packet.proto.as_str().to_owned(),
+            dst_port: packet.dst_port.map_or(0, u32::from),
+            ..Default::default()
+        };
+        let mut steps = t.steps;
+        // The Egress views: which Egress each local pod uses, what this node holds, and each
+        // Egress's IP.
+        let (list, node_view, _) = self.ctx.egress.get();
+        let egress_ip_of = |name: &str| -> String {
+            list["items"]
+                .as_array()
+                .and_then(|items| items.iter().find(|i| i["metadata"]["name"] == name))
+                .and_then(|i| i["status"]["egressIP"].as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        match t.verdict {
+            TraceVerdict::ToPod { ip, interface } => {
+                reply.verdict = "pod".into();
+                match recs.iter().find(|r| r.ip == ip) {
+                    Some(d) => {
+                        reply.dst_pod = format!("{}/{}", d.pod_namespace, d.pod_name);
+                        reply.dst_interface = d.host_ifname.clone();
+                    }
+                    None => reply.dst_interface = interface.clone(),
+                }
+                reply.reason = format!(
+                    "delivered to pod {} ({ip}) through {interface}",
+                    if reply.dst_pod.is_empty() {
+                        "(unknown)"
+                    } else {
+                        &reply.dst_pod
+                    }
+                );
+            }
+            TraceVerdict::Tunnel { node_ip, vni } => {
+                reply.verdict = "tunnel".into();
+                let nodes = remote_nodes(&self.ctx.state.borrow(), self.ctx.cfg.node_name());
+                reply.tunnel_node = nodes
+                    .iter()
+                    .find(|r| r.node_ip == node_ip)
+                    .map(|r| r.name.clone())
+                    .unwrap_or_default();
+                reply.tunnel_node_ip = node_ip.to_string();
+                reply.vni = vni;
+                if vni != crate::dataplane::TUNNEL_VNI {
+                    reply.egress = node_view["localPods"][&src_name]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    reply.egress_ip = egress_ip_of(&reply.egress);
+                    reply.egress_id = vni;
+                    reply.egress_how = "tunnel key".into();
+                }
+                reply.reason = format!(
+                    "tunnelled to node {} ({node_ip}) with VNI {vni}{}",
+                    if reply.tunnel_node.is_empty() {
+                        "(unknown)"
+                    } else {
+                        &reply.tunnel_node
+                    },
+                    if reply.egress_how.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            ": steered for Egress {} (id {vni}, IP {}), which that node holds",
+                            reply.egress, reply.egress_ip
+                        )
+                    }
+                );
+            }
+            TraceVerdict::ToStack { reason } => {
+                reply.verdict = "stack".into();
+                reply.reason = format!("to the node's stack: {reason}");
+                // The stack's part that the dataplane does not run: ferrea's own Egress
+                // marking, as the rules last loaded into the kernel say.
+                if let Some(rules) = n.nat.installed_egress().await {
+                    let exempt = rules.exempt.iter().any(|c| c.contains(packet.dst));
+                    let mark = rules
+                        .marks
+                        .iter()
+                        .find(|(ip, _)| *ip == packet.src_ip)
+                        .map(|(_, id)| *id);
+                    if let (false, Some(id)) = (exempt, mark) {
+                        let held = node_view["held"]
+                            .as_array()
+                            .and_then(|h| h.iter().find(|e| e["id"] == u64::from(id)));
+                        reply.egress = held
+                            .and_then(|e| e["egress"].as_str())
+                            .unwrap_or_default()
+                            .to_owned();
+                        reply.egress_ip = rules
+                            .snat
+                            .iter()
+                            .find(|(i, _)| *i == id)
+                            .map(|(_, ip)| ip.to_string())
+                            .unwrap_or_default();
+                        reply.egress_id = u32::from(id);
+                        reply.egress_how = "nftables mark".into();
+                        steps.push(crate::dataplane::TraceStep {
+                            stage: format!(
+                                "nftables table ip {} chain egress_mark (rules as loaded)",
+                                n.nat.base().table
+                            ),
+                            action: format!(
+                                "meta mark set {id:#x} (Egress {}); egress_snat: snat to {}",
+                                reply.egress, reply.egress_ip
+                            ),
+                        });
+                        reply.reason.push_str(&format!(
+                            "; marked {id:#x} for Egress {}, leaves as {}",
+                            reply.egress, reply.egress_ip
+                        ));
+                    }
+                }
+            }
+            TraceVerdict::Dropped {
+                spoof_guard,
+                reason,
+            } => {
+                reply.verdict = "dropped".into();
+                reply.spoof_guard = spoof_guard;
+                reply.reason = reason;
+            }
+        }
+        reply.steps = steps
+            .into_iter()
+            .map(|s| pb::TraceStep {
+                stage: s.stage,
+                action: s.action,
+            })
+            .collect();
+        Ok(Response::new(reply))
+    }
+
     async fn recent_logs(
         &self,
         _: Request<pb::RecentLogsRequest>,
@@ -406,5 +644,76 @@ impl Debug for DebugService {
         Ok(Response::new(pb::LogLevelReply {
             filter: log.filter(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::pod_record;
+
+    fn req(dst: &str, protocol: &str, port: u32) -> pb::TraceRequest {
+        pb::TraceRequest {
+            src_pod: "default/a".into(),
+            dst: dst.into(),
+            protocol: protocol.into(),
+            dst_port: port,
+            ..Default::default()
+        }
+    }
+
+    fn refused(r: &pb::TraceRequest) -> String {
+        let rec = pod_record("default", "a", [10, 244, 1, 5]);
+        let s = trace_packet(r, &rec).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        s.message().to_owned()
+    }
+
+    #[test]
+    fn trace_requests_become_the_pods_packet() {
+        let mut rec = pod_record("default", "a", [10, 244, 1, 5]);
+        rec.pod_mac = [2, 0, 0, 0, 0, 5];
+        let p = trace_packet(&req("10.244.2.9", "tcp", 80), &rec).unwrap();
+        assert_eq!(p.src_ip, rec.ip);
+        assert_eq!(p.src_mac, rec.pod_mac);
+        assert_eq!(p.dst, Ipv4Addr::new(10, 244, 2, 9));
+        assert_eq!((p.proto, p.dst_port), (TraceProto::Tcp, Some(80)));
+        let p = trace_packet(&req("10.244.2.9", "icmp", 0), &rec).unwrap();
+        assert_eq!((p.proto, p.dst_port), (TraceProto::Icmp, None));
+        // A forged source.
+        let mut r = req("10.244.2.9", "udp", 53);
+        r.src_ip = "192.0.2.77".into();
+        r.src_mac = "02:00:DE:ad:be:ef".into();
+        let p = trace_packet(&r, &rec).unwrap();
+        assert_eq!(p.src_ip, Ipv4Addr::new(192, 0, 2, 77));
+        assert_eq!(p.src_mac, [2, 0, 0xde, 0xad, 0xbe, 0xef]);
+        assert_eq!(p.src.ip, rec.ip, "still sent by the pod");
+    }
+
+    #[test]
+    fn bad_trace_requests_are_invalid_arguments() {
+        assert!(refused(&req("10.244.2.300", "tcp", 80)).contains("not an IPv4 address"));
+        assert!(refused(&req("10.244.2.9", "sctp", 80)).contains("tcp, udp or icmp"));
+        assert!(refused(&req("10.244.2.9", "icmp", 80)).contains("ICMP has no ports"));
+        assert!(refused(&req("10.244.2.9", "udp", 0)).contains("needs a destination port"));
+        assert!(refused(&req("10.244.2.9", "tcp", 70000)).contains("out of range"));
+        let mut r = req("10.244.2.9", "tcp", 80);
+        r.src_mac = "02:00:de:ad:be".into();
+        assert!(refused(&r).contains("not aa:bb:cc:dd:ee:ff"));
+        assert_eq!(parse_mac("02:00:de:ad:be:ef:00"), None);
+        assert_eq!(parse_mac("2:00:de:ad:be:ef"), None);
+    }
+
+    #[test]
+    fn a_pod_is_named_once_or_the_request_says_why_not() {
+        let a = pod_record("default", "a", [10, 244, 1, 5]);
+        let b = pod_record("other", "a", [10, 244, 1, 6]);
+        let recs = vec![a.clone(), b];
+        assert_eq!(one_pod(recs.clone(), "default/a").unwrap().ip, a.ip);
+        let s = one_pod(recs.clone(), "a").unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let s = one_pod(recs, "default/nope").unwrap_err();
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert!(s.message().contains("no pod \"default/nope\""));
     }
 }

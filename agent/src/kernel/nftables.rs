@@ -379,6 +379,16 @@ impl NatTable {
             .flatten()
     }
 
+    /// The Egress rules in the kernel: those of the last successful load, `None` when there
+    /// are none or when the last change has not been loaded (a failed nft run).
+    pub async fn installed_egress(&self) -> Option<EgressRules> {
+        let st = self.state.lock().await;
+        let current = self.render(&st);
+        (st.applied.as_deref() == Some(current.as_str()))
+            .then(|| st.egress.clone())
+            .flatten()
+    }
+
     /// Renders and applies the whole table, whatever was applied before.
     pub async fn apply(&self) -> Result<(), NatError> {
         let mut st = self.state.lock().await;

@@ -128,6 +128,12 @@ impl Dataplane for LoggedDataplane {
     fn describe_pod(&self, ep: &PodEndpoint) -> Option<String> {
         self.inner.describe_pod(ep)
     }
+    async fn trace(
+        &self,
+        packet: &crate::dataplane::TracePacket,
+    ) -> Result<crate::dataplane::PacketTrace, DataplaneError> {
+        self.inner.trace(packet).await
+    }
     async fn dump(
         &self,
         pod: Option<&PodEndpoint>,

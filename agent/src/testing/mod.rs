@@ -127,6 +127,10 @@ pub struct FakeDataplane {
     pub services: Mutex<Option<crate::proxy::ServicePlan>>,
     /// When set, `set_services` fails (and records nothing).
     pub fail_services: Mutex<bool>,
+    /// What `trace` answers for a known pod (`None`: it fails, naming what is missing).
+    pub trace_answer: Mutex<Option<crate::dataplane::PacketTrace>>,
+    /// The packets `trace` was asked about.
+    pub traced: Mutex<Vec<crate::dataplane::TracePacket>>,
 }
 
 #[async_trait]
@@ -227,6 +231,26 @@ impl Dataplane for FakeDataplane {
             s.rows.push(vec![e.ip.to_string(), e.host_ifname.clone()]);
         }
         Ok(vec![s])
+    }
+    async fn trace(
+        &self,
+        packet: &crate::dataplane::TracePacket,
+    ) -> Result<crate::dataplane::PacketTrace, DataplaneError> {
+        self.traced.lock().unwrap().push(packet.clone());
+        let unmet = |what: &str| DataplaneError::Other {
+            backend: "fake",
+            op: "trace",
+            object: format!("pod {}", packet.src.ip),
+            source: Box::new(crate::dataplane::Cause::Unmet(what.into())),
+        };
+        if !self.pods.lock().unwrap().contains_key(&packet.src.ip) {
+            return Err(unmet("not in the dataplane"));
+        }
+        self.trace_answer
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| unmet("no trace answer set"))
     }
 }
 

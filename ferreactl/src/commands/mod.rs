@@ -11,3 +11,4 @@ pub mod nodeportlocal;
 pub mod podinterface;
 pub mod remotenodes;
 pub mod supportbundle;
+pub mod trace;

@@ -52,6 +52,10 @@
 //! `set_services` converges the frontends on the plan and cleans the tables of what left it
 //! while no agent ran.
 //!
+//! `ferreactl trace` ([`Dataplane::trace`], the `trace` module): the pinned programs run on a
+//! constructed frame with `BPF_PROG_TEST_RUN`; each writes what it decided into the pinned
+//! one-slot map `FERREA_TRACE`, only for the traced packet's `skb->mark`.
+//!
 //! Restart behaviour: a new process adopts the pinned maps (same kernel objects, entries
 //! intact). If the pinned programs are of the same build as the embedded object
 //! (`progs/<digest>/` exists) it uses them as they are and touches no filter. Otherwise it loads
@@ -82,8 +86,8 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, Rou
 use sha2::{Digest, Sha256};
 
 use super::{
-    Dataplane, DataplaneError, DumpSection, EgressPlan, ErrorsOf, NodeNetwork, PodEndpoint,
-    PodStats, RemoteNode, TUNNEL_IFNAME, TUNNEL_VNI, Tunnel, unmet,
+    Dataplane, DataplaneError, DumpSection, EgressPlan, ErrorsOf, NodeNetwork, PacketTrace,
+    PodEndpoint, PodStats, RemoteNode, TUNNEL_IFNAME, TUNNEL_VNI, TracePacket, Tunnel, unmet,
 };
 use crate::config::TunnelType;
 use crate::kernel::routes::{self, NodeRoute};
@@ -91,6 +95,7 @@ use crate::kernel::routes::{self, NodeRoute};
 pub mod maps;
 mod pins;
 pub mod services;
+mod trace;
 
 use maps::{AyaMaps, BpfMaps};
 pub use pins::{Direction, PinLayout};
@@ -197,6 +202,8 @@ struct Loaded {
     to_pod: SchedClassifier,
     from_tunnel: SchedClassifier,
     to_tunnel: SchedClassifier,
+    /// Where the programs write what they decided for a traced packet ([`trace`]).
+    trace: Array<aya::maps::MapData, ferrea_common::TraceRecord>,
     gateway: Ipv4Addr,
     node: NodeNetwork,
     /// What this process's last successful `set_services` left in the frontend map; `None`
@@ -315,6 +322,7 @@ impl EbpfDataplane {
         let lb_svc = take(&mut ebpf, MAP_LB_SERVICES)?;
         let lb_ct = take(&mut ebpf, MAP_LB_FLOWS)?;
         let lb_aff = take(&mut ebpf, MAP_LB_AFFINITY)?;
+        let trace = take(&mut ebpf, ferrea_common::MAP_TRACE)?;
         let maps = AyaMaps {
             ep_if: BpfHashMap::try_from(ep_if).map_err(map_type(MAP_ENDPOINTS_BY_IFINDEX))?,
             ep_ip: BpfHashMap::try_from(ep_ip).map_err(map_type(MAP_ENDPOINTS_BY_IP))?,
@@ -333,6 +341,7 @@ impl EbpfDataplane {
             to_pod: pinned(ferrea_common::PROG_TO_POD)?,
             from_tunnel: pinned(ferrea_common::PROG_FROM_TUNNEL)?,
             to_tunnel: pinned(ferrea_common::PROG_TO_TUNNEL)?,
+            trace: Array::try_from(trace).map_err(map_type(ferrea_common::MAP_TRACE))?,
             gateway: node.gateway,
             node: node.clone(),
             lb_installed: None,
@@ -933,6 +942,14 @@ impl Dataplane for EbpfDataplane {
         let g = self.lock();
         let st = g.as_ref().ok_or_else(|| ERR.not_init("pod_stats"))?;
         maps::stats(st.maps.as_ref(), ep)
+    }
+
+    async fn trace(&self, packet: &TracePacket) -> Result<PacketTrace, DataplaneError> {
+        // The lock makes traces run one at a time (one trace slot); a test run takes
+        // microseconds.
+        let mut g = self.lock();
+        let st = g.as_mut().ok_or_else(|| ERR.not_init("trace"))?;
+        trace::trace(st, packet)
     }
 }
 

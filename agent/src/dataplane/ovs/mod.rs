@@ -71,8 +71,8 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::{
-    Cause, Dataplane, DataplaneError, DumpSection, EgressPlan, ErrorsOf, NodeNetwork, PodEndpoint,
-    PodStats, RemoteNode, TUNNEL_IFNAME, TUNNEL_VNI, Tunnel, unmet,
+    Cause, Dataplane, DataplaneError, DumpSection, EgressPlan, ErrorsOf, NodeNetwork, PacketTrace,
+    PodEndpoint, PodStats, RemoteNode, TUNNEL_IFNAME, TUNNEL_VNI, TracePacket, Tunnel, unmet,
 };
 use crate::kernel::routes::NodeRoute;
 
@@ -80,6 +80,8 @@ pub mod host;
 pub mod openflow;
 pub mod ovsdb;
 pub mod pipeline;
+pub mod trace;
+pub mod unixctl;
 pub mod uplink;
 
 use host::{LinuxHost, NodeKernel};
@@ -1453,6 +1455,38 @@ impl Dataplane for OvsDataplane {
             }
         }
         Ok(Some(st))
+    }
+
+    async fn trace(&self, packet: &TracePacket) -> Result<PacketTrace, DataplaneError> {
+        let s = self.node_state().ok_or_else(|| ERR.not_init("trace"))?;
+        let in_port = s
+            .pods
+            .get(&packet.src.ip)
+            .ok_or_else(|| {
+                ERR.other("trace", format!("pod {}", packet.src.ip))(unmet(format!(
+                    "no port on {}",
+                    self.cfg.bridge
+                )))
+            })?
+            .port;
+        let flow = trace::flow(packet, in_port, s.facts.gw_mac);
+        let sock = unixctl::control_socket(&self.cfg.run_dir).map_err(ERR.other(
+            "find",
+            format!(
+                "ovs-vswitchd's control socket in {}",
+                self.cfg.run_dir.display()
+            ),
+        ))?;
+        let text = unixctl::call(&sock, "ofproto/trace", &[&self.cfg.bridge, &flow])
+            .await
+            .map_err(ERR.other("ofproto/trace", &flow))?;
+        let ports = trace::Ports {
+            gateway: s.facts.gw_port,
+            tunnel: s.tunnel.map(|t| t.port),
+            pods: s.pods.values().map(|p| (p.port, p.ip)).collect(),
+        };
+        trace::summarise(&text, &self.cfg.bridge, &ports)
+            .map_err(ERR.other("summarise the ofproto/trace of", &flow))
     }
 }
 
