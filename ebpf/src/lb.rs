@@ -200,11 +200,13 @@ fn set_port(ctx: &TcContext, l4: &L4, port_off: usize, old: u16, new: u16) -> Op
 /// What [`from_pod`] decided for a pod's packet.
 pub(crate) enum Routed {
     /// Forward it to `dst_ip` (changed if the proxy translated the packet); `local`: the local
-    /// pod it is for, if any; `nat`: the proxy translated it (a load-balanced connection, so
+    /// pod it is for, if any (a pointer into `FERREA_EP_IP`, valid for this program run: an
+    /// `Option<Endpoint>` by value would carry an undefined payload when `None`, which LLVM may
+    /// spill, and the verifier refuses to read uninitialised registers); `nat`: the proxy translated it (a load-balanced connection, so
     /// not one the node's stack carried).
     Route {
         dst_ip: u32,
-        local: Option<Endpoint>,
+        local: Option<*const Endpoint>,
         nat: bool,
     },
     /// To the node's stack untranslated (no backend, or nothing this program can translate).
@@ -217,8 +219,7 @@ pub(crate) enum Routed {
 /// rewrite (the caller drops it).
 #[inline(always)]
 pub(crate) fn from_pod(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Routed> {
-    // SAFETY: copied out at once; the agent replaces entries whole.
-    let local = unsafe { FERREA_EP_IP.get(dst_ip) }.copied();
+    let local = FERREA_EP_IP.get_ptr(dst_ip);
     let untouched = Routed::Route {
         dst_ip,
         local,
@@ -239,8 +240,7 @@ pub(crate) fn from_pod(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Rout
             // A pod's reply in a hairpin connection: back to itself, from the VIP.
             return Some(Routed::Route {
                 dst_ip: src_ip,
-                // SAFETY: as above.
-                local: unsafe { FERREA_EP_IP.get(src_ip) }.copied(),
+                local: FERREA_EP_IP.get_ptr(src_ip),
                 nat: true,
             });
         }
@@ -255,8 +255,7 @@ pub(crate) fn from_pod(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Rout
         Some(0) => Some(Routed::Stack),
         Some(backend) => Some(Routed::Route {
             dst_ip: backend,
-            // SAFETY: as above.
-            local: unsafe { FERREA_EP_IP.get(backend) }.copied(),
+            local: FERREA_EP_IP.get_ptr(backend),
             nat: true,
         }),
     }

@@ -547,7 +547,9 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
             return Some(TC_ACT_OK);
         }
     };
-    if let Some(dst) = local {
+    // SAFETY: a pointer into FERREA_EP_IP, valid for this program run; copied out at once (the
+    // agent replaces entries whole).
+    if let Some(dst) = local.map(|p| unsafe { *p }) {
         if !nat && stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_POD)? {
             count(ifindex, Dir::Tx, len);
             trace(ctx, ferrea_common::TRACE_STACK_FLOW, dst.ifindex, 0, 0);
