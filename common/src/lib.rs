@@ -200,8 +200,8 @@ pub const SVC_UNMATCHABLE: u32 = 6;
 /// frontends and their backends, Cilium style (key: [`LbKey`], value: [`LbSlot`]). Slot 0 of
 /// a frontend (VIP, port, protocol) holds the frontend itself (its backend count and session
 /// affinity); slots `1..=count` hold its backends in the plan's order. The agent writes it
-/// whole-entry; the pod program reads slot 0 of every packet for an address that is not a pod,
-/// and one backend slot per new connection.
+/// whole-entry; the pod program reads slot 0 of every TCP, UDP or SCTP packet for an address
+/// that is not a local pod, and one backend slot per new connection.
 pub const MAP_LB_SERVICES: &str = "FERREA_LB_SVC";
 /// Capacity of [`MAP_LB_SERVICES`]: frontends plus all their backend slots.
 pub const MAX_LB_ENTRIES: u32 = 65536;

@@ -18,8 +18,8 @@
 //!
 //! The path of a connection:
 //! - [`from_pod`] (the client pod's program): a TCP, UDP or SCTP packet whose destination is
-//!   not a local pod is looked up as a frontend (one hash lookup: the whole cost for traffic
-//!   that is not a Service's). A frontend's packet with a forward entry is DNATed to its
+//!   not a local pod is looked up as a frontend (one hash lookup: with a delete per TCP SYN,
+//!   see below, the whole cost for traffic that is not a Service's). A frontend's packet with a forward entry is DNATed to its
 //!   backend; a new connection gets a backend (the affinity entry while within the timeout,
 //!   else a random slot), its two entries, and the DNAT. Then the caller's normal forwarding
 //!   decision runs on the new destination: `bpf_redirect_peer` to a local backend, the tunnel to
@@ -32,7 +32,7 @@
 //! - [`reply`]: a packet for a local pod (from a local pod: [`from_pod`]; decapsulated from
 //!   another node: `ferrea_from_tunnel`; routed by the node's stack: `ferrea_to_pod`) whose
 //!   tuple has a reverse entry gets the VIP and port back as its source. The cost for traffic
-//!   that is not a Service's is that one LRU lookup.
+//!   that is not a Service's is that one LRU lookup (and, from a pod, a delete per TCP SYN).
 //! - Hairpin: when the backend chosen is the client itself, the forward packet's source becomes
 //!   [`LB_HAIRPIN_IP`] (169.254.0.253, as Antrea), so the pod's kernel accepts a packet that
 //!   would otherwise come from its own address; the reply, addressed to that address, is
@@ -52,6 +52,10 @@
 //! through the VIP used) removes the reverse entry of its reply tuple, so its replies are not
 //! given the VIP; a UDP flow in that position is not detected (that would cost a lookup per
 //! packet) and has its replies translated until the entry is evicted or flushed.
+//!
+//! `ferreactl trace` (a packet with `skb->mark` = `TRACE_MARK`, run by the agent with
+//! `BPF_PROG_TEST_RUN`): translated like any, so the trace shows the backend it would reach,
+//! but it writes no connection or affinity entry.
 //!
 //! What the table does not do: it keeps no TCP state. An entry lives until the LRU evicts it (a
 //! live connection refreshes its entries with every packet) or the agent removes it: every entry
