@@ -121,6 +121,10 @@ fn main() -> anyhow::Result<()> {
         ferrea_common::MAP_EGRESS_HELD,
         ferrea_common::MAP_STACK_FLOWS,
         ferrea_common::MAP_SVC_COUNTERS,
+        ferrea_common::MAP_LB_SERVICES,
+        ferrea_common::MAP_LB_FLOWS,
+        ferrea_common::MAP_LB_AFFINITY,
+        ferrea_common::MAP_LB_COUNTERS,
         ferrea_common::MAP_TRACE,
     ];
     link(&staticlib, &exports, &object)?;

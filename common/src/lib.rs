@@ -159,7 +159,7 @@ pub const MAX_STACK_FLOWS: u32 = 65536;
 /// Key of [`MAP_STACK_FLOWS`]: a 5-tuple as it appears in a packet (addresses and ports in
 /// network byte order). Ports are 0 for protocols without them.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StackFlow {
     /// IPv4 source.
     pub saddr: u32,
@@ -195,6 +195,161 @@ pub const SVC_REPLY_FROM_TUNNEL: u32 = 4;
 pub const SVC_STALE_CLEARED: u32 = 5;
 /// Packets sent to the stack because they are IP fragments or ICMP errors (no ports to match).
 pub const SVC_UNMATCHABLE: u32 = 6;
+
+/// Name of the hash map of ferrea's service proxy (`serviceProxy: ferrea`): a Service's
+/// frontends and their backends, Cilium style (key: [`LbKey`], value: [`LbSlot`]). Slot 0 of
+/// a frontend (VIP, port, protocol) holds the frontend itself (its backend count and session
+/// affinity); slots `1..=count` hold its backends in the plan's order. The agent writes it
+/// whole-entry; the pod program reads slot 0 of every TCP, UDP or SCTP packet for an address
+/// that is not a local pod, and one backend slot per new connection.
+pub const MAP_LB_SERVICES: &str = "FERREA_LB_SVC";
+/// Capacity of [`MAP_LB_SERVICES`]: frontends plus all their backend slots.
+pub const MAX_LB_ENTRIES: u32 = 65536;
+/// The most backends one frontend holds in the maps (slots are `u16`; more than this many
+/// endpoints of one Service port are truncated, in the plan's order, with a warning).
+pub const MAX_LB_BACKENDS: u32 = 4096;
+
+/// Key of [`MAP_LB_SERVICES`]. Addresses and ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbKey {
+    /// The virtual address (ClusterIP, externalIP, LoadBalancer ingress IP).
+    pub vip: u32,
+    /// The Service port.
+    pub port: u16,
+    /// 0: the frontend; `1..=count`: its backends.
+    pub slot: u16,
+    /// IP protocol (6 TCP, 17 UDP, 132 SCTP).
+    pub proto: u8,
+    /// Always zero (the kernel hashes every key byte).
+    pub pad: [u8; 3],
+}
+
+/// Value of [`MAP_LB_SERVICES`]: a frontend (slot 0) or one of its backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbSlot {
+    /// Backend slot: the backend's address, network byte order. Slot 0: 0.
+    pub ip: u32,
+    /// Backend slot: the backend's port, network byte order. Slot 0: 0.
+    pub port: u16,
+    /// Slot 0: `LB_F_*` flags. Backend slots: 0.
+    pub flags: u16,
+    /// Slot 0: the number of backends (0: connections go to the node's stack, which rejects
+    /// them). Backend slots: 0.
+    pub count: u32,
+    /// Slot 0: `sessionAffinity: ClientIP` timeout in seconds; 0 = no affinity.
+    pub affinity_secs: u32,
+}
+
+/// Name of the LRU hash map of the service proxy's connections (key: the 5-tuple of a packet
+/// as the pod program sees it, a [`StackFlow`]; value: [`LbFlow`]). Every load-balanced
+/// connection has two entries, written by the pod program of the client when it picks the
+/// backend: the *forward* entry under the client's tuple to the VIP (client, VIP, client port,
+/// Service port) says which backend it has, and the *reverse* entry under the tuple its replies
+/// carry (backend, client, backend port, client port) says which VIP and port to give them back
+/// as source. Hairpin connections (a pod reaching itself through its Service) carry the
+/// hairpin address [`LB_HAIRPIN_IP`] in place of the client in the reverse tuple.
+pub const MAP_LB_FLOWS: &str = "FERREA_LB_CT";
+/// Capacity of [`MAP_LB_FLOWS`]: 131,072 entries, 65,536 connections (about 10 MiB of kernel
+/// memory, preallocated). The least recently used entries are evicted when it is full.
+pub const MAX_LB_FLOWS: u32 = 131_072;
+
+/// Value of [`MAP_LB_FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbFlow {
+    /// Forward: the backend's address (the new destination). Reverse: the VIP (the new
+    /// source). Network byte order.
+    pub nat_ip: u32,
+    /// Forward: the backend's port. Reverse: the Service port. Network byte order.
+    pub nat_port: u16,
+    /// `LB_FLOW_*` flags.
+    pub flags: u16,
+    /// Hairpin only. Forward: the new source ([`LB_HAIRPIN_IP`]). Reverse: the new
+    /// destination (the client pod). Otherwise 0.
+    pub peer_ip: u32,
+}
+
+/// [`LbFlow::flags`]: a reverse entry (rewrite the source); else a forward entry.
+pub const LB_FLOW_REVERSE: u16 = 1;
+/// [`LbFlow::flags`]: a hairpin connection (the source is rewritten too, or back).
+pub const LB_FLOW_HAIRPIN: u16 = 2;
+/// [`LbFlow::flags`], forward TCP entries only: the backend has left the plan. Packets of the
+/// connection still go to it (it drains, as kube-proxy leaves established TCP conntrack
+/// entries), but a new SYN on the same tuple picks a backend afresh.
+pub const LB_FLOW_STALE: u16 = 4;
+
+/// The source address a hairpin connection is given (a pod whose connection to its own
+/// Service was sent back to itself sees the connection come from here, so its kernel accepts
+/// it): 169.254.0.253, the link-local address Antrea uses for the same purpose. Network byte
+/// order, as in the packet.
+pub const LB_HAIRPIN_IP: u32 = u32::from_ne_bytes([169, 254, 0, 253]);
+
+/// Name of the LRU hash map of `sessionAffinity: ClientIP` (key: [`LbAffinityKey`], value:
+/// [`LbAffinity`]): each client's last backend per frontend and when it was chosen.
+pub const MAP_LB_AFFINITY: &str = "FERREA_LB_AFF";
+/// Capacity of [`MAP_LB_AFFINITY`].
+pub const MAX_LB_AFFINITY: u32 = 65536;
+
+/// Key of [`MAP_LB_AFFINITY`]. Addresses and ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbAffinityKey {
+    /// The client's address.
+    pub client: u32,
+    /// The frontend's VIP.
+    pub vip: u32,
+    /// The frontend's port.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+/// Value of [`MAP_LB_AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbAffinity {
+    /// `bpf_ktime_get_boot_ns()` (`CLOCK_BOOTTIME`, so the timeout runs on while the node is
+    /// suspended) when the client last started a connection to this frontend.
+    pub last_ns: u64,
+    /// The backend's address, network byte order.
+    pub ip: u32,
+    /// The backend's port, network byte order.
+    pub port: u16,
+    /// Always zero.
+    pub pad: u16,
+}
+
+/// Name of the per-CPU array of node-wide counters of the service proxy (index: one of the
+/// `LB_CNT_*` constants, value: `u64`), in the style of [`MAP_SVC_COUNTERS`].
+pub const MAP_LB_COUNTERS: &str = "FERREA_LB_CNT";
+/// Slots of [`MAP_LB_COUNTERS`].
+pub const LB_COUNTER_SLOTS: u32 = 16;
+/// New connections to a VIP given a backend (forward and reverse entries written).
+pub const LB_CNT_NEW: u32 = 0;
+/// Of those, backends given by session affinity.
+pub const LB_CNT_AFFINITY: u32 = 1;
+/// Of those, hairpin connections (the client is the backend).
+pub const LB_CNT_HAIRPIN: u32 = 2;
+/// Packets to a VIP DNATed by an existing forward entry.
+pub const LB_CNT_FORWARD: u32 = 3;
+/// Replies given their VIP back in a pod's program (same-node backend, or hairpin).
+pub const LB_CNT_REVERSE_POD: u32 = 4;
+/// Replies given their VIP back in the tunnel's ingress program (backend on another node).
+pub const LB_CNT_REVERSE_TUNNEL: u32 = 5;
+/// Replies given their VIP back on TC egress of the client's veth (routed by the node's
+/// stack: `noEncap`, or a backend that is no pod).
+pub const LB_CNT_REVERSE_STACK: u32 = 6;
+/// Packets to a frontend with no backends, passed to the node's stack (which rejects them).
+pub const LB_CNT_NO_BACKEND: u32 = 7;
+/// Packets to a VIP passed to the node's stack because the program could not translate them
+/// (IP fragments, a backend slot missing during an update, a connection-table write failing).
+pub const LB_CNT_TO_STACK: u32 = 8;
+/// TCP SYNs on the tuple of a connection whose backend left the plan: re-balanced.
+pub const LB_CNT_STALE_RESELECT: u32 = 9;
 
 /// Name of the one-slot array the programs write a [`TraceRecord`] into, for `ferreactl
 /// trace`: only for a packet whose `skb->mark` is [`TRACE_MARK`], which only the agent's
@@ -251,6 +406,19 @@ mod user {
     // SAFETY: StackFlow is repr(C): 4 + 4 + 2 + 2 + 1 + 3 explicit padding bytes = 16, no
     // implicit padding; any bit pattern is valid.
     unsafe impl aya::Pod for super::StackFlow {}
+    // SAFETY: LbKey is repr(C): 4 + 2 + 2 + 1 + 3 explicit padding bytes = 12, no implicit
+    // padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::LbKey {}
+    // SAFETY: LbSlot is repr(C): 4 + 2 + 2 + 4 + 4 = 16, no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::LbSlot {}
+    // SAFETY: LbFlow is repr(C): 4 + 2 + 2 + 4 = 12, no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::LbFlow {}
+    // SAFETY: LbAffinityKey is repr(C): 4 + 4 + 2 + 1 + 1 explicit padding byte = 12, no
+    // implicit padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::LbAffinityKey {}
+    // SAFETY: LbAffinity is repr(C): 8 + 4 + 2 + 2 explicit padding bytes = 16, alignment 8,
+    // no implicit padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::LbAffinity {}
     // SAFETY: TraceRecord is repr(C) of four u32 fields, no padding; any bit pattern is valid.
     unsafe impl aya::Pod for super::TraceRecord {}
 }

@@ -60,6 +60,12 @@
 //! BTF output would have to carry); it was not pursued. The map costs less per packet than a
 //! conntrack lookup and needs nothing of the kernel beyond LRU hash maps.
 //!
+//! ferrea's own service proxy (`serviceProxy: ferrea`) lives in `lb.rs`: [`ferrea_from_pod`]
+//! load-balances a pod's connections to Service VIPs (connection table `FERREA_LB_CT`,
+//! frontends `FERREA_LB_SVC`) before its forwarding decision, and the replies get their VIP back
+//! in [`ferrea_from_pod`] (same node), [`ferrea_from_tunnel`] (backend on another node) or
+//! [`ferrea_to_pod`] (routed by the stack). Connections it translated skip the stack-flow check.
+//!
 //! - [`ferrea_vlan_rx`] and [`ferrea_vlan_tx`] are not part of the pod path: they make a
 //!   macvlan behave like an 802.1Q sub-interface on kernels without VLAN devices (see
 //!   `agent/src/vlan.rs`). They are linked into a second object with their own unpinned maps.
@@ -78,6 +84,8 @@
               says why it is sound in its SAFETY comment"
 )]
 
+mod lb;
+
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
     helpers::{
@@ -89,10 +97,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ferrea_common::{
-    Counters, EGRESS_IDS, EgressSteer, Endpoint, MAX_EGRESS_EXEMPT, MAX_NODES, MAX_PODS,
-    MAX_STACK_FLOWS, MAX_VLANS, RemoteNode, SVC_COUNTER_SLOTS, SVC_RECORDED_POD,
-    SVC_RECORDED_TUNNEL, SVC_REPLY_FROM_POD, SVC_REPLY_FROM_TUNNEL, SVC_STACK_TO_POD,
-    SVC_STALE_CLEARED, SVC_UNMATCHABLE, StackFlow, VlanChild, VlanKey,
+    Counters, EGRESS_IDS, EgressSteer, Endpoint, LB_CNT_REVERSE_STACK, LB_CNT_REVERSE_TUNNEL,
+    MAX_EGRESS_EXEMPT, MAX_NODES, MAX_PODS, MAX_STACK_FLOWS, MAX_VLANS, RemoteNode,
+    SVC_COUNTER_SLOTS, SVC_RECORDED_POD, SVC_RECORDED_TUNNEL, SVC_REPLY_FROM_POD,
+    SVC_REPLY_FROM_TUNNEL, SVC_STACK_TO_POD, SVC_STALE_CLEARED, SVC_UNMATCHABLE, StackFlow,
+    VlanChild, VlanKey,
 };
 
 /// Local endpoints keyed by host-side veth ifindex: who is sending on this interface.
@@ -528,9 +537,20 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
     }
     let dst_ip = load_u32(ctx, OFF_IP_DST)?;
     let len = ctx.len();
-    // SAFETY: copied out at once, as above.
-    if let Some(dst) = unsafe { FERREA_EP_IP.get(dst_ip) }.copied() {
-        if stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_POD)? {
+    // The service proxy (lb.rs): replies of load-balanced connections get their VIP back,
+    // packets for a VIP their backend; `nat`: translated, so no connection the stack carried.
+    let (dst_ip, local, nat) = match lb::from_pod(ctx, src_ip, dst_ip)? {
+        lb::Routed::Route { dst_ip, local, nat } => (dst_ip, local, nat),
+        lb::Routed::Stack => {
+            count(ifindex, Dir::Tx, len);
+            trace(ctx, ferrea_common::TRACE_TO_STACK, 0, 0, 0);
+            return Some(TC_ACT_OK);
+        }
+    };
+    // SAFETY: a pointer into FERREA_EP_IP, valid for this program run; copied out at once (the
+    // agent replaces entries whole).
+    if let Some(dst) = local.map(|p| unsafe { *p }) {
+        if !nat && stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_POD)? {
             count(ifindex, Dir::Tx, len);
             trace(ctx, ferrea_common::TRACE_STACK_FLOW, dst.ifindex, 0, 0);
             return Some(TC_ACT_OK);
@@ -552,7 +572,7 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
         && node.tun_ifindex != 0
     {
         let tun = node.tun_ifindex;
-        if stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_POD)? {
+        if !nat && stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_POD)? {
             trace(ctx, ferrea_common::TRACE_STACK_FLOW, 0, node.node_ip, 0);
             return Some(TC_ACT_OK);
         }
@@ -637,8 +657,21 @@ fn arp(ctx: &TcContext, ep: &Endpoint) -> Option<i32> {
 pub fn ferrea_to_pod(ctx: TcContext) -> i32 {
     count(skb_ifindex(&ctx), Dir::Rx, ctx.len());
     svc_count(SVC_STACK_TO_POD);
+    // A reply of a load-balanced connection the stack routed (noEncap, or a backend that is
+    // no pod) gets its VIP back first; it is then from no pod address, so not recorded.
+    let _ = stack_delivered_reply(&ctx);
     let _ = record_to_pod(&ctx);
     TC_ACT_OK
+}
+
+#[inline(always)]
+fn stack_delivered_reply(ctx: &TcContext) -> Option<bool> {
+    if u16::from_be(load_u16(ctx, OFF_ETH_PROTO)?) != ETH_P_IP {
+        return None;
+    }
+    let src_ip = load_u32(ctx, OFF_IP_SRC)?;
+    let dst_ip = load_u32(ctx, OFF_IP_DST)?;
+    lb::reply(ctx, src_ip, dst_ip, LB_CNT_REVERSE_STACK)
 }
 
 #[inline(always)]
@@ -741,7 +774,9 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
     // SAFETY: copied out at once; the agent replaces entries whole.
     if let Some(dst) = unsafe { FERREA_EP_IP.get(dst_ip) }.copied() {
         let src_ip = load_u32(ctx, OFF_IP_SRC)?;
-        if stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_TUNNEL)? {
+        // A reply from another node's backend of a connection this node balanced.
+        let nat = lb::reply(ctx, src_ip, dst_ip, LB_CNT_REVERSE_TUNNEL)?;
+        if !nat && stack_reply(ctx, src_ip, dst_ip, SVC_REPLY_FROM_TUNNEL)? {
             // A reply of a connection this node's stack sent out: the stack routes it on to
             // the pod (its inner destination MAC is the sender's, so tell the stack it is ours).
             ctx.change_type(PACKET_HOST).ok()?;

@@ -3,7 +3,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::MapError;
-use ferrea_common::{Counters, EgressSteer as SteerEntry, Endpoint, RemoteNode as RemoteEntry};
+use ferrea_common::{
+    Counters, EgressSteer as SteerEntry, Endpoint, LbAffinity, LbAffinityKey, LbFlow, LbKey,
+    LbSlot, RemoteNode as RemoteEntry, StackFlow,
+};
 
 use crate::dataplane::Cause;
 use crate::dataplane::ebpf::maps::{BpfMaps, Prefix};
@@ -26,6 +29,12 @@ pub struct FakeBpfMaps {
     pub held: BTreeMap<u32, u32>,
     /// Steered pods by IP key.
     pub steer: BTreeMap<u32, SteerEntry>,
+    /// The service proxy's frontend and backend slots.
+    pub lb_svc: BTreeMap<LbKey, LbSlot>,
+    /// The service proxy's connection table.
+    pub lb_ct: BTreeMap<StackFlow, LbFlow>,
+    /// Session affinity.
+    pub lb_aff: BTreeMap<LbAffinityKey, LbAffinity>,
     /// Every write (insert, set, remove of a present key), as `map key`, in order.
     pub writes: Vec<String>,
 }
@@ -150,4 +159,60 @@ impl BpfMaps for FakeBpfMaps {
             self.writes.push(format!("steer remove {pod:#x}"));
         }
     }
+    fn lb_slots(&self) -> Vec<(LbKey, LbSlot)> {
+        self.lb_svc.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+    fn insert_lb_slot(&mut self, k: LbKey, v: LbSlot) -> Result<(), MapError> {
+        self.writes.push(format!("lb_svc insert {}", lb_key(&k)));
+        self.lb_svc.insert(k, v);
+        Ok(())
+    }
+    fn remove_lb_slot(&mut self, k: LbKey) {
+        if self.lb_svc.remove(&k).is_some() {
+            self.writes.push(format!("lb_svc remove {}", lb_key(&k)));
+        }
+    }
+    fn lb_flows(&self) -> Vec<(StackFlow, LbFlow)> {
+        self.lb_ct.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+    fn update_lb_flow(&mut self, k: StackFlow, v: LbFlow) -> Result<(), MapError> {
+        if let Some(e) = self.lb_ct.get_mut(&k) {
+            self.writes.push(format!("lb_ct update {}", flow_key(&k)));
+            *e = v;
+        }
+        Ok(())
+    }
+    fn remove_lb_flow(&mut self, k: StackFlow) {
+        if self.lb_ct.remove(&k).is_some() {
+            self.writes.push(format!("lb_ct remove {}", flow_key(&k)));
+        }
+    }
+    fn lb_affinities(&self) -> Vec<(LbAffinityKey, LbAffinity)> {
+        self.lb_aff.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+    fn remove_lb_affinity(&mut self, k: LbAffinityKey) {
+        if self.lb_aff.remove(&k).is_some() {
+            let ip = std::net::Ipv4Addr::from(k.client.to_ne_bytes());
+            self.writes.push(format!("lb_aff remove {ip}"));
+        }
+    }
+}
+
+/// `10.96.0.10:80/6#0`: a frontend slot key as the fake's write log shows it.
+fn lb_key(k: &LbKey) -> String {
+    let ip = std::net::Ipv4Addr::from(k.vip.to_ne_bytes());
+    format!("{ip}:{}/{}#{}", u16::from_be(k.port), k.proto, k.slot)
+}
+
+/// `10.244.1.5:40000>10.96.0.10:80/6`: a connection-table key as the write log shows it.
+fn flow_key(k: &StackFlow) -> String {
+    let ip = |a: u32| std::net::Ipv4Addr::from(a.to_ne_bytes());
+    format!(
+        "{}:{}>{}:{}/{}",
+        ip(k.saddr),
+        u16::from_be(k.sport),
+        ip(k.daddr),
+        u16::from_be(k.dport),
+        k.proto
+    )
 }

@@ -7,9 +7,10 @@ use std::net::Ipv4Addr;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
 use ferrea_common::{
-    Counters, EgressSteer as SteerEntry, Endpoint, MAP_COUNTERS, MAP_EGRESS_EXEMPT,
-    MAP_EGRESS_HELD, MAP_EGRESS_STEER, MAP_ENDPOINTS_BY_IFINDEX, MAP_ENDPOINTS_BY_IP,
-    MAP_REMOTE_NODES, RemoteNode as RemoteEntry,
+    Counters, EgressSteer as SteerEntry, Endpoint, LbAffinity, LbAffinityKey, LbFlow, LbKey,
+    LbSlot, MAP_COUNTERS, MAP_EGRESS_EXEMPT, MAP_EGRESS_HELD, MAP_EGRESS_STEER,
+    MAP_ENDPOINTS_BY_IFINDEX, MAP_ENDPOINTS_BY_IP, MAP_REMOTE_NODES, RemoteNode as RemoteEntry,
+    StackFlow,
 };
 
 use super::{ERR, endpoint_of, ip_of_key, sum_counters};
@@ -84,6 +85,25 @@ pub trait BpfMaps: Send {
     fn insert_steer(&mut self, pod: u32, v: SteerEntry) -> Result<(), MapError>;
     /// Removes a pod's steering.
     fn remove_steer(&mut self, pod: u32);
+
+    /// Every entry of the service proxy's frontend map (`FERREA_LB_SVC`).
+    fn lb_slots(&self) -> Vec<(LbKey, LbSlot)>;
+    /// Inserts or replaces a frontend or backend slot.
+    fn insert_lb_slot(&mut self, k: LbKey, v: LbSlot) -> Result<(), MapError>;
+    /// Removes a frontend or backend slot.
+    fn remove_lb_slot(&mut self, k: LbKey);
+    /// Every entry of the service proxy's connection table (`FERREA_LB_CT`): a snapshot of a
+    /// map the programs change concurrently.
+    fn lb_flows(&self) -> Vec<(StackFlow, LbFlow)>;
+    /// Replaces an existing connection-table entry; an entry that is gone (evicted, or
+    /// removed by the programs) stays gone and is no error.
+    fn update_lb_flow(&mut self, k: StackFlow, v: LbFlow) -> Result<(), MapError>;
+    /// Removes a connection-table entry.
+    fn remove_lb_flow(&mut self, k: StackFlow);
+    /// Every session-affinity entry (`FERREA_LB_AFF`).
+    fn lb_affinities(&self) -> Vec<(LbAffinityKey, LbAffinity)>;
+    /// Removes a session-affinity entry.
+    fn remove_lb_affinity(&mut self, k: LbAffinityKey);
 }
 
 /// The pinned maps through aya.
@@ -102,7 +122,16 @@ pub struct AyaMaps {
     pub eg_exempt: LpmTrie<MapData, u32, u32>,
     /// Held Egress ids.
     pub eg_held: Array<MapData, u32>,
+    /// The service proxy's frontends and backend slots.
+    pub lb_svc: BpfHashMap<MapData, LbKey, LbSlot>,
+    /// The service proxy's connection table (an LRU hash).
+    pub lb_ct: BpfHashMap<MapData, StackFlow, LbFlow>,
+    /// Session affinity (an LRU hash).
+    pub lb_aff: BpfHashMap<MapData, LbAffinityKey, LbAffinity>,
 }
+
+/// `BPF_EXIST`: update only a key that is present.
+const BPF_EXIST: u64 = 2;
 
 fn lpm(p: Prefix) -> LpmKey<u32> {
     LpmKey::new(p.0, p.1)
@@ -197,6 +226,35 @@ impl BpfMaps for AyaMaps {
     }
     fn remove_steer(&mut self, pod: u32) {
         let _ = self.eg_steer.remove(&pod);
+    }
+    fn lb_slots(&self) -> Vec<(LbKey, LbSlot)> {
+        self.lb_svc.iter().filter_map(Result::ok).collect()
+    }
+    fn insert_lb_slot(&mut self, k: LbKey, v: LbSlot) -> Result<(), MapError> {
+        self.lb_svc.insert(k, v, 0)
+    }
+    fn remove_lb_slot(&mut self, k: LbKey) {
+        let _ = self.lb_svc.remove(&k);
+    }
+    fn lb_flows(&self) -> Vec<(StackFlow, LbFlow)> {
+        self.lb_ct.iter().filter_map(Result::ok).collect()
+    }
+    fn update_lb_flow(&mut self, k: StackFlow, v: LbFlow) -> Result<(), MapError> {
+        match self.lb_ct.insert(k, v, BPF_EXIST) {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+    fn remove_lb_flow(&mut self, k: StackFlow) {
+        let _ = self.lb_ct.remove(&k);
+    }
+    fn lb_affinities(&self) -> Vec<(LbAffinityKey, LbAffinity)> {
+        self.lb_aff.iter().filter_map(Result::ok).collect()
+    }
+    fn remove_lb_affinity(&mut self, k: LbAffinityKey) {
+        let _ = self.lb_aff.remove(&k);
     }
 }
 

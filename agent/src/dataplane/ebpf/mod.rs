@@ -43,6 +43,15 @@
 //! `ebpf/src/lib.rs`. `FERREA_SVC_CNT` counts that path ([`service_counters`]). Both survive a
 //! restart like every pinned map, and a stale entry only ever sends packets the slow way.
 //!
+//! ferrea's service proxy ([`Dataplane::set_services`], `serviceProxy: ferrea`): four more
+//! pinned maps. `FERREA_LB_SVC` (frontends and backend slots) is written by the agent
+//! ([`services`]); `FERREA_LB_CT` (the connection table, LRU) and `FERREA_LB_AFF` (session
+//! affinity, LRU) are filled by the programs and cleaned by the agent when frontends or
+//! backends leave the plan; `FERREA_LB_CNT` counts the proxy's paths ([`lb_counters`]). The
+//! programs' side is `ebpf/src/lb.rs`. A restarted agent adopts all four; its first
+//! `set_services` converges the frontends on the plan and cleans the tables of what left it
+//! while no agent ran.
+//!
 //! `ferreactl trace` ([`Dataplane::trace`], the `trace` module): the pinned programs run on a
 //! constructed frame with `BPF_PROG_TEST_RUN`; each writes what it decided into the pinned
 //! one-slot map `FERREA_TRACE`, only for the traced packet's `skb->mark`.
@@ -66,7 +75,8 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ferrea_common::{
     Counters, Endpoint, MAP_COUNTERS, MAP_EGRESS_EXEMPT, MAP_EGRESS_HELD, MAP_EGRESS_STEER,
-    MAP_ENDPOINTS_BY_IFINDEX, MAP_ENDPOINTS_BY_IP, MAP_REMOTE_NODES,
+    MAP_ENDPOINTS_BY_IFINDEX, MAP_ENDPOINTS_BY_IP, MAP_LB_AFFINITY, MAP_LB_FLOWS, MAP_LB_SERVICES,
+    MAP_REMOTE_NODES,
 };
 use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoData, InfoGeneve, InfoKind, InfoVeth};
@@ -84,6 +94,7 @@ use crate::kernel::routes::{self, NodeRoute};
 
 pub mod maps;
 mod pins;
+pub mod services;
 mod trace;
 
 use maps::{AyaMaps, BpfMaps};
@@ -149,15 +160,32 @@ pub fn object_digest(object: &[u8]) -> String {
 /// indexed by the `ferrea_common::SVC_*` constants. Reads the pinned map, so it works from any
 /// process that sees the bpffs (a debug tool, a test), with or without a running agent.
 pub fn service_counters(pin_path: &Path) -> Result<Vec<u64>, DataplaneError> {
-    let path = PinLayout::new(pin_path.to_path_buf())
-        .maps_dir()
-        .join(ferrea_common::MAP_SVC_COUNTERS);
+    per_cpu_counters(
+        pin_path,
+        ferrea_common::MAP_SVC_COUNTERS,
+        ferrea_common::SVC_COUNTER_SLOTS,
+    )
+}
+
+/// The node-wide counters of ferrea's service proxy in the programs (`ebpf/src/lb.rs`) under
+/// the pin path `pin_path`, summed over the CPUs: one value per slot, indexed by the
+/// `ferrea_common::LB_CNT_*` constants. Like [`service_counters`], readable from any process.
+pub fn lb_counters(pin_path: &Path) -> Result<Vec<u64>, DataplaneError> {
+    per_cpu_counters(
+        pin_path,
+        ferrea_common::MAP_LB_COUNTERS,
+        ferrea_common::LB_COUNTER_SLOTS,
+    )
+}
+
+/// The pinned per-CPU array `name` of `slots` u64 counters, summed over the CPUs.
+fn per_cpu_counters(pin_path: &Path, name: &str, slots: u32) -> Result<Vec<u64>, DataplaneError> {
+    let path = PinLayout::new(pin_path.to_path_buf()).maps_dir().join(name);
     let data =
         aya::maps::MapData::from_pin(&path).map_err(ERR.init("open pinned", path.display()))?;
     let map: PerCpuArray<aya::maps::MapData, u64> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
-            .map_err(map_type(ferrea_common::MAP_SVC_COUNTERS))?;
-    (0..ferrea_common::SVC_COUNTER_SLOTS)
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_type(name))?;
+    (0..slots)
         .map(|i| {
             map.get(&i, 0)
                 .map(|v| v.iter().sum())
@@ -178,6 +206,10 @@ struct Loaded {
     trace: Array<aya::maps::MapData, ferrea_common::TraceRecord>,
     gateway: Ipv4Addr,
     node: NodeNetwork,
+    /// What this process's last successful `set_services` left in the frontend map; `None`
+    /// before the first (which reads the map and cleans the connection and affinity tables of
+    /// what an earlier process left) and after a failed one.
+    lb_installed: Option<services::Installed>,
 }
 
 /// Every program of the object, pinned per build.
@@ -287,6 +319,9 @@ impl EbpfDataplane {
         let eg_steer = take(&mut ebpf, ferrea_common::MAP_EGRESS_STEER)?;
         let eg_exempt = take(&mut ebpf, ferrea_common::MAP_EGRESS_EXEMPT)?;
         let eg_held = take(&mut ebpf, ferrea_common::MAP_EGRESS_HELD)?;
+        let lb_svc = take(&mut ebpf, MAP_LB_SERVICES)?;
+        let lb_ct = take(&mut ebpf, MAP_LB_FLOWS)?;
+        let lb_aff = take(&mut ebpf, MAP_LB_AFFINITY)?;
         let trace = take(&mut ebpf, ferrea_common::MAP_TRACE)?;
         let maps = AyaMaps {
             ep_if: BpfHashMap::try_from(ep_if).map_err(map_type(MAP_ENDPOINTS_BY_IFINDEX))?,
@@ -296,6 +331,9 @@ impl EbpfDataplane {
             eg_steer: BpfHashMap::try_from(eg_steer).map_err(map_type(MAP_EGRESS_STEER))?,
             eg_exempt: LpmTrie::try_from(eg_exempt).map_err(map_type(MAP_EGRESS_EXEMPT))?,
             eg_held: Array::try_from(eg_held).map_err(map_type(MAP_EGRESS_HELD))?,
+            lb_svc: BpfHashMap::try_from(lb_svc).map_err(map_type(MAP_LB_SERVICES))?,
+            lb_ct: BpfHashMap::try_from(lb_ct).map_err(map_type(MAP_LB_FLOWS))?,
+            lb_aff: BpfHashMap::try_from(lb_aff).map_err(map_type(MAP_LB_AFFINITY))?,
         };
         let mut loaded = Loaded {
             maps: Box::new(maps),
@@ -306,6 +344,7 @@ impl EbpfDataplane {
             trace: Array::try_from(trace).map_err(map_type(ferrea_common::MAP_TRACE))?,
             gateway: node.gateway,
             node: node.clone(),
+            lb_installed: None,
         };
         if !same_build {
             // A different build was attached before (or none): move every known pod's filters
@@ -771,6 +810,29 @@ impl Dataplane for EbpfDataplane {
         )
     }
 
+    async fn set_services(&self, plan: &crate::proxy::ServicePlan) -> Result<(), DataplaneError> {
+        let mut g = self.lock();
+        let st = g.as_mut().ok_or_else(|| ERR.not_init("set_services"))?;
+        // Only a successful sync leaves a known state behind.
+        let last = st.lb_installed.take();
+        let converge = last.is_none();
+        let (r, installed) = services::sync(st.maps.as_mut(), plan, last.as_ref())?;
+        st.lb_installed = Some(installed);
+        if r.slots_written + r.slots_removed + r.flows_removed + r.flows_staled > 0 || converge {
+            tracing::info!(
+                frontends = r.frontends,
+                slots_written = r.slots_written,
+                slots_removed = r.slots_removed,
+                flows_removed = r.flows_removed,
+                tcp_flows_draining = r.flows_staled,
+                affinities_removed = r.affinities_removed,
+                sctp_left_to_stack = r.sctp_to_stack,
+                "service frontends applied to the BPF maps"
+            );
+        }
+        Ok(())
+    }
+
     fn describe_pod(&self, ep: &PodEndpoint) -> Option<String> {
         let g = self.lock();
         g.as_ref()?.maps.endpoint_by_ifindex(ep.host_ifindex)?;
@@ -869,6 +931,9 @@ impl Dataplane for EbpfDataplane {
                 }
             }
             out.push(svc);
+            // ferrea's service proxy: frontends, connections, affinity, and its counters.
+            out.extend(services::dump(st.maps.as_ref(), services::boot_time_ns()));
+            out.push(lb_counter_section(self.layout.root()));
         }
         Ok(out)
     }
@@ -886,6 +951,51 @@ impl Dataplane for EbpfDataplane {
         let st = g.as_mut().ok_or_else(|| ERR.not_init("trace"))?;
         trace::trace(st, packet)
     }
+}
+
+/// The `FERREA_LB_CNT` counters as a dump section, by name.
+fn lb_counter_section(pin_path: &Path) -> DumpSection {
+    use ferrea_common as c;
+    let mut sec = DumpSection::new(
+        format!("map {}", c::MAP_LB_COUNTERS),
+        &["counter", "packets"],
+    );
+    let names = [
+        (c::LB_CNT_NEW, "new_connections"),
+        (c::LB_CNT_AFFINITY, "new_by_affinity"),
+        (c::LB_CNT_HAIRPIN, "new_hairpin"),
+        (c::LB_CNT_FORWARD, "forward_nat"),
+        (c::LB_CNT_REVERSE_POD, "reverse_nat_from_pod"),
+        (c::LB_CNT_REVERSE_TUNNEL, "reverse_nat_from_tunnel"),
+        (c::LB_CNT_REVERSE_STACK, "reverse_nat_from_stack"),
+        (c::LB_CNT_NO_BACKEND, "no_backend_to_stack"),
+        (c::LB_CNT_TO_STACK, "untranslatable_to_stack"),
+        (c::LB_CNT_STALE_RESELECT, "stale_tcp_reselected"),
+    ];
+    match lb_counters(pin_path) {
+        Ok(values) => {
+            for (slot, name) in names {
+                if let Some(v) = values.get(slot as usize) {
+                    sec.rows.push(vec![name.to_owned(), v.to_string()]);
+                }
+            }
+        }
+        Err(e) => sec
+            .rows
+            .push(vec!["(unreadable)".to_owned(), error_chain(&e)]),
+    }
+    sec
+}
+
+/// An error and its sources, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        why.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    why
 }
 
 /// Sums the per-CPU slots of one pod's counters.
