@@ -6,7 +6,8 @@
 //! or a connected UDP socket only completes if replies come back from the address called.
 //!
 //! - ClusterIP TCP to a backend on the same node and on the other node, DNS-style UDP, from a
-//!   pod and from the node itself; a NodePort and an externalIP from the external host;
+//!   pod (on eBPF, load-balanced by the pod's own program: its counters say so) and from the
+//!   node itself; a NodePort and an externalIP from the external host;
 //! - a Service without endpoints refuses at once, an unknown address in the service CIDR is
 //!   dropped (no Service address leaves the node untranslated);
 //! - `sessionAffinity: ClientIP`, `externalTrafficPolicy: Local` (the external client's
@@ -276,6 +277,31 @@ fn cluster_ips_node_ports_and_udp_through_ferreas_proxy(dp: Dataplane) {
         );
     }
     let node0 = &env.cluster.nodes()[0];
+    // eBPF: the pods' Service connections were load-balanced in the pod's own program, not in
+    // the stack: new connections, and replies rewritten on the same node and from the tunnel.
+    if dp == Dataplane::Ebpf {
+        use ferrea_common::{LB_CNT_NEW, LB_CNT_REVERSE_POD, LB_CNT_REVERSE_TUNNEL};
+        match ferrea_agent::dataplane::ebpf::lb_counters(node0.bpf_path()) {
+            Ok(c) => {
+                let (new, same, tunnel) = (
+                    c[LB_CNT_NEW as usize],
+                    c[LB_CNT_REVERSE_POD as usize],
+                    c[LB_CNT_REVERSE_TUNNEL as usize],
+                );
+                println!(
+                    "eBPF load balancer on node 0: {new} new connections, {same} replies rewritten on the node, {tunnel} from the tunnel"
+                );
+                if new < 4 || same == 0 || tunnel == 0 {
+                    f.0.push(format!(
+                        "the eBPF load balancer did not carry the pods' Service traffic: {c:?}"
+                    ));
+                }
+            }
+            Err(e) => {
+                f.0.push(format!("reading the eBPF load balancer's counters: {e}"))
+            }
+        }
+    }
     f.check(
         "ClusterIP TCP from the node itself, cross-node backend",
         eventually(|| ask(node0.ns(), SocketAddr::from(([10, 96, 0, 11], 80)))),
