@@ -6,7 +6,9 @@
 #   pause    registry.k8s.io/pause:3.10.2   the pod sandbox; Kubernetes' own pause.c from the
 #                                           pinned k8s.io/kubernetes module, gcc -static
 #   busybox  ferrea.test/busybox:1          the workload: Debian's busybox-static, its applets
-#                                           linked under /bin, plus /etc/passwd and /etc/group
+#                                           linked under /bin, plus /etc/passwd and /etc/group,
+#                                           and /bin/ferrea-test-dns (scripts/images/dns, a tiny
+#                                           DNS responder in Go, stdlib only, CGO_ENABLED=0)
 #
 # ferrea's agent image is deploy/image/build.sh's (the harness runs it with --bin-dir target/debug).
 #
@@ -46,6 +48,20 @@ pause_binary() {
     { rm -f "$bin.tmp.$$"; die "gcc failed on $src"; }
   mv -f "$bin.tmp.$$" "$bin"
   log "built $bin from $src"
+  echo "$bin"
+}
+
+dns_binary() {
+  local sum bin
+  sum=$(cat "$repo/scripts/images/dns/main.go" "$repo/scripts/images/dns/go.mod" | sha256sum | cut -c1-16)
+  bin=$cache/ferrea-test-dns-$sum
+  if [ ! -x "$bin" ]; then
+    mkdir -p "$cache"
+    (cd "$repo/scripts/images/dns" && GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false \
+      "$GO" build -trimpath -ldflags "-s -w" -o "$bin.tmp.$$" .) || { rm -f "$bin.tmp.$$"; die "building the DNS responder failed"; }
+    mv -f "$bin.tmp.$$" "$bin"
+    log "built $bin"
+  fi
   echo "$bin"
 }
 
@@ -128,6 +144,7 @@ for w in "${want[@]}"; do
       mkdir -p "$root"/{bin,etc,tmp,proc,sys,dev,root,var/run}
       chmod 1777 "$root/tmp"
       install -m 0755 "$bb" "$root/bin/busybox"
+      install -m 0755 "$(dns_binary)" "$root/bin/ferrea-test-dns"
       for a in $("$bb" --list); do
         [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"
       done
