@@ -536,6 +536,9 @@ impl KubeletNode {
         let mut script = String::from("set -eu\nD=\"$1\"\n");
         script.push_str(
             "mkdir -p \"$D/run\" \"$D/var-lib\" \"$D/var-log\" \"$D/sysctl\"\n\
+             # The test's own /run/netns (ip netns' mounts) would stay listed under the new\n\
+             # /run, and containerd would judge /run/netns's propagation by it.\n\
+             if mountpoint -q /run/netns; then umount -l /run/netns; fi\n\
              mount --bind \"$D/run\" /run\n\
              mount --bind \"$D/var-lib\" /var/lib\n\
              mount --bind \"$D/var-log\" /var/log\n\
@@ -873,6 +876,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   disable_apparmor = true
   enable_selinux = false
   stream_server_address = "127.0.0.1"
+  # No CAP_SYS_RESOURCE in this sandbox: an oom_score_adj below the current one (kubelet asks
+  # -998 for sandboxes) fails runc's nsexec ("can't get final child's PID from pipe: EOF").
+  # Clamped to containerd's own instead.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"

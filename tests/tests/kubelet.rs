@@ -153,22 +153,37 @@ impl KubeCluster {
     }
 
     /// `kubectl apply -f deploy/` (CRDs first), or for OVS the same with deploy/ovs/'s
-    /// ConfigMap and DaemonSet in place of the eBPF ones.
-    fn apply_deploy(&self, dp: Dataplane) {
+    /// ConfigMap and DaemonSet in place of the eBPF ones. With `npl`, the ConfigMap's
+    /// `nodePortLocal.enable` is set to `true` first, as the deploy README says to.
+    fn apply_deploy(&self, dp: Dataplane, npl: bool) {
         self.kubectl(&["apply", "-f", &deploy("crds").display().to_string()]);
-        match dp {
-            Dataplane::Ebpf => {
-                self.kubectl(&["apply", "-f", &deploy("").display().to_string()]);
-            }
-            Dataplane::Ovs => {
-                for f in [
-                    "00-namespace.yaml",
-                    "10-serviceaccount.yaml",
-                    "20-rbac.yaml",
-                    "ovs/daemonset-ovs.yaml",
-                ] {
-                    self.kubectl(&["apply", "-f", &deploy(f).display().to_string()]);
-                }
+        let files: &[&str] = match (dp, npl) {
+            (Dataplane::Ebpf, false) => &[""],
+            (Dataplane::Ebpf, true) => &[
+                "00-namespace.yaml",
+                "10-serviceaccount.yaml",
+                "20-rbac.yaml",
+                "30-configmap.yaml",
+                "40-daemonset.yaml",
+            ],
+            (Dataplane::Ovs, _) => &[
+                "00-namespace.yaml",
+                "10-serviceaccount.yaml",
+                "20-rbac.yaml",
+                "ovs/daemonset-ovs.yaml",
+            ],
+        };
+        for f in files {
+            let path = deploy(f);
+            if npl && path.is_file() {
+                let text = std::fs::read_to_string(&path).expect("a deploy/ file");
+                let on = text.replace(
+                    "nodePortLocal:\n      enable: false",
+                    "nodePortLocal:\n      enable: true",
+                );
+                self.api.kubectl_stdin_ok(&["apply", "-f", "-"], &on);
+            } else {
+                self.kubectl(&["apply", "-f", &path.display().to_string()]);
             }
         }
     }
@@ -193,6 +208,13 @@ impl KubeCluster {
             );
         }
         Some(m)
+    }
+
+    /// `GET /` from pod `pod` to `host:port` (busybox nc: Debian's static busybox wget
+    /// crashes); the response body, trimmed.
+    fn http(&self, pod: &str, host: &str, port: u16) -> Result<String, String> {
+        let out = self.exec(pod, &["sh", "-c", &http_script(host, port)])?;
+        Ok(http_body(&out))
     }
 
     fn exec(&self, pod: &str, argv: &[&str]) -> Result<String, String> {
@@ -258,11 +280,22 @@ impl KubeCluster {
     /// [`KubeCluster::start`] with `n` nodes, then ferrea deployed with its manifests and the
     /// locally built image: returns once the DaemonSet's agent runs (ready) on every node, the
     /// init container installed the CNI binary and conflist on each, and every node is Ready.
-    fn deployed(dp: Dataplane, n: u8) -> Self {
+    fn deployed(dp: Dataplane, n: u8, npl: bool) -> Self {
         let t0 = Instant::now();
         let mut c = KubeCluster::start(n);
-        c.api.create_default_service_account();
-        c.apply_deploy(dp);
+        // kube-controller-manager's service-account controller makes `default`'s.
+        c.wait(
+            "the default service account",
+            Duration::from_secs(60),
+            |c| {
+                c.api
+                    .kubectl(&["get", "serviceaccount", "default", "-n", "default"])
+                    .status
+                    .success()
+                    .then_some(())
+            },
+        );
+        c.apply_deploy(dp, npl);
         c.wait_agents_ready(Duration::from_secs(240));
         eprintln!(
             "test: agents ready after {:.1}s",
@@ -354,7 +387,7 @@ impl KubeCluster {
     /// HTTP from `a` to `ip:8080` answers `b` (the pod's name).
     fn assert_http(&self, a: &str, b: &str, ip: Ipv4Addr) {
         let url = format!("http://{ip}:8080/");
-        let got = self.exec(a, &["wget", "-q", "-O-", "-T", "5", &url]);
+        let got = self.http(a, &ip.to_string(), 8080);
         assert_eq!(
             got.as_deref(),
             Ok(b),
@@ -366,7 +399,7 @@ impl KubeCluster {
 
 fn kubelet_cluster_of_three_nodes(dp: Dataplane) {
     let t0 = Instant::now();
-    let mut c = KubeCluster::deployed(dp, 3);
+    let mut c = KubeCluster::deployed(dp, 3, true);
     let baselines: Vec<Vec<String>> = c
         .nodes
         .iter()
@@ -441,13 +474,13 @@ fn kubelet_cluster_of_three_nodes(dp: Dataplane) {
         "the web Service answering through its ClusterIP",
         Duration::from_secs(30),
         |c| {
-            c.exec(&first, &["wget", "-q", "-O-", "-T", "3", &url])
+            c.http(&first, &cluster_ip, 80)
                 .ok()
                 .filter(|a| pods.contains_key(a))
         },
     );
     for (a, _) in &pods {
-        let got = c.exec(a, &["wget", "-q", "-O-", "-T", "5", &url]);
+        let got = c.http(a, &cluster_ip, 80);
         assert!(
             got.as_ref().is_ok_and(|g| pods.contains_key(g)),
             "{a} -> {url}: {got:?}"
@@ -457,6 +490,62 @@ fn kubelet_cluster_of_three_nodes(dp: Dataplane) {
         "test: ClusterIP works after {:.1}s",
         t0.elapsed().as_secs_f64()
     );
+
+    // NodePortLocal: a Service annotated for it gets its pods annotated (Antrea's JSON), and
+    // the external host reaches each pod at the annotated nodeIP:nodePort.
+    c.api.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web-npl\n  namespace: default\n  \
+         annotations: {nodeportlocal.antrea.io/enabled: \"true\"}\nspec:\n  selector: {app: web}\n  \
+         ports: [{port: 80, targetPort: 8080, protocol: TCP}]\n",
+    );
+    let npl = c.wait(
+        "every web pod annotated for NodePortLocal",
+        Duration::from_secs(30),
+        |c| {
+            let items = c.json(&["get", "pods", "-l", "app=web", "-o", "json"]);
+            let mut m = BTreeMap::new();
+            for p in items["items"].as_array()? {
+                let v = p["metadata"]["annotations"]["nodeportlocal.antrea.io"].as_str()?;
+                let e: Value = serde_json::from_str(v).ok()?;
+                let e = &e.as_array()?[0];
+                m.insert(
+                    p["metadata"]["name"].as_str()?.to_owned(),
+                    (
+                        e["nodeIP"].as_str()?.to_owned(),
+                        e["nodePort"].as_u64()?,
+                        v.to_owned(),
+                    ),
+                );
+            }
+            (m.len() == pods.len()).then_some(m)
+        },
+    );
+    for (name, (node_ip, port, value)) in &npl {
+        let node = &pods[name].1;
+        assert_eq!(node_ip, &node_ips[node].to_string(), "{name}: {value}");
+        assert_eq!(
+            value,
+            &format!(
+                r#"[{{"podPort":8080,"nodeIP":"{node_ip}","nodePort":{port},"protocol":"tcp","ipFamily":"IPv4"}}]"#
+            )
+        );
+        let url = format!("http://{node_ip}:{port}/");
+        let out = c
+            .fabric
+            .external()
+            .sh(&["sh", "-c", &http_script(node_ip, *port as u16)]);
+        assert_eq!(
+            out.as_deref().map(http_body).map_err(|e| e.to_string()),
+            Ok(name.to_owned()),
+            "external host -> {url} ({name})"
+        );
+    }
+    eprintln!(
+        "test: NodePortLocal works after {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    c.kubectl(&["delete", "svc", "web-npl"]);
 
     // A DNS server behind a ClusterIP Service at the cluster DNS address (kubelet's
     // clusterDNS, every pod's nameserver) resolves the web Service's name.
@@ -478,17 +567,8 @@ fn kubelet_cluster_of_three_nodes(dp: Dataplane) {
             Some(cluster_ip.as_str()),
             "{a}: nslookup {name}"
         );
-        let got = c.exec(
-            a,
-            &[
-                "wget",
-                "-q",
-                "-O-",
-                "-T",
-                "5",
-                &format!("http://{cluster_ip}/"),
-            ],
-        );
+        // The resolved address answers.
+        let got = c.http(a, ip.as_deref().unwrap_or_default(), 80);
         assert!(
             got.as_ref().is_ok_and(|g| pods.contains_key(g)),
             "{a}: {got:?}"
@@ -568,7 +648,8 @@ spec:
 
 /// What `nslookup name` (busybox, through the pod's resolv.conf) answers in pod `pod`.
 fn resolve(c: &KubeCluster, pod: &str, name: &str) -> Option<String> {
-    let out = c.exec(pod, &["nslookup", name]).ok()?;
+    let absolute = format!("{name}.");
+    let out = c.exec(pod, &["nslookup", &absolute]).ok()?;
     // "Name: <name>" then "Address: <ip>"; the server's own "Address: <ip>:53" comes first.
     let after = out.split_once("Name:")?.1;
     after
@@ -621,7 +702,7 @@ fn agent_pod(c: &KubeCluster, node: &str) -> Option<String> {
 /// back (kubelet retries the sandbox after CNI's try-again-later).
 fn kubelet_agent_pod_deleted_comes_back(dp: Dataplane) {
     let t0 = Instant::now();
-    let mut c = KubeCluster::deployed(dp, 2);
+    let mut c = KubeCluster::deployed(dp, 2, false);
     let pods = c.run_web(2);
     let before = pod_identities(&c, "app=web");
     let old = agent_pod(&c, "node1").expect("node1's agent pod");
@@ -687,7 +768,7 @@ fn kubelet_agent_pod_deleted_comes_back(dp: Dataplane) {
 /// node every 200 ms: at most 3 packets lost, no pod re-created or restarted.
 fn kubelet_rolling_update_keeps_pod_traffic(dp: Dataplane) {
     let t0 = Instant::now();
-    let mut c = KubeCluster::deployed(dp, 2);
+    let mut c = KubeCluster::deployed(dp, 2, false);
     let pods = c.run_web(2);
     let before = pod_identities(&c, "app=web");
     let tag = format!("{}-rollout", ferrea_tests::kubelet::agent_tag());
@@ -846,4 +927,19 @@ fn kubelet_node_runtime_starts_and_leaves_nothing() {
         mounts(&mounts_after),
         "the test's mounts changed"
     );
+}
+
+/// A shell line that sends `GET /` to `host:port` with busybox nc and prints the response.
+fn http_script(host: &str, port: u16) -> String {
+    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 5 {host} {port}")
+}
+
+/// The body of an HTTP/1.0 response, trimmed.
+fn http_body(response: &str) -> String {
+    let r = response.replace("\r\n", "\n");
+    r.split_once("\n\n")
+        .map(|(_, b)| b)
+        .unwrap_or(&r)
+        .trim()
+        .to_owned()
 }
