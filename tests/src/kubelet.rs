@@ -314,6 +314,16 @@ impl std::fmt::Debug for KubeletNode {
 /// The cgroup v1 hierarchies of this machine: `/sys/fs/cgroup/<name>` for every mounted
 /// `cgroup` (v1) filesystem.
 fn cgroup_v1_mounts() -> Vec<PathBuf> {
+    cgroup_mounts(&["cgroup"])
+}
+
+/// Every cgroup mount, v1 and v2: on a hybrid machine runc also makes each container's path
+/// in the v2 hierarchy (`/sys/fs/cgroup/unified`), which teardown removes as well.
+fn cgroup_all_mounts() -> Vec<PathBuf> {
+    cgroup_mounts(&["cgroup", "cgroup2"])
+}
+
+fn cgroup_mounts(types: &[&str]) -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut v: Vec<PathBuf> = text
         .lines()
@@ -321,7 +331,7 @@ fn cgroup_v1_mounts() -> Vec<PathBuf> {
             let (pre, post) = l.split_once(" - ")?;
             let fstype = post.split_whitespace().next()?;
             let mount_point = pre.split_whitespace().nth(4)?;
-            (fstype == "cgroup").then(|| PathBuf::from(mount_point))
+            types.contains(&fstype).then(|| PathBuf::from(mount_point))
         })
         .collect();
     v.sort();
@@ -701,7 +711,7 @@ impl KubeletNode {
     /// The PIDs in this node's cgroups (its pods' processes).
     pub fn cgroup_pids(&self) -> Vec<i32> {
         let mut pids = Vec::new();
-        for h in cgroup_v1_mounts() {
+        for h in cgroup_all_mounts() {
             let root = h.join(self.cgroup_root.trim_start_matches('/'));
             collect_procs(&root, &mut pids);
         }
@@ -754,7 +764,7 @@ impl KubeletNode {
             let _ = c.wait();
         }
         // Then the cgroups, deepest first (a cgroup's last task may take a moment to leave).
-        for h in cgroup_v1_mounts() {
+        for h in cgroup_all_mounts() {
             let root = h.join(self.cgroup_root.trim_start_matches('/'));
             if root.exists() {
                 let deadline = Instant::now() + Duration::from_secs(10);

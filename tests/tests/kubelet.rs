@@ -118,6 +118,15 @@ impl KubeCluster {
             String::from_utf8_lossy(&agents.stderr)
         ));
         for n in &self.nodes {
+            for argv in [&["ip", "-br", "addr"][..], &["ip", "route"]] {
+                let out = n.netns().exec(argv);
+                s.push_str(&format!(
+                    "--- {} {} ---\n{}\n",
+                    n.name(),
+                    argv.join(" "),
+                    String::from_utf8_lossy(&out.stdout)
+                ));
+            }
             s.push_str(&n.log_tails(25));
             s.push('\n');
         }
@@ -613,6 +622,29 @@ fn kubelet_cluster_of_three_nodes(dp: Dataplane) {
         let _ = b;
     }
     eprintln!("test: done after {:.1}s", t0.elapsed().as_secs_f64());
+    drop(c);
+    assert_nothing_left();
+}
+
+/// After a cluster guard is dropped: no cgroup of this process's nodes in any hierarchy, no
+/// namespace of this process's left.
+fn assert_nothing_left() {
+    let prefix = format!("ferrea-{}-node", std::process::id());
+    for h in std::fs::read_dir("/sys/fs/cgroup")
+        .expect("/sys/fs/cgroup")
+        .flatten()
+    {
+        for e in std::fs::read_dir(h.path()).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.starts_with(&prefix),
+                "cgroup {} left",
+                e.path().display()
+            );
+        }
+    }
+    let left = ferrea_tests::netns::list_with_prefix(&ferrea_tests::name_prefix());
+    assert!(left.is_empty(), "namespaces left: {left:?}");
 }
 
 /// A DNS responder (the busybox image's /bin/ferrea-test-dns) answering `name` with `ip`,
@@ -903,7 +935,7 @@ fn kubelet_node_runtime_starts_and_leaves_nothing() {
         !Path::new(&format!("/proc/{holder}")).exists(),
         "the holder outlived the guard"
     );
-    for h in ["memory", "cpu", "pids", "cpuset"] {
+    for h in ["memory", "cpu", "pids", "cpuset", "unified"] {
         let d = format!("/sys/fs/cgroup/{h}{cgroup}");
         assert!(!Path::new(&d).exists(), "{d} left behind");
     }
