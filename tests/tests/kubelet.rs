@@ -488,7 +488,7 @@ fn kubelet_cluster_of_three_nodes(dp: Dataplane) {
                 .filter(|a| pods.contains_key(a))
         },
     );
-    for (a, _) in &pods {
+    for a in pods.keys() {
         let got = c.http(a, &cluster_ip, 80);
         assert!(
             got.as_ref().is_ok_and(|g| pods.contains_key(g)),
