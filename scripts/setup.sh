@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what ferrea's build, demo and tests need on a Debian machine, idempotently:
 # Debian packages (iproute2, nftables, OVS, iperf3, tcpdump, reference CNI plugins, openssl,
-# podman deps, prometheus: the metrics tests run a real server in a node's namespace), the
-# Kubernetes binaries the suite runs (kube-apiserver, kubectl, etcd, kube-proxy), the
+# podman deps, prometheus: the metrics tests run a real server in a node's namespace;
+# containerd, runc, busybox-static and gcc for the kubelet harness's nodes and images), the
+# Kubernetes binaries the suite runs (kube-apiserver, kubectl, etcd, kube-proxy, kubelet,
+# kube-controller-manager, kube-scheduler) and the pause binary of the pod sandbox image, the
 # toolchain's rustfmt and clippy components, cargo-nextest (the suite's test runner), and
 # bpf-linker built against the stable toolchain's own libLLVM: rustc emits LLVM bitcode for
 # the eBPF crate and only a linker built on the same LLVM major version can read it, which
@@ -11,7 +13,7 @@ set -euo pipefail
 
 PKGS=(iproute2 nftables iptables iperf3 tcpdump ethtool openvswitch-switch
       containernetworking-plugins procps psmisc jq iputils-ping netcat-openbsd openssl
-      prometheus)
+      prometheus containerd runc busybox-static gcc libc6-dev)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -36,6 +38,12 @@ fi
 # with openssl). A cold build takes about 12-15 minutes, once (kube-proxy a few more); after
 # that the binaries are cached and this step takes a fraction of a second.
 bash "$(dirname "$0")/k8s/build.sh" kube-apiserver kubectl etcd kube-proxy >/dev/null
+# kubelet, kube-controller-manager and kube-scheduler for tests/tests/kubelet.rs (real nodes:
+# tests/src/kubelet.rs); a cold build adds about 10 minutes, cached afterwards.
+bash "$(dirname "$0")/k8s/build.sh" kubelet kube-controller-manager kube-scheduler >/dev/null
+# The pause binary (Kubernetes' build/pause/linux/pause.c, gcc -static), cached; the harness
+# packs it into the pod sandbox image with scripts/images/build.sh.
+bash "$(dirname "$0")/images/build.sh" --pause-binary >/dev/null
 
 # rustfmt and clippy, for `cargo fmt --check` and `cargo clippy` in scripts/test.sh.
 installed_components=$(rustup component list --installed)

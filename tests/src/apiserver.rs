@@ -372,6 +372,13 @@ impl ApiServer {
         path
     }
 
+    /// The directory of the harness's certificates and keys: `ca.crt`, `ca.key`, `sa.key`
+    /// (the service-account signing key), `sa.pub`, ... (kube-controller-manager's
+    /// `--root-ca-file` and `--service-account-private-key-file`).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
     /// The name of the namespace etcd and the apiserver run in.
     pub fn netns_name(&self) -> &str {
         &self.ns_name

@@ -31,6 +31,8 @@
 //! - [`udp`]: a UDP echo server in a namespace and a one-shot client.
 //! - [`kubeproxy`]: a real kube-proxy inside a node's namespace against the test API server,
 //!   and the Services and EndpointSlices it reads.
+//! - [`kubelet`]: real nodes (containerd + kubelet in a node's network namespace and a private
+//!   mount namespace), kube-controller-manager and kube-scheduler, and the images they run.
 
 pub mod agent;
 pub mod apiserver;
@@ -39,6 +41,7 @@ pub mod cni;
 pub mod ctl;
 pub mod egress;
 pub mod fabric;
+pub mod kubelet;
 pub mod kubeproxy;
 pub mod manifests;
 pub mod netns;

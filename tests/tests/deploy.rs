@@ -370,7 +370,14 @@ fn deploy_manifests_apply_with_least_privilege_rbac_and_a_complete_daemonset() {
         ["ferrea-cni", "portmap", "bandwidth"],
         "{conflist:#}"
     );
-    assert_eq!(conflist["cniVersion"], "1.1.0");
+    // 1.0.0 for runtimes whose libcni predates 1.1 (containerd 1.6: "unsupported CNI result
+    // version 1.1.0") and Debian's portmap/bandwidth; runtimes that read `cniVersions` (CNI
+    // 1.1) pick 1.1.0 and so STATUS and GC.
+    assert_eq!(conflist["cniVersion"], "1.0.0");
+    assert_eq!(
+        conflist["cniVersions"],
+        serde_json::json!(["1.0.0", "1.1.0"])
+    );
     assert_eq!(conflist["name"], "ferrea");
     assert_eq!(
         conflist["plugins"][0]["agentSocket"],

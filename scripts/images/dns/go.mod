@@ -1,0 +1,3 @@
+module ferrea.invalid/test-dns
+
+go 1.26
