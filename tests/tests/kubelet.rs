@@ -19,7 +19,13 @@ use ferrea_tests::kubelet::{
 use ferrea_tests::{Dataplane, dataplane_tests};
 use serde_json::Value;
 
+// OVS under kubelet fails today, for two causes found and not yet fixed (issue 15's note):
+// with the userspace datapath, ovs-vswitchd is a container of the agent pod and carries the
+// node's own address, so deleting or updating the pod takes the node off the network; and
+// after the agent moves the node address to `ferrea-phy`, its API connections stop receiving
+// (NodePortLocal never sees its pods).
 dataplane_tests!(
+    ovs_ignored = "fails: the OVS DaemonSet under kubelet (ovs-vswitchd in the agent pod carries the node's address; API watches stall after the address moves to ferrea-phy); see issue 15";
     kubelet_cluster_of_three_nodes,
     kubelet_agent_pod_deleted_comes_back,
     kubelet_rolling_update_keeps_pod_traffic
