@@ -2148,7 +2148,7 @@ mod fake_tests {
         assert_eq!(groups.len(), 2, "{groups:#?}");
         assert_eq!(
             groups[0],
-            "group_id=1,type=select,\
+            "group_id=1,type=select,selection_method=dp_hash,\
              bucket=bucket_id:0,weight:100,actions=ct(commit,table=30,zone=65520,nat(dst=10.244.1.5:8080),exec(set_field:0x00000002->ct_mark)),\
              bucket=bucket_id:1,weight:100,actions=ct(commit,table=30,zone=65520,nat(dst=10.244.2.7:8080),exec(set_field:0x00000002->ct_mark))"
         );

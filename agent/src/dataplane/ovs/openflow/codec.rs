@@ -892,6 +892,12 @@ pub const GROUP_ALL: u32 = 0xffff_fffc;
 const BUCKET_ALL: u32 = 0xffff_ffff;
 /// `OFPGT11_SELECT`.
 const GROUP_TYPE_SELECT: u8 = 1;
+/// Netronome's vendor id and `NTRT_SELECTION_METHOD`, for the group property choosing how a
+/// select group picks its bucket.
+const NTR_VENDOR_ID: u32 = 0x0000_154d;
+const NTRT_SELECTION_METHOD: u32 = 1;
+/// The selection method of every select group ferrea adds.
+pub const SELECTION_METHOD: &str = "dp_hash";
 /// `OFPGBPT15_WEIGHT`.
 const GROUP_BUCKET_PROP_WEIGHT: u16 = 0;
 
@@ -977,6 +983,20 @@ impl GroupMod {
         }
         let blen = (out.len() - buckets) as u16;
         out[len_at..len_at + 2].copy_from_slice(&blen.to_be_bytes());
+        if self.command == GroupModCommand::Add {
+            // struct ntr_group_prop_selection_method: `dp_hash` (the datapath hashes each
+            // packet's 5-tuple). Without it OVS's default selection sent every UDP flow of
+            // a client to one bucket whatever its source port.
+            out.extend_from_slice(&0xffffu16.to_be_bytes()); // OFPGPT15_EXPERIMENTER
+            out.extend_from_slice(&40u16.to_be_bytes());
+            out.extend_from_slice(&NTR_VENDOR_ID.to_be_bytes());
+            out.extend_from_slice(&NTRT_SELECTION_METHOD.to_be_bytes());
+            out.extend_from_slice(&[0; 4]);
+            let mut name = [0u8; 16];
+            name[..SELECTION_METHOD.len()].copy_from_slice(SELECTION_METHOD.as_bytes());
+            out.extend_from_slice(&name);
+            out.extend_from_slice(&0u64.to_be_bytes()); // selection_method_param
+        }
         set_len(out, start);
     }
 
@@ -986,7 +1006,7 @@ impl GroupMod {
         if self.command == GroupModCommand::Delete {
             return s;
         }
-        s.push_str(",type=select");
+        let _ = write!(s, ",type=select,selection_method={SELECTION_METHOD}");
         for b in &self.buckets {
             let a: Vec<String> = b.actions.iter().map(Action::to_ofctl).collect();
             let _ = write!(
@@ -1756,11 +1776,15 @@ mod tests {
                 && p.contains("nat(dst=10.244.1.12:8080)"),
             "{p}"
         );
-        // The bucket layout: 16-byte group header, each bucket 8 + its actions + an 8-byte
-        // weight property.
+        // The layout: 8-byte header, 16-byte group header, the buckets (each 8 + its actions
+        // + an 8-byte weight property), the 40-byte selection method property.
         let mut b = Vec::new();
         sample_group().encode(0, &mut b);
-        assert_eq!(u16::from_be_bytes([b[16], b[17]]) as usize, b.len() - 24);
+        assert_eq!(
+            u16::from_be_bytes([b[16], b[17]]) as usize,
+            b.len() - 24 - 40
+        );
+        assert_eq!(&b[b.len() - 24..b.len() - 17], b"dp_hash");
     }
 
     fn gm_in_bundle(b: &mut Vec<u8>) {
