@@ -549,7 +549,7 @@ fn ovs_service_proxy_load_balances_in_the_bridge() {
     use ferrea_agent::proxy::ServicePlan;
     use ferrea_agent::source::Protocol::{Tcp, Udp};
     use ferrea_tests::capture::{TcpPeers, Tcpdump, tcp_answer};
-    use ferrea_tests::udp::{UdpEcho, udp_ask_connected};
+    use ferrea_tests::udp::{UdpEcho, udp_ask_connected, udp_ask_from};
     if !skip_unless_root("ovs_service_proxy_load_balances_in_the_bridge") {
         return;
     }
@@ -648,11 +648,30 @@ fn ovs_service_proxy_load_balances_in_the_bridge() {
     let stats = ofctl(&["dump-group-stats", &mgmt]);
     println!("{stats}");
 
+    // A UDP client whose flow (fixed source port) C serves: its conntrack entry would keep
+    // it there after C leaves, unless the backend flushes it.
+    let pinned = (41000..41100u16)
+        .find(|p| {
+            udp_ask_from(a.ns(), *p, udp.into())
+                .unwrap()
+                .starts_with("c ")
+        })
+        .expect("a source port that C serves");
+    assert!(
+        udp_ask_from(a.ns(), pinned, udp.into())
+            .unwrap()
+            .starts_with("c ")
+    );
     // C leaves: only B is chosen.
     set(ServicePlan {
         vips: vec![vip(53, Udp, &[(ip_b, 5353)]), vip(80, Tcp, &[(ip_b, 8080)])],
         node_ports: vec![],
     });
+    let ans = udp_ask_from(a.ns(), pinned, udp.into()).unwrap();
+    assert!(
+        ans.starts_with("b "),
+        "UDP flow stayed with the removed backend: {ans}"
+    );
     for _ in 0..10 {
         let ans = tcp_answer(a.ns(), tcp.into(), Duration::from_secs(3)).unwrap();
         assert!(ans.starts_with("b "), "removed backend chosen: {ans}");

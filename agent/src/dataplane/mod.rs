@@ -284,6 +284,9 @@ pub enum Cause {
     /// A request on the OpenFlow connection.
     #[error(transparent)]
     OpenFlow(#[from] ovs::openflow::ConnError),
+    /// A command on ovs-vswitchd's control socket.
+    #[error(transparent)]
+    Unixctl(#[from] ovs::unixctl::UnixctlError),
     /// Moving the node's configuration to the physical bridge (OVS userspace datapath).
     #[error(transparent)]
     Uplink(#[from] ovs::uplink::UplinkError),

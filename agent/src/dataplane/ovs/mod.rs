@@ -80,6 +80,7 @@ pub mod host;
 pub mod openflow;
 pub mod ovsdb;
 pub mod pipeline;
+pub mod unixctl;
 pub mod uplink;
 
 use host::{LinuxHost, NodeKernel};
@@ -144,6 +145,9 @@ struct NodeState {
     /// The frontends of that plan the bridge load-balances, whose groups and flows are
     /// installed.
     services: Vec<ServiceFacts>,
+    /// The bridge's datapath is the userspace one (`netdev`): its connection tracker is
+    /// vswitchd's own, not the kernel's.
+    userspace: bool,
 }
 
 /// The OVS dataplane of one node. Create it anywhere; call it from a thread in the node's
@@ -453,10 +457,59 @@ impl OvsDataplane {
                 tracing::debug!(frontend = %name, reason = ?why, "Service frontend left to the node's stack");
             }
         }
+        let stale = stale_udp(&s.services, &services);
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
             st.service_plan = plan.clone();
             st.services = services;
         }
+        if !stale.is_empty() {
+            self.flush_udp(&stale, s.userspace).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the userspace datapath's conntrack entries (zone [`pipeline::CT_ZONE`]) of UDP
+    /// frontends whose backends changed or that the bridge no longer load-balances: UDP has
+    /// no end, so a client that keeps sending would stay with a removed backend. (With the
+    /// kernel datapath the zone is the kernel's, and the service controller's netlink flush
+    /// of every zone covers it.)
+    ///
+    /// First the revalidators must have finished a full cycle (twice `revalidator/wait`): the
+    /// datapath's cached flows go on executing the old group's buckets until they are
+    /// revalidated, and a packet in that window would commit a new entry to a removed
+    /// backend right after the flush.
+    async fn flush_udp(
+        &self,
+        frontends: &[(Ipv4Addr, u16)],
+        userspace: bool,
+    ) -> Result<(), DataplaneError> {
+        let sock = match unixctl::vswitchd_socket(&self.cfg.run_dir) {
+            Ok(s) => s,
+            Err(e) if !userspace => {
+                tracing::debug!(error = %e, "not waiting for the revalidators before the kernel's UDP conntrack flush");
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(ERR
+                    .other("flush UDP conntrack", "ovs-vswitchd control socket")(
+                    e
+                ));
+            }
+        };
+        for _ in 0..2 {
+            unixctl::call(&sock, "revalidator/wait", &[])
+                .await
+                .map_err(ERR.other("wait for the revalidators", sock.display()))?;
+        }
+        if !userspace {
+            return Ok(());
+        }
+        for &(ip, port) in frontends {
+            unixctl::flush_conntrack_to(&sock, pipeline::CT_ZONE, ip, 17, port)
+                .await
+                .map_err(ERR.other("flush UDP conntrack", format!("{ip}:{port}/udp")))?;
+        }
+        tracing::debug!(frontends = ?frontends, "UDP conntrack entries of changed Service frontends flushed");
         Ok(())
     }
 
@@ -1030,6 +1083,7 @@ impl Dataplane for OvsDataplane {
             gw_tx_checksum_off,
             service_plan,
             services,
+            userspace: datapath == "netdev",
         };
         *self.state.lock().expect("state lock") = Some(st.clone());
         self.of_bundle("install node flows", &Self::desired_flows(&st))
@@ -1570,6 +1624,19 @@ impl Dataplane for OvsDataplane {
         }
         Ok(Some(st))
     }
+}
+
+/// The UDP frontends of `old` that `new` load-balances to other backends or not at all.
+fn stale_udp(old: &[ServiceFacts], new: &[ServiceFacts]) -> Vec<(Ipv4Addr, u16)> {
+    old.iter()
+        .filter(|o| o.proto == 17)
+        .filter(|o| {
+            !new.iter().any(|n| {
+                (n.ip, n.proto, n.port) == (o.ip, o.proto, o.port) && n.backends == o.backends
+            })
+        })
+        .map(|o| (o.ip, o.port))
+        .collect()
 }
 
 /// Waits for the kernel device of an internal port: vswitchd creates the tap (netdev) or
