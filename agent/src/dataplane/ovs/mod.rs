@@ -163,6 +163,10 @@ pub struct OvsDataplane {
     host: Arc<dyn NodeKernel>,
     of: tokio::sync::Mutex<Option<Arc<dyn OpenFlow>>>,
     state: Mutex<Option<NodeState>>,
+    /// Serialises installing the Service groups and flows: `set_services` and
+    /// `set_remote_nodes` (which frontends the bridge balances depends on the remote pod
+    /// CIDRs) run from different controllers.
+    services_lock: tokio::sync::Mutex<()>,
 }
 
 fn pod_err<E: Into<Cause>>(op: &'static str, ep: &PodEndpoint) -> impl FnOnce(E) -> DataplaneError {
@@ -199,6 +203,7 @@ impl OvsDataplane {
             host,
             of: tokio::sync::Mutex::new(None),
             state: Mutex::new(None),
+            services_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -416,11 +421,20 @@ impl OvsDataplane {
     /// (see [`Dataplane::set_services`]), replacing whatever Service groups and flows are
     /// there (this process's or an earlier one's), in one atomic bundle. Nothing is sent when
     /// the switch already holds exactly these flows of this round.
+    /// `plan`: `None` re-applies the last plan (remote nodes changed).
     async fn apply_services(
         &self,
-        s: &NodeState,
-        plan: &crate::proxy::ServicePlan,
+        plan: Option<&crate::proxy::ServicePlan>,
     ) -> Result<(), DataplaneError> {
+        let _serial = self.services_lock.lock().await;
+        let s = self
+            .node_state()
+            .ok_or_else(|| ERR.not_init("set_services"))?;
+        let plan = match plan {
+            Some(p) => p,
+            None if s.service_plan.vips.is_empty() => return Ok(()),
+            None => &s.service_plan,
+        };
         let (services, left) = pipeline::service_frontends(plan, &s.facts, &s.remotes);
         let (groups, flows) = pipeline::service_flows(s.round, &services);
         let present = self
@@ -1178,12 +1192,7 @@ impl Dataplane for OvsDataplane {
         }
         // Which Service frontends the bridge may load-balance depends on the remote pod
         // CIDRs it tunnels to.
-        if let Some(st) = self.node_state()
-            && !st.service_plan.vips.is_empty()
-        {
-            let plan = st.service_plan.clone();
-            self.apply_services(&st, &plan).await?;
-        }
+        self.apply_services(None).await?;
         // Routes. Encap: into the gateway port towards the remote gateway (declared on-link;
         // the ARP responder answers for it), where the flows tunnel them. noEncap: pods'
         // traffic leaves through the gateway port into the node's stack, which routes it to
@@ -1496,10 +1505,7 @@ impl Dataplane for OvsDataplane {
     /// left to the node's stack (ferrea's nftables table). Replaces what was installed, by
     /// this process or an earlier one; an empty plan removes it all.
     async fn set_services(&self, plan: &crate::proxy::ServicePlan) -> Result<(), DataplaneError> {
-        let s = self
-            .node_state()
-            .ok_or_else(|| ERR.not_init("set_services"))?;
-        self.apply_services(&s, plan).await
+        self.apply_services(Some(plan)).await
     }
 
     async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
