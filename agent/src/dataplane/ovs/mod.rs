@@ -2215,6 +2215,7 @@ mod fake_tests {
             vip([10, 96, 0, 13], 80, Tcp, &[]),
             vip([10, 96, 0, 14], 80, Tcp, &[(1, 5), (0, 1)]),
             vip([10, 96, 0, 15], 80, Tcp, &[(3, 9)]),
+            vip([10, 96, 0, 16], 80, Tcp, &[(1, 1)]),
         ]);
         dp.set_services(&p).await.unwrap();
         let groups = group_text(&rig);
@@ -2277,6 +2278,34 @@ mod fake_tests {
         assert!(rig.sw.groups().is_empty());
         assert!(rig.cookies_of(cookie::KIND_SERVICE).is_empty());
         assert!(!rig.cookies_of(cookie::KIND_NODE).is_empty());
+    }
+
+    #[test]
+    fn udp_frontends_with_other_backends_or_gone_are_stale() {
+        let f = |proto: u8, port: u16, backends: &[u8]| ServiceFacts {
+            group: 1,
+            ip: Ipv4Addr::new(10, 96, 0, 10),
+            proto,
+            port,
+            backends: backends
+                .iter()
+                .map(|h| (Ipv4Addr::new(10, 244, 1, *h), 53))
+                .collect(),
+            local: Vec::new(),
+            name: String::new(),
+        };
+        let old = vec![
+            f(17, 53, &[5, 6]),
+            f(17, 54, &[5]),
+            f(6, 80, &[5]),
+            f(17, 55, &[7]),
+        ];
+        // 53 lost a backend, 54 is gone, TCP never counts, 55 is unchanged.
+        let new = vec![f(17, 53, &[5]), f(17, 55, &[7])];
+        let ip = Ipv4Addr::new(10, 96, 0, 10);
+        assert_eq!(stale_udp(&old, &new), vec![(ip, 53), (ip, 54)]);
+        assert!(stale_udp(&new, &new).is_empty());
+        assert!(stale_udp(&[], &old).is_empty());
     }
 
     #[tokio::test]

@@ -7,6 +7,8 @@
 //!
 //! ```text
 //! Classifier(0) --pod port--> SpoofGuard(10) --ip--> ConntrackLookup(25) --> L3Forwarding(30)
+//!      |                           |          Service frontend: ct(nat) --> ServiceLb(27) --^
+//!      |                           |                              (new: group -> ct(commit,nat(dst)))
 //!      |                           `--arp--> ArpResponder(20) --> IN_PORT          |
 //!      |--gateway port--> ct(commit, mark) --> L3Forwarding(30)                    |
 //!      |             `--arp--> ArpResponder(20)           pod port | gateway | remote pod CIDR:
@@ -50,6 +52,14 @@
 //! recirculation (no commit, so un-NATed pod-to-pod connections create no entries); packets to
 //! anything but a pod address pay nothing. After an `ovs-vswitchd` restart the marks are gone
 //! until the next packet from the gateway re-commits the connection (mid-stream pickup).
+//!
+//! ferrea's service proxy ([`service_flows`], cookie kind [`cookie::KIND_SERVICE`]): a local
+//! pod's packet to a load-balanced frontend is looked up with `ct(nat)` in [`CT_ZONE`] and
+//! continues in `ServiceLb`: a new connection goes to the frontend's select group, whose
+//! bucket commits it with the endpoint's DNAT and [`CT_MARK_SERVICE`] and recirculates into L3
+//! forwarding; later packets (translated by the lookup) go straight to L3. Replies come back
+//! through `ConntrackLookup`'s pod-address flows, whose lookup carries `nat` and so un-NATs
+//! them. Connections committed from the gateway carry no NAT, so `nat` leaves them alone.
 //!
 //! Egress (encap mode, [`egress_flows`], all under the cookie kind [`cookie::KIND_EGRESS`] so
 //! the set is replaced as a whole):
@@ -519,7 +529,8 @@ pub enum LeftToStack {
     NoBackends,
     /// `sessionAffinity: ClientIP`: the stack's affinity sets pin clients.
     Affinity,
-    /// A backend is not a pod the bridge reaches itself (a host-network endpoint, an address
+    /// A backend is not a pod the bridge reaches itself (the node's gateway address, a
+    /// host-network endpoint, an address
     /// outside the cluster, a pod behind the node's routes in `noEncap` mode): its replies
     /// would come back through the gateway, where the bridge cannot un-NAT them.
     BackendOffBridge,
@@ -546,8 +557,11 @@ pub fn service_frontends(
     let mut out = Vec::new();
     let mut left = Vec::new();
     for v in &plan.vips {
+        // The gateway address is the node itself: its replies would come in from the gateway.
+        let gateway = Ipv4Addr::from(u32::from(n.pod_cidr.network()) + 1);
         let on_bridge = |ip: Ipv4Addr| {
-            n.pod_cidr.contains(ip) || remotes.iter().any(|r| r.pod_cidr.contains(ip))
+            (n.pod_cidr.contains(ip) && ip != gateway)
+                || remotes.iter().any(|r| r.pod_cidr.contains(ip))
         };
         let why = if v.backends.is_empty() {
             Some(LeftToStack::NoBackends)
