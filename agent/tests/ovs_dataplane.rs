@@ -14,7 +14,7 @@ mod common;
 
 use common::endpoint;
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use ferrea_agent::dataplane::ovs::openflow::OfConn;
@@ -491,4 +491,205 @@ fn ovs_codec_matches_ofctl_dump_and_flow_install_bench() {
     drop(conn);
     drop(rt);
     drop(env);
+}
+
+/// The `n_packets` of the flows of a dump whose line contains `needle`, summed.
+fn packets_of(dump: &str, needle: &str) -> u64 {
+    ovs::parse_flows(dump)
+        .iter()
+        .filter(|f| f.line.contains(needle))
+        .filter_map(|f| {
+            f.line
+                .split([',', ' '])
+                .find_map(|t| t.strip_prefix("n_packets="))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+fn vip(
+    port: u16,
+    protocol: ferrea_agent::source::Protocol,
+    backends: &[(Ipv4Addr, u16)],
+) -> ferrea_agent::proxy::VipService {
+    let backends: Vec<ferrea_agent::proxy::Backend> = backends
+        .iter()
+        .map(|&(ip, port)| ferrea_agent::proxy::Backend {
+            ip,
+            port,
+            local: true,
+        })
+        .collect();
+    ferrea_agent::proxy::VipService {
+        name: format!("default/svc:{port}"),
+        addr: ferrea_agent::proxy::ServiceAddr {
+            ip: VIP,
+            port,
+            protocol,
+        },
+        kind: ferrea_agent::proxy::VipKind::ClusterIp,
+        external_backends: backends.clone(),
+        backends,
+        external_local: false,
+        affinity_secs: None,
+    }
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// ferrea's proxy in the bridge: a local pod's TCP and UDP to a ClusterIP reach the backend
+/// pods through the frontend's select group and `ct(nat)`, spread over the backends, answer
+/// from the ClusterIP (a connected UDP socket only accepts that source), keep the client's
+/// address, and never pass the gateway port (tcpdump on it sees none of their packets; the
+/// node's stack here has no Service rules, so a packet that went there would get no answer).
+/// A backend removed from the plan is no longer chosen; an empty plan removes the groups and
+/// flows, after which the ClusterIP is unreachable (the packets go to the bare stack).
+#[test]
+fn ovs_service_proxy_load_balances_in_the_bridge() {
+    use ferrea_agent::proxy::ServicePlan;
+    use ferrea_agent::source::Protocol::{Tcp, Udp};
+    use ferrea_tests::capture::{TcpPeers, Tcpdump, tcp_answer};
+    use ferrea_tests::udp::{UdpEcho, udp_ask_connected, udp_ask_from};
+    if !skip_unless_root("ovs_service_proxy_load_balances_in_the_bridge") {
+        return;
+    }
+    let env = OvsNode::start("ovsl");
+    let pid = std::process::id() % 100_000;
+    let a = make_pod(&env.ns, &format!("fla{pid}"), Ipv4Addr::new(10, 244, 1, 5));
+    let b = make_pod(&env.ns, &format!("flb{pid}"), Ipv4Addr::new(10, 244, 1, 6));
+    let c = make_pod(&env.ns, &format!("flc{pid}"), Ipv4Addr::new(10, 244, 1, 7));
+    let (ip_b, ip_c) = (b.ip(), c.ip());
+    let _tb = TcpPeers::start_tagged(b.ns(), "0.0.0.0:8080".parse().unwrap(), Some("b")).unwrap();
+    let _tc = TcpPeers::start_tagged(c.ns(), "0.0.0.0:8080".parse().unwrap(), Some("c")).unwrap();
+    let _ub = UdpEcho::start(b.ns(), "0.0.0.0:5353".parse().unwrap(), "b").unwrap();
+    let _uc = UdpEcho::start(c.ns(), "0.0.0.0:5353".parse().unwrap(), "c").unwrap();
+    let cfg = env.config("br-fl");
+    let mgmt = env.ovs.mgmt("br-fl");
+    let net = NodeNetwork::standalone("10.244.1.0/24".parse().unwrap(), 1500);
+    let eps = [endpoint(&a), endpoint(&b), endpoint(&c)];
+    let dp = std::sync::Arc::new(OvsDataplane::new(cfg));
+    let d = dp.clone();
+    in_node(&env.ns, move || async move {
+        d.init_node(&net).await.unwrap();
+        for ep in &eps {
+            d.add_pod(ep).await.unwrap();
+        }
+    });
+    let both = ServicePlan {
+        vips: vec![
+            vip(53, Udp, &[(ip_b, 5353), (ip_c, 5353)]),
+            vip(80, Tcp, &[(ip_b, 8080), (ip_c, 8080)]),
+        ],
+        node_ports: vec![],
+    };
+    let set = |plan: ServicePlan| {
+        let d = dp.clone();
+        in_node(&env.ns, move || async move {
+            d.set_services(&plan).await.unwrap()
+        });
+    };
+    set(both.clone());
+    let groups = ofctl(&["dump-groups", &mgmt]);
+    println!("{groups}");
+    assert_eq!(groups.matches("group_id=").count(), 2, "{groups}");
+
+    let mut gw = Tcpdump::start(
+        &env.ns,
+        GATEWAY_IFNAME,
+        "host 10.96.0.10 or port 8080 or port 5353",
+    )
+    .unwrap();
+    let tcp = SocketAddrV4::new(VIP, 80);
+    let udp = SocketAddrV4::new(VIP, 53);
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    let t = Instant::now();
+    for _ in 0..20 {
+        let ans =
+            tcp_answer(a.ns(), tcp.into(), Duration::from_secs(3)).expect("TCP to the ClusterIP");
+        let (tag, peer) = ans.split_once(' ').unwrap();
+        assert!(
+            peer.starts_with("10.244.1.5:"),
+            "client address not kept: {ans}"
+        );
+        *seen.entry(format!("tcp {tag}")).or_default() += 1;
+    }
+    println!("20 TCP connections to the ClusterIP: {:?}", t.elapsed());
+    for _ in 0..20 {
+        let ans =
+            udp_ask_connected(a.ns(), udp.into()).expect("UDP to the ClusterIP, answered from it");
+        let (tag, peer) = ans.split_once(' ').unwrap();
+        assert!(
+            peer.starts_with("10.244.1.5:"),
+            "client address not kept: {ans}"
+        );
+        *seen.entry(format!("udp {tag}")).or_default() += 1;
+    }
+    println!("backends chosen: {seen:?}");
+    for k in ["tcp b", "tcp c", "udp b", "udp c"] {
+        assert!(
+            seen.get(k).copied().unwrap_or(0) > 0,
+            "{k} never chosen: {seen:?}"
+        );
+    }
+    let through_gw = gw.stop();
+    assert!(
+        through_gw.is_empty(),
+        "Service packets passed the gateway: {through_gw:#?}"
+    );
+    // The bridge's own counters: the frontends' group flows took the new connections, their
+    // lookups every packet from the client.
+    std::thread::sleep(Duration::from_millis(700));
+    let dump = ofctl(&["dump-flows", &mgmt]);
+    let new_conns = packets_of(&dump, "actions=group:");
+    let lookups = packets_of(&dump, "actions=ct(table=27,zone=65520,nat)");
+    println!("group flows: {new_conns} packets, frontend lookups: {lookups} packets");
+    assert!(new_conns >= 40, "{dump}");
+    assert!(lookups >= new_conns, "{dump}");
+    let stats = ofctl(&["dump-group-stats", &mgmt]);
+    println!("{stats}");
+
+    // A UDP client whose flow (fixed source port) C serves: its conntrack entry would keep
+    // it there after C leaves, unless the backend flushes it.
+    let pinned = (41000..41100u16)
+        .find(|p| {
+            udp_ask_from(a.ns(), *p, udp.into())
+                .unwrap()
+                .starts_with("c ")
+        })
+        .expect("a source port that C serves");
+    assert!(
+        udp_ask_from(a.ns(), pinned, udp.into())
+            .unwrap()
+            .starts_with("c ")
+    );
+    // C leaves: only B is chosen.
+    set(ServicePlan {
+        vips: vec![vip(53, Udp, &[(ip_b, 5353)]), vip(80, Tcp, &[(ip_b, 8080)])],
+        node_ports: vec![],
+    });
+    let ans = udp_ask_from(a.ns(), pinned, udp.into()).unwrap();
+    assert!(
+        ans.starts_with("b "),
+        "UDP flow stayed with the removed backend: {ans}"
+    );
+    for _ in 0..10 {
+        let ans = tcp_answer(a.ns(), tcp.into(), Duration::from_secs(3)).unwrap();
+        assert!(ans.starts_with("b "), "removed backend chosen: {ans}");
+        let ans = udp_ask_connected(a.ns(), udp.into()).unwrap();
+        assert!(ans.starts_with("b "), "removed backend chosen: {ans}");
+    }
+    // The same plan twice changes nothing; an empty plan removes groups and flows.
+    set(both.clone());
+    set(both);
+    set(ServicePlan::default());
+    let groups = ofctl(&["dump-groups", &mgmt]);
+    assert!(!groups.contains("group_id="), "{groups}");
+    let dump = ofctl(&["dump-flows", &mgmt]);
+    assert!(!dump.contains("10.96.0.10"), "{dump}");
+    assert!(
+        tcp_answer(a.ns(), tcp.into(), Duration::from_millis(500)).is_err(),
+        "ClusterIP answered without the bridge's or the stack's translation"
+    );
+    // Pod-to-pod is untouched.
+    assert!(ping(a.name(), ip_b));
 }

@@ -206,6 +206,31 @@ fn tag_and_peer(answer: &str) -> (String, Ipv4Addr) {
 #[derive(Default)]
 struct Failures(Vec<String>);
 
+/// OVS: packets the ServiceLb group flows of frontend address `vip` on node `i` sent to its
+/// group (new connections the bridge load-balanced).
+fn ovs_group_packets(c: &mut Cluster, i: usize, vip: &str) -> u64 {
+    let Some(ovs) = c.nodes_mut()[i].ovs() else {
+        return 0;
+    };
+    ovs.flush_flow_stats().expect("ovs-appctl revalidator/wait");
+    let dst = format!("nw_dst={vip}");
+    ovs.flows("br-int")
+        .expect("dumping flows")
+        .iter()
+        .filter(|f| {
+            f.line.contains("table=27,")
+                && f.line.contains("actions=group:")
+                && f.line.split([',', ' ']).any(|t| t == dst)
+        })
+        .filter_map(|f| {
+            f.line
+                .split([',', ' '])
+                .find_map(|t| t.strip_prefix("n_packets="))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
+}
+
 impl Failures {
     fn check(&mut self, what: &str, r: anyhow::Result<String>, want: &str) {
         match r {
@@ -380,6 +405,24 @@ fn cluster_ips_node_ports_and_udp_through_ferreas_proxy(dp: Dataplane) {
     let table = ferrea_tests::manifests::nft_table(&env.cluster.nodes()[0]).unwrap_or_default();
     if !table.contains("no Service at this address") {
         f.0.push(format!("the drop rule is not in ferrea's table:\n{table}"));
+    }
+    // OVS: the bridge itself load-balanced the pod's connections (its frontends' group flows
+    // counted them; the node's stack never saw them).
+    if dp == Dataplane::Ovs {
+        for vip in [
+            "10.96.0.10",
+            "10.96.0.11",
+            "10.96.0.53",
+            "10.96.0.54",
+            "192.0.2.50",
+        ] {
+            let n = ovs_group_packets(&mut env.cluster, 0, vip);
+            if n == 0 {
+                f.0.push(format!("OVS: no packet to {vip} took its frontend's group"));
+            } else {
+                println!("ok: OVS group of {vip}: {n} new connections");
+            }
+        }
     }
     f.finish(&mut env);
 }

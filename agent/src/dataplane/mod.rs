@@ -302,7 +302,8 @@ pub enum Cause {
     /// Pinning a BPF object.
     #[error(transparent)]
     Pin(#[from] aya::pin::PinError),
-    /// A command on `ovs-vswitchd`'s control socket (`ofproto/trace`).
+    /// A command on `ovs-vswitchd`'s control socket (`ofproto/trace`, the userspace
+    /// datapath's conntrack flush).
     #[error(transparent)]
     Unixctl(#[from] ovs::unixctl::UnixctlError),
     /// An `ofproto/trace` answer that could not be summarised.

@@ -11,8 +11,12 @@ use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
 use crate::dataplane::ovs::host::NodeKernel;
-use crate::dataplane::ovs::openflow::codec::{FlowModCommand, TABLE_ALL};
-use crate::dataplane::ovs::openflow::{ConnError, FlowMod, FlowStats, OpenFlow, OpenFlowConnector};
+use crate::dataplane::ovs::openflow::codec::{
+    FlowModCommand, GROUP_ALL, GroupModCommand, TABLE_ALL,
+};
+use crate::dataplane::ovs::openflow::{
+    BundleMsg, ConnError, FlowMod, FlowStats, GroupMod, Instruction, OpenFlow, OpenFlowConnector,
+};
 use crate::dataplane::ovs::ovsdb::{Ovsdb, OvsdbError, parse_map};
 use crate::dataplane::{DataplaneError, NodeNetwork};
 use crate::kernel::routes::NodeRoute;
@@ -381,6 +385,7 @@ pub struct FakeFlow {
 #[derive(Default)]
 struct SwitchState {
     flows: Vec<FakeFlow>,
+    groups: BTreeMap<u32, GroupMod>,
     bundles: Vec<(&'static str, Vec<FlowMod>)>,
     connects: u32,
     conn: Option<Arc<FakeConn>>,
@@ -414,6 +419,11 @@ impl FakeSwitch {
         v
     }
 
+    /// The groups installed now, by id.
+    pub fn groups(&self) -> BTreeMap<u32, GroupMod> {
+        self.state.lock().unwrap().groups.clone()
+    }
+
     /// Every bundle committed, in order: its name and flow mods.
     pub fn bundles(&self) -> Vec<(&'static str, Vec<FlowMod>)> {
         self.state.lock().unwrap().bundles.clone()
@@ -438,6 +448,7 @@ impl FakeSwitch {
     pub fn restart(&self) {
         let mut st = self.state.lock().unwrap();
         st.flows.clear();
+        st.groups.clear();
         if let Some(c) = st.conn.take() {
             c.closed.store(true, Ordering::Release);
         }
@@ -480,8 +491,90 @@ fn apply(flows: &mut Vec<FakeFlow>, m: &FlowMod) {
     }
 }
 
+/// Applies a group-mod with OpenFlow's semantics: deleting a group deletes the flows that
+/// refer to it; adding an existing id is refused.
+fn apply_group(st: &mut SwitchState, g: &GroupMod) -> Result<(), String> {
+    match g.command {
+        GroupModCommand::Add => {
+            if st.groups.contains_key(&g.group_id) {
+                return Err(format!("group {} exists", g.group_id));
+            }
+            st.groups.insert(g.group_id, g.clone());
+        }
+        GroupModCommand::Delete => {
+            let gone: Vec<u32> = if g.group_id == GROUP_ALL {
+                std::mem::take(&mut st.groups).into_keys().collect()
+            } else {
+                st.groups
+                    .remove(&g.group_id)
+                    .map(|_| g.group_id)
+                    .into_iter()
+                    .collect()
+            };
+            st.flows.retain(|f| {
+                !f.flow.instructions.iter().any(|i| match i {
+                    Instruction::ApplyActions(a) => {
+                        GroupMod::referenced(a).any(|id| gone.contains(&id))
+                    }
+                    _ => false,
+                })
+            });
+        }
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl OpenFlow for FakeConn {
+    async fn bundle_msgs(&self, op: &'static str, msgs: &[BundleMsg]) -> Result<(), ConnError> {
+        if self.is_closed() {
+            return Err(ConnError::Closed { op });
+        }
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.state.lock().unwrap();
+        // All or nothing: work on a copy.
+        let mut next = SwitchState {
+            flows: st.flows.clone(),
+            groups: st.groups.clone(),
+            ..Default::default()
+        };
+        for m in msgs {
+            match m {
+                BundleMsg::Flow(f) => {
+                    let missing = f.instructions.iter().find_map(|i| match i {
+                        Instruction::ApplyActions(a) => {
+                            GroupMod::referenced(a).find(|g| !next.groups.contains_key(g))
+                        }
+                        _ => None,
+                    });
+                    assert!(
+                        missing.is_none(),
+                        "{op}: flow refers to missing group {missing:?}: {}",
+                        f.to_ofctl()
+                    );
+                    apply(&mut next.flows, f);
+                }
+                BundleMsg::Group(g) => {
+                    if let Err(e) = apply_group(&mut next, g) {
+                        panic!("{op}: {e}");
+                    }
+                }
+            }
+        }
+        st.flows = next.flows;
+        st.groups = next.groups;
+        let flows = msgs
+            .iter()
+            .filter_map(|m| match m {
+                BundleMsg::Flow(f) => Some(f.clone()),
+                BundleMsg::Group(_) => None,
+            })
+            .collect();
+        st.bundles.push((op, flows));
+        Ok(())
+    }
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }

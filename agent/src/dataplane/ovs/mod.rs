@@ -85,10 +85,12 @@ pub mod unixctl;
 pub mod uplink;
 
 use host::{LinuxHost, NodeKernel};
+use openflow::codec::GROUP_ALL;
 use openflow::codec::TABLE_ALL;
+use openflow::{BundleMsg, GroupMod};
 use openflow::{ConnError, FlowMod, MgmtSocket, OpenFlow, OpenFlowConnector};
 use ovsdb::{Ovsdb, OvsdbClient, map, named_uuid, parse_map, parse_uuid};
-use pipeline::{Counter, NodeFacts, PodFacts, RemoteFacts, TunnelFacts, cookie};
+use pipeline::{Counter, NodeFacts, PodFacts, RemoteFacts, ServiceFacts, TunnelFacts, cookie};
 use uplink::{PHY_BRIDGE, UplinkConfig};
 
 pub use super::GATEWAY_IFNAME;
@@ -139,6 +141,14 @@ struct NodeState {
     /// The userspace datapath tunnels: the gateway device computes its own TX checksums
     /// (see [`offload`]).
     gw_tx_checksum_off: bool,
+    /// The last Service plan given to `set_services` (ferrea's proxy).
+    service_plan: crate::proxy::ServicePlan,
+    /// The frontends of that plan the bridge load-balances, whose groups and flows are
+    /// installed.
+    services: Vec<ServiceFacts>,
+    /// The bridge's datapath is the userspace one (`netdev`): its connection tracker is
+    /// vswitchd's own, not the kernel's.
+    userspace: bool,
 }
 
 /// The OVS dataplane of one node. Create it anywhere; call it from a thread in the node's
@@ -154,6 +164,10 @@ pub struct OvsDataplane {
     host: Arc<dyn NodeKernel>,
     of: tokio::sync::Mutex<Option<Arc<dyn OpenFlow>>>,
     state: Mutex<Option<NodeState>>,
+    /// Serialises installing the Service groups and flows: `set_services` and
+    /// `set_remote_nodes` (which frontends the bridge balances depends on the remote pod
+    /// CIDRs) run from different controllers.
+    services_lock: tokio::sync::Mutex<()>,
 }
 
 fn pod_err<E: Into<Cause>>(op: &'static str, ep: &PodEndpoint) -> impl FnOnce(E) -> DataplaneError {
@@ -190,6 +204,7 @@ impl OvsDataplane {
             host,
             of: tokio::sync::Mutex::new(None),
             state: Mutex::new(None),
+            services_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -225,7 +240,23 @@ impl OvsDataplane {
         for r in &s.remotes {
             f.extend(pipeline::remote_flows(s.round, &s.facts, r));
         }
+        f.extend(pipeline::service_flows(s.round, &s.services).1);
         f
+    }
+
+    /// Every group the agent wants now (the load-balanced Service frontends').
+    fn desired_groups(s: &NodeState) -> Vec<GroupMod> {
+        pipeline::service_flows(s.round, &s.services).0
+    }
+
+    /// One bundle replacing every group and installing every desired flow: all groups are
+    /// deleted first (a connection that broke without a vswitchd restart left them there;
+    /// the flows referring to them go with them and come back in the same bundle).
+    fn resync_msgs(s: &NodeState) -> Vec<BundleMsg> {
+        let mut m = vec![BundleMsg::Group(GroupMod::delete(GROUP_ALL))];
+        m.extend(Self::desired_groups(s).into_iter().map(BundleMsg::Group));
+        m.extend(Self::desired_flows(s).into_iter().map(BundleMsg::Flow));
+        m
     }
 
     /// The OpenFlow connection, reconnecting if it broke (vswitchd restarted). After a
@@ -346,7 +377,7 @@ impl OvsDataplane {
                 .configure_gateway(&s.node, s.gw_tx_checksum_off)
                 .await?;
             tracing::info!(bridge = %self.cfg.bridge, "openflow reconnected, re-installing flows");
-            c.bundle("resync flows", &Self::desired_flows(&s))
+            c.bundle_msgs("resync flows", &Self::resync_msgs(&s))
                 .await
                 .map_err(ERR.other("resync flows", format!("bridge {}", self.cfg.bridge)))?;
         }
@@ -367,6 +398,134 @@ impl OvsDataplane {
             }
             r => r.map_err(ERR.other(op, format!("bridge {}", self.cfg.bridge))),
         }
+    }
+
+    /// [`Self::of_bundle`] of flow-mods and group-mods.
+    async fn of_bundle_msgs(
+        &self,
+        op: &'static str,
+        msgs: &[BundleMsg],
+    ) -> Result<(), DataplaneError> {
+        let c = self.of().await?;
+        match c.bundle_msgs(op, msgs).await {
+            Err(ConnError::Closed { .. } | ConnError::Io { .. }) => {
+                let c = self.of().await?;
+                c.bundle_msgs(op, msgs)
+                    .await
+                    .map_err(ERR.other(op, format!("bridge {}", self.cfg.bridge)))
+            }
+            r => r.map_err(ERR.other(op, format!("bridge {}", self.cfg.bridge))),
+        }
+    }
+
+    /// Installs the groups and flows of the frontends of `plan` the bridge load-balances
+    /// (see [`Dataplane::set_services`]), replacing whatever Service groups and flows are
+    /// there (this process's or an earlier one's), in one atomic bundle. Nothing is sent when
+    /// the switch already holds exactly these flows of this round.
+    /// `plan`: `None` re-applies the last plan (remote nodes changed).
+    async fn apply_services(
+        &self,
+        plan: Option<&crate::proxy::ServicePlan>,
+    ) -> Result<(), DataplaneError> {
+        let _serial = self.services_lock.lock().await;
+        let s = self
+            .node_state()
+            .ok_or_else(|| ERR.not_init("set_services"))?;
+        let plan = match plan {
+            Some(p) => p,
+            None if s.service_plan.vips.is_empty() => return Ok(()),
+            None => &s.service_plan,
+        };
+        let (services, left) = pipeline::service_frontends(plan, &s.facts, &s.remotes);
+        let (groups, flows) = pipeline::service_flows(s.round, &services);
+        let present = self
+            .of_dump(
+                TABLE_ALL,
+                cookie::make(0, cookie::KIND_SERVICE, 0),
+                cookie::KIND_MASK,
+            )
+            .await?;
+        let unchanged = s.services == services
+            && present.len() == flows.len()
+            && present.iter().all(|f| cookie::round(f.cookie) == s.round);
+        if !unchanged {
+            let mut msgs = vec![
+                BundleMsg::Flow(FlowMod::delete_by_cookie(
+                    cookie::make(0, cookie::KIND_SERVICE, 0),
+                    cookie::KIND_MASK,
+                )),
+                // ferrea's groups are all Service groups: an earlier process's go too.
+                BundleMsg::Group(GroupMod::delete(GROUP_ALL)),
+            ];
+            msgs.extend(groups.into_iter().map(BundleMsg::Group));
+            msgs.extend(flows.iter().cloned().map(BundleMsg::Flow));
+            self.of_bundle_msgs("service groups and flows", &msgs)
+                .await?;
+            tracing::info!(
+                load_balanced = services.len(),
+                left_to_stack = left.len(),
+                flows = flows.len(),
+                replaced = present.len(),
+                "service groups and flows installed"
+            );
+            for (name, why) in &left {
+                tracing::debug!(frontend = %name, reason = ?why, "Service frontend left to the node's stack");
+            }
+        }
+        let stale = stale_udp(&s.services, &services);
+        if let Some(st) = self.state.lock().expect("state lock").as_mut() {
+            st.service_plan = plan.clone();
+            st.services = services;
+        }
+        if !stale.is_empty() {
+            self.flush_udp(&stale, s.userspace).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the userspace datapath's conntrack entries (zone [`pipeline::CT_ZONE`]) of UDP
+    /// frontends whose backends changed or that the bridge no longer load-balances: UDP has
+    /// no end, so a client that keeps sending would stay with a removed backend. (With the
+    /// kernel datapath the zone is the kernel's, and the service controller's netlink flush
+    /// of every zone covers it.)
+    ///
+    /// First the revalidators must have finished a full cycle (twice `revalidator/wait`): the
+    /// datapath's cached flows go on executing the old group's buckets until they are
+    /// revalidated, and a packet in that window would commit a new entry to a removed
+    /// backend right after the flush.
+    async fn flush_udp(
+        &self,
+        frontends: &[(Ipv4Addr, u16)],
+        userspace: bool,
+    ) -> Result<(), DataplaneError> {
+        let sock = match unixctl::control_socket(&self.cfg.run_dir) {
+            Ok(s) => s,
+            Err(e) if !userspace => {
+                tracing::debug!(error = %e, "not waiting for the revalidators before the kernel's UDP conntrack flush");
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(ERR
+                    .other("flush UDP conntrack", "ovs-vswitchd control socket")(
+                    e
+                ));
+            }
+        };
+        for _ in 0..2 {
+            unixctl::call(&sock, "revalidator/wait", &[])
+                .await
+                .map_err(ERR.other("wait for the revalidators", sock.display()))?;
+        }
+        if !userspace {
+            return Ok(());
+        }
+        for &(ip, port) in frontends {
+            unixctl::flush_conntrack_to(&sock, pipeline::CT_ZONE, ip, 17, port)
+                .await
+                .map_err(ERR.other("flush UDP conntrack", format!("{ip}:{port}/udp")))?;
+        }
+        tracing::debug!(frontends = ?frontends, "UDP conntrack entries of changed Service frontends flushed");
+        Ok(())
     }
 
     /// Dumps flows, retrying once on a fresh connection if the old one had broken.
@@ -907,9 +1066,9 @@ impl Dataplane for OvsDataplane {
         // Keep pods, remote nodes and the Egress plan known to this process (init_node twice
         // must not forget them). A plan with steered pods is dropped in noEncap mode (no
         // tunnel; the next set_egress says why).
-        let (pods, remotes, mut egress) = self
+        let (pods, remotes, mut egress, service_plan, services) = self
             .node_state()
-            .map(|s| (s.pods, s.remotes, s.egress))
+            .map(|s| (s.pods, s.remotes, s.egress, s.service_plan, s.services))
             .unwrap_or_default();
         if node.tunnel.is_none() {
             egress = EgressPlan::default();
@@ -937,6 +1096,9 @@ impl Dataplane for OvsDataplane {
             egress,
             uplink,
             gw_tx_checksum_off,
+            service_plan,
+            services,
+            userspace: datapath == "netdev",
         };
         *self.state.lock().expect("state lock") = Some(st.clone());
         self.of_bundle("install node flows", &Self::desired_flows(&st))
@@ -1029,6 +1191,9 @@ impl Dataplane for OvsDataplane {
         if let Some(st) = self.state.lock().expect("state lock").as_mut() {
             st.remotes = want.clone();
         }
+        // Which Service frontends the bridge may load-balance depends on the remote pod
+        // CIDRs it tunnels to.
+        self.apply_services(None).await?;
         // Routes. Encap: into the gateway port towards the remote gateway (declared on-link;
         // the ARP responder answers for it), where the flows tunnel them. noEncap: pods'
         // traffic leaves through the gateway port into the node's stack, which routes it to
@@ -1334,6 +1499,16 @@ impl Dataplane for OvsDataplane {
         Ok(out)
     }
 
+    /// Load-balances local pods' connections to the plan's frontends in the bridge (see
+    /// [`pipeline::service_flows`]): frontends with backends, no session affinity and only
+    /// pod backends the bridge reaches (this node's, or remote nodes' through the tunnel).
+    /// Every other frontend, hairpin connections and everything not from a local pod are
+    /// left to the node's stack (ferrea's nftables table). Replaces what was installed, by
+    /// this process or an earlier one; an empty plan removes it all.
+    async fn set_services(&self, plan: &crate::proxy::ServicePlan) -> Result<(), DataplaneError> {
+        self.apply_services(Some(plan)).await
+    }
+
     async fn set_egress(&self, plan: &EgressPlan) -> Result<(), DataplaneError> {
         let s = self
             .node_state()
@@ -1488,6 +1663,19 @@ impl Dataplane for OvsDataplane {
         trace::summarise(&text, &self.cfg.bridge, &ports)
             .map_err(ERR.other("summarise the ofproto/trace of", &flow))
     }
+}
+
+/// The UDP frontends of `old` that `new` load-balances to other backends or not at all.
+fn stale_udp(old: &[ServiceFacts], new: &[ServiceFacts]) -> Vec<(Ipv4Addr, u16)> {
+    old.iter()
+        .filter(|o| o.proto == 17)
+        .filter(|o| {
+            !new.iter().any(|n| {
+                (n.ip, n.proto, n.port) == (o.ip, o.proto, o.port) && n.backends == o.backends
+            })
+        })
+        .map(|o| (o.ip, o.port))
+        .collect()
 }
 
 /// Waits for the kernel device of an internal port: vswitchd creates the tap (netdev) or
@@ -1995,5 +2183,199 @@ mod fake_tests {
             st.tx_packets > 0 && st.rx_packets > 0 && st.drop_spoofed > 0,
             "{st:?}"
         );
+    }
+
+    fn vip(
+        ip: [u8; 4],
+        port: u16,
+        protocol: crate::source::Protocol,
+        backends: &[(u8, u8)],
+    ) -> crate::proxy::VipService {
+        let backends: Vec<crate::proxy::Backend> = backends
+            .iter()
+            .map(|&(net, host)| crate::proxy::Backend {
+                ip: Ipv4Addr::new(10, 244, net, host),
+                port: 8080,
+                local: net == 1,
+            })
+            .collect();
+        crate::proxy::VipService {
+            name: format!("default/svc-{}", ip[3]),
+            addr: crate::proxy::ServiceAddr {
+                ip: Ipv4Addr::from(ip),
+                port,
+                protocol,
+            },
+            kind: crate::proxy::VipKind::ClusterIp,
+            external_backends: backends.clone(),
+            backends,
+            external_local: false,
+            affinity_secs: None,
+        }
+    }
+
+    fn plan(vips: Vec<crate::proxy::VipService>) -> crate::proxy::ServicePlan {
+        crate::proxy::ServicePlan {
+            vips,
+            node_ports: Vec::new(),
+        }
+    }
+
+    fn group_text(rig: &Rig) -> Vec<String> {
+        rig.sw.groups().values().map(GroupMod::to_ofctl).collect()
+    }
+
+    #[tokio::test]
+    async fn set_services_installs_replaces_and_removes_groups_and_flows() {
+        use crate::source::Protocol::{Tcp, Udp};
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&encap_node()).await.unwrap();
+        dp.set_remote_nodes(&[RemoteNode {
+            name: "n2".into(),
+            node_ip: Ipv4Addr::new(172, 18, 0, 12),
+            pod_cidr: "10.244.2.0/24".parse().unwrap(),
+        }])
+        .await
+        .unwrap();
+        let mut affinity = vip([10, 96, 0, 12], 80, Tcp, &[(1, 5)]);
+        affinity.affinity_secs = Some(10800);
+        let p = plan(vec![
+            vip([10, 96, 0, 10], 53, Udp, &[(1, 5), (2, 7)]),
+            vip([10, 96, 0, 11], 80, Tcp, &[(1, 6)]),
+            affinity,
+            // No backends, a host-network backend, a pod of an unknown node: the stack's.
+            vip([10, 96, 0, 13], 80, Tcp, &[]),
+            vip([10, 96, 0, 14], 80, Tcp, &[(1, 5), (0, 1)]),
+            vip([10, 96, 0, 15], 80, Tcp, &[(3, 9)]),
+            vip([10, 96, 0, 16], 80, Tcp, &[(1, 1)]),
+        ]);
+        dp.set_services(&p).await.unwrap();
+        let groups = group_text(&rig);
+        assert_eq!(groups.len(), 2, "{groups:#?}");
+        assert_eq!(
+            groups[0],
+            "group_id=1,type=select,selection_method=dp_hash,\
+             bucket=bucket_id:0,weight:100,actions=ct(commit,table=30,zone=65520,nat(dst=10.244.1.5:8080),exec(set_field:0x00000002->ct_mark)),\
+             bucket=bucket_id:1,weight:100,actions=ct(commit,table=30,zone=65520,nat(dst=10.244.2.7:8080),exec(set_field:0x00000002->ct_mark))"
+        );
+        let flows = rig
+            .sw
+            .flows_text(cookie::make(0, cookie::KIND_SERVICE, 0), cookie::KIND_MASK);
+        // Per frontend: the lookup and the group; per local backend: the hairpin exclusion.
+        assert_eq!(flows.len(), 2 * 2 + 2, "{flows:#?}");
+        assert!(
+            flows.iter().any(|f| f.starts_with("table=25,priority=210")
+                && f.contains("ip_proto=0x11,ip_dst=10.96.0.10,udp_dst=53")
+                && f.ends_with("actions=ct(table=27,zone=65520,nat)")),
+            "{flows:#?}"
+        );
+        assert!(
+            flows.iter().any(|f| f.starts_with("table=27,priority=190")
+                && f.contains("ip_dst=10.96.0.11,tcp_dst=80,ct_state=0x00000021/0x00000021")
+                && f.ends_with("actions=group:2")),
+            "{flows:#?}"
+        );
+        assert!(
+            flows.iter().any(|f| f.starts_with("table=25,priority=220")
+                && f.contains("ip_dst=10.96.0.10,udp_dst=53,ip_src=10.244.1.5")
+                && f.ends_with("actions=goto_table:30")),
+            "{flows:#?}"
+        );
+        // The same plan again: nothing sent.
+        let n = rig.sw.bundles().len();
+        dp.set_services(&p).await.unwrap();
+        assert_eq!(rig.sw.bundles().len(), n);
+        // A backend leaves: the group's buckets change, in one bundle.
+        let p2 = plan(vec![
+            vip([10, 96, 0, 10], 53, Udp, &[(2, 7)]),
+            vip([10, 96, 0, 11], 80, Tcp, &[(1, 6)]),
+        ]);
+        dp.set_services(&p2).await.unwrap();
+        assert_eq!(rig.sw.bundles().len(), n + 1);
+        let groups = group_text(&rig);
+        assert_eq!(groups.len(), 2);
+        assert!(
+            !groups[0].contains("10.244.1.5") && groups[0].contains("10.244.2.7"),
+            "{groups:#?}"
+        );
+        let flows = rig
+            .sw
+            .flows_text(cookie::make(0, cookie::KIND_SERVICE, 0), cookie::KIND_MASK);
+        assert_eq!(flows.len(), 2 * 2 + 1, "{flows:#?}");
+        // The remote node leaves: its backend is no longer the bridge's to reach.
+        dp.set_remote_nodes(&[]).await.unwrap();
+        assert_eq!(group_text(&rig).len(), 1);
+        // Nothing: all gone, the node flows stay.
+        dp.set_services(&plan(vec![])).await.unwrap();
+        assert!(rig.sw.groups().is_empty());
+        assert!(rig.cookies_of(cookie::KIND_SERVICE).is_empty());
+        assert!(!rig.cookies_of(cookie::KIND_NODE).is_empty());
+    }
+
+    #[test]
+    fn udp_frontends_with_other_backends_or_gone_are_stale() {
+        let f = |proto: u8, port: u16, backends: &[u8]| ServiceFacts {
+            group: 1,
+            ip: Ipv4Addr::new(10, 96, 0, 10),
+            proto,
+            port,
+            backends: backends
+                .iter()
+                .map(|h| (Ipv4Addr::new(10, 244, 1, *h), 53))
+                .collect(),
+            local: Vec::new(),
+            name: String::new(),
+        };
+        let old = vec![
+            f(17, 53, &[5, 6]),
+            f(17, 54, &[5]),
+            f(6, 80, &[5]),
+            f(17, 55, &[7]),
+        ];
+        // 53 lost a backend, 54 is gone, TCP never counts, 55 is unchanged.
+        let new = vec![f(17, 53, &[5]), f(17, 55, &[7])];
+        let ip = Ipv4Addr::new(10, 96, 0, 10);
+        assert_eq!(stale_udp(&old, &new), vec![(ip, 53), (ip, 54)]);
+        assert!(stale_udp(&new, &new).is_empty());
+        assert!(stale_udp(&[], &old).is_empty());
+    }
+
+    #[tokio::test]
+    async fn services_survive_vswitchd_and_agent_restarts() {
+        use crate::source::Protocol::Tcp;
+        let rig = Rig::new();
+        let dp = rig.backend();
+        dp.init_node(&node()).await.unwrap();
+        let p = plan(vec![vip([10, 96, 0, 11], 80, Tcp, &[(1, 5), (1, 6)])]);
+        dp.set_services(&p).await.unwrap();
+        let flows = rig.sw.flows_text(0, 0);
+        let groups = group_text(&rig);
+        assert_eq!(groups.len(), 1);
+        // vswitchd restarts: flows and groups come back.
+        rig.sw.restart();
+        dp.maintain().await.unwrap();
+        assert_eq!(rig.sw.flows_text(0, 0), flows);
+        assert_eq!(group_text(&rig), groups);
+        // The agent restarts: the old round's Service flows and groups keep working until
+        // the new process's first set_services, which replaces them with its round's.
+        let new = rig.backend();
+        new.init_node(&node()).await.unwrap();
+        new.retain_pods(&HashSet::new()).await.unwrap();
+        assert_eq!(group_text(&rig), groups);
+        let old = rig.cookies_of(cookie::KIND_SERVICE);
+        assert!(!old.is_empty() && old.iter().all(|c| cookie::round(*c) == 1));
+        new.set_services(&p).await.unwrap();
+        let now = rig.cookies_of(cookie::KIND_SERVICE);
+        assert_eq!(now.len(), old.len());
+        assert!(now.iter().all(|c| cookie::round(*c) == 2), "{now:x?}");
+        assert_eq!(group_text(&rig), groups);
+        // And a plan without frontends from a restarted agent (serviceProxy: kube-proxy)
+        // removes an earlier process's groups too.
+        let third = rig.backend();
+        third.init_node(&node()).await.unwrap();
+        third.set_services(&plan(vec![])).await.unwrap();
+        assert!(rig.sw.groups().is_empty());
+        assert!(rig.cookies_of(cookie::KIND_SERVICE).is_empty());
     }
 }

@@ -7,6 +7,8 @@
 //!
 //! ```text
 //! Classifier(0) --pod port--> SpoofGuard(10) --ip--> ConntrackLookup(25) --> L3Forwarding(30)
+//!      |                           |          Service frontend: ct(nat) --> ServiceLb(27) --^
+//!      |                           |                              (new: group -> ct(commit,nat(dst)))
 //!      |                           `--arp--> ArpResponder(20) --> IN_PORT          |
 //!      |--gateway port--> ct(commit, mark) --> L3Forwarding(30)                    |
 //!      |             `--arp--> ArpResponder(20)           pod port | gateway | remote pod CIDR:
@@ -51,6 +53,14 @@
 //! anything but a pod address pay nothing. After an `ovs-vswitchd` restart the marks are gone
 //! until the next packet from the gateway re-commits the connection (mid-stream pickup).
 //!
+//! ferrea's service proxy ([`service_flows`], cookie kind [`cookie::KIND_SERVICE`]): a local
+//! pod's packet to a load-balanced frontend is looked up with `ct(nat)` in [`CT_ZONE`] and
+//! continues in `ServiceLb`: a new connection goes to the frontend's select group, whose
+//! bucket commits it with the endpoint's DNAT and [`CT_MARK_SERVICE`] and recirculates into L3
+//! forwarding; later packets (translated by the lookup) go straight to L3. Replies come back
+//! through `ConntrackLookup`'s pod-address flows, whose lookup carries `nat` and so un-NATs
+//! them. Connections committed from the gateway carry no NAT, so `nat` leaves them alone.
+//!
 //! Egress (encap mode, [`egress_flows`], all under the cookie kind [`cookie::KIND_EGRESS`] so
 //! the set is replaced as a whole):
 //!
@@ -93,6 +103,10 @@ pub enum Table {
     /// tracker (zone [`CT_ZONE`], no commit) before L3 forwarding, so that replies of
     /// connections that came in from the gateway are found; everything else goes on untracked.
     ConntrackLookup = 25,
+    /// Load-balances new connections of local pods to a Service frontend (ferrea's proxy):
+    /// the frontend's select group picks a backend and commits the connection with its DNAT;
+    /// later packets of a service connection (already translated by the lookup) go on.
+    ServiceLb = 27,
     /// Routes by destination IP: local pods get rewritten MACs and their port (this table is
     /// also the output stage), remote pod CIDRs select a tunnel destination, everything else
     /// goes to the gateway port.
@@ -109,12 +123,18 @@ pub const CT_ZONE: u16 = 65520;
 /// i.e. from the node's stack (Antrea's `FromGatewayCTMark`).
 pub const CT_MARK_FROM_GATEWAY: u32 = 0x1;
 
+/// `ct_mark` of connections the bridge load-balanced to a Service backend itself (Antrea's
+/// `ServiceCTMark`): committed with their DNAT in zone [`CT_ZONE`] by a group bucket.
+pub const CT_MARK_SERVICE: u32 = 0x2;
+
 /// `ct_state` bits (`CS_*` in OVS).
 pub mod ct_state {
     /// The packet went through the connection tracker.
     pub const TRACKED: u32 = 0x20;
     /// The packet is in the reply direction of its connection.
     pub const REPLY: u32 = 0x08;
+    /// The packet starts a new connection.
+    pub const NEW: u32 = 0x01;
 }
 
 impl Table {
@@ -125,6 +145,7 @@ impl Table {
             10 => "SpoofGuard",
             20 => "ArpResponder",
             25 => "ConntrackLookup",
+            27 => "ServiceLb",
             30 => "L3Forwarding",
             40 => "TunnelOutput",
             _ => "?",
@@ -165,6 +186,10 @@ pub mod prio {
     pub const STACK_REPLY: u16 = 210;
     pub const CT_LOCAL: u16 = 200;
     pub const CT_REMOTE: u16 = 190;
+    pub const SERVICE_HAIRPIN: u16 = 220;
+    pub const SERVICE: u16 = 210;
+    pub const SERVICE_EST: u16 = 200;
+    pub const SERVICE_NEW: u16 = 190;
     pub const SPOOF_DROP: u16 = 150;
     pub const OTHER_DROP: u16 = 100;
     pub const DEFAULT: u16 = 0;
@@ -190,6 +215,8 @@ pub mod cookie {
     pub const KIND_REMOTE: u16 = 3;
     /// Egress flows (steered pods, exemptions, held ids).
     pub const KIND_EGRESS: u16 = 4;
+    /// Service frontends' flows (ferrea's proxy); id: the frontend's group.
+    pub const KIND_SERVICE: u16 = 5;
     /// Selects the kind bits (every flow of a kind, any id, any round).
     pub const KIND_MASK: u64 = 0x0000_ffff_0000_0000;
     /// Selects kind and id (one remote node in any round).
@@ -238,6 +265,7 @@ pub mod cookie {
             KIND_POD => ("pod", Ipv4Addr::from(id(c)).to_string()),
             KIND_REMOTE => ("remote", Ipv4Addr::from(id(c)).to_string()),
             KIND_EGRESS => ("egress", id(c).to_string()),
+            KIND_SERVICE => ("service", id(c).to_string()),
             _ => ("foreign", String::new()),
         }
     }
@@ -449,7 +477,208 @@ pub fn node_flows(round: u16, n: &NodeFacts) -> Vec<FlowMod> {
             Match::new(),
             vec![],
         ),
+        // Service LB: later packets of a connection the bridge load-balanced were translated
+        // by the lookup; they are routed like any other.
+        FlowMod::add(
+            Table::ServiceLb as u8,
+            prio::SERVICE_EST,
+            c,
+            Match::new()
+                .ct_state(ct_state::TRACKED, ct_state::TRACKED | ct_state::NEW)
+                .ct_mark(CT_MARK_SERVICE, CT_MARK_SERVICE)
+                .ip(),
+            vec![goto(Table::L3Forwarding)],
+        ),
+        // Anything else (a frontend gone since the lookup, an invalid packet): routed
+        // untranslated, so to the gateway, where the node's table translates or rejects it.
+        FlowMod::add(
+            Table::ServiceLb as u8,
+            prio::DEFAULT,
+            c,
+            Match::new(),
+            vec![goto(Table::L3Forwarding)],
+        ),
     ]
+}
+
+/// A Service frontend the bridge load-balances (ferrea's proxy), from
+/// [`service_frontends`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFacts {
+    /// Its select group (also the id of its flows' cookie).
+    pub group: u32,
+    /// The virtual address.
+    pub ip: Ipv4Addr,
+    /// IP protocol number (6, 17, 132).
+    pub proto: u8,
+    /// The Service port.
+    pub port: u16,
+    /// The backends (address, port), sorted.
+    pub backends: Vec<(Ipv4Addr, u16)>,
+    /// Backends that are this node's pods: their own connections to the frontend (hairpin)
+    /// are left to the node's stack, which masquerades them.
+    pub local: Vec<Ipv4Addr>,
+    /// `namespace/name:port`, for logs.
+    pub name: String,
+}
+
+/// Why a frontend of the plan is left to the node's stack (see [`service_frontends`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeftToStack {
+    /// No backends: the stack rejects its connections.
+    NoBackends,
+    /// `sessionAffinity: ClientIP`: the stack's affinity sets pin clients.
+    Affinity,
+    /// A backend is not a pod the bridge reaches itself (the node's gateway address, a
+    /// host-network endpoint, an address
+    /// outside the cluster, a pod behind the node's routes in `noEncap` mode): its replies
+    /// would come back through the gateway, where the bridge cannot un-NAT them.
+    BackendOffBridge,
+}
+
+/// IP protocol number of a Service protocol.
+pub fn proto_number(p: crate::source::Protocol) -> u8 {
+    match p {
+        crate::source::Protocol::Tcp => 6,
+        crate::source::Protocol::Udp => 17,
+        crate::source::Protocol::Sctp => 132,
+    }
+}
+
+/// The frontends of `plan` the bridge load-balances, numbered from group 1 in plan order,
+/// and how many were left to the stack for each reason. A frontend is the bridge's when it
+/// has backends, no session affinity, and every backend is in this node's pod CIDR or a
+/// remote node's pod CIDR reached through the tunnel (`remotes`).
+pub fn service_frontends(
+    plan: &crate::proxy::ServicePlan,
+    n: &NodeFacts,
+    remotes: &[RemoteFacts],
+) -> (Vec<ServiceFacts>, Vec<(String, LeftToStack)>) {
+    let mut out = Vec::new();
+    let mut left = Vec::new();
+    for v in &plan.vips {
+        // The gateway address is the node itself: its replies would come in from the gateway.
+        let gateway = Ipv4Addr::from(u32::from(n.pod_cidr.network()) + 1);
+        let on_bridge = |ip: Ipv4Addr| {
+            (n.pod_cidr.contains(ip) && ip != gateway)
+                || remotes.iter().any(|r| r.pod_cidr.contains(ip))
+        };
+        let why = if v.backends.is_empty() {
+            Some(LeftToStack::NoBackends)
+        } else if v.affinity_secs.is_some() {
+            Some(LeftToStack::Affinity)
+        } else if !v.backends.iter().all(|b| on_bridge(b.ip)) {
+            Some(LeftToStack::BackendOffBridge)
+        } else {
+            None
+        };
+        if let Some(w) = why {
+            left.push((v.name.clone(), w));
+            continue;
+        }
+        let mut backends: Vec<(Ipv4Addr, u16)> =
+            v.backends.iter().map(|b| (b.ip, b.port)).collect();
+        backends.sort();
+        backends.dedup();
+        let mut local: Vec<Ipv4Addr> = v
+            .backends
+            .iter()
+            .map(|b| b.ip)
+            .filter(|ip| n.pod_cidr.contains(*ip))
+            .collect();
+        local.sort();
+        local.dedup();
+        out.push(ServiceFacts {
+            group: out.len() as u32 + 1,
+            ip: v.addr.ip,
+            proto: proto_number(v.addr.protocol),
+            port: v.addr.port,
+            backends,
+            local,
+            name: v.name.clone(),
+        });
+    }
+    (out, left)
+}
+
+/// The weight of every bucket (all backends equal, as kube-proxy's random pick).
+pub const BUCKET_WEIGHT: u16 = 100;
+
+/// The groups and flows of the load-balanced frontends in `round` (cookie kind
+/// [`cookie::KIND_SERVICE`], id the group):
+///
+/// ```text
+/// ConntrackLookup(25) prio 220  ip_src=<local backend>, frontend -> goto L3 (hairpin: stack)
+///                     prio 210  frontend (ip, proto, port) -> ct(table=27, zone, nat)
+/// ServiceLb(27)       prio 200  +trk-new, ct_mark service -> goto L3   (node flows)
+///                     prio 190  +new+trk, frontend -> group:<id>
+/// group <id> (select): one bucket per backend:
+///     ct(commit, table=30, zone, nat(dst=backend:port), exec(ct_mark=service))
+/// ```
+pub fn service_flows(
+    round: u16,
+    services: &[ServiceFacts],
+) -> (Vec<super::openflow::GroupMod>, Vec<FlowMod>) {
+    use super::openflow::{Bucket, GroupMod};
+    let mut groups = Vec::new();
+    let mut flows = Vec::new();
+    for f in services {
+        let c = cookie::make(round, cookie::KIND_SERVICE, f.group);
+        let frontend = || {
+            Match::new()
+                .ip()
+                .ip_proto(f.proto)
+                .ipv4_dst(f.ip, 32)
+                .l4_dst(f.proto, f.port)
+        };
+        groups.push(GroupMod::add_select(
+            f.group,
+            f.backends
+                .iter()
+                .enumerate()
+                .map(|(i, (ip, port))| Bucket {
+                    id: i as u32,
+                    weight: BUCKET_WEIGHT,
+                    actions: vec![Action::Ct {
+                        commit: true,
+                        zone: CT_ZONE,
+                        table: Some(Table::L3Forwarding as u8),
+                        exec: vec![
+                            Action::Nat(Some((*ip, Some(*port)))),
+                            Action::SetField(Field::CtMark, CT_MARK_SERVICE.to_be_bytes().to_vec()),
+                        ],
+                    }],
+                })
+                .collect(),
+        ));
+        for ip in &f.local {
+            flows.push(FlowMod::add(
+                Table::ConntrackLookup as u8,
+                prio::SERVICE_HAIRPIN,
+                c,
+                frontend().ipv4_src(*ip, 32),
+                vec![goto(Table::L3Forwarding)],
+            ));
+        }
+        flows.push(FlowMod::add(
+            Table::ConntrackLookup as u8,
+            prio::SERVICE,
+            c,
+            frontend(),
+            apply(vec![ct_nat_lookup(Table::ServiceLb)]),
+        ));
+        flows.push(FlowMod::add(
+            Table::ServiceLb as u8,
+            prio::SERVICE_NEW,
+            c,
+            frontend().ct_state(
+                ct_state::TRACKED | ct_state::NEW,
+                ct_state::TRACKED | ct_state::NEW,
+            ),
+            apply(vec![Action::Group(f.group)]),
+        ));
+    }
+    (groups, flows)
 }
 
 /// `ct(commit,zone=CT_ZONE,exec(set_field:CT_MARK_FROM_GATEWAY->ct_mark))`: the packet goes
@@ -466,13 +695,21 @@ fn commit_from_gateway() -> Action {
     }
 }
 
-/// `ct(table=L3Forwarding,zone=CT_ZONE)`: look up, no commit, continue tracked in L3.
+/// `ct(table=L3Forwarding,zone=CT_ZONE,nat)`: look up, no commit, continue tracked in L3.
+/// `nat` applies a connection's existing translation: replies of connections the bridge
+/// load-balanced come back from the backend's address to the Service's; connections
+/// committed without NAT (from the gateway) are left as they are.
 fn ct_lookup() -> Action {
+    ct_nat_lookup(Table::L3Forwarding)
+}
+
+/// `ct(table=t,zone=CT_ZONE,nat)`.
+fn ct_nat_lookup(t: Table) -> Action {
     Action::Ct {
         commit: false,
         zone: CT_ZONE,
-        table: Some(Table::L3Forwarding as u8),
-        exec: Vec::new(),
+        table: Some(t as u8),
+        exec: vec![Action::Nat(None)],
     }
 }
 
@@ -895,7 +1132,7 @@ mod tests {
         assert!(
             txt.iter().any(|f| f.starts_with("table=25,priority=200")
                 && f.contains("ip_dst=10.244.1.0/255.255.255.0")
-                && f.ends_with("actions=ct(table=30,zone=65520)")),
+                && f.ends_with("actions=ct(table=30,zone=65520,nat)")),
             "{txt:#?}"
         );
         assert!(
@@ -927,7 +1164,7 @@ mod tests {
         assert!(
             rf.iter().any(|f| f.starts_with("table=25,priority=190")
                 && f.contains("ip_dst=10.244.2.0/255.255.255.0")
-                && f.ends_with("actions=ct(table=30,zone=65520)")),
+                && f.ends_with("actions=ct(table=30,zone=65520,nat)")),
             "{rf:#?}"
         );
     }

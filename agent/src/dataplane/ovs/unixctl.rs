@@ -1,7 +1,9 @@
 //! `ovs-vswitchd`'s control socket (unixctl, what `ovs-appctl` talks to): JSON-RPC 1.0 over a
 //! unix stream socket, one request `{"id", "method", "params": [strings]}` and one reply
 //! `{"id", "result": text}` or `{"id", "error": text}`, objects back to back with no framing.
-//! Used for `ofproto/trace` only; nothing on the CNI path calls it.
+//! Used for `ofproto/trace` and, for the userspace datapath (whose connection tracker lives in
+//! vswitchd), to flush the conntrack entries of changed Service frontends; nothing on the CNI
+//! path calls it.
 //!
 //! Where the socket is: OVS names it `<rundir>/ovs-vswitchd.<pid>.ctl`, the pid read from
 //! `<rundir>/ovs-vswitchd.pid`; a daemon started with `--unixctl=<rundir>/ovs-vswitchd.ctl`
@@ -172,6 +174,23 @@ fn reply(path: &Path, method: &str, v: &Value) -> Result<String, UnixctlError> {
             &format!("neither result nor error: {v}"),
         )),
     }
+}
+
+/// `dpctl/flush-conntrack zone=<zone> ct_nw_dst=<ip>,ct_nw_proto=<proto>,ct_tp_dst=<port>`:
+/// deletes the entries of `zone` whose original direction goes to `ip:port` over `proto`
+/// (a partial tuple, as OVS 3.1 accepts).
+pub async fn flush_conntrack_to(
+    socket: &Path,
+    zone: u16,
+    ip: std::net::Ipv4Addr,
+    proto: u8,
+    port: u16,
+) -> Result<(), UnixctlError> {
+    let zone = format!("zone={zone}");
+    let tuple = format!("ct_nw_dst={ip},ct_nw_proto={proto},ct_tp_dst={port}");
+    call(socket, "dpctl/flush-conntrack", &[&zone, &tuple])
+        .await
+        .map(|_| ())
 }
 
 #[cfg(test)]

@@ -321,19 +321,58 @@ impl OfConn {
     /// barrier is answered every add error has arrived, and the bundle is committed only if
     /// there were none (else discarded). Two round trips in all.
     pub async fn bundle(&self, op: &'static str, mods: &[FlowMod]) -> Result<(), ConnError> {
-        if mods.is_empty() {
+        self.bundle_with(
+            op,
+            mods.len(),
+            |i, x, b| mods[i].encode(x, b),
+            |i| mods[i].to_ofctl(),
+        )
+        .await
+    }
+
+    /// [`OfConn::bundle`] of flow-mods and group-mods, in order.
+    pub async fn bundle_msgs(
+        &self,
+        op: &'static str,
+        msgs: &[codec::BundleMsg],
+    ) -> Result<(), ConnError> {
+        self.bundle_with(
+            op,
+            msgs.len(),
+            |i, x, b| msgs[i].encode(x, b),
+            |i| msgs[i].to_ofctl(),
+        )
+        .await
+    }
+
+    /// One bundle of `n` messages; `encode(i, xid, out)` appends message `i`, `detail(i)`
+    /// names it in an error.
+    async fn bundle_with(
+        &self,
+        op: &'static str,
+        n_msgs: usize,
+        encode: impl Fn(usize, u32, &mut Vec<u8>),
+        detail: impl Fn(usize) -> String,
+    ) -> Result<(), ConnError> {
+        if n_msgs == 0 {
             return Ok(());
         }
         let id = self.shared.next_bundle.fetch_add(1, Ordering::Relaxed);
-        let n = u32::try_from(mods.len()).unwrap_or(u32::MAX);
+        let n = u32::try_from(n_msgs).unwrap_or(u32::MAX);
         let base = self.xids(n + 3);
         let (barrier, close) = (base + 1 + n, base + 2 + n);
         let flags = codec::BUNDLE_ATOMIC_ORDERED;
         // ~100 bytes per flow-mod; one allocation for the whole bundle.
-        let mut b = Vec::with_capacity(64 + mods.len() * 128);
+        let mut b = Vec::with_capacity(64 + n_msgs * 128);
         codec::bundle_control(base, id, codec::bundle_ctrl::OPEN_REQUEST, flags, &mut b);
-        for (i, fm) in mods.iter().enumerate() {
-            codec::bundle_add_flow(base + 1 + i as u32, id, flags, fm, &mut b);
+        for i in 0..n_msgs {
+            codec::bundle_add(
+                base + 1 + i as u32,
+                id,
+                flags,
+                |x, o| encode(i, x, o),
+                &mut b,
+            );
         }
         codec::simple(msg_type::BARRIER_REQUEST, barrier, &[], &mut b);
         let open_rx = self.wait_for(base);
@@ -370,7 +409,7 @@ impl OfConn {
         self.write(op, &b).await?;
         let closed = self.await_reply(op, close, close_rx).await;
         if let Some((x, err)) = first {
-            let detail = Some(mods[(x - base - 1) as usize].to_ofctl());
+            let detail = Some(detail((x - base - 1) as usize));
             return Err(ConnError::Rejected { op, err, detail });
         }
         closed.map(|_| ())

@@ -13,7 +13,9 @@ use async_trait::async_trait;
 pub mod codec;
 pub mod conn;
 
-pub use codec::{Action, Field, FlowMod, FlowStats, Instruction, Match, port};
+pub use codec::{
+    Action, Bucket, BundleMsg, Field, FlowMod, FlowStats, GroupMod, Instruction, Match, port,
+};
 pub use conn::{ConnError, OfConn};
 
 /// What the OVS backend does on one OpenFlow connection to its bridge.
@@ -43,6 +45,10 @@ pub trait OpenFlow: Send + Sync {
     /// Sends `mods` in one atomic, ordered bundle and commits it. Empty: nothing is sent.
     async fn bundle(&self, op: &'static str, mods: &[FlowMod]) -> Result<(), ConnError>;
 
+    /// [`OpenFlow::bundle`] of flow-mods and group-mods in order (a group must exist before
+    /// a flow referring to it is added; deleting a group deletes the flows referring to it).
+    async fn bundle_msgs(&self, op: &'static str, msgs: &[BundleMsg]) -> Result<(), ConnError>;
+
     /// The flows of `table` ([`codec::TABLE_ALL`]: every table) whose cookie equals
     /// `cookie` under `mask`, with their counters.
     async fn dump_flows(
@@ -71,6 +77,9 @@ impl OpenFlow for OfConn {
     }
     async fn bundle(&self, op: &'static str, mods: &[FlowMod]) -> Result<(), ConnError> {
         OfConn::bundle(self, op, mods).await
+    }
+    async fn bundle_msgs(&self, op: &'static str, msgs: &[BundleMsg]) -> Result<(), ConnError> {
+        OfConn::bundle_msgs(self, op, msgs).await
     }
     async fn dump_flows(
         &self,
