@@ -381,11 +381,21 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
         let f = unsafe { *f };
         if f.flags & LB_FLOW_REVERSE == 0 {
             if f.flags & LB_FLOW_STALE == 0 || !l4.syn {
-                // The reverse entry is a separate LRU entry (evicted on its own, or removed by
-                // a SYN that reused its tuple without the proxy): put it back if it is gone.
+                // The reverse entry is a separate LRU entry: evicted on its own, removed by a
+                // SYN that reused its tuple without the proxy, or taken over by a connection
+                // through another VIP to the same backend from the same client port (a
+                // client reuses a port for another destination). Put it back if it is gone or
+                // names another frontend, or the replies would come from the wrong address.
                 let (rk, rv) = reverse_entry(l4, src_ip, dst_ip, f.nat_ip, f.nat_port);
-                if record && FERREA_LB_CT.get_ptr(rk).is_none() {
-                    let _ = FERREA_LB_CT.insert(rk, rv, 0);
+                if record {
+                    let current = FERREA_LB_CT.get_ptr(rk).map(|p| {
+                        // SAFETY: valid for this program run; copied out at once.
+                        let c = unsafe { *p };
+                        (c.nat_ip, c.nat_port, c.flags)
+                    });
+                    if current != Some((rv.nat_ip, rv.nat_port, rv.flags)) {
+                        let _ = FERREA_LB_CT.insert(rk, rv, 0);
+                    }
                 }
                 dnat(ctx, l4, src_ip, dst_ip, &f)?;
                 lb_count(LB_CNT_FORWARD);

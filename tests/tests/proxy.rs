@@ -15,6 +15,8 @@
 //!   (masqueraded), hairpin (a pod reaching itself through its Service);
 //! - backends scaling from 1 to 10 and back while a client keeps connecting, with no failed
 //!   connection, and a deleted Service no longer answering;
+//! - a client reusing one source port for two Services with the same endpoint, back and
+//!   forth (each connection's replies come from the Service it called);
 //! - the same objects from a real kube-apiserver (the `kubernetes` source watching Services
 //!   and EndpointSlices): a ClusterIP answering, its endpoint replaced, the Service deleted.
 
@@ -34,7 +36,8 @@ dataplane_tests!(
     cluster_ips_node_ports_and_udp_through_ferreas_proxy,
     affinity_traffic_policy_and_hairpin,
     backends_scale_under_load_and_a_deleted_service_stops,
-    services_from_the_kubernetes_source
+    services_from_the_kubernetes_source,
+    a_client_port_reused_across_services
 );
 
 const TCP_PORT: u16 = 8080;
@@ -688,4 +691,53 @@ fn services_from_the_kubernetes_source(dp: Dataplane) {
     drop(client);
     drop(b0);
     drop(b1);
+}
+
+fn a_client_port_reused_across_services(dp: Dataplane) {
+    let mut env = Env::start(dp, [2, 1]);
+    let b = env.backend(0, 1);
+    env.publish(&[
+        svc("a", [10, 96, 0, 80], "TCP", vec![b.clone()]),
+        svc("b", [10, 96, 0, 81], "TCP", vec![b]),
+    ]);
+    let (a, b) = (
+        SocketAddr::from(([10, 96, 0, 80], 80)),
+        SocketAddr::from(([10, 96, 0, 81], 80)),
+    );
+    let client = env.client();
+    for vip in [a, b] {
+        eventually(|| ask(client.ns(), vip)).expect("both Services answer");
+    }
+    // One source port, alternately to each Service: a connection table keyed by the client's
+    // tuple must give every connection the replies of the Service it called.
+    let results = client.ns().run(move || {
+        use std::io::Read;
+        let mut out = Vec::new();
+        for (i, vip) in [a, b, a, b, a].into_iter().enumerate() {
+            let r = (|| -> std::io::Result<String> {
+                let so = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                so.set_reuse_address(true)?;
+                so.bind(&SocketAddr::from(([0, 0, 0, 0], 41234)).into())?;
+                so.connect_timeout(&vip.into(), Duration::from_secs(2))?;
+                let mut c: std::net::TcpStream = so.into();
+                c.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut s = String::new();
+                c.read_to_string(&mut s)?;
+                Ok(s)
+            })();
+            out.push(format!("{i}: {vip}: {r:?}"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        out
+    });
+    let failed: Vec<&String> = results
+        .iter()
+        .filter(|r| !r.contains("Ok(\"n0p1 "))
+        .collect();
+    println!("{results:#?}");
+    let mut f = Failures::default();
+    if !failed.is_empty() {
+        f.0.push(format!("a reused source port: {failed:?}"));
+    }
+    f.finish(&mut env);
 }
