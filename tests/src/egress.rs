@@ -146,13 +146,56 @@ pub fn ferrea_rules(ns: &crate::netns::NetNs) -> anyhow::Result<String> {
 impl EgressCluster {
     /// Builds the cluster for `dp` (see the module doc).
     pub fn start(dp: Dataplane) -> anyhow::Result<Self> {
-        setup(dp)
+        setup(dp, 2)
+    }
+
+    /// The same with `n` nodes (`other_node` is then the first node that does not hold).
+    pub fn start_n(dp: Dataplane, n: usize) -> anyhow::Result<Self> {
+        setup(dp, n)
     }
 }
 
-fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
+/// The nodes `n`'s membership view counts as eligible to hold egress IPs (from
+/// `egress-node.json`), sorted.
+pub fn eligible_members(n: &Node) -> Vec<String> {
+    let v = node_status(n);
+    let mut out: Vec<String> = v["membership"]["members"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|m| m["eligible"] == true)
+                .filter_map(|m| m["node"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Waits until every node's membership counts exactly the nodes `want` (by index) eligible.
+pub fn wait_members(c: &Cluster, want: &[usize], timeout: Duration) -> anyhow::Result<()> {
+    let mut names: Vec<String> = want
+        .iter()
+        .map(|&i| c.nodes()[i].name().to_owned())
+        .collect();
+    names.sort();
+    for &i in want {
+        let n = &c.nodes()[i];
+        let ok = wait_for(timeout, || (eligible_members(n) == names).then_some(()));
+        anyhow::ensure!(
+            ok.is_some(),
+            "{} sees {:?} eligible, not {names:?}: {}",
+            n.name(),
+            eligible_members(n),
+            node_status(n)["membership"]
+        );
+    }
+    Ok(())
+}
+
+fn setup(dp: Dataplane, count: usize) -> anyhow::Result<EgressCluster> {
     let mut c = Cluster::new()?;
-    for _ in 0..2 {
+    for _ in 0..count {
         c.add_node(&NodeOptions::new(dp))?;
     }
     let gw = VlanGateway::start(c.external(), 100, "10.172.170.254/24".parse()?)
@@ -169,6 +212,9 @@ fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
     }
     publish_all(&c, "pool.yaml", SEED_POOL);
     publish_all(&c, "egress.yaml", SEED_EGRESS);
+    // Every agent counts every node (after the damping of the last one to start).
+    let all: Vec<usize> = (0..count).collect();
+    wait_members(&c, &all, SETTLE)?;
     // Every node computes the same assignment; wait for the holder to report it assigned.
     let (egress_node, ip) = wait_for(SETTLE, || {
         let s = egress_status(&c.nodes()[0])?;
@@ -190,11 +236,14 @@ fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
         (1..=199).contains(&(u32::from(ip) - u32::from(Ipv4Addr::new(10, 172, 170, 0)))),
         "{ip} is not from the pool's range"
     );
-    // Both nodes agree.
+    // Every node agrees.
+    let holder = c.nodes()[egress_node].name().to_owned();
     for n in c.nodes() {
         let agree = wait_for(SETTLE, || {
             let s = egress_status(n)?;
-            (s["egressIP"] == ip.to_string() && condition(&s, "IPAllocated") == "True")
+            (s["egressIP"] == ip.to_string()
+                && s["egressNode"] == holder.as_str()
+                && condition(&s, "IPAllocated") == "True")
                 .then_some(())
         });
         anyhow::ensure!(
@@ -206,7 +255,7 @@ fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
     }
     Ok(EgressCluster {
         egress_node,
-        other_node: 1 - egress_node,
+        other_node: if egress_node == 0 { 1 } else { 0 },
         c,
         gw,
         listener,

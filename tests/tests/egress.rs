@@ -302,13 +302,24 @@ fn restart_reconciles_without_duplicates(dp: Dataplane) {
     // kill -9 and start again: the same state, once.
     s.c.nodes_mut()[e].agent().kill9().unwrap();
     s.c.nodes_mut()[e].agent().restart().unwrap();
+    // The other node held the IP meanwhile (membership); the restarted agent takes it back
+    // after the damping period and the other lets go after the handover.
+    let holder = &s.c.nodes()[e];
+    let back = wait_for(SETTLE, || {
+        let st = egress_status(holder)?;
+        let other = node_status(&s.c.nodes()[s.other_node]);
+        (st["egressNode"] == holder.name()
+            && condition(&st, "IPAssigned") == "True"
+            && other["held"].as_array().is_some_and(|h| h.is_empty()))
+        .then_some(())
+    });
+    assert!(back.is_some(), "{:?}", egress_status(holder));
     wait_source(
         &s.selected[s.other_node],
         &s.listener,
         s.ip,
         "after the restart",
     );
-    let holder = &s.c.nodes()[e];
     let rules = ferrea_rules(holder.ns()).unwrap();
     assert_eq!(rules.lines().count(), 1, "{rules}");
     let routes = holder

@@ -3,7 +3,9 @@
 //! Pure: every input is a value, so the rules are unit-tested without a kernel.
 //!
 //! - Every node runs [`assign`] over the same Egresses, pools and nodes, so all agree on each
-//!   Egress's IP, id and node without talking to each other.
+//!   Egress's IP, id and node without talking to each other. The nodes are the `Node` objects
+//!   whose agents the membership ([`crate::membership`]) sees alive and eligible, so a failed
+//!   node's IPs move to the next node by rendezvous hashing and no other IP moves.
 //! - A node *holds* the IPs assigned to it ([`HeldIp`]): it puts them on an interface and
 //!   SNATs the traffic marked with their id.
 //! - A *local pod* (an attachment of this node joined with its Pod object) is selected by an
@@ -18,7 +20,7 @@
 //! - Traffic to the cluster (pod CIDRs, the service CIDR, node addresses) is never egress
 //!   traffic ([`EgressPlan::exempt`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -62,17 +64,21 @@ pub struct NodePlan {
 
 /// Computes this node's plan. `cluster` is what is never egress traffic besides the nodes'
 /// addresses and pod CIDRs (the configured cluster pod CIDRs and the service CIDR); `encap` says whether a tunnel to
-/// other nodes exists.
+/// other nodes exists. `live` is the set of nodes whose agents are alive and eligible
+/// ([`crate::membership::MemberView::eligible`]); `None` (no membership) counts every `Node`
+/// object.
 pub fn plan(
     st: &DesiredState,
     records: &[PodRecord],
     me: &str,
     cluster: &[Ipv4Network],
     encap: bool,
+    live: Option<&BTreeSet<String>>,
 ) -> NodePlan {
     let nodes: Vec<NodeLabels> = st
         .nodes
         .values()
+        .filter(|n| live.is_none_or(|l| l.contains(&n.name)))
         .map(|n| NodeLabels {
             name: n.name.clone(),
             labels: n.labels.clone(),

@@ -197,7 +197,7 @@ fn desired(parts: &[String]) -> DesiredState {
 
 /// The id the plan gives `egress`'s IP in `st`.
 fn id_of(st: &DesiredState, egress: &str) -> u8 {
-    super::plan::plan(st, &[], "n1", &[], true).assignments[egress]
+    super::plan::plan(st, &[], "n1", &[], true, None).assignments[egress]
         .id
         .unwrap()
 }
