@@ -453,8 +453,9 @@ mod tests {
                 Duration::from_secs(10),
                 v.wait_for(|v| v.eligible().as_ref() == Some(&both)),
             )
-            .await;
-            assert!(got.is_ok(), "{:?}", v.borrow());
+            .await
+            .is_ok();
+            assert!(got, "{:?}", v.borrow());
         }
     }
 }

@@ -222,6 +222,25 @@ pub struct EgressReconciler {
     /// IPs this node still holds after they moved to another live node, until the deadline:
     /// the new holder has them (and has announced them) before this one lets go.
     releasing: BTreeMap<std::net::Ipv4Addr, (plan::HeldIp, Instant)>,
+    /// The IPs allocated so far, by Egress (`<stateDir>/egress-allocations.json`): kept while
+    /// the Egress and its pool exist ([`assign`]).
+    allocations: BTreeMap<String, assign::Recorded>,
+    allocations_path: PathBuf,
+}
+
+/// The recorded allocations at `path` (none if absent or unreadable: logged).
+fn load_allocations(path: &Path) -> BTreeMap<String, assign::Recorded> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "Egress allocations unreadable; starting afresh");
+            BTreeMap::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "reading the Egress allocations");
+            BTreeMap::new()
+        }
+    }
 }
 
 /// How long a node keeps an IP that moved to another live node (make before break): the
@@ -239,6 +258,7 @@ impl EgressReconciler {
         nat: Arc<NatTable>,
         sink: Arc<dyn EgressStatusSink>,
     ) -> Self {
+        let allocations_path = ctx.state_dir.join("egress-allocations.json");
         Self {
             node_status_path: ctx.state_dir.join("status").join("egress-node.json"),
             ctx,
@@ -255,6 +275,33 @@ impl EgressReconciler {
             last_rp_check: Instant::now(),
             members: None,
             releasing: BTreeMap::new(),
+            allocations: load_allocations(&allocations_path),
+            allocations_path,
+        }
+    }
+
+    /// Records the IPs of `plan` (by Egress, with their pool) when they changed.
+    fn record_allocations(&mut self, plan: &NodePlan) {
+        let now: BTreeMap<String, assign::Recorded> = plan
+            .assignments
+            .iter()
+            .filter_map(|(k, a)| {
+                Some((
+                    k.clone(),
+                    assign::Recorded {
+                        ip: a.ip?,
+                        pool: a.pool.clone(),
+                    },
+                ))
+            })
+            .collect();
+        if now == self.allocations {
+            return;
+        }
+        let v = serde_json::to_value(&now).unwrap_or(Value::Null);
+        match write_atomic(&self.allocations_path, &v) {
+            Ok(()) => self.allocations = now,
+            Err(e) => tracing::warn!(error = %e, "recording the Egress allocations"),
         }
     }
 
@@ -335,6 +382,7 @@ impl Reconciler for EgressReconciler {
                 &self.ctx.cluster,
                 self.ctx.encap,
                 live.as_ref(),
+                &self.allocations,
             );
             let problems: Vec<String> = st
                 .errors
@@ -347,6 +395,7 @@ impl Reconciler for EgressReconciler {
             let reports_unheld = status::reports_unheld(&st, &self.ctx.node_name);
             (plan, problems, pools, reports_unheld)
         };
+        self.record_allocations(&plan);
         self.hand_over(&mut plan);
         let changed = self.applied.as_ref() != Some(&plan);
         let mut error = None;

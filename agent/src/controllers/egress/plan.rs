@@ -25,7 +25,7 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
-use super::assign::{Assignment, NodeLabels, assign};
+use super::assign::{Assignment, NodeLabels, Recorded, assign_with};
 use crate::dataplane::{EgressPlan, EgressSteer};
 use crate::pods::store::PodRecord;
 use crate::source::DesiredState;
@@ -66,7 +66,8 @@ pub struct NodePlan {
 /// addresses and pod CIDRs (the configured cluster pod CIDRs and the service CIDR); `encap` says whether a tunnel to
 /// other nodes exists. `live` is the set of nodes whose agents are alive and eligible
 /// ([`crate::membership::MemberView::eligible`]); `None` (no membership) counts every `Node`
-/// object.
+/// object. `recorded` holds the IPs allocated before (the state store's, with `files`), kept
+/// while valid.
 pub fn plan(
     st: &DesiredState,
     records: &[PodRecord],
@@ -74,6 +75,7 @@ pub fn plan(
     cluster: &[Ipv4Network],
     encap: bool,
     live: Option<&BTreeSet<String>>,
+    recorded: &BTreeMap<String, Recorded>,
 ) -> NodePlan {
     let nodes: Vec<NodeLabels> = st
         .nodes
@@ -85,7 +87,7 @@ pub fn plan(
         })
         .collect();
     let egresses: Vec<_> = st.egresses.values().cloned().collect();
-    let assignments = assign(&egresses, &st.pools, &nodes);
+    let assignments = assign_with(&egresses, &st.pools, &nodes, recorded);
     let mut out = NodePlan {
         assignments,
         ..NodePlan::default()
@@ -236,6 +238,8 @@ spec: {nodeName: n2}
             "n1",
             &cluster(),
             true,
+            None,
+            &BTreeMap::new(),
         );
         assert_eq!(p.held.len(), 1, "{p:?}");
         let h = &p.held[0];
@@ -263,6 +267,8 @@ spec: {nodeName: n2}
             "n2",
             &cluster(),
             true,
+            None,
+            &BTreeMap::new(),
         );
         assert!(p.held.is_empty(), "n2 is not eligible");
         let id = p.assignments["child-egress-hello-world1"].id.unwrap();
@@ -281,6 +287,8 @@ spec: {nodeName: n2}
             "n2",
             &cluster(),
             false,
+            None,
+            &BTreeMap::new(),
         );
         assert!(p.dataplane.steer.is_empty());
         assert!(
@@ -327,6 +335,8 @@ spec:
             "n1",
             &cluster(),
             true,
+            None,
+            &BTreeMap::new(),
         );
         assert_eq!(p.pods["default/sel1"], "child-egress-hello-world1");
         assert_eq!(p.pods["default/other1"], "aaa-newer");
@@ -346,6 +356,8 @@ spec:
             "n1",
             &cluster(),
             true,
+            None,
+            &BTreeMap::new(),
         );
         assert!(p.held.is_empty() && p.local_marks.is_empty() && p.pods.is_empty());
         assert!(p.dataplane.steer.is_empty() && p.dataplane.held.is_empty());
