@@ -104,8 +104,9 @@ fn traffic_policies_restrict_to_local_endpoints() {
     assert_eq!(ips(&p.plan.vips[0].backends), ["10.244.1.5:8080"]);
     let p = planned(&format!(
         "{}{eps}",
-        web("  type: LoadBalancer\n  externalTrafficPolicy: Local\n  externalIPs: [192.0.2.7]\nstatus: {loadBalancer: {ingress: [{ip: 192.0.2.8}, {hostname: lb.example}]}}\n")
-            .replace("spec:\n", "spec:\n")
+        web(
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  externalIPs: [192.0.2.7]\nstatus: {loadBalancer: {ingress: [{ip: 192.0.2.8}, {hostname: lb.example}]}}\n"
+        )
     ));
     let kinds: Vec<(String, VipKind)> = p
         .plan
