@@ -24,14 +24,17 @@
 //! agent declared down by the others (its link was cut) renews `since` to now and rejoins by
 //! itself when it hears from them again.
 //!
-//! **Timing (the trade-off).** A probe every 200 ms, an ack expected within 100 ms (then 3
-//! indirect probes), a suspect declared down after 400 ms unless it refutes. With three nodes
-//! a dead agent is probed within about two periods, so it is declared down within about 1 s
-//! of dying (measured by `tests/tests/egress_failover.rs`), leaving the rest of the 2 s budget
-//! for the new holder's apply and gratuitous ARP. The cost: a few 100-byte datagrams per node
-//! every 200 ms, and an agent stalled for more than about 0.5 s (CPU starvation, a long GC-free
-//! but blocked runtime) is taken for dead and its IPs move; memberlist's LAN defaults (1 s,
-//! 500 ms, about 4 s) are 4 to 5 times slower for the same reason.
+//! **Timing (the trade-off).** A probe every 150 ms, an ack expected within 80 ms (then 3
+//! indirect probes), a suspect declared down after 300 ms unless it refutes. With three nodes
+//! a dead agent is probed within about two periods, so it is declared down within about
+//! 0.6 to 0.8 s of dying, leaving the rest of the 2 s budget for the new holder's apply (the
+//! OVS backend's is the slower, a few hundred ms on a loaded machine) and gratuitous ARP
+//! (`tests/tests/egress_failover.rs` measures the whole). The first setting tried, 200 ms /
+//! 100 ms / 400 ms, gave 0.9 to 1.5 s and 2.2 s once with OVS under load. The cost: a few
+//! 100-byte datagrams per node every 150 ms, and an agent stalled for more than about 0.4 s
+//! (CPU starvation, a blocked runtime) is taken for dead and its IPs move (back after the
+//! damping period); memberlist's LAN defaults (1 s, 500 ms, about 4 s) are several times
+//! slower for that reason.
 //!
 //! **Damping.** A member is *eligible* to hold egress IPs only once it has been a member for
 //! the damping period (`egress.failoverDampingSeconds`, default 3 s) by its `since`, a wall
@@ -62,11 +65,11 @@ pub const DEFAULT_PORT: u16 = 10351;
 /// The default damping period.
 pub const DEFAULT_DAMPING: Duration = Duration::from_secs(3);
 /// How often the failure detector probes a member.
-pub const PROBE_PERIOD: Duration = Duration::from_millis(200);
+pub const PROBE_PERIOD: Duration = Duration::from_millis(150);
 /// How long a direct probe waits for its ack before asking others to probe.
-pub const PROBE_RTT: Duration = Duration::from_millis(100);
+pub const PROBE_RTT: Duration = Duration::from_millis(80);
 /// How long a suspect has to refute before it is declared down.
-pub const SUSPECT_TO_DOWN: Duration = Duration::from_millis(400);
+pub const SUSPECT_TO_DOWN: Duration = Duration::from_millis(300);
 /// How often known nodes that are not members are announced to.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 /// How many of them each time.

@@ -755,12 +755,19 @@ const FAILOVER_TRIALS: usize = 10;
 fn egress_failover(fig: &mut Figures) -> anyhow::Result<()> {
     use ferrea_tests::egress::{EgressCluster, Failure, failover_trial, restore_after};
     let mut c = EgressCluster::start_n(Dataplane::Ebpf, 3).context("three-node egress cluster")?;
-    for (how, key) in [(Failure::Kill, "failover_ms"), (Failure::LinkDown, "failover_linkcut_ms")] {
+    for (how, key) in [
+        (Failure::Kill, "failover_ms"),
+        (Failure::LinkDown, "failover_linkcut_ms"),
+    ] {
         let mut v = Vec::new();
         for trial in 0..FAILOVER_TRIALS {
-            let (ms, old, new) = failover_trial(&mut c, how)
-                .with_context(|| format!("{key} trial {trial}"))?;
-            eprintln!("{key} trial {trial}: node{} -> node{} in {ms} ms", old + 1, new + 1);
+            let (ms, old, new) =
+                failover_trial(&mut c, how).with_context(|| format!("{key} trial {trial}"))?;
+            eprintln!(
+                "{key} trial {trial}: node{} -> node{} in {ms} ms",
+                old + 1,
+                new + 1
+            );
             v.push(Duration::from_millis(ms));
             restore_after(&mut c, old, how).with_context(|| format!("{key} trial {trial}"))?;
         }

@@ -284,6 +284,18 @@ pub fn failover_trial(s: &mut EgressCluster, how: Failure) -> anyhow::Result<(u6
     let n = s.c.nodes().len();
     let old = s.egress_node;
     let survivors: Vec<usize> = (0..n).filter(|&i| i != old).collect();
+    // Only the holder holds (a handover of the start or a previous trial is over).
+    let settled = wait_for(SETTLE, || {
+        survivors
+            .iter()
+            .all(|&i| {
+                node_status(&s.c.nodes()[i])["held"]
+                    .as_array()
+                    .is_some_and(|h| h.is_empty())
+            })
+            .then_some(())
+    });
+    anyhow::ensure!(settled.is_some(), "another node still holds the egress IP");
     let fabric = s.c.fabric().fabric();
     let mut caps = Vec::new();
     for &i in &survivors {
