@@ -375,7 +375,7 @@ pub fn restore_after(s: &mut EgressCluster, old: usize, how: Failure) -> anyhow:
                 egress_status(n).is_some_and(|st| st["egressNode"] == name.as_str())
                     && node_status(n)["held"]
                         .as_array()
-                        .is_some_and(|h| (n.name() == name) == !h.is_empty())
+                        .is_some_and(|h| (n.name() == name) != h.is_empty())
             })
             .then_some(())
     });
