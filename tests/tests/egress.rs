@@ -140,7 +140,11 @@ fn changes_fall_back_to_masquerade_and_clean_the_node(dp: Dataplane) {
 /// connections into the overlay (chain `tunnel_snat`, always there).
 fn egress_snats(nft: &str) -> usize {
     nft.lines()
-        .filter(|l| l.contains("snat to") && !l.contains("into the overlay"))
+        .filter(|l| {
+            l.contains("snat to")
+                && !l.contains("into the overlay")
+                && !l.contains("through the OVS bridge")
+        })
         .count()
 }
 
