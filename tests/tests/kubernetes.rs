@@ -700,7 +700,7 @@ fn kubernetes_source_serves_pods_and_writes_npl_annotations(dp: Dataplane) {
             .count()
     );
     assert!(
-        (1..=6).contains(&outage_logs),
+        (1..=ferrea_agent::source::kubernetes::gate::Kind::ALL.len()).contains(&outage_logs),
         "watch errors are logged once per kind and outage, not per retry ({outage_logs} lines):\n{}",
         node.agent().log_tail(60)
     );
