@@ -265,6 +265,19 @@ pub(crate) fn from_pod(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Rout
     }
 }
 
+/// The connection-table key of a packet of `l4` from `src_ip` to `dst_ip`.
+#[inline(always)]
+fn tuple_of(l4: &L4, src_ip: u32, dst_ip: u32) -> StackFlow {
+    StackFlow {
+        saddr: src_ip,
+        daddr: dst_ip,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: l4.proto,
+        pad: [0; 3],
+    }
+}
+
 /// A TCP SYN that the proxy does not translate (a pod calling another pod's address, say)
 /// starts a connection whose replies must not be given a VIP: it removes any reverse entry
 /// of its reply tuple that a closed load-balanced connection with the same addresses and
@@ -272,14 +285,7 @@ pub(crate) fn from_pod(ctx: &TcContext, src_ip: u32, dst_ip: u32) -> Option<Rout
 #[inline(always)]
 fn forget_reverse(l4: &L4, src_ip: u32, dst_ip: u32) {
     if l4.syn {
-        let _ = FERREA_LB_CT.remove(StackFlow {
-            saddr: dst_ip,
-            daddr: src_ip,
-            sport: l4.dport,
-            dport: l4.sport,
-            proto: l4.proto,
-            pad: [0; 3],
-        });
+        let _ = FERREA_LB_CT.remove(crate::reversed(&tuple_of(l4, src_ip, dst_ip)));
     }
 }
 
@@ -297,14 +303,7 @@ pub(crate) fn reply(ctx: &TcContext, src_ip: u32, dst_ip: u32, slot: u32) -> Opt
 /// [`reply`] for a packet already parsed.
 #[inline(always)]
 fn reverse(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32, slot: u32) -> Option<bool> {
-    let key = StackFlow {
-        saddr: src_ip,
-        daddr: dst_ip,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: l4.proto,
-        pad: [0; 3],
-    };
+    let key = tuple_of(l4, src_ip, dst_ip);
     let Some(f) = FERREA_LB_CT.get_ptr(key) else {
         return Some(false);
     };
@@ -365,14 +364,7 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
     let Some(fe) = (unsafe { FERREA_LB_SVC.get(fe_key) }).copied() else {
         return Some(None);
     };
-    let tuple = StackFlow {
-        saddr: src_ip,
-        daddr: dst_ip,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: l4.proto,
-        pad: [0; 3],
-    };
+    let tuple = tuple_of(l4, src_ip, dst_ip);
     // `ferreactl trace`'s packet is translated as any, but leaves no connection or affinity
     // behind.
     let record = !crate::traced(ctx);

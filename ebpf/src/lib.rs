@@ -269,7 +269,7 @@ fn flow_of(ctx: &TcContext, saddr: u32, daddr: u32) -> Option<Flow> {
 }
 
 #[inline(always)]
-fn reversed(k: &StackFlow) -> StackFlow {
+pub(crate) fn reversed(k: &StackFlow) -> StackFlow {
     StackFlow {
         saddr: k.daddr,
         daddr: k.saddr,

@@ -251,7 +251,35 @@ pub struct ServiceSpec<'a> {
     pub backends: Vec<Backend>,
 }
 
-impl ServiceSpec<'_> {
+impl<'a> ServiceSpec<'a> {
+    /// A ClusterIP Service at `ip` on port 53 (UDP) or 80 (TCP and SCTP) to `target_port` of
+    /// `backends`.
+    pub fn cluster_ip(
+        name: &'a str,
+        ip: [u8; 4],
+        protocol: &'a str,
+        target_port: u16,
+        backends: Vec<Backend>,
+    ) -> Self {
+        ServiceSpec {
+            name,
+            kind: "ClusterIP",
+            cluster_ip: Ipv4Addr::from(ip),
+            protocol,
+            port: if protocol == "UDP" { 53 } else { 80 },
+            target_port,
+            node_port: None,
+            backends,
+        }
+    }
+
+    /// This Service as type NodePort with node port `port`.
+    pub fn with_node_port(mut self, port: u16) -> Self {
+        self.kind = "NodePort";
+        self.node_port = Some(port);
+        self
+    }
+
     /// The Service and its EndpointSlice as one YAML stream.
     pub fn yaml(&self) -> String {
         let node_port = self

@@ -209,7 +209,13 @@ pub fn lines_mentioning(text: &str, ip: std::net::Ipv4Addr) -> Vec<String> {
 macro_rules! dataplane_tests {
     // The OVS variants are known to fail, for the reason given: they are built and can be run
     // with `--run-ignored`, but the suite does not run them until the reason is gone.
-    (ovs_ignored = $why:literal; $($name:ident),* $(,)?) => { $(
+    (ovs_ignored = $why:literal; $($name:ident),* $(,)?) => {
+        $($crate::dataplane_tests!(@one $name, [ignore = $why]);)*
+    };
+    ($($name:ident),* $(,)?) => {
+        $($crate::dataplane_tests!(@one $name, []);)*
+    };
+    (@one $name:ident, [$($ovs_attr:meta)?]) => {
         mod $name {
             #[test]
             fn ebpf() {
@@ -218,30 +224,14 @@ macro_rules! dataplane_tests {
                 }
             }
             #[test]
-            #[ignore = $why]
+            $(#[$ovs_attr])?
             fn ovs() {
                 if $crate::skip_unless_root(concat!(stringify!($name), "::ovs")) {
                     super::$name($crate::Dataplane::Ovs);
                 }
             }
         }
-    )* };
-    ($($name:ident),* $(,)?) => { $(
-        mod $name {
-            #[test]
-            fn ebpf() {
-                if $crate::skip_unless_root(concat!(stringify!($name), "::ebpf")) {
-                    super::$name($crate::Dataplane::Ebpf);
-                }
-            }
-            #[test]
-            fn ovs() {
-                if $crate::skip_unless_root(concat!(stringify!($name), "::ovs")) {
-                    super::$name($crate::Dataplane::Ovs);
-                }
-            }
-        }
-    )* };
+    };
 }
 
 #[cfg(test)]

@@ -153,28 +153,19 @@ impl Svc {
 }
 
 fn svc(name: &'static str, ip: [u8; 4], protocol: &'static str, backends: Vec<Backend>) -> Svc {
-    let (port, target_port) = match protocol {
-        "UDP" => (53, UDP_PORT),
-        _ => (80, TCP_PORT),
+    let target = if protocol == "UDP" {
+        UDP_PORT
+    } else {
+        TCP_PORT
     };
     Svc {
-        spec: ServiceSpec {
-            name,
-            kind: "ClusterIP",
-            cluster_ip: Ipv4Addr::from(ip),
-            protocol,
-            port,
-            target_port,
-            node_port: None,
-            backends,
-        },
+        spec: ServiceSpec::cluster_ip(name, ip, protocol, target, backends),
         extra: String::new(),
     }
 }
 
 fn node_port(mut s: Svc, port: u16) -> Svc {
-    s.spec.kind = "NodePort";
-    s.spec.node_port = Some(port);
+    s.spec = s.spec.with_node_port(port);
     s
 }
 

@@ -237,27 +237,12 @@ fn svc(
     protocol: &'static str,
     backend: Backend,
 ) -> ServiceSpec<'static> {
-    let (port, target_port) = match protocol {
-        "UDP" => (53, UDP_PORT),
-        _ => (80, TCP_PORT),
+    let target = if protocol == "UDP" {
+        UDP_PORT
+    } else {
+        TCP_PORT
     };
-    ServiceSpec {
-        name,
-        kind: "ClusterIP",
-        cluster_ip: Ipv4Addr::from(ip),
-        protocol,
-        port,
-        target_port,
-        node_port: None,
-        backends: vec![backend],
-    }
-}
-
-/// [`svc`] of type NodePort with this node port.
-fn node_port(mut s: ServiceSpec<'static>, port: u16) -> ServiceSpec<'static> {
-    s.kind = "NodePort";
-    s.node_port = Some(port);
-    s
+    ServiceSpec::cluster_ip(name, ip, protocol, target, vec![backend])
 }
 
 fn all_services(env: &Env) -> Vec<ServiceSpec<'static>> {
@@ -267,8 +252,8 @@ fn all_services(env: &Env) -> Vec<ServiceSpec<'static>> {
         svc("remote", [10, 96, 0, 11], "TCP", b2.clone()),
         svc("dns-local", [10, 96, 0, 53], "UDP", b1.clone()),
         svc("dns-remote", [10, 96, 0, 54], "UDP", b2.clone()),
-        node_port(svc("np-local", [10, 96, 0, 20], "TCP", b1), 30080),
-        node_port(svc("np-remote", [10, 96, 0, 21], "TCP", b2), 30081),
+        svc("np-local", [10, 96, 0, 20], "TCP", b1).with_node_port(30080),
+        svc("np-remote", [10, 96, 0, 21], "TCP", b2).with_node_port(30081),
     ]
 }
 
