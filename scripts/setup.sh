@@ -32,19 +32,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# kube-apiserver, kubectl, etcd and kube-proxy, built from their Go modules at the pinned
-# release into ${FERREA_CACHE:-~/.cache/ferrea}/k8s/ (tests/tests/kubernetes.rs runs them,
-# tests/tests/services.rs runs kube-proxy beside ferrea; the harness makes its certificates
-# with openssl). A cold build takes about 12-15 minutes, once (kube-proxy a few more); after
-# that the binaries are cached and this step takes a fraction of a second.
-bash "$(dirname "$0")/k8s/build.sh" kube-apiserver kubectl etcd kube-proxy >/dev/null
-# kubelet, kube-controller-manager and kube-scheduler for tests/tests/kubelet.rs (real nodes:
-# tests/src/kubelet.rs); a cold build adds about 10 minutes, cached afterwards.
-bash "$(dirname "$0")/k8s/build.sh" kubelet kube-controller-manager kube-scheduler >/dev/null
-# The pause binary (Kubernetes' build/pause/linux/pause.c, gcc -static), cached; the harness
-# packs it into the pod sandbox image with scripts/images/build.sh.
-bash "$(dirname "$0")/images/build.sh" --pause-binary >/dev/null
-
 # rustfmt and clippy, for `cargo fmt --check` and `cargo clippy` in scripts/test.sh.
 installed_components=$(rustup component list --installed)
 for c in rustfmt clippy; do
@@ -77,4 +64,17 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
     cargo install --force "bpf-linker@$BPF_LINKER_VERSION" --locked \
     --no-default-features --features "llvm-$major" >&2
 fi
+# kube-apiserver, kubectl, etcd and kube-proxy, built from their Go modules at the pinned
+# release into ${FERREA_CACHE:-~/.cache/ferrea}/k8s/ (tests/tests/kubernetes.rs runs them,
+# tests/tests/services.rs runs kube-proxy beside ferrea; the harness makes its certificates
+# with openssl). A cold build takes about 12-15 minutes, once (kube-proxy a few more); after
+# that the binaries are cached and this step takes a fraction of a second.
+bash "$(dirname "$0")/k8s/build.sh" kube-apiserver kubectl etcd kube-proxy >/dev/null
+# kubelet, kube-controller-manager and kube-scheduler for tests/tests/kubelet.rs (real nodes:
+# tests/src/kubelet.rs); a cold build adds about 10 minutes, cached afterwards.
+bash "$(dirname "$0")/k8s/build.sh" kubelet kube-controller-manager kube-scheduler >/dev/null
+# The pause binary (Kubernetes' build/pause/linux/pause.c, gcc -static), cached; the harness
+# packs it into the pod sandbox image with scripts/images/build.sh.
+bash "$(dirname "$0")/images/build.sh" --pause-binary >/dev/null
+
 echo "setup: ok" >&2
