@@ -322,6 +322,25 @@ pub async fn run_with(
         );
         let mut cluster = cfg.cluster_cidrs.clone();
         cluster.push(cfg.service_cidr);
+        let members = if cfg.egress.memberlist {
+            let m = crate::membership::start(
+                crate::membership::MembershipConfig {
+                    node_name: cfg.node_name().to_owned(),
+                    node_ip: pm.node().transport.ip,
+                    port: cfg.egress.memberlist_port,
+                    damping: std::time::Duration::from_secs(cfg.egress.failover_damping_seconds),
+                },
+                state.clone(),
+            )
+            .await
+            .map_err(|e| AgentError::Controller {
+                controller: "Egress membership",
+                source: e.into(),
+            })?;
+            Some(m)
+        } else {
+            None
+        };
         egress::start(
             egress::EgressContext {
                 node_name: cfg.node_name().to_owned(),
@@ -337,6 +356,7 @@ pub async fn run_with(
             nat.clone(),
             state.clone(),
             egress_sink,
+            members,
         )
         .map_err(|e| AgentError::Controller {
             controller: "Egress",

@@ -250,6 +250,47 @@ pub struct Config {
     /// `ferrea` (ferrea's own proxy; kube-proxy must not run). See [`ServiceProxy`].
     #[serde(default)]
     pub service_proxy: ServiceProxy,
+    /// Egress failover: `memberlistPort` (default 10351, Antrea's), `failoverDampingSeconds`
+    /// (default 3). See [`EgressConfig`].
+    #[serde(default)]
+    pub egress: EgressConfig,
+}
+
+/// `egress` in the agent configuration: the membership among agents that Egress failover
+/// runs on ([`crate::membership`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Whether agents run the failure detector (default `true`). Without it every `Node`
+    /// object counts as alive and an egress IP moves only when its node leaves the source.
+    #[serde(default = "default_true")]
+    pub memberlist: bool,
+    /// The UDP port of the failure detector on the transport address; the same on every node.
+    /// Default 10351 (Antrea's memberlist port).
+    #[serde(default = "default_memberlist_port")]
+    pub memberlist_port: u16,
+    /// How long a (re)joining node's agent must have been alive before it holds egress IPs
+    /// (seconds; default 3): a node that keeps failing and recovering moves IPs back at most
+    /// once per period.
+    #[serde(default = "default_damping")]
+    pub failover_damping_seconds: u64,
+}
+
+fn default_memberlist_port() -> u16 {
+    10351
+}
+fn default_damping() -> u64 {
+    3
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            memberlist: true,
+            memberlist_port: default_memberlist_port(),
+            failover_damping_seconds: default_damping(),
+        }
+    }
 }
 
 fn default_source() -> SourceConfig {

@@ -15,6 +15,8 @@
 //!   computed from Services and EndpointSlices.
 //! - [`kernel`]: one trait per kind of kernel side effect (links, addresses, routes, rules,
 //!   nftables, sysctls, conntrack, TC, VLAN tagging) with its Linux implementation.
+//! - [`membership`]: which nodes' agents are alive (a SWIM failure detector over UDP between
+//!   agents, `foca`), for Egress failover.
 //! - [`dataplane`]: the [`dataplane::Dataplane`] trait and its two backends, eBPF and Open
 //!   vSwitch. Nothing outside this module and the wiring names a backend.
 //! - [`pods`]: the pod manager (ADD, DEL, CHECK, GC, reconciliation), IPAM, the state store
@@ -36,6 +38,7 @@ pub mod controllers;
 pub mod dataplane;
 pub mod debug;
 pub mod kernel;
+pub mod membership;
 pub mod metrics;
 pub mod net;
 pub mod pods;

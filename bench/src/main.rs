@@ -81,8 +81,9 @@ fn main() -> anyhow::Result<()> {
         "npl-kubernetes" => kube::npl_kubernetes(&mut fig)?,
         "kube-source" => kube::kube_source(&mut fig)?,
         "services" => services::services_bench(&mut fig)?,
+        "egress-failover" => egress_failover(&mut fig)?,
         _ => bail!(
-            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress | npl-kubernetes | kube-source | services"
+            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress | npl-kubernetes | kube-source | services | egress-failover"
         ),
     }
     println!("{}", serde_json::to_string(&fig)?);
@@ -739,6 +740,42 @@ fn throughput_cross_node(fig: &mut Figures) -> anyhow::Result<()> {
                 .to_owned();
             fig.insert("ferrea_ovs_error".into(), json!(first));
         }
+    }
+    Ok(())
+}
+
+/// Trials of `egress-failover`, per kind of failure.
+const FAILOVER_TRIALS: usize = 10;
+
+/// `egress-failover`: three nodes (eBPF), seed 000's Egress; the holder's agent killed
+/// (`failover_ms_*`) and, separately, its fabric port set down (`failover_linkcut_ms_*`),
+/// 10 trials each: the time from the failure to the first packet tagged VLAN 100 with the
+/// egress IP leaving the new holder (see `ferrea_tests::egress::failover_trial`). Between
+/// trials the node comes back and takes its IP back (damping, then handover).
+fn egress_failover(fig: &mut Figures) -> anyhow::Result<()> {
+    use ferrea_tests::egress::{EgressCluster, Failure, failover_trial, restore_after};
+    let mut c = EgressCluster::start_n(Dataplane::Ebpf, 3).context("three-node egress cluster")?;
+    for (how, key) in [
+        (Failure::Kill, "failover_ms"),
+        (Failure::LinkDown, "failover_linkcut_ms"),
+    ] {
+        let mut v = Vec::new();
+        for trial in 0..FAILOVER_TRIALS {
+            let (ms, old, new) =
+                failover_trial(&mut c, how).with_context(|| format!("{key} trial {trial}"))?;
+            eprintln!(
+                "{key} trial {trial}: node{} -> node{} in {ms} ms",
+                old + 1,
+                new + 1
+            );
+            v.push(Duration::from_millis(ms));
+            restore_after(&mut c, old, how).with_context(|| format!("{key} trial {trial}"))?;
+        }
+        let (p50, _) = percentiles(&mut v);
+        let max = v.iter().max().copied().unwrap_or_default();
+        fig.insert(format!("{key}_p50"), json!(p50));
+        fig.insert(format!("{key}_max"), json!(max.as_secs_f64() * 1000.0));
+        fig.insert(format!("{key}_trials"), json!(v.len()));
     }
     Ok(())
 }

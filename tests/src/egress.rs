@@ -146,13 +146,56 @@ pub fn ferrea_rules(ns: &crate::netns::NetNs) -> anyhow::Result<String> {
 impl EgressCluster {
     /// Builds the cluster for `dp` (see the module doc).
     pub fn start(dp: Dataplane) -> anyhow::Result<Self> {
-        setup(dp)
+        setup(dp, 2)
+    }
+
+    /// The same with `n` nodes (`other_node` is then the first node that does not hold).
+    pub fn start_n(dp: Dataplane, n: usize) -> anyhow::Result<Self> {
+        setup(dp, n)
     }
 }
 
-fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
+/// The nodes `n`'s membership view counts as eligible to hold egress IPs (from
+/// `egress-node.json`), sorted.
+pub fn eligible_members(n: &Node) -> Vec<String> {
+    let v = node_status(n);
+    let mut out: Vec<String> = v["membership"]["members"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|m| m["eligible"] == true)
+                .filter_map(|m| m["node"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Waits until every node's membership counts exactly the nodes `want` (by index) eligible.
+pub fn wait_members(c: &Cluster, want: &[usize], timeout: Duration) -> anyhow::Result<()> {
+    let mut names: Vec<String> = want
+        .iter()
+        .map(|&i| c.nodes()[i].name().to_owned())
+        .collect();
+    names.sort();
+    for &i in want {
+        let n = &c.nodes()[i];
+        let ok = wait_for(timeout, || (eligible_members(n) == names).then_some(()));
+        anyhow::ensure!(
+            ok.is_some(),
+            "{} sees {:?} eligible, not {names:?}: {}",
+            n.name(),
+            eligible_members(n),
+            node_status(n)["membership"]
+        );
+    }
+    Ok(())
+}
+
+fn setup(dp: Dataplane, count: usize) -> anyhow::Result<EgressCluster> {
     let mut c = Cluster::new()?;
-    for _ in 0..2 {
+    for _ in 0..count {
         c.add_node(&NodeOptions::new(dp))?;
     }
     let gw = VlanGateway::start(c.external(), 100, "10.172.170.254/24".parse()?)
@@ -169,6 +212,9 @@ fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
     }
     publish_all(&c, "pool.yaml", SEED_POOL);
     publish_all(&c, "egress.yaml", SEED_EGRESS);
+    // Every agent counts every node (after the damping of the last one to start).
+    let all: Vec<usize> = (0..count).collect();
+    wait_members(&c, &all, SETTLE)?;
     // Every node computes the same assignment; wait for the holder to report it assigned.
     let (egress_node, ip) = wait_for(SETTLE, || {
         let s = egress_status(&c.nodes()[0])?;
@@ -190,11 +236,14 @@ fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
         (1..=199).contains(&(u32::from(ip) - u32::from(Ipv4Addr::new(10, 172, 170, 0)))),
         "{ip} is not from the pool's range"
     );
-    // Both nodes agree.
+    // Every node agrees.
+    let holder = c.nodes()[egress_node].name().to_owned();
     for n in c.nodes() {
         let agree = wait_for(SETTLE, || {
             let s = egress_status(n)?;
-            (s["egressIP"] == ip.to_string() && condition(&s, "IPAllocated") == "True")
+            (s["egressIP"] == ip.to_string()
+                && s["egressNode"] == holder.as_str()
+                && condition(&s, "IPAllocated") == "True")
                 .then_some(())
         });
         anyhow::ensure!(
@@ -206,7 +255,7 @@ fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
     }
     Ok(EgressCluster {
         egress_node,
-        other_node: 1 - egress_node,
+        other_node: if egress_node == 0 { 1 } else { 0 },
         c,
         gw,
         listener,
@@ -214,4 +263,129 @@ fn setup(dp: Dataplane) -> anyhow::Result<EgressCluster> {
         selected,
         unselected,
     })
+}
+
+/// How [`failover_trial`] fails the holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// kill -9 of the holder's agent.
+    Kill,
+    /// The holder's port on the fabric bridge set down (its link to the fabric cut).
+    LinkDown,
+}
+
+/// One failover of the holder of the seed Egress's IP, measured: the time from the failure
+/// to the first packet tagged VLAN 100 with the egress IP as source leaving the new holder's
+/// fabric port (a selected pod on every survivor connecting every 20 ms meanwhile). Returns
+/// (milliseconds, old holder, new holder). The cluster is left failed: see
+/// [`restore_after`].
+pub fn failover_trial(s: &mut EgressCluster, how: Failure) -> anyhow::Result<(u64, usize, usize)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let n = s.c.nodes().len();
+    let old = s.egress_node;
+    let survivors: Vec<usize> = (0..n).filter(|&i| i != old).collect();
+    // Only the holder holds (a handover of the start or a previous trial is over).
+    let settled = wait_for(SETTLE, || {
+        survivors
+            .iter()
+            .all(|&i| {
+                node_status(&s.c.nodes()[i])["held"]
+                    .as_array()
+                    .is_some_and(|h| h.is_empty())
+            })
+            .then_some(())
+    });
+    anyhow::ensure!(settled.is_some(), "another node still holds the egress IP");
+    let fabric = s.c.fabric().fabric();
+    let mut caps = Vec::new();
+    for &i in &survivors {
+        let cap = crate::capture::Tcpdump::start_with(
+            fabric,
+            &format!("n{}", i + 1),
+            &["-tt"],
+            &format!("vlan 100 and src host {} and tcp", s.ip),
+        )?;
+        caps.push((i, cap));
+    }
+    let stop = AtomicBool::new(false);
+    let t0 = std::thread::scope(|sc| -> anyhow::Result<f64> {
+        for &i in &survivors {
+            let (p, addr, stop) = (&s.selected[i], s.listener.addr(), &stop);
+            sc.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = crate::capture::tcp_answer(p.ns(), addr, Duration::from_millis(300));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let t0 = unix_secs();
+        let r = match how {
+            Failure::Kill => {
+                let pid = s.c.nodes()[old].agent_pid().context("no agent")?;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .map_err(anyhow::Error::from)
+            }
+            Failure::LinkDown => fabric
+                .ip(&["link", "set", &format!("n{}", old + 1), "down"])
+                .map(|_| ()),
+        };
+        std::thread::sleep(Duration::from_secs(3));
+        stop.store(true, Ordering::Relaxed);
+        r.map(|()| t0)
+    })?;
+    let holder_of = |i: usize| egress_status(&s.c.nodes()[i]).map(|st| st["egressNode"].clone());
+    let new = wait_for(SETTLE, || {
+        let h = holder_of(survivors[0])?;
+        let i = s.c.nodes().iter().position(|n| h == n.name())?;
+        (i != old && survivors.iter().all(|&j| holder_of(j) == Some(h.clone()))).then_some(i)
+    })
+    .context("no new holder")?;
+    let (_, cap) = caps.iter_mut().find(|(i, _)| *i == new).expect("captured");
+    let lines = cap.stop();
+    let first = lines
+        .iter()
+        .find_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .with_context(|| format!("no packet from {} left node{}", s.ip, new + 1))?;
+    Ok((((first - t0) * 1000.0).max(0.0).round() as u64, old, new))
+}
+
+/// Undoes [`failover_trial`]'s failure of `old` and waits until it holds the IP again (after
+/// the damping period and the handover) and every node agrees.
+pub fn restore_after(s: &mut EgressCluster, old: usize, how: Failure) -> anyhow::Result<()> {
+    match how {
+        Failure::Kill => {
+            s.c.nodes_mut()[old].agent().kill9()?;
+            s.c.nodes_mut()[old].agent().spawn()?;
+        }
+        Failure::LinkDown => {
+            s.c.fabric()
+                .fabric()
+                .ip(&["link", "set", &format!("n{}", old + 1), "up"])?;
+        }
+    }
+    let name = s.c.nodes()[old].name().to_owned();
+    let back = wait_for(Duration::from_secs(30), || {
+        s.c.nodes()
+            .iter()
+            .all(|n| {
+                egress_status(n).is_some_and(|st| st["egressNode"] == name.as_str())
+                    && node_status(n)["held"]
+                        .as_array()
+                        .is_some_and(|h| (n.name() == name) != h.is_empty())
+            })
+            .then_some(())
+    });
+    anyhow::ensure!(back.is_some(), "{name} did not take its IP back");
+    Ok(())
+}
+
+fn unix_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }

@@ -144,6 +144,10 @@ pub struct Egress {
     pub egress_ip: Option<Ipv4Addr>,
     /// `spec.externalIPPool`.
     pub pool: Option<String>,
+    /// `status.egressIP` as the Kubernetes API has it (what an agent allocated before and
+    /// recorded there): kept as long as the Egress and its pool allow. `None` when absent or
+    /// not an IPv4 address.
+    pub recorded_ip: Option<Ipv4Addr>,
 }
 
 fn parse_ip(obj: &ObjectRef, field: &str, v: &Value) -> Result<Ipv4Addr, ObjectError> {
@@ -424,6 +428,10 @@ pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
         namespace_selector,
         egress_ip,
         pool,
+        recorded_ip: v
+            .pointer("/status/egressIP")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok()),
     })
 }
 

@@ -1,5 +1,6 @@
 //! `ferreactl get egressnode`: what this node holds for Egress (IPs, VLANs, route tables,
-//! local pods' Egresses, `rp_filter` wanted, found and restored, problems).
+//! local pods' Egresses, `rp_filter` wanted, found and restored, the failure detector's
+//! members, problems).
 
 use std::io::Write;
 
@@ -65,6 +66,24 @@ pub async fn run(mut c: Client, f: Format, out: &mut dyn Write) -> anyhow::Resul
         ],
         Format::Table,
     )?;
+    if node["membership"]["enabled"] == true {
+        writeln!(out, "\nMEMBERS (failure detector)")?;
+        let members = node["membership"]["members"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        output::list(
+            out,
+            &members,
+            &[
+                ("NODE", "node"),
+                ("ADDRESS", "address"),
+                ("SINCE (UNIX MS)", "sinceMs"),
+                ("ELIGIBLE", "eligible"),
+            ],
+            Format::Table,
+        )?;
+    }
     let problems = arr("problems");
     if !problems.is_empty() {
         writeln!(out, "\nPROBLEMS")?;

@@ -7,9 +7,12 @@
 //!   never takes an older one's address or id.
 //! - IPs: an `egressIP` set by the user is served first and taken as it is; it must be in the
 //!   pool, if one is named, and not already taken by an older Egress, or the Egress is
-//!   reported without an IP. Otherwise an address of the pool is chosen by a hash of the Egress
-//!   name, probing forward past taken addresses and the subnet's gateway; a full pool is
-//!   reported as exhausted.
+//!   reported without an IP. Then every Egress keeps the IP it was allocated before (its
+//!   [`Recorded`] allocation: `status.egressIP` in Kubernetes mode, the state store with
+//!   `files`) while it is still in the Egress's pool, not the gateway and not taken by a fixed
+//!   IP: adding or deleting other Egresses never moves it. Otherwise an address of the pool is
+//!   chosen by a hash of the Egress name, probing forward past taken addresses and the
+//!   subnet's gateway; a full pool is reported as exhausted.
 //! - Id: each allocated IP gets an id 1..=255 by a hash of the IP, probing forward past ids
 //!   taken by older Egresses. It is the fwmark of the IP's traffic on the egress node and the
 //!   VNI that carries a pod's traffic there from other nodes, so all nodes must agree on it.
@@ -70,6 +73,15 @@ fn nth(pool: &ExternalIpPool, mut i: u64) -> Option<Ipv4Addr> {
     None
 }
 
+/// An allocation made before, kept while its Egress and pool allow (see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Recorded {
+    /// The IP.
+    pub ip: Ipv4Addr,
+    /// The pool it came from.
+    pub pool: Option<String>,
+}
+
 /// Picks the node for `ip` among `nodes` by rendezvous hashing.
 pub fn choose_node<'a>(
     ip: Ipv4Addr,
@@ -80,11 +92,22 @@ pub fn choose_node<'a>(
         .map(|n| n.name.clone())
 }
 
-/// Computes every Egress's IP and node.
+/// Computes every Egress's IP and node, without allocations made before.
 pub fn assign(
     egresses: &[Egress],
     pools: &BTreeMap<String, ExternalIpPool>,
     nodes: &[NodeLabels],
+) -> BTreeMap<String, Assignment> {
+    assign_with(egresses, pools, nodes, &BTreeMap::new())
+}
+
+/// Computes every Egress's IP and node, keeping the allocations in `recorded` (by Egress
+/// name; an Egress's own `status.egressIP` wins over it) where they are still valid.
+pub fn assign_with(
+    egresses: &[Egress],
+    pools: &BTreeMap<String, ExternalIpPool>,
+    nodes: &[NodeLabels],
+    recorded: &BTreeMap<String, Recorded>,
 ) -> BTreeMap<String, Assignment> {
     let mut order: Vec<&Egress> = egresses.iter().collect();
     // Oldest first; without timestamps (the files source), by name.
@@ -118,7 +141,38 @@ pub fn assign(
             },
         );
     }
+    // Then what was allocated before, oldest first.
     for e in order.iter().filter(|e| e.egress_ip.is_none()) {
+        let Some(name) = &e.pool else { continue };
+        let Some(pool) = pools.get(name) else {
+            continue;
+        };
+        let rec = e.recorded_ip.or_else(|| {
+            recorded
+                .get(&e.name)
+                .filter(|r| r.pool.as_ref() == Some(name))
+                .map(|r| r.ip)
+        });
+        let Some(ip) = rec else { continue };
+        if !pool.contains(ip) || pool.subnet.is_some_and(|s| s.gateway == ip) || !used.insert(ip) {
+            continue;
+        }
+        out.insert(
+            e.name.clone(),
+            Assignment {
+                ip: Some(ip),
+                pool: Some(name.clone()),
+                node: None,
+                id: None,
+                problem: None,
+            },
+        );
+    }
+    let kept: BTreeSet<String> = out.keys().cloned().collect();
+    for e in order
+        .iter()
+        .filter(|e| e.egress_ip.is_none() && !kept.contains(&e.name))
+    {
         let name = e.pool.clone().unwrap_or_default();
         let a = match pools.get(&name) {
             None => Assignment {
@@ -213,6 +267,7 @@ mod tests {
             namespace_selector: None,
             egress_ip: ip.map(|i| i.parse().unwrap()),
             pool: pool.map(Into::into),
+            recorded_ip: None,
         }
     }
 
@@ -298,6 +353,76 @@ mod tests {
         young.created = Some("2026-06-01T00:00:00Z".into());
         let after = assign(&[young, old.clone()], &ps, &nodes(&["n1"]));
         assert_eq!(before["old"].ip, after["old"].ip);
+    }
+
+    /// What an agent records after each pass (see `EgressReconciler`).
+    fn record(a: &BTreeMap<String, Assignment>) -> BTreeMap<String, Recorded> {
+        a.iter()
+            .filter_map(|(k, x)| {
+                Some((
+                    k.clone(),
+                    Recorded {
+                        ip: x.ip?,
+                        pool: x.pool.clone(),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn recorded_ips_never_move_when_others_come_and_go() {
+        // A small pool so that hashes collide and probing would reorder.
+        let ps = pools(vec![pool("p", "10.0.0.1", "10.0.0.12", Some("10.0.0.12"))]);
+        let ns = nodes(&["n1", "n2"]);
+        let mut es: Vec<Egress> = ["m1", "m2", "m3"]
+            .iter()
+            .map(|n| egress(n, Some("p"), None))
+            .collect();
+        let mut rec = record(&assign_with(&es, &ps, &ns, &BTreeMap::new()));
+        let first = rec.clone();
+        // Names before and after, added and deleted, older and younger (timestamps).
+        let steps: Vec<(&str, bool, Option<&str>)> = vec![
+            ("a0", true, None),
+            ("z9", true, Some("2020-01-01T00:00:00Z")),
+            ("a1", true, Some("2030-01-01T00:00:00Z")),
+            ("a0", false, None),
+            ("b5", true, None),
+            ("z9", false, None),
+            ("c3", true, Some("2000-01-01T00:00:00Z")),
+        ];
+        for (name, add, ts) in steps {
+            if add {
+                let mut e = egress(name, Some("p"), None);
+                e.created = ts.map(Into::into);
+                es.push(e);
+            } else {
+                es.retain(|e| e.name != name);
+            }
+            let a = assign_with(&es, &ps, &ns, &rec);
+            for (k, r) in &first {
+                assert_eq!(a[k].ip, Some(r.ip), "{k} moved after {name} add={add}");
+            }
+            let ips: BTreeSet<_> = a.values().filter_map(|x| x.ip).collect();
+            assert_eq!(ips.len(), a.values().filter(|x| x.ip.is_some()).count());
+            rec = record(&a);
+        }
+        // A record from another pool, outside the pool or on the gateway is not kept.
+        let mut bad = BTreeMap::new();
+        bad.insert(
+            "m1".to_owned(),
+            Recorded {
+                ip: "10.0.0.12".parse().unwrap(),
+                pool: Some("p".into()),
+            },
+        );
+        let a = assign_with(&es[..1], &ps, &ns, &bad);
+        assert_ne!(a["m1"].ip, Some("10.0.0.12".parse().unwrap()));
+        // status.egressIP (Kubernetes mode) is a record too.
+        let mut e = egress("k", Some("p"), None);
+        e.recorded_ip = Some("10.0.0.7".parse().unwrap());
+        let a = assign_with(&[e], &ps, &ns, &BTreeMap::new());
+        assert_eq!(a["k"].ip, Some("10.0.0.7".parse().unwrap()));
     }
 
     #[test]

@@ -57,6 +57,7 @@ use crate::controllers::runner::{
 };
 use crate::dataplane::DataplaneError;
 use crate::kernel::nftables::{EgressRules, NatError, NatTable};
+use crate::membership::MemberView;
 use crate::metrics::Metrics;
 use crate::pods::PodManager;
 use crate::source::DesiredState;
@@ -135,6 +136,7 @@ pub fn start(
     nat: Arc<NatTable>,
     state: watch::Receiver<DesiredState>,
     sink: Arc<dyn EgressStatusSink>,
+    members: Option<watch::Receiver<MemberView>>,
 ) -> Result<(), EgressError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(EgressError::Netlink)?;
     tokio::spawn(conn);
@@ -145,7 +147,7 @@ pub fn start(
         &ctx.state_dir,
         Box::new(node::load_vlan_tagger),
     );
-    tokio::spawn(run(ctx, node, pods, nat, state, sink));
+    tokio::spawn(run(ctx, node, pods, nat, state, sink, members));
     Ok(())
 }
 
@@ -173,11 +175,15 @@ pub async fn run(
     nat: Arc<NatTable>,
     state: watch::Receiver<DesiredState>,
     sink: Arc<dyn EgressStatusSink>,
+    members: Option<watch::Receiver<MemberView>>,
 ) {
-    let wakers = Wakers::none().watch(pods.subscribe());
+    let mut wakers = Wakers::none().watch(pods.subscribe());
+    if let Some(m) = &members {
+        wakers = wakers.watch(m.clone());
+    }
     let metrics = ctx.metrics.clone();
     runner::run_observed(
-        EgressReconciler::new(ctx, node, pods, nat, sink),
+        EgressReconciler::new(ctx, node, pods, nat, sink).with_membership(members),
         state,
         wakers,
         RUNNER,
@@ -211,7 +217,36 @@ pub struct EgressReconciler {
     /// The node view last written.
     written: Option<Value>,
     last_rp_check: Instant,
+    /// The membership's view (none: every `Node` object counts as alive).
+    members: Option<watch::Receiver<MemberView>>,
+    /// IPs this node still holds after they moved to another live node, until the deadline:
+    /// the new holder has them (and has announced them) before this one lets go.
+    releasing: BTreeMap<std::net::Ipv4Addr, (plan::HeldIp, Instant)>,
+    /// The IPs allocated so far, by Egress (`<stateDir>/egress-allocations.json`): kept while
+    /// the Egress and its pool exist ([`assign`]).
+    allocations: BTreeMap<String, assign::Recorded>,
+    allocations_path: PathBuf,
 }
+
+/// The recorded allocations at `path` (none if absent or unreadable: logged).
+fn load_allocations(path: &Path) -> BTreeMap<String, assign::Recorded> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "Egress allocations unreadable; starting afresh");
+            BTreeMap::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "reading the Egress allocations");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// How long a node keeps an IP that moved to another live node (make before break): the
+/// other agents switch their steering within this time, so no in-flight packet finds the
+/// IP nowhere.
+pub const HANDOVER: Duration = Duration::from_secs(1);
 
 impl EgressReconciler {
     /// The controller for `node`, marking and SNATing in `nat`, steering through `pods`'
@@ -223,6 +258,7 @@ impl EgressReconciler {
         nat: Arc<NatTable>,
         sink: Arc<dyn EgressStatusSink>,
     ) -> Self {
+        let allocations_path = ctx.state_dir.join("egress-allocations.json");
         Self {
             node_status_path: ctx.state_dir.join("status").join("egress-node.json"),
             ctx,
@@ -237,7 +273,80 @@ impl EgressReconciler {
             reported: Vec::new(),
             written: None,
             last_rp_check: Instant::now(),
+            members: None,
+            releasing: BTreeMap::new(),
+            allocations: load_allocations(&allocations_path),
+            allocations_path,
         }
+    }
+
+    /// Records the IPs of `plan` (by Egress, with their pool) when they changed.
+    fn record_allocations(&mut self, plan: &NodePlan) {
+        let now: BTreeMap<String, assign::Recorded> = plan
+            .assignments
+            .iter()
+            .filter_map(|(k, a)| {
+                Some((
+                    k.clone(),
+                    assign::Recorded {
+                        ip: a.ip?,
+                        pool: a.pool.clone(),
+                    },
+                ))
+            })
+            .collect();
+        if now == self.allocations {
+            return;
+        }
+        let v = serde_json::to_value(&now).unwrap_or(Value::Null);
+        match write_atomic(&self.allocations_path, &v) {
+            Ok(()) => self.allocations = now,
+            Err(e) => tracing::warn!(error = %e, "recording the Egress allocations"),
+        }
+    }
+
+    /// Takes the holders from the membership's view (see [`crate::membership`]).
+    pub fn with_membership(mut self, members: Option<watch::Receiver<MemberView>>) -> Self {
+        self.members = members;
+        self
+    }
+
+    /// Keeps, for [`HANDOVER`], the IPs the last applied plan held that moved to another
+    /// node (the Egress and its IP unchanged): make before break.
+    fn hand_over(&mut self, plan: &mut NodePlan) {
+        let now = Instant::now();
+        if let Some(prev) = &self.applied {
+            for h in &prev.held {
+                if plan.held.iter().any(|x| x.ip == h.ip) {
+                    continue;
+                }
+                let moved = plan.assignments.get(&h.egress).is_some_and(|a| {
+                    a.ip == Some(h.ip)
+                        && a.id == Some(h.id)
+                        && a.node.as_deref().is_some_and(|n| n != self.ctx.node_name)
+                });
+                if moved {
+                    self.releasing
+                        .entry(h.ip)
+                        .or_insert_with(|| (h.clone(), now + HANDOVER));
+                }
+            }
+        }
+        let me = self.ctx.node_name.clone();
+        self.releasing.retain(|ip, (h, deadline)| {
+            let still = plan.assignments.get(&h.egress).is_some_and(|a| {
+                a.ip == Some(*ip)
+                    && a.id == Some(h.id)
+                    && a.node.as_deref().is_some_and(|n| n != me)
+            });
+            still && *deadline > now && !plan.held.iter().any(|x| x.ip == *ip || x.id == h.id)
+        });
+        for (h, _) in self.releasing.values() {
+            plan.held.push(h.clone());
+            plan.dataplane.held.push(h.id);
+        }
+        plan.held.sort();
+        plan.dataplane.held.sort();
     }
 }
 
@@ -262,7 +371,9 @@ impl Reconciler for EgressReconciler {
             self.last_rp_check = Instant::now();
         }
         // Computed under the borrow: the desired state is not copied on every wake-up.
-        let (plan, source_problems, pools, reports_unheld) = {
+        let members = self.members.as_ref().map(|m| m.borrow().clone());
+        let live = members.as_ref().and_then(MemberView::eligible);
+        let (mut plan, source_problems, pools, reports_unheld) = {
             let st = desired.get();
             let plan = plan::plan(
                 &st,
@@ -270,6 +381,8 @@ impl Reconciler for EgressReconciler {
                 &self.ctx.node_name,
                 &self.ctx.cluster,
                 self.ctx.encap,
+                live.as_ref(),
+                &self.allocations,
             );
             let problems: Vec<String> = st
                 .errors
@@ -282,6 +395,8 @@ impl Reconciler for EgressReconciler {
             let reports_unheld = status::reports_unheld(&st, &self.ctx.node_name);
             (plan, problems, pools, reports_unheld)
         };
+        self.record_allocations(&plan);
+        self.hand_over(&mut plan);
         let changed = self.applied.as_ref() != Some(&plan);
         let mut error = None;
         // The runner's resync (every 10 s) and retries arrive as converging triggers.
@@ -353,7 +468,11 @@ impl Reconciler for EgressReconciler {
                 }
             }
         }
-        let view = node_view(&self.ctx.node_name, &plan, &self.node, &warnings);
+        let mut view = node_view(&self.ctx.node_name, &plan, &self.node, &warnings);
+        view["membership"] = match &members {
+            Some(m) => serde_json::to_value(m).unwrap_or(Value::Null),
+            None => json!({"enabled": false}),
+        };
         let assigned = self.outcomes.iter().filter(|o| o.result.is_ok()).count();
         self.ctx.views.set(&list_view, &view, assigned);
         if self.written.as_ref() != Some(&view) {
@@ -364,7 +483,16 @@ impl Reconciler for EgressReconciler {
         }
         match error {
             Some(e) => Err(e),
-            None => Ok(Action::Requeue(TICK)),
+            None => {
+                // A handover ends on time, not at the next upkeep.
+                let next = self
+                    .releasing
+                    .values()
+                    .map(|(_, d)| d.saturating_duration_since(Instant::now()))
+                    .min()
+                    .map_or(TICK, |d| d.clamp(Duration::from_millis(10), TICK));
+                Ok(Action::Requeue(next))
+            }
         }
     }
 }

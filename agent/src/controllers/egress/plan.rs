@@ -3,7 +3,9 @@
 //! Pure: every input is a value, so the rules are unit-tested without a kernel.
 //!
 //! - Every node runs [`assign`] over the same Egresses, pools and nodes, so all agree on each
-//!   Egress's IP, id and node without talking to each other.
+//!   Egress's IP, id and node without talking to each other. The nodes are the `Node` objects
+//!   whose agents the membership ([`crate::membership`]) sees alive and eligible, so a failed
+//!   node's IPs move to the next node by rendezvous hashing and no other IP moves.
 //! - A node *holds* the IPs assigned to it ([`HeldIp`]): it puts them on an interface and
 //!   SNATs the traffic marked with their id.
 //! - A *local pod* (an attachment of this node joined with its Pod object) is selected by an
@@ -18,12 +20,12 @@
 //! - Traffic to the cluster (pod CIDRs, the service CIDR, node addresses) is never egress
 //!   traffic ([`EgressPlan::exempt`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
-use super::assign::{Assignment, NodeLabels, assign};
+use super::assign::{Assignment, NodeLabels, Recorded, assign_with};
 use crate::dataplane::{EgressPlan, EgressSteer};
 use crate::pods::store::PodRecord;
 use crate::source::DesiredState;
@@ -62,24 +64,30 @@ pub struct NodePlan {
 
 /// Computes this node's plan. `cluster` is what is never egress traffic besides the nodes'
 /// addresses and pod CIDRs (the configured cluster pod CIDRs and the service CIDR); `encap` says whether a tunnel to
-/// other nodes exists.
+/// other nodes exists. `live` is the set of nodes whose agents are alive and eligible
+/// ([`crate::membership::MemberView::eligible`]); `None` (no membership) counts every `Node`
+/// object. `recorded` holds the IPs allocated before (the state store's, with `files`), kept
+/// while valid.
 pub fn plan(
     st: &DesiredState,
     records: &[PodRecord],
     me: &str,
     cluster: &[Ipv4Network],
     encap: bool,
+    live: Option<&BTreeSet<String>>,
+    recorded: &BTreeMap<String, Recorded>,
 ) -> NodePlan {
     let nodes: Vec<NodeLabels> = st
         .nodes
         .values()
+        .filter(|n| live.is_none_or(|l| l.contains(&n.name)))
         .map(|n| NodeLabels {
             name: n.name.clone(),
             labels: n.labels.clone(),
         })
         .collect();
     let egresses: Vec<_> = st.egresses.values().cloned().collect();
-    let assignments = assign(&egresses, &st.pools, &nodes);
+    let assignments = assign_with(&egresses, &st.pools, &nodes, recorded);
     let mut out = NodePlan {
         assignments,
         ..NodePlan::default()
@@ -230,6 +238,8 @@ spec: {nodeName: n2}
             "n1",
             &cluster(),
             true,
+            None,
+            &BTreeMap::new(),
         );
         assert_eq!(p.held.len(), 1, "{p:?}");
         let h = &p.held[0];
@@ -257,6 +267,8 @@ spec: {nodeName: n2}
             "n2",
             &cluster(),
             true,
+            None,
+            &BTreeMap::new(),
         );
         assert!(p.held.is_empty(), "n2 is not eligible");
         let id = p.assignments["child-egress-hello-world1"].id.unwrap();
@@ -275,6 +287,8 @@ spec: {nodeName: n2}
             "n2",
             &cluster(),
             false,
+            None,
+            &BTreeMap::new(),
         );
         assert!(p.dataplane.steer.is_empty());
         assert!(
@@ -321,6 +335,8 @@ spec:
             "n1",
             &cluster(),
             true,
+            None,
+            &BTreeMap::new(),
         );
         assert_eq!(p.pods["default/sel1"], "child-egress-hello-world1");
         assert_eq!(p.pods["default/other1"], "aaa-newer");
@@ -340,6 +356,8 @@ spec:
             "n1",
             &cluster(),
             true,
+            None,
+            &BTreeMap::new(),
         );
         assert!(p.held.is_empty() && p.local_marks.is_empty() && p.pods.is_empty());
         assert!(p.dataplane.steer.is_empty() && p.dataplane.held.is_empty());

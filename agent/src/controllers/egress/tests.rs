@@ -144,7 +144,7 @@ impl Fx {
             views: Default::default(),
         };
         let (tx, rx) = watch::channel(st);
-        (tx, tokio::spawn(run(ctx, node, pods, nat, rx, sink)))
+        (tx, tokio::spawn(run(ctx, node, pods, nat, rx, sink, None)))
     }
 
     fn view(&self, name: &str) -> Value {
@@ -197,7 +197,7 @@ fn desired(parts: &[String]) -> DesiredState {
 
 /// The id the plan gives `egress`'s IP in `st`.
 fn id_of(st: &DesiredState, egress: &str) -> u8 {
-    super::plan::plan(st, &[], "n1", &[], true).assignments[egress]
+    super::plan::plan(st, &[], "n1", &[], true, None, &Default::default()).assignments[egress]
         .id
         .unwrap()
 }
