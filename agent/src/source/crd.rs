@@ -140,10 +140,14 @@ pub struct Egress {
     pub pod_selector: Option<LabelSelector>,
     /// `spec.appliedTo.namespaceSelector` (`None`: every namespace).
     pub namespace_selector: Option<LabelSelector>,
-    /// `spec.egressIP`, if fixed by the user.
+    /// `spec.egressIP` (or the IPv4 entry of `spec.egressIPs`), if fixed by the user.
     pub egress_ip: Option<Ipv4Addr>,
-    /// `spec.externalIPPool`.
+    /// `spec.externalIPPool` (or the entry of `spec.externalIPPools` that goes with the IPv4
+    /// address).
     pub pool: Option<String>,
+    /// Fields of Antrea's v1beta1 Egress that were given but that ferrea does not serve, each
+    /// a sentence naming the field: reported (status views, the log), never dropped silently.
+    pub unsupported: Vec<String>,
     /// `status.egressIP` as the Kubernetes API has it (what an agent allocated before and
     /// recorded there): kept as long as the Egress and its pool allow. `None` when absent or
     /// not an IPv4 address.
@@ -378,6 +382,33 @@ pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, ObjectError> {
     })
 }
 
+/// Bits per second of an Antrea bandwidth quantity (`300k`, `10M`, `1G`, `1.5M`, `100`,
+/// binary suffixes `Ki`, `Mi`, `Gi` too), `None` when it is not one.
+pub fn bandwidth_bits(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)?;
+    let mult = match unit {
+        "" => 1.0,
+        "k" | "K" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let bits = n * mult;
+    (bits >= 1.0 && bits < u64::MAX as f64).then_some(bits as u64)
+}
+
 /// Decodes and validates an `Egress` object.
 pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
     let (obj, spec) = name_and_spec("Egress", v)?;
@@ -412,10 +443,120 @@ pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
+    let mut unsupported = Vec::new();
+    // Antrea's lists (one address and one pool per IP family, index-correlated): ferrea
+    // serves IPv4, so the IPv4 entry and the pool at its index.
+    let list = |f: &str| -> Result<Vec<String>, ObjectError> {
+        match spec.get(f).filter(|x| !x.is_null()) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    x.as_str().map(str::to_owned).ok_or_else(|| {
+                        obj.field(
+                            &format!("spec.{f}[{i}]"),
+                            FieldProblem::WrongType {
+                                expected: "a string",
+                                found: x.clone(),
+                            },
+                        )
+                    })
+                })
+                .collect(),
+            Some(x) => Err(obj.field(
+                &format!("spec.{f}"),
+                FieldProblem::WrongType {
+                    expected: "a list",
+                    found: x.clone(),
+                },
+            )),
+        }
+    };
+    let ips = list("egressIPs")?;
+    let pools = list("externalIPPools")?;
+    if !ips.is_empty() && egress_ip.is_some() {
+        return Err(obj.field(
+            "spec.egressIPs",
+            FieldProblem::Rule("cannot be set with spec.egressIP"),
+        ));
+    }
+    if !pools.is_empty() && pool.is_some() {
+        return Err(obj.field(
+            "spec.externalIPPools",
+            FieldProblem::Rule("cannot be set with spec.externalIPPool"),
+        ));
+    }
+    let mut v4_at = None;
+    for (i, x) in ips.iter().enumerate() {
+        let field = format!("spec.egressIPs[{i}]");
+        match x.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(a)) if v4_at.is_none() => v4_at = Some((i, a)),
+            Ok(std::net::IpAddr::V4(_)) => {
+                return Err(obj.field(
+                    &field,
+                    FieldProblem::Rule("a second IPv4 address (one per IP family)"),
+                ));
+            }
+            Ok(std::net::IpAddr::V6(_)) => unsupported.push(format!(
+                "{field} {x}: IPv6 egress is not served by ferrea (IPv4 only); the Egress is \
+                 served with its IPv4 address"
+            )),
+            Err(_) => {
+                parse_ip(&obj, &field, &Value::from(x.as_str()))?;
+            }
+        }
+    }
+    let (egress_ip, pool) = if ips.is_empty() && pools.is_empty() {
+        (egress_ip, pool)
+    } else {
+        let ip = v4_at.map(|(_, a)| a).or(egress_ip);
+        let chosen = match (v4_at, ips.is_empty()) {
+            // The pool at the IPv4 address's index (Antrea correlates them by index).
+            (Some((i, _)), _) => pools.get(i).cloned(),
+            // Pools without addresses: ferrea's pools are IPv4, the first one serves.
+            (None, true) => pools.first().cloned(),
+            (None, false) => None,
+        };
+        for (i, p) in pools.iter().enumerate() {
+            if Some(p) != chosen.as_ref() {
+                unsupported.push(format!(
+                    "spec.externalIPPools[{i}] {p}: only the pool of the IPv4 address is used \
+                     (IPv4 only)"
+                ));
+            }
+        }
+        (ip, chosen.or(pool))
+    };
     if egress_ip.is_none() && pool.is_none() {
         return Err(obj.field(
             "spec",
-            FieldProblem::Rule("needs egressIP or externalIPPool (or both)"),
+            FieldProblem::Rule(
+                "needs egressIP or externalIPPool (or both), or an IPv4 entry in egressIPs or externalIPPools",
+            ),
+        ));
+    }
+    if let Some(b) = spec.get("bandwidth").filter(|x| !x.is_null()) {
+        let q = |f: &str| -> Result<String, ObjectError> {
+            let field = format!("spec.bandwidth.{f}");
+            let s = b
+                .get(f)
+                .and_then(Value::as_str)
+                .ok_or_else(|| obj.field(&field, FieldProblem::Missing))?;
+            bandwidth_bits(s).map(|_| s.to_owned()).ok_or_else(|| {
+                obj.field(
+                    &field,
+                    FieldProblem::NotAllowed {
+                        value: Value::from(s),
+                        allowed: "a rate such as 300k, 10M or 1G (bits per second)",
+                    },
+                )
+            })
+        };
+        let (rate, burst) = (q("rate")?, q("burst")?);
+        unsupported.push(format!(
+            "spec.bandwidth (rate {rate}, burst {burst}): traffic shaping is not implemented \
+             by ferrea; the Egress is served without a rate limit"
         ));
     }
     Ok(Egress {
@@ -428,6 +569,7 @@ pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
         namespace_selector,
         egress_ip,
         pool,
+        unsupported,
         recorded_ip: v
             .pointer("/status/egressIP")
             .and_then(Value::as_str)
@@ -441,6 +583,89 @@ mod tests {
 
     fn yaml(s: &str) -> Value {
         serde_yaml_ng::from_str(s).unwrap()
+    }
+
+    fn egress_with(spec: &str) -> Result<Egress, ObjectError> {
+        parse_egress(&yaml(&format!(
+            "kind: Egress\nmetadata: {{name: e}}\nspec: {{appliedTo: {{podSelector: {{}}}}, {spec}}}\n"
+        )))
+    }
+
+    #[test]
+    fn v1beta1_lists_serve_the_ipv4_entry_and_report_the_rest() {
+        let e = egress_with("egressIPs: [10.0.0.5, 'fd00::5'], externalIPPools: [v4, v6]").unwrap();
+        assert_eq!(e.egress_ip, Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(e.pool.as_deref(), Some("v4"));
+        assert_eq!(e.unsupported.len(), 2, "{:?}", e.unsupported);
+        assert!(
+            e.unsupported[0].starts_with("spec.egressIPs[1] fd00::5"),
+            "{:?}",
+            e.unsupported
+        );
+        assert!(
+            e.unsupported[1].starts_with("spec.externalIPPools[1] v6"),
+            "{:?}",
+            e.unsupported
+        );
+        // IPv6 first: the index still correlates.
+        let e = egress_with("egressIPs: ['fd00::5', 10.0.0.5], externalIPPools: [v6, v4]").unwrap();
+        assert_eq!(e.pool.as_deref(), Some("v4"));
+        // Pools only: the first one allocates.
+        let e = egress_with("externalIPPools: [p]").unwrap();
+        assert_eq!((e.egress_ip, e.pool.as_deref()), (None, Some("p")));
+        assert!(e.unsupported.is_empty());
+        let e = egress_with("egressIPs: [10.0.0.5]").unwrap();
+        assert_eq!(
+            (e.egress_ip, e.pool),
+            (Some("10.0.0.5".parse().unwrap()), None)
+        );
+        // What Antrea refuses, by field.
+        for (spec, field, what) in [
+            (
+                "egressIP: 10.0.0.5, egressIPs: [10.0.0.6]",
+                "spec.egressIPs",
+                "cannot be set",
+            ),
+            (
+                "externalIPPool: a, externalIPPools: [b]",
+                "spec.externalIPPools",
+                "cannot be set",
+            ),
+            (
+                "egressIPs: [10.0.0.5, 10.0.0.6]",
+                "spec.egressIPs[1]",
+                "second IPv4",
+            ),
+            ("egressIPs: [nope]", "spec.egressIPs[0]", "not an IPv4"),
+            ("egressIPs: 10.0.0.5", "spec.egressIPs", "a list"),
+            ("egressIPs: ['fd00::5']", "spec", "IPv4 entry"),
+        ] {
+            let err = egress_with(spec).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains(what), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn bandwidth_is_validated_and_reported_as_not_served() {
+        let e = egress_with("egressIP: 10.0.0.5, bandwidth: {rate: 10M, burst: 20M}").unwrap();
+        assert_eq!(e.unsupported.len(), 1);
+        assert!(e.unsupported[0].starts_with("spec.bandwidth (rate 10M, burst 20M)"));
+        let err = egress_with("egressIP: 10.0.0.5, bandwidth: {rate: fast, burst: 1M}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spec.bandwidth.rate") && err.contains("fast"),
+            "{err}"
+        );
+        let err = egress_with("egressIP: 10.0.0.5, bandwidth: {rate: 1M}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spec.bandwidth.burst"), "{err}");
+        assert_eq!(bandwidth_bits("300k"), Some(300_000));
+        assert_eq!(bandwidth_bits("1.5M"), Some(1_500_000));
+        assert_eq!(bandwidth_bits("1Mi"), Some(1_048_576));
+        assert_eq!(bandwidth_bits("0"), None);
+        assert_eq!(bandwidth_bits("10X"), None);
     }
 
     /// Seed 000's manifests, verbatim (one copy, shared with the plan tests and the harness).

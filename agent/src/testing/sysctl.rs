@@ -8,7 +8,8 @@ use crate::kernel::sysctl::{Sysctl, SysctlError};
 use super::events::EventLog;
 
 /// Sysctl values by dotted key. A key never written reads as [`FakeSysctl::fallback`] (the
-/// kernel's default for a new interface), or fails with `ENOENT` without one. Logs
+/// kernel's default for a new interface's `rp_filter`), or fails with `ENOENT` without one;
+/// `arp_ignore` and `arp_announce` read as the kernel's `0`. Logs
 /// `sysctl <key>=<value>` on each write.
 #[derive(Default)]
 pub struct FakeSysctl {
@@ -51,6 +52,10 @@ impl Sysctl for FakeSysctl {
             .unwrap()
             .get(key)
             .cloned()
+            .or_else(|| {
+                (key.ends_with(".arp_ignore") || key.ends_with(".arp_announce"))
+                    .then(|| "0".to_owned())
+            })
             .or_else(|| self.fallback.lock().unwrap().clone())
             .ok_or_else(|| SysctlError {
                 key: key.to_owned(),

@@ -267,6 +267,7 @@ mod tests {
             namespace_selector: None,
             egress_ip: ip.map(|i| i.parse().unwrap()),
             pool: pool.map(Into::into),
+            unsupported: Vec::new(),
             recorded_ip: None,
         }
     }

@@ -4,6 +4,15 @@
 //! (`crd.antrea.io/v1beta1`, cluster-scoped), with a JSON merge patch. A node never writes the
 //! status of an Egress another node holds.
 //!
+//! **Conflict-safe.** Every agent computes the holders itself, so two agents can mean to
+//! write the same Egress at once (a handover, or split views of the membership). Each write
+//! carries the `metadata.resourceVersion` the agent last read (optimistic concurrency: the API
+//! server refuses a write over a newer object with 409 Conflict). On a conflict the agent reads
+//! the object again and then yields if another node now records a *different* IP for the
+//! Egress (the first recorded allocation wins: every agent takes `status.egressIP` as the
+//! Egress's allocation, so the next plan agrees with it), and writes again otherwise (bounded
+//! tries; a last conflict is returned and retried by the runner).
+//!
 //! What was written is remembered per Egress; before the first write of an Egress it is what
 //! the API holds (read from the object), so an unchanged status is not
 //! patched again, not even after a restart. A condition's `lastTransitionTime` is the time
@@ -27,6 +36,35 @@ use super::status::{EgressStatusError, EgressStatusSink, EgressStatuses};
 
 /// The status fields this node writes (the conditions apart).
 const FIELDS: [&str; 2] = ["egressIP", "egressNode"];
+/// Writes of one Egress's status per publish before a conflict is left to the runner.
+const CONFLICT_TRIES: usize = 3;
+
+/// An Egress's status in the API and the `resourceVersion` it was read or written at.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    status: Value,
+    version: Option<String>,
+}
+
+/// What a node does after its write of `want` met a conflict and the object has `fresh` now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OnConflict {
+    /// Another node records another IP for the Egress: its allocation stands.
+    Yield,
+    /// Write again over the fresh object.
+    Retry,
+}
+
+/// See the module doc: the first recorded allocation wins.
+pub fn on_conflict(fresh: &Value, want: &Value, me: &str) -> OnConflict {
+    let theirs = fresh.get("egressIP").and_then(Value::as_str);
+    let by = fresh.get("egressNode").and_then(Value::as_str);
+    let ours = want.get("egressIP").and_then(Value::as_str);
+    match (theirs, by) {
+        (Some(t), Some(n)) if n != me && Some(t) != ours => OnConflict::Yield,
+        _ => OnConflict::Retry,
+    }
+}
 
 /// Antrea's `Egress` resource.
 pub fn egress_resource() -> ApiResource {
@@ -51,7 +89,7 @@ pub struct KubeEgressStatusSink {
     pools: Api<DynamicObject>,
     /// The status each Egress this node is responsible for has in the API, as far as this
     /// sink knows.
-    published: Mutex<BTreeMap<String, Value>>,
+    published: Mutex<BTreeMap<String, Seen>>,
     /// The `status.usage` of each pool this node reports, as far as this sink knows.
     usage: Mutex<BTreeMap<String, Value>>,
 }
@@ -109,10 +147,13 @@ impl KubeEgressStatusSink {
     }
 
     /// The status `egress` has in the API; `None` when the Egress does not exist.
-    async fn current(&self, egress: &str) -> Result<Option<Value>, EgressStatusError> {
+    async fn current(&self, egress: &str) -> Result<Option<Seen>, EgressStatusError> {
         // The object itself (the ClusterRole grants `get` on egresses, not on their status).
         match self.api.get(egress).await {
-            Ok(o) => Ok(Some(o.data.get("status").cloned().unwrap_or(Value::Null))),
+            Ok(o) => Ok(Some(Seen {
+                status: o.data.get("status").cloned().unwrap_or(Value::Null),
+                version: o.metadata.resource_version,
+            })),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
             Err(source) => Err(EgressStatusError::Api {
                 op: "reading",
@@ -122,43 +163,70 @@ impl KubeEgressStatusSink {
         }
     }
 
-    /// Brings `egress`'s status in the API to `want`; returns what it is then, or `None` when
-    /// the Egress does not exist.
+    /// Brings `egress`'s status in the API to `want` (see the module doc on conflicts);
+    /// returns what it is then, or `None` when the Egress does not exist.
     async fn sync_one(
         &self,
         egress: &str,
         want: &Value,
-        known: Option<Value>,
+        known: Option<Seen>,
         now: &str,
-    ) -> Result<Option<Value>, EgressStatusError> {
-        let have = match known {
+        me: &str,
+    ) -> Result<Option<Seen>, EgressStatusError> {
+        let mut have = match known {
             Some(v) => v,
             None => match self.current(egress).await? {
                 Some(v) => v,
                 None => return Ok(None),
             },
         };
-        let status = with_transition_times(want, &have, now);
-        if !differs(&have, &status) {
-            return Ok(Some(have));
-        }
-        let body = json!({ "status": patch_of(&have, &status) });
-        match self
-            .api
-            .patch_status(egress, &PatchParams::default(), &Patch::Merge(&body))
-            .await
-        {
-            Ok(_) => {
-                tracing::debug!(egress, status = %status, "Egress status written");
-                Ok(Some(status))
+        for attempt in 1..=CONFLICT_TRIES {
+            let status = with_transition_times(want, &have.status, now);
+            if !differs(&have.status, &status) {
+                return Ok(Some(have));
             }
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
-            Err(source) => Err(EgressStatusError::Api {
-                op: "patching",
-                egress: egress.to_owned(),
-                source,
-            }),
+            let mut body = json!({ "status": patch_of(&have.status, &status) });
+            if let Some(v) = &have.version {
+                body["metadata"] = json!({ "resourceVersion": v });
+            }
+            match self
+                .api
+                .patch_status(egress, &PatchParams::default(), &Patch::Merge(&body))
+                .await
+            {
+                Ok(o) => {
+                    tracing::debug!(egress, status = %status, "Egress status written");
+                    return Ok(Some(Seen {
+                        status,
+                        version: o.metadata.resource_version,
+                    }));
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
+                Err(kube::Error::Api(s)) if s.code == 409 && attempt < CONFLICT_TRIES => {
+                    have = match self.current(egress).await? {
+                        Some(v) => v,
+                        None => return Ok(None),
+                    };
+                    if on_conflict(&have.status, want, me) == OnConflict::Yield {
+                        tracing::warn!(
+                            egress,
+                            recorded = %have.status["egressIP"],
+                            by = %have.status["egressNode"],
+                            "another node recorded another IP for this Egress first; its allocation stands"
+                        );
+                        return Ok(Some(have));
+                    }
+                }
+                Err(source) => {
+                    return Err(EgressStatusError::Api {
+                        op: "patching",
+                        egress: egress.to_owned(),
+                        source,
+                    });
+                }
+            }
         }
+        unreachable!("the last try returns")
     }
 }
 
@@ -220,7 +288,7 @@ impl EgressStatusSink for KubeEgressStatusSink {
         let mut first_err = None;
         for (name, want) in &held {
             let known = published.get(name).cloned();
-            match self.sync_one(name, want, known, &now).await {
+            match self.sync_one(name, want, known, &now, &statuses.node).await {
                 Ok(Some(v)) => {
                     published.insert(name.clone(), v);
                 }
@@ -285,6 +353,21 @@ mod tests {
         let fresh = with_transition_times(&want, &Value::Null, "T3");
         assert_eq!(fresh["conditions"][0]["lastTransitionTime"], "T3");
         assert!(differs(&Value::Null, &fresh));
+    }
+
+    #[test]
+    fn a_conflict_yields_only_to_another_nodes_other_ip() {
+        let want = json!({"egressIP": "10.0.0.1", "egressNode": "n1"});
+        // Another node recorded another IP first: it stands.
+        let other = json!({"egressIP": "10.0.0.2", "egressNode": "n2"});
+        assert_eq!(on_conflict(&other, &want, "n1"), OnConflict::Yield);
+        // The same IP by another node (a handover), nothing recorded, or our own record
+        // (a write of ours raced a condition change): write again.
+        let same = json!({"egressIP": "10.0.0.1", "egressNode": "n2"});
+        assert_eq!(on_conflict(&same, &want, "n1"), OnConflict::Retry);
+        assert_eq!(on_conflict(&Value::Null, &want, "n1"), OnConflict::Retry);
+        let mine = json!({"egressIP": "10.0.0.9", "egressNode": "n1"});
+        assert_eq!(on_conflict(&mine, &want, "n1"), OnConflict::Retry);
     }
 
     #[test]

@@ -22,6 +22,14 @@
 //!   elsewhere, which strict mode (1) drops. Something else on the node may reset it
 //!   (OpenShift's node tuning does, Antrea issue 6546), so [`EgressNode::check_rp_filter`]
 //!   compares and restores it every second and reports what it found.
+//! - `arp_ignore=1` and `arp_announce=2` on the sub-interface: it answers ARP only for the
+//!   egress IPs on it and asks with one of them. Linux answers ARP for any of the node's
+//!   addresses on any interface by default, and a macvlan sub-interface receives the
+//!   transport network's untagged broadcasts: it would answer the other nodes' ARP for the
+//!   node's own transport address with its MAC (tagged, on the egress VLAN). OVS's tunnel
+//!   neighbour cache learns from every ARP it sees, so another node's tunnel packets went to
+//!   the sub-interface's MAC, and after the sub-interface was re-created (a new MAC) into the
+//!   void: the node's overlay was black-holed until the cache entry expired (15 minutes).
 //!
 //! An IP without `subnetInfo` is a /32 on the dummy device [`DUMMY_IFNAME`], as in Antrea, and
 //! leaves through the main table. Kernels without the dummy module (the machine ferrea is
@@ -169,7 +177,22 @@ pub enum NodeError {
     /// rule).
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    /// Setting a sysctl of a sub-interface failed.
+    #[error("setting {key} on {interface}")]
+    Sysctl {
+        /// The sub-interface.
+        interface: String,
+        /// The sysctl.
+        key: String,
+        /// The error.
+        #[source]
+        source: crate::kernel::sysctl::SysctlError,
+    },
 }
+
+/// The ARP settings of a sub-interface (see the module doc): answer only for its own
+/// addresses, ask with one of them.
+pub const SUBIF_ARP: [(&str, &str); 2] = [("arp_ignore", "1"), ("arp_announce", "2")];
 
 /// Why one held IP is not assigned: a [`NodeError`] shared by the IPs it concerns (all IPs of
 /// a sub-interface that could not be made, say). Compared by message.
@@ -350,6 +373,7 @@ impl EgressNode {
             if self.has_8021q != Some(true) && m.kind == LinkKind::MacVlan {
                 self.attach_tagger(&name, vlan)?;
             }
+            self.arp_settings(&name)?;
             return Ok(m.index);
         }
         let mut made_vlan = false;
@@ -392,8 +416,29 @@ impl EgressNode {
             .await?
             .ok_or_else(|| NodeError::Vanished(name.clone()))?;
         self.set_alias(m.index, &name).await?;
+        self.arp_settings(&name)?;
         tracing::info!(interface = %name, vlan, parent = %self.parent, "egress sub-interface created");
         Ok(m.index)
+    }
+
+    /// Brings the sub-interface `name`'s ARP sysctls to [`SUBIF_ARP`].
+    fn arp_settings(&self, name: &str) -> Result<(), NodeError> {
+        for (k, want) in SUBIF_ARP {
+            let key = crate::kernel::sysctl::conf_key(name, k);
+            if self.kernel.sysctl.get(&key).ok().as_deref() == Some(want) {
+                continue;
+            }
+            self.kernel
+                .sysctl
+                .set(&key, want)
+                .map_err(|source| NodeError::Sysctl {
+                    interface: name.to_owned(),
+                    key: key.clone(),
+                    source,
+                })?;
+            tracing::debug!(interface = %name, key = %key, value = want, "sub-interface sysctl set");
+        }
+        Ok(())
     }
 
     /// The dummy device for IPs without `subnetInfo`, created if needed; `None` when the kernel

@@ -125,6 +125,13 @@ pub fn plan(
         }));
     out.dataplane.exempt = crate::net::outermost(exempt);
 
+    // Fields given that ferrea does not serve, by Egress and field.
+    for e in st.egresses.values() {
+        for u in &e.unsupported {
+            out.warnings.push(format!("Egress {}: {u}", e.name));
+        }
+    }
+
     // Egresses in the order that decides between several selecting one pod: oldest first.
     let mut order: Vec<_> = st.egresses.values().collect();
     order.sort_by(|a, b| {

@@ -648,3 +648,50 @@ async fn the_sink_gets_only_the_held_egresses_and_reported_pools_once_per_change
     drop(tx);
     task.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn fields_not_served_are_named_in_the_node_view_and_the_egress_still_works() {
+    let fx = Fx::new();
+    let e = egress("shaped", 100, "10.172.100.5").replace(
+        "  egressIP: 10.172.100.5\n  externalIPPool: pool100\n",
+        "  egressIPs: [10.172.100.5, 'fd00::5']\n  externalIPPools: [pool100, pool6]\n  \
+         bandwidth: {rate: 10M, burst: 20M}\n",
+    );
+    let (_tx, _task) = fx.start(desired(&[pool(100), e]));
+    settle().await;
+    // Served with its IPv4 address and pool.
+    assert!(fx.nft.last().unwrap().contains("snat to 10.172.100.5"));
+    let problems = fx.view("egress-node.json")["problems"].clone();
+    let text = problems.to_string();
+    for field in [
+        "spec.egressIPs[1] fd00::5",
+        "spec.externalIPPools[1] pool6",
+        "spec.bandwidth (rate 10M, burst 20M)",
+    ] {
+        assert!(
+            text.contains(&format!("Egress shaped: {field}")),
+            "{field}: {text}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sub_interface_answers_arp_only_for_its_egress_ips() {
+    let fx = Fx::new();
+    let (_tx, _task) = fx.start(desired(&[pool(100), egress("e", 100, "10.172.100.5")]));
+    settle().await;
+    for (k, want) in super::node::SUBIF_ARP {
+        let key = conf_key("ferrea-ext.100", k);
+        assert_eq!(fx.sysctl.value(&key).as_deref(), Some(want), "{key}");
+    }
+    // Changed by someone else: set again on the next apply of the interface.
+    fx.sysctl
+        .outsider_sets(&conf_key("ferrea-ext.100", "arp_ignore"), "0");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        fx.sysctl
+            .value(&conf_key("ferrea-ext.100", "arp_ignore"))
+            .as_deref(),
+        Some("1")
+    );
+}
