@@ -455,7 +455,7 @@ pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
                 .map(|(i, x)| {
                     x.as_str().map(str::to_owned).ok_or_else(|| {
                         obj.field(
-                            &format!("spec.{f}[{i}]"),
+                            format!("spec.{f}[{i}]"),
                             FieldProblem::WrongType {
                                 expected: "a string",
                                 found: x.clone(),
@@ -465,7 +465,7 @@ pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
                 })
                 .collect(),
             Some(x) => Err(obj.field(
-                &format!("spec.{f}"),
+                format!("spec.{f}"),
                 FieldProblem::WrongType {
                     expected: "a list",
                     found: x.clone(),
