@@ -351,6 +351,13 @@ async fn run(
     }
 }
 
+/// This agent's identity and the members it sees.
+fn incarnations(
+    foca: &Foca<Member, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
+) -> impl Iterator<Item = &Member> {
+    std::iter::once(foca.identity()).chain(foca.iter_members().map(|m| m.id()))
+}
+
 /// This agent and the members it sees, by name, with their eligibility now.
 fn view(
     foca: &Foca<Member, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
@@ -359,7 +366,7 @@ fn view(
     let now = now_ms();
     let damping = damping.as_millis() as u64;
     let mut by_name: BTreeMap<String, MemberInfo> = BTreeMap::new();
-    for m in std::iter::once(foca.identity()).chain(foca.iter_members().map(|m| m.id())) {
+    for m in incarnations(foca) {
         let info = MemberInfo {
             node: m.name.clone(),
             address: m.addr,
@@ -384,8 +391,7 @@ fn next_eligibility(
 ) -> Option<Instant> {
     let now = now_ms();
     let damping_ms = damping.as_millis() as u64;
-    std::iter::once(foca.identity())
-        .chain(foca.iter_members().map(|m| m.id()))
+    incarnations(foca)
         .map(|m| m.since + damping_ms)
         .filter(|due| *due > now)
         .min()

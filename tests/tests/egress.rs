@@ -500,19 +500,17 @@ fn allocations_stay_while_other_egresses_come_and_go_and_across_restarts(dp: Dat
     // OVS's tunnel neighbour cache kept that MAC and the sub-interface was re-created with
     // another; the sub-interface now answers ARP only for its own IPs.)
     let all = all_ips(&s.c.nodes()[0]);
-    for i in 0..s.c.nodes().len() {
-        s.c.nodes_mut()[i].agent().kill9().unwrap();
-        s.c.nodes_mut()[i].agent().restart().unwrap();
+    let kept = |s: &EgressCluster, what: &str| {
         for n in s.c.nodes() {
             let same = wait_for(SETTLE, || (all_ips(n) == all).then_some(()));
             assert!(same.is_some(), "{}: {:?} != {all:?}", n.name(), all_ips(n));
         }
-        wait_source(
-            &s.selected[s.other_node],
-            &s.listener,
-            s.ip,
-            "after a restart",
-        );
+        wait_source(&s.selected[s.other_node], &s.listener, s.ip, what);
+    };
+    for i in 0..s.c.nodes().len() {
+        s.c.nodes_mut()[i].agent().kill9().unwrap();
+        s.c.nodes_mut()[i].agent().restart().unwrap();
+        kept(&s, "after a restart");
     }
     for i in 0..s.c.nodes().len() {
         s.c.nodes_mut()[i].agent().kill9().unwrap();
@@ -522,14 +520,5 @@ fn allocations_stay_while_other_egresses_come_and_go_and_across_restarts(dp: Dat
     }
     // Past the damping period, so the IPs went through their holders' restarts.
     std::thread::sleep(Duration::from_secs(4));
-    for n in s.c.nodes() {
-        let same = wait_for(SETTLE, || (all_ips(n) == all).then_some(()));
-        assert!(same.is_some(), "{}: {:?} != {all:?}", n.name(), all_ips(n));
-    }
-    wait_source(
-        &s.selected[s.other_node],
-        &s.listener,
-        s.ip,
-        "after all agents restarted at once",
-    );
+    kept(&s, "after all agents restarted at once");
 }

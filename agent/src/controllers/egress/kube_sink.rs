@@ -180,7 +180,9 @@ impl KubeEgressStatusSink {
                 None => return Ok(None),
             },
         };
-        for attempt in 1..=CONFLICT_TRIES {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             let status = with_transition_times(want, &have.status, now);
             if !differs(&have.status, &status) {
                 return Ok(Some(have));
@@ -226,7 +228,6 @@ impl KubeEgressStatusSink {
                 }
             }
         }
-        unreachable!("the last try returns")
     }
 }
 
