@@ -4,8 +4,8 @@
 //!
 //! - `cni-latency`: CNI ADD and DEL latency of ferrea (both dataplanes) and of the reference
 //!   `bridge` + `host-local` plugins, 100 pods: sequentially at 20 calls a second (`add`,
-//!   `del`), sequentially back to back (`burst_add`, `burst_del`) and two at a time
-//!   (`parallel_*`). Each call is timed around the plugin process, exactly as a runtime
+//!   `del`), sequentially back to back (`burst_add`, `burst_del`), two at a time
+//!   (`parallel_*`) and all 100 at once (`concurrent_*`, each call in a thread of its own). Each call is timed around the plugin process, exactly as a runtime
 //!   experiences it. The eBPF node is measured again with the metrics endpoint off
 //!   (`ferrea_ebpf_no_metrics_*`); `metrics_overhead_pct` is how much slower the median ADD is
 //!   with metrics on (the goal: under 2%): the median over 9 interleaved rounds (each 20 paced
@@ -42,7 +42,10 @@
 //! - `npl-kubernetes` and `kube-source`: against a real kube-apiserver, see [`kube`].
 //! - `services`: pod-to-ClusterIP TCP and connections per second through ferrea's proxy and
 //!   through kube-proxy (nftables mode) beside ferrea, see [`services`].
+//! - `footprint`: the agent's memory and idle CPU with no pod and with 100, both dataplanes,
+//!   beside the reference plugins' cost per ADD, see [`footprint`].
 
+mod footprint;
 mod kube;
 mod services;
 
@@ -70,6 +73,10 @@ type Figures = BTreeMap<String, Value>;
 
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_default();
+    if which == "plugin-cost" {
+        // Not a benchmark: the fresh process `footprint` measures plugins in.
+        return footprint::plugin_cost();
+    }
     let mut fig = Figures::new();
     match which.as_str() {
         "cni-latency" => cni_latency(&mut fig)?,
@@ -82,8 +89,9 @@ fn main() -> anyhow::Result<()> {
         "kube-source" => kube::kube_source(&mut fig)?,
         "services" => services::services_bench(&mut fig)?,
         "egress-failover" => egress_failover(&mut fig)?,
+        "footprint" => footprint::footprint(&mut fig)?,
         _ => bail!(
-            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress | npl-kubernetes | kube-source | services | egress-failover"
+            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress | npl-kubernetes | kube-source | services | egress-failover | footprint"
         ),
     }
     println!("{}", serde_json::to_string(&fig)?);
@@ -263,6 +271,29 @@ fn latency_series(fig: &mut Figures, key: &str, p: &dyn Plugin) -> anyhow::Resul
     })?;
     record(fig, &format!("{key}_parallel_add"), &mut padds);
     record(fig, &format!("{key}_parallel_del"), &mut pdels);
+
+    // All at once, as a node that starts (or reschedules) many pods sees it: every ADD in a
+    // thread of its own, started together, then every DEL.
+    for op in ["add", "del"] {
+        let start = std::sync::Barrier::new(pods.len());
+        let start = &start;
+        let mut took = std::thread::scope(|s| -> anyhow::Result<Vec<Duration>> {
+            let handles: Vec<_> = pods
+                .iter()
+                .map(|ns| {
+                    s.spawn(move || {
+                        start.wait();
+                        if op == "add" { p.add(ns) } else { p.del(ns) }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("latency thread"))
+                .collect()
+        })?;
+        record(fig, &format!("{key}_concurrent_{op}"), &mut took);
+    }
     Ok(())
 }
 
@@ -342,6 +373,8 @@ fn cni_latency(fig: &mut Figures) -> anyhow::Result<()> {
         "burst_del",
         "parallel_add",
         "parallel_del",
+        "concurrent_add",
+        "concurrent_del",
     ] {
         for dp in ["ebpf", "ovs"] {
             let r = ratio(

@@ -904,6 +904,22 @@ fn kubernetes_cluster_of_three_nodes(dp: Dataplane) {
         wait_egress_holder(&api, Some(&holder), Duration::from_secs(15));
     eprintln!("Node {holder} deleted: {new_holder} holds {new_ip} in the API after {took:?}");
     assert_eq!(new_ip, ip, "the Egress kept its IP");
+    // A late write by an agent that had not seen the change yet (the CI run that found this
+    // had the deleted node's agent write last): the holder sees it through its watch and
+    // writes its status back.
+    let late = format!(r#"{{"status":{{"egressNode":"{holder}"}}}}"#);
+    api.kubectl_ok(&[
+        "patch",
+        "egress",
+        EGRESS,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &late,
+    ]);
+    let (back, _, took) = wait_egress_holder(&api, Some(&holder), Duration::from_secs(5));
+    assert_eq!(back, new_holder, "the holder wrote its status back");
+    eprintln!("a late write naming {holder} replaced by {back} after {took:?}");
     for (i, p) in selected.iter().enumerate().filter(|(i, _)| *i != h) {
         wait_source(
             p,

@@ -152,6 +152,10 @@ pub struct Egress {
     /// recorded there): kept as long as the Egress and its pool allow. `None` when absent or
     /// not an IPv4 address.
     pub recorded_ip: Option<Ipv4Addr>,
+    /// `status.egressNode` as the Kubernetes API has it: the node that last recorded itself as
+    /// the holder. The holder compares it with its own view and writes again when another
+    /// agent's late write replaced it.
+    pub recorded_node: Option<String>,
 }
 
 fn parse_ip(obj: &ObjectRef, field: &str, v: &Value) -> Result<Ipv4Addr, ObjectError> {
@@ -574,6 +578,10 @@ pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
             .pointer("/status/egressIP")
             .and_then(Value::as_str)
             .and_then(|s| s.parse().ok()),
+        recorded_node: v
+            .pointer("/status/egressNode")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
     })
 }
 

@@ -269,6 +269,7 @@ mod tests {
             pool: pool.map(Into::into),
             unsupported: Vec::new(),
             recorded_ip: None,
+            recorded_node: None,
         }
     }
 

@@ -15,7 +15,14 @@
 //!
 //! What was written is remembered per Egress; before the first write of an Egress it is what
 //! the API holds (read from the object), so an unchanged status is not
-//! patched again, not even after a restart. A condition's `lastTransitionTime` is the time
+//! patched again, not even after a restart. What is remembered counts only while the source's
+//! watch sees the same `egressIP` and `egressNode` in the object ([`Observed`]): a late write
+//! by another agent (one that held the IP before and had not yet seen the change, say) makes
+//! the holder read the object again and write its status back, rather than leave the API
+//! naming a node that no longer holds the IP. Over another node's record it writes at most
+//! once a second per Egress (two agents that both take themselves for the holder, in a split
+//! view, would otherwise take turns as fast as the watch goes); the runner's resync writes
+//! what was held back. A condition's `lastTransitionTime` is the time
 //! its `status` last changed: kept while the status stays, now when it changes. An Egress
 //! that no longer exists (404) needs nothing. Any other failure is returned after the other
 //! Egresses were tried, so the Egress runner retries what failed.
@@ -24,6 +31,8 @@
 //! name, so one node per pool): `status.usage` (`total`, `used`) when it changed.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -32,10 +41,14 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use super::status::{EgressStatusError, EgressStatusSink, EgressStatuses};
+use super::status::{EgressStatusError, EgressStatusSink, EgressStatuses, Observed};
 
 /// The status fields this node writes (the conditions apart).
 const FIELDS: [&str; 2] = ["egressIP", "egressNode"];
+/// How often a node writes its status over another node's record of one Egress at most (two
+/// agents that both take themselves for the holder would otherwise take turns at the speed
+/// of the watch); the runner's resync (every 10 s) writes what was held back.
+const OVERWRITE_EVERY: Duration = Duration::from_secs(1);
 /// Writes of one Egress's status per publish before a conflict is left to the runner.
 const CONFLICT_TRIES: usize = 3;
 
@@ -90,6 +103,10 @@ pub struct KubeEgressStatusSink {
     /// The status each Egress this node is responsible for has in the API, as far as this
     /// sink knows.
     published: Mutex<BTreeMap<String, Seen>>,
+    /// When this node last wrote its status over another node's record, by Egress.
+    overwrote: Mutex<BTreeMap<String, Instant>>,
+    /// Whether the last publish held such a write back.
+    held_back: AtomicBool,
     /// The `status.usage` of each pool this node reports, as far as this sink knows.
     usage: Mutex<BTreeMap<String, Value>>,
 }
@@ -101,6 +118,8 @@ impl KubeEgressStatusSink {
             api: Api::all_with(client.clone(), &egress_resource()),
             pools: Api::all_with(client, &pool_resource()),
             published: Mutex::new(BTreeMap::new()),
+            overwrote: Mutex::new(BTreeMap::new()),
+            held_back: AtomicBool::new(false),
             usage: Mutex::new(BTreeMap::new()),
         }
     }
@@ -231,6 +250,12 @@ impl KubeEgressStatusSink {
     }
 }
 
+/// Whether what this node wrote or read of an Egress's status still stands, given what the
+/// source's watch last saw in the object (`None`: the source has no status to go by).
+fn still_current(seen: &Seen, observed: Option<&Observed>) -> bool {
+    observed.is_none_or(|o| o.agrees_with(&seen.status))
+}
+
 /// `want` with each condition's `lastTransitionTime`: the one in `have` when that condition's
 /// `status` is unchanged, `now` otherwise.
 pub fn with_transition_times(want: &Value, have: &Value, now: &str) -> Value {
@@ -287,8 +312,41 @@ impl EgressStatusSink for KubeEgressStatusSink {
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
         let mut first_err = None;
+        let mut overwrote = self.overwrote.lock().await;
+        overwrote.retain(|name, _| held.contains_key(name));
+        let mut held_back = false;
         for (name, want) in &held {
-            let known = published.get(name).cloned();
+            let mut known = published.get(name).cloned();
+            if let Some(seen) = &known
+                && !still_current(seen, statuses.observed.get(name))
+            {
+                // Written over since: what the API holds now decides.
+                known = match self.current(name).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                        continue;
+                    }
+                };
+                let Some(have) = &known else {
+                    published.remove(name);
+                    continue;
+                };
+                let by = have.status["egressNode"].as_str();
+                if by.is_some_and(|n| n != statuses.node) {
+                    if overwrote
+                        .get(name)
+                        .is_some_and(|t| t.elapsed() < OVERWRITE_EVERY)
+                    {
+                        tracing::debug!(egress = %name, by, "another node's record held until the next resync");
+                        published.insert(name.clone(), have.clone());
+                        held_back = true;
+                        continue;
+                    }
+                    tracing::info!(egress = %name, by, "the status names another node; this node holds the IP and writes it back");
+                    overwrote.insert(name.clone(), Instant::now());
+                }
+            }
             match self.sync_one(name, want, known, &now, &statuses.node).await {
                 Ok(Some(v)) => {
                     published.insert(name.clone(), v);
@@ -303,6 +361,8 @@ impl EgressStatusSink for KubeEgressStatusSink {
             }
         }
         drop(published);
+        drop(overwrote);
+        self.held_back.store(held_back, Ordering::Relaxed);
         let mut usage = self.usage.lock().await;
         usage.retain(|name, _| statuses.pools.contains_key(name));
         for (name, u) in &statuses.pools {
@@ -321,6 +381,10 @@ impl EgressStatusSink for KubeEgressStatusSink {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    fn held_back(&self) -> bool {
+        self.held_back.load(Ordering::Relaxed)
     }
 }
 
@@ -354,6 +418,28 @@ mod tests {
         let fresh = with_transition_times(&want, &Value::Null, "T3");
         assert_eq!(fresh["conditions"][0]["lastTransitionTime"], "T3");
         assert!(differs(&Value::Null, &fresh));
+    }
+
+    #[test]
+    fn a_write_of_another_node_seen_by_the_watch_voids_what_was_remembered() {
+        let seen = Seen {
+            status: json!({"egressIP": "10.0.0.1", "egressNode": "n1", "conditions": []}),
+            version: Some("7".into()),
+        };
+        let ours = Observed {
+            ip: Some("10.0.0.1".parse().unwrap()),
+            node: Some("n1".into()),
+        };
+        assert!(still_current(&seen, Some(&ours)));
+        // No status to go by (the files source): what was written stands.
+        assert!(still_current(&seen, None));
+        // n2 wrote the same IP late, or the status was cleared: read again.
+        let late = Observed {
+            node: Some("n2".into()),
+            ..ours.clone()
+        };
+        assert!(!still_current(&seen, Some(&late)));
+        assert!(!still_current(&seen, Some(&Observed::default())));
     }
 
     #[test]

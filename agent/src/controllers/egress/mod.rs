@@ -373,7 +373,7 @@ impl Reconciler for EgressReconciler {
         // Computed under the borrow: the desired state is not copied on every wake-up.
         let members = self.members.as_ref().map(|m| m.borrow().clone());
         let live = members.as_ref().and_then(MemberView::eligible);
-        let (mut plan, source_problems, pools, reports_unheld) = {
+        let (mut plan, source_problems, pools, reports_unheld, observed) = {
             let st = desired.get();
             let plan = plan::plan(
                 &st,
@@ -393,7 +393,8 @@ impl Reconciler for EgressReconciler {
                 .collect();
             let pools = status::pool_usage(&st, &plan.assignments, &self.ctx.node_name);
             let reports_unheld = status::reports_unheld(&st, &self.ctx.node_name);
-            (plan, problems, pools, reports_unheld)
+            let observed = status::Observed::of(&st);
+            (plan, problems, pools, reports_unheld, observed)
         };
         self.record_allocations(&plan);
         self.hand_over(&mut plan);
@@ -457,9 +458,13 @@ impl Reconciler for EgressReconciler {
             ),
             pools,
             reports_unheld,
+            observed,
         };
         let list_view = statuses.list.clone();
-        if self.published.as_ref() != Some(&statuses) {
+        // The resync publishes again what the sink held back (see `kube_sink`'s module doc).
+        if self.published.as_ref() != Some(&statuses)
+            || (trigger.converge() && self.sink.held_back())
+        {
             match self.sink.publish_egresses(&statuses).await {
                 Ok(()) => self.published = Some(statuses),
                 // Retried by the runner (with the apply's failure first when both failed).

@@ -5,6 +5,7 @@
 //! ExternalIPPools whose usage it reports).
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -25,6 +26,41 @@ pub struct EgressStatuses {
     /// Whether this node also writes the status of the Egresses no node holds (see
     /// [`reports_unheld`]).
     pub reports_unheld: bool,
+    /// What the source last saw in each Egress's status, by name (empty with the `files`
+    /// source, which has no status).
+    pub observed: BTreeMap<String, Observed>,
+}
+
+/// An Egress's `status.egressIP` and `status.egressNode` as the source last saw them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// `status.egressIP`.
+    pub ip: Option<Ipv4Addr>,
+    /// `status.egressNode`.
+    pub node: Option<String>,
+}
+
+impl Observed {
+    /// Every Egress's, from the desired state.
+    pub fn of(st: &DesiredState) -> BTreeMap<String, Observed> {
+        st.egresses
+            .values()
+            .map(|e| {
+                let o = Observed {
+                    ip: e.recorded_ip,
+                    node: e.recorded_node.clone(),
+                };
+                (e.name.clone(), o)
+            })
+            .collect()
+    }
+
+    /// Whether `status` (an Egress's status as a node wrote or read it) says what this does.
+    pub fn agrees_with(&self, status: &Value) -> bool {
+        let ip = status["egressIP"].as_str().and_then(|s| s.parse().ok());
+        let node = status["egressNode"].as_str();
+        ip == self.ip && node == self.node.as_deref()
+    }
 }
 
 /// Whether `me` writes the status of the Egresses no node holds (no eligible node, no IP):
@@ -136,6 +172,12 @@ pub enum EgressStatusError {
 pub trait EgressStatusSink: Send + Sync {
     /// Publishes what this node reports of `statuses`.
     async fn publish_egresses(&self, statuses: &EgressStatuses) -> Result<(), EgressStatusError>;
+
+    /// Whether the last publish held a write back on purpose (not a failure): the runner's
+    /// next resync publishes again.
+    fn held_back(&self) -> bool {
+        false
+    }
 }
 
 /// The `files` source's sink: the whole `EgressList` in `<stateDir>/status/egresses.json`

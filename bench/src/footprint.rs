@@ -1,0 +1,344 @@
+//! `footprint`: what the agent costs a node, both dataplanes, with every controller on (the
+//! `files` source with seed 000's pool and Egress held by the node, NodePortLocal with a
+//! Service selecting the pods, ferrea's own service proxy, the membership among agents, the
+//! metrics endpoint):
+//!
+//! - `{dp}_rss_idle_mib`: the agent's resident memory once started and settled with no pod;
+//!   `{dp}_rss_peak_start_mib` its high-water mark (`VmHWM`) by then;
+//! - `{dp}_rss_100_pods_mib` with 100 pods added through the CNI binary, and
+//!   `{dp}_rss_per_pod_kib` the growth per pod; `{dp}_rss_peak_mib` the high-water mark after
+//!   the burst of ADDs;
+//! - `{dp}_cpu_idle_pct` and `{dp}_cpu_idle_100_pods_pct`: CPU time over 10 s of idling, as a
+//!   percentage of one core;
+//! - `{dp}_metric_rss_mib`: what the agent's own `ferrea_agent_process_resident_memory_bytes`
+//!   says at the same moment as `{dp}_rss_100_pods_mib` (read from `/proc`);
+//! - `ovs_daemons_rss_mib`: ovsdb-server and ovs-vswitchd together (the OVS dataplane's
+//!   switch, which the agent's figure leaves out);
+//! - `cni_add_*` and `bridge_add_*`: the cost of one ADD as a process, for ferrea-cni (which
+//!   hands the work to the agent) and for the reference `bridge` + `host-local` plugins (which
+//!   keep no daemon and do all of it in the process): the largest resident set of a plugin
+//!   process (`maxrss_kib`, host-local's included for the reference) and the CPU time per ADD
+//!   (`cpu_ms`), both from `getrusage(RUSAGE_CHILDREN)` in a fresh process that runs only those
+//!   plugins (see [`plugin_cost`]);
+//! - `bin_*_mib`: the release binaries' sizes.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ferrea_tests::cni::Attachment;
+use ferrea_tests::ctl::{self, sample};
+use ferrea_tests::manifests as m;
+use ferrea_tests::netns::{NetNs, enter_on_spawn};
+use ferrea_tests::{Dataplane, NodeOptions, SimNode};
+use nix::sys::resource::{UsageWho, getrusage};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Figures, REF_PLUGIN_DIR};
+
+/// Pods per node.
+const PODS: usize = 100;
+/// How long the agent idles before each reading.
+const SETTLE: Duration = Duration::from_secs(5);
+/// The window the idle CPU is measured over.
+const CPU_WINDOW: Duration = Duration::from_secs(10);
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// One plugin process to run in [`plugin_cost`]'s fresh process.
+#[derive(Serialize, Deserialize)]
+pub struct Job {
+    program: String,
+    env: Vec<(String, String)>,
+    stdin: String,
+    /// The namespace the plugin runs in (the node's).
+    netns: String,
+}
+
+/// What [`plugin_cost`] measured.
+#[derive(Serialize, Deserialize)]
+pub struct Cost {
+    maxrss_kib: i64,
+    cpu_ms: f64,
+    calls: usize,
+}
+
+/// The hidden `plugin-cost` entry: runs the jobs read from stdin one after the other and prints
+/// the resource usage of its children (this process runs nothing else, so the largest
+/// resident set is a plugin's).
+pub fn plugin_cost() -> anyhow::Result<()> {
+    let jobs: Vec<Job> = serde_json::from_reader(std::io::stdin()).context("reading the jobs")?;
+    for j in &jobs {
+        let mut cmd = Command::new(&j.program);
+        cmd.env_clear()
+            .envs(j.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        enter_on_spawn(&mut cmd, &j.netns)?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("running {}", j.program))?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(j.stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "{} failed: {}",
+                j.program,
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    let u = getrusage(UsageWho::RUSAGE_CHILDREN)?;
+    let cpu = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+    let cost = Cost {
+        maxrss_kib: u.max_rss(),
+        cpu_ms: (cpu(u.user_time()) + cpu(u.system_time())) / jobs.len().max(1) as f64,
+        calls: jobs.len(),
+    };
+    println!("{}", serde_json::to_string(&cost)?);
+    Ok(())
+}
+
+/// Runs `jobs` through a fresh `ferrea-bench plugin-cost`.
+fn measure_jobs(jobs: &[Job]) -> anyhow::Result<Cost> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("plugin-cost")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    serde_json::to_writer(child.stdin.take().expect("piped"), jobs)?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("plugin-cost failed");
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// (resident, high-water mark) of `pid` in bytes, from `/proc/<pid>/status`.
+fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| -> anyhow::Result<u64> {
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(key))
+            .with_context(|| format!("no {key} in /proc/{pid}/status"))?;
+        Ok(line
+            .split_whitespace()
+            .nth(1)
+            .context("a value")?
+            .parse::<u64>()?
+            * 1024)
+    };
+    Ok((kib("VmRSS:")?, kib("VmHWM:")?))
+}
+
+/// The CPU time of `pid` over [`CPU_WINDOW`], in percent of one core.
+fn cpu_pct(pid: u32) -> anyhow::Result<f64> {
+    let cpu = || {
+        ferrea_agent::metrics::process_stat(Some(pid))
+            .map(|s| s.0)
+            .context("reading the agent's /proc stat")
+    };
+    let before = cpu()?;
+    std::thread::sleep(CPU_WINDOW);
+    Ok(((cpu()? - before) / CPU_WINDOW.as_secs_f64() * 1000.0).round() / 10.0)
+}
+
+fn mib(b: u64) -> f64 {
+    (b as f64 / MIB * 10.0).round() / 10.0
+}
+
+/// Every controller on: see the module doc.
+fn options(dp: Dataplane) -> NodeOptions {
+    let mut o = NodeOptions::new(dp).pod_cidr("10.244.0.0/24");
+    o.extra_config = format!("serviceProxy: ferrea\n{}", m::npl_config("61000-62000"));
+    o
+}
+
+pub fn footprint(fig: &mut Figures) -> anyhow::Result<()> {
+    for bin in ["ferrea-agent", "ferrea-cni", "ferreactl"] {
+        let p = ferrea_tests::bin(bin);
+        let size = std::fs::metadata(&p)
+            .with_context(|| format!("{}", p.display()))?
+            .len();
+        fig.insert(
+            format!("bin_{}_mib", bin.replace('-', "_")),
+            json!(mib(size)),
+        );
+    }
+    let labels = [("app", "hello-world1")];
+    for dp in [Dataplane::Ebpf, Dataplane::Ovs] {
+        let mut sim = SimNode::start(options(dp))?;
+        m::write_file(
+            sim.node_mut(),
+            "egress.yaml",
+            &format!(
+                "{}\n---\n{}",
+                ferrea_tests::egress::SEED_POOL,
+                ferrea_tests::egress::SEED_EGRESS
+            ),
+        )?;
+        let pid = sim.node_mut().agent_pid().context("the agent runs")?;
+        std::thread::sleep(SETTLE);
+        let (idle, peak_start) = rss(pid)?;
+        let cpu_idle = cpu_pct(pid)?;
+        let pods = sim.add_pods_concurrently(PODS)?;
+        for p in &pods {
+            m::write_pod(&sim, &p.attachment().pod_name, &labels, &[])?;
+        }
+        m::write_service(
+            &sim,
+            "web",
+            true,
+            &labels,
+            &[m::ServicePort {
+                port: 80,
+                target_port: "8080",
+                protocol: "TCP",
+            }],
+        )?;
+        std::thread::sleep(SETTLE);
+        let (with_pods, peak) = rss(pid)?;
+        let (status, body) = ctl::http_get(sim.node_mut(), "/metrics")?;
+        if status != 200 {
+            bail!("{dp}: /metrics answered {status}");
+        }
+        let metric = sample(&body, "ferrea_agent_process_resident_memory_bytes", &[])
+            .context("no ferrea_agent_process_resident_memory_bytes in the scrape")?;
+        let cpu_pods = cpu_pct(pid)?;
+        let per_pod_kib = (with_pods.saturating_sub(idle) as f64 / 1024.0 / PODS as f64).round();
+        eprintln!(
+            "footprint {dp}: idle {} MiB (peak at start {} MiB), {PODS} pods {} MiB ({per_pod_kib} KiB a pod, peak {} MiB, the metric says {} MiB); CPU idle {cpu_idle}% / {cpu_pods}% with pods",
+            mib(idle),
+            mib(peak_start),
+            mib(with_pods),
+            mib(peak),
+            mib(metric as u64)
+        );
+        fig.insert(format!("{dp}_rss_idle_mib"), json!(mib(idle)));
+        fig.insert(format!("{dp}_rss_peak_start_mib"), json!(mib(peak_start)));
+        fig.insert(format!("{dp}_rss_100_pods_mib"), json!(mib(with_pods)));
+        fig.insert(format!("{dp}_rss_per_pod_kib"), json!(per_pod_kib));
+        fig.insert(format!("{dp}_rss_peak_mib"), json!(mib(peak)));
+        fig.insert(format!("{dp}_metric_rss_mib"), json!(mib(metric as u64)));
+        fig.insert(format!("{dp}_cpu_idle_pct"), json!(cpu_idle));
+        fig.insert(format!("{dp}_cpu_idle_100_pods_pct"), json!(cpu_pods));
+        if dp == Dataplane::Ovs {
+            let ovs = sim.node_mut().ovs().context("the OVS daemons")?;
+            let mut total = rss(ovs.ovsdb_pid())?.0;
+            if let Some(p) = ovs.vswitchd_pid() {
+                total += rss(p)?.0;
+            }
+            fig.insert("ovs_daemons_rss_mib".into(), json!(mib(total)));
+        }
+        if dp == Dataplane::Ebpf {
+            // ferrea-cni's own cost per ADD (the agent does the work), on this node.
+            let node_ns = sim.node_mut().ns().name().to_owned();
+            let cni = sim.node_mut().cni().clone();
+            let netns: Vec<NetNs> = (0..PODS)
+                .map(|_| NetNs::new("fpc"))
+                .collect::<Result<_, _>>()?;
+            let jobs: Vec<Job> = netns
+                .iter()
+                .map(|ns| {
+                    let att = Attachment::for_netns(ns.name());
+                    Job {
+                        program: ferrea_tests::bin("ferrea-cni").display().to_string(),
+                        env: cni_env("ADD", &att.container_id, &att.netns, &cni_path()),
+                        stdin: cni.config().to_string(),
+                        netns: node_ns.clone(),
+                    }
+                })
+                .collect();
+            let c = measure_jobs(&jobs)?;
+            record_cost(fig, "cni_add", &c);
+            for ns in &netns {
+                let att = Attachment::for_netns(ns.name());
+                cni.del(&att, None)?.expect_ok("ferrea DEL")?;
+            }
+        }
+        drop(pods);
+    }
+    // The reference plugins for the same number of pods, on a node namespace of their own.
+    let dir = tempfile::tempdir()?;
+    let node = NetNs::new("fpref")?;
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "ref",
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": true,
+        "ipMasq": false,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{ "subnet": "10.245.0.0/16" }]],
+            "dataDir": dir.path().join("host-local").display().to_string(),
+        },
+    })
+    .to_string();
+    let pods: Vec<NetNs> = (0..PODS)
+        .map(|_| NetNs::new("fpr"))
+        .collect::<Result<_, _>>()?;
+    let jobs: Vec<Job> = pods
+        .iter()
+        .map(|ns| Job {
+            program: format!("{REF_PLUGIN_DIR}/bridge"),
+            env: cni_env(
+                "ADD",
+                &format!("{}-ref", ns.name()),
+                &ns.path().display().to_string(),
+                Path::new(REF_PLUGIN_DIR),
+            ),
+            stdin: conf.clone(),
+            netns: node.name().to_owned(),
+        })
+        .collect();
+    let c = measure_jobs(&jobs)?;
+    record_cost(fig, "bridge_add", &c);
+    Ok(())
+}
+
+fn cni_path() -> std::path::PathBuf {
+    ferrea_tests::bin("ferrea-cni")
+        .parent()
+        .expect("bin dir")
+        .to_owned()
+}
+
+/// The CNI environment of one call, as a runtime sets it.
+fn cni_env(command: &str, id: &str, netns: &str, path: &Path) -> Vec<(String, String)> {
+    [
+        ("CNI_COMMAND", command.to_owned()),
+        ("CNI_CONTAINERID", id.to_owned()),
+        ("CNI_NETNS", netns.to_owned()),
+        ("CNI_IFNAME", "eth0".to_owned()),
+        ("CNI_PATH", path.display().to_string()),
+        (
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={id}"),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn record_cost(fig: &mut Figures, key: &str, c: &Cost) {
+    eprintln!(
+        "{key}: largest plugin process {} KiB, {:.2} ms CPU an ADD over {} ADDs",
+        c.maxrss_kib, c.cpu_ms, c.calls
+    );
+    fig.insert(format!("{key}_maxrss_kib"), json!(c.maxrss_kib));
+    fig.insert(
+        format!("{key}_cpu_ms"),
+        json!((c.cpu_ms * 100.0).round() / 100.0),
+    );
+}
