@@ -56,10 +56,6 @@ pub async fn serve(
 
 /// Lets a request through only if its connection's peer is root (`SO_PEERCRED`, which tonic
 /// reads at accept into [`UdsConnectInfo`]). A peer whose credentials are unknown is refused.
-#[expect(
-    clippy::result_large_err,
-    reason = "the signature tonic's interceptors have"
-)]
 fn require_root(req: Request<()>) -> Result<Request<()>, Status> {
     let cred = req
         .extensions()
