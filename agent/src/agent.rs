@@ -30,9 +30,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrea_proto::cni::v1::cni_server::CniServer;
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cni::server::{CniService, Readiness};
 use crate::cni::socket::{SocketError, bind_root_only};
@@ -160,13 +158,10 @@ pub async fn run_with(
     let metrics = Metrics::new();
     let (ready_tx, ready_rx) = watch::channel(Readiness::Starting(WAITING_FOR_NODE.into()));
     let listener = bind_root_only(&cfg.cni_socket, "binding CNI socket")?;
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(CniServer::new(
-                CniService::new(ready_rx.clone()).with_metrics(metrics.clone()),
-            ))
-            .serve_with_incoming(UnixListenerStream::new(listener)),
-    );
+    let server = tokio::spawn(crate::cni::server::serve(
+        listener,
+        CniService::new(ready_rx.clone()).with_metrics(metrics.clone()),
+    ));
     tracing::info!(socket = %cfg.cni_socket.display(), node = cfg.node_name(), dataplane = ?cfg.dataplane, "CNI server listening");
     let debug_socket = cfg.debug_socket();
     let debug_listener = crate::debug::service::bind(&debug_socket)?;

@@ -75,8 +75,17 @@ pub async fn forward(
     let resp = match tokio::time::timeout(timeouts.request, call).await {
         Ok(Ok(resp)) => resp.into_inner(),
         Ok(Err(status)) => {
+            // PERMISSION_DENIED (the caller is not root), OUT_OF_RANGE (a message beyond the
+            // agent's limit) and INVALID_ARGUMENT are the agent refusing this request, not
+            // failing at it; the message says why either way.
+            let verb = match status.code() {
+                tonic::Code::PermissionDenied
+                | tonic::Code::OutOfRange
+                | tonic::Code::InvalidArgument => "refused",
+                _ => "failed",
+            };
             return Err(CniError::internal(format!(
-                "ferrea-agent failed {}: {}",
+                "ferrea-agent {verb} {}: {}",
                 command.as_str(),
                 status.message()
             ))

@@ -62,7 +62,10 @@ pub fn run(get: impl Fn(&str) -> Option<String>, stdin: &[u8], timeouts: Timeout
 /// The process entry point: reads the real environment and stdin, prints, returns the exit code.
 pub fn run_process() -> ExitCode {
     let mut stdin = Vec::new();
-    let out = match std::io::stdin().read_to_end(&mut stdin) {
+    // One byte more than the limit is enough to tell an oversized configuration; the rest is
+    // never read into memory.
+    let limit = ferrea_proto::cni::MAX_NETWORK_CONFIG_BYTES as u64 + 1;
+    let out = match std::io::stdin().take(limit).read_to_end(&mut stdin) {
         Ok(_) => run(|k| std::env::var(k).ok(), &stdin, Timeouts::default()),
         Err(e) => Output {
             stdout: Some(
@@ -106,6 +109,12 @@ fn execute(
     ));
     if env.command == Command::Version {
         return Ok(Some(version_info(stdin)));
+    }
+    let max = ferrea_proto::cni::MAX_NETWORK_CONFIG_BYTES;
+    if stdin.len() > max {
+        return Err(CniError::invalid_config(format!(
+            "the network configuration on stdin is larger than {max} bytes (1 MiB), the most ferrea-cni forwards"
+        )));
     }
     let conf = config::parse(stdin)?;
     // CHECK exists since 0.4.0, STATUS and GC since 1.1.0 (libcni's skel refuses them likewise).
@@ -199,6 +208,29 @@ mod tests {
         let doc = out.stdout.unwrap();
         assert_eq!(doc["cniVersion"], "0.3.1");
         assert_eq!(doc["code"], 4);
+    }
+
+    #[test]
+    fn an_oversized_configuration_is_code_7() {
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        let pad = " ".repeat(ferrea_proto::cni::MAX_NETWORK_CONFIG_BYTES);
+        let out = run_with(
+            &vars,
+            &format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"t"}}{pad}"#),
+        );
+        assert!(!out.success);
+        let doc = out.stdout.unwrap();
+        assert_eq!(doc["code"], 7);
+        assert_eq!(doc["cniVersion"], "1.1.0");
+        assert!(
+            doc["msg"].as_str().unwrap().contains("1048576 bytes"),
+            "{doc}"
+        );
     }
 
     #[test]

@@ -372,6 +372,22 @@ async fn grpc_status_is_internal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_by_the_agent_says_so() {
+    let agent = start_agent(Reply::Status(Status::permission_denied(
+        "ferrea-agent's CNI socket serves only root; the calling process runs as uid 65534",
+    )));
+    let doc = assert_failed(
+        &plugin_async("ADD", POD_VARS, conf("1.1.0", &agent.socket)).await,
+        999,
+    );
+    assert_eq!(
+        doc["msg"],
+        "ferrea-agent refused ADD: ferrea-agent's CNI socket serves only root; the calling process runs as uid 65534"
+    );
+    assert_eq!(doc["details"], "gRPC status PermissionDenied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verbs_without_result_print_nothing() {
     let agent = start_agent(Reply::Result(serde_json::to_vec(&canned_result()).unwrap()));
     let del_vars = &[("CNI_CONTAINERID", "c0ffee"), ("CNI_IFNAME", "eth0")];

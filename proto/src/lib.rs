@@ -2,6 +2,15 @@
 
 /// `ferrea.cni.v1`: the CNI binary to agent contract.
 pub mod cni {
+    /// The largest network configuration (the plugin's stdin, `CniRequest.network_config`) the
+    /// plugin forwards and the agent accepts: 1 MiB. Real configurations, `prevResult`
+    /// included, are a few KiB.
+    pub const MAX_NETWORK_CONFIG_BYTES: usize = 1 << 20;
+
+    /// The largest encoded `CniRequest` the agent decodes: the configuration plus 64 KiB for the
+    /// CNI_* values. A larger message is refused (gRPC `OUT_OF_RANGE`) before it is decoded.
+    pub const MAX_REQUEST_BYTES: usize = MAX_NETWORK_CONFIG_BYTES + 64 * 1024;
+
     /// Version 1 of the CNI service.
     #[expect(
         missing_docs,

@@ -111,6 +111,17 @@ impl std::fmt::Display for CniOutput {
     }
 }
 
+/// How [`Cni::invoke_with`] runs the plugin beyond the attachment.
+#[derive(Clone, Debug, Default)]
+pub struct Invocation {
+    /// CNI_ARGS instead of the attachment's (`IgnoreUnknown=1;K8S_POD_NAMESPACE=...`).
+    pub cni_args: Option<String>,
+    /// Run as this uid (and the gid of the same number) instead of root. The child stays in
+    /// the caller's network namespace (entering the node's needs root); the agent's socket is
+    /// reached by its path from any.
+    pub uid: Option<u32>,
+}
+
 /// The parts of an ADD result the tests use.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AddResult {
@@ -234,6 +245,29 @@ impl Cni {
         att: Option<&Attachment>,
         stdin: &[u8],
     ) -> anyhow::Result<CniOutput> {
+        self.run_plugin(plugin, command, att, stdin, &Invocation::default())
+    }
+
+    /// Runs ferrea-cni like [`Cni::invoke`], changed as `how` says (other CNI_ARGS, another
+    /// user).
+    pub fn invoke_with(
+        &self,
+        command: &str,
+        att: Option<&Attachment>,
+        stdin: &[u8],
+        how: &Invocation,
+    ) -> anyhow::Result<CniOutput> {
+        self.run_plugin(&self.bin_dir.join("ferrea-cni"), command, att, stdin, how)
+    }
+
+    fn run_plugin(
+        &self,
+        plugin: &std::path::Path,
+        command: &str,
+        att: Option<&Attachment>,
+        stdin: &[u8],
+        how: &Invocation,
+    ) -> anyhow::Result<CniOutput> {
         let mut cmd = Command::new(plugin);
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -243,19 +277,27 @@ impl Cni {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(a) = att {
+            let args = how.cni_args.clone().unwrap_or_else(|| {
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
+                    a.pod_name, a.container_id
+                )
+            });
             cmd.env("CNI_CONTAINERID", &a.container_id)
                 .env("CNI_NETNS", &a.netns)
                 .env("CNI_IFNAME", &a.ifname)
-                .env(
-                    "CNI_ARGS",
-                    format!(
-                        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
-                        a.pod_name, a.container_id
-                    ),
-                );
+                .env("CNI_ARGS", args);
         }
-        if let Some(ns) = &self.node_ns {
-            crate::netns::enter_on_spawn(&mut cmd, ns)?;
+        match how.uid {
+            Some(uid) => {
+                use std::os::unix::process::CommandExt;
+                cmd.uid(uid).gid(uid);
+            }
+            None => {
+                if let Some(ns) = &self.node_ns {
+                    crate::netns::enter_on_spawn(&mut cmd, ns)?;
+                }
+            }
         }
         run_with_timeout(cmd, stdin, PLUGIN_TIMEOUT)
     }

@@ -45,9 +45,15 @@ impl RequestError {
             RequestError::InvalidConfig(_) => ErrorCode::InvalidNetworkConfig,
             RequestError::InvalidEnv(_) => ErrorCode::InvalidEnvironmentVariables,
             RequestError::Pod(PodError::UnknownContainer { .. }) => ErrorCode::UnknownContainer,
-            RequestError::Pod(PodError::PodNet(PodNetError::Netns { .. })) => {
+            RequestError::Pod(PodError::PodNet(
+                PodNetError::Netns { .. } | PodNetError::NotNetns { .. },
+            )) => ErrorCode::InvalidEnvironmentVariables,
+            RequestError::Pod(PodError::Refused { from_env: true, .. }) => {
                 ErrorCode::InvalidEnvironmentVariables
             }
+            RequestError::Pod(PodError::Refused {
+                from_env: false, ..
+            }) => ErrorCode::InvalidNetworkConfig,
             RequestError::Pod(PodError::Store(_)) => ErrorCode::IoFailure,
             RequestError::Pod(_) | RequestError::Internal(_) => ErrorCode::Internal,
         }
@@ -75,5 +81,23 @@ mod tests {
         }));
         assert_eq!(e.cni_code() as i32, 4);
         assert!(e.to_string().contains("/run/netns/gone"));
+        let e = RequestError::Pod(PodError::PodNet(PodNetError::NotNetns {
+            netns: "/run/netns/x".into(),
+            what: "is a directory on tmpfs, not a network namespace".into(),
+        }));
+        assert_eq!(e.cni_code() as i32, 4);
+        assert_eq!(
+            e.to_string(),
+            "CNI_NETNS /run/netns/x is a directory on tmpfs, not a network namespace"
+        );
+        let refused = |from_env| {
+            RequestError::Pod(PodError::Refused {
+                origin: "IP".into(),
+                reason: "no".into(),
+                from_env,
+            })
+            .cni_code() as i32
+        };
+        assert_eq!((refused(true), refused(false)), (4, 7));
     }
 }

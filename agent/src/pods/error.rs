@@ -2,6 +2,7 @@
 //! ([`crate::cni::error::RequestError::Pod`]) and maps it to a CNI code there.
 
 use crate::dataplane::DataplaneError;
+use crate::pods::check::CheckFailure;
 use crate::pods::ipam::IpamError;
 use crate::pods::podnet::PodNetError;
 use crate::pods::store::StoreError;
@@ -17,6 +18,19 @@ pub enum PodError {
         /// CNI_IFNAME.
         ifname: String,
     },
+    /// A value the runtime asked for (a static IP or MAC) cannot be had.
+    #[error("{origin} refused: {reason}")]
+    Refused {
+        /// How the runtime asked (`CNI_ARGS IP=10.0.0.5`).
+        origin: String,
+        /// Why not.
+        reason: String,
+        /// From CNI_ARGS (code 4) rather than the network configuration (code 7).
+        from_env: bool,
+    },
+    /// CHECK found the attachment not as `prevResult` describes it.
+    #[error("CHECK failed: {0}")]
+    Check(#[from] CheckFailure),
     /// IP allocation failed.
     #[error(transparent)]
     Ipam(#[from] IpamError),

@@ -20,6 +20,32 @@ pub enum IpamError {
         /// The pod CIDR.
         cidr: Ipv4Network,
     },
+    /// A requested address is outside the pod CIDR.
+    #[error("{ip} is outside this node's pod CIDR {cidr}")]
+    OutsideCidr {
+        /// The requested address.
+        ip: Ipv4Addr,
+        /// The pod CIDR.
+        cidr: Ipv4Network,
+    },
+    /// A requested address is one no pod may have.
+    #[error("{ip} is the {what} of pod CIDR {cidr}")]
+    Reserved {
+        /// The requested address.
+        ip: Ipv4Addr,
+        /// "network address", "gateway" or "broadcast address".
+        what: &'static str,
+        /// The pod CIDR.
+        cidr: Ipv4Network,
+    },
+    /// A requested address belongs to another attachment.
+    #[error("{ip} is already used by {owner}")]
+    InUse {
+        /// The requested address.
+        ip: Ipv4Addr,
+        /// The owner's key (`container/ifname`).
+        owner: String,
+    },
     /// The pod CIDR is too small to hold a gateway and a pod.
     #[error("pod CIDR {cidr} is too small (needs at least a /30)")]
     TooSmall {
@@ -114,6 +140,38 @@ impl Ipam {
         Err(IpamError::Exhausted { cidr: self.cidr })
     }
 
+    /// Allocates exactly `ip` for `owner` (a static address the runtime asked for). Fails when
+    /// it is outside the CIDR, its network, gateway or broadcast address, or owned by someone
+    /// else; an address `owner` already has is fine. The round-robin position is not moved.
+    pub fn allocate_exact(&mut self, ip: Ipv4Addr, owner: &str) -> Result<(), IpamError> {
+        let cidr = self.cidr;
+        if !cidr.contains(ip) {
+            return Err(IpamError::OutsideCidr { ip, cidr });
+        }
+        let what = if ip == cidr.network() {
+            Some("network address")
+        } else if ip == self.gateway() {
+            Some("gateway")
+        } else if ip == cidr.broadcast() {
+            Some("broadcast address")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Err(IpamError::Reserved { ip, what, cidr });
+        }
+        match self.used.get(&ip) {
+            Some(o) if o != owner => Err(IpamError::InUse {
+                ip,
+                owner: o.clone(),
+            }),
+            _ => {
+                self.used.insert(ip, owner.to_owned());
+                Ok(())
+            }
+        }
+    }
+
     /// Releases `ip`; releasing a free address is a no-op.
     pub fn release(&mut self, ip: Ipv4Addr) {
         self.used.remove(&ip);
@@ -162,6 +220,46 @@ mod tests {
         }
         assert_eq!(i.allocated(), 4);
         assert_eq!(i.allocate("again").unwrap(), a);
+    }
+
+    #[test]
+    fn exact_addresses_are_checked_and_kept_out_of_the_pool() {
+        let mut i = ipam("10.0.0.0/29");
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            i.allocate_exact(ip("10.0.1.3"), "a")
+                .unwrap_err()
+                .to_string(),
+            "10.0.1.3 is outside this node's pod CIDR 10.0.0.0/29"
+        );
+        for (a, what) in [
+            ("10.0.0.0", "network address"),
+            ("10.0.0.1", "gateway"),
+            ("10.0.0.7", "broadcast address"),
+        ] {
+            assert_eq!(
+                i.allocate_exact(ip(a), "a").unwrap_err(),
+                IpamError::Reserved {
+                    ip: ip(a),
+                    what,
+                    cidr: "10.0.0.0/29".parse().unwrap()
+                }
+            );
+        }
+        i.allocate_exact(ip("10.0.0.4"), "a").unwrap();
+        i.allocate_exact(ip("10.0.0.4"), "a").unwrap();
+        assert_eq!(
+            i.allocate_exact(ip("10.0.0.4"), "b")
+                .unwrap_err()
+                .to_string(),
+            "10.0.0.4 is already used by a"
+        );
+        // The pool hands out everything else, never the static address.
+        let got: Vec<Ipv4Addr> = (0..4)
+            .map(|n| i.allocate(&format!("p{n}")).unwrap())
+            .collect();
+        assert!(!got.contains(&ip("10.0.0.4")), "{got:?}");
+        assert!(i.allocate("x").is_err());
     }
 
     #[test]

@@ -15,16 +15,19 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
+pub mod check;
 pub mod error;
 pub mod ipam;
+pub mod netns;
 pub mod podnet;
 pub mod store;
 
 pub use error::PodError;
 
 use crate::dataplane::{Dataplane, NodeNetwork, PodEndpoint};
-use ipam::Ipam;
-use podnet::{PodNet, PodNetSpec};
+use check::PrevResult;
+use ipam::{Ipam, IpamError};
+use podnet::{PodNet, PodNetError, PodNetSpec};
 use store::{PodRecord, Store};
 
 /// What an ADD needs besides the attachment's identity.
@@ -40,6 +43,37 @@ pub struct AddArgs {
     pub pod_namespace: String,
     /// Pod name from CNI_ARGS.
     pub pod_name: String,
+}
+
+/// What an ADD asks for beyond an address from the pool ([`PodManager::add_with`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Requests {
+    /// The address the runtime asked for (CNI_ARGS `IP`, `args.cni.ips`, `runtimeConfig.ips`).
+    pub ip: Option<Requested<StaticIp>>,
+    /// The pod interface's MAC the runtime asked for (CNI_ARGS `MAC`, `args.cni.mac`,
+    /// `runtimeConfig.mac`).
+    pub mac: Option<Requested<[u8; 6]>>,
+}
+
+/// A value the runtime asked for, with how it said so (for errors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Requested<T> {
+    /// The value.
+    pub value: T,
+    /// How the runtime gave it, as errors quote it: `CNI_ARGS IP=10.244.1.9`,
+    /// `runtimeConfig.mac "02:00:00:00:00:01"`.
+    pub origin: String,
+    /// From the environment (CNI_ARGS: a refusal is code 4) or the configuration (code 7).
+    pub from_env: bool,
+}
+
+/// A static address: the IP, and the prefix length when the runtime gave one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaticIp {
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// Its prefix length, if the runtime wrote `ip/prefix`.
+    pub prefix_len: Option<u8>,
 }
 
 /// What reconciliation at start found and fixed.
@@ -168,20 +202,62 @@ impl PodManager {
         }
     }
 
-    /// CNI ADD. See the module doc for the contract.
+    /// CNI ADD with an address from the pool and the MAC derived from it. See the module doc
+    /// for the contract.
     pub async fn add(&self, args: &AddArgs) -> Result<PodRecord, PodError> {
+        self.add_with(args, &Requests::default()).await
+    }
+
+    /// CNI ADD with the static address and MAC in `req`, if any: honoured, or refused with
+    /// [`PodError::Refused`] naming the value and the reason (outside the pod CIDR, reserved,
+    /// used by another attachment; a repeated ADD asking for another value than it has).
+    pub async fn add_with(&self, args: &AddArgs, want: &Requests) -> Result<PodRecord, PodError> {
         let lock = self.lock_for(&args.container_id);
         let _held = lock.lock().await;
         let key = store::key(&args.container_id, &args.ifname);
         if let Some(rec) = self.record(&key) {
-            // Repeated ADD: same IP. If the plumbing is intact, just answer; otherwise rebuild
-            // it with the recorded identity.
-            if rec.netns == args.netns
-                && self.podnet.check(&self.spec(&rec)).await.is_ok()
-                && let Some(idx) = self.podnet.host_ifindex(&rec.host_ifname).await?
+            // A repeated ADD keeps the attachment's identity; one that asks for another
+            // address or MAC is refused rather than answered with what it did not ask for.
+            if let Some(req) = &want.ip
+                && req.value.ip != rec.ip
             {
-                self.dataplane.add_pod(&Self::endpoint(&rec, idx)).await?;
-                return Ok(rec);
+                return Err(refused(
+                    req,
+                    format!(
+                        "container {} already has {} on {} (DEL it first)",
+                        rec.container_id, rec.ip, rec.ifname
+                    ),
+                ));
+            }
+            if let Some(req) = &want.mac
+                && req.value != rec.pod_mac
+            {
+                return Err(refused(
+                    req,
+                    format!(
+                        "container {} already has MAC {} on {} (DEL it first)",
+                        rec.container_id,
+                        podnet::fmt_mac(&rec.pod_mac),
+                        rec.ifname
+                    ),
+                ));
+            }
+            // If the plumbing is intact, just answer; otherwise rebuild it with the recorded
+            // identity. A netns path that is no network namespace fails as such, without
+            // tearing anything down.
+            if rec.netns == args.netns {
+                match self.podnet.check(&self.spec(&rec)).await {
+                    Ok(()) => {
+                        if let Some(idx) = self.podnet.host_ifindex(&rec.host_ifname).await? {
+                            self.dataplane.add_pod(&Self::endpoint(&rec, idx)).await?;
+                            return Ok(rec);
+                        }
+                    }
+                    Err(e @ (PodNetError::NotNetns { .. } | PodNetError::Netns { .. })) => {
+                        return Err(e.into());
+                    }
+                    Err(_) => {}
+                }
             }
             self.teardown(&rec).await?;
             let rec = PodRecord {
@@ -191,9 +267,9 @@ impl PodManager {
             return self.store_and_plumb(rec).await;
         }
 
-        let ip = self.ipam.lock().expect("ipam lock").allocate(&key)?;
-        let (host_mac, pod_mac) = podnet::macs_for(ip);
-        let rec = PodRecord {
+        let ip = self.allocate(want.ip.as_ref(), &key)?;
+        let (host_mac, derived_mac) = podnet::macs_for(ip);
+        let mut rec = PodRecord {
             container_id: args.container_id.clone(),
             ifname: args.ifname.clone(),
             ip,
@@ -202,11 +278,84 @@ impl PodManager {
             netns: args.netns.clone(),
             host_ifname: podnet::host_ifname(&self.veth_prefix, &args.container_id, &args.ifname),
             host_mac,
-            pod_mac,
+            pod_mac: derived_mac,
             pod_namespace: args.pod_namespace.clone(),
             pod_name: args.pod_name.clone(),
         };
+        {
+            // The MAC is checked against the other attachments and the record entered in one
+            // critical section, so two ADDs asking for one MAC cannot both pass.
+            let mut recs = self.records.lock().expect("records lock");
+            if let Some(req) = &want.mac {
+                if let Err(reason) = mac_refusal(req.value, derived_mac, &key, &recs) {
+                    drop(recs);
+                    self.ipam.lock().expect("ipam lock").release(ip);
+                    return Err(refused(req, reason));
+                }
+                rec.pod_mac = req.value;
+            }
+            recs.insert(key, rec.clone());
+        }
         self.store_and_plumb(rec).await
+    }
+
+    /// The address for a new attachment: the requested one if it may be had, else the next
+    /// free one.
+    fn allocate(
+        &self,
+        want: Option<&Requested<StaticIp>>,
+        key: &str,
+    ) -> Result<Ipv4Addr, PodError> {
+        let Some(req) = want else {
+            return Ok(self.ipam.lock().expect("ipam lock").allocate(key)?);
+        };
+        let cidr = self.node.pod_cidr;
+        if let Some(p) = req.value.prefix_len
+            && p != cidr.prefix()
+        {
+            return Err(refused(
+                req,
+                format!("prefix length /{p} is not that of this node's pod CIDR {cidr}"),
+            ));
+        }
+        let res = self
+            .ipam
+            .lock()
+            .expect("ipam lock")
+            .allocate_exact(req.value.ip, key);
+        match res {
+            Ok(()) => Ok(req.value.ip),
+            Err(IpamError::InUse { owner, .. }) => Err(refused(
+                req,
+                format!("already used by {}", self.owner_name(&owner)),
+            )),
+            Err(IpamError::OutsideCidr { .. }) => {
+                Err(refused(req, format!("outside this node's pod CIDR {cidr}")))
+            }
+            Err(IpamError::Reserved { what, .. }) => {
+                Err(refused(req, format!("it is the {what} of pod CIDR {cidr}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// An attachment as errors name it: `container X (interface eth0, pod ns/name)`.
+    fn owner_name(&self, key: &str) -> String {
+        match self.record(key) {
+            Some(r) if !r.pod_name.is_empty() => format!(
+                "container {} (interface {}, pod {}/{})",
+                r.container_id,
+                r.ifname,
+                if r.pod_namespace.is_empty() {
+                    "default"
+                } else {
+                    &r.pod_namespace
+                },
+                r.pod_name
+            ),
+            Some(r) => format!("container {} (interface {})", r.container_id, r.ifname),
+            None => format!("attachment {key}"),
+        }
     }
 
     /// Writes the record and creates the interfaces and dataplane entries at the same time
@@ -365,8 +514,16 @@ impl PodManager {
         Ok(())
     }
 
-    /// CNI CHECK: the attachment must be recorded and its interfaces as configured.
-    pub async fn check(&self, container_id: &str, ifname: &str) -> Result<PodRecord, PodError> {
+    /// CNI CHECK: the attachment must be recorded and its interfaces, in `netns` (CNI_NETNS;
+    /// empty: the recorded one), as configured; with `prev` (the runtime's `prevResult`) the
+    /// interfaces, addresses and routes it lists must be there too ([`check::verify`]).
+    pub async fn check(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        netns: &str,
+        prev: Option<&PrevResult>,
+    ) -> Result<PodRecord, PodError> {
         let lock = self.lock_for(container_id);
         let _held = lock.lock().await;
         let key = store::key(container_id, ifname);
@@ -376,7 +533,20 @@ impl PodManager {
                 container_id: container_id.into(),
                 ifname: ifname.into(),
             })?;
-        self.podnet.check(&self.spec(&rec)).await?;
+        let netns = if netns.is_empty() {
+            rec.netns.clone()
+        } else {
+            netns.to_owned()
+        };
+        let spec = PodNetSpec {
+            netns: netns.clone(),
+            ..self.spec(&rec)
+        };
+        self.podnet.check(&spec).await?;
+        if let Some(prev) = prev {
+            let side = self.podnet.inspect(&netns, ifname).await?;
+            check::verify(prev, &rec, &netns, &side)?;
+        }
         Ok(rec)
     }
 
@@ -439,6 +609,50 @@ impl PodManager {
         self.notify();
         Ok(report)
     }
+}
+
+/// The refusal of a requested value.
+fn refused<T>(req: &Requested<T>, reason: String) -> PodError {
+    PodError::Refused {
+        origin: req.origin.clone(),
+        reason,
+        from_env: req.from_env,
+    }
+}
+
+/// Why `mac` may not be a new attachment's (`key`) MAC, given the MAC ferrea would derive for
+/// its address and the other attachments; `Ok` if it may.
+fn mac_refusal(
+    mac: [u8; 6],
+    derived: [u8; 6],
+    key: &str,
+    records: &HashMap<String, PodRecord>,
+) -> Result<(), String> {
+    if mac == derived {
+        return Ok(());
+    }
+    if mac == [0; 6] {
+        return Err("it is the all-zero address".into());
+    }
+    if mac[0] & 1 == 1 {
+        return Err("it is a multicast address".into());
+    }
+    if matches!(mac[..2], [0x0a, 0x58] | [0x0e, 0x58]) {
+        return Err(
+            "it is in the range ferrea derives pod and host MACs from (0a:58:<IP> and 0e:58:<IP>)"
+                .into(),
+        );
+    }
+    if let Some(r) = records
+        .values()
+        .find(|r| r.key() != key && (r.pod_mac == mac || r.host_mac == mac))
+    {
+        return Err(format!(
+            "already used by container {} (interface {})",
+            r.container_id, r.ifname
+        ));
+    }
+    Ok(())
 }
 
 /// This node's pods as Kubernetes knows them: each attachment that carries a pod identity
@@ -587,12 +801,12 @@ mod tests {
     async fn check_reports_unknown_and_broken_attachments() {
         let fx = Fx::new();
         let pm = fx.manager();
-        let e = pm.check("x", "eth0").await.unwrap_err();
+        let e = pm.check("x", "eth0", "", None).await.unwrap_err();
         assert!(matches!(e, PodError::UnknownContainer { .. }), "{e}");
         let a = pm.add(&args("a", "/ns/a")).await.unwrap();
-        pm.check("a", "eth0").await.unwrap();
+        pm.check("a", "eth0", "", None).await.unwrap();
         fx.pn.links.lock().unwrap().remove(&a.host_ifname);
-        assert!(pm.check("a", "eth0").await.is_err());
+        assert!(pm.check("a", "eth0", "", None).await.is_err());
     }
 
     #[tokio::test]
@@ -645,6 +859,137 @@ mod tests {
         let c = pm.add(&args("c", "/ns/b")).await.unwrap();
         assert_ne!(c.ip, a.ip);
         assert_eq!(pm.add(&args("a", "/ns/a")).await.unwrap().ip, a.ip);
+    }
+
+    fn with_ip(ip: &str) -> Requests {
+        Requests {
+            ip: Some(Requested {
+                value: StaticIp {
+                    ip: ip.parse().unwrap(),
+                    prefix_len: None,
+                },
+                origin: format!("CNI_ARGS IP={ip}"),
+                from_env: true,
+            }),
+            mac: None,
+        }
+    }
+
+    fn with_mac(mac: [u8; 6]) -> Requests {
+        Requests {
+            ip: None,
+            mac: Some(Requested {
+                value: mac,
+                origin: format!("CNI_ARGS MAC={}", podnet::fmt_mac(&mac)),
+                from_env: true,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn static_ips_are_honoured_or_refused_with_the_reason() {
+        let fx = Fx::new();
+        let pm = fx.manager();
+        let a = pm
+            .add_with(&args("a", "/ns/a"), &with_ip("10.244.1.77"))
+            .await
+            .unwrap();
+        assert_eq!(a.ip, Ipv4Addr::new(10, 244, 1, 77));
+        assert_eq!(fx.dp.pods.lock().unwrap()[&a.ip].ip, a.ip);
+        // A repeated ADD asking for the same address is answered; another address is refused.
+        assert_eq!(
+            pm.add_with(&args("a", "/ns/a"), &with_ip("10.244.1.77"))
+                .await
+                .unwrap(),
+            a
+        );
+        let e = pm
+            .add_with(&args("a", "/ns/a"), &with_ip("10.244.1.78"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("already has 10.244.1.77"), "{e}");
+        for (ip, why) in [
+            (
+                "10.244.1.77",
+                "already used by container a (interface eth0)",
+            ),
+            ("10.244.2.5", "outside this node's pod CIDR 10.244.1.0/24"),
+            ("10.244.1.1", "it is the gateway of pod CIDR 10.244.1.0/24"),
+            ("10.244.1.0", "it is the network address of pod CIDR"),
+            ("10.244.1.255", "it is the broadcast address of pod CIDR"),
+        ] {
+            let e = pm
+                .add_with(&args("b", "/ns/b"), &with_ip(ip))
+                .await
+                .unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("CNI_ARGS IP={ip} refused: {why}")),
+                "{e}"
+            );
+            assert!(matches!(e, PodError::Refused { from_env: true, .. }));
+        }
+        let mut p = with_ip("10.244.1.9");
+        p.ip.as_mut().unwrap().value.prefix_len = Some(16);
+        let e = pm.add_with(&args("b", "/ns/b"), &p).await.unwrap_err();
+        assert!(e.to_string().contains("prefix length /16"), "{e}");
+        // Nothing was kept for b; a pool allocation never hands out the static address.
+        assert_eq!(pm.records().len(), 1);
+        assert_eq!(pm.ipam.lock().unwrap().allocated(), 1);
+        for n in 0..100 {
+            let r = pm.add(&args(&format!("p{n}"), "/ns/b")).await.unwrap();
+            assert_ne!(r.ip, a.ip);
+        }
+        // After a restart the static address is still a's.
+        drop(pm);
+        let pm = fx.manager();
+        pm.reconcile().await.unwrap();
+        let e = pm
+            .add_with(&args("c", "/ns/b"), &with_ip("10.244.1.77"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("already used by container a"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn static_macs_are_honoured_or_refused_with_the_reason() {
+        let fx = Fx::new();
+        let pm = fx.manager();
+        let mac = [0x02, 0x42, 0xac, 0x11, 0x00, 0x02];
+        let a = pm
+            .add_with(&args("a", "/ns/a"), &with_mac(mac))
+            .await
+            .unwrap();
+        assert_eq!(a.pod_mac, mac);
+        assert_eq!(fx.dp.pods.lock().unwrap()[&a.ip].pod_mac, mac);
+        let spec = fx.pn.links.lock().unwrap()[&a.host_ifname]
+            .1
+            .clone()
+            .unwrap();
+        assert_eq!(spec.pod_mac, mac);
+        for (m, why) in [
+            (mac, "already used by container a"),
+            ([0x01, 0, 0x5e, 0, 0, 1], "multicast"),
+            ([0; 6], "all-zero"),
+            ([0x0a, 0x58, 10, 244, 1, 99], "the range ferrea derives"),
+            (a.host_mac, "the range ferrea derives"),
+        ] {
+            let e = pm
+                .add_with(&args("b", "/ns/b"), &with_mac(m))
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        let e = pm
+            .add_with(&args("a", "/ns/a"), &with_mac([2, 0, 0, 0, 0, 9]))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("already has MAC 02:42:ac:11:00:02"),
+            "{e}"
+        );
+        assert_eq!(pm.records().len(), 1);
+        assert_eq!(pm.ipam.lock().unwrap().allocated(), 1);
     }
 
     #[tokio::test]

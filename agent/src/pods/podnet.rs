@@ -17,13 +17,16 @@ use std::os::fd::AsRawFd;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::pods::netns::open_netns;
 
 /// Errors of pod plumbing.
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetError {
-    /// The pod's network namespace could not be opened (it vanished, or the path is wrong).
+    /// The pod's network namespace could not be opened or examined (permissions, I/O).
     #[error("pod network namespace {netns} cannot be opened: {source}")]
     Netns {
         /// CNI_NETNS.
@@ -31,6 +34,21 @@ pub enum PodNetError {
         /// The error.
         #[source]
         source: std::io::Error,
+    },
+    /// CNI_NETNS does not exist or is something other than a network namespace
+    /// ([`crate::pods::netns::open_netns`] says what).
+    #[error("CNI_NETNS {netns} {what}")]
+    NotNetns {
+        /// CNI_NETNS.
+        netns: String,
+        /// What the path is ("is an empty regular file on tmpfs, not a network namespace ...").
+        what: String,
+    },
+    /// The implementation cannot do this (a fake without it).
+    #[error("{op} is not supported by this pod network implementation")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
     },
     /// An interface with the pod-side name already exists in the pod's namespace.
     #[error("interface {ifname} already exists in pod network namespace {netns}")]
@@ -119,6 +137,37 @@ pub struct PodNetSpec {
     pub tx_checksum_offload: bool,
 }
 
+/// What is inside a pod's network namespace, as CHECK compares it with `prevResult`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodSide {
+    /// The interface named CNI_IFNAME, if it exists.
+    pub iface: Option<PodIface>,
+    /// The routes of the namespace's main table, both families.
+    pub routes: Vec<PodRoute>,
+}
+
+/// An interface inside a pod's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIface {
+    /// Its ifindex inside the namespace.
+    pub index: u32,
+    /// Its MAC, when it has an Ethernet address.
+    pub mac: Option<[u8; 6]>,
+    /// Its addresses with their prefix lengths.
+    pub addrs: Vec<IpNetwork>,
+}
+
+/// A route of a pod's main table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRoute {
+    /// The destination (`0.0.0.0/0` for the default route).
+    pub dst: IpNetwork,
+    /// The gateway, if any.
+    pub gateway: Option<IpAddr>,
+    /// The output interface's index, if any.
+    pub oif: Option<u32>,
+}
+
 /// Creates and removes pod interfaces. Linux implementation: [`NetlinkPodNet`].
 #[async_trait]
 pub trait PodNet: Send + Sync {
@@ -141,6 +190,14 @@ pub trait PodNet: Send + Sync {
 
     /// Whether the network namespace at `netns` still exists.
     fn netns_exists(&self, netns: &str) -> bool;
+
+    /// What the namespace at `netns` holds: the interface `ifname` (MAC, addresses) and the
+    /// main table's routes. Changes nothing. Fails like [`PodNet::check`] when `netns` is not a
+    /// network namespace; a missing interface is `iface: None`, not an error.
+    async fn inspect(&self, netns: &str, ifname: &str) -> Result<PodSide, PodNetError> {
+        let _ = (netns, ifname);
+        Err(PodNetError::Unsupported { op: "inspect" })
+    }
 }
 
 const ENODEV: i32 = libc::ENODEV;
@@ -266,13 +323,6 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, PodNetError> 
     }
 }
 
-fn open_netns(netns: &str) -> Result<File, PodNetError> {
-    File::open(netns).map_err(|source| PodNetError::Netns {
-        netns: netns.to_owned(),
-        source,
-    })
-}
-
 #[async_trait]
 impl PodNet for NetlinkPodNet {
     async fn create(&self, spec: &PodNetSpec) -> Result<u32, PodNetError> {
@@ -360,7 +410,65 @@ impl PodNet for NetlinkPodNet {
     }
 
     fn netns_exists(&self, netns: &str) -> bool {
-        std::path::Path::new(netns).exists()
+        crate::pods::netns::is_netns(netns)
+    }
+
+    async fn inspect(&self, netns: &str, ifname: &str) -> Result<PodSide, PodNetError> {
+        let ns = open_netns(netns)?;
+        let h = self.handle_in(&ns, netns, None).await?;
+        let mut side = PodSide::default();
+        let mut links = h.link().get().match_name(ifname.to_owned()).execute();
+        let link = match links.try_next().await {
+            Ok(l) => l,
+            Err(e) if nl_code(&e) == Some(ENODEV) => None,
+            Err(e) => return Err(nl_err("get link", ifname)(e)),
+        };
+        if let Some(m) = link {
+            let mac = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(v) => <[u8; 6]>::try_from(v.as_slice()).ok(),
+                _ => None,
+            });
+            let mut addrs = Vec::new();
+            let mut s = h
+                .address()
+                .get()
+                .set_link_index_filter(m.header.index)
+                .execute();
+            while let Some(a) = s
+                .try_next()
+                .await
+                .map_err(nl_err("list addresses", ifname))?
+            {
+                for attr in &a.attributes {
+                    if let netlink_packet_route::address::AddressAttribute::Address(ip) = attr
+                        && let Ok(n) = IpNetwork::new(*ip, a.header.prefix_len)
+                    {
+                        addrs.push(n);
+                    }
+                }
+            }
+            side.iface = Some(PodIface {
+                index: m.header.index,
+                mac,
+                addrs,
+            });
+        }
+        let v4 = h
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let v6 = h
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
+            .execute();
+        for mut s in [v4, v6] {
+            while let Some(m) = s.try_next().await.map_err(nl_err("list routes", "*"))? {
+                if let Some(r) = pod_route(&m) {
+                    side.routes.push(r);
+                }
+            }
+        }
+        Ok(side)
     }
 
     async fn check(&self, spec: &PodNetSpec) -> Result<(), PodNetError> {
@@ -400,6 +508,49 @@ impl PodNet for NetlinkPodNet {
             prefix_len: spec.prefix_len,
         }))
     }
+}
+
+/// A unicast route of the main table, or `None` for other tables and kinds (local, broadcast,
+/// multicast).
+fn pod_route(m: &netlink_packet_route::route::RouteMessage) -> Option<PodRoute> {
+    use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || m.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let addr = |a: &RouteAddress| match a {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    };
+    let unspecified = match m.header.address_family {
+        netlink_packet_route::AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    let mut dst = None;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = addr(d),
+            RouteAttribute::Gateway(g) => gateway = addr(g),
+            RouteAttribute::Oif(o) => oif = Some(*o),
+            _ => {}
+        }
+    }
+    let dst = IpNetwork::new(
+        dst.unwrap_or(unspecified),
+        m.header.destination_prefix_length,
+    )
+    .ok()?;
+    Some(PodRoute { dst, gateway, oif })
 }
 
 /// Host-side veth name for an attachment: `prefix` + hex of a hash of container ID and
