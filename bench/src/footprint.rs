@@ -21,6 +21,9 @@
 //!   (`cpu_ms`), both from `getrusage(RUSAGE_CHILDREN)` in a fresh process that runs only those
 //!   plugins (see [`plugin_cost`]);
 //! - `bin_*_mib`: the release binaries' sizes.
+//!
+//! The log names the agent's largest mappings by resident memory when idle (from
+//! `/proc/<pid>/smaps`), to show where the figure comes from.
 
 use std::io::Write;
 use std::path::Path;
@@ -140,6 +143,33 @@ fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((kib("VmRSS:")?, kib("VmHWM:")?))
 }
 
+/// The `n` mappings of `pid` with the most resident memory (`/proc/<pid>/smaps`), for the log:
+/// where the figure comes from.
+fn largest_mappings(pid: u32, n: usize) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut maps: Vec<(u64, String)> = Vec::new();
+    let mut name = String::new();
+    for l in text.lines() {
+        let mut f = l.split_whitespace();
+        match f.next() {
+            Some("Rss:") => {
+                let kib = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                maps.push((kib, name.clone()));
+            }
+            Some(first) if first.contains('-') && !first.ends_with(':') => {
+                name = l.split_whitespace().nth(5).unwrap_or("[anon]").to_owned();
+            }
+            _ => {}
+        }
+    }
+    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
+    maps.iter()
+        .take(n)
+        .map(|(kib, name)| format!("{name} {kib} KiB"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The CPU time of `pid` over [`CPU_WINDOW`], in percent of one core.
 fn cpu_pct(pid: u32) -> anyhow::Result<f64> {
     let cpu = || {
@@ -189,6 +219,10 @@ pub fn footprint(fig: &mut Figures) -> anyhow::Result<()> {
         let pid = sim.node_mut().agent_pid().context("the agent runs")?;
         std::thread::sleep(SETTLE);
         let (idle, peak_start) = rss(pid)?;
+        eprintln!(
+            "footprint {dp}: largest mappings idle: {}",
+            largest_mappings(pid, 6)
+        );
         let cpu_idle = cpu_pct(pid)?;
         let pods = sim.add_pods_concurrently(PODS)?;
         for p in &pods {
