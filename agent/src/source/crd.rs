@@ -152,9 +152,9 @@ pub struct Egress {
     /// recorded there): kept as long as the Egress and its pool allow. `None` when absent or
     /// not an IPv4 address.
     pub recorded_ip: Option<Ipv4Addr>,
-    /// `status.egressNode` as the Kubernetes API has it: the node that last recorded itself as
-    /// the holder. The holder compares it with its own view and writes again when another
-    /// agent's late write replaced it.
+    /// `status.egressNode` as the Kubernetes API has it (`None` when absent or empty): the node
+    /// that last recorded itself as the holder. The holder compares it with its own view and
+    /// writes again when another agent's late write replaced it.
     pub recorded_node: Option<String>,
 }
 
@@ -581,6 +581,7 @@ pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
         recorded_node: v
             .pointer("/status/egressNode")
             .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
             .map(str::to_owned),
     })
 }

@@ -11,9 +11,9 @@
 //!   a VLAN device. `vlan: 0` puts the IPs on the transport interface itself. Every
 //!   sub-interface ferrea creates carries the alias [`ALIAS`]; interfaces without it are never
 //!   touched, whatever their name;
-//! - the egress IPs with the pool's prefix length, and a gratuitous ARP for each IP when it is
-//!   assigned, so the gateway and neighbours learn the new holder at once (after a failover,
-//!   too);
+//! - the egress IPs with the pool's prefix length, and gratuitous ARPs for each IP when it is
+//!   assigned (three, 1.1 s apart: see [`GARP_SPACING`]), so the gateway and neighbours learn
+//!   the new holder at once (after a failover and a handover, too);
 //! - a route table per subnet ([`table_of`]): the subnet on the interface and a default route
 //!   via `subnetInfo.gateway`;
 //! - an `ip rule` per egress IP: `fwmark <id>/0xff lookup <table>`;
@@ -48,6 +48,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use rtnetlink::Handle;
 
@@ -281,9 +284,29 @@ pub struct EgressNode {
     record: PathBuf,
     /// What `record` holds, once read (it is written only when this changes).
     on_transport: Option<BTreeSet<(Ipv4Addr, u8)>>,
-    /// IPs already announced by gratuitous ARP while held.
-    announced: BTreeSet<Ipv4Addr>,
+    /// IPs announced by gratuitous ARP while held, and how far their announcements are.
+    announced: BTreeMap<Ipv4Addr, Announced>,
     rp: BTreeMap<String, RpFilterStatus>,
+}
+
+/// Gratuitous ARPs sent for each IP assigned: the first at once, the others
+/// [`GARP_SPACING`] apart.
+pub const GARP_REPEATS: u8 = 3;
+/// Longer than Linux's default neighbour `locktime` (1 s): a neighbour ignores a new MAC for an
+/// address within that time of its last update, and during a make-before-break handover the
+/// previous holder still answers for the IP, so a single announcement can be ignored by the
+/// gateway and its replies keep going to the previous holder after it let go (keepalived
+/// repeats its gratuitous ARPs for the same reason).
+pub const GARP_SPACING: Duration = Duration::from_millis(1100);
+
+/// Where the announcements of one held IP are.
+#[derive(Debug, Clone)]
+struct Announced {
+    ifindex: u32,
+    ifname: String,
+    mac: [u8; 6],
+    sent: u8,
+    last: Instant,
 }
 
 /// A held IP placed on an interface: (IP, ifindex, ifname).
@@ -327,7 +350,7 @@ impl EgressNode {
             has_dummy: None,
             record: state_dir.join("egress-addresses.json"),
             on_transport: None,
-            announced: BTreeSet::new(),
+            announced: BTreeMap::new(),
             rp: BTreeMap::new(),
         }
     }
@@ -422,6 +445,37 @@ impl EgressNode {
     }
 
     /// Brings the sub-interface `name`'s ARP sysctls to [`SUBIF_ARP`].
+    /// Sends the gratuitous ARPs that are due again (see [`GARP_REPEATS`]); returns how long
+    /// until the next one is, if any is left. Called on every pass of the Egress controller.
+    pub fn repeat_announcements(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        let mut next: Option<Duration> = None;
+        for (ip, a) in &mut self.announced {
+            if a.sent >= GARP_REPEATS {
+                continue;
+            }
+            let due = a.last + GARP_SPACING;
+            if due > now {
+                next = Some(next.map_or(due - now, |n| n.min(due - now)));
+                continue;
+            }
+            match self.kernel.garp.announce(a.ifindex, a.mac, *ip) {
+                Ok(()) => {
+                    tracing::debug!(%ip, interface = %a.ifname, n = a.sent + 1, "gratuitous ARP repeated")
+                }
+                Err(e) => {
+                    tracing::warn!(%ip, interface = %a.ifname, error = %error_chain(&e), "gratuitous ARP failed")
+                }
+            }
+            a.sent += 1;
+            a.last = now;
+            if a.sent < GARP_REPEATS {
+                next = Some(next.map_or(GARP_SPACING, |n| n.min(GARP_SPACING)));
+            }
+        }
+        next
+    }
+
     fn arp_settings(&self, name: &str) -> Result<(), NodeError> {
         for (k, want) in SUBIF_ARP {
             let key = crate::kernel::sysctl::conf_key(name, k);
@@ -601,14 +655,21 @@ impl EgressNode {
         for (h, idx, ifname) in &placed {
             let prefix = h.subnet.map_or(32, |s| s.prefix_len);
             let r = self.kernel.addresses.add(*idx, h.ip, prefix).await;
-            if r.is_ok() && !self.announced.contains(&h.ip) {
+            if r.is_ok() && !self.announced.contains_key(&h.ip) {
                 let mac = self.link(ifname).await?.and_then(|m| m.mac);
-                match mac.map(|mac| self.kernel.garp.announce(*idx, mac, h.ip)) {
-                    Some(Ok(())) => {
+                match mac.map(|mac| (mac, self.kernel.garp.announce(*idx, mac, h.ip))) {
+                    Some((mac, Ok(()))) => {
                         tracing::info!(ip = %h.ip, interface = %ifname, egress = %h.egress, "egress IP assigned; gratuitous ARP sent");
-                        self.announced.insert(h.ip);
+                        let a = Announced {
+                            ifindex: *idx,
+                            ifname: ifname.clone(),
+                            mac,
+                            sent: 1,
+                            last: Instant::now(),
+                        };
+                        self.announced.insert(h.ip, a);
                     }
-                    Some(Err(e)) => {
+                    Some((_, Err(e))) => {
                         tracing::warn!(ip = %h.ip, interface = %ifname, error = %error_chain(&e), "gratuitous ARP failed")
                     }
                     None => {
@@ -624,7 +685,7 @@ impl EgressNode {
             });
         }
         self.announced
-            .retain(|ip| placed.iter().any(|(h, _, _)| h.ip == *ip));
+            .retain(|ip, _| placed.iter().any(|(h, _, _)| h.ip == *ip));
         // Sub-interfaces (and the dummy) no held IP needs.
         for (name, m) in &own {
             let keep = if name == DUMMY_IFNAME {

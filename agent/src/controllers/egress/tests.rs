@@ -695,3 +695,30 @@ async fn the_sub_interface_answers_arp_only_for_its_egress_ips() {
         Some("1")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_assigned_ip_is_announced_three_times_past_the_neighbour_locktime() {
+    let fx = Fx::new();
+    let (tx, task) = fx.start(desired(&[pool(100), egress("web", 100, "10.172.100.5")]));
+    settle().await;
+    let garps = || {
+        fx.log
+            .events()
+            .iter()
+            .filter(|e| e.starts_with("garp 10.172.100.5 "))
+            .count()
+    };
+    assert_eq!(garps(), 1, "{:#?}", fx.log.events());
+    // The repeats are spaced past Linux's 1 s neighbour locktime, not sent in one burst.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(garps(), 1, "{:#?}", fx.log.events());
+    tokio::time::sleep(super::node::GARP_SPACING).await;
+    assert_eq!(garps(), 2, "{:#?}", fx.log.events());
+    tokio::time::sleep(super::node::GARP_SPACING * 2).await;
+    assert_eq!(garps(), 3);
+    // Then no more while the IP stays.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(garps(), usize::from(super::node::GARP_REPEATS));
+    drop(tx);
+    task.await.unwrap();
+}
