@@ -11,7 +11,8 @@
 //! starting point. That fits an agent that already runs a tokio runtime and wants one UDP
 //! socket and no background threads.
 //!
-//! **How it is driven.** One task owns the `Foca` instance, one tokio UDP socket (bound to the transport
+//! **How it is driven.** One task, on a thread and runtime of its own (so that no controller's
+//! work can delay an ack), owns the `Foca` instance, one tokio UDP socket (bound to the transport
 //! address at start, so a port in use fails the agent's start with the address) and a timer queue. It
 //! feeds foca the datagrams it receives, the timers foca asked for when they fall due, and
 //! every second an announce to a few known nodes (the `Node` objects' `InternalIP`s) that are
@@ -170,6 +171,13 @@ pub enum MembershipError {
         #[source]
         source: std::io::Error,
     },
+    /// Its thread or runtime could not be started.
+    #[error("starting the memberlist thread")]
+    Thread {
+        /// The system's answer.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What membership needs to start.
@@ -208,8 +216,8 @@ pub async fn start(
     desired: watch::Receiver<DesiredState>,
 ) -> Result<watch::Receiver<MemberView>, MembershipError> {
     let addr = SocketAddr::from((cfg.node_ip, cfg.port));
-    let socket = UdpSocket::bind(addr)
-        .await
+    let socket = std::net::UdpSocket::bind(addr)
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
         .map_err(|source| MembershipError::Bind { addr, source })?;
     let me = Member {
         name: cfg.node_name.clone(),
@@ -222,7 +230,24 @@ pub async fn start(
         damping_ms: cfg.damping.as_millis() as u64,
         members: Vec::new(),
     });
-    tokio::spawn(run(cfg, me, socket, desired, tx));
+    // A thread and runtime of its own: the controllers' work (an Egress apply loading the VLAN
+    // tagger, say) never delays an ack past the suspicion timeout, which would have the others
+    // declare this node down and move its IPs (seen in CI with debug builds on two cores).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| MembershipError::Thread { source })?;
+    std::thread::Builder::new()
+        .name("memberlist".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match UdpSocket::from_std(socket) {
+                    Ok(socket) => run(cfg, me, socket, desired, tx).await,
+                    Err(e) => tracing::error!(error = %e, "memberlist: the socket"),
+                }
+            })
+        })
+        .map_err(|source| MembershipError::Thread { source })?;
     Ok(rx)
 }
 
