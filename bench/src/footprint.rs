@@ -40,7 +40,7 @@ use nix::sys::resource::{UsageWho, getrusage};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Figures, REF_PLUGIN_DIR};
+use super::{Figures, REF_PLUGIN_DIR, Reference};
 
 /// Pods per node.
 const PODS: usize = 100;
@@ -303,21 +303,7 @@ pub fn footprint(fig: &mut Figures) -> anyhow::Result<()> {
     }
     // The reference plugins for the same number of pods, on a node namespace of their own.
     let dir = tempfile::tempdir()?;
-    let node = NetNs::new("fpref")?;
-    let conf = json!({
-        "cniVersion": "1.0.0",
-        "name": "ref",
-        "type": "bridge",
-        "bridge": "cni0",
-        "isGateway": true,
-        "ipMasq": false,
-        "ipam": {
-            "type": "host-local",
-            "ranges": [[{ "subnet": "10.245.0.0/16" }]],
-            "dataDir": dir.path().join("host-local").display().to_string(),
-        },
-    })
-    .to_string();
+    let reference = Reference::new(dir.path())?;
     let pods: Vec<NetNs> = (0..PODS)
         .map(|_| NetNs::new("fpr"))
         .collect::<Result<_, _>>()?;
@@ -331,8 +317,8 @@ pub fn footprint(fig: &mut Figures) -> anyhow::Result<()> {
                 &ns.path().display().to_string(),
                 Path::new(REF_PLUGIN_DIR),
             ),
-            stdin: conf.clone(),
-            netns: node.name().to_owned(),
+            stdin: reference.conf.clone(),
+            netns: reference.node.name().to_owned(),
         })
         .collect();
     let c = measure_jobs(&jobs)?;

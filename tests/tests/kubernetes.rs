@@ -125,24 +125,18 @@ fn crds_serve_the_seed_manifests_with_antreas_columns_and_status() {
 
     // The status subresource: status is written through it (without bumping the generation)...
     assert_eq!(jsonpath(&api, "eg", EGRESS, ".metadata.generation"), "1");
-    api.kubectl_ok(&[
-        "patch",
+    patch_status(
+        &api,
         "egress",
         EGRESS,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
         r#"{"status":{"egressIP":"10.172.170.1","egressNode":"node-1"}}"#,
-    ]);
-    api.kubectl_ok(&[
-        "patch",
+    );
+    patch_status(
+        &api,
         "externalippool",
         POOL,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
         r#"{"status":{"usage":{"total":199,"used":1}}}"#,
-    ]);
+    );
     assert_eq!(
         jsonpath(&api, "eg", EGRESS, ".status.egressIP"),
         "10.172.170.1"
@@ -422,6 +416,19 @@ fn assert_rbac_sufficed(node: &mut Node) {
 fn egress_json(api: &ApiServer) -> serde_json::Value {
     let out = api.kubectl_ok(&["get", "eg", EGRESS, "-o", "json"]);
     serde_json::from_str(&out).expect("kubectl -o json")
+}
+
+/// A JSON merge patch of `body` onto the `status` subresource of `kind`/`name`.
+fn patch_status(api: &ApiServer, kind: &str, name: &str, body: &str) {
+    api.kubectl_ok(&[
+        "patch",
+        kind,
+        name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        body,
+    ]);
 }
 
 /// The condition `kind` of an Egress status.
@@ -908,15 +915,7 @@ fn kubernetes_cluster_of_three_nodes(dp: Dataplane) {
     // had the deleted node's agent write last): the holder sees it through its watch and
     // writes its status back.
     let late = format!(r#"{{"status":{{"egressNode":"{holder}"}}}}"#);
-    api.kubectl_ok(&[
-        "patch",
-        "egress",
-        EGRESS,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &late,
-    ]);
+    patch_status(&api, "egress", EGRESS, &late);
     let (back, _, took) = wait_egress_holder(&api, Some(&holder), Duration::from_secs(5));
     assert_eq!(back, new_holder, "the holder wrote its status back");
     eprintln!("a late write naming {holder} replaced by {back} after {took:?}");

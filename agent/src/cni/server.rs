@@ -746,6 +746,23 @@ impl Cni for CniService {
 mod tests {
     use super::*;
 
+    /// The record of a pod at 10.244.1.5/24 on `eth0`.
+    fn record() -> PodRecord {
+        PodRecord {
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            ip: "10.244.1.5".parse().unwrap(),
+            prefix_len: 24,
+            gateway: "10.244.1.1".parse().unwrap(),
+            netns: "/run/netns/p".into(),
+            host_ifname: "fe0123456789abc".into(),
+            host_mac: [0x0e, 0x58, 10, 244, 1, 5],
+            pod_mac: [0x0a, 0x58, 10, 244, 1, 5],
+            pod_namespace: String::new(),
+            pod_name: String::new(),
+        }
+    }
+
     #[test]
     fn netconf_errors_have_the_right_codes() {
         let code = |b: &[u8]| parse_netconf(b).unwrap_err().cni_code() as i32;
@@ -877,19 +894,7 @@ mod tests {
         let e = prev_result(&conf(json!({}))).unwrap_err();
         assert_eq!(e.cni_code() as i32, 7);
         assert!(e.to_string().contains("CHECK needs `prevResult`"), "{e}");
-        let rec = PodRecord {
-            container_id: "c".into(),
-            ifname: "eth0".into(),
-            ip: "10.244.1.5".parse().unwrap(),
-            prefix_len: 24,
-            gateway: "10.244.1.1".parse().unwrap(),
-            netns: "/run/netns/p".into(),
-            host_ifname: "fe0123456789abc".into(),
-            host_mac: [0x0e, 0x58, 10, 244, 1, 5],
-            pod_mac: [0x0a, 0x58, 10, 244, 1, 5],
-            pod_namespace: String::new(),
-            pod_name: String::new(),
-        };
+        let rec = record();
         // Our own result decodes to what it says, also in the 0.4.0 shape ("version" keys).
         let mut result = cni_result(&rec);
         let p = prev_result(&conf(json!({ "prevResult": result.clone() }))).unwrap();
@@ -1154,19 +1159,7 @@ mod tests {
 
     #[test]
     fn result_has_the_1_1_0_shape() {
-        let rec = PodRecord {
-            container_id: "c".into(),
-            ifname: "eth0".into(),
-            ip: "10.244.1.5".parse().unwrap(),
-            prefix_len: 24,
-            gateway: "10.244.1.1".parse().unwrap(),
-            netns: "/run/netns/p".into(),
-            host_ifname: "fe0123456789abc".into(),
-            host_mac: [0x0e, 0x58, 10, 244, 1, 5],
-            pod_mac: [0x0a, 0x58, 10, 244, 1, 5],
-            pod_namespace: String::new(),
-            pod_name: String::new(),
-        };
+        let rec = record();
         let v = cni_result(&rec);
         assert_eq!(v["ips"][0]["address"], "10.244.1.5/24");
         assert_eq!(v["ips"][0]["interface"], 1);

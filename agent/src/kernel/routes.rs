@@ -82,6 +82,18 @@ impl NodeRoute {
     }
 }
 
+/// The table a route is in: its `RTA_TABLE` attribute (tables above 255 have only that), or
+/// the header's byte.
+pub fn table_of(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
 fn dst_of(m: &RouteMessage) -> Option<Ipv4Network> {
     m.attributes.iter().find_map(|a| match a {
         RouteAttribute::Destination(RouteAddress::Inet(ip)) => {

@@ -514,14 +514,7 @@ impl PodNet for NetlinkPodNet {
 /// multicast).
 fn pod_route(m: &netlink_packet_route::route::RouteMessage) -> Option<PodRoute> {
     use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
-    let table = m
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(m.header.table));
+    let table = crate::kernel::routes::table_of(m);
     if table != u32::from(RouteHeader::RT_TABLE_MAIN) || m.header.kind != RouteType::Unicast {
         return None;
     }

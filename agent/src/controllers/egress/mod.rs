@@ -370,7 +370,7 @@ impl Reconciler for EgressReconciler {
             self.ctx.metrics.rp_filter_restored(restored.len());
             self.last_rp_check = Instant::now();
         }
-        self.node.repeat_announcements();
+        let announce_in = self.node.repeat_announcements();
         // Computed under the borrow: the desired state is not copied on every wake-up.
         let members = self.members.as_ref().map(|m| m.borrow().clone());
         let live = members.as_ref().and_then(MemberView::eligible);
@@ -495,7 +495,7 @@ impl Reconciler for EgressReconciler {
                     .releasing
                     .values()
                     .map(|(_, d)| d.saturating_duration_since(Instant::now()))
-                    .chain(self.node.repeat_announcements())
+                    .chain(announce_in)
                     .min()
                     .map_or(TICK, |d| d.clamp(Duration::from_millis(10), TICK));
                 Ok(Action::Requeue(next))

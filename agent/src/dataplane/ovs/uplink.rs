@@ -191,14 +191,7 @@ pub async fn routes(h: &Handle, idx: u32) -> Result<Vec<SavedRoute>, UplinkError
         .await
         .map_err(err("listing the routes through", format!("ifindex {idx}")))?
     {
-        let table = m
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(u32::from(m.header.table));
+        let table = crate::kernel::routes::table_of(&m);
         let oif = m.attributes.iter().find_map(|a| match a {
             RouteAttribute::Oif(i) => Some(*i),
             _ => None,
