@@ -68,16 +68,27 @@ pub const TUNNEL_IFNAME: &str = "ferrea-tun0";
 /// programs set the remote per packet.
 pub const TUNNEL_VNI: u32 = 0;
 
-/// The mask of the fwmark bits ferrea's Egress uses: the low 8 bits carry an Egress id
-/// (1..=255), so marks other software sets in higher bits (kube-proxy's 0x4000/0x8000, say)
-/// neither disturb nor are disturbed.
-pub const EGRESS_MARK_MASK: u32 = 0xff;
+/// An Egress id: one per egress IP in the cluster, 1..=[`ferrea_common::EGRESS_ID_MAX`]. It
+/// is the VNI that carries a steered pod's packets to the egress node and, there, the fwmark
+/// bits ([`egress_mark`]) that pick the IP's SNAT and route table.
+pub type EgressId = u16;
+
+/// The mask of the fwmark bits ferrea's Egress uses: the upper 16 bits carry an Egress id, so
+/// marks other software sets in the lower bits (kube-proxy's 0x4000/0x8000, ferrea's own
+/// service masquerade mark) neither disturb nor are disturbed.
+pub const EGRESS_MARK_MASK: u32 = ferrea_common::EGRESS_MARK_MASK;
+
+/// The fwmark value of Egress `id` (within [`EGRESS_MARK_MASK`]).
+pub fn egress_mark(id: EgressId) -> u32 {
+    u32::from(id) << ferrea_common::EGRESS_MARK_SHIFT
+}
 
 /// The source MAC by which the OVS backend tells the node's stack that a packet it hands to
 /// the gateway port belongs to Egress `id` (the userspace datapath cannot pass a packet mark
-/// through a tap device). ferrea's nftables table turns it into the fwmark `id`.
-pub fn egress_marker_mac(id: u8) -> [u8; 6] {
-    [0x0a, 0xfe, 0x00, 0x00, 0x00, id]
+/// through a tap device). ferrea's nftables table turns it into the fwmark of `id`.
+pub fn egress_marker_mac(id: EgressId) -> [u8; 6] {
+    let [hi, lo] = id.to_be_bytes();
+    [0x0a, 0xfe, 0x00, 0x00, hi, lo]
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 //! Topology (namespaces made here and deleted on drop, also on failure):
 //! - N, the node under test: `eth0` 172.18.0.11/24 (transport) to U; `ferrea-tun0` (VXLAN,
 //!   external mode) made by the dataplane; pods A (10.244.1.5, steered) and B (10.244.1.6);
-//!   two veths to X: `eg0`, where policy routing sends packets marked with Egress id 9
-//!   (`ip rule fwmark 9/0xff lookup 109`), and `eg1`, the main table's route to 198.51.100.0/24.
-//! - U, the "other node" (172.18.0.12): plain VXLAN devices with fixed VNIs 0, 9 and 77 that
+//!   two veths to X: `eg0`, where policy routing sends packets marked with Egress id 777
+//!   (`ip rule fwmark 0x3090000/0xffff0000 lookup 109`: ids are 16 bits, in the mark's upper half), and `eg1`, the main table's route to 198.51.100.0/24.
+//! - U, the "other node" (172.18.0.12): plain VXLAN devices with fixed VNIs 0, 777 and 77 that
 //!   send tunnelled packets to N as another node's pod 10.244.2.5 would; its `eth0` is where
 //!   the steered packets are captured.
 //! - X, the capture point behind N's egress routes.
@@ -19,7 +19,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use common::{BpffsGuard, GATEWAY, endpoint, veth_pod};
 use ferrea_agent::config::TunnelType;
 use ferrea_agent::dataplane::ebpf::{EbpfDataplane, PinLayout};
@@ -38,12 +38,13 @@ const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 6);
 /// The other node's pod that sends through U's VXLAN devices.
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 5);
-/// Destinations outside the cluster, one per VNI U sends with: 9 (held), 77 (unknown), 0.
+/// Destinations outside the cluster, one per VNI U sends with: 777 (held), 77 (unknown), 0.
 const EXT_HELD: &str = "198.51.100.1";
 const EXT_UNKNOWN: &str = "198.51.100.2";
 const EXT_VNI0: &str = "198.51.100.3";
-const STEER_ID: u8 = 7;
-const HELD_ID: u8 = 9;
+const STEER_ID: u16 = 7;
+/// Past 255, the old limit of 8-bit ids.
+const HELD_ID: u16 = 777;
 
 struct Lab {
     n: NetNs,
@@ -79,9 +80,16 @@ fn lab() -> Lab {
         ns.ip(&["addr", "add", addr, "dev", dev]).unwrap();
         ns.ip(&["link", "set", dev, "up"]).unwrap();
     }
-    // Marked with Egress id 9: table 109 via eg0. Everything else to 198.51.100.0/24: eg1.
+    // Marked with Egress id 777: table 109 via eg0. Everything else to 198.51.100.0/24: eg1.
     n.ip(&[
-        "rule", "add", "pref", "100", "fwmark", "9/0xff", "lookup", "109",
+        "rule",
+        "add",
+        "pref",
+        "100",
+        "fwmark",
+        "0x3090000/0xffff0000",
+        "lookup",
+        "109",
     ])
     .unwrap();
     n.ip(&[
@@ -106,7 +114,7 @@ fn lab() -> Lab {
         .unwrap();
     for (dev, vni, mac) in [
         ("vx0", "0", "02:aa:00:00:00:00"),
-        ("vx9", "9", "02:aa:00:00:00:09"),
+        ("vx777", "777", "02:aa:00:00:07:77"),
         ("vx77", "77", "02:aa:00:00:00:77"),
     ] {
         u.ip(&[
@@ -134,7 +142,7 @@ fn lab() -> Lab {
     for (dst, dev) in [
         ("10.244.1.0/24", "vx0"),
         (EXT_VNI0, "vx0"),
-        (EXT_HELD, "vx9"),
+        (EXT_HELD, "vx777"),
         (EXT_UNKNOWN, "vx77"),
     ] {
         u.ip(&[
@@ -151,7 +159,7 @@ fn lab() -> Lab {
     for (ip, dev) in [
         ("10.244.1.5", "vx0"),
         (EXT_VNI0, "vx0"),
-        (EXT_HELD, "vx9"),
+        (EXT_HELD, "vx777"),
         (EXT_UNKNOWN, "vx77"),
     ] {
         u.ip(&[
@@ -239,8 +247,8 @@ fn map_view(pin: &Path) -> MapView {
         BpfHashMap::try_from(Map::HashMap(open(ferrea_common::MAP_EGRESS_STEER))).unwrap();
     let exempt: LpmTrie<MapData, u32, u32> =
         LpmTrie::try_from(Map::LpmTrie(open(ferrea_common::MAP_EGRESS_EXEMPT))).unwrap();
-    let held: Array<MapData, u32> =
-        Array::try_from(Map::Array(open(ferrea_common::MAP_EGRESS_HELD))).unwrap();
+    let held: BpfHashMap<MapData, u32, u32> =
+        BpfHashMap::try_from(Map::HashMap(open(ferrea_common::MAP_EGRESS_HELD))).unwrap();
     let mut s: Vec<_> = steer
         .iter()
         .map(|r| r.unwrap())
@@ -253,9 +261,8 @@ fn map_view(pin: &Path) -> MapView {
         .map(|(k, _): (LpmKey<u32>, u32)| (Ipv4Addr::from(k.data().to_ne_bytes()), k.prefix_len()))
         .collect();
     e.sort();
-    let h = (0..ferrea_common::EGRESS_IDS)
-        .filter(|i| held.get(i, 0).unwrap() != 0)
-        .collect();
+    let mut h: Vec<u32> = held.keys().map(|k| k.unwrap()).collect();
+    h.sort_unstable();
     MapView {
         steer: s,
         exempt: e,
@@ -431,7 +438,7 @@ async fn run(l: &Lab, pin: &Path, dp: EbpfDataplane, net: NodeNetwork, tun: u32)
         "B's packet did not take the normal path: {got:#?}"
     );
 
-    // Held: VNI 9 from U gets fwmark 9 (policy routing sends it to eg0, never eg1).
+    // Held: VNI 777 from U gets Egress 777's fwmark (policy routing sends it to eg0, never eg1).
     let (marked, unmarked) = arrivals_at_x(l, EXT_HELD);
     assert!(
         !marked.is_empty() && unmarked.is_empty(),
@@ -469,9 +476,16 @@ async fn run(l: &Lab, pin: &Path, dp: EbpfDataplane, net: NodeNetwork, tun: u32)
     ] {
         std::fs::remove_file(layout.maps_dir().join(m)).unwrap();
     }
+    // The older build's 256-id array, pinned under its old name: unpinned by the upgrade.
+    let obsolete = layout.maps_dir().join(ferrea_common::OBSOLETE_MAP_PINS[0]);
+    MapData::from_pin(layout.maps_dir().join(ferrea_common::MAP_COUNTERS))
+        .unwrap()
+        .pin(&obsolete)
+        .unwrap();
     common::pretend_programs_of_another_build(&layout);
     let dp = EbpfDataplane::new(pin).unwrap();
     dp.init_node(&net).await.unwrap();
+    assert!(!obsolete.exists(), "the obsolete pin {obsolete:?} was left");
     let empty = MapView {
         steer: vec![],
         exempt: vec![],
@@ -489,7 +503,7 @@ async fn run(l: &Lab, pin: &Path, dp: EbpfDataplane, net: NodeNetwork, tun: u32)
         panic!("overlay broken after the upgrade: {lines:#?}");
     }
 
-    // Nothing held or steered any more: VNI 9 is dropped, A's packets take the normal path.
+    // Nothing held or steered any more: VNI 777 is dropped, A's packets take the normal path.
     dp.set_egress(&plan(false, false)).await.unwrap();
     assert_eq!(map_view(pin), expected_view(false, false, tun));
     let (marked, unmarked) = arrivals_at_x(l, EXT_HELD);

@@ -30,12 +30,14 @@ fn held() -> Vec<HeldIp> {
                 prefix_len: 24,
                 vlan: 100,
             }),
+            bandwidth: None,
         },
         HeldIp {
             ip: Ipv4Addr::new(192, 0, 2, 9),
             id: 8,
             egress: "no-subnet".into(),
             subnet: None,
+            bandwidth: None,
         },
     ]
 }
@@ -150,7 +152,10 @@ fn egress_node_holds_ips_and_cleans_up_only_its_own() {
     );
     let rules = ferrea_rules(&node).unwrap();
     assert_eq!(rules.lines().count(), 1, "{rules}");
-    assert!(rules.contains("fwmark 0x7/0xff lookup 20100"), "{rules}");
+    assert!(
+        rules.contains("fwmark 0x70000/0xffff0000 lookup 20100"),
+        "{rules}"
+    );
     let table = node.ip(&["route", "show", "table", "20100"]).unwrap();
     assert!(
         table.contains("default via 10.172.170.254 dev ferrea-ext.100"),

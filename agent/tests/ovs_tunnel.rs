@@ -800,7 +800,7 @@ fn ovs_egress_steers_by_vni_and_holds_with_the_marker_mac() {
         exempt: egress_exempt(),
         held: vec![],
     };
-    let held = |ids: Vec<u8>| EgressPlan {
+    let held = |ids: Vec<u16>| EgressPlan {
         steer: vec![],
         exempt: egress_exempt(),
         held: ids,

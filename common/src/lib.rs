@@ -69,13 +69,24 @@ pub const MAP_EGRESS_STEER: &str = "FERREA_EG_STEER";
 /// Name of the LPM map of destinations that are never egress traffic (key: prefix length +
 /// IPv4 network, network byte order; value: unused `u32`).
 pub const MAP_EGRESS_EXEMPT: &str = "FERREA_EG_EXEMPT";
-/// Name of the array of Egress ids whose IP this node holds (index: the id, 0..=255; value:
-/// non-zero if held). Tunnelled packets with that VNI get the id as their fwmark.
-pub const MAP_EGRESS_HELD: &str = "FERREA_EG_HELD";
+/// Name of the hash map of the Egress ids whose IP this node holds (key: the id, 1..=65535;
+/// value: non-zero). Tunnelled packets with that VNI get the id in their fwmark.
+pub const MAP_EGRESS_HELD: &str = "FERREA_EG_IDS";
+/// Pins older builds made that this one no longer declares (`FERREA_EG_HELD` was an array of
+/// 256 ids): removed when the programs load, so nothing of an upgraded node is left behind.
+pub const OBSOLETE_MAP_PINS: &[&str] = &["FERREA_EG_HELD"];
 /// Maximum number of exempt destination prefixes.
 pub const MAX_EGRESS_EXEMPT: u32 = MAX_NODES + 256;
-/// Number of Egress ids (the low 8 bits of the fwmark; id 0 means "no Egress").
-pub const EGRESS_IDS: u32 = 256;
+/// Largest Egress id: ids are 16 bits (id 0 means "no Egress"), one per egress IP in the
+/// cluster.
+pub const EGRESS_ID_MAX: u32 = 0xffff;
+/// Egress IPs one node can hold at once (Antrea allows 255 per node).
+pub const MAX_EGRESS_HELD: u32 = 4096;
+/// Where an Egress id sits in `skb->mark`: the upper 16 bits, clear of the bits kube-proxy
+/// (0x4000, 0x8000) and ferrea's service masquerade mark use.
+pub const EGRESS_MARK_SHIFT: u32 = 16;
+/// The fwmark bits that carry an Egress id.
+pub const EGRESS_MARK_MASK: u32 = EGRESS_ID_MAX << EGRESS_MARK_SHIFT;
 
 /// Where a steered pod's packets go: the node holding its Egress IP.
 #[repr(C)]
@@ -84,7 +95,7 @@ pub struct EgressSteer {
     /// Transport address of the egress node (the tunnel's outer destination), network byte
     /// order.
     pub node_ip: u32,
-    /// The Egress id (1..=255): the VNI on the wire.
+    /// The Egress id (1..=[`EGRESS_ID_MAX`]): the VNI on the wire.
     pub id: u32,
     /// Index of the tunnel device the pod's packets are redirected to.
     pub tun_ifindex: u32,

@@ -15,6 +15,7 @@
 # What is in the image, and why:
 #   /usr/local/bin/ferrea-agent, ferrea-cni   the agent; the CNI binary the init container installs
 #   /usr/sbin/nft                             the agent applies its nftables table with `nft -f -`
+#   /usr/sbin/tc                              Egress bandwidth: the agent's HTB qdisc and classes
 #   /bin/sh (dash), cp, mv, chmod, test, cat  the init container's install script and the probes
 #   /opt/ferrea/cni/portmap, bandwidth        chained in the conflist; installed where a node has none
 #   ovsdb-server, ovs-vswitchd, ovsdb-tool,   the OVS variant's containers (deploy/ovs/) and their
@@ -93,6 +94,7 @@ need() { # the host path of a program the image must have
 copy "$bin_dir/ferrea-agent" /usr/local/bin/ferrea-agent
 copy "$bin_dir/ferrea-cni" /usr/local/bin/ferrea-cni
 copy "$(need nft nftables)" /usr/sbin/nft
+copy "$(need tc iproute2)" /usr/sbin/tc
 copy "$(need dash dash)" /bin/sh
 for c in cp mv chmod test cat; do copy "$(need $c coreutils)" "/bin/$c"; done
 for p in portmap bandwidth; do

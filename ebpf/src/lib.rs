@@ -25,7 +25,7 @@
 //! exempt (cluster CIDRs, services, nodes) to the tunnel device, and [`ferrea_to_tunnel`] sets
 //! the egress node as outer destination and the Egress id as VNI. On the egress node,
 //! [`ferrea_from_tunnel`] reads the VNI: 0 is ordinary overlay traffic; an id the node holds
-//! becomes the packet's fwmark (low 8 bits) and the packet goes to the node's stack, whose
+//! becomes the packet's fwmark (upper 16 bits) and the packet goes to the node's stack, whose
 //! policy routing and SNAT by mark (the agent core's) send it out with the Egress IP; any other
 //! id is dropped, so a stale assignment never lets a pod address leave un-NATed. The steered
 //! packet itself carries no mark: the VXLAN device's route lookup for the outer header uses
@@ -97,8 +97,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ferrea_common::{
-    Counters, EGRESS_IDS, EgressSteer, Endpoint, LB_CNT_REVERSE_STACK, LB_CNT_REVERSE_TUNNEL,
-    MAX_EGRESS_EXEMPT, MAX_NODES, MAX_PODS, MAX_STACK_FLOWS, MAX_VLANS, RemoteNode,
+    Counters, EGRESS_ID_MAX, EGRESS_MARK_MASK, EGRESS_MARK_SHIFT, EgressSteer, Endpoint, LB_CNT_REVERSE_STACK, LB_CNT_REVERSE_TUNNEL,
+    MAX_EGRESS_EXEMPT, MAX_EGRESS_HELD, MAX_NODES, MAX_PODS, MAX_STACK_FLOWS, MAX_VLANS, RemoteNode,
     SVC_COUNTER_SLOTS, SVC_RECORDED_POD, SVC_RECORDED_TUNNEL, SVC_REPLY_FROM_POD,
     SVC_REPLY_FROM_TUNNEL, SVC_STACK_TO_POD, SVC_STALE_CLEARED, SVC_UNMATCHABLE, StackFlow,
     VlanChild, VlanKey,
@@ -128,9 +128,9 @@ static FERREA_EG_STEER: HashMap<u32, EgressSteer> = HashMap::pinned(MAX_PODS, 0)
 #[map(name = "FERREA_EG_EXEMPT")]
 static FERREA_EG_EXEMPT: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_EGRESS_EXEMPT, 1); // BPF_F_NO_PREALLOC
 
-/// Egress ids this node holds the IP of: index = id, value non-zero = held.
-#[map(name = "FERREA_EG_HELD")]
-static FERREA_EG_HELD: Array<u32> = Array::pinned(EGRESS_IDS, 0);
+/// Egress ids this node holds the IP of: key = id, present (value non-zero) = held.
+#[map(name = "FERREA_EG_IDS")]
+static FERREA_EG_HELD: HashMap<u32, u32> = HashMap::pinned(MAX_EGRESS_HELD, 0);
 
 /// Connections the node's stack carried, by the tuple their replies carry (see "Services
 /// beside kube-proxy" below). LRU: a full map evicts the least recently used entry.
@@ -151,8 +151,6 @@ static FERREA_VLAN_PAR: HashMap<VlanKey, VlanChild> = HashMap::with_max_entries(
 static FERREA_VLAN_CHD: HashMap<u32, u32> = HashMap::with_max_entries(MAX_VLANS, 0);
 
 const ETH_HLEN: usize = 14;
-/// The low bits of `skb->mark` that carry an Egress id (`EGRESS_MARK_MASK` in the agent).
-const EGRESS_MARK_MASK: u32 = 0xff;
 /// `ETH_P_8021Q`: the TPID of pushed VLAN tags.
 const ETH_P_8021Q: u16 = 0x8100;
 /// The VLAN id bits of a TCI.
@@ -822,9 +820,10 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
 /// the node's stack with the id as fwmark if this node holds that Egress IP, else dropped.
 #[inline(always)]
 fn egress_in(ctx: &TcContext, id: u32) -> Option<i32> {
-    // Array lookup: ids above 255 are out of range and miss, so they are dropped too.
-    match FERREA_EG_HELD.get(id) {
-        Some(&held) if held != 0 => {}
+    // Ids past 16 bits are never held: they miss and are dropped too.
+    // SAFETY: the value is copied out at once.
+    match unsafe { FERREA_EG_HELD.get(&id) } {
+        Some(&held) if held != 0 && id <= EGRESS_ID_MAX => {}
         _ => return Some(TC_ACT_SHOT),
     }
     let skb = ctx.skb.skb;
@@ -834,7 +833,7 @@ fn egress_in(ctx: &TcContext, id: u32) -> Option<i32> {
     unsafe {
         let p = core::ptr::addr_of_mut!((*skb).mark);
         let mark = p.read_volatile();
-        p.write_volatile((mark & !EGRESS_MARK_MASK) | (id & EGRESS_MARK_MASK));
+        p.write_volatile((mark & !EGRESS_MARK_MASK) | ((id << EGRESS_MARK_SHIFT) & EGRESS_MARK_MASK));
     }
     ctx.change_type(PACKET_HOST).ok()?;
     Some(TC_ACT_OK)

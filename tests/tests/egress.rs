@@ -9,7 +9,8 @@
 //! node's masquerade; label change, Egress and pool deletion fall back and clean the node;
 //! `rp_filter` reset by an outsider is restored while traffic keeps flowing; an invalid pool
 //! is reported and changes nothing; a restarted agent converges without duplicates and
-//! removes what an Egress deleted meanwhile owned.
+//! removes what an Egress deleted meanwhile owned; `spec.bandwidth` limits the Egress's
+//! traffic (TCP from a selected pod on either node within 10% of the rate) and nothing else.
 
 use std::time::Duration;
 
@@ -34,7 +35,8 @@ dataplane_tests!(
     invalid_pool_is_reported_and_changes_nothing,
     restart_reconciles_without_duplicates,
     the_ip_moves_with_the_node_selector,
-    allocations_stay_while_other_egresses_come_and_go_and_across_restarts
+    allocations_stay_while_other_egresses_come_and_go_and_across_restarts,
+    bandwidth_limits_the_egress_traffic_of_every_selected_pod
 );
 
 fn seed_manifests_give_selected_pods_the_egress_ip_on_vlan_100(dp: Dataplane) {
@@ -521,4 +523,92 @@ fn allocations_stay_while_other_egresses_come_and_go_and_across_restarts(dp: Dat
     // Past the damping period, so the IPs went through their holders' restarts.
     std::thread::sleep(Duration::from_secs(4));
     kept(&s, "after all agents restarted at once");
+}
+
+/// TCP throughput from `p` to the external host's iperf3 server, bits per second as the
+/// receiver counted them over a 4 s run.
+fn throughput_out(s: &EgressCluster, p: &ferrea_tests::pod::Pod) -> f64 {
+    let internet = ferrea_tests::fabric::INTERNET_IP.to_string();
+    let mut server = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            s.c.external().name(),
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            &internet,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = p.exec(&["iperf3", "-c", &internet, "-t", "4", "-J"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "iperf3 from {}: {out:?}", p.ip());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+}
+
+fn bandwidth_limits_the_egress_traffic_of_every_selected_pod(dp: Dataplane) {
+    let s = setup(dp);
+    const RATE: f64 = 20e6;
+    let limited = format!("{SEED_EGRESS}  bandwidth:\n    rate: 20M\n    burst: 200k\n");
+    publish_all(&s.c, "egress.yaml", &limited);
+    let holder = &s.c.nodes()[s.egress_node];
+    let class = wait_for(SETTLE, || {
+        let out = holder
+            .ns()
+            .sh(&["tc", "class", "show", "dev", "ferrea-ext.100"])
+            .ok()?;
+        out.contains("rate 20Mbit").then_some(out)
+    });
+    assert!(
+        class.is_some(),
+        "no 20 Mbit class on the holder's ferrea-ext.100"
+    );
+    // A selected pod on each node (the other node's traffic is tunnelled to the holder and
+    // shaped there), still leaving with the egress IP.
+    for (i, p) in s.selected.iter().enumerate() {
+        wait_source(p, &s.listener, s.ip, "with a bandwidth");
+        let bps = throughput_out(&s, p);
+        eprintln!(
+            "selected pod on node {}: {:.2} Mbit/s (rate 20 Mbit/s)",
+            i + 1,
+            bps / 1e6
+        );
+        assert!(
+            (bps - RATE).abs() <= RATE * 0.1,
+            "selected pod on node {}: {:.2} Mbit/s, not within 10% of 20 Mbit/s",
+            i + 1,
+            bps / 1e6
+        );
+    }
+    // An unselected pod on the holder leaves by the same transport unshaped.
+    let free = throughput_out(&s, &s.unselected[s.egress_node]);
+    eprintln!("unselected pod on the holder: {:.2} Mbit/s", free / 1e6);
+    assert!(
+        free > RATE * 3.0,
+        "the unselected pod was limited too: {free}"
+    );
+    // The bandwidth removed: the class goes and the selected pod is no longer limited.
+    publish_all(&s.c, "egress.yaml", SEED_EGRESS);
+    let gone = wait_for(SETTLE, || {
+        let out = holder
+            .ns()
+            .sh(&["tc", "qdisc", "show", "dev", "ferrea-ext.100"])
+            .ok()?;
+        (!out.contains("htb")).then_some(())
+    });
+    assert!(gone.is_some(), "ferrea's qdisc stayed on ferrea-ext.100");
+    let after = throughput_out(&s, &s.selected[s.egress_node]);
+    assert!(
+        after > RATE * 3.0,
+        "still limited after the bandwidth was removed: {after}"
+    );
 }

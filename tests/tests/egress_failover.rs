@@ -16,6 +16,11 @@
 //! - `flapping_node_moves_the_ip_at_most_twice`: the holder's agent is killed and restarted
 //!   four times, faster than the damping period: the IP moves away once and back once.
 //!
+//! - `a_thousand_egresses_*`: 1,000 Egresses with 1,000 IPs of a pool on VLAN 200 (past the
+//!   255 ids 8-bit marks allowed): every node agrees on each IP and holder, each IP is held by
+//!   exactly one node (its address on that node's `ferrea-ext.200` only), the ids are unique,
+//!   and killing one holder's agent moves only the IPs it held.
+//!
 //! Each prints the measured figures (`failover_ms`, `e2e_ms`).
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -36,7 +41,8 @@ const BOUND: Duration = Duration::from_secs(2);
 dataplane_tests!(
     holder_killed_fails_over_within_2s_and_returns_without_flapping,
     holder_link_cut_fails_over_within_2s,
-    flapping_node_moves_the_ip_at_most_twice
+    flapping_node_moves_the_ip_at_most_twice,
+    a_thousand_egresses_have_one_holder_each_and_a_failure_moves_only_its_own
 );
 
 fn unix_now() -> f64 {
@@ -401,4 +407,200 @@ fn flapping_node_moves_the_ip_at_most_twice(dp: Dataplane) {
         s.ip,
         "after the flapping",
     );
+}
+
+const SCALE: usize = 1000;
+
+fn scale_manifests() -> String {
+    let mut out = String::from(
+        "apiVersion: crd.antrea.io/v1beta1
+kind: ExternalIPPool
+metadata: {name: scale-pool}
+spec:
+  ipRanges: [{start: 10.173.0.1, end: 10.173.3.250}]
+  subnetInfo: {gateway: 10.173.3.254, prefixLength: 22, vlan: 200}
+  nodeSelector: {}
+",
+    );
+    for i in 0..SCALE {
+        out.push_str(&format!(
+            "---
+apiVersion: crd.antrea.io/v1beta1
+kind: Egress
+metadata: {{name: scale-{i:04}}}
+spec:
+  appliedTo: {{podSelector: {{matchLabels: {{app: scale-{i:04}}}}}}}
+  externalIPPool: scale-pool
+"
+        ));
+    }
+    out
+}
+
+/// Each scale Egress's (IP, node) in `n`'s status view, once every one has both.
+fn scale_view(
+    n: &ferrea_tests::node::Node,
+) -> Option<std::collections::BTreeMap<String, (String, String)>> {
+    let p = n.dir().join("state").join("status").join("egresses.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+    let m: std::collections::BTreeMap<String, (String, String)> = v["items"]
+        .as_array()?
+        .iter()
+        .filter(|i| {
+            i["metadata"]["name"]
+                .as_str()
+                .is_some_and(|x| x.starts_with("scale-"))
+        })
+        .filter_map(|i| {
+            Some((
+                i["metadata"]["name"].as_str()?.to_owned(),
+                (
+                    i["status"]["egressIP"].as_str()?.to_owned(),
+                    i["status"]["egressNode"].as_str()?.to_owned(),
+                ),
+            ))
+        })
+        .collect();
+    (m.len() == SCALE).then_some(m)
+}
+
+/// What `n` holds of the scale pool: (Egress, IP, id) from its node view, and the addresses on
+/// its `ferrea-ext.200`.
+fn scale_held(
+    n: &ferrea_tests::node::Node,
+) -> (
+    Vec<(String, String, u64)>,
+    std::collections::BTreeSet<String>,
+) {
+    let held = node_status(n)["held"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| {
+            h["egress"]
+                .as_str()
+                .is_some_and(|x| x.starts_with("scale-"))
+        })
+        .filter_map(|h| {
+            Some((
+                h["egress"].as_str()?.to_owned(),
+                h["ip"].as_str()?.to_owned(),
+                h["id"].as_u64()?,
+            ))
+        })
+        .collect();
+    let addrs = n
+        .ns()
+        .ip(&["-4", "-o", "addr", "show", "dev", "ferrea-ext.200"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .split('/')
+                .next()
+                .map(str::to_owned)
+        })
+        .collect();
+    (held, addrs)
+}
+
+/// Waits until the nodes `live` (by index) agree on every scale Egress and each holds exactly
+/// its share, in its view and in the kernel; returns the agreed view.
+fn scale_settled(
+    s: &EgressCluster,
+    live: &[usize],
+    timeout: Duration,
+) -> std::collections::BTreeMap<String, (String, String)> {
+    let nodes = s.c.nodes();
+    let r = wait_for(timeout, || {
+        let first = scale_view(&nodes[live[0]])?;
+        for &i in &live[1..] {
+            if scale_view(&nodes[i])? != first {
+                return None;
+            }
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for &i in live {
+            let name = nodes[i].name();
+            let (held, addrs) = scale_held(&nodes[i]);
+            let mine: std::collections::BTreeSet<String> = first
+                .iter()
+                .filter(|(_, (_, node))| node == name)
+                .map(|(_, (ip, _))| ip.clone())
+                .collect();
+            let held_ips: std::collections::BTreeSet<String> =
+                held.iter().map(|(_, ip, _)| ip.clone()).collect();
+            if held_ips != mine || addrs != mine {
+                return None;
+            }
+            ids.extend(held.iter().map(|(_, _, id)| *id));
+        }
+        let holders: std::collections::BTreeSet<&str> =
+            first.values().map(|(_, n)| n.as_str()).collect();
+        let live_names: std::collections::BTreeSet<&str> =
+            live.iter().map(|&i| nodes[i].name()).collect();
+        (ids.len() == SCALE && holders.is_subset(&live_names)).then_some(first)
+    });
+    r.unwrap_or_else(|| {
+        let views: Vec<_> = live
+            .iter()
+            .map(|&i| {
+                let (held, addrs) = scale_held(&nodes[i]);
+                format!(
+                    "{}: view {} Egresses, holds {} in its view and {} on ferrea-ext.200; problems {}",
+                    nodes[i].name(),
+                    scale_view(&nodes[i]).map_or(0, |v| v.len()),
+                    held.len(),
+                    addrs.len(),
+                    node_status(&nodes[i])["problems"]
+                )
+            })
+            .collect();
+        panic!("the scale Egresses did not settle: {views:#?}")
+    })
+}
+
+fn a_thousand_egresses_have_one_holder_each_and_a_failure_moves_only_its_own(dp: Dataplane) {
+    let mut s = EgressCluster::start_n(dp, 3).unwrap();
+    let t = Instant::now();
+    ferrea_tests::egress::publish_all(&s.c, "scale.yaml", &scale_manifests());
+    let before = scale_settled(&s, &[0, 1, 2], Duration::from_secs(60));
+    eprintln!(
+        "{SCALE} Egresses assigned and held in {} ms",
+        t.elapsed().as_millis()
+    );
+    let ips: std::collections::BTreeSet<&String> = before.values().map(|(ip, _)| ip).collect();
+    assert_eq!(ips.len(), SCALE, "an IP given twice");
+    let share = |v: &std::collections::BTreeMap<String, (String, String)>, name: &str| {
+        v.values().filter(|(_, n)| n == name).count()
+    };
+    for n in s.c.nodes() {
+        eprintln!("{} holds {}", n.name(), share(&before, n.name()));
+        assert!(share(&before, n.name()) > 0, "{} holds none", n.name());
+    }
+    // One holder's agent killed: the survivors take its IPs and nothing else moves.
+    let dead = 2;
+    let dead_name = s.c.nodes()[dead].name().to_owned();
+    let t = Instant::now();
+    s.c.nodes_mut()[dead].agent().kill9().unwrap();
+    wait_members(&s.c, &[0, 1], SETTLE).unwrap();
+    let after = scale_settled(&s, &[0, 1], Duration::from_secs(60));
+    eprintln!(
+        "the survivors hold every IP {} ms after the kill",
+        t.elapsed().as_millis()
+    );
+    let mut moved = 0;
+    for (name, (ip, node)) in &before {
+        let (ip2, node2) = &after[name];
+        assert_eq!(ip, ip2, "{name} changed its IP");
+        if node == &dead_name {
+            assert_ne!(node2, &dead_name, "{name}");
+            moved += 1;
+        } else {
+            assert_eq!(node, node2, "{name} moved off a live node");
+        }
+    }
+    eprintln!("{moved} IPs moved off {dead_name}, none other");
+    s.c.nodes_mut()[dead].agent().spawn().unwrap();
 }

@@ -20,8 +20,8 @@ pub mod trace;
 pub use trace::{PacketTrace, TracePacket, TraceProto, TraceStep, TraceVerdict};
 
 pub use crate::net::{
-    EGRESS_MARK_MASK, GATEWAY_IFNAME, TUNNEL_IFNAME, TUNNEL_VNI, Transport, Tunnel,
-    egress_marker_mac,
+    EGRESS_MARK_MASK, EgressId, GATEWAY_IFNAME, TUNNEL_IFNAME, TUNNEL_VNI, Transport, Tunnel,
+    egress_mark, egress_marker_mac,
 };
 
 /// Node-wide facts a backend needs to build its packet path.
@@ -86,8 +86,8 @@ pub struct EgressSteer {
     pub pod_ip: Ipv4Addr,
     /// The transport address of the node holding the egress IP (the tunnel destination).
     pub node_ip: Ipv4Addr,
-    /// The Egress id (1..=255): the VNI on the wire and the fwmark on the egress node.
-    pub id: u8,
+    /// The Egress id (1..=65535): the VNI on the wire and the fwmark bits on the egress node.
+    pub id: EgressId,
 }
 
 /// What the packet path does for Egress on this node. The node-side half (egress IPs,
@@ -104,7 +104,7 @@ pub struct EgressPlan {
     /// them goes to the node's stack with the fwmark `id` (eBPF: `skb->mark`; OVS: the marker
     /// source MAC [`egress_marker_mac`]); a tunnelled packet with any other non-zero VNI is
     /// dropped, so a stale assignment never lets a pod address leave un-NATed.
-    pub held: Vec<u8>,
+    pub held: Vec<EgressId>,
 }
 
 impl EgressPlan {
@@ -552,7 +552,7 @@ pub trait Dataplane: Send + Sync {
 mod egress_tests {
     use super::*;
 
-    fn steer(pod: &str, node: &str, id: u8) -> EgressSteer {
+    fn steer(pod: &str, node: &str, id: EgressId) -> EgressSteer {
         EgressSteer {
             pod_ip: pod.parse().unwrap(),
             node_ip: node.parse().unwrap(),

@@ -581,13 +581,17 @@ impl Debug for DebugService {
                                 n.nat.base().table
                             ),
                             action: format!(
-                                "meta mark set {id:#x} (Egress {}); egress_snat: snat to {}",
-                                reply.egress, reply.egress_ip
+                                "meta mark set {:#x} (Egress {}); egress_snat: snat to {}",
+                                crate::net::egress_mark(id),
+                                reply.egress,
+                                reply.egress_ip
                             ),
                         });
                         reply.reason.push_str(&format!(
-                            "; marked {id:#x} for Egress {}, leaves as {}",
-                            reply.egress, reply.egress_ip
+                            "; marked {:#x} for Egress {}, leaves as {}",
+                            crate::net::egress_mark(id),
+                            reply.egress,
+                            reply.egress_ip
                         ));
                     }
                 }

@@ -11,6 +11,7 @@ pub mod nftables;
 pub mod offload;
 pub mod routes;
 pub mod rules;
+pub mod shaping;
 pub mod sysctl;
 pub mod tables;
 pub mod tc;

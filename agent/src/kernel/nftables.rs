@@ -229,15 +229,19 @@ impl NplRules {
 ///   backend marks tunnelled packets itself. Routing then sees the mark, and the policy rule
 ///   of the id sends the packet to the egress subnet's table.
 /// - `egress_snat` (nat, postrouting, priority srcnat - 10, so before masquerade): a packet
-///   whose mark carries an id is SNATed to that id's egress IP.
+///   whose mark carries an id is SNATed to that id's egress IP (one map lookup, however many
+///   IPs the node holds).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EgressRules {
     /// Destinations never marked (cluster pod CIDRs, service CIDR, node addresses).
     pub exempt: Vec<Ipv4Network>,
     /// Local pods to mark: (pod IP, id).
-    pub marks: Vec<(Ipv4Addr, u8)>,
+    pub marks: Vec<(Ipv4Addr, crate::net::EgressId)>,
     /// The ids this node holds, with their egress IP.
-    pub snat: Vec<(u8, Ipv4Addr)>,
+    pub snat: Vec<(crate::net::EgressId, Ipv4Addr)>,
+    /// The held ids whose Egress has a `bandwidth`: their packets get the `skb->priority` of
+    /// their HTB class ([`crate::kernel::shaping::priority_of`]).
+    pub shaped: Vec<crate::net::EgressId>,
 }
 
 impl EgressRules {
@@ -270,7 +274,7 @@ impl EgressRules {
             let m: Vec<String> = self
                 .marks
                 .iter()
-                .map(|(ip, id)| format!("{ip} : {id:#x}"))
+                .map(|(ip, id)| format!("{ip} : {:#x}", crate::net::egress_mark(*id)))
                 .collect();
             let _ = writeln!(
                 s,
@@ -278,25 +282,65 @@ impl EgressRules {
                 m.join(", ")
             );
         }
-        for (id, _) in &self.snat {
-            let mac = crate::net::egress_marker_mac(*id)
+        // One map lookup per packet, however many ids this node holds.
+        if !self.snat.is_empty() {
+            let m: Vec<String> = self
+                .snat
                 .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
+                .map(|(id, _)| {
+                    let mac = crate::net::egress_marker_mac(*id)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":");
+                    format!("{mac} : {:#x}", crate::net::egress_mark(*id))
+                })
+                .collect();
             let _ = writeln!(
                 s,
-                "    ether saddr {mac} meta mark set {id:#x} comment \"ferrea: Egress from other nodes (OVS)\""
+                "    meta mark set ether saddr map {{ {} }} comment \"ferrea: Egress from other nodes (OVS)\"",
+                m.join(", ")
             );
         }
         s.push_str("  }\n  chain egress_snat {\n    type nat hook postrouting priority srcnat - 10; policy accept;\n");
-        for (id, ip) in &self.snat {
+        if !self.snat.is_empty() {
+            let m: Vec<String> = self
+                .snat
+                .iter()
+                .map(|(id, ip)| format!("{:#x} : {ip}", crate::net::egress_mark(*id)))
+                .collect();
             let _ = writeln!(
                 s,
-                "    meta mark & {mask:#x} == {id:#x} counter snat to {ip} comment \"ferrea: Egress\""
+                "    meta mark & {mask:#x} != 0 counter snat ip to meta mark & {mask:#x} map {{ {} }} comment \"ferrea: Egress\"",
+                m.join(", ")
             );
         }
-        s.push_str("  }\n}\n");
+        s.push_str("  }\n");
+        if !self.shaped.is_empty() {
+            // After routing and forwarding (which resets the priority from the TOS), before
+            // the qdisc of the device the packet leaves by.
+            s.push_str("  chain egress_shape {\n    type filter hook postrouting priority mangle; policy accept;\n");
+            let m: Vec<String> = self
+                .shaped
+                .iter()
+                .map(|id| {
+                    let p = crate::kernel::shaping::priority_of(*id);
+                    format!(
+                        "{:#x} : {:x}:{:x}",
+                        crate::net::egress_mark(*id),
+                        p >> 16,
+                        p & 0xffff
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "    meta mark & {mask:#x} != 0 meta priority set meta mark & {mask:#x} map {{ {} }} comment \"ferrea: Egress bandwidth\"",
+                m.join(", ")
+            );
+            s.push_str("  }\n");
+        }
+        s.push_str("}\n");
         s
     }
 }
@@ -626,6 +670,7 @@ mod tests {
             ],
             marks: vec![(Ipv4Addr::new(10, 244, 1, 5), 7)],
             snat: vec![(7, Ipv4Addr::new(10, 172, 170, 9))],
+            shaped: vec![],
         };
         let r = e.render("ferrea");
         assert!(r.contains("hook prerouting priority mangle"), "{r}");
@@ -634,17 +679,31 @@ mod tests {
             "{r}"
         );
         assert!(
-            r.contains("meta mark set ip saddr map { 10.244.1.5 : 0x7 }"),
+            r.contains("meta mark set ip saddr map { 10.244.1.5 : 0x70000 }"),
             "{r}"
         );
         assert!(
-            r.contains("ether saddr 0a:fe:00:00:00:07 meta mark set 0x7"),
+            r.contains("meta mark set ether saddr map { 0a:fe:00:00:00:07 : 0x70000 }"),
             "{r}"
         );
         assert!(r.contains("hook postrouting priority srcnat - 10"), "{r}");
         assert!(
-            r.contains("meta mark & 0xff == 0x7 counter snat to 10.172.170.9"),
+            r.contains(
+                "meta mark & 0xffff0000 != 0 counter snat ip to meta mark & 0xffff0000 map { 0x70000 : 10.172.170.9 }"
+            ),
             "{r}"
+        );
+        assert!(!r.contains("egress_shape"), "{r}");
+        let shaped = EgressRules {
+            shaped: vec![7],
+            ..e.clone()
+        }
+        .render("ferrea");
+        assert!(
+            shaped.contains(
+                "meta mark & 0xffff0000 != 0 meta priority set meta mark & 0xffff0000 map { 0x70000 : fe0a:7 }"
+            ),
+            "{shaped}"
         );
         // The exempt return comes before any marking.
         assert!(r.find("return").unwrap() < r.find("meta mark set").unwrap());

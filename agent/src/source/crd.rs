@@ -145,6 +145,8 @@ pub struct Egress {
     /// `spec.externalIPPool` (or the entry of `spec.externalIPPools` that goes with the IPv4
     /// address).
     pub pool: Option<String>,
+    /// `spec.bandwidth`: the rate limit of the Egress's traffic, if any.
+    pub bandwidth: Option<Bandwidth>,
     /// Fields of Antrea's v1beta1 Egress that were given but that ferrea does not serve, each
     /// a sentence naming the field: reported (status views, the log), never dropped silently.
     pub unsupported: Vec<String>,
@@ -386,6 +388,17 @@ pub fn parse_pool(v: &Value) -> Result<ExternalIpPool, ObjectError> {
     })
 }
 
+/// An Egress's `spec.bandwidth` (Antrea's traffic shaping): all traffic that leaves with the
+/// Egress's IP, from every pod it selects on every node, is limited together on the node that
+/// holds the IP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bandwidth {
+    /// `rate`, bits per second.
+    pub rate_bps: u64,
+    /// `burst`, bits: how far traffic may run ahead of the rate.
+    pub burst_bits: u64,
+}
+
 /// Bits per second of an Antrea bandwidth quantity (`300k`, `10M`, `1G`, `1.5M`, `100`,
 /// binary suffixes `Ki`, `Mi`, `Gi` too), `None` when it is not one.
 pub fn bandwidth_bits(s: &str) -> Option<u64> {
@@ -540,14 +553,15 @@ pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
             ),
         ));
     }
+    let mut bandwidth = None;
     if let Some(b) = spec.get("bandwidth").filter(|x| !x.is_null()) {
-        let q = |f: &str| -> Result<String, ObjectError> {
+        let q = |f: &str| -> Result<u64, ObjectError> {
             let field = format!("spec.bandwidth.{f}");
             let s = b
                 .get(f)
                 .and_then(Value::as_str)
                 .ok_or_else(|| obj.field(&field, FieldProblem::Missing))?;
-            bandwidth_bits(s).map(|_| s.to_owned()).ok_or_else(|| {
+            bandwidth_bits(s).ok_or_else(|| {
                 obj.field(
                     &field,
                     FieldProblem::NotAllowed {
@@ -557,11 +571,10 @@ pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
                 )
             })
         };
-        let (rate, burst) = (q("rate")?, q("burst")?);
-        unsupported.push(format!(
-            "spec.bandwidth (rate {rate}, burst {burst}): traffic shaping is not implemented \
-             by ferrea; the Egress is served without a rate limit"
-        ));
+        bandwidth = Some(Bandwidth {
+            rate_bps: q("rate")?,
+            burst_bits: q("burst")?,
+        });
     }
     Ok(Egress {
         name: obj.name,
@@ -573,6 +586,7 @@ pub fn parse_egress(v: &Value) -> Result<Egress, ObjectError> {
         namespace_selector,
         egress_ip,
         pool,
+        bandwidth,
         unsupported,
         recorded_ip: v
             .pointer("/status/egressIP")
@@ -655,10 +669,17 @@ mod tests {
     }
 
     #[test]
-    fn bandwidth_is_validated_and_reported_as_not_served() {
+    fn bandwidth_is_validated_and_decoded() {
         let e = egress_with("egressIP: 10.0.0.5, bandwidth: {rate: 10M, burst: 20M}").unwrap();
-        assert_eq!(e.unsupported.len(), 1);
-        assert!(e.unsupported[0].starts_with("spec.bandwidth (rate 10M, burst 20M)"));
+        assert!(e.unsupported.is_empty(), "{:?}", e.unsupported);
+        assert_eq!(
+            e.bandwidth,
+            Some(Bandwidth {
+                rate_bps: 10_000_000,
+                burst_bits: 20_000_000
+            })
+        );
+        assert_eq!(egress_with("egressIP: 10.0.0.5").unwrap().bandwidth, None);
         let err = egress_with("egressIP: 10.0.0.5, bandwidth: {rate: fast, burst: 1M}")
             .unwrap_err()
             .to_string();

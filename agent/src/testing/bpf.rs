@@ -11,8 +11,8 @@ use ferrea_common::{
 use crate::dataplane::Cause;
 use crate::dataplane::ebpf::maps::{BpfMaps, Prefix};
 
-/// The maps as plain collections; counters have [`FakeBpfMaps::CPUS`] slots. `held` has the
-/// size of the real array ([`ferrea_common::EGRESS_IDS`]): ids past it fail as in the kernel.
+/// The maps as plain collections; counters have [`FakeBpfMaps::CPUS`] slots. `held` holds at
+/// most [`ferrea_common::MAX_EGRESS_HELD`] ids, as the real map.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FakeBpfMaps {
     /// Endpoints by IP key.
@@ -25,8 +25,8 @@ pub struct FakeBpfMaps {
     pub remote: BTreeMap<Prefix, RemoteEntry>,
     /// Exempt prefixes.
     pub exempt: BTreeSet<Prefix>,
-    /// Held flags by id (absent: 0).
-    pub held: BTreeMap<u32, u32>,
+    /// Held Egress ids.
+    pub held: BTreeSet<u32>,
     /// Steered pods by IP key.
     pub steer: BTreeMap<u32, SteerEntry>,
     /// The service proxy's frontend and backend slots.
@@ -44,12 +44,13 @@ impl FakeBpfMaps {
     pub const CPUS: usize = 2;
 }
 
-fn held_bounds(id: u32) -> Result<(), MapError> {
-    if id >= ferrea_common::EGRESS_IDS {
-        return Err(MapError::OutOfBounds {
-            index: id,
-            max_entries: ferrea_common::EGRESS_IDS,
-        });
+/// A full hash map refuses a new key as the kernel does (`E2BIG`).
+fn held_room(m: &FakeBpfMaps, id: u32) -> Result<(), MapError> {
+    if m.held.len() as u32 >= ferrea_common::MAX_EGRESS_HELD && !m.held.contains(&id) {
+        return Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(nix::libc::E2BIG),
+        }));
     }
     Ok(())
 }
@@ -133,15 +134,19 @@ impl BpfMaps for FakeBpfMaps {
             self.writes.push(format!("exempt remove {p:?}"));
         }
     }
-    fn held(&self, id: u32) -> Result<u32, MapError> {
-        held_bounds(id)?;
-        Ok(self.held.get(&id).copied().unwrap_or(0))
+    fn held_ids(&self) -> Vec<u32> {
+        self.held.iter().copied().collect()
     }
-    fn set_held(&mut self, id: u32, v: u32) -> Result<(), MapError> {
-        held_bounds(id)?;
-        self.writes.push(format!("held set {id}={v}"));
-        self.held.insert(id, v);
+    fn insert_held(&mut self, id: u32) -> Result<(), MapError> {
+        held_room(self, id)?;
+        self.writes.push(format!("held insert {id}"));
+        self.held.insert(id);
         Ok(())
+    }
+    fn remove_held(&mut self, id: u32) {
+        if self.held.remove(&id) {
+            self.writes.push(format!("held remove {id}"));
+        }
     }
     fn steer(&self, pod: u32) -> Option<SteerEntry> {
         self.steer.get(&pod).copied()

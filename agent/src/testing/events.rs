@@ -75,14 +75,21 @@ pub struct LoggedNftables {
 impl Nftables for LoggedNftables {
     async fn load(&self, table: &str, script: &str) -> Result<(), NatError> {
         self.inner.load(table, script).await?;
-        let snat: Vec<&str> = script
-            .lines()
-            .filter_map(|l| l.split("snat to ").nth(1))
-            .filter_map(|r| r.split_whitespace().next())
-            .collect();
+        let snat = egress_snat_targets(script);
         self.log.push(format!("nft load snat={}", snat.join(",")));
         Ok(())
     }
+}
+
+/// The egress IPs of the Egress SNAT map in an nft script, in the script's order.
+pub fn egress_snat_targets(script: &str) -> Vec<&str> {
+    script
+        .lines()
+        .filter_map(|l| l.split("snat ip to meta mark").nth(1))
+        .filter_map(|r| r.split_once("map {")?.1.split_once('}').map(|(m, _)| m))
+        .flat_map(|m| m.split(','))
+        .filter_map(|e| e.split_once(':').map(|(_, ip)| ip.trim()))
+        .collect()
 }
 
 /// A [`FakeDataplane`] that also logs each `set_egress` (`dataplane egress held=[..]`).

@@ -11,6 +11,7 @@ pub mod nftables;
 pub mod npl;
 pub mod ovs;
 pub mod rules;
+pub mod shaping;
 pub mod sysctl;
 pub mod tables;
 
@@ -21,6 +22,7 @@ pub use garp::FakeGarp;
 pub use links::FakeLinks;
 pub use nftables::FakeNftables;
 pub use rules::FakeRules;
+pub use shaping::FakeShaping;
 pub use sysctl::FakeSysctl;
 pub use tables::FakeTableRoutes;
 

@@ -13,10 +13,11 @@
 //!   IP: adding or deleting other Egresses never moves it. Otherwise an address of the pool is
 //!   chosen by a hash of the Egress name, probing forward past taken addresses and the
 //!   subnet's gateway; a full pool is reported as exhausted.
-//! - Id: each allocated IP gets an id 1..=255 by a hash of the IP, probing forward past ids
+//! - Id: each allocated IP gets an id 1..=65535 by a hash of the IP, probing forward past ids
 //!   taken by older Egresses. It is the fwmark of the IP's traffic on the egress node and the
 //!   VNI that carries a pod's traffic there from other nodes, so all nodes must agree on it.
-//!   At most 255 Egress IPs per cluster; later ones are reported, not served.
+//!   At most 65,535 Egress IPs per cluster (later ones are reported, not served); a node
+//!   holds at most [`ferrea_common::MAX_EGRESS_HELD`] of them.
 //! - Node: rendezvous (highest-random-weight) hashing of the egress IP over the nodes the
 //!   pool's `nodeSelector` admits. Every agent ranks the same nodes the same way, and a node
 //!   joining or leaving moves only the IPs it wins or held.
@@ -26,6 +27,7 @@ use std::net::Ipv4Addr;
 
 use sha2::{Digest, Sha256};
 
+use crate::net::EgressId;
 use crate::source::crd::{Egress, ExternalIpPool};
 
 /// A node as the assignment sees it.
@@ -46,8 +48,8 @@ pub struct Assignment {
     pub pool: Option<String>,
     /// The node that holds the IP, if one is eligible.
     pub node: Option<String>,
-    /// The IP's id (1..=255): fwmark and VNI. `None` without an IP or when all are taken.
-    pub id: Option<u8>,
+    /// The IP's id (1..=65535): fwmark and VNI. `None` without an IP or when all are taken.
+    pub id: Option<EgressId>,
     /// Why there is no IP or no node (the `IPAllocated` / `IPAssigned` condition message).
     pub problem: Option<String>,
 }
@@ -210,9 +212,10 @@ pub fn assign_with(
     for e in &order {
         let a = out.get_mut(&e.name).expect("every Egress has an entry");
         let Some(ip) = a.ip else { continue };
-        let start = (hash64(&[b"id", &ip.octets()]) % 255) as u16;
-        a.id = (0..255u16)
-            .map(|k| ((start + k) % 255 + 1) as u8)
+        let span = u32::from(EgressId::MAX);
+        let start = (hash64(&[b"id", &ip.octets()]) % u64::from(span)) as u32;
+        a.id = (0..span)
+            .map(|k| ((start + k) % span + 1) as EgressId)
             .find(|id| !ids.contains(id));
         match a.id {
             Some(id) => {
@@ -220,7 +223,10 @@ pub fn assign_with(
             }
             None => {
                 a.ip = None;
-                a.problem = Some("more than 255 Egress IPs in the cluster".into());
+                a.problem = Some(format!(
+                    "more than {} Egress IPs in the cluster",
+                    EgressId::MAX
+                ));
             }
         }
     }
@@ -267,6 +273,7 @@ mod tests {
             namespace_selector: None,
             egress_ip: ip.map(|i| i.parse().unwrap()),
             pool: pool.map(Into::into),
+            bandwidth: None,
             unsupported: Vec::new(),
             recorded_ip: None,
             recorded_node: None,
@@ -321,25 +328,30 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_unique_stable_and_bounded() {
-        let ps = pools(vec![pool("p", "10.0.0.1", "10.0.1.254", None)]);
-        let es: Vec<Egress> = (0..300)
+    fn ids_are_unique_and_stable_past_255_egresses() {
+        // 1,000 Egresses (the old limit was 255 per cluster), each with one IP.
+        let ps = pools(vec![pool("p", "10.0.0.1", "10.0.7.254", None)]);
+        let es: Vec<Egress> = (0..1000)
             .map(|i| {
-                let mut e = egress(&format!("e{i:03}"), Some("p"), None);
-                e.created = Some(format!("2026-01-01T00:{:02}:{:02}Z", i / 60, i % 60));
+                let mut e = egress(&format!("e{i:04}"), Some("p"), None);
+                e.created = Some(format!(
+                    "2026-01-01T{:02}:{:02}:{:02}Z",
+                    i / 3600,
+                    i / 60 % 60,
+                    i % 60
+                ));
                 e
             })
             .collect();
-        let a = assign(&es, &ps, &nodes(&["n1"]));
-        let ids: BTreeSet<u8> = a.values().filter_map(|x| x.id).collect();
-        assert_eq!(ids.len(), 255, "ids 1..=255, each once");
+        let n = nodes(&["n1", "n2", "n3"]);
+        let a = assign(&es, &ps, &n);
+        let ids: BTreeSet<EgressId> = a.values().filter_map(|x| x.id).collect();
+        assert_eq!(ids.len(), 1000, "every Egress an id, each once");
         assert!(!ids.contains(&0));
-        let over: Vec<_> = a.values().filter(|x| x.id.is_none()).collect();
-        assert_eq!(over.len(), 45);
-        assert!(over.iter().all(|x| x.ip.is_none()
-            && x.problem.as_deref() == Some("more than 255 Egress IPs in the cluster")));
+        assert!(a.values().all(|x| x.ip.is_some() && x.problem.is_none()));
+        assert!(ids.iter().any(|&id| id > 255), "ids use the 16-bit space");
         // The first 100 keep their ids when the rest go away.
-        let b = assign(&es[..100], &ps, &nodes(&["n1"]));
+        let b = assign(&es[..100], &ps, &n);
         for (k, x) in &b {
             assert_eq!(x.id, a[k].id, "{k}");
         }

@@ -442,6 +442,7 @@ impl Reconciler for EgressReconciler {
         let warnings: Vec<String> = source_problems
             .into_iter()
             .chain(plan.warnings.iter().cloned())
+            .chain(self.node.shaping_problems())
             .collect();
         if warnings != self.reported {
             for w in warnings.iter().filter(|w| !self.reported.contains(w)) {
@@ -542,6 +543,12 @@ async fn apply(
             .iter()
             .filter(|h| assigned(h.ip))
             .map(|h| (h.id, h.ip))
+            .collect(),
+        shaped: plan
+            .held
+            .iter()
+            .filter(|h| h.bandwidth.is_some() && assigned(h.ip))
+            .map(|h| h.id)
             .collect(),
     };
     let empty = rules.marks.is_empty() && rules.snat.is_empty();
@@ -654,7 +661,8 @@ fn node_view(me: &str, plan: &NodePlan, node: &EgressNode, warnings: &[String]) 
         .iter()
         .map(|h| {
             json!({"egress": h.egress, "ip": h.ip.to_string(), "id": h.id,
-            "vlan": h.subnet.map(|s| s.vlan), "table": h.subnet.map(|s| node::table_of(&s))})
+            "vlan": h.subnet.map(|s| s.vlan), "table": h.subnet.map(|s| node::table_of(&s)),
+            "bandwidth": h.bandwidth.map(|b| json!({"rateBps": b.rate_bps, "burstBits": b.burst_bits}))})
         })
         .collect();
     json!({

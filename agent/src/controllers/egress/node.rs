@@ -16,7 +16,7 @@
 //!   the new holder at once (after a failover and a handover, too);
 //! - a route table per subnet ([`table_of`]): the subnet on the interface and a default route
 //!   via `subnetInfo.gateway`;
-//! - an `ip rule` per egress IP: `fwmark <id>/0xff lookup <table>`;
+//! - an `ip rule` per egress IP: `fwmark <id << 16>/0xffff0000 lookup <table>`;
 //! - `rp_filter=2` (loose) on the sub-interface and on the pods' gateway interface: replies to
 //!   SNATed traffic arrive on the sub-interface from addresses the main table routes
 //!   elsewhere, which strict mode (1) drops. Something else on the node may reset it
@@ -61,10 +61,11 @@ use crate::kernel::garp::{Garp, RawSocketGarp};
 use crate::kernel::links::{Link, LinkKind, Links, NetlinkLinks, NewLink, NewLinkKind};
 use crate::kernel::netlink::NetlinkError;
 use crate::kernel::rules::{NetlinkRules, Rule, Rules};
+use crate::kernel::shaping::{ShapedClass, Shaping, TcShaping};
 use crate::kernel::sysctl::{ProcSysctl, Sysctl};
 use crate::kernel::tables::{NetlinkTableRoutes, TableRoute, TableRoutes};
 use crate::kernel::vlan::VlanError;
-use crate::net::EGRESS_MARK_MASK;
+use crate::net::{EGRESS_MARK_MASK, egress_mark};
 use crate::source::crd::SubnetInfo;
 
 /// `rtm_protocol` of ferrea's Egress routes and rules (`ip rule show proto 71`).
@@ -252,6 +253,8 @@ pub struct EgressKernel {
     pub sysctl: Arc<dyn Sysctl>,
     /// Gratuitous ARP.
     pub garp: Arc<dyn Garp>,
+    /// Traffic shaping (`spec.bandwidth`).
+    pub shaping: Arc<dyn Shaping>,
 }
 
 impl EgressKernel {
@@ -264,6 +267,7 @@ impl EgressKernel {
             rules: Arc::new(NetlinkRules::new(handle)),
             sysctl: Arc::new(ProcSysctl),
             garp: Arc::new(RawSocketGarp),
+            shaping: Arc::new(TcShaping),
         }
     }
 }
@@ -287,6 +291,10 @@ pub struct EgressNode {
     /// IPs announced by gratuitous ARP while held, and how far their announcements are.
     announced: BTreeMap<Ipv4Addr, Announced>,
     rp: BTreeMap<String, RpFilterStatus>,
+    /// The shaping last applied per device (`None`: nothing known yet, as after a restart).
+    shaped: Option<BTreeMap<String, Vec<ShapedClass>>>,
+    /// Devices whose shaping failed, with why.
+    shape_problems: BTreeMap<String, String>,
 }
 
 /// Gratuitous ARPs sent for each IP assigned: the first at once, the others
@@ -352,6 +360,8 @@ impl EgressNode {
             on_transport: None,
             announced: BTreeMap::new(),
             rp: BTreeMap::new(),
+            shaped: None,
+            shape_problems: BTreeMap::new(),
         }
     }
 
@@ -718,6 +728,12 @@ impl EgressNode {
             .collect();
         self.sync_routes(&ok).await?;
         self.sync_rules(&ok).await?;
+        let present: BTreeSet<String> = subif
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(v, _)| subif_name(*v))
+            .collect();
+        self.sync_shaping(&ok, &present, &own).await;
         // rp_filter where replies come in.
         let mut rp_ifs: BTreeSet<String> = ok
             .iter()
@@ -784,7 +800,7 @@ impl EgressNode {
         // (mark, table) per IP with a subnet.
         let want: BTreeSet<(u32, u32)> = ok
             .iter()
-            .filter_map(|(h, _, _)| h.subnet.map(|s| (u32::from(h.id), table_of(&s))))
+            .filter_map(|(h, _, _)| h.subnet.map(|s| (egress_mark(h.id), table_of(&s))))
             .collect();
         let rules = &self.kernel.rules;
         let mut have = BTreeSet::new();
@@ -808,6 +824,87 @@ impl EgressNode {
             rules.add(RTPROT_FERREA_EGRESS, &rule).await?;
         }
         Ok(())
+    }
+
+    /// Shapes the devices the held IPs with a `bandwidth` leave by: a sub-interface for an IP
+    /// of a VLAN subnet, the transport interface for the others (IPs without `subnetInfo` leave
+    /// by the main table, which on a node routes off-node traffic there). Devices no such IP
+    /// needs any more lose ferrea's qdisc. After a restart every candidate device is checked
+    /// once, so a qdisc left by the previous run is found either way. A failure leaves the IPs
+    /// assigned (unshaped) and is reported by [`EgressNode::shaping_problems`].
+    /// `present` names the sub-interfaces that exist after this pass; `own` those found at its
+    /// start.
+    async fn sync_shaping(
+        &mut self,
+        ok: &[&Placed],
+        present: &BTreeSet<String>,
+        own: &BTreeMap<String, Link>,
+    ) {
+        let mut want: BTreeMap<String, Vec<ShapedClass>> = BTreeMap::new();
+        for (h, _, ifname) in ok {
+            let Some(b) = h.bandwidth else { continue };
+            let dev = if h.subnet.is_some_and(|s| s.vlan > 0) {
+                ifname.clone()
+            } else {
+                self.parent.clone()
+            };
+            want.entry(dev).or_default().push(ShapedClass {
+                id: h.id,
+                rate_bps: b.rate_bps,
+                burst_bits: b.burst_bits,
+            });
+        }
+        for v in want.values_mut() {
+            v.sort();
+        }
+        let mut devices: BTreeSet<String> = want.keys().cloned().collect();
+        match &self.shaped {
+            Some(before) => devices.extend(before.keys().cloned()),
+            None => {
+                devices.insert(self.parent.clone());
+                devices.extend(own.keys().filter(|n| n.starts_with(SUBIF_PREFIX)).cloned());
+            }
+        }
+        let first = self.shaped.is_none();
+        let mut shaped = self.shaped.take().unwrap_or_default();
+        for dev in devices {
+            let classes = want.get(&dev).cloned().unwrap_or_default();
+            if dev != self.parent && !present.contains(&dev) {
+                // A sub-interface that was removed took its qdisc with it.
+                shaped.remove(&dev);
+                self.shape_problems.remove(&dev);
+                continue;
+            }
+            let known = shaped.get(&dev).cloned().unwrap_or_default();
+            if !first && known == classes && !self.shape_problems.contains_key(&dev) {
+                continue;
+            }
+            match self.kernel.shaping.sync(&dev, &classes).await {
+                Ok(()) => {
+                    if classes != known {
+                        tracing::info!(interface = %dev, classes = classes.len(), "Egress shaping applied");
+                    }
+                    self.shape_problems.remove(&dev);
+                    if classes.is_empty() {
+                        shaped.remove(&dev);
+                    } else {
+                        shaped.insert(dev, classes);
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("Egress bandwidth on {dev} not applied: {}", error_chain(&e));
+                    tracing::debug!("{msg}");
+                    self.shape_problems.insert(dev.clone(), msg);
+                    shaped.remove(&dev);
+                }
+            }
+        }
+        self.shaped = Some(shaped);
+    }
+
+    /// Why the shaping of some device failed, one sentence each.
+    pub fn shaping_problems(&self) -> Vec<String> {
+        self.shape_problems.values().cloned().collect()
     }
 
     /// Compares every managed `rp_filter` with what ferrea wants and restores drift. Returns

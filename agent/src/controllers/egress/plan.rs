@@ -27,9 +27,10 @@ use ipnetwork::Ipv4Network;
 
 use super::assign::{Assignment, NodeLabels, Recorded, assign_with};
 use crate::dataplane::{EgressPlan, EgressSteer};
+use crate::net::EgressId;
 use crate::pods::store::PodRecord;
 use crate::source::DesiredState;
-use crate::source::crd::SubnetInfo;
+use crate::source::crd::{Bandwidth, SubnetInfo};
 
 /// An egress IP this node holds.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,12 +38,14 @@ pub struct HeldIp {
     /// The IP.
     pub ip: Ipv4Addr,
     /// Its id: the fwmark of its traffic.
-    pub id: u8,
+    pub id: EgressId,
     /// The Egress it serves.
     pub egress: String,
     /// The pool's `subnetInfo`, if it has one (the IP then lives on the subnet's interface,
     /// with its own route table).
     pub subnet: Option<SubnetInfo>,
+    /// The Egress's `spec.bandwidth`, if it has one.
+    pub bandwidth: Option<Bandwidth>,
 }
 
 /// Everything this node does for Egress.
@@ -53,7 +56,7 @@ pub struct NodePlan {
     /// The IPs this node holds, sorted by IP.
     pub held: Vec<HeldIp>,
     /// Local pods whose Egress IP this node holds: (pod IP, id), sorted.
-    pub local_marks: Vec<(Ipv4Addr, u8)>,
+    pub local_marks: Vec<(Ipv4Addr, EgressId)>,
     /// The dataplane's part.
     pub dataplane: EgressPlan,
     /// The Egress each local pod uses, by `namespace/name` (for operators).
@@ -107,6 +110,7 @@ pub fn plan(
                 id,
                 egress: name.clone(),
                 subnet,
+                bandwidth: st.egresses.get(name).and_then(|e| e.bandwidth),
             });
         }
     }

@@ -15,15 +15,17 @@ use crate::dataplane::{Dataplane, NodeNetwork};
 use crate::kernel::links::LinkKind;
 use crate::kernel::nftables::{NatSpec, NatTable};
 use crate::kernel::rules::Rule;
+use crate::kernel::shaping::ShapedClass;
 use crate::kernel::sysctl::conf_key;
 use crate::kernel::tables::TableRoute;
 use crate::kernel::vlan::VlanError;
+use crate::net::egress_mark;
 use crate::pods::PodManager;
 use crate::pods::store::Store;
 use crate::source::DesiredState;
 use crate::testing::{
     EventLog, FakeAddresses, FakeDataplane, FakeGarp, FakeLinks, FakeNftables, FakePodNet,
-    FakeRules, FakeSysctl, FakeTableRoutes, LoggedDataplane, LoggedNftables, state,
+    FakeRules, FakeShaping, FakeSysctl, FakeTableRoutes, LoggedDataplane, LoggedNftables, state,
 };
 
 /// The VLAN tagger, logging `vlan attach <child> <vid>` and `vlan retain <vids>`.
@@ -47,6 +49,7 @@ struct Fx {
     routes: Arc<FakeTableRoutes>,
     rules: Arc<FakeRules>,
     sysctl: Arc<FakeSysctl>,
+    shaping: Arc<FakeShaping>,
     nft: Arc<FakeNftables>,
     dp: Arc<FakeDataplane>,
     dir: tempfile::TempDir,
@@ -67,6 +70,7 @@ impl Fx {
             routes: Arc::new(FakeTableRoutes::new(log.clone())),
             rules: Arc::new(FakeRules::new(log.clone())),
             sysctl: Arc::new(FakeSysctl::new(log.clone(), Some("1"))),
+            shaping: Arc::new(FakeShaping::new(log.clone())),
             nft: Arc::new(FakeNftables::default()),
             dp: Arc::new(FakeDataplane::default()),
             dir: tempfile::tempdir().unwrap(),
@@ -96,6 +100,7 @@ impl Fx {
             rules: self.rules.clone(),
             sysctl: self.sysctl.clone(),
             garp: Arc::new(FakeGarp::new(self.log.clone())),
+            shaping: self.shaping.clone(),
         };
         let log = self.log.clone();
         let node = EgressNode::with_kernel(
@@ -196,10 +201,16 @@ fn desired(parts: &[String]) -> DesiredState {
 }
 
 /// The id the plan gives `egress`'s IP in `st`.
-fn id_of(st: &DesiredState, egress: &str) -> u8 {
+fn id_of(st: &DesiredState, egress: &str) -> crate::net::EgressId {
     super::plan::plan(st, &[], "n1", &[], true, None, &Default::default()).assignments[egress]
         .id
         .unwrap()
+}
+
+/// Whether the last nft script loaded SNATs some Egress to `ip`.
+fn snats_to(fx: &Fx, ip: &str) -> bool {
+    let script = fx.nft.last().unwrap();
+    crate::testing::events::egress_snat_targets(&script).contains(&ip)
 }
 
 fn pos(events: &[String], prefix: &str) -> usize {
@@ -228,7 +239,7 @@ async fn an_ip_moving_between_egresses_is_made_before_the_old_one_breaks() {
             .on(old_if)
             .contains(&("10.172.100.5".parse().unwrap(), 24))
     );
-    assert!(fx.nft.last().unwrap().contains("snat to 10.172.100.5"));
+    assert!(snats_to(&fx, "10.172.100.5"));
     fx.log.take();
 
     tx.send_replace(after);
@@ -239,7 +250,10 @@ async fn an_ip_moving_between_egresses_is_made_before_the_old_one_breaks() {
     let new_default = pos(&ev, "route replace default via 10.172.200.254");
     let new_rule = pos(
         &ev,
-        &format!("rule add 20100: fwmark {new_id:#x}/0xff lookup 20200"),
+        &format!(
+            "rule add 20100: fwmark {:#x}/0xffff0000 lookup 20200",
+            egress_mark(new_id)
+        ),
     );
     let switch = pos(&ev, "nft load snat=10.172.200.6");
     let dataplane = pos(&ev, &format!("dataplane egress held=[{new_id}]"));
@@ -248,7 +262,10 @@ async fn an_ip_moving_between_egresses_is_made_before_the_old_one_breaks() {
     let old_default = pos(&ev, "route del default via 10.172.100.254");
     let old_rule = pos(
         &ev,
-        &format!("rule del 20100: fwmark {old_id:#x}/0xff lookup 20100"),
+        &format!(
+            "rule del 20100: fwmark {:#x}/0xffff0000 lookup 20100",
+            egress_mark(old_id)
+        ),
     );
     let old_link = pos(&ev, "link del ferrea-ext.100");
     for made in [new_addr, new_route, new_default, new_rule] {
@@ -276,7 +293,7 @@ async fn an_ip_moving_between_egresses_is_made_before_the_old_one_breaks() {
 async fn a_restart_keeps_what_is_still_wanted_and_removes_the_rest() {
     let fx = Fx::new();
     let st = desired(&[pool(100), egress("web", 100, "10.172.100.5")]);
-    let id = u32::from(id_of(&st, "web"));
+    let id = id_of(&st, "web");
     // What the previous process left: its sub-interface for VLAN 100 (wanted) and 300 (not),
     // their addresses, routes and rules, an address on the transport interface it recorded.
     let kept_if = fx.links.seed("ferrea-ext.100", LinkKind::Vlan, Some(ALIAS));
@@ -330,12 +347,12 @@ async fn a_restart_keeps_what_is_still_wanted_and_removes_the_rest() {
     let rule = |mark, table| Rule {
         priority: Some(20100),
         fwmark: Some(mark),
-        fwmask: Some(0xff),
+        fwmask: Some(0xffff_0000),
         table,
     };
-    fx.rules.seed(P, rule(id, 20100));
-    fx.rules.seed(P, rule(0x99, 20300));
-    fx.rules.seed(0, rule(0x5, 300));
+    fx.rules.seed(P, rule(egress_mark(id), 20100));
+    fx.rules.seed(P, rule(0x99_0000, 20300));
+    fx.rules.seed(0, rule(0x5_0000, 300));
 
     let (tx, task) = fx.start(st);
     settle().await;
@@ -350,7 +367,9 @@ async fn a_restart_keeps_what_is_still_wanted_and_removes_the_rest() {
             "{ev:#?}"
         );
         assert!(
-            !e.contains("ferrea-ext.100") || e.starts_with("sysctl"),
+            !e.contains("ferrea-ext.100")
+                || e.starts_with("sysctl")
+                || e == "shape ferrea-ext.100 []",
             "{ev:#?}"
         );
         assert!(
@@ -360,12 +379,15 @@ async fn a_restart_keeps_what_is_still_wanted_and_removes_the_rest() {
     }
     assert_eq!(fx.index("ferrea-ext.100"), kept_if);
     assert_eq!(fx.routes.in_table(20100), kept_routes);
-    assert_eq!(fx.rules.of(P), vec![rule(id, 20100)]);
+    assert_eq!(fx.rules.of(P), vec![rule(egress_mark(id), 20100)]);
     // Removed: the other sub-interface, its address, routes and rule, the recorded address.
     pos(&ev, "addr del 10.172.30.9/24");
     pos(&ev, "addr del 192.0.2.50/32");
     pos(&ev, "link del ferrea-ext.300");
-    pos(&ev, "rule del 20100: fwmark 0x99/0xff lookup 20300");
+    pos(
+        &ev,
+        "rule del 20100: fwmark 0x990000/0xffff0000 lookup 20300",
+    );
     assert_eq!(fx.routes.in_table(20300), vec![]);
     // Not ferrea's: left as they were.
     assert_eq!(
@@ -377,8 +399,8 @@ async fn a_restart_keeps_what_is_still_wanted_and_removes_the_rest() {
         vec![("10.0.0.2".parse().unwrap(), 24)]
     );
     assert_eq!(fx.routes.in_table(100), vec![foreign_route]);
-    assert_eq!(fx.rules.of(0), vec![rule(0x5, 300)]);
-    assert!(fx.nft.last().unwrap().contains("snat to 10.172.100.5"));
+    assert_eq!(fx.rules.of(0), vec![rule(0x5_0000, 300)]);
+    assert!(snats_to(&fx, "10.172.100.5"));
     drop(tx);
     task.await.unwrap();
 }
@@ -471,7 +493,7 @@ async fn a_failed_netlink_step_is_retried_and_converges() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(fx.routes.in_table(20100).len(), 2);
     assert_eq!(fx.rules.of(P).len(), 1);
-    assert!(fx.nft.last().unwrap().contains("snat to 10.172.100.5"));
+    assert!(snats_to(&fx, "10.172.100.5"));
     let c = assigned(&fx.view("egresses.json"));
     assert_eq!(
         (c["status"].as_str(), c["message"].as_str()),
@@ -660,19 +682,106 @@ async fn fields_not_served_are_named_in_the_node_view_and_the_egress_still_works
     let (_tx, _task) = fx.start(desired(&[pool(100), e]));
     settle().await;
     // Served with its IPv4 address and pool.
-    assert!(fx.nft.last().unwrap().contains("snat to 10.172.100.5"));
+    assert!(snats_to(&fx, "10.172.100.5"));
     let problems = fx.view("egress-node.json")["problems"].clone();
     let text = problems.to_string();
-    for field in [
-        "spec.egressIPs[1] fd00::5",
-        "spec.externalIPPools[1] pool6",
-        "spec.bandwidth (rate 10M, burst 20M)",
-    ] {
+    for field in ["spec.egressIPs[1] fd00::5", "spec.externalIPPools[1] pool6"] {
         assert!(
             text.contains(&format!("Egress shaped: {field}")),
             "{field}: {text}"
         );
     }
+    // The bandwidth is served.
+    assert!(!text.contains("bandwidth"), "{text}");
+    assert!(
+        fx.shaping
+            .devices
+            .lock()
+            .unwrap()
+            .contains_key("ferrea-ext.100")
+    );
+}
+
+fn with_bandwidth(e: String, rate: &str, burst: &str) -> String {
+    format!("{e}  bandwidth: {{rate: {rate}, burst: {burst}}}\n")
+}
+
+#[tokio::test(start_paused = true)]
+async fn bandwidth_shapes_the_device_the_ip_leaves_by_and_follows_changes() {
+    let fx = Fx::new();
+    let shaped = desired(&[
+        pool(100),
+        with_bandwidth(egress("web", 100, "10.172.100.5"), "10M", "1M"),
+    ]);
+    let id = id_of(&shaped, "web");
+    let (tx, task) = fx.start(shaped);
+    settle().await;
+    let class = ShapedClass {
+        id,
+        rate_bps: 10_000_000,
+        burst_bits: 1_000_000,
+    };
+    assert_eq!(
+        fx.shaping.devices.lock().unwrap().get("ferrea-ext.100"),
+        Some(&vec![class])
+    );
+    // The packets of its mark get the priority of its class.
+    let script = fx.nft.last().unwrap();
+    let entry = format!("{:#x} : fe0a:{id:x}", crate::net::egress_mark(id));
+    assert!(
+        script.contains("chain egress_shape") && script.contains(&entry),
+        "{script}"
+    );
+    let held = fx.view("egress-node.json")["held"][0].clone();
+    assert_eq!(held["bandwidth"]["rateBps"], 10_000_000, "{held}");
+
+    // Nothing changed: no tc call on the resync.
+    let n = fx
+        .log
+        .events()
+        .iter()
+        .filter(|e| e.starts_with("shape"))
+        .count();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        fx.log
+            .events()
+            .iter()
+            .filter(|e| e.starts_with("shape"))
+            .count(),
+        n
+    );
+
+    // The bandwidth removed: the class goes, and so does the priority.
+    tx.send(desired(&[pool(100), egress("web", 100, "10.172.100.5")]))
+        .unwrap();
+    settle().await;
+    assert!(fx.shaping.devices.lock().unwrap().is_empty());
+    assert!(!fx.nft.last().unwrap().contains("egress_shape"));
+    assert!(snats_to(&fx, "10.172.100.5"));
+    task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_with_another_root_qdisc_is_not_shaped_and_the_ip_still_works() {
+    let fx = Fx::new();
+    fx.shaping
+        .foreign
+        .lock()
+        .unwrap()
+        .push("ferrea-ext.100".into());
+    let (_tx, _task) = fx.start(desired(&[
+        pool(100),
+        with_bandwidth(egress("web", 100, "10.172.100.5"), "10M", "1M"),
+    ]));
+    settle().await;
+    assert!(snats_to(&fx, "10.172.100.5"));
+    let text = fx.view("egress-node.json")["problems"].to_string();
+    assert!(
+        text.contains("Egress bandwidth on ferrea-ext.100 not applied")
+            && text.contains("root qdisc of its own (tbf 1:)"),
+        "{text}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,11 +1,11 @@
 //! The eBPF backend's map bookkeeping: what it writes into the pinned maps for pods, remote
 //! nodes and Egress, behind [`BpfMaps`] so it runs in unit tests without root.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
 use ferrea_common::{
     Counters, EgressSteer as SteerEntry, Endpoint, LbAffinity, LbAffinityKey, LbFlow, LbKey,
     LbSlot, MAP_COUNTERS, MAP_EGRESS_EXEMPT, MAP_EGRESS_HELD, MAP_EGRESS_STEER,
@@ -73,10 +73,12 @@ pub trait BpfMaps: Send {
     fn insert_exempt(&mut self, p: Prefix) -> Result<(), MapError>;
     /// Removes an exempt prefix.
     fn remove_exempt(&mut self, p: Prefix);
-    /// The held flag of an Egress id (non-zero: this node holds its IP).
-    fn held(&self, id: u32) -> Result<u32, MapError>;
-    /// Sets the held flag of an Egress id.
-    fn set_held(&mut self, id: u32, v: u32) -> Result<(), MapError>;
+    /// Every Egress id whose IP this node holds.
+    fn held_ids(&self) -> Vec<u32>;
+    /// Marks an Egress id as held.
+    fn insert_held(&mut self, id: u32) -> Result<(), MapError>;
+    /// Marks an Egress id as no longer held.
+    fn remove_held(&mut self, id: u32);
     /// The steering of a pod IP key, if any.
     fn steer(&self, pod: u32) -> Option<SteerEntry>;
     /// Every steered pod IP key.
@@ -121,7 +123,7 @@ pub struct AyaMaps {
     /// Destinations never steered.
     pub eg_exempt: LpmTrie<MapData, u32, u32>,
     /// Held Egress ids.
-    pub eg_held: Array<MapData, u32>,
+    pub eg_held: BpfHashMap<MapData, u32, u32>,
     /// The service proxy's frontends and backend slots.
     pub lb_svc: BpfHashMap<MapData, LbKey, LbSlot>,
     /// The service proxy's connection table (an LRU hash).
@@ -209,11 +211,14 @@ impl BpfMaps for AyaMaps {
     fn remove_exempt(&mut self, p: Prefix) {
         let _ = self.eg_exempt.remove(&lpm(p));
     }
-    fn held(&self, id: u32) -> Result<u32, MapError> {
-        self.eg_held.get(&id, 0)
+    fn held_ids(&self) -> Vec<u32> {
+        self.eg_held.keys().filter_map(Result::ok).collect()
     }
-    fn set_held(&mut self, id: u32, v: u32) -> Result<(), MapError> {
-        self.eg_held.set(id, v, 0)
+    fn insert_held(&mut self, id: u32) -> Result<(), MapError> {
+        self.eg_held.insert(id, 1, 0)
+    }
+    fn remove_held(&mut self, id: u32) {
+        let _ = self.eg_held.remove(&id);
     }
     fn steer(&self, pod: u32) -> Option<SteerEntry> {
         self.eg_steer.get(&pod, 0).ok()
@@ -314,15 +319,11 @@ pub fn sync_egress(
         }
     }
 
-    let mut held = [0u32; ferrea_common::EGRESS_IDS as usize];
-    for &id in &plan.held {
-        held[usize::from(id)] = 1;
-    }
-    let held_map = || format!("map {MAP_EGRESS_HELD}");
-    for (id, &want) in (0u32..).zip(held.iter()) {
-        if m.held(id).map_err(ERR.other("read", held_map()))? != want {
-            m.set_held(id, want).map_err(ERR.other("set", held_map()))?;
-        }
+    let held: BTreeSet<u32> = plan.held.iter().map(|&id| u32::from(id)).collect();
+    let have_held: BTreeSet<u32> = m.held_ids().into_iter().collect();
+    for &id in held.difference(&have_held) {
+        m.insert_held(id)
+            .map_err(ERR.other("insert into", format!("map {MAP_EGRESS_HELD}")))?;
     }
 
     let want: Vec<(u32, SteerEntry)> = plan
@@ -351,6 +352,9 @@ pub fn sync_egress(
         }
     }
 
+    for &id in have_held.difference(&held) {
+        m.remove_held(id);
+    }
     for k in have_exempt {
         if !exempt.contains(&k) {
             m.remove_exempt(k);
@@ -549,14 +553,10 @@ pub fn dump(m: &dyn BpfMaps, pod: Option<&PodEndpoint>) -> Vec<DumpSection> {
     let mut ex = m.exempt_prefixes();
     ex.sort_by_key(|(l, n)| (ip_of_key(*n), *l));
     exempt.rows = ex.into_iter().map(|p| vec![prefix(p)]).collect();
-    let mut held = DumpSection::new(format!("map {MAP_EGRESS_HELD}"), &["egress_id", "held"]);
-    for id in 1..ferrea_common::EGRESS_IDS {
-        if let Ok(v) = m.held(id)
-            && v != 0
-        {
-            held.rows.push(vec![id.to_string(), v.to_string()]);
-        }
-    }
+    let mut held = DumpSection::new(format!("map {MAP_EGRESS_HELD}"), &["egress_id"]);
+    let mut ids = m.held_ids();
+    ids.sort_unstable();
+    held.rows = ids.into_iter().map(|id| vec![id.to_string()]).collect();
     out.extend([remote, exempt, held]);
     out
 }
@@ -745,14 +745,7 @@ mod tests {
             m.exempt.iter().copied().collect::<Vec<_>>(),
             vec![(16, key([10, 244, 0, 0]))]
         );
-        assert_eq!(
-            m.held
-                .iter()
-                .filter(|(_, v)| **v != 0)
-                .map(|(k, _)| *k)
-                .collect::<Vec<_>>(),
-            vec![4, 9]
-        );
+        assert_eq!(m.held.iter().copied().collect::<Vec<_>>(), vec![4, 9]);
         // Unchanged plan: no writes.
         let n = m.writes.len();
         sync_egress(&mut m, &plan, 4).unwrap();
@@ -775,15 +768,8 @@ mod tests {
             w.last().unwrap(),
             &format!("exempt remove {:?}", (16, key([10, 244, 0, 0])))
         );
-        assert!(w.contains(&"held set 4=0".to_owned()), "{w:?}");
+        assert!(w.contains(&"held remove 4".to_owned()), "{w:?}");
         assert!(m.steer.is_empty());
-        assert_eq!(
-            m.held
-                .iter()
-                .filter(|(_, v)| **v != 0)
-                .map(|(k, _)| *k)
-                .collect::<Vec<_>>(),
-            vec![9]
-        );
+        assert_eq!(m.held.iter().copied().collect::<Vec<_>>(), vec![9]);
     }
 }

@@ -28,11 +28,13 @@
 //!
 //! Egress ([`Dataplane::set_egress`]): three more pinned maps, replaced whole by each plan:
 //! `FERREA_EG_STEER` (steered pod IP to egress node, Egress id and tunnel ifindex),
-//! `FERREA_EG_EXEMPT` (LPM of destinations never steered) and `FERREA_EG_HELD` (an array
-//! indexed by Egress id, non-zero where this node holds the IP). The programs' side is
-//! described in `ebpf/src/lib.rs`. Like every pinned map they are adopted by a restarted agent;
-//! a build that adds maps loads next to the pins of an older build because aya creates (and
-//! pins) each declared map that has no pin yet and opens the others.
+//! `FERREA_EG_EXEMPT` (LPM of destinations never steered) and `FERREA_EG_IDS` (a hash set of
+//! the Egress ids whose IP this node holds). The programs' side is described in
+//! `ebpf/src/lib.rs`. Like every pinned map they are adopted by a restarted agent; a build
+//! that adds maps loads next to the pins of an older build because aya creates (and pins) each
+//! declared map that has no pin yet and opens the others. A map a build no longer declares
+//! (`ferrea_common::OBSOLETE_MAP_PINS`) is unpinned once the new programs are in place: the
+//! programs still attached hold it by reference until they are replaced.
 //!
 //! Services beside kube-proxy: two more pinned maps the agent never writes, filled by the
 //! programs themselves. `FERREA_STACK_CT` (an LRU hash of `ferrea_common::MAX_STACK_FLOWS`
@@ -330,7 +332,7 @@ impl EbpfDataplane {
             remote: LpmTrie::try_from(remote).map_err(map_type(MAP_REMOTE_NODES))?,
             eg_steer: BpfHashMap::try_from(eg_steer).map_err(map_type(MAP_EGRESS_STEER))?,
             eg_exempt: LpmTrie::try_from(eg_exempt).map_err(map_type(MAP_EGRESS_EXEMPT))?,
-            eg_held: Array::try_from(eg_held).map_err(map_type(MAP_EGRESS_HELD))?,
+            eg_held: BpfHashMap::try_from(eg_held).map_err(map_type(MAP_EGRESS_HELD))?,
             lb_svc: BpfHashMap::try_from(lb_svc).map_err(map_type(MAP_LB_SERVICES))?,
             lb_ct: BpfHashMap::try_from(lb_ct).map_err(map_type(MAP_LB_FLOWS))?,
             lb_aff: BpfHashMap::try_from(lb_aff).map_err(map_type(MAP_LB_AFFINITY))?,
@@ -357,6 +359,16 @@ impl EbpfDataplane {
                 "pod filters moved to this build's programs"
             );
             pins::remove_other_prog_dirs(l, &digest);
+            for name in ferrea_common::OBSOLETE_MAP_PINS {
+                let path = l.maps_dir().join(name);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(map = name, "unpinned a map of an older build"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "could not unpin an older build's map")
+                    }
+                }
+            }
         }
         Ok(loaded)
     }

@@ -87,6 +87,8 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
+use crate::net::EgressId;
+
 use super::openflow::{Action, Field, FlowMod, Instruction, Match, port};
 
 /// Tables of the pipeline.
@@ -812,7 +814,7 @@ pub fn egress_flows(
             ));
         }
     }
-    let held: BTreeSet<u8> = plan.held.iter().copied().collect();
+    let held: BTreeSet<EgressId> = plan.held.iter().copied().collect();
     for id in held {
         out.push(FlowMod::add(
             Table::Classifier as u8,
