@@ -31,6 +31,7 @@ fn held() -> Vec<HeldIp> {
                 vlan: 100,
             }),
             bandwidth: None,
+            releasing: false,
         },
         HeldIp {
             ip: Ipv4Addr::new(192, 0, 2, 9),
@@ -38,6 +39,7 @@ fn held() -> Vec<HeldIp> {
             egress: "no-subnet".into(),
             subnet: None,
             bandwidth: None,
+            releasing: false,
         },
     ]
 }

@@ -9,7 +9,7 @@ use super::events::EventLog;
 
 /// Sysctl values by dotted key. A key never written reads as [`FakeSysctl::fallback`] (the
 /// kernel's default for a new interface's `rp_filter`), or fails with `ENOENT` without one;
-/// `arp_ignore` and `arp_announce` read as the kernel's `0`. Logs
+/// `arp_ignore`, `arp_announce` and `promote_secondaries` read as the kernel's `0`. Logs
 /// `sysctl <key>=<value>` on each write.
 #[derive(Default)]
 pub struct FakeSysctl {
@@ -53,7 +53,9 @@ impl Sysctl for FakeSysctl {
             .get(key)
             .cloned()
             .or_else(|| {
-                (key.ends_with(".arp_ignore") || key.ends_with(".arp_announce"))
+                [".arp_ignore", ".arp_announce", ".promote_secondaries"]
+                    .iter()
+                    .any(|k| key.ends_with(k))
                     .then(|| "0".to_owned())
             })
             .or_else(|| self.fallback.lock().unwrap().clone())

@@ -342,7 +342,10 @@ impl EgressReconciler {
             still && *deadline > now && !plan.held.iter().any(|x| x.ip == *ip || x.id == h.id)
         });
         for (h, _) in self.releasing.values() {
-            plan.held.push(h.clone());
+            plan.held.push(plan::HeldIp {
+                releasing: true,
+                ..h.clone()
+            });
             plan.dataplane.held.push(h.id);
         }
         plan.held.sort();

@@ -194,9 +194,16 @@ pub enum NodeError {
     },
 }
 
-/// The ARP settings of a sub-interface (see the module doc): answer only for its own
-/// addresses, ask with one of them.
-pub const SUBIF_ARP: [(&str, &str); 2] = [("arp_ignore", "1"), ("arp_announce", "2")];
+/// The ARP and address settings of a sub-interface (see the module doc): answer only for its
+/// own addresses, ask with one of them; and when the first address of the subnet goes, keep
+/// the others (with `promote_secondaries` off, the kernel deletes every secondary address of
+/// a subnet with its primary, so releasing one egress IP would drop the node's other IPs of
+/// the same pool for a moment).
+pub const SUBIF_ARP: [(&str, &str); 3] = [
+    ("arp_ignore", "1"),
+    ("arp_announce", "2"),
+    ("promote_secondaries", "1"),
+];
 
 /// Why one held IP is not assigned: a [`NodeError`] shared by the IPs it concerns (all IPs of
 /// a sub-interface that could not be made, say). Compared by message.
@@ -592,7 +599,10 @@ impl EgressNode {
             let r = self.ensure_subif(&parent, *v).await;
             subif.insert(*v, r.map_err(|e| IpFailure(Arc::new(e))));
         }
-        let wants_dummy = held.iter().any(|h| h.subnet.is_none());
+        // A releasing IP of a VLAN subnet leaves its sub-interface for where IPs without a
+        // subnet live (the dummy device, or the transport interface), as a /32.
+        let quiet = |h: &HeldIp| h.releasing && h.subnet.is_some_and(|s| s.vlan > 0);
+        let wants_dummy = held.iter().any(|h| h.subnet.is_none() || quiet(h));
         let dummy = if wants_dummy {
             Some(
                 self.ensure_dummy()
@@ -606,7 +616,16 @@ impl EgressNode {
         let mut want_on: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
         let mut on_transport: BTreeSet<(Ipv4Addr, u8)> = BTreeSet::new();
         let mut placed: Vec<Placed> = Vec::new();
+        // Where each IP's address goes, when not where its routes go (a releasing IP).
+        let mut addr_of: BTreeMap<Ipv4Addr, (u32, u8)> = BTreeMap::new();
         for h in held {
+            if quiet(h) {
+                let on = match &dummy {
+                    Some(Ok(Some(i))) => *i,
+                    _ => parent_index,
+                };
+                addr_of.insert(h.ip, (on, 32));
+            }
             let (idx, ifname, prefix) = match h.subnet {
                 Some(s) if s.vlan > 0 => match &subif[&s.vlan] {
                     Ok(i) => (*i, subif_name(s.vlan), s.prefix_len),
@@ -631,41 +650,35 @@ impl EgressNode {
                     _ => (parent_index, self.parent.clone(), 32),
                 },
             };
-            want_on.entry(idx).or_default().insert((h.ip, prefix));
-            if idx == parent_index {
-                on_transport.insert((h.ip, prefix));
+            let (on, p) = addr_of.get(&h.ip).copied().unwrap_or((idx, prefix));
+            want_on.entry(on).or_default().insert((h.ip, p));
+            if on == parent_index {
+                on_transport.insert((h.ip, p));
             }
             placed.push((h.clone(), idx, ifname));
         }
-        // Addresses on ferrea's own sub-interfaces: exactly the wanted ones.
-        let own = self.own_links().await?;
-        for (name, m) in &own {
-            let idx = m.index;
-            let want = want_on.get(&idx).cloned().unwrap_or_default();
-            for (ip, p) in self.kernel.addresses.list(idx).await? {
-                if !want.contains(&(ip, p)) {
-                    self.kernel.addresses.delete(idx, ip, p).await?;
-                    tracing::info!(%ip, interface = %name, "egress IP removed");
-                }
-            }
-        }
-        // Addresses on the transport interface: only those ferrea recorded.
+        // Addresses on the transport interface are recorded before they are made, so a crash
+        // in between leaves nothing unrecorded.
         let recorded = match &self.on_transport {
             Some(r) => r.clone(),
             None => self.recorded(),
         };
-        for (ip, p) in recorded.difference(&on_transport) {
-            self.kernel.addresses.delete(parent_index, *ip, *p).await?;
-            tracing::info!(%ip, interface = %self.parent, "egress IP removed");
+        let both: BTreeSet<(Ipv4Addr, u8)> = recorded.union(&on_transport).copied().collect();
+        if both != recorded {
+            self.save_record(&both)?;
         }
-        if recorded != on_transport {
-            self.save_record(&on_transport)?;
-        }
-        self.on_transport = Some(on_transport);
+        // New addresses first, so an IP moving between interfaces (a releasing one) stays
+        // local throughout: its routes and in-flight traffic never see it gone.
         for (h, idx, ifname) in &placed {
-            let prefix = h.subnet.map_or(32, |s| s.prefix_len);
-            let r = self.kernel.addresses.add(*idx, h.ip, prefix).await;
-            if r.is_ok() && !self.announced.contains_key(&h.ip) {
+            let (on, prefix) = addr_of
+                .get(&h.ip)
+                .copied()
+                .unwrap_or((*idx, h.subnet.map_or(32, |s| s.prefix_len)));
+            let r = self.kernel.addresses.add(on, h.ip, prefix).await;
+            if h.releasing {
+                // Never announced again: the gateway is to learn the new holder only.
+                self.announced.remove(&h.ip);
+            } else if r.is_ok() && !self.announced.contains_key(&h.ip) {
                 let mac = self.link(ifname).await?.and_then(|m| m.mac);
                 match mac.map(|mac| (mac, self.kernel.garp.announce(*idx, mac, h.ip))) {
                     Some((mac, Ok(()))) => {
@@ -694,6 +707,27 @@ impl EgressNode {
                     .map_err(|e| IpFailure(Arc::new(e.into()))),
             });
         }
+        // Addresses on ferrea's own sub-interfaces: exactly the wanted ones.
+        let own = self.own_links().await?;
+        for (name, m) in &own {
+            let idx = m.index;
+            let want = want_on.get(&idx).cloned().unwrap_or_default();
+            for (ip, p) in self.kernel.addresses.list(idx).await? {
+                if !want.contains(&(ip, p)) {
+                    self.kernel.addresses.delete(idx, ip, p).await?;
+                    tracing::info!(%ip, interface = %name, "egress IP removed");
+                }
+            }
+        }
+        // Addresses on the transport interface: only those ferrea recorded.
+        for (ip, p) in both.difference(&on_transport) {
+            self.kernel.addresses.delete(parent_index, *ip, *p).await?;
+            tracing::info!(%ip, interface = %self.parent, "egress IP removed");
+        }
+        if both != on_transport {
+            self.save_record(&on_transport)?;
+        }
+        self.on_transport = Some(on_transport);
         self.announced
             .retain(|ip, _| placed.iter().any(|(h, _, _)| h.ip == *ip));
         // Sub-interfaces (and the dummy) no held IP needs.
@@ -760,6 +794,9 @@ impl EgressNode {
     async fn sync_routes(&self, ok: &[&Placed]) -> Result<(), NodeError> {
         let mut want: Vec<TableRoute> = Vec::new();
         let mut seen = BTreeSet::new();
+        // The routes' source is an IP that stays, when the subnet has one.
+        let mut ok = ok.to_vec();
+        ok.sort_by_key(|(h, _, _)| h.releasing);
         for (h, idx, _) in ok {
             let Some(s) = h.subnet else { continue };
             let table = table_of(&s);

@@ -46,6 +46,11 @@ pub struct HeldIp {
     pub subnet: Option<SubnetInfo>,
     /// The Egress's `spec.bandwidth`, if it has one.
     pub bandwidth: Option<Bandwidth>,
+    /// Kept only for the make-before-break handover to another node: the IP stays local (so
+    /// in-flight traffic is still SNATed and its replies delivered) but leaves the
+    /// sub-interface, so this node neither answers ARP for it nor asks with it, and is never
+    /// announced again (see `EgressNode::apply`).
+    pub releasing: bool,
 }
 
 /// Everything this node does for Egress.
@@ -111,6 +116,7 @@ pub fn plan(
                 egress: name.clone(),
                 subnet,
                 bandwidth: st.egresses.get(name).and_then(|e| e.bandwidth),
+                releasing: false,
             });
         }
     }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::node::{ALIAS, EgressKernel, EgressNode, RTPROT_FERREA_EGRESS as P, VlanTagging};
+use super::node::{
+    ALIAS, EgressKernel, EgressNode, GARP_SPACING, RTPROT_FERREA_EGRESS as P, VlanTagging,
+};
 use super::{EgressContext, EgressStatusError, EgressStatusSink, EgressStatuses, run};
 use crate::dataplane::{Dataplane, NodeNetwork};
 use crate::kernel::links::LinkKind;
@@ -93,23 +95,37 @@ impl Fx {
         st: DesiredState,
         sink: Arc<dyn EgressStatusSink>,
     ) -> (watch::Sender<DesiredState>, tokio::task::JoinHandle<()>) {
+        let node = self.node(Arc::new(FakeGarp::new(self.log.clone())));
+        self.start_node(st, sink, node)
+    }
+
+    /// The node side alone, over the fixture's fakes (`garp` records the announcements).
+    fn node(&self, garp: Arc<FakeGarp>) -> EgressNode {
         let kernel = EgressKernel {
             links: self.links.clone(),
             addresses: self.addrs.clone(),
             routes: self.routes.clone(),
             rules: self.rules.clone(),
             sysctl: self.sysctl.clone(),
-            garp: Arc::new(FakeGarp::new(self.log.clone())),
+            garp,
             shaping: self.shaping.clone(),
         };
         let log = self.log.clone();
-        let node = EgressNode::with_kernel(
+        EgressNode::with_kernel(
             kernel,
             "eth0".into(),
             "ferrea-gw0".into(),
             self.dir.path(),
             Box::new(move || Ok(Box::new(FakeTagger(log.clone())) as Box<dyn VlanTagging>)),
-        );
+        )
+    }
+
+    fn start_node(
+        &self,
+        st: DesiredState,
+        sink: Arc<dyn EgressStatusSink>,
+        node: EgressNode,
+    ) -> (watch::Sender<DesiredState>, tokio::task::JoinHandle<()>) {
         let dp: Arc<dyn Dataplane> = Arc::new(LoggedDataplane {
             inner: self.dp.clone(),
             log: self.log.clone(),
@@ -830,4 +846,90 @@ async fn an_assigned_ip_is_announced_three_times_past_the_neighbour_locktime() {
     assert_eq!(garps(), usize::from(super::node::GARP_REPEATS));
     drop(tx);
     task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_releasing_ip_leaves_its_sub_interface_stays_local_and_is_never_announced_again() {
+    use super::plan::HeldIp;
+    use crate::source::crd::SubnetInfo;
+    let fx = Fx::new();
+    let garp = Arc::new(FakeGarp::new(fx.log.clone()));
+    let mut node = fx.node(garp.clone());
+    let held = |last: u8, id, releasing| HeldIp {
+        ip: Ipv4Addr::new(10, 172, 100, last),
+        id,
+        egress: format!("e{last}"),
+        subnet: Some(SubnetInfo {
+            gateway: Ipv4Addr::new(10, 172, 100, 254),
+            prefix_len: 24,
+            vlan: 100,
+        }),
+        bandwidth: None,
+        releasing,
+    };
+    let (ip5, ip6) = (
+        Ipv4Addr::new(10, 172, 100, 5),
+        Ipv4Addr::new(10, 172, 100, 6),
+    );
+    node.apply(&[held(5, 7, false), held(6, 8, false)])
+        .await
+        .unwrap();
+    let subif = fx.index("ferrea-ext.100");
+    assert_eq!(fx.addrs.on(subif).len(), 2);
+    let announced = |ip| {
+        garp.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, x)| *x == ip)
+            .count()
+    };
+    assert_eq!((announced(ip5), announced(ip6)), (1, 1));
+
+    // .5 moves to another node: off the sub-interface (no ARP answered or asked with it), a
+    // /32 elsewhere (still local for in-flight traffic), added before it was removed.
+    let n = fx.log.events().len();
+    let out = node
+        .apply(&[held(5, 7, true), held(6, 8, false)])
+        .await
+        .unwrap();
+    assert!(out.iter().all(|o| o.result.is_ok()), "{out:?}");
+    assert_eq!(
+        fx.addrs.on(subif).into_iter().collect::<Vec<_>>(),
+        vec![(ip6, 24)]
+    );
+    let elsewhere: Vec<u32> = [super::node::DUMMY_IFNAME, "eth0"]
+        .iter()
+        .filter_map(|n| fx.links.index(n))
+        .filter(|i| fx.addrs.on(*i).contains(&(ip5, 32)))
+        .collect();
+    assert_eq!(elsewhere.len(), 1, "{:#?}", fx.log.events());
+    let ev = fx.log.events()[n..].to_vec();
+    assert!(
+        pos(&ev, "addr add 10.172.100.5/32") < pos(&ev, "addr del 10.172.100.5/24"),
+        "{ev:#?}"
+    );
+    // The subnet's routes still leave by the sub-interface, from the IP that stays.
+    let table = fx.routes.in_table(20100);
+    assert!(table.iter().all(|r| r.oif == Some(subif)), "{table:#?}");
+    assert!(table.iter().any(|r| r.pref_src == Some(ip6)), "{table:#?}");
+    // The repeats that were due for it are not sent; the other IP's are.
+    tokio::time::sleep(GARP_SPACING * 3).await;
+    node.repeat_announcements();
+    tokio::time::sleep(GARP_SPACING * 3).await;
+    node.repeat_announcements();
+    assert_eq!(announced(ip5), 1);
+    assert_eq!(announced(ip6), 3);
+
+    // Released: gone from everywhere, the other IP untouched.
+    node.apply(&[held(6, 8, false)]).await.unwrap();
+    assert_eq!(
+        fx.addrs.on(subif).into_iter().collect::<Vec<_>>(),
+        vec![(ip6, 24)]
+    );
+    for n in [super::node::DUMMY_IFNAME, "eth0"] {
+        if let Some(i) = fx.links.index(n) {
+            assert!(!fx.addrs.on(i).contains(&(ip5, 32)), "{n}");
+        }
+    }
 }
