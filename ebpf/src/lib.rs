@@ -97,11 +97,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ferrea_common::{
-    Counters, EGRESS_ID_MAX, EGRESS_MARK_MASK, EGRESS_MARK_SHIFT, EgressSteer, Endpoint, LB_CNT_REVERSE_STACK, LB_CNT_REVERSE_TUNNEL,
-    MAX_EGRESS_EXEMPT, MAX_EGRESS_HELD, MAX_NODES, MAX_PODS, MAX_STACK_FLOWS, MAX_VLANS, RemoteNode,
-    SVC_COUNTER_SLOTS, SVC_RECORDED_POD, SVC_RECORDED_TUNNEL, SVC_REPLY_FROM_POD,
-    SVC_REPLY_FROM_TUNNEL, SVC_STACK_TO_POD, SVC_STALE_CLEARED, SVC_UNMATCHABLE, StackFlow,
-    VlanChild, VlanKey,
+    Counters, EGRESS_ID_MAX, EGRESS_MARK_MASK, EGRESS_MARK_SHIFT, EgressSteer, Endpoint,
+    LB_CNT_REVERSE_STACK, LB_CNT_REVERSE_TUNNEL, MAX_EGRESS_EXEMPT, MAX_EGRESS_HELD, MAX_NODES,
+    MAX_PODS, MAX_STACK_FLOWS, MAX_VLANS, RemoteNode, SVC_COUNTER_SLOTS, SVC_RECORDED_POD,
+    SVC_RECORDED_TUNNEL, SVC_REPLY_FROM_POD, SVC_REPLY_FROM_TUNNEL, SVC_STACK_TO_POD,
+    SVC_STALE_CLEARED, SVC_UNMATCHABLE, StackFlow, VlanChild, VlanKey,
 };
 
 /// Local endpoints keyed by host-side veth ifindex: who is sending on this interface.
@@ -822,7 +822,7 @@ fn from_tunnel(ctx: &TcContext) -> Option<i32> {
 fn egress_in(ctx: &TcContext, id: u32) -> Option<i32> {
     // Ids past 16 bits are never held: they miss and are dropped too.
     // SAFETY: the value is copied out at once.
-    match unsafe { FERREA_EG_HELD.get(&id) } {
+    match unsafe { FERREA_EG_HELD.get(id) } {
         Some(&held) if held != 0 && id <= EGRESS_ID_MAX => {}
         _ => return Some(TC_ACT_SHOT),
     }
@@ -833,7 +833,9 @@ fn egress_in(ctx: &TcContext, id: u32) -> Option<i32> {
     unsafe {
         let p = core::ptr::addr_of_mut!((*skb).mark);
         let mark = p.read_volatile();
-        p.write_volatile((mark & !EGRESS_MARK_MASK) | ((id << EGRESS_MARK_SHIFT) & EGRESS_MARK_MASK));
+        p.write_volatile(
+            (mark & !EGRESS_MARK_MASK) | ((id << EGRESS_MARK_SHIFT) & EGRESS_MARK_MASK),
+        );
     }
     ctx.change_type(PACKET_HOST).ok()?;
     Some(TC_ACT_OK)
