@@ -39,6 +39,7 @@ pub mod dataplane;
 pub mod debug;
 pub mod kernel;
 pub mod membership;
+pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod pods;

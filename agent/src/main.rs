@@ -51,6 +51,7 @@ impl LogControl for ReloadableFilter {
 }
 
 fn main() -> anyhow::Result<()> {
+    ferrea_agent::memory::limit_arenas();
     let args = Args::parse();
     let directives = std::env::var("FERREA_LOG")
         .ok()

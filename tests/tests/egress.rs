@@ -86,9 +86,18 @@ fn seed_manifests_give_selected_pods_the_egress_ip_on_vlan_100(dp: Dataplane) {
         table.contains("default via 10.172.170.254 dev ferrea-ext.100"),
         "{table}"
     );
-    // The other node holds nothing.
+    // The other node holds nothing; its sub-interface is ready (the pool admits it), with no
+    // address, so a failover to it needs no new device.
     let other = &s.c.nodes()[s.other_node];
-    assert!(other.links_with_prefix("ferrea-ext").unwrap().is_empty());
+    assert_eq!(
+        other.links_with_prefix("ferrea-ext").unwrap(),
+        vec!["ferrea-ext.100".to_owned()]
+    );
+    let addrs = other
+        .ns()
+        .ip(&["-4", "-o", "addr", "show", "dev", "ferrea-ext.100"])
+        .unwrap();
+    assert_eq!(addrs.trim(), "", "the standby sub-interface has an address");
     assert_eq!(ferrea_rules(other.ns()).unwrap().trim(), "");
 }
 

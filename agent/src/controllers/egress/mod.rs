@@ -527,6 +527,7 @@ async fn apply(
             .cloned(),
     );
     let removing = both.len() > plan.held.len();
+    node.set_standby(plan.standby_vlans.clone());
     let outcomes = node.apply(&both).await?;
     let outcomes: Vec<IpOutcome> = outcomes
         .into_iter()

@@ -302,6 +302,8 @@ pub struct EgressNode {
     shaped: Option<BTreeMap<String, Vec<ShapedClass>>>,
     /// Devices whose shaping failed, with why.
     shape_problems: BTreeMap<String, String>,
+    /// VLANs whose sub-interface is kept ready without a held IP ([`EgressNode::set_standby`]).
+    standby: BTreeSet<u16>,
 }
 
 /// Gratuitous ARPs sent for each IP assigned: the first at once, the others
@@ -369,6 +371,7 @@ impl EgressNode {
             rp: BTreeMap::new(),
             shaped: None,
             shape_problems: BTreeMap::new(),
+            standby: BTreeSet::new(),
         }
     }
 
@@ -579,6 +582,13 @@ impl EgressNode {
         })
     }
 
+    /// Keeps the sub-interfaces of `vlans` from the next [`EgressNode::apply`] on, whether or
+    /// not an IP of theirs is held (a standby node's device is ready before it takes an IP
+    /// over). A failure to make one is logged; it is retried on each apply.
+    pub fn set_standby(&mut self, vlans: BTreeSet<u16>) {
+        self.standby = vlans;
+    }
+
     /// Makes the node hold exactly `held`: interfaces, addresses, tables, rules, `rp_filter`.
     /// Returns per IP where it is (or why not). An error is a failure that concerns all IPs.
     pub async fn apply(&mut self, held: &[HeldIp]) -> Result<Vec<IpOutcome>, NodeError> {
@@ -588,11 +598,12 @@ impl EgressNode {
             .await?
             .ok_or_else(|| NodeError::NoTransport(self.parent.clone()))?;
         let parent_index = parent.index;
-        // Sub-interfaces: one per VLAN in use.
+        // Sub-interfaces: one per VLAN in use or kept ready.
         let vlans: BTreeSet<u16> = held
             .iter()
             .filter_map(|h| h.subnet.map(|s| s.vlan))
             .filter(|v| *v > 0)
+            .chain(self.standby.iter().copied())
             .collect();
         let mut subif: BTreeMap<u16, Result<u32, IpFailure>> = BTreeMap::new();
         for v in &vlans {

@@ -68,6 +68,11 @@ pub struct NodePlan {
     pub pods: BTreeMap<String, String>,
     /// What could not be done, each naming the Egress or pod.
     pub warnings: Vec<String>,
+    /// The VLANs whose sub-interface this node keeps ready although it may hold none of their
+    /// IPs: those of pools with an allocated IP whose `nodeSelector` admits this node, so a
+    /// failover or handover to it needs no new device (a device the kernel has just made drops
+    /// what is sent through it until its queue is activated, up to a second later).
+    pub standby_vlans: BTreeSet<u16>,
 }
 
 /// Computes this node's plan. `cluster` is what is never egress traffic besides the nodes'
@@ -121,6 +126,18 @@ pub fn plan(
         }
     }
     out.held.sort();
+    let my_labels = st.nodes.get(me).map(|n| &n.labels);
+    for a in out.assignments.values() {
+        let Some(pool) = a.pool.as_ref().and_then(|p| st.pools.get(p)) else {
+            continue;
+        };
+        if let (Some(_), Some(sub), Some(labels)) = (a.ip, pool.subnet, my_labels)
+            && sub.vlan > 0
+            && pool.node_selector.matches(labels)
+        {
+            out.standby_vlans.insert(sub.vlan);
+        }
+    }
     out.dataplane.held = out.held.iter().map(|h| h.id).collect();
     out.dataplane.held.sort();
 
@@ -273,6 +290,28 @@ spec: {nodeName: n2}
         );
         assert_eq!(p.pods["default/sel1"], "child-egress-hello-world1");
         assert!(!p.pods.contains_key("default/other1"));
+    }
+
+    #[test]
+    fn nodes_the_pool_admits_keep_its_sub_interface_ready() {
+        // The seed's pool admits only n1 (network-role: egress-gateway).
+        let st = state(&seed());
+        let run = |st: &DesiredState, me: &str| {
+            plan(st, &[], me, &cluster(), true, None, &BTreeMap::new())
+        };
+        assert_eq!(run(&st, "n1").standby_vlans, BTreeSet::from([100]));
+        assert!(run(&st, "n2").standby_vlans.is_empty());
+        // A pool open to every node: both keep it, holder or not.
+        let mut open = st.clone();
+        for p in open.pools.values_mut() {
+            p.node_selector = crate::source::crd::LabelSelector::default();
+        }
+        for me in ["n1", "n2"] {
+            assert_eq!(run(&open, me).standby_vlans, BTreeSet::from([100]), "{me}");
+        }
+        // No Egress: no IP allocated from the pool, no device kept.
+        open.egresses.clear();
+        assert!(run(&open, "n1").standby_vlans.is_empty());
     }
 
     #[test]
