@@ -294,7 +294,7 @@ pub async fn run_with(
         tracing::info!(node = %node.name, pod_cidr = ?node.pod_cidr, "agent ready");
         // What the start allocated and freed goes back to the kernel once the controllers'
         // first passes are done (see `crate::memory`).
-        tokio::spawn(crate::memory::trim_periodically(Duration::from_secs(10)));
+        tokio::spawn(crate::memory::trim_periodically(Duration::from_secs(2)));
         crate::controllers::npl::start(
             &cfg.node_port_local,
             &cfg.state_dir,

@@ -5,8 +5,9 @@
 //! thresholds after large frees, so a burst of allocations at start (loading and pinning the
 //! eBPF programs, the first full pass of every controller) stays resident for the life of the
 //! process. Two settings bound that: at most [`ARENAS`] arenas, set before any thread starts,
-//! and `malloc_trim(0)` once the agent has settled and then every [`TRIM_EVERY`], which hands
-//! every free page of every arena back. A trim costs well under a millisecond on an idle agent.
+//! and `malloc_trim(0)` once the agent has settled (two and ten seconds after it is ready)
+//! and then every [`TRIM_EVERY`], which hands every free page of every arena back. A trim
+//! costs well under a millisecond on an idle agent.
 //!
 //! No crate wraps these two calls for the system allocator (allocator crates replace it
 //! instead), so they are made here through `libc`. On other C libraries they do nothing.
@@ -54,13 +55,16 @@ pub fn trim() -> bool {
     false
 }
 
-/// Trims once `settle` after it is called (the agent's first passes done), then every
+/// Trims `first` after it is called (the agent's first passes done), again at ten seconds
+/// (late starters: the source's first full sync, the membership's first rounds), then every
 /// [`TRIM_EVERY`]. Runs until the task is dropped.
-pub async fn trim_periodically(settle: Duration) {
-    tokio::time::sleep(settle).await;
+pub async fn trim_periodically(first: Duration) {
+    tokio::time::sleep(first).await;
+    let mut next = Duration::from_secs(10).saturating_sub(first);
     loop {
         let released = trim();
         tracing::debug!(released, "free heap memory handed back");
-        tokio::time::sleep(TRIM_EVERY).await;
+        tokio::time::sleep(next).await;
+        next = TRIM_EVERY;
     }
 }
