@@ -1,6 +1,6 @@
 //! Traffic between namespaces: pings that run while a test does something disruptive
 //! (restarting the agent or OVS) and the numbers that say how much got through, how long
-//! until a destination answers, and a bulk TCP transfer.
+//! until a destination answers, a bulk TCP transfer, and an iperf3 run.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -191,6 +191,41 @@ pub fn assert_all_reach(pods: &[&crate::pod::Pod], nodes: &[crate::node::Node]) 
         pairs.len(),
         failures.join("\n")
     );
+}
+
+/// One iperf3 run: a one-shot server in `server` bound to `bind`, the client in `client` with
+/// `-c <bind> -J` and `args`; returns the client's JSON report. The server is stopped by PID,
+/// also when the client fails.
+pub fn iperf3(
+    server: &NetNs,
+    bind: Ipv4Addr,
+    client: &NetNs,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let bind = bind.to_string();
+    let mut srv = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            server.name(),
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            &bind,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut argv = vec!["iperf3", "-c", &bind, "-J"];
+    argv.extend_from_slice(args);
+    let out = client.exec(&argv);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    anyhow::ensure!(out.status.success(), "iperf3 to {bind}: {out:?}");
+    serde_json::from_slice(&out.stdout).context("iperf3's JSON report")
 }
 
 #[cfg(test)]

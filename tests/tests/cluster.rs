@@ -98,34 +98,13 @@ fn pods_on_three_nodes_reach_each_other(dp: Dataplane) {
     assert_eq!(seen.ip(), a.ip(), "pod {} seen as {seen} on node2", a.ip());
 
     // A bulk transfer across nodes: 50 MB from a pod on node1 to a pod on node3.
-    let mut server = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            pods[2][1].ns().name(),
-            "iperf3",
-            "-s",
-            "-1",
-            "-B",
-        ])
-        .arg(pods[2][1].ip().to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(300));
-    let out = pods[0][1].exec(&[
-        "iperf3",
-        "-c",
-        &pods[2][1].ip().to_string(),
-        "-n",
-        "50M",
-        "-J",
-    ]);
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(out.status.success(), "iperf3 across nodes: {out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    let v = ferrea_tests::traffic::iperf3(
+        pods[2][1].ns(),
+        pods[2][1].ip(),
+        pods[0][1].ns(),
+        &["-n", "50M"],
+    )
+    .expect("iperf3 across nodes");
     // iperf3 reports what the server counted until the client's last write, so a tail may
     // still be in flight: the sender's count is exact, the receiver's a lower bound.
     let sent = v["end"]["sum_sent"]["bytes"].as_f64().unwrap_or(0.0);

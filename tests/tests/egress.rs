@@ -537,28 +537,13 @@ fn allocations_stay_while_other_egresses_come_and_go_and_across_restarts(dp: Dat
 /// TCP throughput from `p` to the external host's iperf3 server, bits per second as the
 /// receiver counted them over a 4 s run.
 fn throughput_out(s: &EgressCluster, p: &ferrea_tests::pod::Pod) -> f64 {
-    let internet = ferrea_tests::fabric::INTERNET_IP.to_string();
-    let mut server = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            s.c.external().name(),
-            "iperf3",
-            "-s",
-            "-1",
-            "-B",
-            &internet,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(300));
-    let out = p.exec(&["iperf3", "-c", &internet, "-t", "4", "-J"]);
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(out.status.success(), "iperf3 from {}: {out:?}", p.ip());
-    let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    let v = ferrea_tests::traffic::iperf3(
+        s.c.external(),
+        ferrea_tests::fabric::INTERNET_IP,
+        p.ns(),
+        &["-t", "4"],
+    )
+    .unwrap_or_else(|e| panic!("iperf3 from {}: {e:#}", p.ip()));
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .expect("bits_per_second")

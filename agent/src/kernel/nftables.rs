@@ -270,78 +270,73 @@ impl EgressRules {
             let ex: Vec<String> = outer.iter().map(|c| c.to_string()).collect();
             let _ = writeln!(s, "    ip daddr {{ {} }} return", ex.join(", "));
         }
-        if !self.marks.is_empty() {
-            let m: Vec<String> = self
-                .marks
+        use crate::net::egress_mark;
+        map_rule(
+            &mut s,
+            self.marks
                 .iter()
-                .map(|(ip, id)| format!("{ip} : {:#x}", crate::net::egress_mark(*id)))
-                .collect();
-            let _ = writeln!(
-                s,
-                "    meta mark set ip saddr map {{ {} }} comment \"ferrea: Egress of local pods\"",
-                m.join(", ")
-            );
-        }
+                .map(|(ip, id)| format!("{ip} : {:#x}", egress_mark(*id))),
+            |m| format!("meta mark set ip saddr map {m} comment \"ferrea: Egress of local pods\""),
+        );
         // One map lookup per packet, however many ids this node holds.
-        if !self.snat.is_empty() {
-            let m: Vec<String> = self
-                .snat
-                .iter()
-                .map(|(id, _)| {
-                    let mac = crate::net::egress_marker_mac(*id)
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":");
-                    format!("{mac} : {:#x}", crate::net::egress_mark(*id))
-                })
-                .collect();
-            let _ = writeln!(
-                s,
-                "    meta mark set ether saddr map {{ {} }} comment \"ferrea: Egress from other nodes (OVS)\"",
-                m.join(", ")
-            );
-        }
+        map_rule(
+            &mut s,
+            self.snat.iter().map(|(id, _)| {
+                let mac = crate::net::egress_marker_mac(*id)
+                    .map(|b| format!("{b:02x}"))
+                    .join(":");
+                format!("{mac} : {:#x}", egress_mark(*id))
+            }),
+            |m| {
+                format!(
+                    "meta mark set ether saddr map {m} comment \"ferrea: Egress from other nodes (OVS)\""
+                )
+            },
+        );
         s.push_str("  }\n  chain egress_snat {\n    type nat hook postrouting priority srcnat - 10; policy accept;\n");
-        if !self.snat.is_empty() {
-            let m: Vec<String> = self
-                .snat
+        map_rule(
+            &mut s,
+            self.snat
                 .iter()
-                .map(|(id, ip)| format!("{:#x} : {ip}", crate::net::egress_mark(*id)))
-                .collect();
-            let _ = writeln!(
-                s,
-                "    meta mark & {mask:#x} != 0 counter snat ip to meta mark & {mask:#x} map {{ {} }} comment \"ferrea: Egress\"",
-                m.join(", ")
-            );
-        }
+                .map(|(id, ip)| format!("{:#x} : {ip}", egress_mark(*id))),
+            |m| {
+                format!(
+                    "meta mark & {mask:#x} != 0 counter snat ip to meta mark & {mask:#x} map {m} comment \"ferrea: Egress\""
+                )
+            },
+        );
         s.push_str("  }\n");
         if !self.shaped.is_empty() {
             // After routing and forwarding (which resets the priority from the TOS), before
             // the qdisc of the device the packet leaves by.
             s.push_str("  chain egress_shape {\n    type filter hook postrouting priority mangle; policy accept;\n");
-            let m: Vec<String> = self
-                .shaped
-                .iter()
-                .map(|id| {
+            map_rule(
+                &mut s,
+                self.shaped.iter().map(|id| {
                     let p = crate::kernel::shaping::priority_of(*id);
+                    format!("{:#x} : {:x}:{:x}", egress_mark(*id), p >> 16, p & 0xffff)
+                }),
+                |m| {
                     format!(
-                        "{:#x} : {:x}:{:x}",
-                        crate::net::egress_mark(*id),
-                        p >> 16,
-                        p & 0xffff
+                        "meta mark & {mask:#x} != 0 meta priority set meta mark & {mask:#x} map {m} comment \"ferrea: Egress bandwidth\""
                     )
-                })
-                .collect();
-            let _ = writeln!(
-                s,
-                "    meta mark & {mask:#x} != 0 meta priority set meta mark & {mask:#x} map {{ {} }} comment \"ferrea: Egress bandwidth\"",
-                m.join(", ")
+                },
             );
             s.push_str("  }\n");
         }
         s.push_str("}\n");
         s
+    }
+}
+
+/// Appends the rule `rule("{ <entries> }")` to `s`, or nothing when there is no entry (nft
+/// refuses an empty anonymous map).
+fn map_rule(s: &mut String, entries: impl Iterator<Item = String>, rule: impl Fn(&str) -> String) {
+    let m: Vec<String> = entries.collect();
+    if !m.is_empty() {
+        s.push_str("    ");
+        s.push_str(&rule(&format!("{{ {} }}", m.join(", "))));
+        s.push('\n');
     }
 }
 
