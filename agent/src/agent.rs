@@ -537,7 +537,21 @@ async fn start_node(
     dp.set_remote_nodes(remotes)
         .await
         .map_err(dp_err("connecting the other nodes"))?;
-    let store = Store::open(&cfg.state_dir).map_err(StartError::Store)?;
+    // A store file that is not there is new, or was removed while pods ran (a wiped state
+    // directory): either way the pod interfaces' notes say which pods are running.
+    let missing = !cfg.state_dir.join(crate::pods::store::FILE).exists();
+    let (store, damage) = Store::open_or_rebuild(&cfg.state_dir).map_err(StartError::Store)?;
+    if let Some(d) = &damage {
+        tracing::warn!(
+            file = %d.file.display(),
+            found = %d.found,
+            kept_at = %d.kept_at.display(),
+            salvaged_records = d.salvaged_pods,
+            salvaged_npl_mappings = d.salvaged_npl,
+            "the state store is damaged; it was set aside and a new one started, \
+             rebuilt from what it still held and from the pod interfaces' notes"
+        );
+    }
     // NodePortLocal rules of the previous run go in with the table, so running pods keep
     // their node ports across the restart; the NPL controller reconciles them right after.
     let npl = crate::controllers::npl::restored_rules(&cfg.node_port_local, &store, node);
@@ -555,7 +569,12 @@ async fn start_node(
             }
         })?,
     );
-    let report = pm.reconcile().await.map_err(|source| StartError::Pods {
+    let reconciled = if damage.is_some() || missing {
+        pm.reconcile_rebuilding().await
+    } else {
+        pm.reconcile().await
+    };
+    let report = reconciled.map_err(|source| StartError::Pods {
         op: "reconciling pods with the kernel and dataplane",
         source: Box::new(source),
     })?;
@@ -564,8 +583,17 @@ async fn start_node(
         stale_records = ?report.stale_records,
         orphan_links = ?report.orphan_links,
         orphan_dataplane = ?report.orphan_dataplane,
+        notes_rewritten = report.notes_rewritten,
         "reconciled"
     );
+    if damage.is_some() || !report.rebuilt.is_empty() {
+        tracing::warn!(
+            store = if missing { "missing" } else { "damaged" },
+            rebuilt = report.rebuilt.len(),
+            unusable_notes = ?report.unusable_notes,
+            "pod attachments rebuilt from their interfaces' notes"
+        );
+    }
     Ok((pm, nat))
 }
 

@@ -19,6 +19,7 @@ pub mod check;
 pub mod error;
 pub mod ipam;
 pub mod netns;
+pub mod note;
 pub mod podnet;
 pub mod store;
 
@@ -87,6 +88,14 @@ pub struct ReconcileReport {
     pub orphan_links: Vec<String>,
     /// Dataplane entries removed because no record owned them.
     pub orphan_dataplane: Vec<Ipv4Addr>,
+    /// Records rebuilt from the notes of host veths ([`note`]) because the state store had
+    /// lost them (only when reconciling after a damaged store: [`PodManager::reconcile_rebuilding`]).
+    pub rebuilt: Vec<String>,
+    /// Host veths whose note could not be used, with the reason (only when rebuilding; they
+    /// are deleted with the orphans).
+    pub unusable_notes: Vec<String>,
+    /// Kept veths whose note was missing or stale and was rewritten (made by an older agent).
+    pub notes_rewritten: usize,
 }
 
 /// Owns the local attachments of the node.
@@ -188,6 +197,7 @@ impl PodManager {
             gateway: rec.gateway,
             mtu: self.node.mtu,
             tx_checksum_offload: self.dataplane.pod_tx_checksum_offload(),
+            note: note::encode(rec),
         }
     }
 
@@ -385,6 +395,7 @@ impl PodManager {
                 source: e,
             })
         });
+        let recorded = stored.is_ok();
         let err = match (plumbed, stored) {
             (Ok(()), Ok(())) => {
                 self.notify();
@@ -397,7 +408,21 @@ impl PodManager {
             (Err(e), _) => e,
         };
         tracing::warn!(container_id = %rec.container_id, error = %err, "ADD failed; rolled back");
-        self.forget(&rec)?;
+        // A write that failed (a full disk) left no record to remove; the error returned is
+        // the one that failed the ADD, not a second one from the rollback.
+        if recorded && let Err(e) = self.store.delete(&[rec.key()]) {
+            // The record outlives the veth, so the next start removes it; until then its
+            // address stays reserved, so that no other pod is given it meanwhile.
+            tracing::warn!(container_id = %rec.container_id, error = %e,
+                "removing the record of a failed ADD; its address stays reserved until restart");
+            self.records
+                .lock()
+                .expect("records lock")
+                .remove(&rec.key());
+            self.notify();
+            return Err(err);
+        }
+        self.release(&rec);
         Err(err)
     }
 
@@ -443,13 +468,6 @@ impl PodManager {
         if let Err(e) = self.teardown(rec).await {
             tracing::warn!(container_id = %rec.container_id, error = %e, "undoing a failed ADD");
         }
-    }
-
-    /// Removes the record and releases the IP.
-    fn forget(&self, rec: &PodRecord) -> Result<(), PodError> {
-        self.store.delete(&[rec.key()])?;
-        self.release(rec);
-        Ok(())
     }
 
     /// Drops the in-memory record and releases the IP (the store record is already gone).
@@ -570,10 +588,55 @@ impl PodManager {
     /// whose veth and netns still exist (re-asserting their dataplane entries), removes records
     /// whose pod is gone, veths no record owns, and dataplane entries no record owns.
     pub async fn reconcile(&self) -> Result<ReconcileReport, PodError> {
+        self.reconcile_with(false).await
+    }
+
+    /// [`Self::reconcile`] after the state store was found damaged and rebuilt empty (or with
+    /// what could be salvaged): first every host veth whose [`note`] describes an attachment
+    /// the store does not hold gets its record back, so running pods keep their network and
+    /// their addresses; veths without a usable note are then deleted as orphans, as always.
+    pub async fn reconcile_rebuilding(&self) -> Result<ReconcileReport, PodError> {
+        self.reconcile_with(true).await
+    }
+
+    async fn reconcile_with(&self, rebuild: bool) -> Result<ReconcileReport, PodError> {
         let mut report = ReconcileReport::default();
         let mut keep_ips = HashSet::new();
         let mut keep_links = HashSet::new();
-        for rec in self.store.list()? {
+        let mut torn_down = HashSet::new();
+        let links = self.podnet.list_host_links(&self.veth_prefix).await?;
+        let mut records = self.store.list()?;
+        if rebuild {
+            let held: HashSet<String> = records.iter().map(|r| r.host_ifname.clone()).collect();
+            for l in links.iter().filter(|l| !held.contains(&l.name)) {
+                match note::decode(
+                    l.alias.as_deref(),
+                    &l.name,
+                    &self.veth_prefix,
+                    self.node.pod_cidr,
+                ) {
+                    Ok(rec) if records.iter().any(|r| r.ip == rec.ip) => {
+                        report.unusable_notes.push(format!(
+                            "{}: its address {} is another attachment's",
+                            l.name, rec.ip
+                        ));
+                    }
+                    Ok(rec) => {
+                        tracing::info!(container_id = %rec.container_id, ip = %rec.ip,
+                            ifname = %l.name, "attachment rebuilt from its interface's note");
+                        self.store.put(&rec)?;
+                        report.rebuilt.push(rec.key());
+                        records.push(rec);
+                    }
+                    Err(e) => report.unusable_notes.push(format!("{}: {e}", l.name)),
+                }
+            }
+        }
+        let aliases: HashMap<&str, Option<&str>> = links
+            .iter()
+            .map(|l| (l.name.as_str(), l.alias.as_deref()))
+            .collect();
+        for rec in records {
             let key = rec.key();
             let in_cidr = self.ipam.lock().expect("ipam lock").restore(rec.ip, &key);
             let idx = self.podnet.host_ifindex(&rec.host_ifname).await?;
@@ -581,6 +644,12 @@ impl PodManager {
             match (in_cidr, idx, netns_alive) {
                 (true, Some(idx), true) => {
                     self.dataplane.add_pod(&Self::endpoint(&rec, idx)).await?;
+                    let want = note::encode(&rec);
+                    let have = aliases.get(rec.host_ifname.as_str()).copied().flatten();
+                    if let Some(want) = want.filter(|w| have != Some(w.as_str())) {
+                        self.podnet.set_note(&rec.host_ifname, &want).await?;
+                        report.notes_rewritten += 1;
+                    }
                     keep_ips.insert(rec.ip);
                     keep_links.insert(rec.host_ifname.clone());
                     self.records.lock().expect("records lock").insert(key, rec);
@@ -590,6 +659,7 @@ impl PodManager {
                     tracing::info!(container_id = %rec.container_id, ip = %rec.ip,
                         "removing attachment whose pod is gone (or outside the pod CIDR)");
                     self.teardown(&rec).await?;
+                    torn_down.insert(rec.host_ifname.clone());
                     self.store.delete(std::slice::from_ref(&key))?;
                     if in_cidr {
                         self.ipam.lock().expect("ipam lock").release(rec.ip);
@@ -598,8 +668,8 @@ impl PodManager {
                 }
             }
         }
-        for link in self.podnet.list_host_links(&self.veth_prefix).await? {
-            if !keep_links.contains(&link) {
+        for link in links.into_iter().map(|l| l.name) {
+            if !keep_links.contains(&link) && !torn_down.contains(&link) {
                 tracing::info!(ifname = %link, "deleting pod interface no attachment owns");
                 self.podnet.delete(&link).await?;
                 report.orphan_links.push(link);
@@ -859,6 +929,88 @@ mod tests {
         let c = pm.add(&args("c", "/ns/b")).await.unwrap();
         assert_ne!(c.ip, a.ip);
         assert_eq!(pm.add(&args("a", "/ns/a")).await.unwrap().ip, a.ip);
+    }
+
+    #[tokio::test]
+    async fn a_lost_store_is_rebuilt_from_the_notes_on_the_veths() {
+        let fx = Fx::new();
+        let (a, b) = {
+            let pm = fx.manager();
+            let a = pm.add(&args("a", "/ns/a")).await.unwrap();
+            let b = pm
+                .add_with(&args("b", "/ns/b"), &with_mac([2, 0, 0, 0, 0, 0xbb]))
+                .await
+                .unwrap();
+            (a, b)
+        };
+        // A veth made by an older agent (no note), and one whose note is someone else's.
+        fx.pn.add_stray("fe00000000000aa");
+        let note_a = fx.pn.links.lock().unwrap()[&a.host_ifname]
+            .1
+            .as_ref()
+            .unwrap()
+            .note
+            .clone()
+            .unwrap();
+        {
+            let mut links = fx.pn.links.lock().unwrap();
+            let mut spec = links[&a.host_ifname].1.clone().unwrap();
+            spec.host_ifname = "fe00000000000bb".into();
+            links.insert(spec.host_ifname.clone(), (77, Some(spec)));
+        }
+        // The store is lost while the agent is down.
+        std::fs::remove_file(fx.dir.path().join(store::FILE)).unwrap();
+        let pm = fx.manager();
+        assert!(pm.records().is_empty());
+        let r = pm.reconcile_rebuilding().await.unwrap();
+        let mut rebuilt = r.rebuilt.clone();
+        rebuilt.sort();
+        assert_eq!(rebuilt, vec!["a/eth0".to_string(), "b/eth0".to_string()]);
+        assert_eq!(r.kept, 2);
+        assert_eq!(r.unusable_notes.len(), 2, "{:?}", r.unusable_notes);
+        assert!(
+            r.unusable_notes
+                .iter()
+                .any(|u| u.starts_with("fe00000000000aa: it has no alias")),
+            "{:?}",
+            r.unusable_notes
+        );
+        let mut orphans = r.orphan_links.clone();
+        orphans.sort();
+        assert_eq!(orphans, vec!["fe00000000000aa", "fe00000000000bb"]);
+        // The records are what ADD wrote, the static MAC included, and durable again.
+        let mut got = pm.store.list().unwrap();
+        got.sort_by(|x, y| x.container_id.cmp(&y.container_id));
+        assert_eq!(got, vec![a.clone(), b.clone()]);
+        assert!(fx.dp.pods.lock().unwrap().contains_key(&b.ip));
+        // Addresses are not handed out twice, and DEL works on a rebuilt attachment.
+        let c = pm.add(&args("c", "/ns/a")).await.unwrap();
+        assert!(c.ip != a.ip && c.ip != b.ip);
+        pm.del("b", "eth0").await.unwrap();
+        assert!(!fx.pn.links.lock().unwrap().contains_key(&b.host_ifname));
+        // A plain reconcile (sound store) rewrites a note that is missing.
+        fx.pn
+            .links
+            .lock()
+            .unwrap()
+            .get_mut(&a.host_ifname)
+            .unwrap()
+            .1
+            .as_mut()
+            .unwrap()
+            .note = None;
+        drop(pm);
+        let pm = fx.manager();
+        let r = pm.reconcile().await.unwrap();
+        assert_eq!((r.kept, r.notes_rewritten), (2, 1));
+        assert_eq!(
+            fx.pn.links.lock().unwrap()[&a.host_ifname]
+                .1
+                .as_ref()
+                .unwrap()
+                .note,
+            Some(note_a)
+        );
     }
 
     fn with_ip(ip: &str) -> Requests {

@@ -77,6 +77,14 @@ pub enum PodNetError {
         /// The interface.
         ifname: String,
     },
+    /// A host veth to change is gone (its pod went meanwhile).
+    #[error("{op} {ifname}: the interface is gone")]
+    Gone {
+        /// What was being done.
+        op: &'static str,
+        /// The interface.
+        ifname: String,
+    },
     /// CHECK found the pod's interface not as the agent configured it.
     #[error("pod interface {ifname} in {netns}: {what}")]
     Mismatch {
@@ -135,6 +143,18 @@ pub struct PodNetSpec {
     /// Leave TX checksum offload on in the pod (the default); off where the dataplane cannot
     /// complete checksums ([`crate::dataplane::Dataplane::pod_tx_checksum_offload`]).
     pub tx_checksum_offload: bool,
+    /// The copy of the pod's record the host veth carries as its alias ([`super::note`]),
+    /// if the record fits one.
+    pub note: Option<String>,
+}
+
+/// A host-side pod veth as [`PodNet::list_host_links`] finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostLink {
+    /// Its name.
+    pub name: String,
+    /// Its alias (a [`super::note`], if ferrea made it).
+    pub alias: Option<String>,
 }
 
 /// What is inside a pod's network namespace, as CHECK compares it with `prevResult`.
@@ -182,8 +202,12 @@ pub trait PodNet: Send + Sync {
     /// The ifindex of a host-side veth, if it exists.
     async fn host_ifindex(&self, host_ifname: &str) -> Result<Option<u32>, PodNetError>;
 
-    /// Names of host-side links that are ferrea pod veths for `prefix` (see [`is_pod_ifname`]).
-    async fn list_host_links(&self, prefix: &str) -> Result<Vec<String>, PodNetError>;
+    /// Host-side links that are ferrea pod veths for `prefix` (see [`is_pod_ifname`]), with
+    /// their aliases.
+    async fn list_host_links(&self, prefix: &str) -> Result<Vec<HostLink>, PodNetError>;
+
+    /// Sets the alias of host veth `host_ifname` to `note` (a [`super::note`]).
+    async fn set_note(&self, host_ifname: &str, note: &str) -> Result<(), PodNetError>;
 
     /// Verifies that the pod side exists in its namespace with the expected address.
     async fn check(&self, spec: &PodNetSpec) -> Result<(), PodNetError>;
@@ -323,6 +347,19 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, PodNetError> 
     }
 }
 
+/// Sets the alias of link `idx` (named `name` in errors).
+async fn set_alias(h: &Handle, idx: u32, name: &str, alias: &str) -> Result<(), PodNetError> {
+    h.link()
+        .set(
+            LinkUnspec::new_with_index(idx)
+                .append_extra_attribute(LinkAttribute::IfAlias(alias.to_owned()))
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(nl_err("set the alias of", name))
+}
+
 #[async_trait]
 impl PodNet for NetlinkPodNet {
     async fn create(&self, spec: &PodNetSpec) -> Result<u32, PodNetError> {
@@ -370,6 +407,9 @@ impl PodNet for NetlinkPodNet {
                 )
                 .await?;
             self.configure_pod_side(&h, spec).await?;
+            if let Some(note) = &spec.note {
+                set_alias(&self.node, host_idx, &spec.host_ifname, note).await?;
+            }
             Ok(host_idx)
         }
         .await;
@@ -394,19 +434,34 @@ impl PodNet for NetlinkPodNet {
         link_index(&self.node, host_ifname).await
     }
 
-    async fn list_host_links(&self, prefix: &str) -> Result<Vec<String>, PodNetError> {
+    async fn list_host_links(&self, prefix: &str) -> Result<Vec<HostLink>, PodNetError> {
         let mut s = self.node.link().get().execute();
         let mut out = Vec::new();
         while let Some(m) = s.try_next().await.map_err(nl_err("list links", "*"))? {
+            let mut name = None;
+            let mut alias = None;
             for a in &m.attributes {
-                if let LinkAttribute::IfName(n) = a
-                    && is_pod_ifname(prefix, n)
-                {
-                    out.push(n.clone());
+                match a {
+                    LinkAttribute::IfName(n) if is_pod_ifname(prefix, n) => name = Some(n.clone()),
+                    LinkAttribute::IfAlias(x) => alias = Some(x.clone()),
+                    _ => {}
                 }
+            }
+            if let Some(name) = name {
+                out.push(HostLink { name, alias });
             }
         }
         Ok(out)
+    }
+
+    async fn set_note(&self, host_ifname: &str, note: &str) -> Result<(), PodNetError> {
+        let idx = link_index(&self.node, host_ifname)
+            .await?
+            .ok_or_else(|| PodNetError::Gone {
+                op: "setting the note of",
+                ifname: host_ifname.to_owned(),
+            })?;
+        set_alias(&self.node, idx, host_ifname, note).await
     }
 
     fn netns_exists(&self, netns: &str) -> bool {

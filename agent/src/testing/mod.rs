@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use crate::dataplane::{
     Dataplane, DataplaneError, EgressPlan, NodeNetwork, PodEndpoint, PodStats, RemoteNode,
 };
-use crate::pods::podnet::{PodNet, PodNetError, PodNetSpec};
+use crate::pods::podnet::{HostLink, PodNet, PodNetError, PodNetSpec};
 
 /// A fake [`PodNet`]: a map of host interface name to (ifindex, spec).
 #[derive(Default)]
@@ -78,15 +78,30 @@ impl PodNet for FakePodNet {
     async fn host_ifindex(&self, host_ifname: &str) -> Result<Option<u32>, PodNetError> {
         Ok(self.links.lock().unwrap().get(host_ifname).map(|l| l.0))
     }
-    async fn list_host_links(&self, prefix: &str) -> Result<Vec<String>, PodNetError> {
+    async fn list_host_links(&self, prefix: &str) -> Result<Vec<HostLink>, PodNetError> {
         Ok(self
             .links
             .lock()
             .unwrap()
-            .keys()
-            .filter(|k| k.starts_with(prefix))
-            .cloned()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, (_, spec))| HostLink {
+                name: k.clone(),
+                alias: spec.as_ref().and_then(|s| s.note.clone()),
+            })
             .collect())
+    }
+    async fn set_note(&self, host_ifname: &str, note: &str) -> Result<(), PodNetError> {
+        match self.links.lock().unwrap().get_mut(host_ifname) {
+            Some((_, Some(spec))) => {
+                spec.note = Some(note.to_owned());
+                Ok(())
+            }
+            _ => Err(PodNetError::Gone {
+                op: "setting the note of",
+                ifname: host_ifname.to_owned(),
+            }),
+        }
     }
     fn netns_exists(&self, netns: &str) -> bool {
         self.netns.lock().unwrap().contains(netns)
