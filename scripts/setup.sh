@@ -5,15 +5,16 @@
 # containerd, runc, busybox-static and gcc for the kubelet harness's nodes and images), the
 # Kubernetes binaries the suite runs (kube-apiserver, kubectl, etcd, kube-proxy, kubelet,
 # kube-controller-manager, kube-scheduler) and the pause binary of the pod sandbox image, the
-# toolchain's rustfmt and clippy components, cargo-nextest (the suite's test runner), and
-# bpf-linker built against the stable toolchain's own libLLVM: rustc emits LLVM bitcode for
-# the eBPF crate and only a linker built on the same LLVM major version can read it, which
-# needs no nightly toolchain and no rust-src.
+# toolchain's rustfmt and clippy components, cargo-nextest (the suite's test runner),
+# cargo-fuzz (the bounded fuzzing run; g++ builds its libFuzzer), and bpf-linker built
+# against the stable toolchain's own libLLVM: rustc emits LLVM bitcode for the eBPF crate and
+# only a linker built on the same LLVM major version can read it, which needs no nightly
+# toolchain and no rust-src.
 set -euo pipefail
 
 PKGS=(iproute2 nftables iptables iperf3 tcpdump ethtool openvswitch-switch
       containernetworking-plugins procps psmisc jq iputils-ping netcat-openbsd openssl
-      prometheus containerd runc busybox-static gcc libc6-dev)
+      prometheus containerd runc busybox-static gcc g++ libc6-dev)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -46,6 +47,14 @@ NEXTEST_VERSION=0.9.151
 if ! cargo nextest --version 2>/dev/null | grep -q "^cargo-nextest $NEXTEST_VERSION "; then
   echo "setup: installing cargo-nextest $NEXTEST_VERSION (a few minutes, once)" >&2
   cargo install cargo-nextest --locked --version "$NEXTEST_VERSION" >&2
+fi
+
+# cargo-fuzz, for the bounded fuzzing run of scripts/fuzz.sh (libFuzzer is built from source
+# by the libfuzzer-sys crate, with g++).
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -q "^cargo-fuzz $CARGO_FUZZ_VERSION"; then
+  echo "setup: installing cargo-fuzz $CARGO_FUZZ_VERSION (a minute, once)" >&2
+  cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" >&2
 fi
 
 # bpf-linker, linked against rustc's own LLVM so it reads the bitcode that rustc emits.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests and the privileged integration tests on simulated nodes
 # (network namespaces this suite creates and deletes; the root namespace is never changed).
-# Installs what it needs first (Debian packages, rustfmt, clippy, cargo-nextest, bpf-linker),
-# idempotently. Needs root. A test may skip only for lack of a kernel or machine feature, and
+# Then a bounded fuzzing run of every decoder of outside input (scripts/fuzz.sh). Installs
+# what it needs first (Debian packages, rustfmt, clippy, cargo-nextest, cargo-fuzz,
+# bpf-linker), idempotently. Needs root. A test may skip only for lack of a kernel or machine feature, and
 # only if tests/expected-skips.txt lists it: any other skip fails the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +22,17 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The kernel-side programs are a workspace of their own (built by agent/build.rs); they are
 # checked for the host target, as agent/build.rs compiles them, in their own target dir.
 cargo fmt --manifest-path ebpf/Cargo.toml -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --manifest-path ebpf/Cargo.toml --locked -- -D warnings
 # The integration tests run the real binaries (the agent, the CNI plugin, the demo).
 cargo build --workspace --bins
 status=0
 cargo nextest run --workspace --no-fail-fast --test-threads 2 "$@" || status=$?
+# Hostile input: a bounded fuzzing run of every decoder of outside input (scripts/fuzz.sh).
+# Skipped when the run is narrowed to some tests (arguments given).
+if [ "$#" -eq 0 ]; then
+  bash scripts/fuzz.sh || status=$?
+fi
 
 # Each skip line is `SKIP: <id>: <reason>`; tests/expected-skips.txt lists `<id> <feature>`.
 allowlist=tests/expected-skips.txt

@@ -362,3 +362,128 @@ fn record_cost(fig: &mut Figures, key: &str, c: &Cost) {
         json!((c.cpu_ms * 100.0).round() / 100.0),
     );
 }
+
+/// Pod slots the churn cycles through (about half of them hold a pod at any moment).
+const CHURN_SLOTS: usize = 20;
+/// One CNI call every 50 ms: 10 ADDs and 10 DELs a second.
+const CHURN_TICK: Duration = Duration::from_millis(50);
+/// Long enough after churn for the agent's minute-by-minute heap trim to have run.
+const CHURN_SETTLE: Duration = Duration::from_secs(70);
+
+/// Resident memory, open file descriptors and threads of `pid`.
+fn probe(pid: u32) -> anyhow::Result<(u64, usize, usize)> {
+    let count = |d: &str| -> anyhow::Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{pid}/{d}"))
+            .with_context(|| format!("/proc/{pid}/{d}"))?
+            .count())
+    };
+    Ok((rss(pid)?.0, count("fd")?, count("task")?))
+}
+
+/// Churns pods through `slots` for `dur`: one ADD or DEL every [`CHURN_TICK`], each ADD with a
+/// new container ID. Returns (calls, failed calls).
+fn churn_for(
+    cni: &ferrea_tests::cni::Cni,
+    slots: &mut [(NetNs, Attachment, bool)],
+    generation: &mut u64,
+    dur: Duration,
+) -> anyhow::Result<(u64, u64)> {
+    let (mut calls, mut failed) = (0u64, 0u64);
+    let start = std::time::Instant::now();
+    let mut next = start;
+    let mut i = 0;
+    while start.elapsed() < dur {
+        let (ns, att, added) = &mut slots[i % slots.len()];
+        i += 1;
+        let out = if *added {
+            cni.del(att, None)?
+        } else {
+            *generation += 1;
+            *att = Attachment::for_netns(ns.name());
+            att.container_id = format!("{}-{generation}", ns.name());
+            cni.add(att)?
+        };
+        calls += 1;
+        if out.ok() {
+            *added = !*added;
+        } else {
+            failed += 1;
+            eprintln!("churn: {out}");
+        }
+        next += CHURN_TICK;
+        if let Some(wait) = next.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok((calls, failed))
+}
+
+/// `churn`: the agent (every controller on, as for `footprint`) under ADD and DEL of 10 pods a
+/// second for `FERREA_CHURN_SECONDS` (default 600), on the dataplanes in
+/// `FERREA_CHURN_DATAPLANES` (default `ebpf,ovs`). Resident memory, file descriptors and
+/// threads are read after a 30 s warm-up of the same churn and a settle of
+/// [`CHURN_SETTLE`], and again after the churn and the same settle:
+/// `{dp}_churn_{rss_mib,fds,threads}_{before,after}`, `{dp}_churn_rss_growth_kib`,
+/// `{dp}_churn_calls` and `{dp}_churn_failed_calls`. Equal figures mean nothing grew with the
+/// pods that came and went.
+pub fn churn(fig: &mut Figures) -> anyhow::Result<()> {
+    let secs: u64 = std::env::var("FERREA_CHURN_SECONDS")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()
+        .context("FERREA_CHURN_SECONDS must be a number of seconds")?
+        .unwrap_or(600);
+    let dps = std::env::var("FERREA_CHURN_DATAPLANES").unwrap_or_else(|_| "ebpf,ovs".into());
+    for name in dps.split(',') {
+        let dp = match name {
+            "ebpf" => Dataplane::Ebpf,
+            "ovs" => Dataplane::Ovs,
+            other => bail!("FERREA_CHURN_DATAPLANES: unknown dataplane {other:?}"),
+        };
+        let mut sim = SimNode::start(options(dp))?;
+        let pid = sim.node_mut().agent_pid().context("the agent runs")?;
+        let cni = sim.cni().clone();
+        let mut slots = (0..CHURN_SLOTS)
+            .map(|i| {
+                let ns = NetNs::new(&format!("ch{i}"))?;
+                let att = Attachment::for_netns(ns.name());
+                Ok((ns, att, false))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut generation = 0;
+        churn_for(&cni, &mut slots, &mut generation, Duration::from_secs(30))?;
+        std::thread::sleep(CHURN_SETTLE);
+        let before = probe(pid)?;
+        eprintln!("churn {dp}: before: {before:?} (RSS bytes, fds, threads); churning {secs} s");
+        let (calls, failed) =
+            churn_for(&cni, &mut slots, &mut generation, Duration::from_secs(secs))?;
+        std::thread::sleep(CHURN_SETTLE);
+        let after = probe(pid)?;
+        let growth_kib = (after.0 as f64 - before.0 as f64) / 1024.0;
+        eprintln!(
+            "churn {dp}: {calls} calls ({failed} failed) in {secs} s; RSS {} -> {} MiB ({growth_kib:+.0} KiB), fds {} -> {}, threads {} -> {}",
+            mib(before.0),
+            mib(after.0),
+            before.1,
+            after.1,
+            before.2,
+            after.2
+        );
+        fig.insert(format!("{dp}_churn_rss_mib_before"), json!(mib(before.0)));
+        fig.insert(format!("{dp}_churn_rss_mib_after"), json!(mib(after.0)));
+        fig.insert(
+            format!("{dp}_churn_rss_growth_kib"),
+            json!(growth_kib.round()),
+        );
+        fig.insert(format!("{dp}_churn_fds_before"), json!(before.1));
+        fig.insert(format!("{dp}_churn_fds_after"), json!(after.1));
+        fig.insert(format!("{dp}_churn_threads_before"), json!(before.2));
+        fig.insert(format!("{dp}_churn_threads_after"), json!(after.2));
+        fig.insert(format!("{dp}_churn_calls"), json!(calls));
+        fig.insert(format!("{dp}_churn_failed_calls"), json!(failed));
+        for (_, att, _) in slots.iter().filter(|s| s.2) {
+            let _ = cni.del(att, None);
+        }
+    }
+    Ok(())
+}

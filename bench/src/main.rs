@@ -90,8 +90,9 @@ fn main() -> anyhow::Result<()> {
         "services" => services::services_bench(&mut fig)?,
         "egress-failover" => egress_failover(&mut fig)?,
         "footprint" => footprint::footprint(&mut fig)?,
+        "churn" => footprint::churn(&mut fig)?,
         _ => bail!(
-            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress | npl-kubernetes | kube-source | services | egress-failover | footprint"
+            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress | npl-kubernetes | kube-source | services | egress-failover | footprint | churn"
         ),
     }
     println!("{}", serde_json::to_string(&fig)?);

@@ -636,6 +636,37 @@ impl CniService {
     }
 }
 
+/// Everything the server decodes and validates of one encoded request for `verb` (`ADD`,
+/// `DEL`, `CHECK`, `GC`, `STATUS`) before any pod is touched: the protobuf message, its network
+/// configuration, the IDs, CNI_ARGS and the requested address and MAC, `prevResult` (CHECK)
+/// and `cni.dev/valid-attachments` (GC). The server runs the same steps; the fuzz target
+/// `cni_request` drives them with arbitrary bytes, which must give an error, never a panic.
+pub fn decode_request(verb: &str, bytes: &[u8]) -> Result<(), RequestError> {
+    use prost::Message as _;
+    let r = CniRequest::decode(bytes).map_err(|e| RequestError::Decoding(e.to_string()))?;
+    if r.network_config.len() > MAX_NETWORK_CONFIG_BYTES {
+        return Err(RequestError::InvalidConfig("too large".into()));
+    }
+    let conf = parse_netconf(&r.network_config)?;
+    match verb {
+        "ADD" | "CHECK" | "DEL" => {
+            validate_ids(&r.container_id, &r.ifname)?;
+            let _ = pod_identity(&r.args);
+            if verb == "ADD" {
+                requested(&r.args, &conf)?;
+            }
+            if verb == "CHECK" {
+                prev_result(&conf)?;
+            }
+        }
+        "GC" => {
+            valid_attachments(&conf)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// The metrics label of a verb (lower case, bounded).
 fn verb_label(op: &'static str) -> &'static str {
     match op {

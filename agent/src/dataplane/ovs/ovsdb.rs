@@ -284,7 +284,6 @@ impl OvsdbClient {
         op: &'static str,
         ops: Vec<Value>,
     ) -> Result<Vec<Value>, OvsdbError> {
-        let n = ops.len();
         let what: Vec<String> = ops
             .iter()
             .map(|o| {
@@ -298,37 +297,49 @@ impl OvsdbClient {
         let mut params = vec![json!(DB)];
         params.extend(ops);
         let res = self.call(op, "transact", Value::Array(params)).await?;
-        let Value::Array(results) = res else {
-            return Err(OvsdbError::Protocol {
-                op,
-                msg: format!("transact result is not an array: {res}"),
-            });
-        };
-        // RFC 7047 4.1.3: a failed operation's result has "error"; a failed commit adds one
-        // result past the operations.
-        for (index, r) in results.iter().enumerate() {
-            if let Some(e) = r.get("error").and_then(Value::as_str) {
-                return Err(OvsdbError::OpFailed {
-                    op,
-                    index,
-                    what: what.get(index).cloned().unwrap_or_else(|| "commit".into()),
-                    error: e.to_owned(),
-                    details: r
-                        .get("details")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_owned(),
-                });
-            }
-        }
-        if results.len() < n {
-            return Err(OvsdbError::Protocol {
-                op,
-                msg: format!("{} results for {n} operations", results.len()),
-            });
-        }
-        Ok(results)
+        transact_results(op, &what, res)
     }
+}
+
+/// The results of a `transact` of the operations `what` (`"insert Port"`, ...): one object per
+/// operation, or the first failed operation as [`OvsdbError::OpFailed`]; anything else the
+/// server sent is [`OvsdbError::Protocol`].
+pub fn transact_results(
+    op: &'static str,
+    what: &[String],
+    res: Value,
+) -> Result<Vec<Value>, OvsdbError> {
+    let n = what.len();
+    let Value::Array(results) = res else {
+        return Err(OvsdbError::Protocol {
+            op,
+            msg: format!("transact result is not an array: {res}"),
+        });
+    };
+    // RFC 7047 4.1.3: a failed operation's result has "error"; a failed commit adds one
+    // result past the operations.
+    for (index, r) in results.iter().enumerate() {
+        if let Some(e) = r.get("error").and_then(Value::as_str) {
+            return Err(OvsdbError::OpFailed {
+                op,
+                index,
+                what: what.get(index).cloned().unwrap_or_else(|| "commit".into()),
+                error: e.to_owned(),
+                details: r
+                    .get("details")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+            });
+        }
+    }
+    if results.len() < n {
+        return Err(OvsdbError::Protocol {
+            op,
+            msg: format!("{} results for {n} operations", results.len()),
+        });
+    }
+    Ok(results)
 }
 
 /// `["map", [[k, v], ...]]`.
@@ -376,7 +387,7 @@ pub fn parse_uuid(v: &Value) -> Option<String> {
 
 /// Splits complete JSON values off the front of `buf`; leaves an incomplete tail. ovsdb-server
 /// does not delimit messages, so framing is "one JSON value after another".
-fn split_values(buf: &mut Vec<u8>) -> Result<Vec<Value>, serde_json::Error> {
+pub fn split_values(buf: &mut Vec<u8>) -> Result<Vec<Value>, serde_json::Error> {
     let mut out = Vec::new();
     let mut used = 0;
     {

@@ -1188,7 +1188,8 @@ pub fn decode_flow_desc(body: &[u8]) -> Result<Vec<FlowStats>, DecodeError> {
             return Err(trunc(b.len()));
         }
         let len = usize::from(be16(b, 0));
-        if len < 24 || len > b.len() {
+        // The fixed part (24 bytes) and the match's type and length.
+        if len < 28 || len > b.len() {
             return Err(trunc(b.len()));
         }
         let b = &b[..len];
@@ -1891,6 +1892,19 @@ mod tests {
                 .unwrap()
                 .contains("OFPT_BARRIER_REQUEST (OF1.5)")
         );
+    }
+
+    #[test]
+    fn a_flow_desc_too_short_for_its_match_header_is_an_error() {
+        // Found by the `openflow` fuzz target: a flow desc whose length (26) covers the fixed
+        // part but not the match's length field read at offset 26.
+        let mut b = vec![0u8; 26];
+        b[1] = 26;
+        b.extend_from_slice(&[0; 6]);
+        assert!(matches!(
+            decode_flow_desc(&b),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     #[test]

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# A bounded fuzzing run of every decoder of outside input: the fuzz/ targets (cargo-fuzz with
+# libFuzzer), each for FERREA_FUZZ_SECONDS (default 45) from the committed corpus in
+# fuzz/corpus/<target>. New inputs libFuzzer finds go to a scratch directory, so a run never
+# changes the repository; a crash, hang or runaway allocation fails the run, with the input
+# left in fuzz/artifacts/<target>/ and the command that replays it printed. Built with
+# `--sanitizer none` (the decoders are safe Rust, and it needs no nightly toolchain) and
+# `--dev` (quick to build; debug assertions catch integer overflow as well as panics).
+# Usage: scripts/fuzz.sh [TARGET...]   (scripts/setup.sh installs cargo-fuzz)
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+
+secs=${FERREA_FUZZ_SECONDS:-45}
+all=(cni_config cni_env cni_request manifests agent_config openflow ovsdb)
+targets=("$@")
+[ "${#targets[@]}" -gt 0 ] || targets=("${all[@]}")
+
+flags=(--sanitizer none --dev)
+# One build for all targets (they share every dependency).
+cargo fuzz build "${flags[@]}"
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+failed=()
+for t in "${targets[@]}"; do
+  mkdir -p "$scratch/$t" "artifacts/$t"
+  echo "fuzz: $t for ${secs}s" >&2
+  log="$scratch/$t.log"
+  if cargo fuzz run "${flags[@]}" "$t" "$scratch/$t" "corpus/$t" -- \
+      -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+      -print_final_stats=1 >"$log" 2>&1; then
+    runs=$(grep -m1 '^stat::number_of_executed_units' "$log" | awk '{print $2}')
+    cov=$(grep -Eo 'cov: [0-9]+' "$log" | tail -n1)
+    echo "fuzz: $t: ${runs:-?} runs, ${cov:-cov: ?}, no failure" >&2
+  else
+    tail -n 40 "$log" >&2
+    failed+=("$t")
+  fi
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "fuzz: FAILED: ${failed[*]}; the inputs are in fuzz/artifacts/<target>/; replay one with" >&2
+  echo "  (cd fuzz && cargo fuzz run ${flags[*]} <target> artifacts/<target>/<file>)" >&2
+  exit 1
+fi
