@@ -552,6 +552,20 @@ async fn start_node(
              rebuilt from what it still held and from the pod interfaces' notes"
         );
     }
+    let podnet = Arc::new(NetlinkPodNet::new().map_err(StartError::Netlink)?);
+    if (damage.is_some() || missing) && cfg.node_port_local.enable {
+        // The mappings the store lost are still in the kernel's table: the pods the notes on
+        // their veths name get theirs back before the table is rewritten.
+        let noted = crate::pods::noted_records(podnet.as_ref(), &cfg.veth_prefix, pod_cidr).await;
+        match crate::controllers::npl::rebuild_mappings(&store, &cfg.nftables_table, &noted).await {
+            Ok(n) => tracing::warn!(
+                rebuilt = n,
+                "NodePortLocal mappings rebuilt from the nftables table"
+            ),
+            Err(e) => tracing::error!(error = %e,
+                "reading NodePortLocal mappings from the nftables table; they are allocated again"),
+        }
+    }
     // NodePortLocal rules of the previous run go in with the table, so running pods keep
     // their node ports across the restart; the NPL controller reconciles them right after.
     let npl = crate::controllers::npl::restored_rules(&cfg.node_port_local, &store, node);
@@ -560,7 +574,6 @@ async fn start_node(
     nat.set_cluster_cidrs(remotes.iter().map(|r| r.pod_cidr).collect())
         .await
         .map_err(StartError::Nat)?;
-    let podnet = Arc::new(NetlinkPodNet::new().map_err(StartError::Netlink)?);
     let pm = Arc::new(
         PodManager::new(store, podnet, dp, net, cfg.veth_prefix.clone()).map_err(|source| {
             StartError::Pods {

@@ -426,6 +426,34 @@ fn restart_keeps_ports_and_removes_pods_that_died(dp: Dataplane) {
         "only pod a's two mappings remain"
     );
 
+    // The state store lost while the agent is down (its file removed): the mappings come
+    // back from the nftables table and the notes on the pods' veths, so pod a keeps its node
+    // ports (allocating afresh would start at 61000, below them) and its annotation.
+    let elems_before = m::npl_map_elements(&node).unwrap();
+    node.agent().kill9().unwrap();
+    std::fs::remove_file(node.dir().join("state").join("ferrea.redb")).unwrap();
+    let since = node.agent_log_len();
+    node.agent().restart().unwrap();
+    let log = node.agent_log_since(since);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("NodePortLocal mappings rebuilt") && l.contains("rebuilt=2")),
+        "no rebuild of the two mappings reported:\n{log}"
+    );
+    // Long enough for the controller's first pass (it follows changes within a second).
+    std::thread::sleep(3 * WITHIN);
+    assert_eq!(
+        m::npl_map_elements(&node).unwrap(),
+        elems_before,
+        "node ports changed after the store was lost"
+    );
+    assert_eq!(
+        m::npl_annotations(&node).unwrap()[&ka],
+        raw_before[&ka],
+        "annotation changed after the store was lost"
+    );
+    tcp_seen_source(node.external(), addr(node.ip(), t)).expect("reachable after the rebuild");
+
     // A new port range takes effect at restart: mappings outside it move into it.
     let cfg = node.dir().join("agent.yaml");
     let text = std::fs::read_to_string(&cfg).unwrap();

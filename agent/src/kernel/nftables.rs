@@ -500,6 +500,52 @@ pub async fn apply(spec: &NatSpec) -> Result<(), NatError> {
     run_nft(&spec.render(), &spec.table).await
 }
 
+/// The NodePortLocal DNATs that `table` holds in the kernel now (`nft -j list map`), to
+/// rebuild the mappings a lost state store held: the table outlives the agent. A table or map
+/// that does not exist holds none.
+pub async fn installed_npl(table: &str) -> Result<Vec<NplDnat>, NatError> {
+    let mut out = Vec::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let map = format!("npl_{}", protocol.as_str());
+        let o = tokio::process::Command::new("nft")
+            .args(["-j", "list", "map", "ip", table, &map])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(NatError::Spawn)?;
+        if o.status.success() {
+            out.extend(parse_npl_map(&String::from_utf8_lossy(&o.stdout), protocol));
+        }
+    }
+    Ok(out)
+}
+
+/// The elements of one NodePortLocal map in `nft -j` output:
+/// `"elem": [[61000, {"concat": ["10.244.1.5", 8080]}], ...]`. Elements of another shape are
+/// skipped.
+fn parse_npl_map(json: &str, protocol: Protocol) -> Vec<NplDnat> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let items = v["nftables"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    items
+        .iter()
+        .filter_map(|i| i["map"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| {
+            let node_port = u16::try_from(e[0].as_u64()?).ok()?;
+            let c = e[1]["concat"].as_array()?;
+            Some(NplDnat {
+                protocol,
+                node_port,
+                pod_ip: c.first()?.as_str()?.parse().ok()?,
+                pod_port: u16::try_from(c.get(1)?.as_u64()?).ok()?,
+            })
+        })
+        .collect()
+}
+
 async fn run_nft(script: &str, table: &str) -> Result<(), NatError> {
     let mut child = tokio::process::Command::new("nft")
         .args(["-f", "-"])
@@ -527,6 +573,34 @@ async fn run_nft(script: &str, table: &str) -> Result<(), NatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn npl_maps_are_read_back_from_nft_json() {
+        // As nft 1.0.6 prints `nft -j list map ip ferrea npl_tcp`.
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"map": {"family": "ip", "name": "npl_tcp", "table": "ferrea", "type": "inet_service", "handle": 1, "map": "ipv4_addr . inet_service", "elem": [[61000, {"concat": ["10.244.1.5", 8080]}], [61001, {"concat": ["10.244.1.6", 80]}], [70000, {"concat": ["10.244.1.7", 80]}]]}}]}"#;
+        assert_eq!(
+            parse_npl_map(json, Protocol::Tcp),
+            vec![
+                NplDnat {
+                    protocol: Protocol::Tcp,
+                    node_port: 61000,
+                    pod_ip: Ipv4Addr::new(10, 244, 1, 5),
+                    pod_port: 8080
+                },
+                NplDnat {
+                    protocol: Protocol::Tcp,
+                    node_port: 61001,
+                    pod_ip: Ipv4Addr::new(10, 244, 1, 6),
+                    pod_port: 80
+                },
+            ]
+        );
+        // An empty map has no `elem`; garbage holds nothing.
+        let empty =
+            r#"{"nftables": [{"map": {"name": "npl_udp", "map": "ipv4_addr . inet_service"}}]}"#;
+        assert!(parse_npl_map(empty, Protocol::Udp).is_empty());
+        assert!(parse_npl_map("Error: No such file", Protocol::Udp).is_empty());
+    }
 
     #[test]
     fn render_masquerades_pod_cidr_except_cluster_destinations() {

@@ -725,6 +725,26 @@ fn mac_refusal(
     Ok(())
 }
 
+/// The records that the notes on the host veths with `veth_prefix` describe (see [`note`]);
+/// veths without a usable note, or a failure to list them, give none. Used before the pod
+/// manager exists, to rebuild what else a lost store held.
+pub async fn noted_records(
+    podnet: &dyn PodNet,
+    veth_prefix: &str,
+    pod_cidr: ipnetwork::Ipv4Network,
+) -> Vec<PodRecord> {
+    match podnet.list_host_links(veth_prefix).await {
+        Ok(links) => links
+            .iter()
+            .filter_map(|l| note::decode(l.alias.as_deref(), &l.name, veth_prefix, pod_cidr).ok())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "listing pod interfaces for their notes");
+            Vec::new()
+        }
+    }
+}
+
 /// This node's pods as Kubernetes knows them: each attachment that carries a pod identity
 /// (CNI_ARGS `K8S_POD_NAMESPACE`/`K8S_POD_NAME`) joined with the Pod object of that
 /// namespace/name, unless the object says it runs on another node. Keyed by `namespace/name`,

@@ -128,6 +128,51 @@ pub fn restored_rules(cfg: &NplConfig, store: &Store, node: &NodeInfo) -> Option
     }
 }
 
+/// After the state store was lost or found damaged: the mappings of running pods back from
+/// the kernel, where ferrea's nftables table outlives the agent. Each DNAT of the table's
+/// NodePortLocal maps whose pod address is one of `pods` (records rebuilt from the pod
+/// interfaces' notes, which name the pod) becomes a mapping in `store` again, so the pod keeps
+/// its node port and its annotation. Returns how many were rebuilt.
+pub async fn rebuild_mappings(
+    store: &Store,
+    table: &str,
+    pods: &[crate::pods::store::PodRecord],
+) -> Result<usize, crate::kernel::nftables::NatError> {
+    let mut rebuilt = Vec::new();
+    for d in crate::kernel::nftables::installed_npl(table).await? {
+        let Some(r) = pods
+            .iter()
+            .find(|r| r.ip == d.pod_ip && !r.pod_name.is_empty())
+        else {
+            continue;
+        };
+        let ns = if r.pod_namespace.is_empty() {
+            "default"
+        } else {
+            &r.pod_namespace
+        };
+        rebuilt.push(NplMapping {
+            pod: crate::source::object_key(ns, &r.pod_name),
+            pod_port: d.pod_port,
+            protocol: d.protocol,
+            pod_ip: d.pod_ip,
+            node_port: d.node_port,
+        });
+    }
+    let known: std::collections::HashSet<String> = store
+        .npl_list()
+        .unwrap_or_default()
+        .iter()
+        .map(NplMapping::key)
+        .collect();
+    rebuilt.retain(|m| !known.contains(&m.key()));
+    if let Err(e) = store.npl_update(&rebuilt, &[]) {
+        tracing::error!(error = %e, "writing the rebuilt NodePortLocal mappings");
+        return Ok(0);
+    }
+    Ok(rebuilt.len())
+}
+
 /// Starts NPL after the node is up: the controller when `cfg.enable`, otherwise a one-shot
 /// cleanup of what an earlier run with NPL on left (mappings in the store, annotations).
 /// Annotations are published through `sink` (the source's: [`LocalStatusView`] for `files`,
