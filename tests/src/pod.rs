@@ -103,6 +103,17 @@ impl Pod {
         crate::fabric::ping(self.name(), dst)
     }
 
+    /// ADD again for this attachment, as a runtime retrying does; fails unless the plugin
+    /// succeeds, and returns the parsed result (the agent must answer with what it has).
+    pub fn add_again(&self) -> anyhow::Result<AddResult> {
+        let out = self.cni.add(&self.att)?.expect_ok("repeated ADD")?;
+        let json = out
+            .json
+            .as_ref()
+            .with_context(|| format!("ADD result is not JSON: {out}"))?;
+        AddResult::parse(json)
+    }
+
     /// CNI CHECK with the ADD result as `prevResult`.
     pub fn check(&self) -> anyhow::Result<CniOutput> {
         self.cni.check(&self.att, Some(&self.result.raw))

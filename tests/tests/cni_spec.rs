@@ -39,13 +39,7 @@ dataplane_tests!(
 fn add_twice_returns_the_same_ip(dp: Dataplane) {
     let node = SimNode::start(NodeOptions::new(dp)).unwrap();
     let pod = node.add_pod().unwrap();
-    let again = node
-        .cni()
-        .add(pod.attachment())
-        .unwrap()
-        .expect_ok("second ADD")
-        .unwrap();
-    let again = AddResult::parse(again.json.as_ref().unwrap()).unwrap();
+    let again = pod.add_again().unwrap();
     assert_eq!(again.ip, pod.ip());
     assert_eq!(again.host_ifname, pod.host_ifname());
     assert_eq!(

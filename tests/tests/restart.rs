@@ -138,13 +138,7 @@ fn graceful_restart_keeps_pods(dp: Dataplane) {
     assert!(a.ping(b.ip()));
     assert!(a.ping(ferrea_tests::fabric::INTERNET_IP));
     // The restarted agent still knows the pods: a repeated ADD returns the same address.
-    let again = node
-        .cni()
-        .add(a.attachment())
-        .unwrap()
-        .expect_ok("ADD after restart")
-        .unwrap();
-    let again = ferrea_tests::cni::AddResult::parse(again.json.as_ref().unwrap()).unwrap();
+    let again = a.add_again().unwrap();
     assert_eq!(again.ip, a.ip());
     a.check().unwrap().expect_ok("CHECK after restart").unwrap();
 }

@@ -52,20 +52,6 @@ fn damaged_copies(state: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// ADD again for `pod` (what a runtime does when it retries): the agent must know it and
-/// answer with the address it has.
-fn readd_ip(node: &SimNode, pod: &Pod) -> Ipv4Addr {
-    let out = node
-        .cni()
-        .add(pod.attachment())
-        .unwrap()
-        .expect_ok("repeated ADD")
-        .unwrap();
-    ferrea_tests::cni::AddResult::parse(out.json.as_ref().unwrap())
-        .unwrap()
-        .ip
-}
-
 dataplane_tests!(a_damaged_store_is_rebuilt_and_pods_keep_their_network);
 
 fn a_damaged_store_is_rebuilt_and_pods_keep_their_network(dp: Dataplane) {
@@ -147,7 +133,11 @@ fn a_damaged_store_is_rebuilt_and_pods_keep_their_network(dp: Dataplane) {
             "{how:?}: pod interfaces changed"
         );
         for (p, ip) in [&a, &b, &c].into_iter().zip(ips) {
-            assert_eq!(readd_ip(&node, p), ip, "{how:?}: a pod's address changed");
+            assert_eq!(
+                p.add_again().unwrap().ip,
+                ip,
+                "{how:?}: a pod's address changed"
+            );
             p.check()
                 .unwrap()
                 .expect_ok("CHECK after the rebuild")
@@ -315,7 +305,7 @@ fn a_full_state_directory_fails_add_cleanly_and_the_agent_recovers(dp: Dataplane
         "{reconciled}"
     );
     for p in pods.iter().chain([&fresh]) {
-        assert_eq!(readd_ip(&node, p), p.ip());
+        assert_eq!(p.add_again().unwrap().ip, p.ip());
     }
     // Locals drop in reverse: the pods (DEL), the tmpfs, then the node.
 }
