@@ -12,7 +12,11 @@ if [ "$(id -u)" != 0 ]; then
   echo "test.sh: the suite creates network namespaces and loads BPF programs: run it as root" >&2
   exit 1
 fi
+# Each phase's end is logged with the seconds since the start (cold-run budgets).
+t0=$SECONDS
+phase() { echo "test.sh: $1 done at $((SECONDS - t0)) s" >&2; }
 bash scripts/setup.sh
+phase setup
 
 export FERREA_SKIP_LOG="$PWD/target/ferrea-skips.log"
 mkdir -p target && : > "$FERREA_SKIP_LOG"
@@ -24,14 +28,21 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo fmt --manifest-path ebpf/Cargo.toml -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --manifest-path ebpf/Cargo.toml --locked -- -D warnings
+phase "fmt and clippy"
 # The integration tests run the real binaries (the agent, the CNI plugin, the demo).
 cargo build --workspace --bins
+phase build
 status=0
 cargo nextest run --workspace --no-fail-fast --test-threads 2 "$@" || status=$?
-# Hostile input: a bounded fuzzing run of every decoder of outside input (scripts/fuzz.sh).
-# Skipped when the run is narrowed to some tests (arguments given).
+phase tests
+# Every benchmark scaled down to seconds on the debug build, gated at half its goals
+# (bench/src/quick.rs), then a bounded fuzzing run of every decoder of outside input
+# (scripts/fuzz.sh). Both skipped when the run is narrowed to some tests (arguments given).
 if [ "$#" -eq 0 ]; then
+  target/debug/ferrea-bench --quick all || status=$?
+  phase "quick benchmarks"
   bash scripts/fuzz.sh || status=$?
+  phase fuzzing
 fi
 
 # Each skip line is `SKIP: <id>: <reason>`; tests/expected-skips.txt lists `<id> <feature>`.

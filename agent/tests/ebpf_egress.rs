@@ -476,16 +476,24 @@ async fn run(l: &Lab, pin: &Path, dp: EbpfDataplane, net: NodeNetwork, tun: u32)
     ] {
         std::fs::remove_file(layout.maps_dir().join(m)).unwrap();
     }
-    // The older build's 256-id array, pinned under its old name: unpinned by the upgrade.
-    let obsolete = layout.maps_dir().join(ferrea_common::OBSOLETE_MAP_PINS[0]);
-    MapData::from_pin(layout.maps_dir().join(ferrea_common::MAP_COUNTERS))
-        .unwrap()
-        .pin(&obsolete)
-        .unwrap();
+    // The older builds' maps (the 256-id array, the counters before `drop_other`), pinned
+    // under their old names: unpinned by the upgrade.
+    let obsolete: Vec<_> = ferrea_common::OBSOLETE_MAP_PINS
+        .iter()
+        .map(|name| layout.maps_dir().join(name))
+        .collect();
+    for path in &obsolete {
+        MapData::from_pin(layout.maps_dir().join(ferrea_common::MAP_COUNTERS))
+            .unwrap()
+            .pin(path)
+            .unwrap();
+    }
     common::pretend_programs_of_another_build(&layout);
     let dp = EbpfDataplane::new(pin).unwrap();
     dp.init_node(&net).await.unwrap();
-    assert!(!obsolete.exists(), "the obsolete pin {obsolete:?} was left");
+    for path in &obsolete {
+        assert!(!path.exists(), "the obsolete pin {path:?} was left");
+    }
     let empty = MapView {
         steer: vec![],
         exempt: vec![],

@@ -43,11 +43,17 @@ use serde_json::json;
 use super::{Figures, REF_PLUGIN_DIR, Reference};
 
 /// Pods per node.
-const PODS: usize = 100;
+fn pod_count() -> usize {
+    crate::quick::pick(100, 10)
+}
 /// How long the agent idles before each reading.
-const SETTLE: Duration = Duration::from_secs(5);
+fn settle() -> Duration {
+    crate::quick::pick(Duration::from_secs(5), Duration::from_secs(1))
+}
 /// The window the idle CPU is measured over.
-const CPU_WINDOW: Duration = Duration::from_secs(10);
+fn cpu_window() -> Duration {
+    crate::quick::pick(Duration::from_secs(10), Duration::from_secs(1))
+}
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// One plugin process to run in [`plugin_cost`]'s fresh process.
@@ -170,7 +176,7 @@ fn largest_mappings(pid: u32, n: usize) -> String {
         .join(", ")
 }
 
-/// The CPU time of `pid` over [`CPU_WINDOW`], in percent of one core.
+/// The CPU time of `pid` over [`cpu_window`], in percent of one core.
 fn cpu_pct(pid: u32) -> anyhow::Result<f64> {
     let cpu = || {
         ferrea_agent::metrics::process_stat(Some(pid))
@@ -178,8 +184,8 @@ fn cpu_pct(pid: u32) -> anyhow::Result<f64> {
             .context("reading the agent's /proc stat")
     };
     let before = cpu()?;
-    std::thread::sleep(CPU_WINDOW);
-    Ok(((cpu()? - before) / CPU_WINDOW.as_secs_f64() * 1000.0).round() / 10.0)
+    std::thread::sleep(cpu_window());
+    Ok(((cpu()? - before) / cpu_window().as_secs_f64() * 1000.0).round() / 10.0)
 }
 
 fn mib(b: u64) -> f64 {
@@ -217,14 +223,14 @@ pub fn footprint(fig: &mut Figures) -> anyhow::Result<()> {
             ),
         )?;
         let pid = sim.node_mut().agent_pid().context("the agent runs")?;
-        std::thread::sleep(SETTLE);
+        std::thread::sleep(settle());
         let (idle, peak_start) = rss(pid)?;
         eprintln!(
             "footprint {dp}: largest mappings idle: {}",
             largest_mappings(pid, 6)
         );
         let cpu_idle = cpu_pct(pid)?;
-        let pods = sim.add_pods_concurrently(PODS)?;
+        let pods = sim.add_pods_concurrently(pod_count())?;
         for p in &pods {
             m::write_pod(&sim, &p.attachment().pod_name, &labels, &[])?;
         }
@@ -239,7 +245,7 @@ pub fn footprint(fig: &mut Figures) -> anyhow::Result<()> {
                 protocol: "TCP",
             }],
         )?;
-        std::thread::sleep(SETTLE);
+        std::thread::sleep(settle());
         let (with_pods, peak) = rss(pid)?;
         let (status, body) = ctl::http_get(sim.node_mut(), "/metrics")?;
         if status != 200 {
@@ -248,11 +254,13 @@ pub fn footprint(fig: &mut Figures) -> anyhow::Result<()> {
         let metric = sample(&body, "ferrea_agent_process_resident_memory_bytes", &[])
             .context("no ferrea_agent_process_resident_memory_bytes in the scrape")?;
         let cpu_pods = cpu_pct(pid)?;
-        let per_pod_kib = (with_pods.saturating_sub(idle) as f64 / 1024.0 / PODS as f64).round();
+        let per_pod_kib =
+            (with_pods.saturating_sub(idle) as f64 / 1024.0 / pod_count() as f64).round();
         eprintln!(
-            "footprint {dp}: idle {} MiB (peak at start {} MiB), {PODS} pods {} MiB ({per_pod_kib} KiB a pod, peak {} MiB, the metric says {} MiB); CPU idle {cpu_idle}% / {cpu_pods}% with pods",
+            "footprint {dp}: idle {} MiB (peak at start {} MiB), {} pods {} MiB ({per_pod_kib} KiB a pod, peak {} MiB, the metric says {} MiB); CPU idle {cpu_idle}% / {cpu_pods}% with pods",
             mib(idle),
             mib(peak_start),
+            pod_count(),
             mib(with_pods),
             mib(peak),
             mib(metric as u64)
@@ -277,7 +285,7 @@ pub fn footprint(fig: &mut Figures) -> anyhow::Result<()> {
             // ferrea-cni's own cost per ADD (the agent does the work), on this node.
             let node_ns = sim.node_mut().ns().name().to_owned();
             let cni = sim.node_mut().cni().clone();
-            let netns: Vec<NetNs> = (0..PODS)
+            let netns: Vec<NetNs> = (0..pod_count())
                 .map(|_| NetNs::new("fpc"))
                 .collect::<Result<_, _>>()?;
             let jobs: Vec<Job> = netns
@@ -304,7 +312,7 @@ pub fn footprint(fig: &mut Figures) -> anyhow::Result<()> {
     // The reference plugins for the same number of pods, on a node namespace of their own.
     let dir = tempfile::tempdir()?;
     let reference = Reference::new(dir.path())?;
-    let pods: Vec<NetNs> = (0..PODS)
+    let pods: Vec<NetNs> = (0..pod_count())
         .map(|_| NetNs::new("fpr"))
         .collect::<Result<_, _>>()?;
     let jobs: Vec<Job> = pods
@@ -367,8 +375,11 @@ fn record_cost(fig: &mut Figures, key: &str, c: &Cost) {
 const CHURN_SLOTS: usize = 20;
 /// One CNI call every 50 ms: 10 ADDs and 10 DELs a second.
 const CHURN_TICK: Duration = Duration::from_millis(50);
-/// Long enough after churn for the agent's minute-by-minute heap trim to have run.
-const CHURN_SETTLE: Duration = Duration::from_secs(70);
+/// Long enough after churn for the agent's minute-by-minute heap trim to have run (quick
+/// mode: two seconds, so its figures only show that the churn ran).
+fn churn_settle() -> Duration {
+    crate::quick::pick(Duration::from_secs(70), Duration::from_secs(2))
+}
 
 /// Resident memory, open file descriptors and threads of `pid`.
 fn probe(pid: u32) -> anyhow::Result<(u64, usize, usize)> {
@@ -422,7 +433,7 @@ fn churn_for(
 /// second for `FERREA_CHURN_SECONDS` (default 600), on the dataplanes in
 /// `FERREA_CHURN_DATAPLANES` (default `ebpf,ovs`). Resident memory, file descriptors and
 /// threads are read after a 30 s warm-up of the same churn and a settle of
-/// [`CHURN_SETTLE`], and again after the churn and the same settle:
+/// [`churn_settle`], and again after the churn and the same settle:
 /// `{dp}_churn_{rss_mib,fds,threads}_{before,after}`, `{dp}_churn_rss_growth_kib`,
 /// `{dp}_churn_calls` and `{dp}_churn_failed_calls`. Equal figures mean nothing grew with the
 /// pods that came and went.
@@ -432,7 +443,7 @@ pub fn churn(fig: &mut Figures) -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()
         .context("FERREA_CHURN_SECONDS must be a number of seconds")?
-        .unwrap_or(600);
+        .unwrap_or(crate::quick::pick(600, 5));
     let dps = std::env::var("FERREA_CHURN_DATAPLANES").unwrap_or_else(|_| "ebpf,ovs".into());
     for name in dps.split(',') {
         let dp = match name {
@@ -451,13 +462,19 @@ pub fn churn(fig: &mut Figures) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut generation = 0;
-        churn_for(&cni, &mut slots, &mut generation, Duration::from_secs(30))?;
-        std::thread::sleep(CHURN_SETTLE);
+        let warm_up = crate::quick::pick(30, 2);
+        churn_for(
+            &cni,
+            &mut slots,
+            &mut generation,
+            Duration::from_secs(warm_up),
+        )?;
+        std::thread::sleep(churn_settle());
         let before = probe(pid)?;
         eprintln!("churn {dp}: before: {before:?} (RSS bytes, fds, threads); churning {secs} s");
         let (calls, failed) =
             churn_for(&cni, &mut slots, &mut generation, Duration::from_secs(secs))?;
-        std::thread::sleep(CHURN_SETTLE);
+        std::thread::sleep(churn_settle());
         let after = probe(pid)?;
         let growth_kib = (after.0 as f64 - before.0 as f64) / 1024.0;
         eprintln!(

@@ -31,7 +31,9 @@ use crate::{Figures, ms};
 /// Pods behind the Service in `npl-kubernetes`.
 const NPL_PODS: usize = 100;
 /// Rounds of create/delete.
-const ROUNDS: usize = 3;
+fn rounds() -> usize {
+    crate::quick::pick(3, 1)
+}
 
 /// A Pod object for `name` on `node`, labelled `app: bench`, container port 8080/TCP.
 fn pod_yaml(name: &str, node: &str) -> String {
@@ -155,7 +157,7 @@ pub fn npl_kubernetes(fig: &mut Figures) -> anyhow::Result<()> {
     let mut seen = BTreeMap::new();
     wait_all(&rx, &names, false, &mut seen)?;
     let (mut on, mut off) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds() {
         let t = Instant::now();
         api.kubectl_stdin_ok(&["apply", "-f", "-"], NPL_SERVICE);
         on.push(wait_all(&rx, &names, true, &mut seen)? - t);
@@ -167,9 +169,10 @@ pub fn npl_kubernetes(fig: &mut Figures) -> anyhow::Result<()> {
     let _ = watcher.wait();
     on.sort();
     off.sort();
-    let (on_ms, off_ms) = (ms(on[ROUNDS / 2]), ms(off[ROUNDS / 2]));
+    let (on_ms, off_ms) = (ms(on[on.len() / 2]), ms(off[off.len() / 2]));
     eprintln!(
-        "npl-kubernetes: {NPL_PODS} Pod objects annotated in {on_ms} ms, unannotated in {off_ms} ms (median of {ROUNDS}; {:?} / {:?})",
+        "npl-kubernetes: {NPL_PODS} Pod objects annotated in {on_ms} ms, unannotated in {off_ms} ms (median of {}; {:?} / {:?})",
+        on.len(),
         on.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
         off.iter().map(|d| ms(*d)).collect::<Vec<_>>()
     );
@@ -181,13 +184,18 @@ pub fn npl_kubernetes(fig: &mut Figures) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Objects in the `kube-source` cluster.
+/// Objects in the `kube-source` cluster (a tenth in quick mode).
+fn scaled(n: usize) -> usize {
+    crate::quick::pick(n, n / 10)
+}
 const NODES: usize = 100;
 const PODS: usize = 1000;
 const LOCAL_PODS: usize = 10;
 const SERVICES: usize = 200;
 /// How long RSS and CPU are sampled once the agent is synced.
-const SAMPLE: Duration = Duration::from_secs(30);
+fn sample_time() -> Duration {
+    crate::quick::pick(Duration::from_secs(30), Duration::from_secs(3))
+}
 
 /// The agent's resident set (bytes) and CPU time (seconds), from `/proc/<pid>/stat`.
 fn usage(pid: u32) -> anyhow::Result<(u64, f64)> {
@@ -197,12 +205,12 @@ fn usage(pid: u32) -> anyhow::Result<(u64, f64)> {
 }
 
 /// RSS (MiB, the median of samples every second) and CPU (% of one core) of `pid` over
-/// [`SAMPLE`].
+/// [`sample_time`].
 fn sample(pid: u32) -> anyhow::Result<(f64, f64)> {
     let (_, cpu0) = usage(pid)?;
     let t = Instant::now();
     let mut rss = Vec::new();
-    while t.elapsed() < SAMPLE {
+    while t.elapsed() < sample_time() {
         std::thread::sleep(Duration::from_secs(1));
         rss.push(usage(pid)?.0);
     }
@@ -241,7 +249,8 @@ pub fn kube_source(fig: &mut Figures) -> anyhow::Result<()> {
 
     let (mut node, api) = kube_node(NodeOptions::new(Dataplane::Ebpf))?;
     let t = Instant::now();
-    let nodes: Vec<String> = (1..NODES)
+    let (nodes_n, pods_n, services_n) = (scaled(NODES), scaled(PODS), scaled(SERVICES));
+    let nodes: Vec<String> = (1..nodes_n)
         .map(|i| {
             format!(
                 "apiVersion: v1\nkind: Node\nmetadata: {{name: bench-node-{i:03}}}\nspec: {{podCIDR: 10.{}.{}.0/24}}\n",
@@ -251,14 +260,14 @@ pub fn kube_source(fig: &mut Figures) -> anyhow::Result<()> {
         })
         .collect();
     create_all(&api, &nodes);
-    let pods: Vec<String> = (0..PODS - LOCAL_PODS)
+    let pods: Vec<String> = (0..pods_n - LOCAL_PODS)
         .map(|i| {
-            let on = format!("bench-node-{:03}", 1 + i % (NODES - 1));
+            let on = format!("bench-node-{:03}", 1 + i % (nodes_n - 1));
             pod_yaml(&format!("remote-{i:04}"), &on)
         })
         .collect();
     create_all(&api, &pods);
-    let services: Vec<String> = (0..SERVICES)
+    let services: Vec<String> = (0..services_n)
         .map(|i| {
             format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i:03}, namespace: default}}\n\
@@ -268,9 +277,9 @@ pub fn kube_source(fig: &mut Figures) -> anyhow::Result<()> {
         .collect();
     create_all(&api, &services);
     eprintln!(
-        "kube-source: {} Nodes, {} Pods, {SERVICES} Services created in {:?}",
-        NODES,
-        PODS - LOCAL_PODS,
+        "kube-source: {} Nodes, {} Pods, {services_n} Services created in {:?}",
+        nodes_n,
+        pods_n - LOCAL_PODS,
         t.elapsed()
     );
 
@@ -296,8 +305,9 @@ pub fn kube_source(fig: &mut Figures) -> anyhow::Result<()> {
     let pid = node.agent_pid().context("no agent pid")?;
     let (rss, cpu) = sample(pid)?;
     eprintln!(
-        "kube-source: first complete state after {} ms; RSS {rss} MiB, CPU {cpu}% over {SAMPLE:?} (files-source peer {files_rss} MiB)",
-        ms(synced)
+        "kube-source: first complete state after {} ms; RSS {rss} MiB, CPU {cpu}% over {:?} (files-source peer {files_rss} MiB)",
+        ms(synced),
+        sample_time()
     );
     fig.insert("kube_source_first_sync_ms".into(), json!(ms(synced)));
     fig.insert("kube_source_rss_mib".into(), json!(rss));

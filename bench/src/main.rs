@@ -44,9 +44,13 @@
 //!   through kube-proxy (nftables mode) beside ferrea, see [`services`].
 //! - `footprint`: the agent's memory and idle CPU with no pod and with 100, both dataplanes,
 //!   beside the reference plugins' cost per ADD, see [`footprint`].
+//!
+//! `--quick` before the names runs each benchmark scaled down to seconds and gates the
+//! figures that have a goal (see [`quick`]); several names may follow, or `all`.
 
 mod footprint;
 mod kube;
+mod quick;
 mod services;
 
 use std::collections::BTreeMap;
@@ -65,37 +69,123 @@ use serde_json::{Value, json};
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
 const REF_PLUGIN_DIR: &str = "/usr/lib/cni";
 /// Pods per latency series.
-const PODS: usize = 100;
+fn pods() -> usize {
+    quick::pick(100, 10)
+}
 /// Seconds per iperf3 run: long enough to settle, short enough to keep the run bounded.
-const IPERF_SECONDS: &str = "5";
+fn iperf_seconds() -> &'static str {
+    quick::pick("5", "1")
+}
 
 type Figures = BTreeMap<String, Value>;
 
+/// Every benchmark, in the order `all` runs them.
+const BENCHES: &[&str] = &[
+    "cni-latency",
+    "throughput",
+    "throughput-cross-node",
+    "flow-install",
+    "npl",
+    "egress",
+    "npl-kubernetes",
+    "kube-source",
+    "services",
+    "egress-failover",
+    "footprint",
+    "churn",
+];
+
+fn run_bench(which: &str, fig: &mut Figures) -> anyhow::Result<()> {
+    match which {
+        "cni-latency" => cni_latency(fig),
+        "throughput" => throughput(fig),
+        "flow-install" => flow_install(fig),
+        "throughput-cross-node" => throughput_cross_node(fig),
+        "npl" => npl(fig),
+        "egress" => egress(fig),
+        "npl-kubernetes" => kube::npl_kubernetes(fig),
+        "kube-source" => kube::kube_source(fig),
+        "services" => services::services_bench(fig),
+        "egress-failover" => egress_failover(fig),
+        "footprint" => footprint::footprint(fig),
+        "churn" => footprint::churn(fig),
+        _ => unreachable!("checked against BENCHES"),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let which = std::env::args().nth(1).unwrap_or_default();
-    if which == "plugin-cost" {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("plugin-cost") {
         // Not a benchmark: the fresh process `footprint` measures plugins in.
         return footprint::plugin_cost();
     }
-    let mut fig = Figures::new();
-    match which.as_str() {
-        "cni-latency" => cni_latency(&mut fig)?,
-        "throughput" => throughput(&mut fig)?,
-        "flow-install" => flow_install(&mut fig)?,
-        "throughput-cross-node" => throughput_cross_node(&mut fig)?,
-        "npl" => npl(&mut fig)?,
-        "egress" => egress(&mut fig)?,
-        "npl-kubernetes" => kube::npl_kubernetes(&mut fig)?,
-        "kube-source" => kube::kube_source(&mut fig)?,
-        "services" => services::services_bench(&mut fig)?,
-        "egress-failover" => egress_failover(&mut fig)?,
-        "footprint" => footprint::footprint(&mut fig)?,
-        "churn" => footprint::churn(&mut fig)?,
-        _ => bail!(
-            "usage: bench/run cni-latency | throughput | throughput-cross-node | flow-install | npl | egress | npl-kubernetes | kube-source | services | egress-failover | footprint | churn"
-        ),
+    if let Some(i) = args.iter().position(|a| a == "--quick") {
+        args.remove(i);
+        quick::enable();
     }
-    println!("{}", serde_json::to_string(&fig)?);
+    if args.len() == 1 && args[0] == "all" {
+        args = BENCHES.iter().map(|b| (*b).to_owned()).collect();
+    }
+    let usage = || {
+        format!(
+            "usage: bench/run [--quick] NAME... | all\n  NAME: {}",
+            BENCHES.join(" | ")
+        )
+    };
+    if args.is_empty() {
+        bail!("{}", usage());
+    }
+    if let Some(bad) = args.iter().find(|a| !BENCHES.contains(&a.as_str())) {
+        bail!("unknown benchmark {bad:?}\n{}", usage());
+    }
+    if args.len() > 1 && !quick::on() {
+        bail!(
+            "one benchmark at a time, or several with --quick\n{}",
+            usage()
+        );
+    }
+    let known = quick::parse_known_misses(include_str!("../known-misses.txt"))
+        .context("bench/known-misses.txt")?;
+    let mut failed = Vec::new();
+    for which in &args {
+        let mut fig = Figures::new();
+        let t = Instant::now();
+        let res = run_bench(which, &mut fig);
+        if !quick::on() {
+            res?;
+            println!("{}", serde_json::to_string(&fig)?);
+            return Ok(());
+        }
+        if let Err(e) = res {
+            eprintln!("quick {which}: FAILED to run: {e:#}");
+            failed.push(format!("{which}: did not run: {e:#}"));
+            continue;
+        }
+        fig.insert("quick".into(), json!(true));
+        println!(
+            "{}",
+            serde_json::to_string(&json!({ which.as_str(): &fig }))?
+        );
+        let verdicts = quick::gate(which, &fig, &known, !cfg!(debug_assertions));
+        eprintln!("quick {which}: {:.0} s", t.elapsed().as_secs_f64());
+        for v in &verdicts {
+            let value = v.value.map_or("-".to_owned(), |x| x.to_string());
+            let mark = if v.ok { "ok  " } else { "FAIL" };
+            eprintln!(
+                "  {mark} {} = {value} (threshold {}; {})",
+                v.key, v.threshold, v.why
+            );
+            if !v.ok {
+                failed.push(format!(
+                    "{which}: {} = {value}, threshold {} ({})",
+                    v.key, v.threshold, v.why
+                ));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("quick benchmarks failed:\n  {}", failed.join("\n  "));
+    }
     Ok(())
 }
 
@@ -231,11 +321,11 @@ fn series(
         .collect()
 }
 
-/// ADD then DEL of `PODS` pods: paced (`{key}_add`, the latency of one call), back to back
+/// ADD then DEL of [`pods`] pods: paced (`{key}_add`, the latency of one call), back to back
 /// (`{key}_burst_add`: what a backlog of pod starts sees, including whatever work the previous
 /// call left to its switch) and two at a time; records p50/p99 of each.
 fn latency_series(fig: &mut Figures, key: &str, p: &dyn Plugin) -> anyhow::Result<()> {
-    let pods: Vec<NetNs> = (0..PODS)
+    let pods: Vec<NetNs> = (0..pods())
         .map(|_| NetNs::new("lat"))
         .collect::<Result<_, _>>()?;
     for (kind, pace) in [("", Some(PACE)), ("burst_", None)] {
@@ -248,7 +338,7 @@ fn latency_series(fig: &mut Figures, key: &str, p: &dyn Plugin) -> anyhow::Resul
     let (mut padds, mut pdels) = (Vec::new(), Vec::new());
     std::thread::scope(|s| -> anyhow::Result<()> {
         let halves: Vec<_> = pods
-            .chunks(PODS / 2)
+            .chunks(pods.len() / 2)
             .map(|chunk| {
                 s.spawn(move || -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
                     let a = chunk
@@ -299,9 +389,13 @@ fn latency_series(fig: &mut Figures, key: &str, p: &dyn Plugin) -> anyhow::Resul
 }
 
 /// Interleaved rounds of the metrics-overhead figure.
-const OVERHEAD_ROUNDS: usize = 9;
+fn overhead_rounds() -> usize {
+    quick::pick(9, 1)
+}
 /// Pods per node and round.
-const OVERHEAD_PODS: usize = 20;
+fn overhead_pods() -> usize {
+    quick::pick(20, 5)
+}
 
 fn cni_latency(fig: &mut Figures) -> anyhow::Result<()> {
     let mut with = SimNode::start(NodeOptions::new(Dataplane::Ebpf).pod_cidr("10.244.0.0/22"))?;
@@ -330,7 +424,7 @@ fn cni_latency(fig: &mut Figures) -> anyhow::Result<()> {
         series_pct.unwrap_or(Value::Null),
     );
     // Interleaved rounds on both nodes (see the module doc).
-    let pods: Vec<NetNs> = (0..OVERHEAD_PODS)
+    let pods: Vec<NetNs> = (0..overhead_pods())
         .map(|_| NetNs::new("ovh"))
         .collect::<Result<_, _>>()?;
     let nodes = [
@@ -338,7 +432,7 @@ fn cni_latency(fig: &mut Figures) -> anyhow::Result<()> {
         without.node_mut().cni().clone(),
     ];
     let mut ratios = Vec::new();
-    for round in 0..OVERHEAD_ROUNDS {
+    for round in 0..overhead_rounds() {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         let mut p50 = [0.0; 2];
         for i in order {
@@ -351,7 +445,8 @@ fn cni_latency(fig: &mut Figures) -> anyhow::Result<()> {
     }
     let overhead = ((median(ratios.clone()) - 1.0) * 1000.0).round() / 10.0;
     eprintln!(
-        "metrics overhead: {overhead}% (median of {OVERHEAD_ROUNDS} same-round ADD p50 ratios {:?})",
+        "metrics overhead: {overhead}% (median of {} same-round ADD p50 ratios {:?})",
+        overhead_rounds(),
         ratios
             .iter()
             .map(|r| (r * 1000.0).round() / 1000.0)
@@ -454,7 +549,7 @@ fn iperf_pair(client_ns: &str, server_ns: &str, server: Ipv4Addr) -> anyhow::Res
         let out = run_ok(
             Command::new("ip")
                 .args(["netns", "exec", client_ns, "iperf3", "-c", &s, "-p", "5201"])
-                .args(["-t", IPERF_SECONDS, "-J"])
+                .args(["-t", iperf_seconds(), "-J"])
                 .args(extra),
         )?;
         Ok(serde_json::from_str(&out)?)
@@ -487,10 +582,14 @@ fn addr_up(ns: &NetNs, ifname: &str, cidr: &str) -> anyhow::Result<()> {
 /// Rounds of the throughput comparison. Every path is measured once per round, the paths
 /// interleaved, and the median kept: on two shared cores a single run of one path after
 /// another mostly measures what else the machine did at that moment.
-const ROUNDS: usize = 3;
+fn rounds() -> usize {
+    quick::pick(3, 1)
+}
 /// Rounds of the cross-node comparison: its goal (eBPF overlay against kernel VXLAN) is a
 /// ratio of two close figures, so it gets more samples.
-const CROSS_NODE_ROUNDS: usize = 7;
+fn cross_node_rounds() -> usize {
+    quick::pick(7, 1)
+}
 
 fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
     // Every topology is built first and kept up for the whole run (guards below).
@@ -522,13 +621,23 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
         "br0",
         "datapath_type=netdev",
     ])?;
-    for (ns, port) in [(&oa, "pa"), (&ob, "pb")] {
+    // Two more on the same bridge whose `eth0` computes its own TX checksums, as ferrea's OVS
+    // pods must when the userspace datapath tunnels (`ovs_normal_csum_off`: the same switch
+    // under the same constraint as ferrea's OVS pods).
+    let (oc, od) = (NetNs::new("oc")?, NetNs::new("od")?);
+    for (ns, port) in [(&oa, "pa"), (&ob, "pb"), (&oc, "pc"), (&od, "pd")] {
         sw.add_veth(port, ns, "eth0")?;
         sw.ip(&["link", "set", port, "up"])?;
         ovs.vsctl(&["add-port", "br0", port])?;
     }
     addr_up(&oa, "eth0", "10.99.2.1/24")?;
     addr_up(&ob, "eth0", "10.99.2.2/24")?;
+    addr_up(&oc, "eth0", "10.99.2.3/24")?;
+    addr_up(&od, "eth0", "10.99.2.4/24")?;
+    for ns in [&oc, &od] {
+        ns.sh(&["ethtool", "-K", "eth0", "tx", "off"])
+            .context("turning TX checksum offload off")?;
+    }
     // ferrea: two pods on one node through the real CNI binary, per dataplane.
     let mut sims = Vec::new();
     for dp in [Dataplane::Ebpf, Dataplane::Ovs] {
@@ -557,11 +666,17 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
             ob.name().into(),
             Ipv4Addr::new(10, 99, 2, 2),
         ),
+        (
+            "ovs_normal_csum_off",
+            oc.name().into(),
+            od.name().into(),
+            Ipv4Addr::new(10, 99, 2, 4),
+        ),
     ];
     for (key, (_, (p1, p2))) in ["ferrea_ebpf", "ferrea_ovs"].into_iter().zip(&sims) {
         paths.push((key, p1.ns().name().into(), p2.ns().name().into(), p2.ip()));
     }
-    let runs = measure_paths(fig, &paths, ROUNDS)?;
+    let runs = measure_paths(fig, &paths, rounds())?;
     paired_ratios(
         fig,
         &runs,
@@ -569,6 +684,8 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
             ("ferrea_ebpf", "veth"),
             ("bridge", "veth"),
             ("ferrea_ovs", "ovs_normal"),
+            ("ferrea_ovs", "ovs_normal_csum_off"),
+            ("ovs_normal_csum_off", "ovs_normal"),
         ],
     );
     Ok(())
@@ -726,7 +843,7 @@ fn throughput_cross_node(fig: &mut Figures) -> anyhow::Result<()> {
             e2.ip(),
         ),
     ];
-    let runs = measure_paths(fig, &paths, CROSS_NODE_ROUNDS)?;
+    let runs = measure_paths(fig, &paths, cross_node_rounds())?;
     paired_ratios(
         fig,
         &runs,
@@ -755,7 +872,7 @@ fn throughput_cross_node(fig: &mut Figures) -> anyhow::Result<()> {
                 o2.ns().name().into(),
                 o2.ip(),
             )];
-            let runs = measure_paths(fig, &paths, ROUNDS)?;
+            let runs = measure_paths(fig, &paths, rounds())?;
             let (g, k) = &runs["ferrea_ovs"];
             for (key, v, direct) in [("tcp_gbps", g, &direct_tcp), ("udp_kpps", k, &direct_udp)] {
                 let r = median(v.clone()) / direct;
@@ -779,7 +896,9 @@ fn throughput_cross_node(fig: &mut Figures) -> anyhow::Result<()> {
 }
 
 /// Trials of `egress-failover`, per kind of failure.
-const FAILOVER_TRIALS: usize = 10;
+fn failover_trials() -> usize {
+    quick::pick(10, 2)
+}
 
 /// `egress-failover`: three nodes (eBPF), seed 000's Egress; the holder's agent killed
 /// (`failover_ms_*`) and, separately, its fabric port set down (`failover_linkcut_ms_*`),
@@ -794,7 +913,7 @@ fn egress_failover(fig: &mut Figures) -> anyhow::Result<()> {
         (Failure::LinkDown, "failover_linkcut_ms"),
     ] {
         let mut v = Vec::new();
-        for trial in 0..FAILOVER_TRIALS {
+        for trial in 0..failover_trials() {
             let (ms, old, new) =
                 failover_trial(&mut c, how).with_context(|| format!("{key} trial {trial}"))?;
             eprintln!(
@@ -815,7 +934,9 @@ fn egress_failover(fig: &mut Figures) -> anyhow::Result<()> {
 }
 
 /// Rounds of the `egress` comparison.
-const EGRESS_ROUNDS: usize = 7;
+fn egress_rounds() -> usize {
+    quick::pick(7, 1)
+}
 
 fn egress(fig: &mut Figures) -> anyhow::Result<()> {
     use ferrea_tests::egress::EgressCluster;
@@ -852,7 +973,7 @@ fn egress(fig: &mut Figures) -> anyhow::Result<()> {
                 INTERNET_IP,
             ),
         ];
-        let runs = measure_paths(fig, &paths, EGRESS_ROUNDS)?;
+        let runs = measure_paths(fig, &paths, egress_rounds())?;
         paired_ratios(fig, &runs, &[(egress, masquerade), (remote, masquerade)]);
         if dp == Dataplane::Ebpf {
             fig.insert("egress_ip".into(), json!(c.ip.to_string()));
@@ -862,7 +983,9 @@ fn egress(fig: &mut Figures) -> anyhow::Result<()> {
 }
 
 /// Flows in the `flow-install` bundle.
-const FLOWS: u32 = 10_000;
+fn flows() -> u32 {
+    quick::pick(10_000, 1_000)
+}
 
 fn flow_install(fig: &mut Figures) -> anyhow::Result<()> {
     use ferrea_agent::dataplane::ovs::openflow::{FlowMod, Match, OfConn};
@@ -874,7 +997,7 @@ fn flow_install(fig: &mut Figures) -> anyhow::Result<()> {
         ovs.add_secure_bridge(br)?;
     }
     // 10,000 distinct /32 matches, as a node with many pods and policies would have.
-    let flows: Vec<FlowMod> = (0..FLOWS)
+    let flows: Vec<FlowMod> = (0..flows())
         .map(|i| {
             let ip = Ipv4Addr::from(0x0a00_0000 + i);
             FlowMod::add(
@@ -902,7 +1025,7 @@ fn flow_install(fig: &mut Figures) -> anyhow::Result<()> {
         .build()?;
     let conn = rt.block_on(OfConn::connect(&dir.path().join("br-x.mgmt")))?;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..quick::pick(3, 1) {
         ovs.ofctl(&["del-flows", &ovs.mgmt("br-x")])?;
         ovs.ofctl(&["del-flows", &ovs.mgmt("br-y")])?;
         let t = Instant::now();
@@ -924,8 +1047,8 @@ fn flow_install(fig: &mut Figures) -> anyhow::Result<()> {
             .lines()
             .filter(|l| l.contains("nw_dst"))
             .count();
-        if n != FLOWS as usize {
-            bail!("{br} holds {n} flows, expected {FLOWS}");
+        if n != flows.len() {
+            bail!("{br} holds {n} flows, expected {}", flows.len());
         }
     }
     let median = |v: &mut Vec<Duration>| {
@@ -933,7 +1056,11 @@ fn flow_install(fig: &mut Figures) -> anyhow::Result<()> {
         (v[v.len() / 2].as_secs_f64() * 1000.0).round() / 1000.0
     };
     let (a, b) = (median(&mut ours), median(&mut theirs));
-    eprintln!("10k flows in one bundle: ferrea {a} s, ovs-ofctl {b} s (median of 3)");
+    eprintln!(
+        "{} flows in one bundle: ferrea {a} s, ovs-ofctl {b} s (median of {})",
+        flows.len(),
+        ours.len()
+    );
     fig.insert("ferrea_10k_flows_s".into(), json!(a));
     fig.insert("ofctl_10k_flows_s".into(), json!(b));
     fig.insert(
@@ -944,9 +1071,13 @@ fn flow_install(fig: &mut Figures) -> anyhow::Result<()> {
 }
 
 /// Pods behind the Service in the `npl` benchmark.
-const NPL_PODS: usize = 100;
+fn npl_pods() -> usize {
+    quick::pick(100, 10)
+}
 /// Rounds of enable/disable per dataplane.
-const NPL_ROUNDS: usize = 3;
+fn npl_rounds() -> usize {
+    quick::pick(3, 1)
+}
 
 fn npl(fig: &mut Figures) -> anyhow::Result<()> {
     use ferrea_tests::manifests::{self as m, ContainerPort, ServicePort};
@@ -960,7 +1091,7 @@ fn npl(fig: &mut Figures) -> anyhow::Result<()> {
         let mut opts = NodeOptions::new(dp).pod_cidr("10.244.0.0/24");
         opts.extra_config = m::npl_config("61000-62000");
         let mut sim = SimNode::start(opts)?;
-        let pods = sim.add_pods_concurrently(NPL_PODS)?;
+        let pods = sim.add_pods_concurrently(npl_pods())?;
         for p in &pods {
             m::write_pod(
                 &sim,
@@ -996,17 +1127,19 @@ fn npl(fig: &mut Figures) -> anyhow::Result<()> {
             }
         };
         let (mut on, mut off) = (Vec::new(), Vec::new());
-        for _ in 0..NPL_ROUNDS {
+        for _ in 0..npl_rounds() {
             m::write_service(&sim, "bench", true, &labels, &ports)?;
-            on.push(wait_for(NPL_PODS)?);
+            on.push(wait_for(npl_pods())?);
             m::write_service(&sim, "bench", false, &labels, &ports)?;
             off.push(wait_for(0)?);
         }
         on.sort();
         off.sort();
-        let (on_ms, off_ms) = (ms(on[NPL_ROUNDS / 2]), ms(off[NPL_ROUNDS / 2]));
+        let (on_ms, off_ms) = (ms(on[on.len() / 2]), ms(off[off.len() / 2]));
         eprintln!(
-            "npl {dp}: {NPL_PODS} pods mapped in {on_ms} ms, unmapped in {off_ms} ms (median of {NPL_ROUNDS}; rounds {:?} / {:?})",
+            "npl {dp}: {} pods mapped in {on_ms} ms, unmapped in {off_ms} ms (median of {}; rounds {:?} / {:?})",
+            npl_pods(),
+            on.len(),
             on.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
             off.iter().map(|d| ms(*d)).collect::<Vec<_>>()
         );
@@ -1023,7 +1156,7 @@ fn npl(fig: &mut Figures) -> anyhow::Result<()> {
             .lines()
             .filter(|l| {
                 l.contains("NodePortLocal mappings applied")
-                    && l.contains(&format!("mappings={NPL_PODS} "))
+                    && l.contains(&format!("mappings={} ", npl_pods()))
             })
             .filter_map(|l| {
                 l.split("elapsed_ms=")
@@ -1036,7 +1169,10 @@ fn npl(fig: &mut Figures) -> anyhow::Result<()> {
             .collect();
         syncs.sort_by(f64::total_cmp);
         if let Some(mid) = syncs.get(syncs.len() / 2) {
-            eprintln!("npl {dp}: agent sync with {NPL_PODS} mappings: {syncs:?} ms");
+            eprintln!(
+                "npl {dp}: agent sync with {} mappings: {syncs:?} ms",
+                npl_pods()
+            );
             fig.insert(format!("npl_100_pods_agent_sync_ms{suffix}"), json!(mid));
         }
         fig.insert(format!("npl_100_pods_ms{suffix}"), json!(on_ms));

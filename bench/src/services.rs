@@ -53,7 +53,9 @@ const TEN: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 /// The Service whose endpoint is replaced.
 const MOVING: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 /// Seconds of each connections-per-second run.
-const CPS_SECONDS: u64 = 2;
+fn cps_seconds() -> u64 {
+    crate::quick::pick(2, 1)
+}
 
 /// Who translates Services.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -131,13 +133,13 @@ fn ask(addr: SocketAddr) -> std::io::Result<String> {
     Ok(s)
 }
 
-/// Connections per second to `addr` from inside `ns`, back to back for [`CPS_SECONDS`],
+/// Connections per second to `addr` from inside `ns`, back to back for [`cps_seconds`],
 /// and how many failed (refused, reset or timed out after 2 s): reported, not hidden.
 fn cps(ns: &NetNs, addr: SocketAddr) -> anyhow::Result<(f64, u64)> {
     ns.run(move || {
         let t = Instant::now();
         let (mut ok, mut failed) = (0u64, 0u64);
-        while t.elapsed() < Duration::from_secs(CPS_SECONDS) {
+        while t.elapsed() < Duration::from_secs(cps_seconds()) {
             match ask(addr) {
                 Ok(_) => ok += 1,
                 Err(_) => failed += 1,
@@ -360,7 +362,9 @@ impl Env {
 /// Rounds of measurements; each figure is the median over them, each ratio the median of
 /// the same-round ratios (the two proxies are measured alternately within a round, so the
 /// machine's drift cancels out).
-const ROUNDS: usize = 3;
+fn rounds() -> usize {
+    crate::quick::pick(3, 1)
+}
 
 /// One round's figures of one proxy: TCP Gbit/s, conn/s with 1 and with 10 backends, and
 /// the failed connections of both connection runs.
@@ -382,7 +386,9 @@ pub fn services_bench(fig: &mut Figures) -> anyhow::Result<()> {
             Env::start(dp, Proxy::Ferrea)?,
             Env::start(dp, Proxy::KubeProxy)?,
         ];
-        for total in [10usize, 1000] {
+        // Quick mode: 10 Services only (1,000 take minutes to program through kube-proxy).
+        let totals: &[usize] = crate::quick::pick(&[10, 1000], &[10]);
+        for &total in totals {
             for env in &mut envs {
                 let backends = env.backends();
                 let svcs = services(&backends, total, &backends[0]);
@@ -391,7 +397,7 @@ pub fn services_bench(fig: &mut Figures) -> anyhow::Result<()> {
             let mut per: [[Vec<f64>; 3]; 2] = Default::default();
             let mut ratios: [Vec<f64>; 3] = Default::default();
             let mut failed = [0u64; 2];
-            for round in 0..ROUNDS {
+            for round in 0..rounds() {
                 let mut got = [[0.0; 3]; 2];
                 // Alternate which proxy goes first.
                 for k in 0..2 {
@@ -442,7 +448,7 @@ pub fn services_bench(fig: &mut Figures) -> anyhow::Result<()> {
                     let backends = env.backends();
                     let svcs = services(&backends, total, &backends[0]);
                     let mut v = Vec::new();
-                    for round in 0..3 {
+                    for round in 0..rounds() {
                         // Alternate between two endpoints: n1p1 and n0p2.
                         let (to, tag) = if round % 2 == 0 {
                             (env.backend(1, 1), "n1p1")

@@ -14,8 +14,11 @@ pub const MAX_PODS: u32 = 4096;
 pub const MAP_ENDPOINTS_BY_IFINDEX: &str = "FERREA_EP_IF";
 /// Name of the map of local endpoints keyed by the pod's IPv4 address.
 pub const MAP_ENDPOINTS_BY_IP: &str = "FERREA_EP_IP";
-/// Name of the per-CPU map of per-pod counters keyed by the host-side veth ifindex.
-pub const MAP_COUNTERS: &str = "FERREA_COUNTERS";
+/// Name of the per-CPU map of per-pod counters keyed by the host-side veth ifindex. (Builds
+/// before [`Counters::drop_other`] named it `FERREA_COUNTERS`, with a shorter value: the map
+/// was renamed with the layout, so an upgraded node makes a new one and removes the old pin,
+/// see [`OBSOLETE_MAP_PINS`]; the pods' counters start again from zero then.)
+pub const MAP_COUNTERS: &str = "FERREA_POD_CNT";
 
 /// Name of the LPM map of other nodes' pod CIDRs (key: prefix length + IPv4 network, network
 /// byte order) to the node that holds them.
@@ -73,8 +76,9 @@ pub const MAP_EGRESS_EXEMPT: &str = "FERREA_EG_EXEMPT";
 /// value: non-zero). Tunnelled packets with that VNI get the id in their fwmark.
 pub const MAP_EGRESS_HELD: &str = "FERREA_EG_IDS";
 /// Pins older builds made that this one no longer declares (`FERREA_EG_HELD` was an array of
-/// 256 ids): removed when the programs load, so nothing of an upgraded node is left behind.
-pub const OBSOLETE_MAP_PINS: &[&str] = &["FERREA_EG_HELD"];
+/// 256 ids; `FERREA_COUNTERS` held [`Counters`] without `drop_other`): removed when the
+/// programs load, so nothing of an upgraded node is left behind.
+pub const OBSOLETE_MAP_PINS: &[&str] = &["FERREA_EG_HELD", "FERREA_COUNTERS"];
 /// Maximum number of exempt destination prefixes.
 pub const MAX_EGRESS_EXEMPT: u32 = MAX_NODES + 256;
 /// Largest Egress id: ids are 16 bits (id 0 means "no Egress"), one per egress IP in the
@@ -152,6 +156,9 @@ pub struct Counters {
     pub drop_spoofed: u64,
     /// ARP requests from the pod answered by the dataplane.
     pub arp_replies: u64,
+    /// Frames from the pod of a protocol the pod network does not carry (IPv6 and every
+    /// ethertype other than IPv4 and ARP), dropped.
+    pub drop_other: u64,
 }
 
 /// Name of the LRU hash map of connections the node's stack carried (key: [`StackFlow`],

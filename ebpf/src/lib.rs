@@ -113,7 +113,7 @@ static FERREA_EP_IF: HashMap<u32, Endpoint> = HashMap::pinned(MAX_PODS, 0);
 static FERREA_EP_IP: HashMap<u32, Endpoint> = HashMap::pinned(MAX_PODS, 0);
 
 /// Per-pod counters keyed by host-side veth ifindex, one slot per CPU (no atomics needed).
-#[map(name = "FERREA_COUNTERS")]
+#[map(name = "FERREA_POD_CNT")]
 static FERREA_COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::pinned(MAX_PODS, 0);
 
 /// Other nodes' pod CIDRs (IPv4 network, network byte order) to the node holding them.
@@ -353,6 +353,8 @@ enum Dir {
     Rx,
     Spoofed,
     Arp,
+    /// A frame of a protocol the pod network does not carry (IPv6, ...).
+    Other,
 }
 
 /// Returns a pointer to a `T` at `off` in the linear packet data, or `None` if the packet is
@@ -437,6 +439,7 @@ fn count(ifindex: u32, dir: Dir, len: u32) {
                 }
                 Dir::Spoofed => c.drop_spoofed += 1,
                 Dir::Arp => c.arp_replies += 1,
+                Dir::Other => c.drop_other += 1,
             }
         }
         None => {
@@ -454,6 +457,7 @@ fn count(ifindex: u32, dir: Dir, len: u32) {
                 }
                 Dir::Spoofed => c.drop_spoofed = 1,
                 Dir::Arp => c.arp_replies = 1,
+                Dir::Other => c.drop_other = 1,
             }
             let _ = FERREA_COUNTERS.insert(ifindex, c, 0);
         }
@@ -524,6 +528,7 @@ fn from_pod(ctx: &TcContext) -> Option<i32> {
     }
     if proto != ETH_P_IP {
         // IPv6 and everything else: not part of ferrea's IPv4-only pod network yet.
+        count(ifindex, Dir::Other, 0);
         return Some(TC_ACT_SHOT);
     }
     let src_mac = load_mac(ctx, OFF_ETH_SRC)?;

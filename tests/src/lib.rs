@@ -23,6 +23,7 @@
 //! - [`pod`]: pods created through the CNI binary.
 //! - [`node`]: a simulated node (namespace + state + bpffs + agent) and [`node::SimNode::start`].
 //! - [`capture`]: tcpdump and TCP peer recorders that prove what a receiver saw.
+//! - [`frames`]: hand-made Ethernet frames (IPv6, forged ARP) sent from inside a namespace.
 //! - [`ovs`]: a private ovsdb-server and ovs-vswitchd per node, and OVS queries.
 //! - [`vethpod`]: pods wired by the harness itself (no CNI), for tests that drive a backend.
 //! - [`traffic`]: background pings across disruptions, and their loss.
@@ -41,6 +42,7 @@ pub mod cni;
 pub mod ctl;
 pub mod egress;
 pub mod fabric;
+pub mod frames;
 pub mod kubelet;
 pub mod kubeproxy;
 pub mod manifests;

@@ -189,6 +189,9 @@ pub struct PodStats {
     pub rx_bytes: u64,
     /// Packets from the pod dropped by the spoof guard.
     pub drop_spoofed: u64,
+    /// Frames from the pod of a protocol the pod network does not carry (IPv6 and every
+    /// ethertype other than IPv4 and ARP), dropped.
+    pub drop_other: u64,
 }
 
 /// One table of what a backend holds, decoded for people (`ferreactl dump dataplane`): an

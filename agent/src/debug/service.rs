@@ -304,6 +304,7 @@ impl Debug for DebugService {
                 rx_packets: st.rx_packets,
                 rx_bytes: st.rx_bytes,
                 drop_spoofed: st.drop_spoofed,
+                drop_other: st.drop_other,
             });
         }
         Ok(Response::new(pb::PodInterfaceList { items }))

@@ -32,6 +32,7 @@ const COLUMNS: &[Column] = &[
     ("TX PKTS", "txPackets"),
     ("RX PKTS", "rxPackets"),
     ("SPOOFED", "dropSpoofed"),
+    ("OTHER", "dropOther"),
 ];
 
 /// A pod interface as JSON.
@@ -54,6 +55,7 @@ pub fn to_json(p: &PodInterface) -> Value {
         "rxPackets": p.rx_packets,
         "rxBytes": p.rx_bytes,
         "dropSpoofed": p.drop_spoofed,
+        "dropOther": p.drop_other,
     })
 }
 

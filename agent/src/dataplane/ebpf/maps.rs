@@ -493,6 +493,7 @@ pub fn dump(m: &dyn BpfMaps, pod: Option<&PodEndpoint>) -> Vec<DumpSection> {
             "rx_bytes",
             "drop_spoofed",
             "arp_replies",
+            "drop_other",
         ],
     );
     let mut cifs = m.counter_ifindexes();
@@ -509,6 +510,7 @@ pub fn dump(m: &dyn BpfMaps, pod: Option<&PodEndpoint>) -> Vec<DumpSection> {
                 st.rx_bytes.to_string(),
                 st.drop_spoofed.to_string(),
                 arp.to_string(),
+                st.drop_other.to_string(),
             ]);
         }
     }
@@ -612,7 +614,7 @@ mod tests {
             remote.rows,
             [["10.244.2.0/24", "172.18.0.12", &TUNNEL_VNI.to_string()]]
         );
-        assert_eq!(sec(&all, "map FERREA_COUNTERS").rows[0][1], "0");
+        assert_eq!(sec(&all, "map FERREA_POD_CNT").rows[0][1], "0");
         // One pod: its entries only, and no node-wide maps.
         let one = dump(&m, Some(&ep(8, 6)));
         assert_eq!(sec(&one, "map FERREA_EP_IP").rows.len(), 1);
@@ -682,8 +684,11 @@ mod tests {
         c[0].rx_packets = 2;
         c[1].rx_packets = 3;
         c[1].drop_spoofed = 1;
+        c[0].drop_other = 4;
+        c[1].drop_other = 2;
         let st = stats(&m, &a).unwrap().unwrap();
         assert_eq!((st.rx_packets, st.drop_spoofed, st.tx_packets), (5, 1, 0));
+        assert_eq!(st.drop_other, 6);
     }
 
     #[test]

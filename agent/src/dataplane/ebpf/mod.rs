@@ -1018,6 +1018,7 @@ fn sum_counters<'a>(slots: impl Iterator<Item = &'a Counters>) -> PodStats {
         s.rx_packets += c.rx_packets;
         s.rx_bytes += c.rx_bytes;
         s.drop_spoofed += c.drop_spoofed;
+        s.drop_other += c.drop_other;
         s
     })
 }
@@ -1067,6 +1068,7 @@ mod tests {
                 rx_bytes: 20,
                 drop_spoofed: 3,
                 arp_replies: 1,
+                drop_other: 2,
             },
             Counters {
                 tx_packets: 4,
@@ -1075,6 +1077,7 @@ mod tests {
                 rx_bytes: 50,
                 drop_spoofed: 6,
                 arp_replies: 0,
+                drop_other: 5,
             },
         ];
         let s = sum_counters(c.iter());
@@ -1085,7 +1088,8 @@ mod tests {
                 tx_bytes: 50,
                 rx_packets: 7,
                 rx_bytes: 70,
-                drop_spoofed: 9
+                drop_spoofed: 9,
+                drop_other: 7,
             }
         );
     }

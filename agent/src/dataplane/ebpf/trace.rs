@@ -18,7 +18,7 @@
 //! agent's, the node's.
 //!
 //! What the run changes: the programs count the packet as one sent by the pod (its
-//! `FERREA_COUNTERS` entry), or as spoofed. The stack-flow map is only looked up (the traced
+//! `FERREA_POD_CNT` entry), or as spoofed. The stack-flow map is only looked up (the traced
 //! TCP segment is no `SYN`), and the tunnel program records no stack flow for a traced packet.
 //! Nothing is transmitted: a test run's redirect only returns `TC_ACT_REDIRECT`.
 

@@ -1626,6 +1626,7 @@ impl Dataplane for OvsDataplane {
                     st.rx_bytes += f.bytes;
                 }
                 Counter::DropSpoofed => st.drop_spoofed += f.packets,
+                Counter::DropOther => st.drop_other += f.packets,
                 Counter::None => {}
             }
         }
@@ -2175,12 +2176,13 @@ mod fake_tests {
                     want.rx_bytes += 700;
                 }
                 Counter::DropSpoofed => want.drop_spoofed += 7,
+                Counter::DropOther => want.drop_other += 7,
                 Counter::None => {}
             }
         }
         assert_eq!(st, want);
         assert!(
-            st.tx_packets > 0 && st.rx_packets > 0 && st.drop_spoofed > 0,
+            st.tx_packets > 0 && st.rx_packets > 0 && st.drop_spoofed > 0 && st.drop_other > 0,
             "{st:?}"
         );
     }

@@ -916,8 +916,8 @@ pub fn pod_flows(round: u16, n: &NodeFacts, p: &PodFacts) -> Vec<FlowMod> {
             Match::new().in_port(p.port).arp(),
             vec![],
         ),
-        // Any other protocol (IPv6 neighbour discovery, ...) drops uncounted: this node
-        // network is IPv4 only, and such packets are not spoofing.
+        // Any other protocol (IPv6, ...) drops here: the pod network is IPv4 only, and such
+        // packets are not spoofing; these counters are drop_other.
         FlowMod::add(
             Table::SpoofGuard as u8,
             prio::OTHER_DROP,
@@ -951,6 +951,8 @@ pub enum Counter {
     Rx,
     /// Packets from the pod dropped by the spoof guard.
     DropSpoofed,
+    /// Frames from the pod of a protocol the pod network does not carry (IPv6, ...).
+    DropOther,
     /// Not a counter.
     None,
 }
@@ -960,6 +962,7 @@ pub fn counter_of(table: u8, priority: u16) -> Counter {
     match (table, priority) {
         (t, prio::POD) if t == Table::SpoofGuard as u8 => Counter::Tx,
         (t, prio::SPOOF_DROP) if t == Table::SpoofGuard as u8 => Counter::DropSpoofed,
+        (t, prio::OTHER_DROP) if t == Table::SpoofGuard as u8 => Counter::DropOther,
         (t, prio::POD) if t == Table::L3Forwarding as u8 => Counter::Rx,
         _ => Counter::None,
     }
@@ -1106,6 +1109,10 @@ mod tests {
         assert_eq!(
             counter_of(Table::SpoofGuard as u8, prio::SPOOF_DROP),
             Counter::DropSpoofed
+        );
+        assert_eq!(
+            counter_of(Table::SpoofGuard as u8, prio::OTHER_DROP),
+            Counter::DropOther
         );
         assert_eq!(
             counter_of(Table::L3Forwarding as u8, prio::POD),
