@@ -6,6 +6,7 @@
 # left in fuzz/artifacts/<target>/ and the command that replays it printed. Built with
 # `--sanitizer none` (the decoders are safe Rust, and it needs no nightly toolchain) and
 # `--dev` (quick to build; debug assertions catch integer overflow as well as panics).
+# Targets run FERREA_FUZZ_JOBS at a time (default: one per core; libFuzzer uses one).
 # Usage: scripts/fuzz.sh [TARGET...]   (scripts/setup.sh installs cargo-fuzz)
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
@@ -20,11 +21,10 @@ flags=(--sanitizer none --dev)
 cargo fuzz build "${flags[@]}"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-failed=()
-for t in "${targets[@]}"; do
-  mkdir -p "$scratch/$t" "artifacts/$t"
-  echo "fuzz: $t for ${secs}s" >&2
-  log="$scratch/$t.log"
+# libFuzzer runs on one core: FERREA_FUZZ_JOBS targets (default: one per core) at a time.
+jobs=${FERREA_FUZZ_JOBS:-$(nproc)}
+run_one() {
+  local t=$1 log="$scratch/$1.log"
   if cargo fuzz run "${flags[@]}" "$t" "$scratch/$t" "corpus/$t" -- \
       -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
       -print_final_stats=1 >"$log" 2>&1; then
@@ -33,9 +33,26 @@ for t in "${targets[@]}"; do
     echo "fuzz: $t: ${runs:-?} runs, ${cov:-cov: ?}, no failure" >&2
   else
     tail -n 40 "$log" >&2
-    failed+=("$t")
+    return 1
   fi
+}
+failed=()
+declare -A running=()
+# Waits for one running target and records it if it failed.
+reap() {
+  local pid rc=0
+  wait -n -p pid "${!running[@]}" || rc=$?
+  [ "$rc" = 0 ] || failed+=("${running[$pid]}")
+  unset "running[$pid]"
+}
+for t in "${targets[@]}"; do
+  mkdir -p "$scratch/$t" "artifacts/$t"
+  while [ "${#running[@]}" -ge "$jobs" ]; do reap; done
+  echo "fuzz: $t for ${secs}s" >&2
+  run_one "$t" &
+  running[$!]=$t
 done
+while [ "${#running[@]}" -gt 0 ]; do reap; done
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "fuzz: FAILED: ${failed[*]}; the inputs are in fuzz/artifacts/<target>/; replay one with" >&2
   echo "  (cd fuzz && cargo fuzz run ${flags[*]} <target> artifacts/<target>/<file>)" >&2

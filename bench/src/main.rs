@@ -582,13 +582,15 @@ fn addr_up(ns: &NetNs, ifname: &str, cidr: &str) -> anyhow::Result<()> {
 /// Rounds of the throughput comparison. Every path is measured once per round, the paths
 /// interleaved, and the median kept: on two shared cores a single run of one path after
 /// another mostly measures what else the machine did at that moment.
+/// Quick mode keeps 3 rounds of 1 s: a single 1 s sample of a path on this kind of machine
+/// swings by a factor of two, the median of three same-round ratios much less.
 fn rounds() -> usize {
-    quick::pick(3, 1)
+    3
 }
 /// Rounds of the cross-node comparison: its goal (eBPF overlay against kernel VXLAN) is a
 /// ratio of two close figures, so it gets more samples.
 fn cross_node_rounds() -> usize {
-    quick::pick(7, 1)
+    quick::pick(7, 3)
 }
 
 fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
@@ -935,7 +937,7 @@ fn egress_failover(fig: &mut Figures) -> anyhow::Result<()> {
 
 /// Rounds of the `egress` comparison.
 fn egress_rounds() -> usize {
-    quick::pick(7, 1)
+    quick::pick(7, 3)
 }
 
 fn egress(fig: &mut Figures) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
-//! `--quick`: every benchmark scaled down to seconds (one round, one-second iperf3 runs, a
-//! tenth of the pods, objects and trials), and a gate on the figures that have a goal.
+//! `--quick`: every benchmark scaled down to seconds (one-second iperf3 and connection runs,
+//! 3 rounds where a ratio is gated and one elsewhere, a tenth of the pods, objects and
+//! trials), and a gate on the figures that have a goal.
 //!
 //! The quick figures are noisy and come from whatever build runs them (the test command
 //! runs the debug build), so they say nothing about the goals themselves. What the gate
