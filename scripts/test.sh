@@ -33,33 +33,12 @@ phase "fmt and clippy"
 cargo build --workspace --bins
 phase build
 status=0
-# The fuzz targets' instrumented build (a second build of the agent's dependencies, minutes
-# on two cores) needs nothing from the tests: it runs beside them at the lowest CPU priority,
-# on time the tests leave idle while they wait on their networks, and scripts/fuzz.sh then
-# finds it done. Only when the whole suite runs (no arguments).
-fuzz_build=
-if [ "$#" -eq 0 ]; then
-  fuzz_log=$PWD/target/fuzz-build.log
-  (cd fuzz && exec nice -n 19 cargo fuzz build --sanitizer none --dev) >"$fuzz_log" 2>&1 &
-  fuzz_build=$!
-  # Stopped by its PID if this script ends early.
-  trap 'kill "$fuzz_build" 2>/dev/null || true' EXIT
-fi
 cargo nextest run --workspace --no-fail-fast --test-threads 2 "$@" || status=$?
 phase tests
 # Every benchmark scaled down to seconds on the debug build, gated at half its goals
 # (bench/src/quick.rs), then a bounded fuzzing run of every decoder of outside input
 # (scripts/fuzz.sh). Both skipped when the run is narrowed to some tests (arguments given).
 if [ "$#" -eq 0 ]; then
-  fuzz_built=0
-  wait "$fuzz_build" || fuzz_built=$?
-  trap - EXIT
-  if [ "$fuzz_built" != 0 ]; then
-    echo "test.sh: the fuzz targets did not build:" >&2
-    tail -n 40 "$fuzz_log" >&2
-    status=1
-  fi
-  phase "fuzz build"
   target/debug/ferrea-bench --quick all || status=$?
   phase "quick benchmarks"
   bash scripts/fuzz.sh || status=$?
