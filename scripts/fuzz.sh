@@ -17,6 +17,16 @@ targets=("$@")
 [ "${#targets[@]}" -gt 0 ] || targets=("${all[@]}")
 
 flags=(--sanitizer none --dev)
+# The fuzz targets link the agent's library, whose build script compiles the eBPF programs
+# (a release build of the ebpf crate). No target loads them, so the objects of the workspace's
+# own debug build are taken when there are some (the test command has just built them).
+if [ -z "${FERREA_BPF_OBJECT:-}" ]; then
+  obj=$(ls -t ../target/debug/build/ferrea-agent-*/out/ferrea.bpf.o 2>/dev/null | head -n1 || true)
+  if [ -n "$obj" ] && [ -f "${obj%/*}/ferrea-vlan.bpf.o" ]; then
+    export FERREA_BPF_OBJECT=$PWD/$obj
+    echo "fuzz: the eBPF objects of the debug build: ${obj%/*}" >&2
+  fi
+fi
 # One build for all targets (they share every dependency).
 cargo fuzz build "${flags[@]}"
 scratch=$(mktemp -d)

@@ -584,9 +584,7 @@ fn addr_up(ns: &NetNs, ifname: &str, cidr: &str) -> anyhow::Result<()> {
 /// another mostly measures what else the machine did at that moment.
 /// Quick mode keeps 3 rounds of 1 s: a single 1 s sample of a path on this kind of machine
 /// swings by a factor of two, the median of three same-round ratios much less.
-fn rounds() -> usize {
-    3
-}
+const ROUNDS: usize = 3;
 /// Rounds of the cross-node comparison: its goal (eBPF overlay against kernel VXLAN) is a
 /// ratio of two close figures, so it gets more samples.
 fn cross_node_rounds() -> usize {
@@ -678,7 +676,7 @@ fn throughput(fig: &mut Figures) -> anyhow::Result<()> {
     for (key, (_, (p1, p2))) in ["ferrea_ebpf", "ferrea_ovs"].into_iter().zip(&sims) {
         paths.push((key, p1.ns().name().into(), p2.ns().name().into(), p2.ip()));
     }
-    let runs = measure_paths(fig, &paths, rounds())?;
+    let runs = measure_paths(fig, &paths, ROUNDS)?;
     paired_ratios(
         fig,
         &runs,
@@ -874,7 +872,7 @@ fn throughput_cross_node(fig: &mut Figures) -> anyhow::Result<()> {
                 o2.ns().name().into(),
                 o2.ip(),
             )];
-            let runs = measure_paths(fig, &paths, rounds())?;
+            let runs = measure_paths(fig, &paths, ROUNDS)?;
             let (g, k) = &runs["ferrea_ovs"];
             for (key, v, direct) in [("tcp_gbps", g, &direct_tcp), ("udp_kpps", k, &direct_udp)] {
                 let r = median(v.clone()) / direct;

@@ -362,10 +362,8 @@ impl Env {
 /// Rounds of measurements; each figure is the median over them, each ratio the median of
 /// the same-round ratios (the two proxies are measured alternately within a round, so the
 /// machine's drift cancels out).
-fn rounds() -> usize {
-    // Quick mode too: one round's ratio is too noisy to gate on.
-    3
-}
+/// Quick mode too: one round's ratio is too noisy to gate on.
+const ROUNDS: usize = 3;
 
 /// One round's figures of one proxy: TCP Gbit/s, conn/s with 1 and with 10 backends, and
 /// the failed connections of both connection runs.
@@ -398,7 +396,7 @@ pub fn services_bench(fig: &mut Figures) -> anyhow::Result<()> {
             let mut per: [[Vec<f64>; 3]; 2] = Default::default();
             let mut ratios: [Vec<f64>; 3] = Default::default();
             let mut failed = [0u64; 2];
-            for round in 0..rounds() {
+            for round in 0..ROUNDS {
                 let mut got = [[0.0; 3]; 2];
                 // Alternate which proxy goes first.
                 for k in 0..2 {

@@ -2,16 +2,18 @@
 //! compromised pod can put on its interface without the kernel's stack shaping it (IPv6
 //! with IPv6 disabled, ARP claiming another pod's address, a flood of ARP requests).
 //!
-//! Sent through a raw `AF_PACKET` socket on a thread that entered the namespace
+//! Sent through the agent's raw `AF_PACKET` socket (`FrameSocket`) on a thread that entered the namespace
 //! ([`NetNs::run`]); no tool such as `arping` or `scapy` is needed on the machine.
 
 use std::net::Ipv4Addr;
 
 use anyhow::Context;
+use ferrea_agent::kernel::garp::FrameSocket;
 
 use crate::netns::NetNs;
 
-/// `ETH_P_ALL`, as the protocol of the sending socket (it receives nothing: it is never read).
+/// `ETH_P_ALL`, as the protocol the frames are handed to the driver with (each frame's own
+/// header says what it carries).
 const ETH_P_ALL: u16 = 0x0003;
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -94,65 +96,34 @@ pub fn send(
     ns.run(move || send_here(&ifname, &frames, repeat, pace))
 }
 
-#[expect(
-    unsafe_code,
-    reason = "socket(2) and sendto(2) of raw AF_PACKET frames have no safe wrapper in the crates used"
-)]
 fn send_here(
     ifname: &str,
     frames: &[Vec<u8>],
     repeat: usize,
     pace: Option<std::time::Duration>,
 ) -> anyhow::Result<usize> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let ifindex =
         nix::net::if_::if_nametoindex(ifname).with_context(|| format!("ifindex of {ifname}"))?;
-    // SAFETY: plain socket(2) with constant arguments; the fd is owned at once below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            i32::from(ETH_P_ALL.to_be()),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening an AF_PACKET socket");
-    }
-    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_ll is plain old data; zero is valid for every field.
-    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sa.sll_family = libc::AF_PACKET as u16;
-    sa.sll_protocol = ETH_P_ALL.to_be();
-    sa.sll_ifindex = ifindex as i32;
+    let socket = FrameSocket::open(ifindex, ETH_P_ALL).context("opening an AF_PACKET socket")?;
     let mut sent = 0;
     for _ in 0..repeat {
         for f in frames {
             loop {
-                // SAFETY: f and sa outlive the call; the lengths passed are theirs.
-                let n = unsafe {
-                    libc::sendto(
-                        fd.as_raw_fd(),
-                        f.as_ptr().cast(),
-                        f.len(),
-                        0,
-                        (&sa as *const libc::sockaddr_ll).cast(),
-                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                    )
-                };
-                if n >= 0 {
-                    sent += 1;
-                    if let Some(p) = pace {
-                        std::thread::sleep(p);
+                match socket.send(f) {
+                    Ok(()) => {
+                        sent += 1;
+                        if let Some(p) = pace {
+                            std::thread::sleep(p);
+                        }
+                        break;
                     }
-                    break;
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("sending a frame out of {ifname}"));
+                    }
                 }
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOBUFS) {
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                    continue;
-                }
-                return Err(e).with_context(|| format!("sending a frame out of {ifname}"));
             }
         }
     }

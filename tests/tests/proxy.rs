@@ -12,13 +12,16 @@
 //!   dropped (no Service address leaves the node untranslated);
 //! - `sessionAffinity: ClientIP`, `externalTrafficPolicy: Local` (the external client's
 //!   address reaches the pod, only the node's own endpoints serve) against `Cluster`
-//!   (masqueraded), hairpin (a pod reaching itself through its Service);
+//!   (masqueraded), hairpin (a pod reaching itself through its Service), and the load
+//!   balancers' health checks of `Local` Services (`healthCheckNodePort`: 200 with the
+//!   node's endpoint count, 503 on a node without one);
 //! - backends scaling from 1 to 10 and back while a client keeps connecting, with no failed
 //!   connection, and a deleted Service no longer answering;
 //! - a client reusing one source port for two Services with the same endpoint, back and
 //!   forth (each connection's replies come from the Service it called);
 //! - the same objects from a real kube-apiserver (the `kubernetes` source watching Services
-//!   and EndpointSlices): a ClusterIP answering, its endpoint replaced, the Service deleted.
+//!   and EndpointSlices): a ClusterIP answering, its endpoint replaced, the Service deleted,
+//!   and the health checks of a `Local` LoadBalancer on the port the API server allocated.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -167,6 +170,22 @@ fn svc(name: &'static str, ip: [u8; 4], protocol: &'static str, backends: Vec<Ba
 fn node_port(mut s: Svc, port: u16) -> Svc {
     s.spec = s.spec.with_node_port(port);
     s
+}
+
+/// A LoadBalancer Service with `externalTrafficPolicy: Local` and its load balancers' health
+/// checks on `health_port` (given here as the API server would allocate it).
+fn lb_local(
+    name: &'static str,
+    ip: [u8; 4],
+    backends: Vec<Backend>,
+    node_port_: u16,
+    health_port: u16,
+) -> Svc {
+    let mut s = node_port(svc(name, ip, "TCP", backends), node_port_);
+    s.spec.kind = "LoadBalancer";
+    s.with(&format!(
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: {health_port}\n"
+    ))
 }
 
 /// `f` until it succeeds, for up to 10 s (the agents pick up a new file within a second or
@@ -435,6 +454,8 @@ fn affinity_traffic_policy_and_hairpin(dp: Dataplane) {
             30091,
         ),
         svc("self", [10, 96, 0, 44], "TCP", vec![b0.clone()]),
+        lb_local("lb-both", [10, 96, 0, 45], both.clone(), 30092, 30190),
+        lb_local("lb-one", [10, 96, 0, 46], vec![b0.clone()], 30093, 30191),
     ]);
     let mut f = Failures::default();
     let client = env.client();
@@ -497,6 +518,60 @@ fn affinity_traffic_policy_and_hairpin(dp: Dataplane) {
             "externalTrafficPolicy Cluster kept the source: {s}"
         )),
         Err(e) => f.0.push(format!("externalTrafficPolicy Cluster: {e:#}")),
+    }
+    // The load balancers' health checks of the Local Services: each node says how many
+    // endpoints it has; a node without one fails the check; an endpoint moving moves the
+    // answers; a deleted Service's port closes.
+    let health = |node: usize, port: u16| {
+        let addr = SocketAddr::from((env.cluster.nodes()[node].ip(), port));
+        ext.run(move || ferrea_tests::ctl::http_get_here(addr, "/healthz"))
+    };
+    let want = |node: usize, port: u16, status: u16, count: u64| {
+        eventually(|| {
+            let (got, body) = health(node, port)?;
+            let v: serde_json::Value =
+                serde_json::from_str(&body).map_err(|e| anyhow::anyhow!("{e}: {body:?}"))?;
+            anyhow::ensure!(
+                got == status && v["localEndpoints"] == count && v["serviceProxyHealthy"] == true,
+                "{got} {body}"
+            );
+            Ok(format!("{got} {}", v["service"]))
+        })
+    };
+    for (what, node, port, status, count) in [
+        ("lb-both via node 0", 0, 30190, 200, 1),
+        ("lb-both via node 1", 1, 30190, 200, 1),
+        ("lb-one via the node with its endpoint", 0, 30191, 200, 1),
+        ("lb-one via the node without", 1, 30191, 503, 0),
+    ] {
+        match want(node, port, status, count) {
+            Ok(s) => println!("ok: health check of {what}: {s}"),
+            Err(e) => f.0.push(format!("health check of {what}: {e:#}")),
+        }
+    }
+    env.publish(&[lb_local(
+        "lb-one",
+        [10, 96, 0, 46],
+        vec![b1.clone()],
+        30093,
+        30191,
+    )]);
+    for (what, node, status, count) in [
+        ("lb-one moved, via node 0", 0, 503, 0),
+        ("lb-one moved, via node 1", 1, 200, 1),
+    ] {
+        match want(node, 30191, status, count) {
+            Ok(s) => println!("ok: health check of {what}: {s}"),
+            Err(e) => f.0.push(format!("health check of {what}: {e:#}")),
+        }
+    }
+    env.unpublish("lb-one");
+    match eventually(|| match health(1, 30191) {
+        Ok(r) => anyhow::bail!("still answers {r:?}"),
+        Err(e) => Ok(format!("{e:#}")),
+    }) {
+        Ok(e) => println!("ok: lb-one deleted, its health-check port closed: {e}"),
+        Err(e) => f.0.push(format!("lb-one deleted: {e:#}")),
     }
     // Hairpin: the backend reaching itself through its Service.
     let me = &env.pods[0][1];
@@ -665,6 +740,46 @@ fn services_from_the_kubernetes_source(dp: Dataplane) {
         }),
         "b0 ",
     );
+    // A LoadBalancer Service with externalTrafficPolicy: Local: the API server allocates its
+    // healthCheckNodePort, and the node with the endpoint answers there.
+    let mut lb = svc("lb", [10, 96, 0, 71], "TCP", vec![backend(&b1, 1)]);
+    lb.spec = lb.spec.with_node_port(30094);
+    lb.spec.kind = "LoadBalancer";
+    let lb = lb.with("  externalTrafficPolicy: Local\n");
+    api.kubectl_stdin_ok(&["apply", "-f", "-"], &lb.yaml());
+    let hc = api.kubectl_ok(&[
+        "get",
+        "service",
+        "lb",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.healthCheckNodePort}",
+    ]);
+    match hc.trim().parse::<u16>() {
+        Ok(port) if port > 0 => {
+            let ext = cluster.external();
+            for (node, want) in [(1, 200), (0, 503)] {
+                let addr = SocketAddr::from((cluster.nodes()[node].ip(), port));
+                match eventually(|| {
+                    let (status, body) =
+                        ext.run(move || ferrea_tests::ctl::http_get_here(addr, "/"))?;
+                    anyhow::ensure!(status == want, "{status} {body}");
+                    Ok(body)
+                }) {
+                    Ok(b) => println!(
+                        "ok: allocated healthCheckNodePort {port} via node {node}: {want} {b}"
+                    ),
+                    Err(e) => f.0.push(format!(
+                        "allocated healthCheckNodePort {port} via node {node}, want {want}: {e:#}"
+                    )),
+                }
+            }
+        }
+        _ => {
+            f.0.push(format!("no healthCheckNodePort allocated: {hc:?}"))
+        }
+    }
     api.kubectl_ok(&["delete", "service", "web", "-n", "default"]);
     api.kubectl_ok(&["delete", "endpointslice", "web-1", "-n", "default"]);
     match eventually(|| match ask(client.ns(), vip) {

@@ -10,6 +10,9 @@
 //! entries to that frontend are deleted, as kube-proxy does ([`Conntrack::delete_udp_to`]);
 //! the next packet is translated anew. TCP connections are left to end on their own.
 //!
+//! Load balancers' health checks of `externalTrafficPolicy: Local` Services are answered on
+//! their `healthCheckNodePort` ([`HealthServer`]), with this node's count of ready endpoints.
+//!
 //! With `serviceProxy: kube-proxy` the controller runs once: it empties what an earlier run
 //! with ferrea's proxy left in the dataplane (the table is re-rendered without Service rules
 //! by every start anyway).
@@ -25,6 +28,7 @@ use super::runner::{self, Action, Desired, Reconciler, RunnerConfig, Trigger, Wa
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::kernel::conntrack::{Conntrack, ConntrackError};
 use crate::kernel::nftables::{NatError, NatTable, ServiceRules};
+use crate::proxy::health::HealthServer;
 use crate::proxy::{Backend, ServicePlan};
 use crate::source::{DesiredState, Protocol};
 
@@ -69,8 +73,11 @@ pub struct ServiceReconciler {
     applied: Option<ServicePlan>,
     /// The UDP frontends of the last plan both accepted, with their endpoints.
     udp: BTreeMap<(Ipv4Addr, u16), BTreeSet<Backend>>,
-    /// Conflicts reported already (each is logged once).
+    /// Conflicts and health-check ports that could not be listened on, reported already
+    /// (each is logged once).
     reported: BTreeSet<String>,
+    /// The listeners of the load balancers' health checks.
+    health: HealthServer,
 }
 
 impl ServiceReconciler {
@@ -93,7 +100,19 @@ impl ServiceReconciler {
             applied: None,
             udp: BTreeMap::new(),
             reported: BTreeSet::new(),
+            health: HealthServer::new(Ipv4Addr::UNSPECIFIED),
         }
+    }
+
+    /// Where the health checks listen (every address of the node by default).
+    pub fn with_health_bind_ip(mut self, ip: Ipv4Addr) -> Self {
+        self.health = HealthServer::new(ip);
+        self
+    }
+
+    /// The ports the load balancers' health checks are answered on.
+    pub fn health_ports(&self) -> Vec<u16> {
+        self.health.ports()
     }
 
     /// The plan last applied to both the dataplane and the table.
@@ -176,29 +195,49 @@ impl Reconciler for ServiceReconciler {
                 tracing::warn!(conflict = %c, "two Services claim one frontend");
             }
         }
+        // The health checks first: their counts follow the endpoints even while the packet
+        // paths are being (re)applied.
+        let unbound = self.health.sync(&planned.health_checks);
+        let health_action = if unbound.is_empty() {
+            Action::Await
+        } else {
+            Action::Requeue(HEALTH_RETRY)
+        };
+        for e in unbound {
+            let msg = format!("{e}: {}", e.source);
+            if self.reported.insert(msg.clone()) {
+                tracing::warn!(error = %msg, "a health-check port could not be listened on; trying again");
+            }
+        }
         let plan = planned.plan;
         if !t.converge() && self.applied.as_ref() == Some(&plan) {
-            return Ok(Action::Await);
+            return Ok(health_action);
         }
         let frontends = plan.vips.len() + plan.node_ports.len();
-        // A failure of either leaves `applied` unset: the next pass applies both again.
+        // A failure of either leaves `applied` unset: the next pass applies both again. Until
+        // then the health checks say the proxy is not healthy, as kube-proxy's do.
         self.applied = None;
-        self.dp
-            .set_services(&plan)
-            .await
-            .map_err(|source| ServiceError::Dataplane {
-                dataplane: self.dp.name(),
-                frontends,
-                source,
-            })?;
-        self.nat
-            .set_services(Some(ServiceRules {
-                node_ip: self.node_ip,
-                service_cidr: self.service_cidr,
-                plan: plan.clone(),
-            }))
-            .await
-            .map_err(|source| ServiceError::Table { frontends, source })?;
+        let applied = async {
+            self.dp
+                .set_services(&plan)
+                .await
+                .map_err(|source| ServiceError::Dataplane {
+                    dataplane: self.dp.name(),
+                    frontends,
+                    source,
+                })?;
+            self.nat
+                .set_services(Some(ServiceRules {
+                    node_ip: self.node_ip,
+                    service_cidr: self.service_cidr,
+                    plan: plan.clone(),
+                }))
+                .await
+                .map_err(|source| ServiceError::Table { frontends, source })
+        }
+        .await;
+        self.health.set_healthy(applied.is_ok());
+        applied?;
         let udp = udp_frontends(&plan, self.node_ip);
         let stale = stale_udp(&self.udp, &udp);
         self.applied = Some(plan);
@@ -214,9 +253,12 @@ impl Reconciler for ServiceReconciler {
         }
         self.udp = udp;
         tracing::info!(frontends, "Service plan applied");
-        Ok(Action::Await)
+        Ok(health_action)
     }
 }
+
+/// How soon a health-check port that could not be listened on is tried again.
+const HEALTH_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Starts the service controller on the runner (`serviceProxy: ferrea`), or empties the
 /// dataplane's Service entries once (`kube-proxy`: kube-proxy translates Services).

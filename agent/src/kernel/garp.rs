@@ -1,7 +1,7 @@
 //! Gratuitous ARP: announcing that an address now lives behind an interface, so the gateway
 //! and neighbours learn its new holder at once. [`Garp`] is the side effect; [`RawSocketGarp`]
-//! its Linux implementation (a raw `AF_PACKET` socket: no crate does this small thing, and
-//! `arping` is not something a node agent should depend on).
+//! its Linux implementation, through [`FrameSocket`] (a raw `AF_PACKET` socket: no crate does
+//! this small thing, and `arping` is not something a node agent should depend on).
 
 use std::net::Ipv4Addr;
 
@@ -64,55 +64,89 @@ fn frame(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 42] {
     frame
 }
 
-#[expect(
-    unsafe_code,
-    reason = "socket(2) and sendto(2) of a raw AF_PACKET frame have no safe wrapper in the crates used"
-)]
 fn send_garp(
     ifindex: u32,
     mac: [u8; 6],
     ip: Ipv4Addr,
 ) -> Result<(), (&'static str, std::io::Error)> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: plain socket(2) with constant arguments; the fd is owned at once below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            (libc::ETH_P_ARP as u16).to_be() as i32,
-        )
-    };
-    if fd < 0 {
-        return Err((
-            "opening an AF_PACKET socket",
-            std::io::Error::last_os_error(),
-        ));
+    let socket =
+        FrameSocket::open(ifindex, ETH_P_ARP).map_err(|e| ("opening an AF_PACKET socket", e))?;
+    socket.send(&frame(mac, ip)).map_err(|e| ("sending", e))
+}
+
+/// The ARP ethertype.
+const ETH_P_ARP: u16 = 0x0806;
+
+/// A raw `AF_PACKET` socket that sends whole Ethernet frames (header included, as given) out
+/// of one interface of the network namespace it was opened in. It is bound to no protocol, so
+/// it never queues a received frame.
+pub struct FrameSocket {
+    fd: std::os::fd::OwnedFd,
+    ifindex: u32,
+    protocol: u16,
+}
+
+impl std::fmt::Debug for FrameSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameSocket")
+            .field("ifindex", &self.ifindex)
+            .field("protocol", &format_args!("{:#06x}", self.protocol))
+            .finish()
     }
-    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let frame = frame(mac, ip);
-    // SAFETY: sockaddr_ll is plain old data; zero is valid for every field.
-    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sa.sll_family = libc::AF_PACKET as u16;
-    sa.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
-    sa.sll_ifindex = ifindex as i32;
-    sa.sll_halen = 6;
-    sa.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-    // SAFETY: frame and sa outlive the call; the lengths passed are theirs.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&sa as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if n < 0 {
-        return Err(("sending", std::io::Error::last_os_error()));
+}
+
+#[expect(
+    unsafe_code,
+    reason = "socket(2) and sendto(2) of a raw AF_PACKET frame have no safe wrapper in the crates used"
+)]
+impl FrameSocket {
+    /// Opens the socket for frames out of `ifindex`, handed to the driver as ethertype
+    /// `protocol` (host order; the frames' own header says what they carry).
+    pub fn open(ifindex: u32, protocol: u16) -> std::io::Result<Self> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: plain socket(2) with constant arguments; the fd is owned at once below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self {
+            fd,
+            ifindex,
+            protocol,
+        })
     }
-    Ok(())
+
+    /// Sends one frame. A full transmit queue comes back as `ENOBUFS`, for the caller to wait
+    /// out or give up on.
+    pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sockaddr_ll is plain old data; zero is valid for every field.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = self.protocol.to_be();
+        sa.sll_ifindex = self.ifindex as i32;
+        sa.sll_halen = 6;
+        if let Some(dst) = frame.get(0..6) {
+            sa.sll_addr[..6].copy_from_slice(dst);
+        }
+        // SAFETY: frame and sa outlive the call; the lengths passed are theirs.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sa as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use std::net::Ipv4Addr;
 
 use crate::source::Protocol;
 
+pub mod health;
 pub mod plan;
 
 /// An address, port and protocol a Service is reached at.
@@ -117,6 +118,23 @@ pub struct NodePortService {
     pub external_local: bool,
     /// As [`VipService::affinity_secs`].
     pub affinity_secs: Option<u32>,
+}
+
+/// A Service whose load-balancer health checks this node answers (`spec.healthCheckNodePort`
+/// of a `LoadBalancer` Service with `externalTrafficPolicy: Local`): the load balancer sends
+/// to the nodes that have an endpoint, so it asks each node how many it has.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HealthCheck {
+    /// The port, on every address of the node.
+    pub port: u16,
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// The ready endpoints of the Service on this node, counted by address (one pod serving
+    /// two ports counts once), as kube-proxy counts them: terminating endpoints do not count,
+    /// so a node whose last endpoint is going away fails the check and is drained.
+    pub local_endpoints: usize,
 }
 
 /// Everything ferrea's proxy does on this node, in a canonical order (equal plans compare

@@ -11,12 +11,14 @@
 //!   externalIPs, LoadBalancer IPs), and that traffic keeps its source address;
 //! - topology hints are followed when every usable endpoint has them and one names this
 //!   node's zone (label `topology.kubernetes.io/zone`); otherwise they are ignored, as
-//!   kube-proxy does.
+//!   kube-proxy does;
+//! - a `LoadBalancer` Service with `externalTrafficPolicy: Local` and a
+//!   `healthCheckNodePort` gets a [`HealthCheck`] counting this node's ready endpoints.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use super::{Backend, NodePortService, ServiceAddr, ServicePlan, VipKind, VipService};
+use super::{Backend, HealthCheck, NodePortService, ServiceAddr, ServicePlan, VipKind, VipService};
 use crate::source::{DesiredState, Endpoint, ServicePort};
 
 /// The label of a Node naming its zone.
@@ -30,6 +32,9 @@ pub struct Planned {
     /// Frontends left out, each with the reason (two Services claiming one address and port:
     /// the first by name keeps it).
     pub conflicts: Vec<String>,
+    /// The health checks the node answers, sorted by port (not part of [`ServicePlan`]: the
+    /// packet paths do not carry them, the agent's own listeners do).
+    pub health_checks: Vec<HealthCheck>,
 }
 
 /// The plan of node `node` (its `metadata.name`).
@@ -50,11 +55,41 @@ pub fn plan(desired: &DesiredState, node: &str) -> Planned {
     let mut vips: BTreeMap<ServiceAddr, VipService> = BTreeMap::new();
     let mut node_ports: BTreeMap<(u16, crate::source::Protocol), NodePortService> = BTreeMap::new();
     let mut conflicts = Vec::new();
+    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
     for (key, svc) in &desired.services {
         if svc.service_type == "ExternalName" || svc.cluster_ips.is_empty() {
             continue;
         }
         let svc_slices = slices.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        if let (Some(port), true) = (
+            svc.health_check_node_port,
+            svc.service_type == "LoadBalancer" && svc.external_local,
+        ) {
+            let local_endpoints = svc
+                .ports
+                .iter()
+                .flat_map(|p| endpoints_of(svc_slices, p, node))
+                .filter(|c| c.local && c.ep.ready)
+                .map(|c| c.backend.ip)
+                .collect::<BTreeSet<_>>()
+                .len();
+            if let Some(first) = health_checks.get(&port) {
+                conflicts.push(format!(
+                    "{key}: healthCheckNodePort {port} is already {}/{}'s; left out",
+                    first.namespace, first.name
+                ));
+            } else {
+                health_checks.insert(
+                    port,
+                    HealthCheck {
+                        port,
+                        namespace: svc.namespace.clone(),
+                        name: svc.name.clone(),
+                        local_endpoints,
+                    },
+                );
+            }
+        }
         for port in &svc.ports {
             let name = match &port.name {
                 Some(p) => format!("{key}:{p}"),
@@ -149,6 +184,7 @@ pub fn plan(desired: &DesiredState, node: &str) -> Planned {
             node_ports: node_ports.into_values().collect(),
         },
         conflicts,
+        health_checks: health_checks.into_values().collect(),
     }
 }
 

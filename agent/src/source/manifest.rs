@@ -501,6 +501,11 @@ fn decode_service(v: &Value, name: &str) -> Result<ServiceInfo, ObjectError> {
     };
     let internal_local = policy("/spec/internalTrafficPolicy", "spec.internalTrafficPolicy")?;
     let external_local = policy("/spec/externalTrafficPolicy", "spec.externalTrafficPolicy")?;
+    let health_check_node_port = match v.pointer("/spec/healthCheckNodePort") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_u64() == Some(0) => None,
+        x => Some(port_number(x, "spec.healthCheckNodePort", &obj)?),
+    };
     Ok(ServiceInfo {
         annotations: string_map(v, "/metadata/annotations", &obj)?,
         selector: string_map(v, "/spec/selector", &obj)?,
@@ -512,6 +517,7 @@ fn decode_service(v: &Value, name: &str) -> Result<ServiceInfo, ObjectError> {
         affinity_secs,
         internal_local,
         external_local,
+        health_check_node_port,
         namespace,
         name: name.to_owned(),
     })
@@ -807,7 +813,7 @@ mod tests {
              spec:\n  type: LoadBalancer\n  clusterIPs: [10.96.0.5, 'fd00::5']\n  \
              externalIPs: [192.0.2.1]\n  sessionAffinity: ClientIP\n  \
              externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  \
-             ports: [{port: 80, nodePort: 30080}]\n\
+             healthCheckNodePort: 32000\n  ports: [{port: 80, nodePort: 30080}]\n\
              status: {loadBalancer: {ingress: [{ip: 192.0.2.2}, {hostname: h}]}}\n\
              ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
              metadata: {name: s-1, namespace: x, labels: {kubernetes.io/service-name: s}}\n\
@@ -828,6 +834,7 @@ mod tests {
         assert_eq!(s.affinity_secs, Some(10800));
         assert!(s.external_local && s.internal_local);
         assert_eq!(s.ports[0].node_port, Some(30080));
+        assert_eq!(s.health_check_node_port, Some(32000));
         let Object::EndpointSlice(sl) = &o[1] else {
             panic!("{o:?}")
         };

@@ -149,6 +149,10 @@ pub struct ServiceInfo {
     pub internal_local: bool,
     /// `externalTrafficPolicy: Local`.
     pub external_local: bool,
+    /// `spec.healthCheckNodePort`: where the node's service proxy answers load balancers'
+    /// health checks of this Service (the API server allocates it for a `LoadBalancer`
+    /// Service with `externalTrafficPolicy: Local`).
+    pub health_check_node_port: Option<u16>,
 }
 
 /// One port of an EndpointSlice (`ports[]`).

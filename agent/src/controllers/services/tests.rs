@@ -169,3 +169,58 @@ async fn a_failure_is_retried_in_full() {
     assert!(f.r.applied().is_some());
     assert!(f.nft.last().unwrap().contains("svc_local_0"));
 }
+
+/// A LoadBalancer Service with `externalTrafficPolicy: Local` and health checks on `hc`, one
+/// endpoint on n1 and one on n2.
+fn lb_local(hc: u16) -> String {
+    format!(
+        "kind: Node\nmetadata: {{name: n1}}\n---\nkind: Service\n\
+         metadata: {{name: web, namespace: shop}}\n\
+         spec: {{type: LoadBalancer, clusterIP: 10.96.0.80, externalTrafficPolicy: Local, \
+         healthCheckNodePort: {hc}, ports: [{{name: http, port: 80, nodePort: 30080}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+         metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+         ports: [{{name: http, port: 8080}}]\nendpoints:\n\
+         - addresses: [10.244.1.5]\n  nodeName: n1\n- addresses: [10.244.2.5]\n  nodeName: n2\n"
+    )
+}
+
+#[tokio::test]
+async fn health_checks_listen_while_their_service_has_the_port_and_a_busy_port_is_retried() {
+    let mut f = fixture();
+    f.r = f.r.with_health_bind_ip(std::net::Ipv4Addr::LOCALHOST);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    // The port is another process's: the plan is applied all the same, and the pass asks to
+    // be called again for the listener.
+    let a = pass(&mut f, &lb_local(port), Trigger::Start).await.unwrap();
+    assert!(matches!(a, Action::Requeue(_)), "{a:?}");
+    assert!(f.r.applied().is_some());
+    assert!(f.r.health_ports().is_empty());
+    drop(taken);
+    let a = pass(&mut f, &lb_local(port), Trigger::Requeue)
+        .await
+        .unwrap();
+    assert!(matches!(a, Action::Await), "{a:?}");
+    assert_eq!(f.r.health_ports(), vec![port]);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"localEndpoints\": 1"), "{resp}");
+    // The Service deleted: no listener.
+    pass(
+        &mut f,
+        "kind: Node\nmetadata: {name: n1}\n",
+        Trigger::Changed,
+    )
+    .await
+    .unwrap();
+    assert!(f.r.health_ports().is_empty());
+}

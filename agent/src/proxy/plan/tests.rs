@@ -254,3 +254,65 @@ fn udp_and_unnamed_ports_match_by_protocol() {
         ]
     );
 }
+
+#[test]
+fn health_checks_count_this_nodes_ready_endpoints_by_address() {
+    // Two ports served by the same pods: each local ready pod counts once; terminating and
+    // other nodes' endpoints do not count.
+    let svc = "---\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+               spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.50\n  \
+               externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n  ports:\n  \
+               - {name: http, port: 80, nodePort: 30080}\n  - {name: https, port: 443, nodePort: 30443}\n";
+    let slice2 = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+                  metadata: {name: web-2, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
+                  ports: [{name: https, port: 8443, protocol: TCP}]\nendpoints:\n\
+                  - addresses: [10.244.1.5]\n  nodeName: n1\n";
+    let p = planned(&format!(
+        "{svc}{}{slice2}",
+        slice(
+            "web-1",
+            &[
+                ("10.244.1.5", "n1", true, true, false),
+                ("10.244.1.6", "n1", true, true, false),
+                ("10.244.1.7", "n1", false, true, true),
+                ("10.244.2.5", "n2", true, true, false),
+            ]
+        )
+    ));
+    assert_eq!(
+        p.health_checks,
+        vec![HealthCheck {
+            port: 32001,
+            namespace: "shop".into(),
+            name: "web".into(),
+            local_endpoints: 2,
+        }]
+    );
+    // Without externalTrafficPolicy: Local (or not a LoadBalancer) no node answers them.
+    let cluster = svc.replace("  externalTrafficPolicy: Local\n", "");
+    assert!(planned(&cluster).health_checks.is_empty());
+    let node_port = svc.replace("type: LoadBalancer", "type: NodePort");
+    assert!(planned(&node_port).health_checks.is_empty());
+}
+
+#[test]
+fn a_health_check_port_claimed_twice_is_the_first_services() {
+    let svc = |name: &str| {
+        format!(
+            "---\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{type: LoadBalancer, clusterIP: 10.96.0.{}, externalTrafficPolicy: Local, \
+             healthCheckNodePort: 32002, ports: [{{port: 80}}]}}\n",
+            if name == "a" { 60 } else { 61 }
+        )
+    };
+    let p = planned(&format!("{}{}", svc("a"), svc("b")));
+    assert_eq!(p.health_checks.len(), 1);
+    assert_eq!(p.health_checks[0].name, "a");
+    assert!(
+        p.conflicts
+            .iter()
+            .any(|c| c.contains("shop/b: healthCheckNodePort 32002 is already shop/a's")),
+        "{:?}",
+        p.conflicts
+    );
+}
