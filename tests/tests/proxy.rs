@@ -526,8 +526,9 @@ fn affinity_traffic_policy_and_hairpin(dp: Dataplane) {
         let addr = SocketAddr::from((env.cluster.nodes()[node].ip(), port));
         ext.run(move || ferrea_tests::ctl::http_get_here(addr, "/healthz"))
     };
-    let want = |node: usize, port: u16, status: u16, count: u64| {
-        eventually(|| {
+    // Checks one node's answer, recording a failure.
+    let want = |f: &mut Failures, what: &str, node: usize, port: u16, status: u16, count: u64| {
+        let r = eventually(|| {
             let (got, body) = health(node, port)?;
             let v: serde_json::Value =
                 serde_json::from_str(&body).map_err(|e| anyhow::anyhow!("{e}: {body:?}"))?;
@@ -536,19 +537,23 @@ fn affinity_traffic_policy_and_hairpin(dp: Dataplane) {
                 "{got} {body}"
             );
             Ok(format!("{got} {}", v["service"]))
-        })
-    };
-    for (what, node, port, status, count) in [
-        ("lb-both via node 0", 0, 30190, 200, 1),
-        ("lb-both via node 1", 1, 30190, 200, 1),
-        ("lb-one via the node with its endpoint", 0, 30191, 200, 1),
-        ("lb-one via the node without", 1, 30191, 503, 0),
-    ] {
-        match want(node, port, status, count) {
+        });
+        match r {
             Ok(s) => println!("ok: health check of {what}: {s}"),
             Err(e) => f.0.push(format!("health check of {what}: {e:#}")),
         }
-    }
+    };
+    want(&mut f, "lb-both via node 0", 0, 30190, 200, 1);
+    want(&mut f, "lb-both via node 1", 1, 30190, 200, 1);
+    want(
+        &mut f,
+        "lb-one via the node with its endpoint",
+        0,
+        30191,
+        200,
+        1,
+    );
+    want(&mut f, "lb-one via the node without", 1, 30191, 503, 0);
     env.publish(&[lb_local(
         "lb-one",
         [10, 96, 0, 46],
@@ -556,15 +561,8 @@ fn affinity_traffic_policy_and_hairpin(dp: Dataplane) {
         30093,
         30191,
     )]);
-    for (what, node, status, count) in [
-        ("lb-one moved, via node 0", 0, 503, 0),
-        ("lb-one moved, via node 1", 1, 200, 1),
-    ] {
-        match want(node, 30191, status, count) {
-            Ok(s) => println!("ok: health check of {what}: {s}"),
-            Err(e) => f.0.push(format!("health check of {what}: {e:#}")),
-        }
-    }
+    want(&mut f, "lb-one moved, via node 0", 0, 30191, 503, 0);
+    want(&mut f, "lb-one moved, via node 1", 1, 30191, 200, 1);
     env.unpublish("lb-one");
     match eventually(|| match health(1, 30191) {
         Ok(r) => anyhow::bail!("still answers {r:?}"),

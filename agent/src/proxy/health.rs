@@ -91,7 +91,7 @@ impl HealthServer {
                 continue;
             }
             let addr = SocketAddr::from((self.bind_ip, c.port));
-            match listen(addr, self.shared.clone(), c.port) {
+            match listen(addr, self.shared.clone()) {
                 Ok(l) => {
                     tracing::info!(%addr, service = %format_args!("{}/{}", c.namespace, c.name), "answering load-balancer health checks");
                     self.listeners.insert(c.port, l);
@@ -122,12 +122,14 @@ impl HealthServer {
 }
 
 /// Binds `addr` and serves it on a task.
-fn listen(addr: SocketAddr, shared: Arc<RwLock<Shared>>, port: u16) -> std::io::Result<Listener> {
+fn listen(addr: SocketAddr, shared: Arc<RwLock<Shared>>) -> std::io::Result<Listener> {
     // std's listener sets SO_REUSEADDR, so a restarted agent binds again at once.
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(std_listener)?;
-    let app = Router::new().fallback(answer).with_state((shared, port));
+    let app = Router::new()
+        .fallback(answer)
+        .with_state((shared, addr.port()));
     Ok(Listener(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!(%addr, error = %e, "health-check listener stopped");
@@ -177,10 +179,22 @@ async fn answer(State((shared, port)): State<(Arc<RwLock<Shared>>, u16)>) -> imp
     )
 }
 
+/// `GET path` on loopback `port`: the whole response, or the connection's error (for the
+/// tests here and the service controller's).
+#[cfg(test)]
+pub(crate) async fn get_local(port: u16, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn check(port: u16, local_endpoints: usize) -> HealthCheck {
         HealthCheck {
@@ -200,18 +214,6 @@ mod tests {
             .port()
     }
 
-    /// `GET /path` on loopback: the whole response, or the connection's error.
-    async fn get(port: u16, path: &str) -> std::io::Result<String> {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        Ok(out)
-    }
-
     fn json_body(resp: &str) -> serde_json::Value {
         serde_json::from_str(resp.split_once("\r\n\r\n").unwrap().1).unwrap()
     }
@@ -222,10 +224,10 @@ mod tests {
         let mut hs = HealthServer::new(Ipv4Addr::LOCALHOST);
         assert!(hs.sync(&[check(port, 2)]).is_empty());
         // Not healthy until the first plan is applied.
-        let r = get(port, "/").await.unwrap();
+        let r = get_local(port, "/").await.unwrap();
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
         hs.set_healthy(true);
-        let r = get(port, "/healthz").await.unwrap();
+        let r = get_local(port, "/healthz").await.unwrap();
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         let lower = r.to_ascii_lowercase();
         assert!(lower.contains("content-type: application/json"), "{r}");
@@ -241,7 +243,7 @@ mod tests {
         );
         // The node's last endpoint goes: 503, same listener.
         assert!(hs.sync(&[check(port, 0)]).is_empty());
-        let r = get(port, "/").await.unwrap();
+        let r = get_local(port, "/").await.unwrap();
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
         assert_eq!(json_body(&r)["localEndpoints"], 0);
         // The Service goes: the port closes.
@@ -249,7 +251,7 @@ mod tests {
         assert!(hs.ports().is_empty());
         let mut closed = false;
         for _ in 0..50 {
-            if get(port, "/").await.is_err() {
+            if get_local(port, "/").await.is_err() {
                 closed = true;
                 break;
             }

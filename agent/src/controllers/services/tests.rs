@@ -9,6 +9,8 @@ use crate::testing::nftables::FakeNftables;
 use crate::testing::{FakeDataplane, state};
 
 const NODE_IP: &str = "172.18.0.11";
+/// A desired state with the node and no Service.
+const NODE_ONLY: &str = "kind: Node\nmetadata: {name: n1}\n";
 
 fn base() -> NatSpec {
     NatSpec {
@@ -131,13 +133,7 @@ async fn udp_entries_are_flushed_when_a_frontend_loses_an_endpoint_or_gains_its_
     assert_eq!(f.ct.calls().len(), 4);
     assert_eq!(f.ct.calls()[2], ("10.96.0.10".parse().unwrap(), vec![53]));
     // The Service deleted: its frontends' entries go too.
-    pass(
-        &mut f,
-        "kind: Node\nmetadata: {name: n1}\n",
-        Trigger::Changed,
-    )
-    .await
-    .unwrap();
+    pass(&mut f, NODE_ONLY, Trigger::Changed).await.unwrap();
     assert_eq!(f.ct.calls().len(), 6);
     assert_eq!(
         f.dp.services.lock().unwrap().clone(),
@@ -203,24 +199,10 @@ async fn health_checks_listen_while_their_service_has_the_port_and_a_busy_port_i
         .unwrap();
     assert!(matches!(a, Action::Await), "{a:?}");
     assert_eq!(f.r.health_ports(), vec![port]);
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.unwrap();
+    let resp = crate::proxy::health::get_local(port, "/").await.unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("\"localEndpoints\": 1"), "{resp}");
     // The Service deleted: no listener.
-    pass(
-        &mut f,
-        "kind: Node\nmetadata: {name: n1}\n",
-        Trigger::Changed,
-    )
-    .await
-    .unwrap();
+    pass(&mut f, NODE_ONLY, Trigger::Changed).await.unwrap();
     assert!(f.r.health_ports().is_empty());
 }
