@@ -51,6 +51,9 @@ const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const VIP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 /// TCP 80 to B and C port 8082, where connections stay open: draining.
 const VIP_DRAIN: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
+/// TCP 80 and UDP 53 to B only, as is [`VIP_B2`]: two Services sharing a backend.
+const VIP_B1: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 16);
+const VIP_B2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 17);
 /// TCP 80 to a listener of node N itself (a host-network endpoint, as the API server's).
 const VIP_HOST: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 const HAIRPIN_SNAT: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 253);
@@ -102,6 +105,10 @@ fn plan(web: &[Ipv4Addr]) -> ServicePlan {
         vip(VIP_REMOTE, 53, Protocol::Udp, udp(&[D]), None),
         vip(VIP_HOST, 80, Protocol::Tcp, vec![backend(N_IP, 8090)], None),
     ];
+    for v in [VIP_B1, VIP_B2] {
+        vips.push(vip(v, 80, Protocol::Tcp, tcp(&[B]), None));
+        vips.push(vip(v, 53, Protocol::Udp, udp(&[B]), None));
+    }
     vips.sort_by_key(|v| v.addr);
     ServicePlan {
         vips,
@@ -175,6 +182,38 @@ fn tcp_from_port(ns: &NetNs, src_port: u16, ip: Ipv4Addr, port: u16) -> anyhow::
         s.read_to_string(&mut out)?;
         Ok(out.trim().to_owned())
     })
+}
+
+/// From one UDP socket on `src_port` in `ns`, one question to each of `to` in turn: each
+/// answer ("<tag> <peer>") with the address it came from.
+fn udp_from_one_port(
+    ns: &NetNs,
+    src_port: u16,
+    to: Vec<SocketAddr>,
+) -> anyhow::Result<Vec<(String, SocketAddr)>> {
+    ns.run(move || {
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", src_port))?;
+        sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1500];
+        for addr in to {
+            sock.send_to(b"ping", addr)?;
+            let (n, from) = sock.recv_from(&mut buf).map_err(|e| {
+                anyhow::anyhow!("no UDP answer to {addr} from port {src_port}: {e}")
+            })?;
+            out.push((String::from_utf8_lossy(&buf[..n]).into_owned(), from));
+        }
+        Ok(out)
+    })
+}
+
+/// The port of a "<tag> <ip>:<port>" answer's peer.
+fn peer_port(answer: &str) -> u16 {
+    answer
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peer port in {answer:?}"))
 }
 
 /// How many of `n` new connections each backend got.
@@ -528,6 +567,38 @@ async fn run_node(pin: &Path, n_eth0: u32, pods: &Pods) {
     );
     let again = tcp_from_port(a, 42424, VIP_WEB, 80).unwrap();
     assert_eq!(again, through, "through the VIP again on port 42424");
+
+    // One client port through two VIPs that share backend B. TCP: B holds the first
+    // connection in TIME_WAIT (it closes first), so the second, whose sequence numbers the
+    // client's kernel derived from another tuple, must reach B from another source port.
+    let remap0 = lb(pin, c::LB_CNT_PORT_REMAP);
+    let remapped = c::LB_REMAP_PORT_FIRST..=u16::MAX;
+    assert_eq!(
+        tcp_from_port(a, 43210, VIP_B1, 80).unwrap(),
+        format!("B {A}:43210")
+    );
+    let second = tcp_from_port(a, 43210, VIP_B2, 80).unwrap();
+    assert!(second.starts_with("B "), "{second}");
+    assert!(
+        remapped.contains(&peer_port(&second)),
+        "B saw port 43210 reused through another VIP: {second}"
+    );
+    // UDP: two flows from one socket, both alive; each answer comes back from the VIP it was
+    // sent to (the flows do not share a reverse entry), and B sees them from two ports.
+    let qs: Vec<SocketAddr> = [VIP_B1, VIP_B2, VIP_B1, VIP_B2]
+        .iter()
+        .map(|v| sock(*v, 53))
+        .collect();
+    let answers = udp_from_one_port(a, 43211, qs.clone()).unwrap();
+    for ((answer, from), to) in answers.iter().zip(&qs) {
+        assert_eq!(from, to, "the answer to {to} came from {from}: {answer}");
+        assert!(answer.starts_with("B "), "{answer}");
+    }
+    assert_eq!(peer_port(&answers[0].0), 43211, "{answers:?}");
+    assert!(remapped.contains(&peer_port(&answers[1].0)), "{answers:?}");
+    assert_eq!(answers[2].0, answers[0].0, "{answers:?}");
+    assert_eq!(answers[3].0, answers[1].0, "{answers:?}");
+    assert_eq!(lb(pin, c::LB_CNT_PORT_REMAP), remap0 + 2);
 
     // The dump shows the maps decoded.
     let dump = dp.dump(None).await.unwrap();

@@ -96,14 +96,22 @@ impl TagServer {
                     return;
                 }
             };
-            let _ = l.set_nonblocking(true);
+            // A blocking accept that gives up every 50 ms to look at the stop flag
+            // (SO_RCVTIMEO bounds accept(2) too): a connection is answered as soon as it is
+            // established, as an event-driven server would, so the rate measures the path
+            // and not a polling interval.
+            let timeout = nix::sys::time::TimeVal::new(0, 50_000);
+            if let Err(e) = nix::sys::socket::setsockopt(
+                &l,
+                nix::sys::socket::sockopt::ReceiveTimeout,
+                &timeout,
+            ) {
+                eprintln!("server {tag}: SO_RCVTIMEO: {e}");
+                return;
+            }
             while !s.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut c, _)) => {
-                        let _ = c.set_nonblocking(false);
-                        let _ = c.write_all(tag.as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                if let Ok((mut c, _)) = l.accept() {
+                    let _ = c.write_all(tag.as_bytes());
                 }
             }
         });

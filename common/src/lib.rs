@@ -284,8 +284,11 @@ pub struct LbFlow {
     pub nat_port: u16,
     /// `LB_FLOW_*` flags.
     pub flags: u16,
-    /// Hairpin only. Forward: the new source ([`LB_HAIRPIN_IP`]). Reverse: the new
-    /// destination (the client pod). Otherwise 0.
+    /// Hairpin ([`LB_FLOW_HAIRPIN`]). Forward: the new source ([`LB_HAIRPIN_IP`]). Reverse:
+    /// the new destination (the client pod).
+    /// With [`LB_FLOW_PORT`] (never together with hairpin), a port in the low 16 bits, network
+    /// byte order: forward, the client's new source port; reverse, the client's own port (the
+    /// replies' new destination port). Otherwise 0.
     pub peer_ip: u32,
 }
 
@@ -297,6 +300,22 @@ pub const LB_FLOW_HAIRPIN: u16 = 2;
 /// connection still go to it (it drains, as kube-proxy leaves established TCP conntrack
 /// entries), but a new SYN on the same tuple picks a backend afresh.
 pub const LB_FLOW_STALE: u16 = 4;
+/// [`LbFlow::flags`]: the client's source port is translated too (to the port in
+/// [`LbFlow::peer_ip`]). A new connection gets it when the tuple its backend would see is
+/// already another connection's: the same client port used for another VIP with the same
+/// backend. That backend may still hold the earlier connection in TIME_WAIT, whose sequence
+/// numbers and timestamps bear no relation to the new one's (the client's kernel derives them
+/// from the tuple it sees, with the VIP), so its SYN would be answered as a stray segment of
+/// the old connection and the client would connect only when it retransmits, a second later;
+/// and two such connections open at once would share one reverse entry. The stack's conntrack
+/// avoids the same clash by remapping the source port; this is that remapping.
+pub const LB_FLOW_PORT: u16 = 8;
+/// The source ports [`LB_FLOW_PORT`] translates to: 61000-65535, above Linux's default
+/// ephemeral range (32768-60999), so that they rarely meet a port the client's kernel picks
+/// for a connection of its own. Host byte order.
+pub const LB_REMAP_PORT_FIRST: u16 = 61000;
+/// How many ports [`LB_REMAP_PORT_FIRST`] starts.
+pub const LB_REMAP_PORTS: u32 = 4536;
 
 /// The source address a hairpin connection is given (a pod whose connection to its own
 /// Service was sent back to itself sees the connection come from here, so its kernel accepts
@@ -368,6 +387,13 @@ pub const LB_CNT_NO_BACKEND: u32 = 7;
 pub const LB_CNT_TO_STACK: u32 = 8;
 /// TCP SYNs on the tuple of a connection whose backend left the plan: re-balanced.
 pub const LB_CNT_STALE_RESELECT: u32 = 9;
+/// New connections given another source port ([`LB_FLOW_PORT`]): the tuple their backend would
+/// see was another connection's.
+pub const LB_CNT_PORT_REMAP: u32 = 10;
+/// New connections whose backend tuple was another connection's and for which no free source
+/// port was found in a few tries: translated without one (the earlier connection's reverse
+/// entry is replaced).
+pub const LB_CNT_PORT_CLASH: u32 = 11;
 
 /// Name of the one-slot array the programs write a [`TraceRecord`] into, for `ferreactl
 /// trace`: only for a packet whose `skb->mark` is [`TRACE_MARK`], which only the agent's

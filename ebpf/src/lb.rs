@@ -63,9 +63,18 @@
 //! kube-proxy's conntrack flush does). The forward TCP entries of a backend that left the plan
 //! are marked stale instead: the connection drains to the old backend, and a new SYN on the same
 //! tuple is balanced afresh. ICMP errors about a translated connection are not translated back.
-//! Two connections that differ only in their VIP but share a backend and the client's port
-//! would share one reverse entry (the stack's conntrack would remap the client's port; this
-//! table does not).
+//!
+//! Source ports: a client's kernel reuses a source port for another destination, so two
+//! connections through two VIPs can reach one backend from one client port. The backend would
+//! see one tuple for both: it may still hold the first in TIME_WAIT and answer the second's SYN
+//! as a stray segment of it (the client's kernel derives sequence numbers and timestamps from
+//! the tuple it sees, with the VIP), which costs the client a second before its SYN is
+//! retransmitted; and two such connections open at once would share one reverse entry. So a new
+//! connection whose reverse entry is already another connection's also gets a new source port
+//! (`LB_FLOW_PORT`, from `LB_REMAP_PORT_FIRST` up, one the table does not hold for that
+//! backend), as the stack's conntrack remaps ports on the same clash. Not for SCTP (a changed
+//! port would need its CRC32c recomputed) nor hairpin connections (their source changes
+//! anyway).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -76,9 +85,10 @@ use aya_ebpf::{
 };
 use ferrea_common::{
     Endpoint, LB_CNT_AFFINITY, LB_CNT_FORWARD, LB_CNT_HAIRPIN, LB_CNT_NEW, LB_CNT_NO_BACKEND,
-    LB_CNT_REVERSE_POD, LB_CNT_STALE_RESELECT, LB_CNT_TO_STACK, LB_COUNTER_SLOTS, LB_FLOW_HAIRPIN,
-    LB_FLOW_REVERSE, LB_FLOW_STALE, LB_HAIRPIN_IP, LbAffinity, LbAffinityKey, LbFlow, LbKey,
-    LbSlot, MAX_LB_AFFINITY, MAX_LB_ENTRIES, MAX_LB_FLOWS, StackFlow,
+    LB_CNT_PORT_CLASH, LB_CNT_PORT_REMAP, LB_CNT_REVERSE_POD, LB_CNT_STALE_RESELECT,
+    LB_CNT_TO_STACK, LB_COUNTER_SLOTS, LB_FLOW_HAIRPIN, LB_FLOW_PORT, LB_FLOW_REVERSE,
+    LB_FLOW_STALE, LB_HAIRPIN_IP, LB_REMAP_PORT_FIRST, LB_REMAP_PORTS, LbAffinity, LbAffinityKey,
+    LbFlow, LbKey, LbSlot, MAX_LB_AFFINITY, MAX_LB_ENTRIES, MAX_LB_FLOWS, StackFlow,
 };
 
 use crate::{
@@ -290,7 +300,8 @@ fn forget_reverse(l4: &L4, src_ip: u32, dst_ip: u32) {
 }
 
 /// A reply for a load-balanced connection: if the packet's tuple has a reverse entry, gives it
-/// the VIP and Service port as source (and, hairpin, the client as destination) and counts it
+/// the VIP and Service port as source (and, hairpin, the client as destination; remapped, the
+/// client's own port as destination port) and counts it
 /// in `slot`. `Some(true)`: translated.
 #[inline(always)]
 pub(crate) fn reply(ctx: &TcContext, src_ip: u32, dst_ip: u32, slot: u32) -> Option<bool> {
@@ -316,36 +327,66 @@ fn reverse(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32, slot: u32) -> Opt
     set_ip(ctx, l4, OFF_IP_SRC, src_ip, f.nat_ip)?;
     if f.flags & LB_FLOW_HAIRPIN != 0 {
         set_ip(ctx, l4, OFF_IP_DST, dst_ip, f.peer_ip)?;
+    } else if f.flags & LB_FLOW_PORT != 0 {
+        set_port(ctx, l4, l4.off + 2, l4.dport, f.peer_ip as u16)?;
     }
     lb_count(slot);
     Some(true)
 }
 
 /// The reverse entry (key and value) of a connection from `src_ip` to the frontend at
-/// `dst_ip` given the backend `ip:port`.
+/// `dst_ip` whose forward entry is `fwd`.
 #[inline(always)]
-fn reverse_entry(l4: &L4, src_ip: u32, dst_ip: u32, ip: u32, port: u16) -> (StackFlow, LbFlow) {
-    let hairpin = ip == src_ip;
+fn reverse_of(l4: &L4, src_ip: u32, dst_ip: u32, fwd: &LbFlow) -> (StackFlow, LbFlow) {
+    let hairpin = fwd.flags & LB_FLOW_HAIRPIN != 0;
+    let remapped = fwd.flags & LB_FLOW_PORT != 0;
     (
         StackFlow {
-            saddr: ip,
+            saddr: fwd.nat_ip,
             daddr: if hairpin { LB_HAIRPIN_IP } else { src_ip },
-            sport: port,
-            dport: l4.sport,
+            sport: fwd.nat_port,
+            dport: if remapped {
+                fwd.peer_ip as u16
+            } else {
+                l4.sport
+            },
             proto: l4.proto,
             pad: [0; 3],
         },
         LbFlow {
             nat_ip: dst_ip,
             nat_port: l4.dport,
-            flags: if hairpin {
-                LB_FLOW_REVERSE | LB_FLOW_HAIRPIN
+            flags: LB_FLOW_REVERSE | (fwd.flags & (LB_FLOW_HAIRPIN | LB_FLOW_PORT)),
+            peer_ip: if hairpin {
+                src_ip
+            } else if remapped {
+                u32::from(l4.sport)
             } else {
-                LB_FLOW_REVERSE
+                0
             },
-            peer_ip: if hairpin { src_ip } else { 0 },
         },
     )
+}
+
+/// How many random ports [`free_port`] tries.
+const REMAP_TRIES: usize = 4;
+
+/// A source port (network byte order) under which `rev`, the reverse key of a new connection,
+/// is nobody's: tried at random among the `LB_REMAP_PORTS` ports from `LB_REMAP_PORT_FIRST`.
+#[inline(always)]
+fn free_port(rev: &StackFlow) -> Option<u16> {
+    let mut key = *rev;
+    for _ in 0..REMAP_TRIES {
+        // SAFETY: plain helper call.
+        let r = unsafe { bpf_get_prandom_u32() };
+        // r % LB_REMAP_PORTS < 4536, so the sum stays below 65536.
+        let port = (LB_REMAP_PORT_FIRST as u32 + r % LB_REMAP_PORTS) as u16;
+        key.dport = port.to_be();
+        if FERREA_LB_CT.get_ptr(key).is_none() {
+            return Some(key.dport);
+        }
+    }
+    None
 }
 
 /// A pod's packet for an address that is not a local pod: if it is a frontend's, translates
@@ -378,7 +419,7 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
                 // through another VIP to the same backend from the same client port (a
                 // client reuses a port for another destination). Put it back if it is gone or
                 // names another frontend, or the replies would come from the wrong address.
-                let (rk, rv) = reverse_entry(l4, src_ip, dst_ip, f.nat_ip, f.nat_port);
+                let (rk, rv) = reverse_of(l4, src_ip, dst_ip, &f);
                 if record {
                     let current = FERREA_LB_CT.get_ptr(rk).map(|p| {
                         // SAFETY: valid for this program run; copied out at once.
@@ -406,13 +447,33 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
         return Some(Some(0));
     };
     let hairpin = ip == src_ip;
-    let (rev_key, rev) = reverse_entry(l4, src_ip, dst_ip, ip, port);
-    let fwd = LbFlow {
+    let mut fwd = LbFlow {
         nat_ip: ip,
         nat_port: port,
         flags: if hairpin { LB_FLOW_HAIRPIN } else { 0 },
         peer_ip: if hairpin { LB_HAIRPIN_IP } else { 0 },
     };
+    let (mut rev_key, mut rev) = reverse_of(l4, src_ip, dst_ip, &fwd);
+    // The tuple the backend will see already another connection's (the same client port
+    // through another VIP, see the module doc): a new source port.
+    if record && !hairpin && l4.proto != IPPROTO_SCTP {
+        let taken = FERREA_LB_CT.get_ptr(rev_key).map(|p| {
+            // SAFETY: valid for this program run; copied out at once.
+            let c = unsafe { *p };
+            (c.nat_ip, c.nat_port, c.flags)
+        });
+        if taken.is_some_and(|t| t != (rev.nat_ip, rev.nat_port, rev.flags)) {
+            match free_port(&rev_key) {
+                Some(p) => {
+                    fwd.flags |= LB_FLOW_PORT;
+                    fwd.peer_ip = u32::from(p);
+                    (rev_key, rev) = reverse_of(l4, src_ip, dst_ip, &fwd);
+                    lb_count(LB_CNT_PORT_REMAP);
+                }
+                None => lb_count(LB_CNT_PORT_CLASH),
+            }
+        }
+    }
     // Reverse first: a reply can never find its forward entry without its reverse one.
     if record
         && (FERREA_LB_CT.insert(rev_key, rev, 0).is_err()
@@ -483,13 +544,15 @@ fn pick(fe_key: &LbKey, fe: &LbSlot, client: u32, record: bool) -> Option<(u32, 
 }
 
 /// The forward translation: destination to the backend (and, hairpin, source to the hairpin
-/// address).
+/// address; remapped, the source port to its new one).
 #[inline(always)]
 fn dnat(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32, f: &LbFlow) -> Option<()> {
     set_port(ctx, l4, l4.off + 2, l4.dport, f.nat_port)?;
     set_ip(ctx, l4, OFF_IP_DST, dst_ip, f.nat_ip)?;
     if f.flags & LB_FLOW_HAIRPIN != 0 {
         set_ip(ctx, l4, OFF_IP_SRC, src_ip, f.peer_ip)?;
+    } else if f.flags & LB_FLOW_PORT != 0 {
+        set_port(ctx, l4, l4.off, l4.sport, f.peer_ip as u16)?;
     }
     Some(())
 }

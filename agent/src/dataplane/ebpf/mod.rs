@@ -983,6 +983,8 @@ fn lb_counter_section(pin_path: &Path) -> DumpSection {
         (c::LB_CNT_NO_BACKEND, "no_backend_to_stack"),
         (c::LB_CNT_TO_STACK, "untranslatable_to_stack"),
         (c::LB_CNT_STALE_RESELECT, "stale_tcp_reselected"),
+        (c::LB_CNT_PORT_REMAP, "new_source_port_remapped"),
+        (c::LB_CNT_PORT_CLASH, "new_source_port_clash_kept"),
     ];
     match lb_counters(pin_path) {
         Ok(values) => {
