@@ -599,6 +599,16 @@ async fn run_node(pin: &Path, n_eth0: u32, pods: &Pods) {
     assert_eq!(answers[2].0, answers[0].0, "{answers:?}");
     assert_eq!(answers[3].0, answers[1].0, "{answers:?}");
     assert_eq!(lb(pin, c::LB_CNT_PORT_REMAP), remap0 + 2);
+    // The dump shows the remapped flow's reverse entry giving the client its own port back.
+    let dump = dp.dump(None).await.unwrap();
+    let ct = section(&dump, "map FERREA_LB_CT");
+    assert!(
+        ct.rows.iter().any(|r| r[0] == "reverse"
+            && r[1] == "udp"
+            && r[2] == "10.244.1.6:5353"
+            && r[5] == "port(43211)"),
+        "{ct:?}"
+    );
 
     // The dump shows the maps decoded.
     let dump = dp.dump(None).await.unwrap();

@@ -24,8 +24,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ferrea_common::{
-    LB_FLOW_HAIRPIN, LB_FLOW_REVERSE, LB_FLOW_STALE, LbFlow, LbKey, LbSlot, MAP_LB_AFFINITY,
-    MAP_LB_FLOWS, MAP_LB_SERVICES, MAX_LB_BACKENDS, StackFlow,
+    LB_FLOW_HAIRPIN, LB_FLOW_PORT, LB_FLOW_REVERSE, LB_FLOW_STALE, LbFlow, LbKey, LbSlot,
+    MAP_LB_AFFINITY, MAP_LB_FLOWS, MAP_LB_SERVICES, MAX_LB_BACKENDS, StackFlow,
 };
 
 use super::ERR;
@@ -397,6 +397,10 @@ pub fn dump(m: &dyn BpfMaps, now_ns: u64) -> Vec<DumpSection> {
         let mut flags = Vec::new();
         if f.flags & LB_FLOW_HAIRPIN != 0 {
             flags.push(format!("hairpin({})", ip_of(f.peer_ip)));
+        }
+        if f.flags & LB_FLOW_PORT != 0 {
+            // Forward: the client's new source port; reverse: its own, given back.
+            flags.push(format!("port({})", u16::from_be(f.peer_ip as u16)));
         }
         if f.flags & LB_FLOW_STALE != 0 {
             flags.push("stale".to_owned());
