@@ -368,6 +368,22 @@ fn reverse_of(l4: &L4, src_ip: u32, dst_ip: u32, fwd: &LbFlow) -> (StackFlow, Lb
     )
 }
 
+/// What tells two connections' entries apart: the translation and the flags (not the LRU's
+/// bookkeeping).
+#[inline(always)]
+fn translation(f: &LbFlow) -> (u32, u16, u16) {
+    (f.nat_ip, f.nat_port, f.flags)
+}
+
+/// [`translation`] of the connection-table entry under `key`, if there is one.
+#[inline(always)]
+fn entry_at(key: &StackFlow) -> Option<(u32, u16, u16)> {
+    // SAFETY: the pointer is valid for this program run; copied out at once.
+    FERREA_LB_CT
+        .get_ptr(key)
+        .map(|p| translation(unsafe { &*p }))
+}
+
 /// How many random ports [`free_port`] tries.
 const REMAP_TRIES: usize = 4;
 
@@ -420,15 +436,8 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
                 // client reuses a port for another destination). Put it back if it is gone or
                 // names another frontend, or the replies would come from the wrong address.
                 let (rk, rv) = reverse_of(l4, src_ip, dst_ip, &f);
-                if record {
-                    let current = FERREA_LB_CT.get_ptr(rk).map(|p| {
-                        // SAFETY: valid for this program run; copied out at once.
-                        let c = unsafe { *p };
-                        (c.nat_ip, c.nat_port, c.flags)
-                    });
-                    if current != Some((rv.nat_ip, rv.nat_port, rv.flags)) {
-                        let _ = FERREA_LB_CT.insert(rk, rv, 0);
-                    }
+                if record && entry_at(&rk) != Some(translation(&rv)) {
+                    let _ = FERREA_LB_CT.insert(rk, rv, 0);
                 }
                 dnat(ctx, l4, src_ip, dst_ip, &f)?;
                 lb_count(LB_CNT_FORWARD);
@@ -456,22 +465,19 @@ fn to_vip(ctx: &TcContext, l4: &L4, src_ip: u32, dst_ip: u32) -> Option<Option<u
     let (mut rev_key, mut rev) = reverse_of(l4, src_ip, dst_ip, &fwd);
     // The tuple the backend will see already another connection's (the same client port
     // through another VIP, see the module doc): a new source port.
-    if record && !hairpin && l4.proto != IPPROTO_SCTP {
-        let taken = FERREA_LB_CT.get_ptr(rev_key).map(|p| {
-            // SAFETY: valid for this program run; copied out at once.
-            let c = unsafe { *p };
-            (c.nat_ip, c.nat_port, c.flags)
-        });
-        if taken.is_some_and(|t| t != (rev.nat_ip, rev.nat_port, rev.flags)) {
-            match free_port(&rev_key) {
-                Some(p) => {
-                    fwd.flags |= LB_FLOW_PORT;
-                    fwd.peer_ip = u32::from(p);
-                    (rev_key, rev) = reverse_of(l4, src_ip, dst_ip, &fwd);
-                    lb_count(LB_CNT_PORT_REMAP);
-                }
-                None => lb_count(LB_CNT_PORT_CLASH),
+    if record
+        && !hairpin
+        && l4.proto != IPPROTO_SCTP
+        && entry_at(&rev_key).is_some_and(|t| t != translation(&rev))
+    {
+        match free_port(&rev_key) {
+            Some(p) => {
+                fwd.flags |= LB_FLOW_PORT;
+                fwd.peer_ip = u32::from(p);
+                (rev_key, rev) = reverse_of(l4, src_ip, dst_ip, &fwd);
+                lb_count(LB_CNT_PORT_REMAP);
             }
+            None => lb_count(LB_CNT_PORT_CLASH),
         }
     }
     // Reverse first: a reply can never find its forward entry without its reverse one.
