@@ -327,7 +327,7 @@ fn a_hundred_pods_churn_through_ten_agent_kills(dp: Dataplane) {
     let log = node.agent_log_since(since);
     let reconciled = log
         .lines()
-        .find(|l| l.contains("reconciled"))
+        .find(|l| l.contains(" reconciled kept="))
         .unwrap_or_else(|| panic!("no reconcile line:\n{log}"));
     assert!(
         reconciled.contains(&format!("kept={}", live.len()))

@@ -296,7 +296,7 @@ fn a_full_state_directory_fails_add_cleanly_and_the_agent_recovers(dp: Dataplane
     assert!(!log.contains("damaged"), "{log}");
     let reconciled = log
         .lines()
-        .find(|l| l.contains("reconciled"))
+        .find(|l| l.contains(" reconciled kept="))
         .unwrap_or_else(|| panic!("no reconcile line:\n{log}"));
     assert!(
         reconciled.contains(&format!("kept={}", pods.len() + 1))
