@@ -10,6 +10,8 @@
 //!   key, Egress marks, the transport and tunnel facts).
 //! - [`source`]: the desired state (Nodes, Pods, Services, Egress, ExternalIPPool) and the
 //!   sources that fill it; the object decoders, Antrea's CRD types included.
+//! - [`policy`]: NetworkPolicy compiled into the per-pod lookup tables the dataplanes
+//!   enforce (peer prefix to port class, class and port to rule).
 //! - [`proxy`]: ferrea's service proxy: the model of what the node does for Services (the
 //!   [`proxy::ServicePlan`] the nftables table and the dataplanes consume) and how it is
 //!   computed from Services and EndpointSlices.
@@ -43,6 +45,7 @@ pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod pods;
+pub mod policy;
 pub mod proxy;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]
