@@ -234,7 +234,8 @@ type ResolvedPolicy<'p> = (String, Option<Vec<Resolved<'p>>>, Option<Vec<Resolve
 
 /// Compiles `policies` for the `targets` (the pods this node enforces for), with `pods`
 /// every pod of the cluster with an address (the peers pod selectors can name; targets
-/// included) and `namespaces` every namespace's labels.
+/// included) and `namespaces` every namespace's labels. Targets are keyed by address, so they
+/// must be pods with addresses of their own (not `hostNetwork` pods).
 pub fn compile<'p>(
     policies: impl IntoIterator<Item = &'p NetworkPolicy>,
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
